@@ -1,0 +1,151 @@
+"""The one typed config of lshmoe-plugin, read from the ``"lsh_moe"`` block of a DeepSpeed JSON config.
+
+Defaults, validation and the documentation of every key live here; everything else takes an `LSHMoEConfig`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Tuple, Union
+
+CONFIG_BLOCK = "lsh_moe"
+ENABLED_ENV_VAR = "LSHMOE_ENABLED"
+HASH_TYPES = ("cross_polytope", "spherical")
+KERNELS = ("auto", "torch", "triton")
+
+_TRUE_WORDS = ("1", "true", "yes", "on")
+_FALSE_WORDS = ("0", "false", "no", "off")
+# Every hash contributes log2(2 * hash_dim) bits to a bucket key that also carries the expert id; 52 bits of
+# code keep the key inside int64 for up to 2**11 experts.
+_MAX_CODE_BITS = 52
+
+
+class LSHMoEConfigError(ValueError):
+    """A bad ``lsh_moe`` block: the message names the key and what is allowed."""
+
+
+@dataclass(frozen=True)
+class LSHMoEConfig:
+    """Settings of LSH compression around the expert-parallel all-to-all.
+
+    enabled: turn compression on; the environment variable ``LSHMOE_ENABLED`` (1/0, true/false) overrides it.
+    compression_rate: centroids sent per token routed, in (0, 1]. A fixed-capacity dispatcher (DeepSpeed's
+        GShard layer) sends ``ceil(rate * capacity)`` centroid slots per expert; a variable-size one (Megatron-core,
+        AutoEP) sends at most ``ceil(rate * tokens)`` non-empty clusters per expert.
+    num_hashes: LSH functions combined into one bucket (more hashes, finer buckets).
+    hash_type: ``cross_polytope`` (random rotation, nearest signed basis vector) or ``spherical`` (nearest of
+        2*hash_dim random points on the sphere).
+    hash_dim: dimensions each hash function projects onto; each hash has 2*hash_dim codes.
+    error_compensation: add each token's residual (token - centroid) to its centroid's expert output.
+    seed: seeds the random projections; each MoE layer derives its own from (seed, layer index).
+    layers: ``"all"`` or a list of MoE layer indices (0-based, in model order) to compress.
+    compress_in_eval: also compress in ``eval()`` mode (default: exact dispatch in eval).
+    telemetry_interval: compute the residual-norm statistic every N steps (0: never); the cheap counters are
+        kept every step.
+    kernel: ``auto`` (Triton on CUDA when importable, else torch), ``torch`` (reference) or ``triton``.
+    """
+
+    enabled: bool = False
+    compression_rate: float = 0.2
+    num_hashes: int = 6
+    hash_type: str = "cross_polytope"
+    hash_dim: int = 8
+    error_compensation: bool = True
+    seed: int = 1234
+    layers: Union[str, Tuple[int, ...]] = "all"
+    compress_in_eval: bool = False
+    telemetry_interval: int = 10
+    kernel: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check_type("enabled", self.enabled, bool)
+        _check_type("error_compensation", self.error_compensation, bool)
+        _check_type("compress_in_eval", self.compress_in_eval, bool)
+        rate = self.compression_rate
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not (0.0 < rate <= 1.0):
+            raise LSHMoEConfigError(f"lsh_moe.compression_rate must be a number in (0, 1], got {rate!r}")
+        object.__setattr__(self, "compression_rate", float(rate))
+        for key, low in (("num_hashes", 1), ("hash_dim", 1), ("telemetry_interval", 0)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise LSHMoEConfigError(f"lsh_moe.{key} must be an integer >= {low}, got {value!r}")
+        _check_type("seed", self.seed, int)
+        if self.hash_type not in HASH_TYPES:
+            raise LSHMoEConfigError(f"lsh_moe.hash_type must be one of {list(HASH_TYPES)}, got {self.hash_type!r}")
+        if self.kernel not in KERNELS:
+            raise LSHMoEConfigError(f"lsh_moe.kernel must be one of {list(KERNELS)}, got {self.kernel!r}")
+        bits = self.num_hashes * (2 * self.hash_dim - 1).bit_length()
+        if bits > _MAX_CODE_BITS:
+            raise LSHMoEConfigError(
+                f"lsh_moe.num_hashes={self.num_hashes} with hash_dim={self.hash_dim} needs {bits} bits of bucket key; "
+                f"allowed: num_hashes * ceil(log2(2 * hash_dim)) <= {_MAX_CODE_BITS}")
+        object.__setattr__(self, "layers", _parse_layers(self.layers))
+
+    @property
+    def code_bits_per_hash(self) -> int:
+        return (2 * self.hash_dim - 1).bit_length()
+
+    def applies_to_layer(self, layer_index: int) -> bool:
+        return self.layers == "all" or layer_index in self.layers
+
+    @classmethod
+    def from_dict(cls, block: Optional[Mapping[str, Any]], *, env: Optional[Mapping[str, str]] = None) -> "LSHMoEConfig":
+        """Build from the ``lsh_moe`` block itself; ``None`` means no block (disabled unless the env var says so)."""
+        block = dict(block or {})
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(block) - set(allowed))
+        if unknown:
+            raise LSHMoEConfigError(f"unknown lsh_moe key(s) {unknown}; allowed keys: {allowed}")
+        override = _enabled_from_env(os.environ if env is None else env)
+        if override is not None:
+            block["enabled"] = override
+        return cls(**block)
+
+    @classmethod
+    def from_deepspeed_config(cls, config: Union[str, os.PathLike, Mapping[str, Any], None], *,
+                              env: Optional[Mapping[str, str]] = None) -> "LSHMoEConfig":
+        """Read the ``lsh_moe`` block from a DeepSpeed JSON config given as a path or an already-loaded dict."""
+        if config is None:
+            return cls.from_dict(None, env=env)
+        if isinstance(config, (str, os.PathLike)):
+            with open(config) as f:
+                config = json.load(f)
+        if not isinstance(config, Mapping):
+            raise LSHMoEConfigError(f"expected a DeepSpeed config path or dict, got {type(config).__name__}")
+        block = config.get(CONFIG_BLOCK)
+        if block is not None and not isinstance(block, Mapping):
+            raise LSHMoEConfigError(f"'{CONFIG_BLOCK}' must be a JSON object, got {type(block).__name__}")
+        return cls.from_dict(block, env=env)
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["layers"] = self.layers if self.layers == "all" else list(self.layers)
+        return out
+
+
+def _check_type(key: str, value: Any, kind: type) -> None:
+    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+        raise LSHMoEConfigError(f"lsh_moe.{key} must be a {kind.__name__}, got {value!r}")
+
+
+def _parse_layers(layers: Any) -> Union[str, Tuple[int, ...]]:
+    if layers == "all":
+        return "all"
+    if isinstance(layers, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                 for i in layers):
+        return tuple(sorted(set(layers)))
+    raise LSHMoEConfigError(f'lsh_moe.layers must be "all" or a list of MoE layer indices >= 0, got {layers!r}')
+
+
+def _enabled_from_env(env: Mapping[str, str]) -> Optional[bool]:
+    raw = env.get(ENABLED_ENV_VAR)
+    if raw is None or raw == "":
+        return None
+    word = raw.strip().lower()
+    if word in _TRUE_WORDS:
+        return True
+    if word in _FALSE_WORDS:
+        return False
+    raise LSHMoEConfigError(f"{ENABLED_ENV_VAR}={raw!r}: allowed values are {list(_TRUE_WORDS + _FALSE_WORDS)}")

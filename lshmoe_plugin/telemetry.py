@@ -1,0 +1,83 @@
+"""Per-layer, per-step compression statistics, readable from Python and written to DeepSpeed's monitor.
+
+Counters stay on the device as tensors; nothing is synchronised to the host until someone reads them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+
+@dataclass
+class LayerStats:
+    """What one forward of one compressed MoE layer achieved."""
+    layer_index: int
+    step: int
+    valid_tokens: torch.Tensor          # tokens that entered clustering (dropped/padding excluded)
+    clusters: torch.Tensor              # non-empty clusters sent
+    bytes_sent: int                     # all-to-all payload per direction, compressed
+    bytes_uncompressed: int             # the same payload without compression
+    relative_residual: Optional[torch.Tensor] = None  # mean ||token - centroid|| / ||token||
+
+    def as_floats(self) -> Dict[str, float]:
+        valid = float(self.valid_tokens)
+        out = {
+            "compression_rate": float(self.clusters) / valid if valid else 0.0,
+            "bytes_sent": float(self.bytes_sent),
+            "bytes_uncompressed": float(self.bytes_uncompressed),
+            "bytes_ratio": self.bytes_sent / self.bytes_uncompressed if self.bytes_uncompressed else 0.0,
+        }
+        if self.relative_residual is not None:
+            out["relative_residual_norm"] = float(self.relative_residual)
+        return out
+
+
+class Telemetry:
+    """Keeps the latest `LayerStats` of every layer; `summary()` turns them into floats (one host sync)."""
+
+    def __init__(self) -> None:
+        self.latest: Dict[int, LayerStats] = {}
+
+    def record(self, stats: LayerStats) -> None:
+        self.latest[stats.layer_index] = stats
+
+    def clear(self) -> None:
+        self.latest.clear()
+
+    def summary(self) -> Dict[str, float]:
+        """Flat ``{"lsh_moe/layer{i}/{name}": value}`` over all layers, plus ``lsh_moe/mean/...`` averages."""
+        flat: Dict[str, float] = {}
+        sums: Dict[str, List[float]] = {}
+        for index in sorted(self.latest):
+            for name, value in self.latest[index].as_floats().items():
+                flat[f"lsh_moe/layer{index}/{name}"] = value
+                sums.setdefault(name, []).append(value)
+        for name, values in sums.items():
+            flat[f"lsh_moe/mean/{name}"] = sum(values) / len(values)
+        return flat
+
+    def monitor_events(self, global_samples: int) -> List[Tuple[str, float, int]]:
+        """Events in the (name, value, x) form `deepspeed.monitor.MonitorMaster.write_events` takes."""
+        return [(name, value, global_samples) for name, value in self.summary().items()]
+
+
+TELEMETRY = Telemetry()
+
+
+def write_to_monitor(engine, telemetry: Telemetry = TELEMETRY) -> None:
+    """Write the latest stats through a DeepSpeed engine's monitor (tensorboard/csv/wandb blocks of its JSON)."""
+    monitor = getattr(engine, "monitor", None)
+    if monitor is None or not getattr(monitor, "enabled", False) or not telemetry.latest:
+        return
+    monitor.write_events(telemetry.monitor_events(engine.global_samples))
+
+
+def relative_residual_norm(tokens: torch.Tensor, centroids_per_token: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean over valid tokens of ||token - centroid|| / ||token|| (float32 scalar tensor)."""
+    t = tokens.detach().float()
+    residual = (t - centroids_per_token.detach().float()).norm(dim=-1)
+    ratio = residual / t.norm(dim=-1).clamp(min=1e-12)
+    valid = valid.float()
+    return (ratio * valid).sum() / valid.sum().clamp(min=1)
