@@ -12,44 +12,55 @@ import torch
 
 
 def assign_clusters(codes: torch.Tensor, groups: torch.Tensor, valid: torch.Tensor, budget: torch.Tensor,
-                    num_groups: int, code_bits: int) -> Tuple[torch.Tensor, torch.Tensor]:
+                    num_groups: int, bits_per_hash: int, num_hashes: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Give every token a cluster index local to its group.
 
-    codes, groups: int64 (N,); valid: bool (N,); budget: int64 (G,) clusters allowed per group.
+    codes, groups: int64 (N,); valid: bool (N,); budget: int64 (G,) clusters allowed per group. A code holds
+    `num_hashes` digits of `bits_per_hash` bits, the first hash most significant.
     Returns (local_cluster (N,), clusters_per_group (G,)); invalid tokens get local_cluster -1.
 
     A group with no more valid tokens than its budget needs no compression: each token keeps its own cluster,
     numbered by its position, so at rate 1.0 the centroids are the tokens themselves in their original order.
-    Otherwise tokens with equal codes share a bucket; if a group has more distinct buckets than its budget,
-    neighbouring buckets in code order (which agree on the leading hashes) are merged evenly into the budget.
+    Otherwise the group uses the longest prefix of its hashes whose buckets fit the budget (more hashes, finer
+    buckets, as in the paper); only when even the first hash has too many buckets are neighbouring buckets in
+    code order merged evenly into the budget.
     """
     n = codes.shape[0]
     device = codes.device
+    code_bits = bits_per_hash * num_hashes
     sentinel = num_groups << code_bits  # sorts after every valid key
     key = torch.where(valid, (groups << code_bits) | codes, torch.full_like(codes, sentinel))
-    sorted_key, order = torch.sort(key, stable=True)
+    sorted_key, order = torch.sort(key)
     sorted_group = torch.clamp(sorted_key >> code_bits, max=num_groups)  # sentinel -> group G
-    is_new_bucket = torch.ones(n, dtype=torch.bool, device=device)
-    is_new_bucket[1:] = sorted_key[1:] != sorted_key[:-1]
-    bucket_rank = torch.cumsum(is_new_bucket.long(), 0) - 1
-
-    group_ids = torch.arange(num_groups + 1, device=device)
-    group_start = torch.searchsorted(sorted_group, group_ids)
-    first_rank = bucket_rank[group_start.clamp(max=max(n - 1, 0))]
-    rank_in_group = bucket_rank - first_rank[sorted_group]
-    distinct = torch.zeros(num_groups + 1, dtype=torch.long, device=device).index_add_(
-        0, sorted_group, is_new_bucket.long())[:num_groups]
-    valid_count = torch.zeros(num_groups + 1, dtype=torch.long, device=device).index_add_(
-        0, groups.where(valid, num_groups), torch.ones_like(groups))[:num_groups]
-
-    merged_clusters = torch.minimum(distinct, budget)
+    group_start = torch.searchsorted(sorted_group, torch.arange(num_groups + 1, device=device))
     pad = torch.ones(1, dtype=torch.long, device=device)
+
+    # Bucket boundaries for every prefix length at once: (num_hashes, N); sorting by the full key sorts
+    # every prefix too, so one sort serves all levels.
+    shifts = torch.arange(num_hashes - 1, -1, -1, device=device).unsqueeze(1) * bits_per_hash
+    prefixes = sorted_key.unsqueeze(0) >> shifts
+    is_new = torch.ones(num_hashes, n, dtype=torch.bool, device=device)
+    is_new[:, 1:] = prefixes[:, 1:] != prefixes[:, :-1]
+    distinct = torch.zeros(num_hashes, num_groups + 1, dtype=torch.long, device=device).index_add_(
+        1, sorted_group, is_new.long())[:, :num_groups]
+    fits = distinct <= budget.unsqueeze(0)
+    # Longest fitting prefix per group (level index 0 = first hash only); level 0 when none fits.
+    level = (fits.long().cumprod(0).sum(0) - 1).clamp(min=0)
+    level_of_token = torch.cat([level, pad - 1])[sorted_group]
+    chosen_new = is_new.gather(0, level_of_token.unsqueeze(0)).squeeze(0)
+    bucket_rank = torch.cumsum(chosen_new.long(), 0) - 1
+    rank_in_group = bucket_rank - bucket_rank[group_start.clamp(max=max(n - 1, 0))][sorted_group]
+    chosen_distinct = distinct.gather(0, level.unsqueeze(0)).squeeze(0)
+
+    merged_clusters = torch.minimum(chosen_distinct, budget)
     merged_g = torch.cat([merged_clusters, pad])[sorted_group]
-    distinct_g = torch.cat([distinct, pad])[sorted_group].clamp(min=1)
+    distinct_g = torch.cat([chosen_distinct, pad])[sorted_group].clamp(min=1)
     bucket_local = torch.empty_like(codes).scatter_(0, order, rank_in_group * merged_g // distinct_g)
 
+    valid_count = torch.zeros(num_groups + 1, dtype=torch.long, device=device).index_add_(
+        0, groups.where(valid, num_groups), torch.ones_like(groups))[:num_groups]
+    uncompressed = valid_count <= budget
     position_local = _position_in_group(groups, valid, num_groups)
-    uncompressed = (valid_count <= budget)
     local = torch.where(torch.cat([uncompressed, pad.bool()])[groups], position_local, bucket_local)
     local = torch.where(valid, local, torch.full_like(local, -1))
     clusters_per_group = torch.where(uncompressed, valid_count, merged_clusters)
@@ -71,9 +82,10 @@ def centroids_by_slot(tokens: torch.Tensor, slot: torch.Tensor, num_slots: int) 
     """Means of the tokens (N, d) that share a slot (N,) in [0, num_slots]; slot num_slots is the scratch row.
 
     Returns (centroids (num_slots, d) in the tokens' dtype, counts (num_slots,) float32). Sums accumulate in
-    float32: a bf16 running sum over dozens of tokens would lose the residual's precision. Empty slots are zero.
+    float32 at least: a bf16 running sum over dozens of tokens would lose the residual's precision. Empty slots are zero.
     """
-    sums = tokens.new_zeros(num_slots + 1, tokens.shape[1], dtype=torch.float32).index_add(0, slot, tokens.float())
+    accumulate = torch.promote_types(tokens.dtype, torch.float32)
+    sums = tokens.new_zeros(num_slots + 1, tokens.shape[1], dtype=accumulate).index_add(0, slot, tokens.to(accumulate))
     counts = torch.zeros(num_slots + 1, device=tokens.device).index_add_(0, slot, torch.ones_like(slot, dtype=torch.float32))
     centroids = sums[:num_slots] / counts[:num_slots].clamp(min=1).unsqueeze(-1)
     return centroids.to(tokens.dtype), counts[:num_slots]

@@ -15,6 +15,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from . import ops
+from .clustering import assign_clusters
 from .config import LSHMoEConfig
 from .hashing import hash_projections
 from .telemetry import TELEMETRY, LayerStats, Telemetry, relative_residual_norm
@@ -58,8 +59,10 @@ class LSHCompressor:
             self._ops = ops.select(self.config.kernel, tokens.device)
         codes = self._ops.lsh_codes(tokens.detach(), self.projections(tokens.shape[-1], tokens.device), self.config,
                                     groups, valid, num_groups)
-        return self._ops.assign_clusters(codes, groups, valid, budget, num_groups,
-                                         self.config.num_hashes * self.config.code_bits_per_hash)
+        # Assignment is a sort over int64 keys (N * 8 bytes): negligible next to the tokens, so it has no
+        # fused variant and every path shares the reference.
+        return assign_clusters(codes, groups, valid, budget, num_groups, self.config.code_bits_per_hash,
+                               self.config.num_hashes)
 
     # -- fixed layout -------------------------------------------------------------------------------------------
     def compress_fixed(self, dispatched: torch.Tensor, valid: torch.Tensor) -> Tuple[torch.Tensor, ClusterState]:

@@ -1,0 +1,65 @@
+import json
+
+import pytest
+
+from lshmoe_plugin.config import ENABLED_ENV_VAR, LSHMoEConfig, LSHMoEConfigError
+
+
+def test_defaults_everything_but_enabled():
+    cfg = LSHMoEConfig.from_dict({"enabled": True}, env={})
+    assert cfg.enabled and cfg.compression_rate == 0.2 and cfg.num_hashes == 6
+    assert cfg.hash_type == "cross_polytope" and cfg.error_compensation and cfg.layers == "all"
+
+
+def test_reads_block_from_deepspeed_json_path(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_batch_size": 8, "lsh_moe": {
+        "enabled": True, "compression_rate": 0.1, "num_hashes": 4, "hash_type": "spherical",
+        "error_compensation": False, "seed": 7, "layers": [2, 0]}}))
+    cfg = LSHMoEConfig.from_deepspeed_config(str(path), env={})
+    assert (cfg.compression_rate, cfg.num_hashes, cfg.hash_type, cfg.seed) == (0.1, 4, "spherical", 7)
+    assert cfg.layers == (0, 2) and not cfg.error_compensation
+    assert cfg.applies_to_layer(2) and not cfg.applies_to_layer(1)
+
+
+def test_missing_block_means_disabled():
+    assert not LSHMoEConfig.from_deepspeed_config({"train_batch_size": 8}, env={}).enabled
+
+
+@pytest.mark.parametrize("word, expected", [("1", True), ("true", True), ("off", False), ("0", False)])
+def test_env_var_overrides_enabled(word, expected):
+    cfg = LSHMoEConfig.from_deepspeed_config({"lsh_moe": {"enabled": not expected}}, env={ENABLED_ENV_VAR: word})
+    assert cfg.enabled is expected
+
+
+def test_bad_env_value_names_allowed_values():
+    with pytest.raises(LSHMoEConfigError, match=r"LSHMOE_ENABLED='maybe'.*allowed values"):
+        LSHMoEConfig.from_dict({}, env={ENABLED_ENV_VAR: "maybe"})
+
+
+@pytest.mark.parametrize("block, message", [
+    ({"enabled": True, "compresion_rate": 0.2}, r"unknown lsh_moe key\(s\) \['compresion_rate'\]; allowed keys"),
+    ({"compression_rate": 0.0}, r"compression_rate must be a number in \(0, 1\], got 0.0"),
+    ({"compression_rate": 1.5}, r"compression_rate must be a number in \(0, 1\], got 1.5"),
+    ({"compression_rate": -0.1}, r"compression_rate must be a number in \(0, 1\]"),
+    ({"compression_rate": "0.2"}, r"compression_rate must be a number in \(0, 1\]"),
+    ({"num_hashes": 0}, r"num_hashes must be an integer >= 1, got 0"),
+    ({"num_hashes": 2.5}, r"num_hashes must be an integer >= 1"),
+    ({"hash_dim": 0}, r"hash_dim must be an integer >= 1"),
+    ({"hash_type": "minhash"}, r"hash_type must be one of \['cross_polytope', 'spherical'\], got 'minhash'"),
+    ({"kernel": "cuda"}, r"kernel must be one of \['auto', 'torch', 'triton'\]"),
+    ({"layers": "some"}, r'layers must be "all" or a list of MoE layer indices'),
+    ({"layers": [0, -1]}, r'layers must be "all" or a list of MoE layer indices'),
+    ({"enabled": "yes"}, r"enabled must be a bool"),
+    ({"error_compensation": 1}, r"error_compensation must be a bool"),
+    ({"num_hashes": 20}, r"num_hashes=20 with hash_dim=8 needs 80 bits"),
+    ({"telemetry_interval": -1}, r"telemetry_interval must be an integer >= 0"),
+])
+def test_bad_values_name_the_key_and_what_is_allowed(block, message):
+    with pytest.raises(LSHMoEConfigError, match=message):
+        LSHMoEConfig.from_dict(block, env={})
+
+
+def test_block_must_be_an_object():
+    with pytest.raises(LSHMoEConfigError, match="'lsh_moe' must be a JSON object"):
+        LSHMoEConfig.from_deepspeed_config({"lsh_moe": [1, 2]}, env={})
