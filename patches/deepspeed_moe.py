@@ -45,6 +45,8 @@ def apply(config: LSHMoEConfig, model: Optional[torch.nn.Module] = None) -> None
     sharded_moe = _sharded_moe()
     if model is not None:
         number_moe_layers(model)
+    if _STATE["config"] is not config:
+        TELEMETRY.clear()  # stats of an earlier config must not mix with this one's
     _STATE["config"] = config
     if is_applied():
         return
@@ -63,6 +65,7 @@ def revert() -> None:
     sharded_moe.MOELayer.forward = _ORIGINAL.pop("forward")
     DeepSpeedEngine.step = _ORIGINAL.pop("step")
     _STATE["config"] = None
+    TELEMETRY.clear()
 
 
 def number_moe_layers(model: torch.nn.Module) -> int:

@@ -1,0 +1,212 @@
+"""Patched vs stock DeepSpeed `MoE` on the same seed, in 1 and 2 real gloo processes."""
+import csv
+import glob
+import os
+
+import pytest
+import torch
+
+from distributed import run_distributed
+
+import lshmoe_plugin
+from lshmoe_plugin.patches import deepspeed_moe
+
+D_MODEL = 16
+
+
+def build_moe(ep_size, k, identity=False, num_experts=4, seed=0, make_groups=True):
+    from deepspeed.moe.layer import MoE
+    torch.manual_seed(seed)
+    expert = torch.nn.Identity() if identity else torch.nn.Sequential(
+        torch.nn.Linear(D_MODEL, 32), torch.nn.GELU(), torch.nn.Linear(32, D_MODEL))
+    moe = MoE(D_MODEL, expert, num_experts=num_experts, ep_size=ep_size, k=k, capacity_factor=1.25, min_capacity=4)
+    if make_groups:  # deepspeed.initialize does this itself
+        moe.set_deepspeed_parallelism()
+    return moe
+
+
+def fwd_bwd(moe, x, dtype=torch.float32):
+    """Output, input gradient and parameter gradients of one forward+backward on a fixed seed."""
+    moe.zero_grad(set_to_none=True)
+    x = x.detach().to(dtype).requires_grad_(True)
+    torch.manual_seed(1234)  # the gate's random token selection draws from the global generator
+    out, l_aux, _ = moe(x)
+    (out.float().square().mean() + l_aux).backward()
+    grads = [p.grad.clone() if p.grad is not None else None for p in moe.parameters()]
+    return out.detach(), x.grad.detach(), grads
+
+
+def same(a, b):
+    out_a, gx_a, gp_a = a
+    out_b, gx_b, gp_b = b
+    params = all((p is None and q is None) or torch.equal(p, q) for p, q in zip(gp_a, gp_b))
+    return torch.equal(out_a, out_b) and torch.equal(gx_a, gx_b) and params
+
+
+class AllToAllBytes:
+    """Counts the bytes handed to the real all-to-all (the call itself still runs)."""
+
+    def __init__(self):
+        import deepspeed.comm as dist
+        self.dist, self.original, self.sent = dist, dist.all_to_all_single, []
+
+    def __enter__(self):
+        def counting(output, tensor, *args, **kwargs):
+            self.sent.append(tensor.numel() * tensor.element_size())
+            return self.original(output, tensor, *args, **kwargs)
+        self.dist.all_to_all_single = counting
+        return self
+
+    def __exit__(self, *exc):
+        self.dist.all_to_all_single = self.original
+
+
+def check_patch_against_stock(rank, world_size, k):
+    torch.manual_seed(100 + rank)
+    x = torch.randn(2, 24, D_MODEL)
+    report = {}
+    for identity in (False, True):
+        moe = build_moe(world_size, k, identity=identity)
+        stock = fwd_bwd(moe, x)
+        with AllToAllBytes() as stock_bytes:
+            fwd_bwd(moe, x)
+
+        lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "compression_rate": 1.0}}, moe)
+        report[f"rate1_exact_identity={identity}"] = same(stock, fwd_bwd(moe, x))
+
+        lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "compression_rate": 0.25}}, moe)
+        with AllToAllBytes() as lsh_bytes:
+            compressed = fwd_bwd(moe, x)
+        if identity:  # identity expert + error compensation: every token comes back exactly
+            report["identity_exact_at_rate_0.25"] = torch.equal(compressed[0], stock[0])
+        else:
+            report["compressed_differs"] = not torch.equal(compressed[0], stock[0])
+            report["compressed_grads_finite"] = all(torch.isfinite(g).all() for g in compressed[2] if g is not None)
+            report["bytes"] = (sum(stock_bytes.sent), sum(lsh_bytes.sent), len(lsh_bytes.sent))
+
+        moe.eval()
+        torch.manual_seed(7)
+        patched_eval = moe(x)[0]
+        torch.manual_seed(7)
+        report[f"eval_exact_identity={identity}"] = torch.equal(patched_eval, _stock_eval(moe, x))
+        moe.train()
+
+        lshmoe_plugin.disable()
+        lshmoe_plugin.disable()  # idempotent
+        report[f"reverted_exact_identity={identity}"] = same(stock, fwd_bwd(moe, x))
+        lshmoe_plugin.enable({"lsh_moe": {"enabled": False, "compression_rate": 0.25}}, moe)
+        report[f"disabled_unpatched_identity={identity}"] = not deepspeed_moe.is_applied() and same(stock, fwd_bwd(moe, x))
+    return report
+
+
+def _stock_eval(moe, x):
+    original = deepspeed_moe._ORIGINAL["forward"]
+    return original(moe.deepspeed_moe, x, None)
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("k", [1, 2])
+def test_patched_layer_against_stock(world_size, k):
+    report = run_distributed(check_patch_against_stock, world_size, k)
+    bytes_stock, bytes_lsh, calls = report.pop("bytes")
+    assert all(report.values()), report
+    if world_size == 2:
+        # fwd + bwd cross the network twice each; centroids are ceil(0.25 * C) of C slots per expert
+        assert calls == 4 and bytes_lsh <= 0.3 * bytes_stock, (bytes_lsh, bytes_stock)
+    else:
+        assert calls == 0 and bytes_stock == 0  # ep_size 1: DeepSpeed makes no all-to-all at all
+
+
+def check_dtypes_and_layers(rank, world_size):
+    results = {}
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for k in (1, 2):
+            moe = build_moe(world_size, k).to(dtype)
+            lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "compression_rate": 0.2}}, moe)
+            out, gx, grads = fwd_bwd(moe, torch.randn(2, 24, D_MODEL), dtype)
+            results[f"{dtype}-top{k}"] = (out.dtype == dtype and torch.isfinite(gx.float()).all().item()
+                                         and gx.abs().sum().item() > 0
+                                         and all(torch.isfinite(g.float()).all() for g in grads if g is not None))
+            lshmoe_plugin.disable()
+    # `layers` picks MoE layers by their index in module order; others run the stock forward.
+    model = torch.nn.ModuleList([build_moe(world_size, 2, seed=s) for s in (0, 1)])
+    x = torch.randn(2, 24, D_MODEL)
+    stock = [fwd_bwd(m, x) for m in model]
+    lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "compression_rate": 0.2, "layers": [1]}}, model)
+    results["layer0_untouched"] = same(stock[0], fwd_bwd(model[0], x))
+    results["layer1_compressed"] = not torch.equal(stock[1][0], fwd_bwd(model[1], x)[0])
+    results["telemetry_only_layer1"] = sorted(lshmoe_plugin.TELEMETRY.latest) == [1]
+    lshmoe_plugin.disable()
+    return results
+
+
+def test_gradients_flow_for_every_dtype_and_gating_on_two_ranks():
+    results = run_distributed(check_dtypes_and_layers, 2)
+    assert all(results.values()), results
+
+
+def check_unsupported(rank, world_size):
+    import deepspeed
+    from deepspeed.moe.layer import MoE
+    messages = []
+    moe = MoE(D_MODEL, torch.nn.Linear(D_MODEL, D_MODEL), num_experts=2, ep_size=1, use_tutel=True)
+    moe.deepspeed_moe.use_tutel = True  # as if Tutel were installed
+    for attempt in (lambda: lshmoe_plugin.enable({"lsh_moe": {"enabled": True}}, moe),):
+        try:
+            attempt()
+        except Exception as err:  # noqa: BLE001
+            messages.append(str(err))
+    real_version = deepspeed.__version__
+    deepspeed.__version__ = "0.18.4"
+    try:
+        lshmoe_plugin.enable({"lsh_moe": {"enabled": True}})
+    except Exception as err:  # noqa: BLE001
+        messages.append(str(err))
+    finally:
+        deepspeed.__version__ = real_version
+    messages.append(str(deepspeed_moe.is_applied()))
+    return messages
+
+
+def test_unsupported_layouts_and_versions_fail_loudly():
+    messages = run_distributed(check_unsupported, 1)
+    assert "use_tutel=True" in messages[0] and "allowed: use_tutel=False" in messages[0]
+    assert messages[1] == "lshmoe-plugin supports deepspeed 0.19.x; found deepspeed 0.18.4"
+    assert messages[2] == "False"
+
+
+def check_monitor(rank, world_size, out_dir):
+    import deepspeed
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.moe = build_moe(world_size, 2, make_groups=False)
+            self.head = torch.nn.Linear(D_MODEL, 1)
+
+        def forward(self, x):
+            out, l_aux, _ = self.moe(x)
+            return self.head(out).square().mean() + l_aux
+
+    config = {"train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "Adam", "params": {"lr": 1e-3, "torch_adam": True}},
+              "csv_monitor": {"enabled": True, "output_path": out_dir, "job_name": "lsh"},
+              "lsh_moe": {"enabled": True, "compression_rate": 0.25, "telemetry_interval": 1}}
+    net = Net()
+    lshmoe_plugin.enable(config, net)
+    engine, *_ = deepspeed.initialize(model=net, model_parameters=net.parameters(), config=config)
+    for _ in range(3):
+        loss = engine(torch.randn(2, 24, D_MODEL))
+        engine.backward(loss)
+        engine.step()
+    lshmoe_plugin.disable()
+    return sorted(os.path.basename(p) for p in glob.glob(os.path.join(out_dir, "lsh", "*.csv")))
+
+
+def test_telemetry_is_written_through_deepspeeds_monitor(tmp_path):
+    files = run_distributed(check_monitor, 1, str(tmp_path))
+    assert "lsh_moe_layer0_bytes_ratio.csv" in files or any("bytes_ratio" in f for f in files), files
+    path = glob.glob(os.path.join(str(tmp_path), "lsh", "*layer0*bytes_ratio*.csv"))[0]
+    rows = list(csv.reader(open(path)))
+    assert len(rows) >= 3 and float(rows[-1][1]) == pytest.approx(0.25, abs=0.05)
+    residual = glob.glob(os.path.join(str(tmp_path), "lsh", "*layer0*relative_residual_norm*.csv"))[0]
+    assert 0 < float(list(csv.reader(open(residual)))[-1][1]) < 2
