@@ -24,6 +24,8 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import torch
+    torch.set_num_threads(1)  # N ranks on a 2-core CI machine: more threads only oversubscribe it
     try:
         import deepspeed
         deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
