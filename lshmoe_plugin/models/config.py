@@ -1,0 +1,76 @@
+"""One typed model config shared by GPT-MoE and T5-MoE, and the named presets the scripts build from."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Dict, Union
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shapes and MoE settings of a transformer whose FFN is an MoE layer in every `moe_every`-th block.
+
+    n_layers counts decoder blocks for GPT, and blocks of the encoder and of the decoder each for T5.
+    vocab_size is usually replaced by the tokenizer's vocabulary size (`with_vocab`).
+    top_k: 1 or 2 (DeepSpeed's GShard gate); capacity_factor sizes each expert's buffer in training.
+    aux_loss_coef weights the gate's load-balancing loss added to the LM loss.
+    """
+
+    vocab_size: int = 4096
+    seq_len: int = 128
+    d_model: int = 128
+    n_heads: int = 4
+    n_layers: int = 4
+    d_ff: int = 512
+    num_experts: int = 4
+    moe_every: int = 2
+    top_k: int = 1
+    capacity_factor: float = 1.25
+    eval_capacity_factor: float = 2.0
+    min_capacity: int = 4
+    aux_loss_coef: float = 0.01
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        if self.top_k not in (1, 2):
+            raise ValueError(f"top_k={self.top_k}: DeepSpeed's MoE gate allows 1 or 2")
+        for key in ("vocab_size", "seq_len", "d_model", "n_heads", "n_layers", "d_ff", "num_experts", "moe_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+
+    def is_moe_layer(self, index: int) -> bool:
+        # Odd blocks carry the MoE FFN, as in GShard and DeepSpeed-Megatron's MoE models.
+        return index % self.moe_every == self.moe_every - 1
+
+    def with_vocab(self, vocab_size: int) -> "ModelConfig":
+        return dataclasses.replace(self, vocab_size=vocab_size)
+
+
+PRESETS: Dict[str, ModelConfig] = {
+    # Trains on a 2-core CPU in minutes.
+    "tiny": ModelConfig(),
+    # A quick single-GPU check.
+    "small": ModelConfig(vocab_size=8192, seq_len=256, d_model=256, n_heads=8, n_layers=6, d_ff=1024, num_experts=8),
+    # Paper-scale shapes (GPT-3 medium / XL widths, GShard-style expert counts).
+    "gpt-moe-350m": ModelConfig(vocab_size=50304, seq_len=1024, d_model=1024, n_heads=16, n_layers=24, d_ff=4096,
+                                num_experts=16, top_k=2),
+    "gpt-moe-1.3b": ModelConfig(vocab_size=50304, seq_len=2048, d_model=2048, n_heads=32, n_layers=24, d_ff=8192,
+                                num_experts=64, top_k=2),
+    "t5-moe-base": ModelConfig(vocab_size=32128, seq_len=512, d_model=768, n_heads=12, n_layers=12, d_ff=3072,
+                               num_experts=8, top_k=2),
+    "t5-moe-large": ModelConfig(vocab_size=32128, seq_len=512, d_model=1024, n_heads=16, n_layers=24, d_ff=4096,
+                                num_experts=32, top_k=2),
+}
+
+
+def resolve_config(preset_or_config: Union[str, ModelConfig], **overrides) -> ModelConfig:
+    """A `ModelConfig` from a preset name or itself, with keyword overrides (e.g. ``vocab_size=...``)."""
+    if isinstance(preset_or_config, ModelConfig):
+        config = preset_or_config
+    elif preset_or_config in PRESETS:
+        config = PRESETS[preset_or_config]
+    else:
+        raise ValueError(f"unknown model preset {preset_or_config!r}; allowed: {sorted(PRESETS)}")
+    return dataclasses.replace(config, **overrides) if overrides else config

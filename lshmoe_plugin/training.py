@@ -1,0 +1,291 @@
+"""The pretraining loop behind scripts/pretrain_gpt_moe.py and scripts/pretrain_t5_moe.py.
+
+The scripts parse arguments, build a model from a preset, call ``lshmoe_plugin.enable`` and
+``deepspeed.initialize``; everything else (distributed setup, data, the loop, metrics, checkpoints) is here.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+
+from .config import ENABLED_ENV_VAR, LSHMoEConfig
+from .data import Batches, GPTSamples, IndexedDataset, T5Samples, cached_preprocess, load_tokenizer, special_ids
+from .data import train_valid_split
+from .data.corpus import DEFAULT_CORPUS
+from .data.preprocess import DEFAULT_CACHE
+from .models.config import PRESETS
+from .telemetry import TELEMETRY
+
+MONITOR_BLOCKS = ("csv_monitor", "tensorboard", "wandb", "comet")
+
+
+class PretrainConfigError(ValueError):
+    """A bad command line or DeepSpeed config for pretraining; the message names the file or flag."""
+
+
+def parse_args(model_kind: str, argv=None) -> argparse.Namespace:
+    import deepspeed
+    parser = argparse.ArgumentParser(description=f"Pretrain {model_kind.upper()}-MoE with DeepSpeed (+ LSH-MoE)")
+    add = parser.add_argument
+    add("--preset", default="tiny", choices=sorted(PRESETS), help="model shape (lshmoe_plugin.models.PRESETS)")
+    add("--data", default=DEFAULT_CORPUS, help="python-docs (default, offline), python-docs+modules, "
+        "hf:NAME[:CONFIG], or comma-separated .txt/.jsonl files or directories")
+    add("--data_prefix", default=None, help="an indexed dataset (PREFIX.bin/.idx) from preprocess_data.py; "
+        "its tokenizer is PREFIX.tokenizer.json unless --tokenizer is given")
+    add("--tokenizer", default=None, help="a tokenizers JSON file; default: BPE trained on the corpus")
+    add("--vocab_size", type=int, default=4096, help="vocabulary of the trained BPE tokenizer")
+    add("--cache_dir", default=DEFAULT_CACHE, help="where tokenized corpora are cached")
+    add("--valid_fraction", type=float, default=0.05)
+    add("--train_steps", type=int, default=200, help="optimizer steps in total (a resumed run counts on)")
+    add("--eval_interval", type=int, default=50, help="validation loss every N steps (0: never)")
+    add("--eval_iters", type=int, default=4, help="validation micro-batches per evaluation")
+    add("--log_interval", type=int, default=10, help="print a metrics line every N steps")
+    add("--save_interval", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    add("--output_dir", default=None, help=f"run directory (metrics.jsonl, monitor csv, checkpoints); "
+        f"default runs/{model_kind}_moe")
+    add("--resume", action="store_true", help="continue from the latest checkpoint in OUTPUT_DIR/checkpoints")
+    add("--lsh_moe", choices=("on", "off"), default=None, help=f"override lsh_moe.enabled (like {ENABLED_ENV_VAR})")
+    add("--ep_size", type=int, default=None, help="expert-parallel size; default: the world size")
+    add("--seed", type=int, default=1234)
+    add("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
+    parser = deepspeed.add_config_arguments(parser)
+    args = parser.parse_args(argv)
+    args.model_kind = model_kind
+    args.output_dir = args.output_dir or os.path.join("runs", f"{model_kind}_moe")
+    if args.deepspeed_config is None:
+        parser.error("--deepspeed_config is required (see configs/)")
+    return args
+
+
+def setup(args: argparse.Namespace) -> None:
+    """Process group (gloo on CPU, NCCL on GPUs), the plugin toggle, threads, seeds, default ep_size."""
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+    deepspeed_config(args)  # a bad config fails before any process group exists, naming the file or key
+    if args.lsh_moe is not None:
+        os.environ[ENABLED_ENV_VAR] = "1" if args.lsh_moe == "on" else "0"
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    if "RANK" not in os.environ:
+        # Started as plain `python script.py`: one rank, instead of DeepSpeed's MPI discovery.
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    deepspeed.init_distributed()
+    if get_accelerator().device_name() != "cpu":
+        # Before the first collective (the data barrier): NCCL must not put every rank on device 0.
+        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    elif "OMP_NUM_THREADS" not in os.environ:
+        # The launcher starts one process per rank on the same cores: share them instead of oversubscribing.
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", 1)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
+    world = dist.get_world_size()
+    args.ep_size = args.ep_size or world
+    if world % args.ep_size:
+        raise PretrainConfigError(f"--ep_size {args.ep_size} must divide the world size {world}")
+    torch.manual_seed(args.seed)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deepspeed_config(args: argparse.Namespace) -> dict:
+    """The JSON config with the monitors pointed into the run directory; bad files fail with their name."""
+    path = args.deepspeed_config
+    if not os.path.isfile(path):
+        raise PretrainConfigError(f"DeepSpeed config {path!r} does not exist (see configs/)")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except json.JSONDecodeError as error:
+        raise PretrainConfigError(f"DeepSpeed config {path!r} is not valid JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise PretrainConfigError(f"DeepSpeed config {path!r} must hold a JSON object")
+    LSHMoEConfig.from_deepspeed_config(config)  # a bad lsh_moe block fails here, naming the key
+    for block in MONITOR_BLOCKS:
+        if isinstance(config.get(block), dict) and config[block].get("enabled"):
+            config[block]["output_path"] = os.path.join(args.output_dir, "monitor")
+            config[block].setdefault("job_name", args.model_kind + "_moe")
+    return config
+
+
+@dataclass
+class PretrainData:
+    train: object          # GPTSamples or T5Samples
+    valid: object
+    vocab_size: int
+    pad_id: int
+
+
+def load_data(args: argparse.Namespace) -> PretrainData:
+    """Tokenized corpus (rank 0 builds the cache, the others wait), split and packed for `args.model_kind`."""
+    import torch.distributed as dist
+    if args.data_prefix:
+        prefix = args.data_prefix
+        tokenizer_path = args.tokenizer or prefix + ".tokenizer.json"
+    else:
+        if dist.get_rank() == 0:
+            cached_preprocess(args.data, args.vocab_size, args.tokenizer, args.cache_dir)
+        dist.barrier()
+        prepared = cached_preprocess(args.data, args.vocab_size, args.tokenizer, args.cache_dir)
+        prefix, tokenizer_path = prepared.prefix, prepared.tokenizer_path
+    dataset = IndexedDataset(prefix)
+    tokenizer = load_tokenizer(tokenizer_path)
+    special = special_ids(tokenizer)
+    train, valid = train_valid_split(dataset, args.valid_fraction)
+    seq_len = PRESETS[args.preset].seq_len
+    if args.model_kind == "gpt":
+        samples = (GPTSamples(train, seq_len), GPTSamples(valid, seq_len))
+    else:
+        samples = tuple(T5Samples(s, seq_len, special["sentinels"], special["eos"], args.seed) for s in (train, valid))
+    return PretrainData(samples[0], samples[1], tokenizer.get_vocab_size(), special["pad"])
+
+
+def train(engine, data: PretrainData, args: argparse.Namespace) -> Dict[str, float]:
+    """Run optimizer steps up to ``args.train_steps``; returns the last metrics record."""
+    import torch.distributed as dist
+    from tqdm import tqdm
+    rank, world = dist.get_rank(), dist.get_world_size()
+    checkpoints = os.path.join(args.output_dir, "checkpoints")
+    start_step, elapsed_before = load_checkpoint(engine, checkpoints) if args.resume else (0, 0.0)
+    micro, accum = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
+    batches = Batches(data.train, micro, accum, rank, world, args.seed)
+    # A small validation tail (long sequences, little text) still evaluates, in smaller micro-batches.
+    valid_micro = min(micro, len(data.valid) // world)
+    if args.eval_interval and valid_micro < 1:
+        raise PretrainConfigError(f"the validation split holds {len(data.valid)} samples, fewer than the {world} "
+                                  f"ranks: raise --valid_fraction, use more data, or pass --eval_interval 0")
+    valid = Batches(data.valid, valid_micro, 1, rank, world, args.seed, shuffle=False) if args.eval_interval else None
+    first = batches.get(0)
+    tokens_per_step = (first["input_ids"].numel() + (first["labels"].numel() if args.model_kind == "t5" else 0)) \
+        * accum * world
+    metrics = MetricsLog(args.output_dir, enabled=rank == 0, fresh=not args.resume)
+    if rank == 0:
+        print(run_summary(engine, data, args, world, tokens_per_step), flush=True)
+    # disable=None: rank 0 shows the bar on a terminal only; the log lines below print either way.
+    bar = tqdm(total=args.train_steps, initial=start_step, disable=True if rank else None, unit="step")
+    started, record = time.perf_counter(), {}
+    for step in range(start_step, args.train_steps):
+        tick = time.perf_counter()
+        loss, aux = train_step(engine, batches, step, args.seed)
+        step_time = time.perf_counter() - tick
+        record = {"step": step + 1, "loss": loss, "aux_loss": aux, "lr": engine.optimizer.param_groups[0]["lr"],
+                  "step_time_s": step_time, "tokens_per_s": tokens_per_step / step_time,
+                  "elapsed_s": elapsed_before + time.perf_counter() - started, **TELEMETRY.summary()}
+        if args.eval_interval and ((step + 1) % args.eval_interval == 0 or step + 1 == args.train_steps):
+            record["valid_loss"] = evaluate(engine, valid, args.eval_iters)
+        metrics.write(record, engine)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        if rank == 0 and ((step + 1) % args.log_interval == 0 or "valid_loss" in record):
+            bar.write(format_record(record))
+        if args.save_interval and (step + 1) % args.save_interval == 0 or step + 1 == args.train_steps:
+            save_checkpoint(engine, checkpoints, step + 1, record["elapsed_s"])
+    bar.close()
+    return record
+
+
+def run_summary(engine, data: PretrainData, args: argparse.Namespace, world: int, tokens_per_step: int) -> str:
+    lsh = LSHMoEConfig.from_deepspeed_config(args.deepspeed_config)
+    params = sum(p.numel() for p in engine.module.parameters())
+    compression = f"on (rate {lsh.compression_rate})" if lsh.enabled else "off"
+    return (f"{args.model_kind.upper()}-MoE preset {args.preset} ({params / 1e6:.1f}M parameters on rank 0), "
+            f"{world} rank(s), ep_size {args.ep_size}, LSH-MoE {compression} | "
+            f"data {args.data_prefix or args.data}: {len(data.train)} train / {len(data.valid)} valid samples | "
+            f"{tokens_per_step} tokens per step | steps {args.train_steps} -> {args.output_dir}")
+
+
+def train_step(engine, batches: Batches, step: int, seed: int):
+    """One optimizer step over the gradient-accumulation micro-batches; (LM loss, aux loss) averaged over ranks."""
+    import torch.distributed as dist
+    # The gates draw random numbers (random token selection, 2nd-expert sampling): seeding them by step makes a
+    # resumed run draw what the uninterrupted one would have.
+    torch.manual_seed(seed + 7919 * step + dist.get_rank())
+    model = engine.module
+    totals = torch.zeros(2)
+    for micro_step in range(engine.gradient_accumulation_steps()):
+        batch = batches.get(step, micro_step)
+        loss = engine(batch["input_ids"].to(engine.device), batch["labels"].to(engine.device))
+        engine.backward(loss)
+        engine.step()
+        totals += torch.stack([model.last_lm_loss.float().cpu(), model.last_aux_loss.float().cpu()])
+    totals /= engine.gradient_accumulation_steps()
+    return tuple(all_ranks_mean(totals).tolist())
+
+
+@torch.no_grad()
+def evaluate(engine, valid: Batches, iters: int) -> float:
+    """Mean LM loss (no gate loss) over the first `iters` validation micro-batches of every rank."""
+    engine.eval()
+    total = torch.zeros(1)
+    for i in range(iters):
+        batch = valid.get(i)
+        engine(batch["input_ids"].to(engine.device), batch["labels"].to(engine.device))
+        total += engine.module.last_lm_loss.float().cpu()
+    engine.train()
+    return float(all_ranks_mean(total / iters))
+
+
+def all_ranks_mean(values: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+    # NCCL reduces only device tensors; gloo takes CPU ones.
+    on_device = values.to(get_accelerator().current_device_name())
+    dist.all_reduce(on_device)
+    return on_device.cpu() / dist.get_world_size()
+
+
+def format_record(record: Dict[str, float]) -> str:
+    line = (f"step {record['step']:5d} | loss {record['loss']:.4f} | aux {record['aux_loss']:.4f} | "
+            f"{record['step_time_s'] * 1000:.0f} ms/step | {record['tokens_per_s']:.0f} tok/s")
+    if "valid_loss" in record:
+        line += f" | valid loss {record['valid_loss']:.4f}"
+    if "lsh_moe/mean/compression_rate" in record:
+        line += f" | lsh rate {record['lsh_moe/mean/compression_rate']:.3f}"
+    return line
+
+
+class MetricsLog:
+    """Per-step records to OUTPUT_DIR/metrics.jsonl and, as events, to DeepSpeed's monitor (csv/tensorboard)."""
+
+    def __init__(self, output_dir: str, enabled: bool, fresh: bool) -> None:
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.enabled = enabled
+        if enabled:
+            os.makedirs(output_dir, exist_ok=True)
+            if fresh and os.path.exists(self.path):
+                os.remove(self.path)
+
+    def write(self, record: Dict[str, float], engine) -> None:
+        monitor = getattr(engine, "monitor", None)
+        if monitor is not None and monitor.enabled:
+            names = {"loss": "Train/lm_loss", "aux_loss": "Train/aux_loss", "step_time_s": "Train/step_time_s",
+                     "tokens_per_s": "Train/tokens_per_s", "valid_loss": "Valid/lm_loss"}
+            monitor.write_events([(name, record[key], engine.global_samples) for key, name in names.items()
+                                  if key in record])
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def save_checkpoint(engine, directory: str, step: int, elapsed_s: float) -> None:
+    engine.save_checkpoint(directory, tag=f"step{step}", client_state={"step": step, "elapsed_s": elapsed_s})
+
+
+def load_checkpoint(engine, directory: str):
+    """(step, elapsed seconds) of the latest checkpoint in `directory`; a missing one is an error, not a restart."""
+    path, client_state = engine.load_checkpoint(directory)
+    if path is None:
+        raise PretrainConfigError(f"--resume: no DeepSpeed checkpoint found in {directory!r}")
+    return int(client_state["step"]), float(client_state.get("elapsed_s", 0.0))

@@ -1,0 +1,87 @@
+"""The pretraining scripts end to end, through the real `deepspeed` launcher with 2 CPU ranks (gloo, EP=2):
+loss falls on real text, metrics reach metrics.jsonl and DeepSpeed's csv monitor, a resumed run continues
+exactly, and bad inputs fail with messages that name the problem."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from distributed import free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data_cache"))
+
+
+def pretrain(script, output_dir, cache_dir, *args, nprocs=2, config="configs/gpt_moe_cpu_lsh.json", check=True):
+    """Run scripts/<script> through `deepspeed --num_gpus N` (N=0: plain python, one rank)."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu")
+    env.pop("LSHMOE_ENABLED", None)
+    port = str(free_port())
+    launcher = ["deepspeed", "--num_gpus", str(nprocs), "--master_port", port] if nprocs else [sys.executable]
+    command = launcher + [f"scripts/{script}", "--deepspeed_config", config, "--preset", "tiny", "--output_dir",
+                          str(output_dir), "--cache_dir", cache_dir, "--log_interval", "1000", *args]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+def metrics(output_dir):
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_gpt_pretraining_with_lsh_loss_falls(tmp_path, cache_dir):
+    pretrain("pretrain_gpt_moe.py", tmp_path, cache_dir, "--train_steps", "40", "--eval_interval", "20")
+    records = metrics(tmp_path)
+    assert [r["step"] for r in records] == list(range(1, 41))
+    first, last = records[0]["loss"], sum(r["loss"] for r in records[-5:]) / 5
+    assert last < first - 1.5, (first, last)
+    assert records[39]["valid_loss"] < records[19]["valid_loss"]
+    assert 0.0 < records[-1]["lsh_moe/mean/bytes_ratio"] <= 0.25
+    monitor = tmp_path / "monitor" / "gpt_moe"
+    for name in ("Train_lm_loss", "Valid_lm_loss", "Train_tokens_per_s", "lsh_moe_mean_compression_rate"):
+        assert (monitor / f"{name}.csv").is_file(), sorted(os.listdir(monitor))
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step40"
+
+
+def test_t5_pretraining_with_lsh_switched_off_from_the_command_line(tmp_path, cache_dir):
+    pretrain("pretrain_t5_moe.py", tmp_path, cache_dir, "--train_steps", "20", "--eval_interval", "0",
+             "--lsh_moe", "off", config="configs/t5_moe_cpu_lsh.json")
+    records = metrics(tmp_path)
+    assert len(records) == 20 and records[-1]["loss"] < records[0]["loss"] - 1.0
+    assert not any(key.startswith("lsh_moe/") for key in records[-1])  # the override won over the JSON
+
+
+def test_resume_continues_the_uninterrupted_run(tmp_path, cache_dir):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = ("--eval_interval", "0")
+    pretrain("pretrain_gpt_moe.py", straight, cache_dir, "--train_steps", "6", *common)
+    pretrain("pretrain_gpt_moe.py", resumed, cache_dir, "--train_steps", "3", *common)
+    pretrain("pretrain_gpt_moe.py", resumed, cache_dir, "--train_steps", "6", "--resume", *common)
+    expected, got = metrics(straight), metrics(resumed)
+    assert [r["step"] for r in got] == list(range(1, 7))
+    for a, b in zip(expected, got):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6), (a["step"], a["loss"], b["loss"])
+        assert b["lr"] == pytest.approx(a["lr"])  # the LR schedule resumed too, not restarted
+
+
+def test_bad_inputs_fail_with_clear_messages(tmp_path, cache_dir):
+    missing = pretrain("pretrain_gpt_moe.py", tmp_path, cache_dir, "--data", str(tmp_path / "nope.jsonl"),
+                       nprocs=0, check=False)
+    assert missing.returncode != 0 and "nope.jsonl' does not exist" in missing.stderr
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "lsh_moe": {"compression_rate": 2}}))
+    wrong = pretrain("pretrain_gpt_moe.py", tmp_path, cache_dir, nprocs=0, config=str(bad), check=False)
+    assert wrong.returncode != 0 and "lsh_moe.compression_rate must be a number in (0, 1]" in wrong.stderr
+    absent = pretrain("pretrain_gpt_moe.py", tmp_path, cache_dir, nprocs=0, config="configs/none.json", check=False)
+    assert absent.returncode != 0 and "DeepSpeed config 'configs/none.json' does not exist" in absent.stderr
+    no_checkpoint = pretrain("pretrain_gpt_moe.py", tmp_path / "fresh", cache_dir, "--resume", nprocs=0,
+                             config="configs/gpt_moe_cpu.json", check=False)
+    assert no_checkpoint.returncode != 0 and "no DeepSpeed checkpoint found" in no_checkpoint.stderr
