@@ -21,7 +21,9 @@ setup(
         "matplotlib",    # scripts/plot_runs.py and the benchmark plots
     ],
     extras_require={
-        "test": ["pytest>=7"],
-        "megatron": ["megatron-core>=0.16"],
+        # The Megatron-core and AutoEP tests need these; pip picks megatron-core 0.16.x on Python 3.11 and
+        # 0.19.x on 3.12, the two lines the patch is checked against.
+        "test": ["pytest>=7", "megatron-core>=0.16,<0.20", "transformers==5.17.0"],
+        "megatron": ["megatron-core>=0.16,<0.20"],
     },
 )

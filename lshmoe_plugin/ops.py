@@ -21,6 +21,7 @@ REFERENCE = SimpleNamespace(
 
 
 def triton_available() -> bool:
+    """True when a CUDA device is visible and triton imports (the fused kernels could run)."""
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -29,23 +30,29 @@ def triton_available() -> bool:
 
 
 def select(kernel: str, device: torch.device) -> SimpleNamespace:
-    """The ops for `kernel` ("auto", "torch", "triton") on `device`; "triton" off CUDA is an error, not a fallback."""
+    """The ops for `kernel` ("auto", "torch", "triton") on `device`.
+
+    "torch" is the reference anywhere. "auto" is the reference off CUDA and the fused kernels on CUDA: a missing
+    or broken triton there raises instead of silently running the slow path. "triton" off CUDA is an error.
+    """
+    if kernel not in ("auto", "torch", "triton"):
+        raise ValueError(f"lsh_moe.kernel={kernel!r}: allowed values are 'auto', 'torch', 'triton'")
     if kernel == "torch":
         return REFERENCE
     on_cuda = torch.device(device).type == "cuda"
-    if kernel == "triton":
-        if not (on_cuda and triton_available()):
-            raise RuntimeError(f"lsh_moe.kernel='triton' needs a CUDA device and an importable triton; got device "
-                               f"{device}. Allowed here: 'auto' or 'torch'")
-        return _triton_ops()
-    if on_cuda and triton_available():
-        return _triton_ops()
-    return REFERENCE
+    if kernel == "triton" and not on_cuda:
+        raise RuntimeError(f"lsh_moe.kernel='triton' needs a CUDA device, got device {device}. "
+                           f"Allowed here: 'auto' or 'torch'")
+    if not on_cuda:
+        return REFERENCE
+    return _triton_ops(kernel)
 
 
-def _triton_ops() -> SimpleNamespace:
+def _triton_ops(kernel: str) -> SimpleNamespace:
     try:
         from .kernels import triton_ops
-    except ImportError:
-        return REFERENCE
+    except ImportError as error:
+        raise RuntimeError(f"lsh_moe.kernel={kernel!r} on a CUDA device needs triton (it ships with PyTorch's CUDA "
+                           f"wheels) but importing the fused kernels failed: {error}. Install triton, or set "
+                           f"lsh_moe.kernel='torch' to run the PyTorch reference on the GPU") from error
     return triton_ops.OPS

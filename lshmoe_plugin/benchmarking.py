@@ -1,0 +1,136 @@
+"""Shared pieces of the benchmark scripts: device timing, the copy-bandwidth ceiling, and the report writer.
+
+Every figure a script writes is computed in the same run that it reports, next to the command line, the GPU and
+the link it was measured on; nothing is typed by hand.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shlex
+import statistics
+import sys
+import time
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+
+def synchronize(device: torch.device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 5, reps: int = 20) -> float:
+    """Median wall time of fn() in ms: CUDA events around each call on a GPU, a synchronised host clock elsewhere."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times: List[float] = []
+    if torch.device(device).type == "cuda":
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(device)
+        times = [start.elapsed_time(end) for start, end in events]
+    else:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def graph_time_ms(fn: Callable[[], object], device: torch.device, reps: int = 20) -> float:
+    """Median ms of fn() replayed as one CUDA graph: the GPU's own time, without Python's launch overhead.
+
+    Off CUDA, or when fn cannot be captured (it synchronises with the host), returns NaN and says why.
+    """
+    if torch.device(device).type != "cuda":
+        return float("nan")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    try:
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError as error:
+        print(f"CUDA graph capture failed: {error}", flush=True)
+        return float("nan")
+    return time_ms(graph.replay, device, warmup=3, reps=reps)
+
+
+def copy_bandwidth_gbs(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy rate in GB/s, counting bytes read plus bytes written (METHOD.md's ceiling)."""
+    if torch.device(device).type != "cuda":
+        nbytes = min(nbytes, 64 << 20)
+    src = torch.randn(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device, warmup=3, reps=10)
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def device_name(device: torch.device) -> str:
+    if torch.device(device).type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"{props.name} ({props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs)"
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def software_line() -> str:
+    parts = [f"Python {platform.python_version()}", f"torch {torch.__version__}"]
+    for name in ("triton", "deepspeed"):
+        try:
+            module = __import__(name)
+            parts.append(f"{name} {module.__version__}")
+        except Exception:  # noqa: BLE001 - an absent package is simply not listed
+            pass
+    return ", ".join(parts)
+
+
+def command_line() -> str:
+    # Only the variables that change what is measured: NCCL's transport choice and the plugin's switch.
+    names = ("NCCL_P2P_DISABLE", "NCCL_SHM_DISABLE", "NCCL_IB_DISABLE", "NCCL_SOCKET_IFNAME", "LSHMOE_ENABLED")
+    env = [f"{k}={os.environ[k]}" for k in names if k in os.environ]
+    launcher = ["python"]
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        launcher = ["torchrun", "--nproc_per_node", os.environ.get("LOCAL_WORLD_SIZE", "1")]
+    return " ".join(env + launcher + [shlex.quote(a) for a in sys.argv])
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    def cell(value: object) -> str:
+        if isinstance(value, float):
+            return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+        return str(value)
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_section(path: str, name: str, text: str) -> None:
+    """Replace (or append) the block between ``<!-- BEGIN name -->`` and ``<!-- END name -->`` in a markdown file."""
+    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
+    block = f"{begin}\n{text.rstrip()}\n{end}"
+    old = open(path).read() if os.path.exists(path) else "# Benchmarks\n\nWritten by the scripts in `scripts/`.\n"
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    new = pattern.sub(lambda _: block, old) if pattern.search(old) else old.rstrip() + "\n\n" + block + "\n"
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        f.write(new)
+
+
+def header(title: str, device: torch.device, link: Optional[str] = None) -> str:
+    lines = [f"## {title}", "", f"- command: `{command_line()}`", f"- device: {device_name(device)}",
+             f"- software: {software_line()}"]
+    if link:
+        lines.append(f"- link: {link}")
+    lines.append(f"- measured: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    return "\n".join(lines) + "\n"

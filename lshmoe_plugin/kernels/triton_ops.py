@@ -1,0 +1,391 @@
+"""Fused Triton kernels for the compressor's memory-bound stages, forward and backward.
+
+Same four functions, signatures and semantics as the PyTorch reference (``hashing.lsh_codes``,
+``clustering.assign_clusters``, ``clustering.centroids_by_slot``, ``clustering.expand_with_residual``):
+
+- hash: the projection stays one cuBLAS matmul; group centring, per-hash argmax and the code packing run in two
+  small kernels (group sums, then codes) instead of ~15 elementwise launches.
+- assign: the reference (two cub radix sorts and scans); it moves O(N) integers, not O(N * d) activations.
+- reduce to centroids and expand + residual: every token row is read once and every centroid row written once.
+  Tokens are visited slot by slot through a CSR view of ``slot`` (one stable sort of N int32 keys), so each
+  program accumulates one centroid in fp32 registers and writes it once: no atomics, no fp32 scratch buffer, no
+  pass per expert, deterministic. The scratch segment (invalid tokens, up to a fifth of them at capacity factor
+  1.25) is zeroed token-parallel instead: one program walking it alone would set the kernel's time. The backward passes use the same segments: the gradient of a centroid is
+  broadcast to its tokens, and the gradient of an expert output is the segmented sum of its tokens' gradients.
+
+Everything stays shape-static: no value is read back to the host.
+"""
+from __future__ import annotations
+
+import collections
+import weakref
+from types import SimpleNamespace
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import clustering
+from ..config import LSHMoEConfig
+from ..hashing import projection_width
+
+# -- segments: a CSR view of `slot` ---------------------------------------------------------------------------------
+_SEGMENT_CACHE: "collections.OrderedDict[int, tuple]" = collections.OrderedDict()
+_SEGMENT_CACHE_SIZE = 256
+
+
+def slot_segments(slot: torch.Tensor, num_slots: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(order (N,), bounds (num_slots + 2,)): tokens of slot s are order[bounds[s]:bounds[s + 1]].
+
+    Slot num_slots (the scratch row of invalid tokens) is the last segment. The compressor hands the same
+    `slot` tensor to the reduce and the expand, so the sort is cached per tensor (checked by identity, version
+    and size; a miss only costs the sort again).
+    """
+    key = id(slot)
+    hit = _SEGMENT_CACHE.get(key)
+    if hit is not None:
+        ref, version, slots, order, bounds = hit
+        if ref() is slot and version == slot._version and slots == num_slots:
+            return order, bounds
+    keys = slot.to(torch.int32) if num_slots < 2**31 - 1 else slot
+    sorted_keys, order = torch.sort(keys, stable=True)
+    bounds = torch.searchsorted(sorted_keys, torch.arange(num_slots + 2, device=slot.device, dtype=keys.dtype))
+    _SEGMENT_CACHE[key] = (weakref.ref(slot), slot._version, num_slots, order, bounds)
+    while len(_SEGMENT_CACHE) > _SEGMENT_CACHE_SIZE:
+        _SEGMENT_CACHE.popitem(last=False)
+    return order, bounds
+
+
+def _launch_shape(d: int) -> Tuple[int, int, int]:
+    """(rows per tile, columns per program, warps) of the segment kernels.
+
+    A segment holds ~1/rate tokens (2-10), so a program's time is mostly its chain of dependent loads (bounds,
+    then order, then rows). Wide column blocks make fewer, fatter programs: v1's 8 x 512 tiles left the centroid
+    kernel latency-bound at rate 0.5 (2.2x its bandwidth time at d=4096).
+    """
+    block_d = min(2048, triton.next_power_of_2(d))
+    return 4, block_d, 8 if block_d >= 1024 else 4
+
+
+# -- kernels ----------------------------------------------------------------------------------------------------------
+@triton.jit
+def _segment_mean_kernel(src_ptr, order_ptr, bounds_ptr, out_ptr, counts_ptr, d, stride_src, stride_out,
+                         ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    s = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = cols < d
+    start = tl.load(bounds_ptr + s)
+    end = tl.load(bounds_ptr + s + 1)
+    acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    i = start
+    while i < end:
+        r = i + tl.arange(0, ROWS)
+        rmask = r < end
+        row = tl.load(order_ptr + r, mask=rmask, other=0).to(tl.int64)
+        acc += tl.load(src_ptr + row[:, None] * stride_src + cols[None, :], mask=rmask[:, None] & cmask[None, :],
+                       other=0.0).to(tl.float32)
+        i += ROWS
+    count = (end - start).to(tl.float32)
+    mean = tl.sum(acc, axis=0) / tl.maximum(count, 1.0)
+    tl.store(out_ptr + s.to(tl.int64) * stride_out + cols, mean.to(out_ptr.dtype.element_ty), mask=cmask)
+    if tl.program_id(1) == 0:
+        tl.store(counts_ptr + s, count)
+
+
+@triton.jit
+def _zero_scratch_rows_kernel(out_ptr, order_ptr, bounds_ptr, n, d, num_slots, stride_out,
+                              ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Zero the rows of the scratch segment (invalid tokens), which is the tail of the sorted order.
+
+    Token-parallel, counted from the end: the segment can hold a fifth of all tokens (empty capacity slots), and
+    one program per segment would walk it alone while the rest of the GPU idles.
+    """
+    pos = n - 1 - (tl.program_id(0) * ROWS + tl.arange(0, ROWS))
+    first = tl.load(bounds_ptr + num_slots)
+    rmask = (pos >= first) & (pos >= 0)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    row = tl.load(order_ptr + pos, mask=rmask, other=0).to(tl.int64)
+    zeros = tl.zeros([ROWS, BLOCK_D], dtype=out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row[:, None] * stride_out + cols[None, :], zeros, mask=rmask[:, None] & (cols < d)[None, :])
+
+
+def _zero_scratch_rows(out: torch.Tensor, order: torch.Tensor, bounds: torch.Tensor, num_slots: int) -> None:
+    n, d = out.shape
+    if n == 0:
+        return
+    rows, block_d, warps = 32, min(256, triton.next_power_of_2(d)), 4
+    _zero_scratch_rows_kernel[(triton.cdiv(n, rows), triton.cdiv(d, block_d))](
+        out, order, bounds, n, d, num_slots, out.stride(0), ROWS=rows, BLOCK_D=block_d, num_warps=warps)
+
+
+@triton.jit
+def _segment_broadcast_kernel(src_ptr, order_ptr, bounds_ptr, out_ptr, d, num_slots, stride_src, stride_out,
+                              ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[token] = src[slot] / count for tokens of real slots; zeros for the scratch segment."""
+    s = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = cols < d
+    start = tl.load(bounds_ptr + s)
+    end = tl.load(bounds_ptr + s + 1)
+    real = s < num_slots
+    count = tl.maximum((end - start).to(tl.float32), 1.0)
+    value = tl.load(src_ptr + s.to(tl.int64) * stride_src + cols, mask=cmask & real, other=0.0).to(tl.float32)
+    value = (value / count).to(out_ptr.dtype.element_ty)
+    i = start
+    while i < end:
+        r = i + tl.arange(0, ROWS)
+        rmask = r < end
+        row = tl.load(order_ptr + r, mask=rmask, other=0).to(tl.int64)
+        tile = tl.zeros([ROWS, BLOCK_D], dtype=out_ptr.dtype.element_ty) + value[None, :]
+        tl.store(out_ptr + row[:, None] * stride_out + cols[None, :], tile, mask=rmask[:, None] & cmask[None, :])
+        i += ROWS
+
+
+@triton.jit
+def _expand_kernel(tok_ptr, cen_ptr, y_ptr, order_ptr, bounds_ptr, out_ptr, d, num_slots,
+                   stride_tok, stride_cen, stride_y, stride_out,
+                   COMPENSATE: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[token] = y[s] (alone, or no compensation), token + (y[s] - c[s]) (shared slot), 0 (scratch)."""
+    s = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = cols < d
+    start = tl.load(bounds_ptr + s)
+    end = tl.load(bounds_ptr + s + 1)
+    real = s < num_slots
+    s64 = s.to(tl.int64)
+    y = tl.load(y_ptr + s64 * stride_y + cols, mask=cmask & real, other=0.0).to(tl.float32)
+    shared = real & ((end - start) > 1) & COMPENSATE
+    c = tl.load(cen_ptr + s64 * stride_cen + cols, mask=cmask & shared, other=0.0).to(tl.float32)
+    delta = tl.where(shared, y - c, y)
+    i = start
+    while i < end:
+        r = i + tl.arange(0, ROWS)
+        rmask = r < end
+        row = tl.load(order_ptr + r, mask=rmask, other=0).to(tl.int64)
+        m = rmask[:, None] & cmask[None, :]
+        # Alone, uncompensated and scratch tokens never read their own row: the masked load moves no bytes.
+        tok = tl.load(tok_ptr + row[:, None] * stride_tok + cols[None, :], mask=m & shared, other=0.0)
+        out = tok.to(tl.float32) + delta[None, :]
+        tl.store(out_ptr + row[:, None] * stride_out + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=m)
+        i += ROWS
+
+
+@triton.jit
+def _expand_backward_kernel(grad_ptr, order_ptr, bounds_ptr, grad_tok_ptr, grad_y_ptr, grad_cen_ptr, d, num_slots,
+                            stride_grad, stride_gt, stride_gy, stride_gc,
+                            COMPENSATE: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """grad_y[s] = sum of its tokens' grads; grad_c[s] = -grad_y[s] and grad_token = grad where compensated."""
+    s = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = cols < d
+    start = tl.load(bounds_ptr + s)
+    end = tl.load(bounds_ptr + s + 1)
+    real = s < num_slots
+    shared = real & ((end - start) > 1) & COMPENSATE
+    acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    i = start
+    while i < end:
+        r = i + tl.arange(0, ROWS)
+        rmask = r < end
+        row = tl.load(order_ptr + r, mask=rmask, other=0).to(tl.int64)
+        m = rmask[:, None] & cmask[None, :]
+        g = tl.load(grad_ptr + row[:, None] * stride_grad + cols[None, :], mask=m & real, other=0.0)
+        acc += g.to(tl.float32)
+        gt = tl.where(shared, g, tl.zeros_like(g))
+        tl.store(grad_tok_ptr + row[:, None] * stride_gt + cols[None, :], gt.to(grad_tok_ptr.dtype.element_ty), mask=m)
+        i += ROWS
+    total = tl.sum(acc, axis=0)
+    s64 = s.to(tl.int64)
+    tl.store(grad_y_ptr + s64 * stride_gy + cols, total.to(grad_y_ptr.dtype.element_ty), mask=cmask & real)
+    gc = tl.where(shared, -total, tl.zeros_like(total))
+    tl.store(grad_cen_ptr + s64 * stride_gc + cols, gc.to(grad_cen_ptr.dtype.element_ty), mask=cmask & real)
+
+
+@triton.jit
+def _group_sums_kernel(proj_ptr, group_ptr, weight_ptr, sums_ptr, counts_ptr, n, width,
+                       HAS_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Per-group sums of the projected rows (and of the weights), reduced in-block before one atomic per column."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < n
+    cols = tl.arange(0, BLOCK_W)
+    cmask = cols < width
+    group = tl.load(group_ptr + rows, mask=rmask, other=0)
+    if HAS_WEIGHT:
+        weight = tl.load(weight_ptr + rows, mask=rmask, other=0).to(tl.float32)
+    else:
+        weight = rmask.to(tl.float32)
+    x = tl.load(proj_ptr + rows[:, None].to(tl.int64) * width + cols[None, :], mask=rmask[:, None] & cmask[None, :],
+                other=0.0).to(tl.float32) * weight[:, None]
+    # Tokens of one group are contiguous in both layouts, so a block usually touches one or two groups.
+    first = tl.min(tl.where(rmask, group, 2**62), axis=0)
+    last = tl.max(tl.where(rmask, group, -1), axis=0)
+    g = first
+    while g <= last:
+        mine = (group == g) & rmask
+        part = tl.sum(tl.where(mine[:, None], x, 0.0), axis=0)
+        tl.atomic_add(sums_ptr + g * width + cols, part, mask=cmask)
+        tl.atomic_add(counts_ptr + g, tl.sum(tl.where(mine, weight, 0.0), axis=0))
+        g += 1
+
+
+@triton.jit
+def _codes_kernel(proj_ptr, group_ptr, sums_ptr, counts_ptr, codes_ptr, n,
+                  NUM_HASHES: tl.constexpr, WIDTH: tl.constexpr, BITS: tl.constexpr, CROSS: tl.constexpr,
+                  CENTER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Centre each projected row on its group mean, argmax per hash, pack the digits (first hash most significant)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < n
+    h = tl.arange(0, BLOCK_H)
+    w = tl.arange(0, BLOCK_W)
+    col = h[:, None] * WIDTH + w[None, :]
+    cmask = (h[:, None] < NUM_HASHES) & (w[None, :] < WIDTH)
+    m = rmask[:, None, None] & cmask[None, :, :]
+    x = tl.load(proj_ptr + rows[:, None, None].to(tl.int64) * (NUM_HASHES * WIDTH) + col[None, :, :], mask=m,
+                other=0.0).to(tl.float32)
+    if CENTER:
+        group = tl.load(group_ptr + rows, mask=rmask, other=0)
+        count = tl.maximum(tl.load(counts_ptr + group, mask=rmask, other=1.0), 1.0)
+        total = tl.load(sums_ptr + group[:, None, None] * (NUM_HASHES * WIDTH) + col[None, :, :], mask=m, other=0.0)
+        x = x - total / count[:, None, None]
+    if CROSS:
+        score = tl.where(cmask[None, :, :], tl.abs(x), -1.0)
+    else:
+        score = tl.where(cmask[None, :, :], x, float("-inf"))
+    index = tl.argmax(score, axis=2, tie_break_left=True)
+    digit = index.to(tl.int64)
+    if CROSS:
+        picked = tl.sum(tl.where(w[None, None, :] == index[:, :, None], x, 0.0), axis=2)
+        digit = digit * 2 + (picked < 0).to(tl.int64)
+    shift = ((NUM_HASHES - 1 - h) * BITS).to(tl.int64)
+    packed = tl.where(h[None, :] < NUM_HASHES, digit << tl.maximum(shift, 0)[None, :], 0)
+    tl.store(codes_ptr + rows, tl.sum(packed, axis=1), mask=rmask)
+
+
+# -- autograd functions -----------------------------------------------------------------------------------------------
+class _CentroidsBySlot(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tokens: torch.Tensor, slot: torch.Tensor, num_slots: int):
+        tokens = tokens.contiguous()
+        n, d = tokens.shape
+        order, bounds = slot_segments(slot, num_slots)
+        centroids = torch.empty(num_slots, d, dtype=tokens.dtype, device=tokens.device)
+        counts = torch.empty(num_slots, dtype=torch.float32, device=tokens.device)
+        rows, block_d, warps = _launch_shape(d)
+        if num_slots > 0:
+            _segment_mean_kernel[(num_slots, triton.cdiv(d, block_d))](
+                tokens, order, bounds, centroids, counts, d, tokens.stride(0), centroids.stride(0),
+                ROWS=rows, BLOCK_D=block_d, num_warps=warps)
+        ctx.mark_non_differentiable(counts)
+        ctx.save_for_backward(order, bounds)
+        ctx.num_slots, ctx.shape, ctx.dtype = num_slots, tokens.shape, tokens.dtype
+        return centroids, counts
+
+    @staticmethod
+    def backward(ctx, grad_centroids: torch.Tensor, _grad_counts):
+        order, bounds = ctx.saved_tensors
+        grad_centroids = grad_centroids.contiguous()
+        n, d = ctx.shape
+        grad_tokens = torch.empty(n, d, dtype=ctx.dtype, device=grad_centroids.device)
+        rows, block_d, warps = _launch_shape(d)
+        if ctx.num_slots > 0:
+            _segment_broadcast_kernel[(ctx.num_slots, triton.cdiv(d, block_d))](
+                grad_centroids, order, bounds, grad_tokens, d, ctx.num_slots, grad_centroids.stride(0),
+                grad_tokens.stride(0), ROWS=rows, BLOCK_D=block_d, num_warps=warps)
+        _zero_scratch_rows(grad_tokens, order, bounds, ctx.num_slots)
+        return grad_tokens, None, None
+
+
+class _ExpandWithResidual(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tokens, slot, centroids, centroid_outputs, compensate: bool):
+        tokens, centroids, centroid_outputs = tokens.contiguous(), centroids.contiguous(), centroid_outputs.contiguous()
+        n, d = tokens.shape
+        num_slots = centroids.shape[0]
+        order, bounds = slot_segments(slot, num_slots)
+        out_dtype = torch.promote_types(tokens.dtype, centroid_outputs.dtype) if compensate else centroid_outputs.dtype
+        out = torch.empty(n, d, dtype=out_dtype, device=tokens.device)
+        rows, block_d, warps = _launch_shape(d)
+        if num_slots > 0:
+            _expand_kernel[(num_slots, triton.cdiv(d, block_d))](
+                tokens, centroids, centroid_outputs, order, bounds, out, d, num_slots,
+                tokens.stride(0), centroids.stride(0), centroid_outputs.stride(0), out.stride(0),
+                COMPENSATE=compensate, ROWS=rows, BLOCK_D=block_d, num_warps=warps)
+        _zero_scratch_rows(out, order, bounds, num_slots)
+        ctx.save_for_backward(order, bounds)
+        ctx.meta = (num_slots, compensate, tokens.shape, tokens.dtype, centroids.dtype, centroid_outputs.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        order, bounds = ctx.saved_tensors
+        num_slots, compensate, (n, d), tok_dtype, cen_dtype, y_dtype = ctx.meta
+        grad_out = grad_out.contiguous()
+        device = grad_out.device
+        grad_tokens = torch.empty(n, d, dtype=tok_dtype, device=device)
+        grad_y = torch.empty(num_slots, d, dtype=y_dtype, device=device)
+        grad_c = torch.empty(num_slots, d, dtype=cen_dtype, device=device)
+        rows, block_d, warps = _launch_shape(d)
+        if num_slots > 0:
+            _expand_backward_kernel[(num_slots, triton.cdiv(d, block_d))](
+                grad_out, order, bounds, grad_tokens, grad_y, grad_c, d, num_slots,
+                grad_out.stride(0), grad_tokens.stride(0), grad_y.stride(0), grad_c.stride(0),
+                COMPENSATE=compensate, ROWS=rows, BLOCK_D=block_d, num_warps=warps)
+        _zero_scratch_rows(grad_tokens, order, bounds, num_slots)
+        return grad_tokens, None, grad_c, grad_y, None
+
+
+# -- the four ops -----------------------------------------------------------------------------------------------------
+def centroids_by_slot(tokens: torch.Tensor, slot: torch.Tensor, num_slots: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fused `clustering.centroids_by_slot`: one read of every token row, one write of every centroid row."""
+    return _CentroidsBySlot.apply(tokens, slot, num_slots)
+
+
+def expand_with_residual(tokens: torch.Tensor, slot: torch.Tensor, centroids: torch.Tensor,
+                         centroid_outputs: torch.Tensor, counts: torch.Tensor,
+                         error_compensation: bool) -> torch.Tensor:
+    """Fused `clustering.expand_with_residual`: gather + residual in one pass.
+
+    `counts` must be the counts of `slot` (as `centroids_by_slot` returns them): the kernel reads the same
+    numbers off the slot segments instead.
+    """
+    return _ExpandWithResidual.apply(tokens, slot, centroids, centroid_outputs, bool(error_compensation))
+
+
+def lsh_codes(tokens: torch.Tensor, projections: torch.Tensor, config: LSHMoEConfig,
+              groups: Optional[torch.Tensor] = None, valid: Optional[torch.Tensor] = None,
+              num_groups: int = 1) -> torch.Tensor:
+    """`hashing.lsh_codes`: one cuBLAS matmul, then group sums and the packed argmax codes in two kernels."""
+    projected = tokens.matmul(projections.to(tokens.dtype)).contiguous()
+    n = projected.shape[0]
+    width = projection_width(config)
+    total_width = config.num_hashes * width
+    codes = torch.empty(n, dtype=torch.int64, device=tokens.device)
+    if n == 0:
+        return codes
+    center = groups is not None
+    sums = torch.zeros(max(num_groups, 1), total_width, dtype=torch.float32, device=tokens.device)
+    counts = torch.zeros(max(num_groups, 1), dtype=torch.float32, device=tokens.device)
+    if center:
+        groups = groups.contiguous()
+        weight = valid.contiguous() if valid is not None else groups
+        block_n = 64
+        _group_sums_kernel[(triton.cdiv(n, block_n),)](
+            projected, groups, weight, sums, counts, n, total_width, HAS_WEIGHT=valid is not None,
+            BLOCK_N=block_n, BLOCK_W=triton.next_power_of_2(total_width), num_warps=4)
+    block_n = 64
+    _codes_kernel[(triton.cdiv(n, block_n),)](
+        projected, groups if center else codes, sums, counts, codes, n,
+        NUM_HASHES=config.num_hashes, WIDTH=width, BITS=config.code_bits_per_hash,
+        CROSS=config.hash_type == "cross_polytope", CENTER=center, BLOCK_N=block_n,
+        BLOCK_H=triton.next_power_of_2(config.num_hashes), BLOCK_W=triton.next_power_of_2(width), num_warps=4)
+    return codes
+
+
+OPS = SimpleNamespace(
+    name="triton",
+    lsh_codes=lsh_codes,
+    assign_clusters=clustering.assign_clusters,
+    centroids_by_slot=centroids_by_slot,
+    expand_with_residual=expand_with_residual,
+)

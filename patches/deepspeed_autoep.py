@@ -1,0 +1,162 @@
+"""Patch of DeepSpeed AutoEP's ``AutoEPMoELayer`` (deepspeed/module_inject/auto_ep_layer.py): LSH-compressed
+variable-size all-to-all.
+
+The stock forward is one function; the patched one follows it stage by stage with DeepSpeed's own helpers and only
+changes what crosses the network: router -> sort routes by expert -> (pre-scale by score) -> compress each expert's
+tokens to centroids -> split plan from centroid counts -> all-to-all -> permute by local expert -> experts
+-> unpermute -> all-to-all back -> expand + residual -> the stock weighted combine and output tail.
+With ``score_apply="post"`` a token's routing score multiplies ``E(c) + (x - c)`` in the combine, as it multiplies
+``E(x)`` in the stock layer. Disabled, unselected layers and eval mode run the stock forward. With one EP rank
+nothing crosses the network, yet the layer is still compressed (as the GShard patch does), so training sees the
+same arithmetic at any EP size.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from lshmoe_plugin.compressor import LSHCompressor
+from lshmoe_plugin.config import LSHMoEConfig
+from lshmoe_plugin.telemetry import TELEMETRY
+
+from .versioning import UnsupportedFrameworkError, require_release
+
+SUPPORTED_RELEASES = ("0.19.",)
+_HELPERS = ("RouterOutput", "compute_split_plan", "_AllToAllV", "permute_by_local_expert", "unpermute_by_local_expert",
+            "combine_from_routed", "apply_scores_before_experts_if_enabled", "AutoEPMoELayer")
+_ORIGINAL = {}
+_STATE = {"config": None, "next_index": 0}
+
+
+def _auto_ep_layer():
+    import deepspeed
+    require_release("deepspeed", deepspeed.__version__, SUPPORTED_RELEASES)
+    from deepspeed.module_inject import auto_ep_layer
+    missing = [name for name in _HELPERS if not hasattr(auto_ep_layer, name)]
+    missing += [name for name in ("_forward", "_finalize_output") if not hasattr(auto_ep_layer.AutoEPMoELayer, name)]
+    if missing:
+        raise UnsupportedFrameworkError(f"deepspeed {deepspeed.__version__}: auto_ep_layer lacks {missing}; "
+                                        f"lshmoe-plugin supports AutoEP of deepspeed {SUPPORTED_RELEASES[0]}x")
+    return auto_ep_layer
+
+
+def is_applied() -> bool:
+    return bool(_ORIGINAL)
+
+
+def apply(config: LSHMoEConfig, model: Optional[torch.nn.Module] = None) -> None:
+    """Patch ``AutoEPMoELayer._forward`` (idempotent; a second call only swaps the config).
+
+    AutoEP swaps the model's MoE blocks inside ``deepspeed.initialize``; pass the engine's module (or call again
+    after initialize) to number its AutoEP layers in module order and check them now.
+    """
+    auto_ep_layer = _auto_ep_layer()
+    _STATE["config"] = config
+    if model is not None:
+        number_moe_layers(model)
+    if is_applied():
+        return
+    _ORIGINAL["_forward"] = auto_ep_layer.AutoEPMoELayer._forward
+    auto_ep_layer.AutoEPMoELayer._forward = _patched_forward
+
+
+def revert() -> None:
+    if not is_applied():
+        return
+    from deepspeed.module_inject import auto_ep_layer
+    auto_ep_layer.AutoEPMoELayer._forward = _ORIGINAL.pop("_forward")
+    _STATE["config"] = None
+
+
+def number_moe_layers(model: torch.nn.Module) -> int:
+    from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer
+    count = 0
+    for module in model.modules():
+        if isinstance(module, AutoEPMoELayer):
+            check_layer(module)
+            module._lshmoe_index = count
+            count += 1
+    _STATE["next_index"] = max(_STATE["next_index"], count)
+    return count
+
+
+def check_layer(layer) -> None:
+    """Raise `UnsupportedFrameworkError` for an AutoEP layer whose dispatch the patch does not handle."""
+    from deepspeed.module_inject.auto_ep_comm import COMM_BACKEND
+    problems = []
+    if layer.ep_size > 1 and layer.comm_backend != COMM_BACKEND:
+        problems.append(f"comm_backend={layer.comm_backend!r} (allowed: {COMM_BACKEND!r}, the all-to-all-v path)")
+    handles = layer.folding_group_handles
+    if handles is not None and handles.spec.tp_size > 1:
+        problems.append(f"AutoEP+AutoTP folding with tp_size={handles.spec.tp_size} (allowed: tp_size 1)")
+    if problems:
+        raise UnsupportedFrameworkError("lsh_moe cannot compress this AutoEP layer: " + "; ".join(problems))
+
+
+def _compressor(layer) -> LSHCompressor:
+    config = _STATE["config"]
+    if getattr(layer, "_lshmoe_index", None) is None:
+        layer._lshmoe_index = _STATE["next_index"]
+        _STATE["next_index"] += 1
+    compressor = getattr(layer, "_lshmoe_compressor", None)
+    if compressor is None or compressor.config is not config:
+        compressor = LSHCompressor(config, layer._lshmoe_index, TELEMETRY)
+        layer._lshmoe_compressor = compressor
+    return compressor
+
+
+def _patched_forward(self, hidden_states: torch.Tensor):
+    config: LSHMoEConfig = _STATE["config"]
+    compressor = _compressor(self)
+    active = (config.enabled and config.applies_to_layer(self._lshmoe_index)
+              and (self.training or config.compress_in_eval))
+    if not active:
+        return _ORIGINAL["_forward"](self, hidden_states)
+    check_layer(self)
+    return _compressed_forward(self, compressor, hidden_states)
+
+
+def _compressed_forward(self, compressor: LSHCompressor, hidden_states: torch.Tensor):
+    from deepspeed.module_inject import auto_ep_layer as ael
+    bsz, seqlen, hdim = hidden_states.shape
+    x = hidden_states.reshape(-1, hdim)
+    routes = ael.RouterOutput(*self.router(x, self.expert_bias))
+    with torch.no_grad():
+        self.tokens_per_expert.add_(routes.num_tokens_per_expert)
+
+    # Routes (token, k) in expert order: the rows each expert is sent, experts in global order.
+    order = torch.argsort(routes.selected_experts.view(-1), stable=True)
+    routed = x[order // self.top_k]
+    routed = ael.apply_scores_before_experts_if_enabled(routed, routes.top_scores.view(-1)[order], self.score_apply)
+    centroids, clusters_per_expert, state = compressor.compress_variable(routed, routes.num_tokens_per_expert)
+
+    expert_output = _experts_on_centroids(self, centroids, clusters_per_expert, routes)
+    expert_output = compressor.decompress_variable(expert_output, state)
+
+    shape = (bsz, seqlen, hdim)
+    if self.combine_impl == "fused_weighted_sum":
+        output = ael.fused_token_ops.fused_weighted_restore(expert_output, top_scores=routes.top_scores,
+                                                            token_indices_sorted=order, top_k=self.top_k, shape=shape)
+    else:
+        output = ael.combine_from_routed(expert_output, top_scores=routes.top_scores, token_indices_sorted=order,
+                                         top_k=self.top_k, score_apply=self.score_apply,
+                                         combine_impl=self.combine_impl, shape=shape)
+    return self._finalize_output(output, x, hidden_states, hdim)
+
+
+def _experts_on_centroids(self, centroids: torch.Tensor, clusters_per_expert: torch.Tensor, routes) -> torch.Tensor:
+    """Centroids (K, d) sorted by global expert -> their expert outputs (K, d), through the EP all-to-all."""
+    from deepspeed.module_inject import auto_ep_layer as ael
+    counts = clusters_per_expert.to(routes.num_tokens_per_expert.dtype)
+    if self.ep_size == 1:
+        rows, perm, aligned, n = ael.permute_by_local_expert(centroids, counts)
+        return ael.unpermute_by_local_expert(self.experts(rows, aligned), perm, n)
+    # The stock plan helper, fed centroid counts instead of token counts: splits and per-source counts follow.
+    plan = ael.compute_split_plan(selected_experts=routes.selected_experts, num_experts=self.num_experts,
+                                  ep_size=self.ep_size, num_local_experts=self.num_local_experts,
+                                  ep_group=self.ep_group, num_tokens_per_expert=counts)
+    received = ael._AllToAllV.apply(self.ep_group, centroids, plan.input_splits, plan.output_splits)
+    rows, perm, aligned, n = ael.permute_by_local_expert(received, plan.local_counts_by_source)
+    output = ael.unpermute_by_local_expert(self.experts(rows, aligned), perm, n)
+    return ael._AllToAllV.apply(self.ep_group, output, plan.output_splits, plan.input_splits)

@@ -1,0 +1,153 @@
+"""GPT-MoE end to end: step time, tokens/s and loss after the same steps, LSH-MoE on vs off (stock DeepSpeed).
+
+Both models start from the same weights, see the same batches and train through their own DeepSpeed engine in the
+same processes; their steps alternate, so both meet the same machine. The batches come from a fixed random
+first-order Markov source (4 successors per token): learnable, so the losses after N steps are comparable.
+
+    python scripts/benchmark_gpt_moe.py                                          # EP=1
+    torchrun --nproc_per_node 2 scripts/benchmark_gpt_moe.py                     # EP=2 (gloo if ranks share a GPU)
+    NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 NCCL_IB_DISABLE=1 NCCL_SOCKET_IFNAME=lo \\
+        torchrun --nproc_per_node 2 scripts/benchmark_gpt_moe.py                 # EP=2, emulated inter-node link
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import lshmoe_plugin  # noqa: E402
+from benchmark_moe_layer import describe_link, setup_distributed  # noqa: E402
+from lshmoe_plugin import benchmarking as bench  # noqa: E402
+from lshmoe_plugin.models import build_gpt_moe  # noqa: E402
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="gpt-moe-350m")
+    p.add_argument("--n-layers", type=int, default=4, help="override of the preset (MoE in every other block)")
+    p.add_argument("--experts-per-rank", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--timed-from", type=int, default=10, help="steps before this one are warm-up")
+    p.add_argument("--rate", type=float, default=0.2)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--kernel", default="auto", choices=["auto", "torch", "triton"])
+    p.add_argument("--backend", default=None)
+    p.add_argument("--report", default="docs/benchmarks.md")
+    p.add_argument("--section", default=None)
+    return p.parse_args()
+
+
+def markov_batch(step: int, rank: int, args, device) -> torch.Tensor:
+    """(micro_batch, seq_len + 1) token ids from a fixed sparse Markov chain; the same on every run."""
+    table = torch.randint(0, args.vocab, (args.vocab, 4), generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(1000 * step + rank)
+    tokens = torch.empty(args.micro_batch, args.seq_len + 1, dtype=torch.long)
+    tokens[:, 0] = torch.randint(0, args.vocab, (args.micro_batch,), generator=gen)
+    choice = torch.randint(0, 4, (args.micro_batch, args.seq_len), generator=gen)
+    for t in range(args.seq_len):
+        tokens[:, t + 1] = table[tokens[:, t], choice[:, t]]
+    return tokens.to(device)
+
+
+def ds_config(args, lsh: bool) -> dict:
+    config = {
+        "train_micro_batch_size_per_gpu": args.micro_batch,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0,
+        "steps_per_print": 10**9,
+        "optimizer": {"type": "AdamW", "params": {"lr": args.lr, "betas": [0.9, 0.95], "weight_decay": 0.1,
+                                                  "torch_adam": True}},
+        "zero_optimization": {"stage": 0},
+        "lsh_moe": {"enabled": lsh, "compression_rate": args.rate, "kernel": args.kernel, "telemetry_interval": 0},
+    }
+    if args.dtype == "bf16":
+        config["bf16"] = {"enabled": True}
+    return config
+
+
+def main() -> None:
+    args = parse_args()
+    rank, world, device, backend, shared = setup_distributed(args)
+    import deepspeed
+    import torch.distributed as dist
+    link, key = describe_link(world, backend, shared)
+    section = args.section or f"gpt_moe_{key}"
+    overrides = dict(vocab_size=args.vocab, seq_len=args.seq_len, n_layers=args.n_layers,
+                     num_experts=args.experts_per_rank * world)
+    engines = {}
+    for variant in ("stock", "lsh"):
+        torch.manual_seed(1234)
+        model = build_gpt_moe(args.preset, ep_size=world, **overrides)
+        config = ds_config(args, variant == "lsh")
+        engines[variant] = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)[0]
+    # Parsed once: a fresh config object would make the patch rebuild every layer's compressor (and its hash
+    # projections) each step, a cost training never pays.
+    lsh_config = lshmoe_plugin.load_config(ds_config(args, True))
+    times = {v: [] for v in engines}
+    losses = {v: [] for v in engines}
+    for step in range(args.steps):
+        batch = markov_batch(step, rank, args, device)
+        for variant, engine in engines.items():
+            if variant == "lsh":
+                lshmoe_plugin.enable(lsh_config, engine.module)
+            else:
+                lshmoe_plugin.disable()
+            torch.manual_seed(7919 * step + rank)  # the gates' random token selection: same draws for both
+            dist.barrier()
+            bench.synchronize(device)
+            t0 = time.perf_counter()
+            loss = engine(batch[:, :-1], batch[:, 1:])
+            engine.backward(loss)
+            engine.step()
+            bench.synchronize(device)
+            if step >= args.timed_from:
+                times[variant].append((time.perf_counter() - t0) * 1e3)
+            lm = engine.module.last_lm_loss.float().reshape(1)
+            dist.all_reduce(lm)
+            losses[variant].append(float(lm) / world)
+        if rank == 0 and (step % 10 == 0 or step == args.steps - 1):
+            print(f"step {step}: loss stock {losses['stock'][-1]:.4f} lsh {losses['lsh'][-1]:.4f}", flush=True)
+    lshmoe_plugin.disable()
+
+    if rank == 0:
+        tokens_per_step = args.micro_batch * args.seq_len * world
+        rows = []
+        stock_ms = statistics.median(times["stock"])
+        for variant in engines:
+            ms = statistics.median(times[variant])
+            last = statistics.mean(losses[variant][-5:])
+            rows.append((variant, ms, tokens_per_step / ms * 1e3, stock_ms / ms, losses[variant][-1], last,
+                         last / statistics.mean(losses["stock"][-5:])))
+        headers = ["variant", "step ms", "tokens/s", "speed-up vs stock", f"loss at step {args.steps}",
+                   "mean loss, last 5 steps", "loss / stock"]
+        table = bench.markdown_table(headers, rows)
+        print(table)
+        cfg = engines["stock"].module.config
+        text = bench.header(f"GPT-MoE end to end, EP={world}: stock DeepSpeed vs LSH-MoE rate {args.rate}",
+                            device, link) + (
+            f"\nPreset `{args.preset}` with d_model {cfg.d_model}, {cfg.n_layers} blocks (MoE every "
+            f"{cfg.moe_every}), {cfg.num_experts} experts (top-{cfg.top_k}, capacity factor {cfg.capacity_factor}), "
+            f"vocab {cfg.vocab_size}, seq {cfg.seq_len}, micro-batch {args.micro_batch} per rank, {args.dtype}, "
+            f"AdamW lr {args.lr}, ZeRO 0, {args.steps} steps (timed from step {args.timed_from}), kernel "
+            f"`{args.kernel}`. Same initial weights, same batches (a fixed sparse Markov source), same gate seeds; "
+            f"the two engines' steps alternate in the same processes. Loss = LM loss averaged over ranks.\n\n"
+            + table + "\n")
+        bench.write_section(args.report, section, text)
+        print(f"wrote {args.report} [{section}]")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Which implementation ops.select picks: the reference on the CPU, the fused kernels on CUDA, and loud errors."""
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lshmoe_plugin import ops
+from lshmoe_plugin.compressor import LSHCompressor
+from lshmoe_plugin.config import LSHMoEConfig, LSHMoEConfigError
+
+FAKE_KERNELS = SimpleNamespace(name="triton", OPS=SimpleNamespace(name="triton"))
+
+
+def _replace_kernels_module(monkeypatch, module):
+    """Make `from .kernels import triton_ops` see `module` (None: fail as if triton were not installed)."""
+    import lshmoe_plugin.kernels
+    monkeypatch.delattr(lshmoe_plugin.kernels, "triton_ops", raising=False)
+    monkeypatch.setitem(sys.modules, "lshmoe_plugin.kernels.triton_ops", module)
+
+
+def test_reference_exposes_the_four_stages():
+    for name in ("lsh_codes", "assign_clusters", "centroids_by_slot", "expand_with_residual"):
+        assert callable(getattr(ops.REFERENCE, name))
+
+
+@pytest.mark.parametrize("kernel", ["auto", "torch"])
+def test_cpu_runs_the_reference(kernel):
+    assert ops.select(kernel, torch.device("cpu")) is ops.REFERENCE
+
+
+def test_torch_is_the_reference_on_cuda_too():
+    assert ops.select("torch", torch.device("cuda")) is ops.REFERENCE
+
+
+def test_triton_on_cpu_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="kernel='triton' needs a CUDA device.*'auto' or 'torch'"):
+        ops.select("triton", torch.device("cpu"))
+
+
+def test_unknown_kernel_is_rejected():
+    with pytest.raises(ValueError, match="allowed values"):
+        ops.select("cuda", torch.device("cpu"))
+    with pytest.raises(LSHMoEConfigError, match="kernel"):
+        LSHMoEConfig(kernel="cuda")
+
+
+@pytest.mark.parametrize("kernel", ["auto", "triton"])
+def test_cuda_picks_the_fused_kernels(kernel, monkeypatch):
+    _replace_kernels_module(monkeypatch, FAKE_KERNELS)
+    assert ops.select(kernel, torch.device("cuda")) is FAKE_KERNELS.OPS
+
+
+@pytest.mark.parametrize("kernel", ["auto", "triton"])
+def test_cuda_without_triton_raises_instead_of_falling_back(kernel, monkeypatch):
+    _replace_kernels_module(monkeypatch, None)
+    with pytest.raises(RuntimeError, match="needs triton.*kernel='torch'"):
+        ops.select(kernel, torch.device("cuda"))
+
+
+def test_compressor_on_cpu_uses_the_reference():
+    compressor = LSHCompressor(LSHMoEConfig(enabled=True, compression_rate=0.5), layer_index=0)
+    compressor.compress_fixed(torch.randn(2, 8, 16), torch.ones(2, 8, dtype=torch.bool))
+    assert compressor._ops is ops.REFERENCE
