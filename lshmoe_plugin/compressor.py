@@ -44,6 +44,7 @@ class LSHCompressor:
         self.layer_index = layer_index
         self.telemetry = telemetry
         self.step = 0
+        self.pays: Optional[bool] = None  # set by a patch's cost decision (decide_by_cost), None until measured
         self._projections: Dict[Tuple[int, torch.device], torch.Tensor] = {}
         self._ops = None
 
@@ -65,8 +66,12 @@ class LSHCompressor:
                                self.config.num_hashes)
 
     # -- fixed layout -------------------------------------------------------------------------------------------
-    def compress_fixed(self, dispatched: torch.Tensor, valid: torch.Tensor) -> Tuple[torch.Tensor, ClusterState]:
-        """dispatched (E, C, d), valid bool (E, C) -> centroids (E, S, d) and the state to decompress with."""
+    def compress_fixed(self, dispatched: torch.Tensor, valid: torch.Tensor,
+                       record: bool = True) -> Tuple[torch.Tensor, ClusterState]:
+        """dispatched (E, C, d), valid bool (E, C) -> centroids (E, S, d) and the state to decompress with.
+
+        record=False leaves telemetry and the step count alone (for trial runs such as cost measurements).
+        """
         num_experts, capacity, d_model = dispatched.shape
         slots_per_expert = fixed_slots(capacity, self.config.compression_rate)
         tokens = dispatched.reshape(-1, d_model)
@@ -79,7 +84,8 @@ class LSHCompressor:
         centroids, counts = self._ops.centroids_by_slot(tokens, slot, num_slots)
         state = ClusterState(tokens, slot, centroids, counts, dispatched.shape)
         elem = dispatched.element_size()
-        self._record(state, valid, clusters.sum(), num_slots * d_model * elem, tokens.numel() * elem)
+        if record:
+            self._record(state, valid, clusters.sum(), num_slots * d_model * elem, tokens.numel() * elem)
         return centroids.view(num_experts, slots_per_expert, d_model), state
 
     def decompress_fixed(self, centroid_outputs: torch.Tensor, state: ClusterState) -> torch.Tensor:

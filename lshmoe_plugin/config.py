@@ -45,6 +45,9 @@ class LSHMoEConfig:
     telemetry_interval: compute the residual-norm statistic every N steps (0: never); the cheap counters are
         kept every step.
     kernel: ``auto`` (Triton on CUDA when importable, else torch), ``torch`` (reference) or ``triton``.
+    decide_by_cost: on each layer's first training step, time its stock exchange (all-to-all, experts, all-to-all)
+        against the compressed one and keep compression only where it is faster; the expert-parallel ranks agree
+        on one decision per layer. For fast links (NVLink), where compression cannot always pay.
     """
 
     enabled: bool = False
@@ -58,11 +61,13 @@ class LSHMoEConfig:
     compress_in_eval: bool = False
     telemetry_interval: int = 10
     kernel: str = "auto"
+    decide_by_cost: bool = False
 
     def __post_init__(self) -> None:
         _check_type("enabled", self.enabled, bool)
         _check_type("error_compensation", self.error_compensation, bool)
         _check_type("compress_in_eval", self.compress_in_eval, bool)
+        _check_type("decide_by_cost", self.decide_by_cost, bool)
         rate = self.compression_rate
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not (0.0 < rate <= 1.0):
             raise LSHMoEConfigError(f"lsh_moe.compression_rate must be a number in (0, 1], got {rate!r}")

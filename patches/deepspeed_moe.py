@@ -111,6 +111,11 @@ def _patched_forward(self, *input: torch.Tensor, **kwargs: Any) -> torch.Tensor:
     if not active:
         return _ORIGINAL["forward"](self, *input, **kwargs)
     _check_layout(self)
+    if config.decide_by_cost:
+        if compressor.pays is None:
+            compressor.pays = compression_pays(self, compressor, *input)
+        if not compressor.pays:
+            return _ORIGINAL["forward"](self, *input, **kwargs)
     return _compressed_forward(self, compressor, *input)
 
 
@@ -148,11 +153,75 @@ def _compressed_forward(self, compressor: LSHCompressor, *input: torch.Tensor) -
     return combined.reshape(input[0].shape)
 
 
-def _timed_all_to_all(self, tensor: torch.Tensor, timer_name: str, attribute: str) -> torch.Tensor:
+def measure_exchanges(self, compressor: LSHCompressor, *input: torch.Tensor, repeats: int = 3):
+    """Forward wall time (s) of this layer's stock exchange and of the compressed one, on this step's tokens.
+
+    Exchange = all-to-all, experts, all-to-all (plus compress and expand when compressed): the part the
+    plugin changes. The gate runs on a forked RNG and nothing is recorded, so the real step that follows is
+    exactly what it would have been without the measurement.
+    """
+    import time
+
+    from deepspeed.accelerator import get_accelerator
     from deepspeed.moe import sharded_moe as sm
+    accelerator = get_accelerator()
+    device = input[0].device
+    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        d_model = input[0].shape[-1]
+        tokens = input[0].reshape(-1, d_model)
+        _, C, E, indices_, locations_, _, _ = self.gate(tokens, input[1] if len(input) > 1 else None, True,
+                                                        self.use_tutel)
+        C = int(C)
+        slots = sm._route_slots(indices_, locations_, E, C)
+        dispatched = sm._sparse_encode(tokens, slots, E, C)
+        valid = occupied_slots(slots, E, C)
+
+        def exchange(buffer):
+            buffer = _all_to_all(self, buffer).reshape(self.ep_size, self.num_local_experts, -1, d_model)
+            return _all_to_all(self, self.experts(buffer).reshape(self.ep_size * self.num_local_experts, -1, d_model))
+
+        def compressed():
+            centroids, state = compressor.compress_fixed(dispatched, valid, record=False)
+            return compressor.decompress_fixed(exchange(centroids), state)
+
+        def seconds(fn):
+            fn()  # warm-up: kernel compilation and allocator growth stay out of the numbers
+            times = []
+            for _ in range(repeats):
+                accelerator.synchronize()
+                start = time.perf_counter()
+                fn()
+                accelerator.synchronize()
+                times.append(time.perf_counter() - start)
+            return sorted(times)[len(times) // 2]
+
+        return seconds(lambda: exchange(dispatched)), seconds(compressed)
+
+
+def compression_pays(self, compressor: LSHCompressor, *input: torch.Tensor) -> bool:
+    """Measure once and decide; all ranks of the expert-parallel group must agree (the shapes must match)."""
+    import deepspeed.comm as dist
+    from deepspeed.utils import logger
+    stock, lsh = measure_exchanges(self, compressor, *input)
+    times = torch.tensor([stock, lsh], dtype=torch.float64, device=input[0].device)
+    if self.ep_size > 1:
+        dist.all_reduce(times, group=self.ep_group)  # summed over the group: one decision for all ranks
+    pays = bool(times[1] < times[0])
+    logger.info(f"lsh_moe: layer {self._lshmoe_index} compression {'on' if pays else 'off'} "
+                f"(exchange fwd: stock {times[0].item() * 1e3:.2f} ms vs compressed {times[1].item() * 1e3:.2f} ms, "
+                f"summed over {self.ep_size} rank(s))")
+    return pays
+
+
+def _all_to_all(self, tensor: torch.Tensor) -> torch.Tensor:
+    from deepspeed.moe import sharded_moe as sm
+    return sm._AllToAll.apply(self.ep_group, tensor) if self.ep_size > 1 else tensor.contiguous()
+
+
+def _timed_all_to_all(self, tensor: torch.Tensor, timer_name: str, attribute: str) -> torch.Tensor:
     if self.wall_clock_breakdown:
         self.timers(timer_name).start()
-    tensor = sm._AllToAll.apply(self.ep_group, tensor) if self.ep_size > 1 else tensor.contiguous()
+    tensor = _all_to_all(self, tensor)
     if self.wall_clock_breakdown:
         self.timers(timer_name).stop()
         setattr(self, attribute, self.timers(timer_name).elapsed(reset=False))

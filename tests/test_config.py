@@ -52,6 +52,7 @@ def test_bad_env_value_names_allowed_values():
     ({"layers": [0, -1]}, r'layers must be "all" or a list of MoE layer indices'),
     ({"enabled": "yes"}, r"enabled must be a bool"),
     ({"error_compensation": 1}, r"error_compensation must be a bool"),
+    ({"decide_by_cost": "auto"}, r"decide_by_cost must be a bool"),
     ({"num_hashes": 20}, r"num_hashes=20 with hash_dim=8 needs 80 bits"),
     ({"telemetry_interval": -1}, r"telemetry_interval must be an integer >= 0"),
 ])

@@ -210,3 +210,52 @@ def test_telemetry_is_written_through_deepspeeds_monitor(tmp_path):
     assert len(rows) >= 3 and float(rows[-1][1]) == pytest.approx(0.25, abs=0.05)
     residual = glob.glob(os.path.join(str(tmp_path), "lsh", "*layer0*relative_residual_norm*.csv"))[0]
     assert 0 < float(list(csv.reader(open(residual)))[-1][1]) < 2
+
+
+def check_decide_by_cost(rank, world_size):
+    """Real timing on every rank: one decision per layer, shared by the ranks, and each branch behaves."""
+    torch.manual_seed(100 + rank)
+    x = torch.randn(2, 24, D_MODEL)
+    moe = build_moe(world_size, 2)
+    stock = fwd_bwd(moe, x)
+    config = {"lsh_moe": {"enabled": True, "compression_rate": 0.25, "decide_by_cost": True}}
+    lshmoe_plugin.enable(config, moe)
+    calls = []
+    measure = deepspeed_moe.measure_exchanges
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return measure(*args, **kwargs)
+    deepspeed_moe.measure_exchanges = counted
+    try:
+        first = fwd_bwd(moe, x)
+        second = fwd_bwd(moe, x)
+    finally:
+        deepspeed_moe.measure_exchanges = measure
+    pays = moe.deepspeed_moe._lshmoe_compressor.pays
+    decisions = [None] * world_size
+    torch.distributed.all_gather_object(decisions, pays)
+    result = {"measured_once": len(calls) == 1, "ranks_agree": len(set(decisions)) == 1,
+              # the measurement leaves the step itself untouched: same result as a step without it
+              "steps_consistent": same(first, second)}
+    if pays:
+        result["compressed_when_it_pays"] = not torch.equal(first[0], stock[0])
+    else:
+        result["stock_when_it_does_not"] = same(first, stock)
+    # Each branch, with the decision fixed (as a measurement on a slow or a fast link would give).
+    for forced in (False, True):
+        lshmoe_plugin.enable({"lsh_moe": {**config["lsh_moe"], "seed": 2 + forced}}, moe)
+        deepspeed_moe.measure_exchanges = lambda *a, **k: (1.0, 2.0) if not forced else (2.0, 1.0)
+        try:
+            out = fwd_bwd(moe, x)
+        finally:
+            deepspeed_moe.measure_exchanges = measure
+        result[f"forced_{forced}"] = (not same(out, stock)) if forced else same(out, stock)
+    lshmoe_plugin.disable()
+    return result
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_decide_by_cost_measures_once_and_ranks_agree(world_size):
+    result = run_distributed(check_decide_by_cost, world_size)
+    assert all(result.values()), result
