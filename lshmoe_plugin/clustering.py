@@ -21,9 +21,10 @@ def assign_clusters(codes: torch.Tensor, groups: torch.Tensor, valid: torch.Tens
 
     A group with no more valid tokens than its budget needs no compression: each token keeps its own cluster,
     numbered by its position, so at rate 1.0 the centroids are the tokens themselves in their original order.
-    Otherwise the group uses the longest prefix of its hashes whose buckets fit the budget (more hashes, finer
-    buckets, as in the paper); only when even the first hash has too many buckets are neighbouring buckets in
-    code order merged evenly into the budget.
+    Otherwise the group keeps the buckets of the longest hash prefix that fits its budget (more hashes, finer
+    buckets, as in the paper) and spends the rest of the budget splitting them along the next hash: the next
+    level's buckets, in key order, are cut into (budget - coarse buckets) even runs, and a cluster also starts at
+    every coarse bucket, so no cluster ever mixes two coarse buckets and the budget is used in full.
     """
     n = codes.shape[0]
     device = codes.device
@@ -33,29 +34,37 @@ def assign_clusters(codes: torch.Tensor, groups: torch.Tensor, valid: torch.Tens
     sorted_key, order = torch.sort(key)
     sorted_group = torch.clamp(sorted_key >> code_bits, max=num_groups)  # sentinel -> group G
     group_start = torch.searchsorted(sorted_group, torch.arange(num_groups + 1, device=device))
+    first_of_group = group_start.clamp(max=max(n - 1, 0))
     pad = torch.ones(1, dtype=torch.long, device=device)
 
-    # Bucket boundaries for every prefix length at once: (num_hashes, N); sorting by the full key sorts
-    # every prefix too, so one sort serves all levels.
-    shifts = torch.arange(num_hashes - 1, -1, -1, device=device).unsqueeze(1) * bits_per_hash
+    # Bucket boundaries at every level at once, (num_hashes + 1, N): level 0 is the whole group, level l the
+    # first l hashes. Sorting by the full key sorts every prefix too, so one sort serves all levels.
+    shifts = torch.arange(num_hashes, -1, -1, device=device).unsqueeze(1) * bits_per_hash
     prefixes = sorted_key.unsqueeze(0) >> shifts
-    is_new = torch.ones(num_hashes, n, dtype=torch.bool, device=device)
+    is_new = torch.ones(num_hashes + 1, n, dtype=torch.bool, device=device)
     is_new[:, 1:] = prefixes[:, 1:] != prefixes[:, :-1]
-    distinct = torch.zeros(num_hashes, num_groups + 1, dtype=torch.long, device=device).index_add_(
+    distinct = torch.zeros(num_hashes + 1, num_groups + 1, dtype=torch.long, device=device).index_add_(
         1, sorted_group, is_new.long())[:, :num_groups]
     fits = distinct <= budget.unsqueeze(0)
-    # Longest fitting prefix per group (level index 0 = first hash only); level 0 when none fits.
-    level = (fits.long().cumprod(0).sum(0) - 1).clamp(min=0)
-    level_of_token = torch.cat([level, pad - 1])[sorted_group]
-    chosen_new = is_new.gather(0, level_of_token.unsqueeze(0)).squeeze(0)
-    bucket_rank = torch.cumsum(chosen_new.long(), 0) - 1
-    rank_in_group = bucket_rank - bucket_rank[group_start.clamp(max=max(n - 1, 0))][sorted_group]
-    chosen_distinct = distinct.gather(0, level.unsqueeze(0)).squeeze(0)
+    coarse = fits.long().cumprod(0).sum(0) - 1           # longest fitting level (level 0 always fits)
+    fine = (coarse + 1).clamp(max=num_hashes)            # the level that is split into the leftover budget
+    coarse_tok = torch.cat([coarse, pad * 0])[sorted_group]
+    fine_tok = torch.cat([fine, pad * 0])[sorted_group]
+    coarse_new = is_new.gather(0, coarse_tok.unsqueeze(0)).squeeze(0)
+    fine_new = is_new.gather(0, fine_tok.unsqueeze(0)).squeeze(0)
 
-    merged_clusters = torch.minimum(chosen_distinct, budget)
-    merged_g = torch.cat([merged_clusters, pad])[sorted_group]
-    distinct_g = torch.cat([chosen_distinct, pad])[sorted_group].clamp(min=1)
-    bucket_local = torch.empty_like(codes).scatter_(0, order, rank_in_group * merged_g // distinct_g)
+    fine_rank = torch.cumsum(fine_new.long(), 0) - 1
+    fine_rank = fine_rank - fine_rank[first_of_group][sorted_group]
+    leftover = budget - distinct.gather(0, coarse.unsqueeze(0)).squeeze(0)
+    fine_distinct = distinct.gather(0, fine.unsqueeze(0)).squeeze(0).clamp(min=1)
+    run = fine_rank * torch.cat([leftover, pad * 0])[sorted_group] // torch.cat([fine_distinct, pad])[sorted_group]
+    starts = coarse_new.clone()
+    starts[1:] |= run[1:] != run[:-1]
+    cluster_rank = torch.cumsum(starts.long(), 0) - 1
+    rank_in_group = cluster_rank - cluster_rank[first_of_group][sorted_group]
+    bucket_local = torch.empty_like(codes).scatter_(0, order, rank_in_group)
+    merged_clusters = torch.zeros(num_groups + 1, dtype=torch.long, device=device).index_add_(
+        0, sorted_group, starts.long())[:num_groups]
 
     valid_count = torch.zeros(num_groups + 1, dtype=torch.long, device=device).index_add_(
         0, groups.where(valid, num_groups), torch.ones_like(groups))[:num_groups]

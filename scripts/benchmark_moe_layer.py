@@ -39,6 +39,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--capacity-factor", type=float, default=1.25)
     p.add_argument("--kernel", default="auto", choices=["auto", "torch", "triton"])
+    p.add_argument("--decide-by-cost", action="store_true",
+                   help="also time every rate with lsh_moe.decide_by_cost (the layer measures and may run stock)")
     p.add_argument("--backend", default=None, help="nccl or gloo (default: nccl when every rank has its own GPU)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--reps", type=int, default=10)
@@ -120,9 +122,14 @@ def main() -> None:
     from lshmoe_plugin.compressor import fixed_slots
 
     variants = ["stock"] + [f"lsh {r}" for r in args.rates]
-    rows, points = [], []
     configs = {f"lsh {r}": lshmoe_plugin.LSHMoEConfig(enabled=True, compression_rate=r, kernel=args.kernel,
                                                       telemetry_interval=0) for r in args.rates}
+    if args.decide_by_cost:
+        variants += [f"lsh {r} decide_by_cost" for r in args.rates]
+        configs.update({f"lsh {r} decide_by_cost": lshmoe_plugin.LSHMoEConfig(
+            enabled=True, compression_rate=r, kernel=args.kernel, telemetry_interval=0, decide_by_cost=True)
+            for r in args.rates})
+    rows, points = [], []
     for d in args.d_models:
         # One layer per variant, all from the same seed: each keeps its own compressor (and hash projections)
         # across steps, as in training, although the variants alternate.
@@ -167,7 +174,12 @@ def main() -> None:
             else:
                 slots = fixed_slots(capacity, float(variant.split()[1]))
                 a2a = time_all_to_all(moe, (num_experts, slots, d), device, dtype, args.reps)
-            rows.append((d, args.tokens, variant, ms, stock / ms, 4 * a2a, (4 * a2a / ms) if world > 1 else 0.0))
+            label = variant
+            if variant.endswith("decide_by_cost"):
+                pays = layers[variant].deepspeed_moe._lshmoe_compressor.pays
+                label += " (decided: compress)" if pays else " (decided: stock)"
+                a2a = a2a if pays else a2a_full
+            rows.append((d, args.tokens, label, ms, stock / ms, 4 * a2a, (4 * a2a / ms) if world > 1 else 0.0))
             if variant != "stock":
                 points.append((d, variant, stock / ms))
         if rank == 0:
