@@ -45,8 +45,8 @@ class LSHMoEConfig:
     telemetry_interval: compute the residual-norm statistic every N steps (0: never); the cheap counters are
         kept every step.
     kernel: ``auto`` (Triton on CUDA when importable, else torch), ``torch`` (reference) or ``triton``.
-    decide_by_cost: on each layer's first training step, time its stock exchange (all-to-all, experts, all-to-all)
-        against the compressed one and keep compression only where it is faster; the expert-parallel ranks agree
+    decide_by_cost: on each layer's first training step, time its stock exchange (all-to-all, experts, all-to-all;
+        forward and input backward) against the compressed one and keep compression only where it is faster; the expert-parallel ranks agree
         on one decision per layer. For fast links (NVLink), where compression cannot always pay.
     """
 

@@ -154,11 +154,13 @@ def _compressed_forward(self, compressor: LSHCompressor, *input: torch.Tensor) -
 
 
 def measure_exchanges(self, compressor: LSHCompressor, *input: torch.Tensor, repeats: int = 3):
-    """Forward wall time (s) of this layer's stock exchange and of the compressed one, on this step's tokens.
+    """Wall time (s) of this layer's stock exchange and of the compressed one, forward and backward, on this step.
 
-    Exchange = all-to-all, experts, all-to-all (plus compress and expand when compressed): the part the
-    plugin changes. The gate runs on a forked RNG and nothing is recorded, so the real step that follows is
-    exactly what it would have been without the measurement.
+    Exchange = all-to-all, experts, all-to-all (plus compress and expand when compressed): the part the plugin
+    changes. The backward is timed for the inputs only (autograd.grad), so no parameter gradient is touched;
+    most of the expert work compression saves is in the backward, so a forward-only timing would undersell it.
+    The gate runs on a forked RNG and nothing is recorded: the real step that follows is exactly what it would
+    have been without the measurement.
     """
     import time
 
@@ -166,23 +168,31 @@ def measure_exchanges(self, compressor: LSHCompressor, *input: torch.Tensor, rep
     from deepspeed.moe import sharded_moe as sm
     accelerator = get_accelerator()
     device = input[0].device
-    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         d_model = input[0].shape[-1]
-        tokens = input[0].reshape(-1, d_model)
-        _, C, E, indices_, locations_, _, _ = self.gate(tokens, input[1] if len(input) > 1 else None, True,
-                                                        self.use_tutel)
-        C = int(C)
-        slots = sm._route_slots(indices_, locations_, E, C)
-        dispatched = sm._sparse_encode(tokens, slots, E, C)
-        valid = occupied_slots(slots, E, C)
+        with torch.no_grad():
+            tokens = input[0].reshape(-1, d_model)
+            _, C, E, indices_, locations_, _, _ = self.gate(tokens, input[1] if len(input) > 1 else None, True,
+                                                            self.use_tutel)
+            C = int(C)
+            slots = sm._route_slots(indices_, locations_, E, C)
+            dispatched = sm._sparse_encode(tokens, slots, E, C)
+            valid = occupied_slots(slots, E, C)
 
         def exchange(buffer):
             buffer = _all_to_all(self, buffer).reshape(self.ep_size, self.num_local_experts, -1, d_model)
             return _all_to_all(self, self.experts(buffer).reshape(self.ep_size * self.num_local_experts, -1, d_model))
 
+        def stock():
+            leaf = dispatched.detach().requires_grad_()
+            out = exchange(leaf)
+            torch.autograd.grad(out, leaf, torch.ones_like(out))
+
         def compressed():
-            centroids, state = compressor.compress_fixed(dispatched, valid, record=False)
-            return compressor.decompress_fixed(exchange(centroids), state)
+            leaf = dispatched.detach().requires_grad_()
+            centroids, state = compressor.compress_fixed(leaf, valid, record=False)
+            out = compressor.decompress_fixed(exchange(centroids), state)
+            torch.autograd.grad(out, leaf, torch.ones_like(out))
 
         def seconds(fn):
             fn()  # warm-up: kernel compilation and allocator growth stay out of the numbers
@@ -195,7 +205,7 @@ def measure_exchanges(self, compressor: LSHCompressor, *input: torch.Tensor, rep
                 times.append(time.perf_counter() - start)
             return sorted(times)[len(times) // 2]
 
-        return seconds(lambda: exchange(dispatched)), seconds(compressed)
+        return seconds(stock), seconds(compressed)
 
 
 def compression_pays(self, compressor: LSHCompressor, *input: torch.Tensor) -> bool:
@@ -208,7 +218,7 @@ def compression_pays(self, compressor: LSHCompressor, *input: torch.Tensor) -> b
         dist.all_reduce(times, group=self.ep_group)  # summed over the group: one decision for all ranks
     pays = bool(times[1] < times[0])
     logger.info(f"lsh_moe: layer {self._lshmoe_index} compression {'on' if pays else 'off'} "
-                f"(exchange fwd: stock {times[0].item() * 1e3:.2f} ms vs compressed {times[1].item() * 1e3:.2f} ms, "
+                f"(exchange fwd+bwd: stock {times[0].item() * 1e3:.2f} ms vs compressed {times[1].item() * 1e3:.2f} ms, "
                 f"summed over {self.ep_size} rank(s))")
     return pays
 
