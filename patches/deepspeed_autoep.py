@@ -20,6 +20,7 @@ from lshmoe_plugin.compressor import LSHCompressor
 from lshmoe_plugin.config import LSHMoEConfig
 from lshmoe_plugin.telemetry import TELEMETRY
 
+from . import engine_monitor
 from .versioning import UnsupportedFrameworkError, require_release
 
 SUPPORTED_RELEASES = ("0.19.",)
@@ -59,6 +60,7 @@ def apply(config: LSHMoEConfig, model: Optional[torch.nn.Module] = None) -> None
         return
     _ORIGINAL["_forward"] = auto_ep_layer.AutoEPMoELayer._forward
     auto_ep_layer.AutoEPMoELayer._forward = _patched_forward
+    engine_monitor.attach(__name__)
 
 
 def revert() -> None:
@@ -66,6 +68,7 @@ def revert() -> None:
         return
     from deepspeed.module_inject import auto_ep_layer
     auto_ep_layer.AutoEPMoELayer._forward = _ORIGINAL.pop("_forward")
+    engine_monitor.detach(__name__)
     _STATE["config"] = None
 
 

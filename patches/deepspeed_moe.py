@@ -12,8 +12,9 @@ import torch
 
 from lshmoe_plugin.compressor import LSHCompressor
 from lshmoe_plugin.config import LSHMoEConfig
-from lshmoe_plugin.telemetry import TELEMETRY, write_to_monitor
+from lshmoe_plugin.telemetry import TELEMETRY
 
+from . import engine_monitor
 from .versioning import UnsupportedFrameworkError, require_release
 
 SUPPORTED_RELEASES = ("0.19.",)
@@ -37,7 +38,7 @@ def is_applied() -> bool:
 
 
 def apply(config: LSHMoEConfig, model: Optional[torch.nn.Module] = None) -> None:
-    """Patch ``MOELayer.forward`` (and the engine's step, to write telemetry to DeepSpeed's monitor).
+    """Patch ``MOELayer.forward`` (and hook the engine's step to write telemetry to DeepSpeed's monitor).
 
     With ``model``, its MoE layers are numbered in module order (the indices ``layers`` refers to) and checked
     for unsupported layouts now; layers never seen here are numbered in the order they first run.
@@ -50,20 +51,17 @@ def apply(config: LSHMoEConfig, model: Optional[torch.nn.Module] = None) -> None
     _STATE["config"] = config
     if is_applied():
         return
-    from deepspeed.runtime.engine import DeepSpeedEngine
     _ORIGINAL["forward"] = sharded_moe.MOELayer.forward
-    _ORIGINAL["step"] = DeepSpeedEngine.step
     sharded_moe.MOELayer.forward = _patched_forward
-    DeepSpeedEngine.step = _patched_step
+    engine_monitor.attach(__name__)
 
 
 def revert() -> None:
     if not is_applied():
         return
     from deepspeed.moe import sharded_moe
-    from deepspeed.runtime.engine import DeepSpeedEngine
     sharded_moe.MOELayer.forward = _ORIGINAL.pop("forward")
-    DeepSpeedEngine.step = _ORIGINAL.pop("step")
+    engine_monitor.detach(__name__)
     _STATE["config"] = None
     TELEMETRY.clear()
 
@@ -236,9 +234,3 @@ def _timed_all_to_all(self, tensor: torch.Tensor, timer_name: str, attribute: st
         self.timers(timer_name).stop()
         setattr(self, attribute, self.timers(timer_name).elapsed(reset=False))
     return tensor
-
-
-def _patched_step(self, *args, **kwargs):
-    result = _ORIGINAL["step"](self, *args, **kwargs)
-    write_to_monitor(self, TELEMETRY)
-    return result

@@ -259,3 +259,21 @@ def check_decide_by_cost(rank, world_size):
 def test_decide_by_cost_measures_once_and_ranks_agree(world_size):
     result = run_distributed(check_decide_by_cost, world_size)
     assert all(result.values()), result
+
+
+def test_monitor_hook_stays_while_any_deepspeed_patch_is_applied():
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from lshmoe_plugin.patches import deepspeed_autoep
+    stock_step = DeepSpeedEngine.step
+    config = lshmoe_plugin.LSHMoEConfig(enabled=True)
+    try:
+        lshmoe_plugin.enable(config)
+        lshmoe_plugin.enable(config, framework="autoep")
+        assert DeepSpeedEngine.step is not stock_step
+        lshmoe_plugin.disable()
+        assert DeepSpeedEngine.step is not stock_step  # AutoEP still writes its telemetry
+        assert deepspeed_autoep.is_applied() and not deepspeed_moe.is_applied()
+    finally:
+        lshmoe_plugin.disable()
+        lshmoe_plugin.disable("autoep")
+    assert DeepSpeedEngine.step is stock_step

@@ -1,0 +1,32 @@
+"""Writes the plugin's telemetry through DeepSpeed's monitor after every ``engine.step()``.
+
+Shared by the DeepSpeed patches (GShard layer and AutoEP): the hook is installed while at least one of them is
+applied and removed with the last, so reverting one patch never strips the other's telemetry.
+"""
+from __future__ import annotations
+
+from lshmoe_plugin.telemetry import TELEMETRY, write_to_monitor
+
+_OWNERS: set = set()
+_ORIGINAL: dict = {}
+
+
+def attach(owner: str) -> None:
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    if not _ORIGINAL:
+        _ORIGINAL["step"] = DeepSpeedEngine.step
+        DeepSpeedEngine.step = _step_then_write_telemetry
+    _OWNERS.add(owner)
+
+
+def detach(owner: str) -> None:
+    _OWNERS.discard(owner)
+    if not _OWNERS and _ORIGINAL:
+        from deepspeed.runtime.engine import DeepSpeedEngine
+        DeepSpeedEngine.step = _ORIGINAL.pop("step")
+
+
+def _step_then_write_telemetry(self, *args, **kwargs):
+    result = _ORIGINAL["step"](self, *args, **kwargs)
+    write_to_monitor(self, TELEMETRY)
+    return result
