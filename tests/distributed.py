@@ -20,7 +20,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue) -> None:
+def _worker(rank: int, world_size: int, port: int, queue, fn: Callable, args: tuple) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -39,12 +39,17 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
             dist.destroy_process_group()
 
 
-def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 600) -> Any:
-    """Run ``fn(rank, world_size, *args)`` in `world_size` spawned processes; return rank 0's result."""
+def spawn_ranks(worker: Callable, world_size: int, *args: Any, timeout: float = 600) -> dict:
+    """Start ``worker(rank, world_size, port, queue, *args)`` in `world_size` spawned processes.
+
+    Each rank puts ``(rank, "ok" | "error", payload)`` on the queue; returns ``{rank: payload}`` and fails the
+    test with the rank's traceback on the first error. Workers that need another backend (NCCL on GPUs) bring
+    their own setup and reuse this collection.
+    """
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
+    procs = [ctx.Process(target=worker, args=(r, world_size, port, queue, *args)) for r in range(world_size)]
     for p in procs:
         p.start()
     results = {}
@@ -57,4 +62,9 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
         results[rank] = payload
     for p in procs:
         p.join(timeout)
-    return results[0]
+    return results
+
+
+def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 600) -> Any:
+    """Run ``fn(rank, world_size, *args)`` in `world_size` spawned processes; return rank 0's result."""
+    return spawn_ranks(_worker, world_size, fn, args, timeout=timeout)[0]

@@ -5,14 +5,12 @@ permutation kernels). Runs on min(2, GPUs) ranks; needs transformers.
 import os
 import traceback
 
-import pytest
 import torch
 
-pytest.importorskip("transformers")
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+import transformers  # noqa: E402,F401  (installed by the README's [test] extra)
 
 import test_autoep_patch as autoep  # noqa: E402
-from distributed import free_port  # noqa: E402
+from distributed import spawn_ranks  # noqa: E402
 
 
 def _worker(rank, world_size, port, queue):
@@ -29,23 +27,7 @@ def _worker(rank, world_size, port, queue):
 
 
 def test_autoep_patch_on_cuda():
-    import torch.multiprocessing as mp
     world_size = min(2, torch.cuda.device_count())
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, queue)) for r in range(world_size)]
-    for p in procs:
-        p.start()
-    results = {}
-    for _ in range(world_size):
-        rank, status, payload = queue.get()
-        if status == "error":
-            for p in procs:
-                p.kill()
-            raise AssertionError(f"rank {rank} failed:\n{payload}")
-        results[rank] = payload
-    for p in procs:
-        p.join(120)
+    results = spawn_ranks(_worker, world_size)
     for check in autoep.ALL_CHECKS:
         check(world_size, results[0])

@@ -1,19 +1,17 @@
 """The Megatron scenarios of tests/test_megatron_patch.py on CUDA with NCCL: the stock CUDA-stream DtoH path.
 
-Runs on as many GPUs as there are, up to 2 (expert parallel size = that number); skipped without CUDA.
+Runs on as many GPUs as there are, up to 2 (expert parallel size = that number); collected only where CUDA is present (tests/gpu/conftest.py).
     python -m pytest -q tests/gpu/test_megatron_cuda.py
 """
 import os
 import traceback
 
-import pytest
 import torch
 
-pytest.importorskip("megatron.core")
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+import megatron.core  # noqa: E402,F401  (installed by the README's [test] extra)
 
 import megatron_helpers as helpers  # noqa: E402
-from distributed import free_port  # noqa: E402
+from distributed import spawn_ranks  # noqa: E402
 
 
 def _worker(rank, world_size, port, queue):
@@ -36,24 +34,8 @@ def _worker(rank, world_size, port, queue):
 
 
 def test_megatron_patch_on_cuda():
-    import torch.multiprocessing as mp
     world_size = min(2, torch.cuda.device_count())
-    ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, queue)) for r in range(world_size)]
-    for p in procs:
-        p.start()
-    results = {}
-    for _ in range(world_size):
-        rank, status, payload = queue.get()
-        if status == "error":
-            for p in procs:
-                p.kill()
-            raise AssertionError(f"rank {rank} failed:\n{payload}")
-        results[rank] = payload
-    for p in procs:
-        p.join(120)
+    results = spawn_ranks(_worker, world_size)
     per_rank = results[0]
     for check in helpers.ALL_CHECKS:
         check(world_size, per_rank)
