@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from lshmoe_plugin import benchmarking as bench  # noqa: E402
+from lshmoe_pretrain import benchmarking as bench  # noqa: E402
 from lshmoe_plugin.clustering import assign_clusters  # noqa: E402
 from lshmoe_plugin.compressor import LSHCompressor, fixed_slots  # noqa: E402
 from lshmoe_plugin.config import LSHMoEConfig  # noqa: E402

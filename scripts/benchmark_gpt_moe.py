@@ -24,8 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import lshmoe_plugin  # noqa: E402
 from benchmark_moe_layer import describe_link, setup_distributed  # noqa: E402
-from lshmoe_plugin import benchmarking as bench  # noqa: E402
-from lshmoe_plugin.models import build_gpt_moe  # noqa: E402
+from lshmoe_pretrain import benchmarking as bench  # noqa: E402
+from lshmoe_pretrain.models import build_gpt_moe  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

@@ -26,7 +26,7 @@ import torch.distributed
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import lshmoe_plugin  # noqa: E402
-from lshmoe_plugin import benchmarking as bench  # noqa: E402
+from lshmoe_pretrain import benchmarking as bench  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

@@ -6,7 +6,7 @@
 """
 import argparse
 
-from lshmoe_plugin.data import DEFAULT_CORPUS, IndexedDataset, preprocess
+from lshmoe_pretrain.data import DEFAULT_CORPUS, IndexedDataset, preprocess
 
 
 def main() -> None:

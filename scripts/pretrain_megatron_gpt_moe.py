@@ -8,7 +8,7 @@ lshmoe_plugin.patches.megatron_compat there). The lsh_moe block comes from the s
         --train_steps 50 --output_dir runs/megatron_gpt_lsh
 
 Expert parallel size defaults to the world size; every rank is a data-parallel replica of the dense weights and
-holds num_experts / ep_size experts. Data: the offline corpus pipeline of lshmoe_plugin.data.
+holds num_experts / ep_size experts. Data: the offline corpus pipeline of lshmoe_pretrain.data.
 """
 import argparse
 import json
@@ -20,9 +20,9 @@ import torch.distributed as dist
 
 import lshmoe_plugin
 from lshmoe_plugin.config import ENABLED_ENV_VAR, LSHMoEConfig
-from lshmoe_plugin.data import Batches, GPTSamples, IndexedDataset, cached_preprocess, train_valid_split
-from lshmoe_plugin.data.corpus import DEFAULT_CORPUS
-from lshmoe_plugin.data.preprocess import DEFAULT_CACHE
+from lshmoe_pretrain.data import Batches, GPTSamples, IndexedDataset, cached_preprocess, train_valid_split
+from lshmoe_pretrain.data.corpus import DEFAULT_CORPUS
+from lshmoe_pretrain.data.preprocess import DEFAULT_CACHE
 from lshmoe_plugin.telemetry import TELEMETRY
 
 

@@ -6,8 +6,8 @@
 import deepspeed
 
 import lshmoe_plugin
-from lshmoe_plugin import training
-from lshmoe_plugin.models import build_t5_moe
+from lshmoe_pretrain import training
+from lshmoe_pretrain.models import build_t5_moe
 
 
 def main() -> None:

@@ -4,9 +4,9 @@ import struct
 import numpy as np
 import pytest
 
-from lshmoe_plugin.data import (Batches, CorpusError, GPTSamples, IndexedDataset, IndexedDatasetError,
+from lshmoe_pretrain.data import (Batches, CorpusError, GPTSamples, IndexedDataset, IndexedDatasetError,
                                 IndexedDatasetWriter, T5Samples, documents, span_corruption, train_tokenizer)
-from lshmoe_plugin.data.corpus import python_docs
+from lshmoe_pretrain.data.corpus import python_docs
 
 
 def test_idx_file_has_megatron_layout(tmp_path):

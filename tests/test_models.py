@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from distributed import run_distributed
-from lshmoe_plugin.models import PRESETS, ModelConfig, build_gpt_moe, build_t5_moe, resolve_config
+from lshmoe_pretrain.models import PRESETS, ModelConfig, build_gpt_moe, build_t5_moe, resolve_config
 
 STEPS = 8
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    from lshmoe_plugin.data import cached_preprocess
+    from lshmoe_pretrain.data import cached_preprocess
     prepared = cached_preprocess(vocab_size=2048, cache_dir=str(tmp_path_factory.mktemp("cache")))
     return prepared.prefix, prepared.tokenizer_path
 
@@ -39,7 +39,7 @@ def test_config_errors_are_clear():
 def _train_few_steps(rank, world_size, kind, lsh_enabled, prefix, tokenizer_path):
     import deepspeed
     import lshmoe_plugin
-    from lshmoe_plugin.data import Batches, GPTSamples, IndexedDataset, T5Samples, load_tokenizer, special_ids
+    from lshmoe_pretrain.data import Batches, GPTSamples, IndexedDataset, T5Samples, load_tokenizer, special_ids
     from lshmoe_plugin.patches import deepspeed_moe
     torch.set_num_threads(1)  # two ranks on a 2-core runner: more threads only fight over the cores
     torch.manual_seed(0)

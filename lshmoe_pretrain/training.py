@@ -15,13 +15,13 @@ from typing import Dict, Optional
 
 import torch
 
-from .config import ENABLED_ENV_VAR, LSHMoEConfig
+from lshmoe_plugin.config import ENABLED_ENV_VAR, LSHMoEConfig
 from .data import Batches, GPTSamples, IndexedDataset, T5Samples, cached_preprocess, load_tokenizer, special_ids
 from .data import train_valid_split
 from .data.corpus import DEFAULT_CORPUS
 from .data.preprocess import DEFAULT_CACHE
 from .models.config import PRESETS
-from .telemetry import TELEMETRY
+from lshmoe_plugin.telemetry import TELEMETRY
 
 MONITOR_BLOCKS = ("csv_monitor", "tensorboard", "wandb", "comet")
 
@@ -34,7 +34,7 @@ def parse_args(model_kind: str, argv=None) -> argparse.Namespace:
     import deepspeed
     parser = argparse.ArgumentParser(description=f"Pretrain {model_kind.upper()}-MoE with DeepSpeed (+ LSH-MoE)")
     add = parser.add_argument
-    add("--preset", default="tiny", choices=sorted(PRESETS), help="model shape (lshmoe_plugin.models.PRESETS)")
+    add("--preset", default="tiny", choices=sorted(PRESETS), help="model shape (lshmoe_pretrain.models.PRESETS)")
     add("--data", default=DEFAULT_CORPUS, help="python-docs (default, offline), python-docs+modules, "
         "hf:NAME[:CONFIG], or comma-separated .txt/.jsonl files or directories")
     add("--data_prefix", default=None, help="an indexed dataset (PREFIX.bin/.idx) from preprocess_data.py; "
