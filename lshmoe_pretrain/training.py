@@ -6,6 +6,7 @@ The scripts parse arguments, build a model from a preset, call ``lshmoe_plugin.e
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ from typing import Dict, Optional
 
 import torch
 
+import lshmoe_plugin
 from lshmoe_plugin.config import ENABLED_ENV_VAR, LSHMoEConfig
 from .data import Batches, GPTSamples, IndexedDataset, T5Samples, cached_preprocess, load_tokenizer, special_ids
 from .data import train_valid_split
@@ -35,8 +37,9 @@ def parse_args(model_kind: str, argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=f"Pretrain {model_kind.upper()}-MoE with DeepSpeed (+ LSH-MoE)")
     add = parser.add_argument
     add("--preset", default="tiny", choices=sorted(PRESETS), help="model shape (lshmoe_pretrain.models.PRESETS)")
-    add("--data", default=DEFAULT_CORPUS, help="python-docs (default, offline), python-docs+modules, "
-        "hf:NAME[:CONFIG], or comma-separated .txt/.jsonl files or directories")
+    add("--data", default=DEFAULT_CORPUS, help="python-docs (default, offline, small), python-docs+modules, "
+        "python-code (offline, ~70M tokens of installed Python source), hf:NAME[:CONFIG], or comma-separated "
+        ".txt/.jsonl files or directories")
     add("--data_prefix", default=None, help="an indexed dataset (PREFIX.bin/.idx) from preprocess_data.py; "
         "its tokenizer is PREFIX.tokenizer.json unless --tokenizer is given")
     add("--tokenizer", default=None, help="a tokenizers JSON file; default: BPE trained on the corpus")
@@ -46,6 +49,8 @@ def parse_args(model_kind: str, argv=None) -> argparse.Namespace:
     add("--train_steps", type=int, default=200, help="optimizer steps in total (a resumed run counts on)")
     add("--eval_interval", type=int, default=50, help="validation loss every N steps (0: never)")
     add("--eval_iters", type=int, default=4, help="validation micro-batches per evaluation")
+    add("--eval_compressed", action="store_true", help="with LSH-MoE on, also validate with compress_in_eval "
+        "(recorded as valid_loss_compressed next to the exact-dispatch valid_loss)")
     add("--log_interval", type=int, default=10, help="print a metrics line every N steps")
     add("--save_interval", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     add("--output_dir", default=None, help=f"run directory (metrics.jsonl, monitor csv, checkpoints); "
@@ -173,6 +178,7 @@ def train(engine, data: PretrainData, args: argparse.Namespace) -> Dict[str, flo
     metrics = MetricsLog(args.output_dir, enabled=rank == 0, fresh=not args.resume)
     if rank == 0:
         print(run_summary(engine, data, args, world, tokens_per_step), flush=True)
+        write_run_info(engine, data, args, world, tokens_per_step)
     # disable=None: rank 0 shows the bar on a terminal only; the log lines below print either way.
     bar = tqdm(total=args.train_steps, initial=start_step, disable=True if rank else None, unit="step")
     started, record = time.perf_counter(), {}
@@ -184,7 +190,7 @@ def train(engine, data: PretrainData, args: argparse.Namespace) -> Dict[str, flo
                   "step_time_s": step_time, "tokens_per_s": tokens_per_step / step_time,
                   "elapsed_s": elapsed_before + time.perf_counter() - started, **TELEMETRY.summary()}
         if args.eval_interval and ((step + 1) % args.eval_interval == 0 or step + 1 == args.train_steps):
-            record["valid_loss"] = evaluate(engine, valid, args.eval_iters)
+            record.update(validation_losses(engine, valid, args))
         metrics.write(record, engine)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
@@ -224,6 +230,38 @@ def train_step(engine, batches: Batches, step: int, seed: int):
     return tuple(all_ranks_mean(totals).tolist())
 
 
+def validation_losses(engine, valid: Batches, args: argparse.Namespace) -> Dict[str, float]:
+    """valid_loss with exact dispatch in eval (the default), and with --eval_compressed also
+    valid_loss_compressed: the same batches with the compressor on in eval (``compress_in_eval``)."""
+    losses = {"valid_loss": evaluate(engine, valid, args.eval_iters)}
+    lsh = lshmoe_plugin.load_config(args.deepspeed_config)
+    if args.eval_compressed and lsh.enabled:
+        lshmoe_plugin.enable(dataclasses.replace(lsh, compress_in_eval=True), engine.module)
+        try:
+            losses["valid_loss_compressed"] = evaluate(engine, valid, args.eval_iters)
+        finally:
+            lshmoe_plugin.enable(lsh, engine.module)
+    return losses
+
+
+def write_run_info(engine, data: PretrainData, args: argparse.Namespace, world: int, tokens_per_step: int) -> None:
+    """OUTPUT_DIR/run.json: what was trained on what, for reports that aggregate runs (compare_quality.py)."""
+    from deepspeed.accelerator import get_accelerator
+    accelerator = get_accelerator()
+    device = accelerator.device_name()
+    if device == "cuda":
+        device = torch.cuda.get_device_name()
+    info = {"model_kind": args.model_kind, "preset": args.preset, "seed": args.seed, "world_size": world,
+            "ep_size": args.ep_size, "train_steps": args.train_steps, "tokens_per_step": tokens_per_step,
+            "parameters": sum(p.numel() for p in engine.module.parameters()), "device": device,
+            "data": args.data_prefix or args.data, "train_tokens": int(len(data.train.stream)),
+            "valid_tokens": int(len(data.valid.stream)), "vocab_size": data.vocab_size,
+            "lsh_moe": lshmoe_plugin.load_config(args.deepspeed_config).to_dict(),
+            "torch": torch.__version__}
+    with open(os.path.join(args.output_dir, "run.json"), "w") as f:
+        json.dump(info, f, indent=1)
+
+
 @torch.no_grad()
 def evaluate(engine, valid: Batches, iters: int) -> float:
     """Mean LM loss (no gate loss) over the first `iters` validation micro-batches of every rank."""
@@ -251,6 +289,8 @@ def format_record(record: Dict[str, float]) -> str:
             f"{record['step_time_s'] * 1000:.0f} ms/step | {record['tokens_per_s']:.0f} tok/s")
     if "valid_loss" in record:
         line += f" | valid loss {record['valid_loss']:.4f}"
+    if "valid_loss_compressed" in record:
+        line += f" (compressed eval {record['valid_loss_compressed']:.4f})"
     if "lsh_moe/mean/compression_rate" in record:
         line += f" | lsh rate {record['lsh_moe/mean/compression_rate']:.3f}"
     return line

@@ -1,91 +1,105 @@
-"""Train the same GPT-MoE with LSH-MoE off, on, and on without error compensation; write docs/quality.md.
+"""Quality study: does LSH-MoE train to the same validation loss as stock DeepSpeed MoE at equal tokens?
 
-Each run goes through the real deepspeed launcher with the same seed, data and steps; the table compares the
-losses after the same number of steps, as ratios against the stock run of this invocation.
+`run` trains each variant with each seed through the real deepspeed launcher (EP=1, several jobs at once on one
+device with --concurrency), skipping finished runs and resuming interrupted ones, so a study can be spread over
+several calls. `report` aggregates finished runs into tables and plots (mean and seed spread of the validation
+loss at each evaluated token count, gap to stock, compressed vs exact evaluation) and writes docs/quality.md.
 
-    DS_ACCELERATOR=cpu python scripts/compare_quality.py --num_gpus 2 --preset tiny --train_steps 300
+    # GPU: 3 seeds x (stock, LSH, LSH without error compensation), ~135M-parameter GPT-MoE, 20M tokens each
+    python scripts/compare_quality.py run --model gpt --preset gpt-moe-135m --seeds 1 2 3 \\
+        --variants stock lsh lsh_no_ec --tokens 20e6 --concurrency 3 --root runs/quality
+    python scripts/compare_quality.py report --model gpt --root runs/quality --section gpt_main \\
+        --variants stock lsh lsh_no_ec
+
+    # CPU smoke run (tiny model, default corpus)
+    DS_ACCELERATOR=cpu python scripts/compare_quality.py run --model gpt --preset tiny --data python-docs \\
+        --vocab_size 4096 --base_config configs/gpt_moe_cpu.json --micro_batch 8 --tokens 2e5 --seeds 1 \\
+        --variants stock lsh --root runs/quality_cpu
 """
+from __future__ import annotations
+
 import argparse
-import json
 import os
-import platform
-import shlex
-import subprocess
 import sys
-import tempfile
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VARIANTS = [  # name, lsh_moe overrides (None: the stock run)
-    ("stock", None),
-    ("lsh", {"enabled": True}),
-    ("lsh, no error compensation", {"enabled": True, "error_compensation": False}),
-]
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from lshmoe_pretrain import benchmarking as bench  # noqa: E402
+from lshmoe_pretrain import quality_study as study  # noqa: E402
 
-def run_variant(args, name, overrides, out_root):
-    with open(os.path.join(REPO, args.config)) as f:
-        config = json.load(f)
-    config["lsh_moe"] = {**config.get("lsh_moe", {}), **(overrides or {"enabled": False})}
-    slug = name.replace(",", "").replace(" ", "_")
-    config_path = os.path.join(out_root, f"{slug}.json")
-    with open(config_path, "w") as f:
-        json.dump(config, f, indent=2)
-    out_dir = os.path.join(out_root, slug)
-    command = ["deepspeed", "--num_gpus", str(args.num_gpus), os.path.join(REPO, "scripts/pretrain_gpt_moe.py"),
-               "--deepspeed_config", config_path, "--preset", args.preset, "--train_steps", str(args.train_steps),
-               "--eval_interval", str(args.train_steps), "--output_dir", out_dir, "--seed", str(args.seed)]
-    env = {k: v for k, v in os.environ.items() if k != "LSHMOE_ENABLED"}
-    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL if not args.verbose else None)
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    tail = records[-args.average_last:]
-    return {"name": name, "dir": out_dir,
-            "train": sum(r["loss"] for r in tail) / len(tail),
-            "valid": next(r["valid_loss"] for r in reversed(records) if "valid_loss" in r),
-            "step_ms": 1000 * sum(r["step_time_s"] for r in tail) / len(tail),
-            "rate": sum(r.get("lsh_moe/mean/compression_rate", 1.0) for r in tail) / len(tail)}
+TITLES = {
+    "gpt_main": "GPT-MoE: stock vs LSH-MoE vs LSH-MoE without error compensation",
+    "gpt_ablations": "GPT-MoE ablations (one seed): compression rate, number of hashes, hash family",
+    "t5_main": "T5-MoE: stock vs LSH-MoE",
+}
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/gpt_moe_cpu.json")
-    parser.add_argument("--num_gpus", type=int, default=2)
-    parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--train_steps", type=int, default=300)
-    parser.add_argument("--average_last", type=int, default=20, help="train loss averaged over the last N steps")
-    parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--output", default=os.path.join(REPO, "docs", "quality.md"))
-    parser.add_argument("--device", default=None, help="device description for the table (default: detected)")
-    parser.add_argument("--verbose", action="store_true")
-    args = parser.parse_args()
-    out_root = tempfile.mkdtemp(prefix="lshmoe_quality_", dir=os.path.join(REPO, "runs") if os.path.isdir(
-        os.path.join(REPO, "runs")) else None)
-    results = [run_variant(args, name, overrides, out_root) for name, overrides in VARIANTS]
-    stock = results[0]
-    device = args.device or (f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), "
-                             f"{args.num_gpus} ranks over gloo (loopback), expert parallel {args.num_gpus}")
-    command = "DS_ACCELERATOR=cpu python " + " ".join(shlex.quote(a) for a in [
-        "scripts/compare_quality.py", *sys.argv[1:]])
-    lines = [
-        "# Model quality: LSH-MoE vs stock DeepSpeed MoE, same seed, data and steps", "",
-        f"Command: `{command}`  ", f"Device and link: {device}  ",
-        f"Model: GPT-MoE preset `{args.preset}`, {args.train_steps} steps, base config `{args.config}`; "
-        f"LSH defaults (rate 0.2, 6 cross-polytope hashes). Train loss = mean of the last {args.average_last} steps.",
-        "", "| run | train loss | vs stock | valid loss | vs stock | achieved compression rate |",
-        "| --- | --- | --- | --- | --- | --- |"]
-    for r in results:
-        lines.append(f"| {r['name']} | {r['train']:.4f} | {r['train'] / stock['train']:.3f}x | {r['valid']:.4f} | "
-                     f"{r['valid'] / stock['valid']:.3f}x | {r['rate']:.3f} |")
-    lines += ["", f"![loss vs step and wall time]({os.path.basename(os.path.splitext(args.output)[0])}.png)", "",
-              "One seed on a small model: differences of a few percent either way are within run-to-run noise "
-              "here. On a CPU the all-to-all is a memory copy, so wall time shows only the compressor's cost, not "
-              "its saving: see docs/benchmarks.md for speed.", ""]
-    with open(args.output, "w") as f:
-        f.write("\n".join(lines))
-    plot = os.path.splitext(args.output)[0] + ".png"
-    subprocess.run([sys.executable, os.path.join(REPO, "scripts/plot_runs.py"), *[r["dir"] for r in results],
-                    "--output", plot], check=True)
-    print("\n".join(lines))
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="train the variants x seeds that have not finished")
+    run.add_argument("--model", choices=("gpt", "t5"), default="gpt")
+    run.add_argument("--preset", default="gpt-moe-135m")
+    run.add_argument("--variants", nargs="+", default=["stock", "lsh", "lsh_no_ec"],
+                     help=f"any of {sorted(study.VARIANTS)}")
+    run.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    run.add_argument("--tokens", type=float, default=20e6, help="training tokens per run")
+    run.add_argument("--root", default="runs/quality")
+    run.add_argument("--base_config", default=None, help="default: configs/{model}_moe_gpu.json")
+    run.add_argument("--data", default="python-code")
+    run.add_argument("--vocab_size", type=int, default=16384)
+    run.add_argument("--micro_batch", type=int, default=32)
+    run.add_argument("--lr", type=float, default=6e-4)
+    run.add_argument("--evals", type=int, default=10, help="validation points per run")
+    run.add_argument("--eval_iters", type=int, default=32, help="validation micro-batches per point")
+    run.add_argument("--concurrency", type=int, default=1, help="runs trained at once (they share the device)")
+    report = sub.add_parser("report", help="aggregate finished runs into docs/quality.md")
+    report.add_argument("--model", choices=("gpt", "t5"), default="gpt")
+    report.add_argument("--root", default="runs/quality")
+    report.add_argument("--variants", nargs="+", default=["stock", "lsh", "lsh_no_ec"])
+    report.add_argument("--section", required=True, help=f"block of docs/quality.md to (re)write, e.g. {list(TITLES)}")
+    report.add_argument("--run_command", default=None, help="the command that trained the runs, for the record")
+    report.add_argument("--output", default="docs/quality.md")
+    return parser.parse_args()
+
+
+def run(args: argparse.Namespace) -> None:
+    plan = study.StudyPlan(model_kind=args.model, preset=args.preset, variants=args.variants, seeds=args.seeds,
+                           train_tokens=int(args.tokens), output_root=args.root,
+                           base_config=args.base_config or f"configs/{args.model}_moe_gpu.json", data=args.data,
+                           vocab_size=args.vocab_size, micro_batch=args.micro_batch, lr=args.lr, evals=args.evals,
+                           eval_iters=args.eval_iters, concurrency=args.concurrency)
+    study.run_study(plan, log=lambda line: print(line, flush=True))
+    results = study.aggregate(args.root, args.model, args.variants)
+    print(study.gap_table(results))
+
+
+def report(args: argparse.Namespace) -> None:
+    results = study.aggregate(args.root, args.model, args.variants)
+    plot_path = os.path.join(os.path.dirname(args.output) or ".", f"quality_{args.section}.png")
+    title = TITLES.get(args.section, args.section)
+    study.plot(results, plot_path, title)
+    text = "\n".join([
+        f"## {title}", "",
+        f"- runs: `{args.run_command}`" if args.run_command else "- runs: see the command in each run's train.log",
+        f"- report: `{study.python_command()}`",
+        f"- {study.describe(results)}",
+        "- valid loss: mean LM loss over the same held-out batches at each point, exact dispatch in eval (the "
+        "default); 'compressed eval' is the same model evaluated with `compress_in_eval`. Gap per seed pairs each "
+        "run with the stock run of the same seed (same initial weights, data order and gate draws).",
+        "- step ms: median training step time of these runs. Several runs shared the device at once, and at EP=1 "
+        "no all-to-all crosses a link, so it is not a speed figure: docs/benchmarks.md has those.", "",
+        study.gap_table(results), "",
+        "Validation loss (mean over seeds) along the run:", "",
+        study.curve_table(results), "",
+        f"![validation loss vs tokens]({os.path.basename(plot_path)})", ""])
+    bench.write_section(args.output, args.section, text)
+    print(text)
+
+
+def main() -> None:
+    args = parse_args()
+    run(args) if args.command == "run" else report(args)
 
 
 if __name__ == "__main__":

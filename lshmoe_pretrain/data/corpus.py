@@ -1,21 +1,29 @@
-"""Where pretraining text comes from: the default offline corpus, local .txt/.jsonl files, or a HF dataset.
+"""Where pretraining text comes from: the offline corpora, local .txt/.jsonl files, or a HF dataset.
 
-Every source yields documents (strings). The default needs nothing beyond CPython itself: the Python Language
-Reference topics that ship in the stdlib for ``help()`` (``pydoc_data.topics``, ~800 KB of English prose and code),
-optionally followed by the docstrings of stdlib modules.
+Every source yields documents (strings). Two corpora need nothing beyond the Python installation itself:
+- ``python-docs`` (default, small): the Python Language Reference topics that ship in the stdlib for ``help()``
+  (``pydoc_data.topics``, ~800 KB of English prose and code), optionally followed by stdlib module docstrings;
+- ``python-code`` (large, for quality studies): the source files of the running interpreter's stdlib and
+  site-packages, code with its docstrings and comments, deduplicated by content (see `python_sources`).
 """
 from __future__ import annotations
 
 import glob
+import hashlib
 import importlib
 import json
 import os
-import pkgutil
 import sys
-from typing import Iterator, List, Sequence
+import sysconfig
+from typing import Iterator, List, Sequence, Tuple
 
 DEFAULT_CORPUS = "python-docs"
+CODE_CORPUS = "python-code"
 HF_PREFIX = "hf:"
+# The code corpus takes files in content-hash order up to this many bytes: a fixed size on every machine (a GPU
+# image holds far more packages than a plugin install) that tokenizes in minutes and gives ~60M+ tokens.
+CODE_CORPUS_BYTES = 256 << 20
+CODE_FILE_MAX_BYTES = 1 << 20  # larger .py files are generated tables and data, not code
 
 
 class CorpusError(ValueError):
@@ -42,6 +50,63 @@ def _stdlib_docstrings() -> Iterator[str]:
             continue
         if doc and len(doc) > 200:
             yield doc
+
+
+def python_source_files(max_file_bytes: int = CODE_FILE_MAX_BYTES) -> List[Tuple[str, str]]:
+    """(sha256, path) of every distinct .py file under the stdlib and site-packages, sorted by hash.
+
+    Identical files (vendored copies, the same package in two places) count once. Sorting by content hash gives a
+    fixed pseudo-random order that mixes packages, so any prefix of it, and the validation tail, is a sample of all
+    of them rather than a few packages.
+    """
+    roots = sorted({sysconfig.get_paths()[key] for key in ("stdlib", "purelib", "platlib")})
+    by_hash = {}
+    for root in roots:
+        for folder, subfolders, files in os.walk(root):
+            subfolders[:] = sorted(d for d in subfolders if d != "__pycache__")
+            for name in files:
+                if not name.endswith(".py"):
+                    continue
+                path = os.path.join(folder, name)
+                try:
+                    if os.path.getsize(path) > max_file_bytes:
+                        continue
+                    with open(path, "rb") as f:
+                        digest = hashlib.sha256(f.read()).hexdigest()
+                except OSError:
+                    continue
+                by_hash.setdefault(digest, path)
+    return sorted(by_hash.items())
+
+
+def python_sources(max_bytes: int = CODE_CORPUS_BYTES) -> Iterator[str]:
+    """The ``python-code`` corpus: distinct .py files of this interpreter, one document each, up to `max_bytes`.
+
+    Files that are not valid UTF-8 or are empty are skipped. The result depends on the installed packages: a run
+    prints its size, and docs/quality.md gives the size on the machines it was measured on.
+    """
+    total = 0
+    for _, path in python_source_files():
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        if not text.strip():
+            continue
+        if total + len(raw) > max_bytes:
+            return
+        total += len(raw)
+        yield text
+
+
+def python_sources_fingerprint() -> str:
+    """Identifies the package set the code corpus is drawn from (interpreter + installed distributions), so a
+    cached tokenization is rebuilt when the packages change; cheap, unlike hashing every file."""
+    import importlib.metadata
+    names = sorted(f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions())
+    return hashlib.sha1("\n".join([sys.version, str(CODE_CORPUS_BYTES)] + names).encode()).hexdigest()[:10]
 
 
 def local_files(paths: Sequence[str], text_key: str = "text") -> Iterator[str]:
@@ -98,10 +163,12 @@ def huggingface(name: str, split: str = "train", text_key: str = "text") -> Iter
 
 
 def documents(source: str, text_key: str = "text") -> Iterator[str]:
-    """Documents of `source`: ``python-docs`` (default), ``python-docs+modules``, ``hf:NAME[:CONFIG]``,
-    or comma-separated local paths."""
+    """Documents of `source`: ``python-docs`` (default), ``python-docs+modules``, ``python-code``,
+    ``hf:NAME[:CONFIG]``, or comma-separated local paths."""
     if source in (DEFAULT_CORPUS, DEFAULT_CORPUS + "+modules"):
         return python_docs(with_module_docstrings=source.endswith("+modules"))
+    if source == CODE_CORPUS:
+        return python_sources()
     if source.startswith(HF_PREFIX):
         return huggingface(source[len(HF_PREFIX):], text_key=text_key)
     return local_files([p for p in source.split(",") if p], text_key=text_key)

@@ -92,10 +92,19 @@ def _random_partition(total: int, parts: int, rng: np.random.Generator) -> np.nd
 
 
 def train_valid_split(dataset: IndexedDataset, valid_fraction: float) -> Tuple[np.ndarray, np.ndarray]:
-    """The token stream cut in two: the first (1 - valid_fraction) for training, the tail for validation."""
+    """The token stream cut in two: the first (1 - valid_fraction) for training, the tail for validation.
+
+    The cut falls on the document boundary nearest to that fraction, so no document (a file, for the code
+    corpus) is in both; only a corpus of a single document is cut inside it.
+    """
     if not 0.0 < valid_fraction < 1.0:
         raise ValueError(f"valid_fraction must be in (0, 1), got {valid_fraction}")
-    cut = int(len(dataset.tokens) * (1.0 - valid_fraction))
+    total = len(dataset.tokens)
+    target = int(total * (1.0 - valid_fraction))
+    # Token offsets of the document starts (each document here is one sequence: preprocess writes them so).
+    starts = np.cumsum(np.concatenate([[0], dataset.sizes.astype(np.int64)]))[dataset.document_index]
+    inner = starts[(starts > 0) & (starts < total)]
+    cut = int(inner[np.argmin(np.abs(inner - target))]) if len(inner) else target
     return dataset.tokens[:cut], dataset.tokens[cut:]
 
 

@@ -53,6 +53,12 @@ PRESETS: Dict[str, ModelConfig] = {
     "tiny": ModelConfig(),
     # A quick single-GPU check.
     "small": ModelConfig(vocab_size=8192, seq_len=256, d_model=256, n_heads=8, n_layers=6, d_ff=1024, num_experts=8),
+    # Quality studies (docs/quality.md): the smallest shapes with >= 100M parameters, 8 experts and top-2, that a
+    # single GPU trains on tens of millions of tokens in minutes. MoE in every other block, as GShard.
+    "gpt-moe-135m": ModelConfig(vocab_size=16384, seq_len=512, d_model=512, n_heads=8, n_layers=12, d_ff=2048,
+                                num_experts=8, top_k=2),
+    "t5-moe-140m": ModelConfig(vocab_size=16384, seq_len=512, d_model=512, n_heads=8, n_layers=6, d_ff=2048,
+                               num_experts=8, top_k=2),
     # Paper-scale shapes (GPT-3 medium / XL widths, GShard-style expert counts).
     "gpt-moe-350m": ModelConfig(vocab_size=50304, seq_len=1024, d_model=1024, n_heads=16, n_layers=24, d_ff=4096,
                                 num_experts=16, top_k=2),

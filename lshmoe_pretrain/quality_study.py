@@ -1,0 +1,352 @@
+"""The quality study behind scripts/compare_quality.py: train variants x seeds, then aggregate their validation losses.
+
+`run_study` launches every (variant, seed) pretraining through the real deepspeed launcher, at expert-parallel
+size 1 (compression is local to each rank, so what it does to quality needs no second GPU), several at once on one
+device if asked, skipping runs that already finished and resuming the ones a timeout cut short. All variants of a
+seed share that seed's initial weights, data order and gate draws, so the per-seed difference to stock is paired.
+
+`aggregate` reads the runs back: validation loss at each evaluated token count, mean and spread over seeds, the
+gap to stock, compressed vs exact evaluation, achieved compression rate and step times.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# lsh_moe overrides per named variant; every other key keeps the config's defaults (rate 0.2, 6 cross-polytope
+# hashes of 8 dims, error compensation on).
+VARIANTS: Dict[str, dict] = {
+    "stock": {"enabled": False},
+    "lsh": {"enabled": True},
+    "lsh_no_ec": {"enabled": True, "error_compensation": False},
+    "rate_0.1": {"enabled": True, "compression_rate": 0.1},
+    "rate_0.3": {"enabled": True, "compression_rate": 0.3},
+    "rate_0.5": {"enabled": True, "compression_rate": 0.5},
+    "hashes_2": {"enabled": True, "num_hashes": 2},
+    "hashes_4": {"enabled": True, "num_hashes": 4},
+    "hashes_8": {"enabled": True, "num_hashes": 8},
+    "spherical": {"enabled": True, "hash_type": "spherical"},
+}
+
+
+class StudyError(ValueError):
+    """A bad study request; the message names the flag and what is allowed."""
+
+
+@dataclass
+class StudyPlan:
+    """One study: a model kind and preset trained for the same tokens under each variant and seed."""
+    model_kind: str                 # "gpt" or "t5"
+    preset: str
+    variants: Sequence[str]
+    seeds: Sequence[int]
+    train_tokens: int
+    output_root: str
+    base_config: str
+    data: str = "python-code"
+    vocab_size: int = 16384
+    micro_batch: int = 32
+    lr: float = 6e-4
+    warmup_fraction: float = 0.05
+    evals: int = 10                 # validation points spread evenly over the run
+    eval_iters: int = 32            # validation micro-batches per point (the same batches every time)
+    save_every: int = 0             # checkpoint interval in steps (0: about every quarter of the run)
+    concurrency: int = 1
+    num_gpus: int = 1
+    accelerator_env: Dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.model_kind not in ("gpt", "t5"):
+            raise StudyError(f"--model {self.model_kind!r}: allowed 'gpt', 't5'")
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        if unknown:
+            raise StudyError(f"unknown variant(s) {unknown}; allowed: {sorted(VARIANTS)}")
+
+    def tokens_per_step(self) -> int:
+        from .models.config import PRESETS
+        return self.micro_batch * PRESETS[self.preset].seq_len * self.num_gpus
+
+    def train_steps(self) -> int:
+        return max(1, math.ceil(self.train_tokens / self.tokens_per_step()))
+
+    def run_dir(self, variant: str, seed: int) -> str:
+        return os.path.join(self.output_root, self.model_kind, variant, f"seed{seed}")
+
+
+def deepspeed_config(plan: StudyPlan, variant: str) -> dict:
+    """The base JSON with this variant's lsh_moe block, the study's batch and a warm-up + linear-decay schedule
+    that ends at the last step, so every run of the study anneals over the same token budget."""
+    with open(plan.base_config) as f:
+        config = json.load(f)
+    steps = plan.train_steps()
+    config["train_micro_batch_size_per_gpu"] = plan.micro_batch
+    config["gradient_accumulation_steps"] = 1
+    config["optimizer"]["params"]["lr"] = plan.lr
+    config["scheduler"] = {"type": "WarmupDecayLR", "params": {
+        "total_num_steps": steps, "warmup_min_lr": 0.0, "warmup_max_lr": plan.lr,
+        "warmup_num_steps": max(1, int(plan.warmup_fraction * steps)), "warmup_type": "linear"}}
+    config.pop("tensorboard", None)  # the csv monitor and metrics.jsonl carry everything the report reads
+    config["lsh_moe"] = {**config.get("lsh_moe", {}), **VARIANTS[variant]}
+    return config
+
+
+def finished(run_dir: str, steps: int) -> bool:
+    records = read_metrics(run_dir)
+    return bool(records) and records[-1]["step"] >= steps and "valid_loss" in records[-1]
+
+
+def read_metrics(run_dir: str) -> List[dict]:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def launch_command(plan: StudyPlan, variant: str, seed: int, config_path: str, port: int) -> List[str]:
+    steps = plan.train_steps()
+    run_dir = plan.run_dir(variant, seed)
+    save_every = plan.save_every or max(1, steps // 4)
+    command = ["deepspeed", "--num_gpus", str(plan.num_gpus), "--master_port", str(port),
+               os.path.join(REPO, "scripts", f"pretrain_{plan.model_kind}_moe.py"),
+               "--deepspeed_config", config_path, "--preset", plan.preset, "--data", plan.data,
+               "--vocab_size", str(plan.vocab_size), "--train_steps", str(steps),
+               "--eval_interval", str(max(1, steps // plan.evals)), "--eval_iters", str(plan.eval_iters),
+               "--log_interval", str(max(1, steps // 20)), "--save_interval", str(save_every),
+               "--seed", str(seed), "--output_dir", run_dir, "--eval_compressed"]
+    if glob.glob(os.path.join(run_dir, "checkpoints", "step*")):
+        command.append("--resume")
+    return command
+
+
+def run_study(plan: StudyPlan, log=print) -> None:
+    """Train every (variant, seed) not yet finished, `plan.concurrency` at a time; a failed run raises at the end."""
+    from .data import cached_preprocess
+    # Build the tokenized corpus once here: concurrent jobs must not race to write the same cache.
+    prepared = cached_preprocess(plan.data, plan.vocab_size)
+    log(f"data {plan.data}: {prepared.prefix}.bin, vocab {prepared.vocab_size}")
+    os.makedirs(plan.output_root, exist_ok=True)
+    pending = [(v, s) for s in plan.seeds for v in plan.variants
+               if not finished(plan.run_dir(v, s), plan.train_steps())]
+    log(f"{len(pending)} run(s) to train, {plan.train_steps()} steps x {plan.tokens_per_step()} tokens each, "
+        f"{plan.concurrency} at a time")
+    env = {k: v for k, v in os.environ.items() if k != "LSHMOE_ENABLED"}
+    env.update(plan.accelerator_env)
+    running, failures = [], []
+    while pending or running:
+        while pending and len(running) < plan.concurrency:
+            variant, seed = pending.pop(0)
+            run_dir = plan.run_dir(variant, seed)
+            os.makedirs(run_dir, exist_ok=True)
+            config_path = os.path.join(run_dir, "ds_config.json")
+            with open(config_path, "w") as f:
+                json.dump(deepspeed_config(plan, variant), f, indent=1)
+            command = launch_command(plan, variant, seed, config_path, _free_port())
+            log_file = open(os.path.join(run_dir, "train.log"), "a")
+            log(f"start {plan.model_kind}/{variant}/seed{seed}{' (resume)' if '--resume' in command else ''}")
+            process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO)
+            running.append((variant, seed, process, log_file, time.time()))
+        time.sleep(2)
+        for item in list(running):
+            variant, seed, process, log_file, started = item
+            if process.poll() is None:
+                continue
+            running.remove(item)
+            log_file.close()
+            status = "done" if process.returncode == 0 else f"FAILED (exit {process.returncode})"
+            log(f"{status} {plan.model_kind}/{variant}/seed{seed} in {time.time() - started:.0f} s")
+            if process.returncode:
+                failures.append(f"{variant}/seed{seed}: see {os.path.join(plan.run_dir(variant, seed), 'train.log')}")
+    if failures:
+        raise RuntimeError("study runs failed: " + "; ".join(failures))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- aggregation ----------------------------------------------------------------------------------------------------
+@dataclass
+class VariantResult:
+    """One variant over its seeds: validation curves and summary numbers."""
+    name: str
+    seeds: List[int]
+    tokens: List[int]                       # evaluated token counts (shared by all seeds)
+    valid: Dict[int, List[float]]           # seed -> valid loss at each token count
+    valid_compressed: Dict[int, List[float]]
+    compression_rate: Optional[float]       # achieved (clusters / tokens), mean over the last steps and seeds
+    residual: Optional[float]               # mean relative residual norm
+    step_ms: float                          # median step time over seeds (after the first 10% of steps)
+    info: dict                              # run.json of the first seed
+
+    def final(self, seed: int) -> float:
+        return self.valid[seed][-1]
+
+    def mean_at(self, i: int) -> float:
+        return statistics.fmean(self.valid[s][i] for s in self.seeds)
+
+
+def load_variant(root: str, model_kind: str, variant: str) -> Optional[VariantResult]:
+    """The finished runs of one variant under ``root/model_kind/variant/seed*`` (None when there are none)."""
+    seeds, valid, compressed, rates, residuals, steps_ms, info, token_axis = [], {}, {}, [], [], [], {}, None
+    for run_dir in sorted(glob.glob(os.path.join(root, model_kind, variant, "seed*"))):
+        records = read_metrics(run_dir)
+        run_info_path = os.path.join(run_dir, "run.json")
+        if not records or not os.path.isfile(run_info_path):
+            continue
+        with open(run_info_path) as f:
+            run_info = json.load(f)
+        if records[-1]["step"] < run_info["train_steps"] or "valid_loss" not in records[-1]:
+            continue  # unfinished
+        seed = int(os.path.basename(run_dir)[4:])
+        evaluated = [r for r in records if "valid_loss" in r]
+        tokens = [r["step"] * run_info["tokens_per_step"] for r in evaluated]
+        if token_axis is None:
+            token_axis, info = tokens, run_info
+        if tokens != token_axis:
+            raise StudyError(f"{run_dir}: evaluated at other token counts than the other seeds of {variant}")
+        seeds.append(seed)
+        valid[seed] = [r["valid_loss"] for r in evaluated]
+        if all("valid_loss_compressed" in r for r in evaluated):
+            compressed[seed] = [r["valid_loss_compressed"] for r in evaluated]
+        tail = records[len(records) // 10:]
+        steps_ms.append(1000 * statistics.median(r["step_time_s"] for r in tail))
+        rate_values = [r["lsh_moe/mean/compression_rate"] for r in tail if "lsh_moe/mean/compression_rate" in r]
+        if rate_values:
+            rates.append(statistics.fmean(rate_values))
+        residual_values = [r["lsh_moe/mean/relative_residual_norm"] for r in tail
+                           if "lsh_moe/mean/relative_residual_norm" in r]
+        if residual_values:
+            residuals.append(statistics.fmean(residual_values))
+    if not seeds:
+        return None
+    return VariantResult(variant, seeds, token_axis, valid, compressed,
+                         statistics.fmean(rates) if rates else None,
+                         statistics.fmean(residuals) if residuals else None, statistics.median(steps_ms), info)
+
+
+def aggregate(root: str, model_kind: str, variants: Sequence[str]) -> List[VariantResult]:
+    results = [r for r in (load_variant(root, model_kind, v) for v in variants) if r is not None]
+    if not results:
+        raise StudyError(f"no finished runs under {os.path.join(root, model_kind)} for variants {list(variants)}")
+    return results
+
+
+def mean_and_spread(values: Sequence[float]) -> str:
+    """'mean ± sample std' (just the value for one seed)."""
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def gap_table(results: List[VariantResult], baseline: str = "stock") -> str:
+    """Final valid loss per variant with the gap to the baseline: of the means, and paired per seed."""
+    base = next((r for r in results if r.name == baseline), None)
+    lines = ["| variant | seeds | valid loss (mean ± std) | gap vs stock (means) | gap vs stock per seed (mean ± std) "
+             "| valid loss, compressed eval | achieved rate | relative residual | step ms |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        finals = [r.final(s) for s in r.seeds]
+        gap = paired = "–"
+        if base is not None and r is not base:
+            base_mean = statistics.fmean(base.final(s) for s in base.seeds)
+            gap = f"{100 * (statistics.fmean(finals) / base_mean - 1):+.2f}%"
+            common = [s for s in r.seeds if s in base.seeds]
+            per_seed = [100 * (r.final(s) / base.final(s) - 1) for s in common]
+            if per_seed:
+                paired = (f"{per_seed[0]:+.2f}%" if len(per_seed) == 1 else
+                          f"{statistics.fmean(per_seed):+.2f}% ± {statistics.stdev(per_seed):.2f}%")
+        compressed = (mean_and_spread([r.valid_compressed[s][-1] for s in r.seeds])
+                      if r.valid_compressed and len(r.valid_compressed) == len(r.seeds) else "–")
+        rate = f"{r.compression_rate:.3f}" if r.compression_rate is not None else "1 (no compression)"
+        residual = f"{r.residual:.3f}" if r.residual is not None else "–"
+        lines.append(f"| {r.name} | {len(r.seeds)} | {mean_and_spread(finals)} | {gap} | {paired} | {compressed} "
+                     f"| {rate} | {residual} | {r.step_ms:.1f} |")
+    return "\n".join(lines)
+
+
+def curve_table(results: List[VariantResult]) -> str:
+    """Mean valid loss of every variant at every evaluated token count."""
+    tokens = results[0].tokens
+    lines = ["| tokens | " + " | ".join(r.name for r in results) + " |",
+             "| --- | " + " | ".join("---" for _ in results) + " |"]
+    for i, count in enumerate(tokens):
+        cells = [f"{r.mean_at(i):.4f}" if i < len(r.tokens) else "–" for r in results]
+        lines.append(f"| {millions(count)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: List[VariantResult], path: str, title: str) -> None:
+    """Valid loss vs tokens, one line per variant (mean over seeds) with the seed range shaded."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in results:
+        x = [t / 1e6 for t in r.tokens]
+        per_point = list(zip(*(r.valid[s] for s in r.seeds)))
+        mean = [statistics.fmean(p) for p in per_point]
+        line, = ax.plot(x, mean, label=f"{r.name} ({len(r.seeds)} seed{'s' if len(r.seeds) > 1 else ''})")
+        if len(r.seeds) > 1:
+            ax.fill_between(x, [min(p) for p in per_point], [max(p) for p in per_point], alpha=0.2,
+                            color=line.get_color())
+    ax.set_xlabel("training tokens (M)")
+    ax.set_ylabel("validation loss")
+    ax.set_title(title)
+    low = min(min(min(v) for v in r.valid.values()) for r in results)
+    high = max(r.mean_at(min(2, len(r.tokens) - 1)) for r in results)
+    ax.set_ylim(low - 0.05 * (high - low), high)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def describe(results: List[VariantResult]) -> str:
+    info = results[0].info
+    lsh = info["lsh_moe"]
+    trained = info["train_steps"] * info["tokens_per_step"]
+    passes = trained / info["train_tokens"]
+    repeats = "never repeated" if passes <= 1 else f"{passes:.1f} passes over the data"
+    return (f"{info['model_kind'].upper()}-MoE preset `{info['preset']}` ({info['parameters'] / 1e6:.1f}M parameters), "
+            f"{info['train_steps']} steps x {info['tokens_per_step']} tokens = {millions(trained)} training tokens, "
+            f"{repeats} (the train split holds {millions(info['train_tokens'])} tokens); validation on "
+            f"{millions(info['valid_tokens'])} held-out tokens of other files; data `{info['data']}`, vocab "
+            f"{info['vocab_size']}; EP={info['ep_size']} on {info['world_size']} {info['device']}; torch "
+            f"{info['torch']}. LSH defaults unless the variant says otherwise: rate {lsh['compression_rate']}, "
+            f"{lsh['num_hashes']} {lsh['hash_type']} hashes of {lsh['hash_dim']} dims, error compensation "
+            f"{'on' if lsh['error_compensation'] else 'off'}.")
+
+
+def millions(count: float) -> str:
+    return f"{count / 1e6:.3g}M"
+
+
+def tokens_to_reach(result: VariantResult, target: float) -> Optional[float]:
+    """Training tokens at which the seed-mean valid loss first reaches `target` (linear between eval points)."""
+    means = [result.mean_at(i) for i in range(len(result.tokens))]
+    for i, value in enumerate(means):
+        if value <= target:
+            if i == 0:
+                return float(result.tokens[0])
+            t0, t1, v0, v1 = result.tokens[i - 1], result.tokens[i], means[i - 1], value
+            return t0 + (t1 - t0) * (v0 - target) / (v0 - v1)
+    return None
+
+
+def python_command() -> str:
+    return " ".join(["python"] + [a if " " not in a else repr(a) for a in sys.argv])
