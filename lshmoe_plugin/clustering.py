@@ -6,9 +6,63 @@ dropped tokens) belong to no cluster and are routed to one scratch row that call
 """
 from __future__ import annotations
 
-from typing import Tuple
+from dataclasses import dataclass
+from typing import Optional, Tuple
 
 import torch
+
+from .config import LSHMoEConfig
+from .hashing import lsh_codes
+
+
+@dataclass
+class Clusters:
+    """Where the tokens of one dispatch went: the output of hash + assign.
+
+    slot: (N,) int64 centroid row of every token; num_slots for invalid tokens (the scratch row callers drop).
+    clusters_per_group: (G,) int64 non-empty clusters of every group (expert).
+    segments: the CSR view of `slot` as ``(order (N,), bounds (num_slots + 2,))``, where the tokens of slot s are
+        ``order[bounds[s]:bounds[s + 1]]`` and the scratch row is the last segment. The fused assignment builds it
+        on the way; None on the reference path, which has no use for it.
+    """
+    slot: torch.Tensor
+    num_slots: int
+    clusters_per_group: torch.Tensor
+    segments: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+
+
+def cluster_fixed(tokens: torch.Tensor, valid: torch.Tensor, projections: torch.Tensor, config: LSHMoEConfig,
+                  num_groups: int, group_size: int, slots_per_group: int) -> Clusters:
+    """Hash + assign for a fixed-capacity buffer: tokens (G * group_size, d), group g in rows [g*size, (g+1)*size).
+
+    Group g owns slots [g * slots_per_group, (g + 1) * slots_per_group); unused slots stay empty. No host sync.
+    """
+    device = tokens.device
+    groups = torch.arange(num_groups, device=device).repeat_interleave(group_size)
+    codes = lsh_codes(tokens, projections, config, groups, valid, num_groups)
+    budget = torch.full((num_groups,), slots_per_group, dtype=torch.long, device=device)
+    local, clusters = assign_clusters(codes, groups, valid, budget, num_groups, config.code_bits_per_hash,
+                                      config.num_hashes)
+    num_slots = num_groups * slots_per_group
+    slot = torch.where(valid, groups * slots_per_group + local, torch.full_like(local, num_slots))
+    return Clusters(slot, num_slots, clusters)
+
+
+def cluster_variable(tokens: torch.Tensor, tokens_per_group: torch.Tensor, valid: torch.Tensor,
+                     projections: torch.Tensor, config: LSHMoEConfig, budget: torch.Tensor) -> Clusters:
+    """Hash + assign for tokens (N, d) sorted by group, `tokens_per_group` (G,) of them each, at most `budget[g]`
+    clusters per group, packed: only non-empty clusters get slots, group after group. One host sync (the slot
+    count, which the all-to-all's split sizes need anyway)."""
+    num_groups = tokens_per_group.numel()
+    groups = torch.repeat_interleave(torch.arange(num_groups, device=tokens.device), tokens_per_group,
+                                     output_size=tokens.shape[0])
+    codes = lsh_codes(tokens, projections, config, groups, valid, num_groups)
+    local, clusters = assign_clusters(codes, groups, valid, budget, num_groups, config.code_bits_per_hash,
+                                      config.num_hashes)
+    offsets = torch.cumsum(clusters, 0) - clusters
+    num_slots = int(clusters.sum())
+    slot = torch.where(valid, offsets[groups] + local, torch.full_like(local, num_slots))
+    return Clusters(slot, num_slots, clusters)
 
 
 def assign_clusters(codes: torch.Tensor, groups: torch.Tensor, valid: torch.Tensor, budget: torch.Tensor,
@@ -87,8 +141,10 @@ def _position_in_group(groups: torch.Tensor, valid: torch.Tensor, num_groups: in
     return torch.empty_like(groups).scatter_(0, order, rank_sorted)
 
 
-def centroids_by_slot(tokens: torch.Tensor, slot: torch.Tensor, num_slots: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def centroids_by_slot(tokens: torch.Tensor, slot: torch.Tensor, num_slots: int,
+                      segments: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Means of the tokens (N, d) that share a slot (N,) in [0, num_slots]; slot num_slots is the scratch row.
+    (`segments`, the CSR view of `slot` that the fused kernels read, is not needed here.)
 
     Returns (centroids (num_slots, d) in the tokens' dtype, counts (num_slots,) float32). Sums accumulate in
     float32 at least: a bf16 running sum over dozens of tokens would lose the residual's precision. Empty slots are zero.
@@ -101,8 +157,8 @@ def centroids_by_slot(tokens: torch.Tensor, slot: torch.Tensor, num_slots: int) 
 
 
 def expand_with_residual(tokens: torch.Tensor, slot: torch.Tensor, centroids: torch.Tensor,
-                         centroid_outputs: torch.Tensor, counts: torch.Tensor,
-                         error_compensation: bool) -> torch.Tensor:
+                         centroid_outputs: torch.Tensor, counts: torch.Tensor, error_compensation: bool,
+                         segments: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """Each token's output (N, d): its centroid's expert output, plus (token - centroid) when compensating.
 
     Computed as token + (output - centroid)[slot], which is exactly the token again when the expert is the

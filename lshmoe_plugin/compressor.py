@@ -15,7 +15,6 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from . import ops
-from .clustering import assign_clusters
 from .config import LSHMoEConfig
 from .hashing import hash_projections
 from .telemetry import TELEMETRY, LayerStats, Telemetry, relative_residual_norm
@@ -29,6 +28,7 @@ class ClusterState:
     centroids: torch.Tensor   # (num_slots, d)
     counts: torch.Tensor      # (num_slots,) tokens per cluster
     out_shape: torch.Size
+    segments: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # CSR of `slot` from the fused assignment
 
 
 def fixed_slots(capacity: int, rate: float) -> int:
@@ -54,16 +54,10 @@ class LSHCompressor:
             self._projections[key] = hash_projections(self.config, d_model, self.layer_index).to(device)
         return self._projections[key]
 
-    def _clusters(self, tokens: torch.Tensor, groups: torch.Tensor, valid: torch.Tensor, budget: torch.Tensor,
-                  num_groups: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _ops_for(self, device: torch.device):
         if self._ops is None:
-            self._ops = ops.select(self.config.kernel, tokens.device)
-        codes = self._ops.lsh_codes(tokens.detach(), self.projections(tokens.shape[-1], tokens.device), self.config,
-                                    groups, valid, num_groups)
-        # Assignment is a sort over int64 keys (N * 8 bytes): negligible next to the tokens, so it has no
-        # fused variant and every path shares the reference.
-        return assign_clusters(codes, groups, valid, budget, num_groups, self.config.code_bits_per_hash,
-                               self.config.num_hashes)
+            self._ops = ops.select(self.config.kernel, device)
+        return self._ops
 
     # -- fixed layout -------------------------------------------------------------------------------------------
     def compress_fixed(self, dispatched: torch.Tensor, valid: torch.Tensor,
@@ -76,16 +70,15 @@ class LSHCompressor:
         slots_per_expert = fixed_slots(capacity, self.config.compression_rate)
         tokens = dispatched.reshape(-1, d_model)
         valid = valid.reshape(-1)
-        groups = torch.arange(num_experts, device=tokens.device).repeat_interleave(capacity)
-        budget = torch.full((num_experts,), slots_per_expert, dtype=torch.long, device=tokens.device)
-        local, clusters = self._clusters(tokens, groups, valid, budget, num_experts)
-        num_slots = num_experts * slots_per_expert
-        slot = torch.where(valid, groups * slots_per_expert + local, torch.full_like(local, num_slots))
-        centroids, counts = self._ops.centroids_by_slot(tokens, slot, num_slots)
-        state = ClusterState(tokens, slot, centroids, counts, dispatched.shape)
+        impl = self._ops_for(tokens.device)
+        clusters = impl.cluster_fixed(tokens.detach(), valid, self.projections(d_model, tokens.device), self.config,
+                                      num_experts, capacity, slots_per_expert)
+        centroids, counts = impl.centroids_by_slot(tokens, clusters.slot, clusters.num_slots, clusters.segments)
+        state = ClusterState(tokens, clusters.slot, centroids, counts, dispatched.shape, clusters.segments)
         elem = dispatched.element_size()
         if record:
-            self._record(state, valid, clusters.sum(), num_slots * d_model * elem, tokens.numel() * elem)
+            self._record(state, valid, clusters.clusters_per_group.sum(), clusters.num_slots * d_model * elem,
+                         tokens.numel() * elem)
         return centroids.view(num_experts, slots_per_expert, d_model), state
 
     def decompress_fixed(self, centroid_outputs: torch.Tensor, state: ClusterState) -> torch.Tensor:
@@ -101,22 +94,19 @@ class LSHCompressor:
         Only non-empty clusters are kept, packed group after group, so clusters_per_group gives the split sizes
         of the all-to-all. K is read back to the host once (the split sizes need it anyway).
         """
-        num_groups = tokens_per_group.numel()
         tokens_per_group = tokens_per_group.to(device=tokens.device, dtype=torch.long)
-        groups = torch.repeat_interleave(torch.arange(num_groups, device=tokens.device), tokens_per_group,
-                                         output_size=tokens.shape[0])
         if valid is None:
             valid = torch.ones(tokens.shape[0], dtype=torch.bool, device=tokens.device)
         budget = torch.ceil(tokens_per_group.double() * self.config.compression_rate - 1e-9).long().clamp(min=1)
-        local, clusters = self._clusters(tokens, groups, valid, budget, num_groups)
-        offsets = torch.cumsum(clusters, 0) - clusters
-        num_slots = int(clusters.sum())
-        slot = torch.where(valid, offsets[groups] + local, torch.full_like(local, num_slots))
-        centroids, counts = self._ops.centroids_by_slot(tokens, slot, num_slots)
-        state = ClusterState(tokens, slot, centroids, counts, tokens.shape)
+        impl = self._ops_for(tokens.device)
+        clusters = impl.cluster_variable(tokens.detach(), tokens_per_group, valid,
+                                         self.projections(tokens.shape[1], tokens.device), self.config, budget)
+        centroids, counts = impl.centroids_by_slot(tokens, clusters.slot, clusters.num_slots, clusters.segments)
+        state = ClusterState(tokens, clusters.slot, centroids, counts, tokens.shape, clusters.segments)
         elem = tokens.element_size()
-        self._record(state, valid, clusters.sum(), num_slots * tokens.shape[1] * elem, tokens.numel() * elem)
-        return centroids, clusters, state
+        self._record(state, valid, clusters.clusters_per_group.sum(), clusters.num_slots * tokens.shape[1] * elem,
+                     tokens.numel() * elem)
+        return centroids, clusters.clusters_per_group, state
 
     def decompress_variable(self, centroid_outputs: torch.Tensor, state: ClusterState) -> torch.Tensor:
         """centroid_outputs (K, d) -> token outputs (N, d)."""
@@ -125,7 +115,7 @@ class LSHCompressor:
     # -- shared -------------------------------------------------------------------------------------------------
     def _expand(self, centroid_outputs: torch.Tensor, state: ClusterState) -> torch.Tensor:
         return self._ops.expand_with_residual(state.tokens, state.slot, state.centroids, centroid_outputs,
-                                              state.counts, self.config.error_compensation)
+                                              state.counts, self.config.error_compensation, state.segments)
 
     def _record(self, state: ClusterState, valid: torch.Tensor, clusters: torch.Tensor, sent: int, full: int) -> None:
         self.step += 1

@@ -1,7 +1,8 @@
 """Picks the implementation of the compressor's hot stages: the PyTorch reference, or fused GPU kernels.
 
-Every implementation exposes the same four functions with the signatures of the reference modules:
-``lsh_codes``, ``assign_clusters``, ``centroids_by_slot`` and ``expand_with_residual``.
+Every implementation exposes the same functions with the signatures of the reference modules:
+``lsh_codes`` (hash), ``cluster_fixed`` and ``cluster_variable`` (hash + assign, per layout, returning
+`clustering.Clusters`), ``centroids_by_slot`` (reduce) and ``expand_with_residual`` (expand + residual).
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from . import clustering, hashing
 REFERENCE = SimpleNamespace(
     name="torch",
     lsh_codes=hashing.lsh_codes,
-    assign_clusters=clustering.assign_clusters,
+    cluster_fixed=clustering.cluster_fixed,
+    cluster_variable=clustering.cluster_variable,
     centroids_by_slot=clustering.centroids_by_slot,
     expand_with_residual=clustering.expand_with_residual,
 )

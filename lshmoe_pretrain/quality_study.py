@@ -14,6 +14,7 @@ import glob
 import json
 import math
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -107,11 +108,17 @@ def finished(run_dir: str, steps: int) -> bool:
 
 
 def read_metrics(run_dir: str) -> List[dict]:
+    """The run's records by step; a resumed run re-logs the steps after its checkpoint, and the later wins."""
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         return []
+    by_step = {}
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            if line.strip():
+                record = json.loads(line)
+                by_step[record["step"]] = record
+    return [by_step[step] for step in sorted(by_step)]
 
 
 def launch_command(plan: StudyPlan, variant: str, seed: int, config_path: str, port: int) -> List[str]:
@@ -125,13 +132,20 @@ def launch_command(plan: StudyPlan, variant: str, seed: int, config_path: str, p
                "--eval_interval", str(max(1, steps // plan.evals)), "--eval_iters", str(plan.eval_iters),
                "--log_interval", str(max(1, steps // 20)), "--save_interval", str(save_every),
                "--seed", str(seed), "--output_dir", run_dir, "--eval_compressed"]
-    if glob.glob(os.path.join(run_dir, "checkpoints", "step*")):
+    # DeepSpeed writes `latest` once a checkpoint is complete: a run killed while saving resumes from the one before.
+    if os.path.isfile(os.path.join(run_dir, "checkpoints", "latest")):
         command.append("--resume")
     return command
 
 
-def run_study(plan: StudyPlan, log=print) -> None:
-    """Train every (variant, seed) not yet finished, `plan.concurrency` at a time; a failed run raises at the end."""
+def run_study(plan: StudyPlan, log=print, deadline_s: Optional[float] = None) -> bool:
+    """Train every (variant, seed) not yet finished, `plan.concurrency` at a time; a failed run raises at the end.
+
+    With `deadline_s`, no run starts in the last tenth of it and the runs still going at the deadline are stopped
+    (their whole process group), to resume from their last checkpoint on the next call. Returns True when every
+    run finished.
+    """
+    started_at = time.time()
     from .data import cached_preprocess
     # Build the tokenized corpus once here: concurrent jobs must not race to write the same cache.
     prepared = cached_preprocess(plan.data, plan.vocab_size)
@@ -145,7 +159,21 @@ def run_study(plan: StudyPlan, log=print) -> None:
     env.update(plan.accelerator_env)
     running, failures = [], []
     while pending or running:
-        while pending and len(running) < plan.concurrency:
+        elapsed = time.time() - started_at
+        if deadline_s is not None and elapsed > deadline_s:
+            for variant, seed, process, log_file, _ in running:
+                os.killpg(process.pid, signal.SIGTERM)
+            for variant, seed, process, log_file, _ in running:
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()
+                log_file.close()
+                log(f"stopped at the deadline: {plan.model_kind}/{variant}/seed{seed} (resumes next time)")
+            return False
+        starting_allowed = deadline_s is None or elapsed < 0.9 * deadline_s
+        while starting_allowed and pending and len(running) < plan.concurrency:
             variant, seed = pending.pop(0)
             run_dir = plan.run_dir(variant, seed)
             os.makedirs(run_dir, exist_ok=True)
@@ -155,7 +183,8 @@ def run_study(plan: StudyPlan, log=print) -> None:
             command = launch_command(plan, variant, seed, config_path, _free_port())
             log_file = open(os.path.join(run_dir, "train.log"), "a")
             log(f"start {plan.model_kind}/{variant}/seed{seed}{' (resume)' if '--resume' in command else ''}")
-            process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO)
+            process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO,
+                                       start_new_session=True)  # its own group: the launcher and its ranks stop together
             running.append((variant, seed, process, log_file, time.time()))
         time.sleep(2)
         for item in list(running):
@@ -168,8 +197,12 @@ def run_study(plan: StudyPlan, log=print) -> None:
             log(f"{status} {plan.model_kind}/{variant}/seed{seed} in {time.time() - started:.0f} s")
             if process.returncode:
                 failures.append(f"{variant}/seed{seed}: see {os.path.join(plan.run_dir(variant, seed), 'train.log')}")
+        if not running and pending and not starting_allowed:
+            log(f"{len(pending)} run(s) left for the next call: too close to the deadline to start")
+            return False
     if failures:
         raise RuntimeError("study runs failed: " + "; ".join(failures))
+    return True
 
 
 def _free_port() -> int:

@@ -18,7 +18,6 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from lshmoe_pretrain import benchmarking as bench  # noqa: E402
-from lshmoe_plugin.clustering import assign_clusters  # noqa: E402
 from lshmoe_plugin.compressor import LSHCompressor, fixed_slots  # noqa: E402
 from lshmoe_plugin.config import LSHMoEConfig  # noqa: E402
 
@@ -116,12 +115,14 @@ def main() -> None:
         f"the GPU's own time; 'vs {base}' columns are speed-ups over the reference ops.\n\n" + table + "\n")
     if stages:
         stage_table = bench.markdown_table(
-            ["d_model", "tokens/rank", "rate", "kernel", "hash", "assign (shared reference)", "slot sort",
+            ["d_model", "tokens/rank", "rate", "kernel", "hash (matmul + keys)", "sort", "assign kernel",
              "centroids", "expand", "expand bwd (eager)", "centroids bwd (eager)"], stages)
         print(stage_table)
         text += ("\nStages of the fused round trip, each timed alone, in ms: forward stages as GPU time (each "
-                 "replayed as a CUDA graph), backward stages eager (launch overhead included). 'slot sort' is the "
-                 "CSR of the slots that the reduce builds and the expand reuses.\n\n" + stage_table + "\n")
+                 "replayed as a CUDA graph), backward stages eager (launch overhead included). 'hash' is the "
+                 "projection matmul, the group sums and the sort-key kernel; 'sort' the one stable sort of the keys; "
+                 "'assign kernel' the per-expert assignment that also writes the slots' CSR for the reduce and the "
+                 "expand.\n\n" + stage_table + "\n")
     if args.plot and plot_points and device.type == "cuda":
         plot(plot_points, args.plot)
         text += f"\n![compressor time over floor]({os.path.basename(args.plot)})\n"
@@ -169,43 +170,41 @@ def graphed_forward_ms(compressor: LSHCompressor, batch, device, reps: int) -> f
 
 
 def time_stages(compressor: LSHCompressor, batch, device, reps: int):
-    """Times of each stage on one input: the sum is close to, not equal to, the round trip (launch overlap)."""
+    """Times of each stage of the fused round trip on one input (each alone, so their sum only approximates the
+    round trip): forward stages as GPU time (replayed as CUDA graphs), backward stages eager."""
+    from lshmoe_plugin.kernels import triton_ops
     tokens, valid = batch
     e, c, d = tokens.shape
-    compressor.compress_fixed(tokens, valid)
-    ops = compressor._ops
     flat, flat_valid = tokens.reshape(-1, d), valid.reshape(-1)
-    groups = torch.arange(e, device=device).repeat_interleave(c)
     per = fixed_slots(c, compressor.config.compression_rate)
-    budget = torch.full((e,), per, dtype=torch.long, device=device)
     proj = compressor.projections(d, device)
     cfg = compressor.config
-    bits = (cfg.code_bits_per_hash, cfg.num_hashes)
-    codes = ops.lsh_codes(flat, proj, cfg, groups, flat_valid, e)
-    local, _ = assign_clusters(codes, groups, flat_valid, budget, e, *bits)
-    slot = torch.where(flat_valid, groups * per + local, torch.full_like(local, e * per))
-    cen, counts = ops.centroids_by_slot(flat, slot, e * per)
-    from lshmoe_plugin.kernels.triton_ops import slot_segments
-
-    def sort_slots():  # what the reduce pays on a cache miss: a fresh tensor each time
-        slot_segments(slot.clone(), e * per)
-    timed = bench.graph_time_ms if device.type == "cuda" else (lambda fn, dev, reps: bench.time_ms(fn, dev, reps=reps))
+    keys = torch.empty(flat.shape[0], dtype=torch.int64, device=device)
+    triton_ops._hash_rows(flat, proj, cfg, keys, group_size=c, valid=flat_valid, num_groups=e, keys=True)
+    clusters = triton_ops._assign(keys, flat_valid, cfg, e, group_size=c, slots_per_group=per)
+    segments = clusters.segments
+    cen, counts = triton_ops.centroids_by_slot(flat, clusters.slot, clusters.num_slots, segments)
+    timed = bench.graph_time_ms
     with torch.no_grad():
-        t_hash = timed(lambda: ops.lsh_codes(flat, proj, cfg, groups, flat_valid, e), device, reps)
-        t_assign = timed(lambda: assign_clusters(codes, groups, flat_valid, budget, e, *bits), device, reps)
-        t_sort = timed(sort_slots, device, reps) if ops.name == "triton" else float("nan")
-        t_cen = timed(lambda: ops.centroids_by_slot(flat, slot, e * per), device, reps)
-        t_exp = timed(lambda: ops.expand_with_residual(flat, slot, cen, cen, counts, True), device, reps)
+        t_hash = timed(lambda: triton_ops._hash_rows(flat, proj, cfg, keys, group_size=c, valid=flat_valid,
+                                                     num_groups=e, keys=True), device, reps)
+        t_sort = timed(lambda: torch.sort(keys, stable=True), device, reps)
+        t_assign = timed(lambda: triton_ops._assign(keys, flat_valid, cfg, e, group_size=c, slots_per_group=per),
+                         device, reps)
+        t_cen = timed(lambda: triton_ops.centroids_by_slot(flat, clusters.slot, clusters.num_slots, segments),
+                      device, reps)
+        t_exp = timed(lambda: triton_ops.expand_with_residual(flat, clusters.slot, cen, cen, counts, True, segments),
+                      device, reps)
     leaf = flat.detach().requires_grad_()
     cen_leaf = cen.detach().requires_grad_()
-    out = ops.expand_with_residual(leaf, slot, cen_leaf, cen_leaf * 1.0, counts, True)
+    out = triton_ops.expand_with_residual(leaf, clusters.slot, cen_leaf, cen_leaf * 1.0, counts, True, segments)
     grad = torch.randn_like(out)
     t_exp_bwd = bench.time_ms(lambda: torch.autograd.grad(out, (leaf, cen_leaf), grad, retain_graph=True), device,
                               reps=reps)
-    c2, _ = ops.centroids_by_slot(leaf, slot, e * per)
+    c2, _ = triton_ops.centroids_by_slot(leaf, clusters.slot, clusters.num_slots, segments)
     g2 = torch.randn_like(c2)
     t_cen_bwd = bench.time_ms(lambda: torch.autograd.grad(c2, leaf, g2, retain_graph=True), device, reps=reps)
-    return t_hash, t_assign, t_sort, t_cen, t_exp, t_exp_bwd, t_cen_bwd
+    return t_hash, t_sort, t_assign - t_sort, t_cen, t_exp, t_exp_bwd, t_cen_bwd
 
 
 def plot(points, path: str) -> None:

@@ -25,17 +25,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lshmoe_plugin  # noqa: E402
 from benchmark_moe_layer import describe_link, setup_distributed  # noqa: E402
 from lshmoe_pretrain import benchmarking as bench  # noqa: E402
-from lshmoe_pretrain.models import build_gpt_moe  # noqa: E402
+from lshmoe_pretrain.models import PRESETS, build_gpt_moe  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="gpt-moe-350m")
-    p.add_argument("--n-layers", type=int, default=4, help="override of the preset (MoE in every other block)")
-    p.add_argument("--experts-per-rank", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--preset", default="small")
+    p.add_argument("--n-layers", type=int, default=None, help="override of the preset (MoE in every other block)")
+    p.add_argument("--experts-per-rank", type=int, default=None, help="default: the preset's experts / ranks")
+    p.add_argument("--vocab", type=int, default=None, help="default: the preset's")
+    p.add_argument("--seq-len", type=int, default=None, help="default: the preset's")
+    p.add_argument("--micro-batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--timed-from", type=int, default=10, help="steps before this one are warm-up")
     p.add_argument("--rate", type=float, default=0.2)
@@ -82,9 +82,12 @@ def main() -> None:
     import deepspeed
     import torch.distributed as dist
     link, key = describe_link(world, backend, shared)
-    section = args.section or f"gpt_moe_{key}"
-    overrides = dict(vocab_size=args.vocab, seq_len=args.seq_len, n_layers=args.n_layers,
-                     num_experts=args.experts_per_rank * world)
+    section = args.section or f"gpt_moe_{args.preset}_{key}"
+    preset = PRESETS[args.preset]
+    args.vocab = args.vocab or preset.vocab_size
+    args.seq_len = args.seq_len or preset.seq_len
+    overrides = dict(vocab_size=args.vocab, seq_len=args.seq_len, n_layers=args.n_layers or preset.n_layers,
+                     num_experts=args.experts_per_rank * world if args.experts_per_rank else preset.num_experts)
     engines = {}
     for variant in ("stock", "lsh"):
         torch.manual_seed(1234)
@@ -134,9 +137,10 @@ def main() -> None:
         table = bench.markdown_table(headers, rows)
         print(table)
         cfg = engines["stock"].module.config
+        params = sum(p.numel() for p in engines["stock"].module.parameters())
         text = bench.header(f"GPT-MoE end to end, EP={world}: stock DeepSpeed vs LSH-MoE rate {args.rate}",
                             device, link) + (
-            f"\nPreset `{args.preset}` with d_model {cfg.d_model}, {cfg.n_layers} blocks (MoE every "
+            f"\nPreset `{args.preset}` ({params / 1e6:.0f}M parameters per rank) with d_model {cfg.d_model}, {cfg.n_layers} blocks (MoE every "
             f"{cfg.moe_every}), {cfg.num_experts} experts (top-{cfg.top_k}, capacity factor {cfg.capacity_factor}), "
             f"vocab {cfg.vocab_size}, seq {cfg.seq_len}, micro-batch {args.micro_batch} per rank, {args.dtype}, "
             f"AdamW lr {args.lr}, ZeRO 0, {args.steps} steps (timed from step {args.timed_from}), kernel "

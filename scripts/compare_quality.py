@@ -53,6 +53,7 @@ def parse_args() -> argparse.Namespace:
     run.add_argument("--evals", type=int, default=10, help="validation points per run")
     run.add_argument("--eval_iters", type=int, default=32, help="validation micro-batches per point")
     run.add_argument("--concurrency", type=int, default=1, help="runs trained at once (they share the device)")
+    run.add_argument("--deadline_s", type=float, default=None, help="stop (to resume later) after this many seconds")
     report = sub.add_parser("report", help="aggregate finished runs into docs/quality.md")
     report.add_argument("--model", choices=("gpt", "t5"), default="gpt")
     report.add_argument("--root", default="runs/quality")
@@ -69,9 +70,13 @@ def run(args: argparse.Namespace) -> None:
                            base_config=args.base_config or f"configs/{args.model}_moe_gpu.json", data=args.data,
                            vocab_size=args.vocab_size, micro_batch=args.micro_batch, lr=args.lr, evals=args.evals,
                            eval_iters=args.eval_iters, concurrency=args.concurrency)
-    study.run_study(plan, log=lambda line: print(line, flush=True))
-    results = study.aggregate(args.root, args.model, args.variants)
-    print(study.gap_table(results))
+    complete = study.run_study(plan, log=lambda line: print(line, flush=True), deadline_s=args.deadline_s)
+    try:
+        print(study.gap_table(study.aggregate(args.root, args.model, args.variants)))
+    except study.StudyError as error:
+        print(error)
+    if not complete:
+        print("study incomplete: run the same command again to continue")
 
 
 def report(args: argparse.Namespace) -> None:

@@ -203,14 +203,23 @@ def _expand_backward_kernel(grad_ptr, order_ptr, bounds_ptr, grad_tok_ptr, grad_
 
 
 @triton.jit
-def _group_sums_kernel(proj_ptr, group_ptr, weight_ptr, sums_ptr, counts_ptr, n, width,
-                       HAS_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+def _row_groups(group_ptr, rows, rmask, group_size, FIXED_GROUPS: tl.constexpr):
+    """Group of each row: row // group_size in the fixed layout (no groups tensor to build), else loaded."""
+    if FIXED_GROUPS:
+        return (rows // group_size).to(tl.int64)
+    return tl.load(group_ptr + rows, mask=rmask, other=0).to(tl.int64)
+
+
+@triton.jit
+def _group_sums_kernel(proj_ptr, group_ptr, weight_ptr, sums_ptr, counts_ptr, n, width, group_size,
+                       HAS_WEIGHT: tl.constexpr, FIXED_GROUPS: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_W: tl.constexpr):
     """Per-group sums of the projected rows (and of the weights), reduced in-block before one atomic per column."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < n
     cols = tl.arange(0, BLOCK_W)
     cmask = cols < width
-    group = tl.load(group_ptr + rows, mask=rmask, other=0)
+    group = _row_groups(group_ptr, rows, rmask, group_size, FIXED_GROUPS)
     if HAS_WEIGHT:
         weight = tl.load(weight_ptr + rows, mask=rmask, other=0).to(tl.float32)
     else:
@@ -230,10 +239,15 @@ def _group_sums_kernel(proj_ptr, group_ptr, weight_ptr, sums_ptr, counts_ptr, n,
 
 
 @triton.jit
-def _codes_kernel(proj_ptr, group_ptr, sums_ptr, counts_ptr, codes_ptr, n,
+def _codes_kernel(proj_ptr, group_ptr, sums_ptr, counts_ptr, valid_ptr, codes_ptr, n, group_size, sentinel,
                   NUM_HASHES: tl.constexpr, WIDTH: tl.constexpr, BITS: tl.constexpr, CROSS: tl.constexpr,
-                  CENTER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    """Centre each projected row on its group mean, argmax per hash, pack the digits (first hash most significant)."""
+                  CENTER: tl.constexpr, FIXED_GROUPS: tl.constexpr, KEYS: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Centre each projected row on its group mean, argmax per hash, pack the digits (first hash most significant).
+
+    KEYS: write the assignment's sort key instead, ``group << (NUM_HASHES * BITS) | code``, and `sentinel` (sorts
+    after every group) for invalid rows, so the sort that follows needs no extra pass to build it.
+    """
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < n
     h = tl.arange(0, BLOCK_H)
@@ -243,8 +257,9 @@ def _codes_kernel(proj_ptr, group_ptr, sums_ptr, counts_ptr, codes_ptr, n,
     m = rmask[:, None, None] & cmask[None, :, :]
     x = tl.load(proj_ptr + rows[:, None, None].to(tl.int64) * (NUM_HASHES * WIDTH) + col[None, :, :], mask=m,
                 other=0.0).to(tl.float32)
+    if CENTER or KEYS:
+        group = _row_groups(group_ptr, rows, rmask, group_size, FIXED_GROUPS)
     if CENTER:
-        group = tl.load(group_ptr + rows, mask=rmask, other=0)
         count = tl.maximum(tl.load(counts_ptr + group, mask=rmask, other=1.0), 1.0)
         total = tl.load(sums_ptr + group[:, None, None] * (NUM_HASHES * WIDTH) + col[None, :, :], mask=m, other=0.0)
         x = x - total / count[:, None, None]
@@ -259,16 +274,157 @@ def _codes_kernel(proj_ptr, group_ptr, sums_ptr, counts_ptr, codes_ptr, n,
         digit = digit * 2 + (picked < 0).to(tl.int64)
     shift = ((NUM_HASHES - 1 - h) * BITS).to(tl.int64)
     packed = tl.where(h[None, :] < NUM_HASHES, digit << tl.maximum(shift, 0)[None, :], 0)
-    tl.store(codes_ptr + rows, tl.sum(packed, axis=1), mask=rmask)
+    code = tl.sum(packed, axis=1)
+    if KEYS:
+        valid = tl.load(valid_ptr + rows, mask=rmask, other=0) != 0
+        code = tl.where(valid, (group << (NUM_HASHES * BITS)) | code, sentinel)
+    tl.store(codes_ptr + rows, code, mask=rmask)
+
+
+@triton.jit
+def _lower_bound(ptr, n, value):
+    """First index in the sorted int64 array ptr[0:n] whose value is >= `value` (n and value int64 scalars)."""
+    lo = n * 0
+    hi = n
+    while lo < hi:
+        mid = (lo + hi) // 2
+        right = tl.load(ptr + mid) < value
+        lo = tl.where(right, mid + 1, lo)
+        hi = tl.where(right, hi, mid)
+    return lo
+
+
+@triton.jit
+def _assign_kernel(key_ptr, order_ptr, valid_ptr, group_end_ptr, budget_ptr, slot_end_ptr,
+                   slot_ptr, bounds_ptr, clusters_ptr, n, group_size, slots_per_group, num_slots,
+                   NUM_HASHES: tl.constexpr, BITS: tl.constexpr, LEVELS: tl.constexpr, FIXED: tl.constexpr,
+                   WRITE: tl.constexpr, BLOCK: tl.constexpr):
+    """`clustering.assign_clusters` for one group per program, on keys already sorted (with `order`).
+
+    The group's valid tokens are the sorted range of keys with its group bits (found by binary search). A group
+    with no more valid tokens than its budget keeps one token per cluster in input order; otherwise distinct
+    prefixes are counted at every hash level, the longest level that fits is kept and the next one is split
+    into the leftover budget, exactly as the reference does, so the slots are the reference's bit for bit.
+    WRITE=False only counts clusters (the variable layout's first pass, which sizes the packed slots);
+    WRITE=True also writes every token's slot and the CSR (`order` rewritten in input order for uncompressed
+    groups, whose clusters are single tokens; `bounds` for every slot and the scratch segment).
+    Fixed layout: group g is rows [g*group_size, (g+1)*group_size) and owns `slots_per_group` slots from
+    g*slots_per_group. Variable: `group_end` is the inclusive cumsum of rows per group, `slot_end` that of
+    clusters per group (WRITE only), `budget` per group.
+    """
+    g = tl.program_id(0).to(tl.int64)
+    zero = g * 0
+    total = zero + n
+    code_bits: tl.constexpr = NUM_HASHES * BITS
+    start = _lower_bound(key_ptr, total, g << code_bits)
+    end = _lower_bound(key_ptr, total, (g + 1) << code_bits)
+    valid_count = end - start
+    if FIXED:
+        in_start = g * group_size
+        in_end = in_start + group_size
+        budget = zero + slots_per_group
+        slot_base = g * slots_per_group
+    else:
+        in_start = tl.load(group_end_ptr + g - 1, mask=g > 0, other=0).to(tl.int64)
+        in_end = tl.load(group_end_ptr + g).to(tl.int64)
+        budget = tl.load(budget_ptr + g).to(tl.int64)
+        slot_base = zero
+        if WRITE:
+            slot_base = tl.load(slot_end_ptr + g - 1, mask=g > 0, other=0).to(tl.int64)
+    lanes = tl.arange(0, BLOCK)
+    uncompressed = valid_count <= budget
+    clusters = valid_count
+    if uncompressed:
+        if WRITE:
+            carry = zero
+            t = in_start
+            while t < in_end:
+                pos = t + lanes
+                m = pos < in_end
+                v = (tl.load(valid_ptr + pos, mask=m, other=0) != 0) & m
+                vi = v.to(tl.int64)
+                rank = carry + tl.cumsum(vi, 0) - 1
+                tl.store(slot_ptr + pos, tl.where(v, slot_base + rank, num_slots), mask=m)
+                tl.store(order_ptr + start + rank, pos, mask=v)
+                carry += tl.sum(vi, 0)
+                t += BLOCK
+    else:
+        level = tl.arange(0, LEVELS)
+        shifts = tl.where(level <= NUM_HASHES, (NUM_HASHES - level) * BITS, 0).to(tl.int64)
+        distinct = tl.zeros([LEVELS], dtype=tl.int64)
+        i = start
+        while i < end:
+            pos = i + lanes
+            m = pos < end
+            key = tl.load(key_ptr + pos, mask=m, other=0)
+            prev = tl.load(key_ptr + pos - 1, mask=m & (pos > start), other=0)
+            new = ((key[:, None] >> shifts[None, :]) != (prev[:, None] >> shifts[None, :])) | (pos == start)[:, None]
+            distinct += tl.sum((new & m[:, None]).to(tl.int64), 0)
+            i += BLOCK
+        # Finer levels never have fewer buckets, so the fitting levels are a prefix: count them.
+        fits = (distinct <= budget) & (level <= NUM_HASHES)
+        coarse = tl.sum(fits.to(tl.int64), 0) - 1
+        fine = tl.minimum(coarse + 1, NUM_HASHES)
+        leftover = budget - tl.sum(tl.where(level == coarse, distinct, 0), 0)
+        fine_distinct = tl.maximum(tl.sum(tl.where(level == fine, distinct, 0), 0), 1)
+        coarse_shift = (NUM_HASHES - coarse) * BITS
+        fine_shift = (NUM_HASHES - fine) * BITS
+        fine_seen = zero
+        clusters = zero
+        i = start
+        while i < end:
+            pos = i + lanes
+            m = pos < end
+            first = pos == start
+            key = tl.load(key_ptr + pos, mask=m, other=0)
+            prev = tl.load(key_ptr + pos - 1, mask=m & (pos > start), other=0)
+            coarse_new = ((key >> coarse_shift) != (prev >> coarse_shift)) | first
+            fine_new = ((((key >> fine_shift) != (prev >> fine_shift)) | first) & m).to(tl.int64)
+            fine_rank = fine_seen + tl.cumsum(fine_new, 0) - 1
+            run = fine_rank * leftover // fine_distinct
+            run_before = (fine_rank - fine_new) * leftover // fine_distinct
+            starts = (coarse_new | (run != run_before)) & m
+            cluster = clusters + tl.cumsum(starts.to(tl.int64), 0) - 1
+            if WRITE:
+                token = tl.load(order_ptr + pos, mask=m, other=0)
+                tl.store(slot_ptr + token, slot_base + cluster, mask=m)
+                tl.store(bounds_ptr + slot_base + cluster, pos, mask=starts)
+            fine_seen += tl.sum(fine_new, 0)
+            clusters += tl.sum(starts.to(tl.int64), 0)
+            i += BLOCK
+        if WRITE:
+            t = in_start
+            while t < in_end:  # this group's invalid tokens (padding, dropped routes) go to the scratch row
+                pos = t + lanes
+                m = pos < in_end
+                invalid = (tl.load(valid_ptr + pos, mask=m, other=1) == 0) & m
+                tl.store(slot_ptr + pos, zero + num_slots, mask=invalid)
+                t += BLOCK
+    tl.store(clusters_ptr + g, clusters)
+    if WRITE:
+        # Slot bounds not written above: single-token clusters of an uncompressed group, and (fixed layout) the
+        # unused slots, which are empty segments at the group's end.
+        slots_here = clusters
+        if FIXED:
+            slots_here = zero + slots_per_group
+        k = zero
+        while k < slots_here:
+            index = k + lanes
+            m = (index < slots_here) & ((index >= clusters) | uncompressed)
+            tl.store(bounds_ptr + slot_base + index, tl.where(index < clusters, start + index, end), mask=m)
+            k += BLOCK
+        if g == tl.num_programs(0) - 1:
+            tl.store(bounds_ptr + num_slots, end)  # the scratch segment: every invalid token, sorted last
+            tl.store(bounds_ptr + num_slots + 1, total)
 
 
 # -- autograd functions -----------------------------------------------------------------------------------------------
 class _CentroidsBySlot(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, tokens: torch.Tensor, slot: torch.Tensor, num_slots: int):
+    def forward(ctx, tokens: torch.Tensor, slot: torch.Tensor, num_slots: int, segments):
         tokens = tokens.contiguous()
         n, d = tokens.shape
-        order, bounds = slot_segments(slot, num_slots)
+        order, bounds = segments if segments is not None else slot_segments(slot, num_slots)
         centroids = torch.empty(num_slots, d, dtype=tokens.dtype, device=tokens.device)
         counts = torch.empty(num_slots, dtype=torch.float32, device=tokens.device)
         rows, block_d, warps = _launch_shape(d)
@@ -293,16 +449,16 @@ class _CentroidsBySlot(torch.autograd.Function):
                 grad_centroids, order, bounds, grad_tokens, d, ctx.num_slots, grad_centroids.stride(0),
                 grad_tokens.stride(0), ROWS=rows, BLOCK_D=block_d, num_warps=warps)
         _zero_scratch_rows(grad_tokens, order, bounds, ctx.num_slots)
-        return grad_tokens, None, None
+        return grad_tokens, None, None, None
 
 
 class _ExpandWithResidual(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, tokens, slot, centroids, centroid_outputs, compensate: bool):
+    def forward(ctx, tokens, slot, centroids, centroid_outputs, compensate: bool, segments):
         tokens, centroids, centroid_outputs = tokens.contiguous(), centroids.contiguous(), centroid_outputs.contiguous()
         n, d = tokens.shape
         num_slots = centroids.shape[0]
-        order, bounds = slot_segments(slot, num_slots)
+        order, bounds = segments if segments is not None else slot_segments(slot, num_slots)
         out_dtype = torch.promote_types(tokens.dtype, centroid_outputs.dtype) if compensate else centroid_outputs.dtype
         out = torch.empty(n, d, dtype=out_dtype, device=tokens.device)
         rows, block_d, warps = _launch_shape(d)
@@ -332,60 +488,131 @@ class _ExpandWithResidual(torch.autograd.Function):
                 grad_out.stride(0), grad_tokens.stride(0), grad_y.stride(0), grad_c.stride(0),
                 COMPENSATE=compensate, ROWS=rows, BLOCK_D=block_d, num_warps=warps)
         _zero_scratch_rows(grad_tokens, order, bounds, num_slots)
-        return grad_tokens, None, grad_c, grad_y, None
+        return grad_tokens, None, grad_c, grad_y, None, None
 
 
 # -- the four ops -----------------------------------------------------------------------------------------------------
-def centroids_by_slot(tokens: torch.Tensor, slot: torch.Tensor, num_slots: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Fused `clustering.centroids_by_slot`: one read of every token row, one write of every centroid row."""
-    return _CentroidsBySlot.apply(tokens, slot, num_slots)
+def centroids_by_slot(tokens: torch.Tensor, slot: torch.Tensor, num_slots: int,
+                      segments: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fused `clustering.centroids_by_slot`: one read of every token row, one write of every centroid row.
+
+    `segments`: the CSR view of `slot` from the fused assignment; without it, one sort of `slot` builds it.
+    """
+    return _CentroidsBySlot.apply(tokens, slot, num_slots, segments)
 
 
 def expand_with_residual(tokens: torch.Tensor, slot: torch.Tensor, centroids: torch.Tensor,
-                         centroid_outputs: torch.Tensor, counts: torch.Tensor,
-                         error_compensation: bool) -> torch.Tensor:
+                         centroid_outputs: torch.Tensor, counts: torch.Tensor, error_compensation: bool,
+                         segments: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """Fused `clustering.expand_with_residual`: gather + residual in one pass.
 
     `counts` must be the counts of `slot` (as `centroids_by_slot` returns them): the kernel reads the same
     numbers off the slot segments instead.
     """
-    return _ExpandWithResidual.apply(tokens, slot, centroids, centroid_outputs, bool(error_compensation))
+    return _ExpandWithResidual.apply(tokens, slot, centroids, centroid_outputs, bool(error_compensation), segments)
+
+
+def _hash_rows(tokens: torch.Tensor, projections: torch.Tensor, config: LSHMoEConfig, out: torch.Tensor, *,
+               groups: Optional[torch.Tensor] = None, group_size: int = 0, valid: Optional[torch.Tensor] = None,
+               num_groups: int = 1, keys: bool = False) -> torch.Tensor:
+    """One cuBLAS matmul, then group sums and the packed argmax codes (or sort keys) in two kernels.
+
+    Groups come from `groups` (one id per row) or, when group_size > 0, from the row index (fixed layout).
+    """
+    projected = tokens.matmul(projections.to(tokens.dtype)).contiguous()
+    n = projected.shape[0]
+    if n == 0:
+        return out
+    width = projection_width(config)
+    total_width = config.num_hashes * width
+    fixed_groups = group_size > 0
+    center = fixed_groups or groups is not None
+    group_arg = groups.contiguous() if groups is not None else out  # unread when the groups are fixed
+    # One zeroed buffer (one launch) holds the group sums (G, total_width) and then the group counts (G,).
+    groups_alloc = max(num_groups, 1)
+    scratch = torch.zeros(groups_alloc * (total_width + 1), dtype=torch.float32, device=tokens.device)
+    sums_arg, counts_arg = scratch[:groups_alloc * total_width], scratch[groups_alloc * total_width:]
+    block_n = 64
+    if center:
+        _group_sums_kernel[(triton.cdiv(n, block_n),)](
+            projected, group_arg, valid if valid is not None else out, sums_arg, counts_arg, n, total_width,
+            max(group_size, 1), HAS_WEIGHT=valid is not None, FIXED_GROUPS=fixed_groups, BLOCK_N=block_n,
+            BLOCK_W=triton.next_power_of_2(total_width), num_warps=4)
+    sentinel = num_groups << (config.num_hashes * config.code_bits_per_hash)
+    _codes_kernel[(triton.cdiv(n, block_n),)](
+        projected, group_arg, sums_arg, counts_arg, valid if valid is not None else out, out, n, max(group_size, 1),
+        sentinel, NUM_HASHES=config.num_hashes, WIDTH=width, BITS=config.code_bits_per_hash,
+        CROSS=config.hash_type == "cross_polytope", CENTER=center, FIXED_GROUPS=fixed_groups, KEYS=keys,
+        BLOCK_N=block_n, BLOCK_H=triton.next_power_of_2(config.num_hashes), BLOCK_W=triton.next_power_of_2(width),
+        num_warps=4)
+    return out
 
 
 def lsh_codes(tokens: torch.Tensor, projections: torch.Tensor, config: LSHMoEConfig,
               groups: Optional[torch.Tensor] = None, valid: Optional[torch.Tensor] = None,
               num_groups: int = 1) -> torch.Tensor:
-    """`hashing.lsh_codes`: one cuBLAS matmul, then group sums and the packed argmax codes in two kernels."""
-    projected = tokens.matmul(projections.to(tokens.dtype)).contiguous()
-    n = projected.shape[0]
-    width = projection_width(config)
-    total_width = config.num_hashes * width
-    codes = torch.empty(n, dtype=torch.int64, device=tokens.device)
-    if n == 0:
-        return codes
-    center = groups is not None
-    sums = torch.zeros(max(num_groups, 1), total_width, dtype=torch.float32, device=tokens.device)
-    counts = torch.zeros(max(num_groups, 1), dtype=torch.float32, device=tokens.device)
-    if center:
-        groups = groups.contiguous()
-        weight = valid.contiguous() if valid is not None else groups
-        block_n = 64
-        _group_sums_kernel[(triton.cdiv(n, block_n),)](
-            projected, groups, weight, sums, counts, n, total_width, HAS_WEIGHT=valid is not None,
-            BLOCK_N=block_n, BLOCK_W=triton.next_power_of_2(total_width), num_warps=4)
-    block_n = 64
-    _codes_kernel[(triton.cdiv(n, block_n),)](
-        projected, groups if center else codes, sums, counts, codes, n,
-        NUM_HASHES=config.num_hashes, WIDTH=width, BITS=config.code_bits_per_hash,
-        CROSS=config.hash_type == "cross_polytope", CENTER=center, BLOCK_N=block_n,
-        BLOCK_H=triton.next_power_of_2(config.num_hashes), BLOCK_W=triton.next_power_of_2(width), num_warps=4)
-    return codes
+    """`hashing.lsh_codes`: bucket codes (N,) of tokens (N, d), centred on their group's mean when grouped."""
+    codes = torch.empty(tokens.shape[0], dtype=torch.int64, device=tokens.device)
+    return _hash_rows(tokens, projections, config, codes, groups=groups, valid=valid, num_groups=num_groups)
+
+
+def _assign(keys: torch.Tensor, valid: torch.Tensor, config: LSHMoEConfig, num_groups: int, *, group_size: int = 0,
+            slots_per_group: int = 0, group_end: Optional[torch.Tensor] = None,
+            budget: Optional[torch.Tensor] = None) -> clustering.Clusters:
+    """Sort the keys once, then one program per group numbers its clusters (`_assign_kernel`)."""
+    n = keys.shape[0]
+    _, order = torch.sort(keys, stable=True)  # stable: the tokens of a cluster keep input order (deterministic sums)
+    sorted_keys = keys[order] if n else keys
+    valid = valid.contiguous()
+    clusters = torch.empty(num_groups, dtype=torch.int64, device=keys.device)
+    levels = triton.next_power_of_2(config.num_hashes + 1)
+    meta = dict(NUM_HASHES=config.num_hashes, BITS=config.code_bits_per_hash, LEVELS=levels,
+                FIXED=group_end is None, BLOCK=max(64, 4096 // levels), num_warps=4)
+    fixed = group_end is None
+    dummy = clusters
+    if fixed:
+        num_slots = num_groups * slots_per_group
+        slot_end = dummy
+    else:
+        # First pass: clusters per group, to pack the slots; their total is the one host sync of this layout.
+        _assign_kernel[(num_groups,)](sorted_keys, order, valid, group_end, budget, dummy, dummy, dummy, clusters,
+                                      n, 1, 1, 0, WRITE=False, **meta)
+        slot_end = torch.cumsum(clusters, 0)
+        num_slots = int(slot_end[-1]) if num_groups else 0
+    slot = torch.empty(n, dtype=torch.int64, device=keys.device)
+    bounds = torch.empty(num_slots + 2, dtype=torch.int64, device=keys.device)
+    _assign_kernel[(num_groups,)](sorted_keys, order, valid, group_end if not fixed else dummy,
+                                  budget if not fixed else dummy, slot_end, slot, bounds, clusters, n,
+                                  max(group_size, 1), max(slots_per_group, 1), num_slots, WRITE=True, **meta)
+    return clustering.Clusters(slot, num_slots, clusters, (order, bounds))
+
+
+def cluster_fixed(tokens: torch.Tensor, valid: torch.Tensor, projections: torch.Tensor, config: LSHMoEConfig,
+                  num_groups: int, group_size: int, slots_per_group: int) -> clustering.Clusters:
+    """Fused `clustering.cluster_fixed`: matmul, group sums, sort keys, one sort, one assignment; no host sync."""
+    keys = torch.empty(tokens.shape[0], dtype=torch.int64, device=tokens.device)
+    _hash_rows(tokens, projections, config, keys, group_size=group_size, valid=valid, num_groups=num_groups,
+               keys=True)
+    return _assign(keys, valid, config, num_groups, group_size=group_size, slots_per_group=slots_per_group)
+
+
+def cluster_variable(tokens: torch.Tensor, tokens_per_group: torch.Tensor, valid: torch.Tensor,
+                     projections: torch.Tensor, config: LSHMoEConfig, budget: torch.Tensor) -> clustering.Clusters:
+    """Fused `clustering.cluster_variable`; the one host sync is the packed slot count."""
+    num_groups = tokens_per_group.numel()
+    group_end = torch.cumsum(tokens_per_group.to(device=tokens.device, dtype=torch.int64), 0)
+    groups = torch.repeat_interleave(torch.arange(num_groups, device=tokens.device), tokens_per_group,
+                                     output_size=tokens.shape[0])
+    keys = torch.empty(tokens.shape[0], dtype=torch.int64, device=tokens.device)
+    _hash_rows(tokens, projections, config, keys, groups=groups, valid=valid, num_groups=num_groups, keys=True)
+    return _assign(keys, valid, config, num_groups, group_end=group_end, budget=budget.contiguous())
 
 
 OPS = SimpleNamespace(
     name="triton",
     lsh_codes=lsh_codes,
-    assign_clusters=clustering.assign_clusters,
+    cluster_fixed=cluster_fixed,
+    cluster_variable=cluster_variable,
     centroids_by_slot=centroids_by_slot,
     expand_with_residual=expand_with_residual,
 )

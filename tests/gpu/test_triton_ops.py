@@ -3,6 +3,7 @@
 References run in float64 on the same inputs; errors are ‖out − ref‖ / ‖ref‖. Outputs are poisoned (NaN-filled
 memory freed just before the call) so an unwritten element shows up as NaN.
 """
+import math
 import os
 
 import pytest
@@ -142,6 +143,108 @@ def test_compressor_fixed_round_trip_matches_reference(dtype):
     ref_out.backward(grad.double().reshape(-1, d))
     assert rel_err(out.reshape(-1, d), ref_out) < 2 * TOL[dtype]
     assert rel_err(dispatched.grad, ref_in.grad) < 2 * TOL[dtype]
+
+
+def random_codes(n: int, config: LSHMoEConfig, distinct: int, gen: torch.Generator) -> torch.Tensor:
+    """Codes drawn from `distinct` random full codes: few distinct -> deep levels fit, many -> only coarse ones."""
+    digits = torch.randint(0, 2 * config.hash_dim, (distinct, config.num_hashes), generator=gen)
+    shifts = torch.arange(config.num_hashes - 1, -1, -1) * config.code_bits_per_hash
+    pool = (digits << shifts).sum(-1)
+    return pool[torch.randint(0, distinct, (n,), generator=gen)]
+
+
+def check_segments(clusters, n: int) -> None:
+    """The CSR the fused assignment hands to the segment kernels describes exactly `slot`."""
+    order, bounds = (t.cpu() for t in clusters.segments)
+    slot = clusters.slot.cpu()
+    assert torch.equal(torch.sort(order).values, torch.arange(n)), "order is not a permutation"
+    assert bounds[0] == 0 and bounds[-1] == n and torch.all(bounds[1:] >= bounds[:-1])
+    owner = torch.repeat_interleave(torch.arange(clusters.num_slots + 1), bounds[1:] - bounds[:-1])
+    assert torch.equal(slot[order], owner)
+
+
+ASSIGN_CASES = [  # experts, capacity, distinct codes, valid fraction, rate
+    (4, 64, 5, 0.8, 0.2), (4, 64, 200, 0.9, 0.2), (3, 50, 1, 1.0, 0.1), (5, 40, 40, 0.1, 0.2),
+    (6, 33, 3, 0.7, 0.5), (2, 100, 100, 1.0, 1.0), (3, 300, 60, 0.6, 0.05)]
+if not SMALL:
+    ASSIGN_CASES += [(8, 5120, 700, 0.8, 0.2), (64, 640, 90, 0.8, 0.1), (8, 4096, 4096, 1.0, 0.3)]
+
+
+@pytest.mark.parametrize("num_hashes,hash_dim", [(6, 8), (2, 4), (13, 2)])
+@pytest.mark.parametrize("experts,capacity,distinct,valid_fraction,rate", ASSIGN_CASES)
+def test_fused_assignment_gives_the_reference_slots(experts, capacity, distinct, valid_fraction, rate, num_hashes,
+                                                    hash_dim):
+    """Fixed layout, from the same codes: every token's slot and every expert's cluster count are identical."""
+    config = LSHMoEConfig(num_hashes=num_hashes, hash_dim=hash_dim, compression_rate=rate)
+    gen = torch.Generator().manual_seed(experts * capacity + distinct + num_hashes)
+    n = experts * capacity
+    codes = random_codes(n, config, distinct, gen)
+    valid = torch.rand(n, generator=gen) < valid_fraction
+    valid[:capacity] = False  # the first expert receives nothing
+    groups = torch.arange(experts).repeat_interleave(capacity)
+    slots = max(1, math.ceil(rate * capacity - 1e-9))
+    budget = torch.full((experts,), slots)
+    local, ref_clusters = clustering.assign_clusters(codes, groups, valid, budget, experts,
+                                                     config.code_bits_per_hash, num_hashes)
+    ref_slot = torch.where(valid, groups * slots + local, torch.full_like(local, experts * slots))
+
+    code_bits = num_hashes * config.code_bits_per_hash
+    keys = torch.where(valid, (groups << code_bits) | codes, torch.full_like(codes, experts << code_bits))
+    fused = triton_ops._assign(keys.to(DEVICE), valid.to(DEVICE), config, experts, group_size=capacity,
+                               slots_per_group=slots)
+    assert fused.num_slots == experts * slots
+    assert torch.equal(fused.slot.cpu(), ref_slot)
+    assert torch.equal(fused.clusters_per_group.cpu(), ref_clusters)
+    check_segments(fused, n)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fused_variable_assignment_gives_the_reference_slots(seed):
+    """Variable layout (groups of any size, some empty, budget per group), packed slots: identical to reference."""
+    config = LSHMoEConfig(num_hashes=6, hash_dim=8, compression_rate=0.2)
+    gen = torch.Generator().manual_seed(100 + seed)
+    groups_n = 5 if SMALL else 32
+    sizes = torch.randint(0, 120 if SMALL else 3000, (groups_n,), generator=gen)
+    sizes[seed % groups_n] = 0
+    n = int(sizes.sum())
+    codes = random_codes(n, config, [3, 30, 300, 3000][seed], gen)
+    valid = torch.ones(n, dtype=torch.bool) if seed % 2 == 0 else torch.rand(n, generator=gen) < 0.9
+    budget = torch.ceil(sizes.double() * 0.2 - 1e-9).long().clamp(min=1)
+    groups = torch.repeat_interleave(torch.arange(groups_n), sizes)
+    local, ref_clusters = clustering.assign_clusters(codes, groups, valid, budget, groups_n,
+                                                     config.code_bits_per_hash, 6)
+    offsets = torch.cumsum(ref_clusters, 0) - ref_clusters
+    ref_num_slots = int(ref_clusters.sum())
+    ref_slot = torch.where(valid, offsets[groups] + local, torch.full_like(local, ref_num_slots))
+
+    code_bits = 6 * config.code_bits_per_hash
+    keys = torch.where(valid, (groups << code_bits) | codes, torch.full_like(codes, groups_n << code_bits))
+    fused = triton_ops._assign(keys.to(DEVICE), valid.to(DEVICE), config, groups_n,
+                               group_end=torch.cumsum(sizes, 0).to(DEVICE), budget=budget.to(DEVICE))
+    assert fused.num_slots == ref_num_slots
+    assert torch.equal(fused.slot.cpu(), ref_slot)
+    assert torch.equal(fused.clusters_per_group.cpu(), ref_clusters)
+    check_segments(fused, n)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_cluster_fixed_end_to_end(dtype):
+    """Hash + sort keys + assign against the reference composite: the same slots wherever the codes agree (group
+    means are float atomics, so a near-tie may flip a code, rarely), and a CSR that matches the slots."""
+    config = LSHMoEConfig(compression_rate=0.2)
+    experts, capacity, d = (3, 64, 64) if SMALL else (8, 2048, 1024)
+    gen = torch.Generator().manual_seed(11)
+    centres = torch.randn(experts, 6, d, generator=gen)
+    tokens = (centres[torch.arange(experts).repeat_interleave(capacity), torch.randint(0, 6, (experts * capacity,),
+              generator=gen)] + 0.3 * torch.randn(experts * capacity, d, generator=gen)).to(DEVICE, dtype)
+    valid = (torch.rand(experts * capacity, generator=gen) < 0.8).to(DEVICE)
+    projections = hashing.hash_projections(config, d, 0).to(DEVICE)
+    slots = math.ceil(0.2 * capacity)
+    fused = triton_ops.cluster_fixed(tokens, valid, projections, config, experts, capacity, slots)
+    ref = clustering.cluster_fixed(tokens, valid, projections, config, experts, capacity, slots)
+    check_segments(fused, experts * capacity)
+    assert (fused.slot == ref.slot).float().mean() > 0.99
+    assert torch.all(fused.slot[~valid] == experts * slots)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="dispatch to the kernels needs a CUDA device")

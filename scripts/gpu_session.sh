@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine (no network, Python 3.12, torch + triton preinstalled): install the carried
+# wheels (.whl: deepspeed and its missing dependencies, see docs/benchmarks.md) and this checkout, then run the
+# named stages in order, each logged under $OUT. State that later calls of the same lease reuse lives in /root:
+# the installed packages, the tokenized corpus cache and the quality study's runs.
+#
+#   bash scripts/gpu_session.sh tests bench-compressor quality:gpt-main:500 ...
+#
+# Stages: corpus (in the background) | tests | bench-compressor | bench-layer | bench-gpt | quality:<study>:<seconds>
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu_session_out}
+mkdir -p "$OUT/logs"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+if [ ! -f /root/site/.installed ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /root/site .whl/*.whl \
+        && touch /root/site/.installed || exit 1
+fi
+export PYTHONPATH=/root/site PATH=/root/site/bin:$PATH
+# The checkout itself, installed as the README's layout (lshmoe_plugin.patches from patches/), every call.
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade --target /root/plugin . \
+    >"$OUT/logs/install.log" 2>&1 || { cat "$OUT/logs/install.log"; exit 1; }
+export PYTHONPATH=/root/plugin:/root/site
+cp docs/benchmarks.md "$OUT/benchmarks.md"
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv >"$OUT/logs/gpu.txt" 2>&1
+
+QUALITY_ROOT=/root/quality
+quality() {  # quality:<study>:<seconds>
+    local study=$1 seconds=$2 common=(--root "$QUALITY_ROOT" --deadline_s "$seconds")
+    case "$study" in
+        timing) python3 scripts/compare_quality.py run --model gpt --preset gpt-moe-135m --variants stock lsh \
+                    --seeds 1 --tokens 1.5e6 --evals 1 --eval_iters 4 --concurrency 1 --root /root/quality_timing \
+                    --deadline_s "$seconds" ;;
+        gpt-main) python3 scripts/compare_quality.py run --model gpt --preset gpt-moe-135m \
+                    --variants stock lsh lsh_no_ec --seeds 1 2 3 --tokens "${GPT_TOKENS:-20e6}" \
+                    --concurrency "${CONCURRENCY:-3}" "${common[@]}" ;;
+        gpt-ablations) python3 scripts/compare_quality.py run --model gpt --preset gpt-moe-135m \
+                    --variants rate_0.1 rate_0.3 rate_0.5 hashes_2 hashes_4 hashes_8 spherical --seeds 1 \
+                    --tokens "${GPT_TOKENS:-20e6}" --concurrency "${CONCURRENCY:-3}" "${common[@]}" ;;
+        t5-main) python3 scripts/compare_quality.py run --model t5 --preset t5-moe-140m --variants stock lsh \
+                    --seeds 1 2 --tokens "${T5_TOKENS:-10e6}" --concurrency "${CONCURRENCY:-4}" "${common[@]}" ;;
+        *) echo "unknown study $study"; return 2 ;;
+    esac
+}
+
+for stage in "$@"; do
+    echo "=== $stage ($(date -u +%H:%M:%S))"
+    case "$stage" in
+        tests) python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/logs/tests.log" | tail -25 ;;
+        bench-compressor) python3 scripts/benchmark_compressor.py --breakdown --rates 0.2 \
+                --report "$OUT/benchmarks.md" --plot "$OUT/compressor_vs_floor.png" 2>&1 \
+                | tee "$OUT/logs/bench_compressor.log" | tail -30 ;;
+        bench-layer) python3 scripts/benchmark_moe_layer.py --rates 0.2 --report "$OUT/benchmarks.md" \
+                --plot "$OUT/moe_layer_ep1.png" 2>&1 | tee "$OUT/logs/bench_layer.log" | tail -15 ;;
+        bench-gpt) for preset in "small 16" "gpt-moe-135m 32"; do set -- $preset
+                    python3 scripts/benchmark_gpt_moe.py --preset "$1" --micro-batch "$2" --steps 120 --timed-from 20 \
+                        --report "$OUT/benchmarks.md" 2>&1 | tee -a "$OUT/logs/bench_gpt.log" | tail -5; done ;;
+        corpus) # tokenize the code corpus on the CPUs while the GPU stages run; quality stages wait for it
+                python3 -c "from lshmoe_pretrain.data import cached_preprocess as c; print(c('python-code', 16384))" \
+                    >"$OUT/logs/corpus.log" 2>&1 &
+                CORPUS_PID=$! ;;
+        quality:*) [ -n "${CORPUS_PID:-}" ] && wait "$CORPUS_PID"
+                IFS=: read -r _ study seconds <<<"$stage"
+                quality "$study" "$seconds" 2>&1 | tee -a "$OUT/logs/quality_$study.log" | tail -20 ;;
+        *) echo "unknown stage $stage" ;;
+    esac
+done
+# The quality runs' records (not their checkpoints) come back in one file.
+if [ -d "$QUALITY_ROOT" ] || [ -d /root/quality_timing ]; then
+    tar czf "$OUT/quality_runs.tgz" --exclude=checkpoints --exclude=monitor -C /root \
+        $(cd /root && ls -d quality quality_timing 2>/dev/null) 2>/dev/null
+fi
+tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$OUT/logs"
+echo "=== done ($(date -u +%H:%M:%S))"
