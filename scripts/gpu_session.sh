@@ -23,6 +23,7 @@ export PYTHONPATH=/root/plugin:/root/site
 cp docs/benchmarks.md "$OUT/benchmarks.md"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv >"$OUT/logs/gpu.txt" 2>&1
 
+nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv -l 15 >"$OUT/logs/gpu_use.csv" 2>&1 &
 QUALITY_ROOT=/root/quality
 quality() {  # quality:<study>:<seconds>
     local study=$1 seconds=$2 common=(--root "$QUALITY_ROOT" --deadline_s "$seconds")
@@ -31,13 +32,15 @@ quality() {  # quality:<study>:<seconds>
                     --seeds 1 --tokens 1.5e6 --evals 1 --eval_iters 4 --concurrency 1 --root /root/quality_timing \
                     --deadline_s "$seconds" ;;
         gpt-main) python3 scripts/compare_quality.py run --model gpt --preset gpt-moe-135m \
-                    --variants stock lsh lsh_no_ec --seeds 1 2 3 --tokens "${GPT_TOKENS:-20e6}" \
-                    --concurrency "${CONCURRENCY:-3}" "${common[@]}" ;;
+                    --variants stock lsh lsh_no_ec --seeds 1 2 3 --tokens "${GPT_TOKENS:-10e6}" --evals 6 \
+                    --eval_iters 8 --concurrency "${CONCURRENCY:-9}" "${common[@]}" ;;
         gpt-ablations) python3 scripts/compare_quality.py run --model gpt --preset gpt-moe-135m \
                     --variants rate_0.1 rate_0.3 rate_0.5 hashes_2 hashes_4 hashes_8 spherical --seeds 1 \
-                    --tokens "${GPT_TOKENS:-20e6}" --concurrency "${CONCURRENCY:-3}" "${common[@]}" ;;
+                    --tokens "${GPT_TOKENS:-10e6}" --evals 6 --eval_iters 8 --concurrency "${CONCURRENCY:-7}" \
+                    "${common[@]}" ;;
         t5-main) python3 scripts/compare_quality.py run --model t5 --preset t5-moe-140m --variants stock lsh \
-                    --seeds 1 2 --tokens "${T5_TOKENS:-10e6}" --concurrency "${CONCURRENCY:-4}" "${common[@]}" ;;
+                    --seeds 1 2 --tokens "${T5_TOKENS:-6e6}" --evals 6 --eval_iters 8 \
+                    --concurrency "${CONCURRENCY:-4}" "${common[@]}" ;;
         *) echo "unknown study $study"; return 2 ;;
     esac
 }
@@ -45,7 +48,9 @@ quality() {  # quality:<study>:<seconds>
 for stage in "$@"; do
     echo "=== $stage ($(date -u +%H:%M:%S))"
     case "$stage" in
-        tests) python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/logs/tests.log" | tail -25 ;;
+        # pytest's entry point, not `python -m pytest`: that would put the checkout's lshmoe_plugin (which has no
+        # patches subpackage until installed) ahead of the installed one.
+        tests) pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/logs/tests.log" | tail -25 ;;
         bench-compressor) python3 scripts/benchmark_compressor.py --breakdown --rates 0.2 \
                 --report "$OUT/benchmarks.md" --plot "$OUT/compressor_vs_floor.png" 2>&1 \
                 | tee "$OUT/logs/bench_compressor.log" | tail -30 ;;
