@@ -59,9 +59,8 @@ def python_source_files(max_file_bytes: int = CODE_FILE_MAX_BYTES) -> List[Tuple
     fixed pseudo-random order that mixes packages, so any prefix of it, and the validation tail, is a sample of all
     of them rather than a few packages.
     """
-    roots = sorted({sysconfig.get_paths()[key] for key in ("stdlib", "purelib", "platlib")})
     by_hash = {}
-    for root in roots:
+    for root in _source_roots():
         for folder, subfolders, files in os.walk(root):
             subfolders[:] = sorted(d for d in subfolders if d != "__pycache__")
             for name in files:
@@ -77,6 +76,10 @@ def python_source_files(max_file_bytes: int = CODE_FILE_MAX_BYTES) -> List[Tuple
                     continue
                 by_hash.setdefault(digest, path)
     return sorted(by_hash.items())
+
+
+def _source_roots() -> List[str]:
+    return sorted({sysconfig.get_paths()[key] for key in ("stdlib", "purelib", "platlib")})
 
 
 def python_sources(max_bytes: int = CODE_CORPUS_BYTES) -> Iterator[str]:
@@ -105,7 +108,10 @@ def python_sources_fingerprint() -> str:
     """Identifies the package set the code corpus is drawn from (interpreter + installed distributions), so a
     cached tokenization is rebuilt when the packages change; cheap, unlike hashing every file."""
     import importlib.metadata
-    names = sorted(f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions())
+    # Only the folders the corpus is read from: `distributions()` would also follow sys.path, which differs
+    # between `python -c` (the current folder first) and a launched script, and would key the cache differently.
+    names = sorted(f"{d.metadata['Name']}=={d.version}"
+                   for d in importlib.metadata.distributions(path=_source_roots()))
     return hashlib.sha1("\n".join([sys.version, str(CODE_CORPUS_BYTES)] + names).encode()).hexdigest()[:10]
 
 

@@ -1,6 +1,7 @@
 """Text -> tokenizer + Megatron indexed dataset, the work of scripts/preprocess_data.py, with a cache."""
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import itertools
 import json
@@ -76,14 +77,18 @@ def cached_preprocess(source: str = DEFAULT_CORPUS, vocab_size: int = 4096, toke
     key = json.dumps([source, vocab_size, tokenizer_path and os.path.abspath(tokenizer_path), content])
     prefix = os.path.join(cache_dir, f"{_slug(source)}-{vocab_size}-{hashlib.sha1(key.encode()).hexdigest()[:10]}")
     done = prefix + ".json"
-    if os.path.isfile(done):
-        with open(done) as f:
-            return PreparedData(**json.load(f))
-    prepared = preprocess(source, prefix, vocab_size, tokenizer_path)
-    with open(done + ".tmp", "w") as f:
-        json.dump(prepared.__dict__, f)
-    os.replace(done + ".tmp", done)  # atomic: a crash never leaves a cache entry without its files
-    return prepared
+    os.makedirs(cache_dir, exist_ok=True)
+    # Separate jobs (a study's concurrent runs) may ask for the same entry at once: one builds, the others wait.
+    with open(prefix + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.isfile(done):
+            with open(done) as f:
+                return PreparedData(**json.load(f))
+        prepared = preprocess(source, prefix, vocab_size, tokenizer_path)
+        with open(done + ".tmp", "w") as f:
+            json.dump(prepared.__dict__, f)
+        os.replace(done + ".tmp", done)  # atomic: a crash never leaves a cache entry without its files
+        return prepared
 
 
 def _slug(source: str) -> str:
