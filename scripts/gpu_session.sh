@@ -25,6 +25,11 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv >"$OU
 
 nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv -l 15 >"$OUT/logs/gpu_use.csv" 2>&1 &
 QUALITY_ROOT=/root/quality
+# A fresh machine continues a study from the records an earlier lease brought back (carry .device_state): runs
+# found finished are skipped; unfinished ones start over (their checkpoints never come back).
+if [ ! -d "$QUALITY_ROOT" ] && [ -f .device_state/quality_runs.tgz ]; then
+    tar xzf .device_state/quality_runs.tgz -C /root
+fi
 quality() {  # quality:<study>:<seconds>
     local study=$1 seconds=$2 common=(--root "$QUALITY_ROOT" --deadline_s "$seconds")
     case "$study" in
