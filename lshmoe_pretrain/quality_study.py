@@ -58,6 +58,7 @@ class StudyPlan:
     output_root: str
     base_config: str
     data: str = "python-code"
+    data_prefix: Optional[str] = None   # a preprocessed PREFIX.bin/.idx (+ PREFIX.tokenizer.json) instead of `data`
     vocab_size: int = 16384
     micro_batch: int = 32
     lr: float = 6e-4
@@ -129,7 +130,8 @@ def launch_command(plan: StudyPlan, variant: str, seed: int, config_path: str, p
     save_every = plan.save_every or max(1, steps // 4)
     command = ["deepspeed", "--num_gpus", str(plan.num_gpus), "--master_port", str(port),
                os.path.join(REPO, "scripts", f"pretrain_{plan.model_kind}_moe.py"),
-               "--deepspeed_config", config_path, "--preset", plan.preset, "--data", plan.data,
+               "--deepspeed_config", config_path, "--preset", plan.preset,
+               *(["--data_prefix", plan.data_prefix] if plan.data_prefix else ["--data", plan.data]),
                "--vocab_size", str(plan.vocab_size), "--train_steps", str(steps),
                "--eval_interval", str(max(1, steps // plan.evals)), "--eval_iters", str(plan.eval_iters),
                "--log_interval", str(max(1, steps // 20)), "--save_interval", str(save_every),
@@ -148,10 +150,16 @@ def run_study(plan: StudyPlan, log=print, deadline_s: Optional[float] = None) ->
     run finished.
     """
     started_at = time.time()
-    from .data import cached_preprocess
-    # Build the tokenized corpus once here: concurrent jobs must not race to write the same cache.
-    prepared = cached_preprocess(plan.data, plan.vocab_size)
-    log(f"data {plan.data}: {prepared.prefix}.bin, vocab {prepared.vocab_size}")
+    if plan.data_prefix:
+        for suffix in (".bin", ".idx", ".tokenizer.json"):
+            if not os.path.isfile(plan.data_prefix + suffix):
+                raise StudyError(f"--data_prefix {plan.data_prefix!r}: {plan.data_prefix + suffix} does not exist")
+        log(f"data {plan.data_prefix}.bin")
+    else:
+        from .data import cached_preprocess
+        # Build the tokenized corpus once here: concurrent jobs must not race to write the same cache.
+        prepared = cached_preprocess(plan.data, plan.vocab_size)
+        log(f"data {plan.data}: {prepared.prefix}.bin, vocab {prepared.vocab_size}")
     os.makedirs(plan.output_root, exist_ok=True)
     pending = [(v, s) for s in plan.seeds for v in plan.variants
                if not finished(plan.run_dir(v, s), plan.train_steps())]
@@ -241,9 +249,13 @@ class VariantResult:
         return statistics.fmean(self.valid[s][i] for s in self.seeds)
 
 
-def load_variant(root: str, model_kind: str, variant: str) -> Optional[VariantResult]:
-    """The finished runs of one variant under ``root/model_kind/variant/seed*`` (None when there are none)."""
-    seeds, valid, compressed, rates, residuals, steps_ms, info, token_axis = [], {}, {}, [], [], [], {}, None
+def load_variant(root: str, model_kind: str, variant: str, partial: bool = False) -> Optional[VariantResult]:
+    """The runs of one variant under ``root/model_kind/variant/seed*`` (None when there are none).
+
+    Only finished runs count, unless `partial`: then every run with at least one evaluation counts, cut to the
+    evaluations all of its seeds reached (a study stopped by its deadline is compared at equal tokens).
+    """
+    curves = {}  # seed -> (evaluated records, run info, tail records)
     for run_dir in sorted(glob.glob(os.path.join(root, model_kind, variant, "seed*"))):
         records = read_metrics(run_dir)
         run_info_path = os.path.join(run_dir, "run.json")
@@ -251,20 +263,27 @@ def load_variant(root: str, model_kind: str, variant: str) -> Optional[VariantRe
             continue
         with open(run_info_path) as f:
             run_info = json.load(f)
-        if records[-1]["step"] < run_info["train_steps"] or "valid_loss" not in records[-1]:
-            continue  # unfinished
-        seed = int(os.path.basename(run_dir)[4:])
+        done = records[-1]["step"] >= run_info["train_steps"] and "valid_loss" in records[-1]
         evaluated = [r for r in records if "valid_loss" in r]
+        if not evaluated or not (done or partial):
+            continue
+        curves[int(os.path.basename(run_dir)[4:])] = (evaluated, run_info, records[len(records) // 10:])
+    if not curves:
+        return None
+    length = min(len(evaluated) for evaluated, _, _ in curves.values())
+    seeds, valid, compressed, rates, residuals, steps_ms, token_axis, info = [], {}, {}, [], [], [], None, {}
+    for seed, (evaluated, run_info, tail) in sorted(curves.items()):
+        evaluated = evaluated[:length]
         tokens = [r["step"] * run_info["tokens_per_step"] for r in evaluated]
         if token_axis is None:
             token_axis, info = tokens, run_info
         if tokens != token_axis:
-            raise StudyError(f"{run_dir}: evaluated at other token counts than the other seeds of {variant}")
+            raise StudyError(f"{os.path.join(root, model_kind, variant)}/seed{seed}: evaluated at other token "
+                             f"counts than the other seeds of {variant}")
         seeds.append(seed)
         valid[seed] = [r["valid_loss"] for r in evaluated]
         if all("valid_loss_compressed" in r for r in evaluated):
             compressed[seed] = [r["valid_loss_compressed"] for r in evaluated]
-        tail = records[len(records) // 10:]
         steps_ms.append(1000 * statistics.median(r["step_time_s"] for r in tail))
         rate_values = [r["lsh_moe/mean/compression_rate"] for r in tail if "lsh_moe/mean/compression_rate" in r]
         if rate_values:
@@ -273,17 +292,26 @@ def load_variant(root: str, model_kind: str, variant: str) -> Optional[VariantRe
                            if "lsh_moe/mean/relative_residual_norm" in r]
         if residual_values:
             residuals.append(statistics.fmean(residual_values))
-    if not seeds:
-        return None
     return VariantResult(variant, seeds, token_axis, valid, compressed,
                          statistics.fmean(rates) if rates else None,
                          statistics.fmean(residuals) if residuals else None, statistics.median(steps_ms), info)
 
 
-def aggregate(root: str, model_kind: str, variants: Sequence[str]) -> List[VariantResult]:
-    results = [r for r in (load_variant(root, model_kind, v) for v in variants) if r is not None]
+def aggregate(root: str, model_kind: str, variants: Sequence[str], partial: bool = False) -> List[VariantResult]:
+    """Every variant's result; with `partial`, all cut to the evaluations every variant reached, so that each
+    table row and curve compares equal token counts."""
+    results = [r for r in (load_variant(root, model_kind, v, partial) for v in variants) if r is not None]
     if not results:
-        raise StudyError(f"no finished runs under {os.path.join(root, model_kind)} for variants {list(variants)}")
+        raise StudyError(f"no {'evaluated' if partial else 'finished'} runs under {os.path.join(root, model_kind)} "
+                         f"for variants {list(variants)}")
+    length = min(len(r.tokens) for r in results)
+    for r in results:
+        if r.tokens[:length] != results[0].tokens[:length]:
+            raise StudyError(f"variant {r.name} was evaluated at other token counts than {results[0].name}: "
+                             f"the runs of one report must share --tokens, --evals and the batch size")
+        r.tokens = r.tokens[:length]
+        r.valid = {s: v[:length] for s, v in r.valid.items()}
+        r.valid_compressed = {s: v[:length] for s, v in r.valid_compressed.items()}
     return results
 
 
@@ -361,11 +389,15 @@ def plot(results: List[VariantResult], path: str, title: str) -> None:
 def describe(results: List[VariantResult]) -> str:
     info = results[0].info
     lsh = info["lsh_moe"]
-    trained = info["train_steps"] * info["tokens_per_step"]
+    planned = info["train_steps"] * info["tokens_per_step"]
+    trained = results[0].tokens[-1]
     passes = trained / info["train_tokens"]
     repeats = "never repeated" if passes <= 1 else f"{passes:.1f} passes over the data"
+    cut = ("" if trained >= planned else
+           f" (runs planned for {millions(planned)} tokens, whose learning-rate schedule they follow, were stopped "
+           f"by the device-time deadline; every variant is compared at the last evaluation all runs reached)")
     return (f"{info['model_kind'].upper()}-MoE preset `{info['preset']}` ({info['parameters'] / 1e6:.1f}M parameters), "
-            f"{info['train_steps']} steps x {info['tokens_per_step']} tokens = {millions(trained)} training tokens, "
+            f"{info['tokens_per_step']} tokens per step, compared after {millions(trained)} training tokens{cut}, "
             f"{repeats} (the train split holds {millions(info['train_tokens'])} tokens); validation on "
             f"{millions(info['valid_tokens'])} held-out tokens of other files; data `{info['data']}`, vocab "
             f"{info['vocab_size']}; EP={info['ep_size']} on {info['world_size']} {info['device']}; torch "

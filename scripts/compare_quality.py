@@ -47,17 +47,25 @@ def parse_args() -> argparse.Namespace:
     run.add_argument("--root", default="runs/quality")
     run.add_argument("--base_config", default=None, help="default: configs/{model}_moe_gpu.json")
     run.add_argument("--data", default="python-code")
+    run.add_argument("--data_prefix", default=None,
+                     help="a preprocessed PREFIX.bin/.idx with PREFIX.tokenizer.json (scripts/preprocess_data.py), "
+                          "used instead of --data")
     run.add_argument("--vocab_size", type=int, default=16384)
     run.add_argument("--micro_batch", type=int, default=32)
     run.add_argument("--lr", type=float, default=6e-4)
     run.add_argument("--evals", type=int, default=10, help="validation points per run")
     run.add_argument("--eval_iters", type=int, default=32, help="validation micro-batches per point")
+    run.add_argument("--save_every", type=int, default=0,
+                     help="checkpoint interval in steps (0: about every quarter of the run); checkpoints only "
+                          "serve a resume on the same machine")
     run.add_argument("--concurrency", type=int, default=1, help="runs trained at once (they share the device)")
     run.add_argument("--deadline_s", type=float, default=None, help="stop (to resume later) after this many seconds")
     report = sub.add_parser("report", help="aggregate finished runs into docs/quality.md")
     report.add_argument("--model", choices=("gpt", "t5"), default="gpt")
     report.add_argument("--root", default="runs/quality")
     report.add_argument("--variants", nargs="+", default=["stock", "lsh", "lsh_no_ec"])
+    report.add_argument("--partial", action="store_true",
+                        help="also report runs a deadline stopped, all cut to the evaluations every run reached")
     report.add_argument("--section", required=True, help=f"block of docs/quality.md to (re)write, e.g. {list(TITLES)}")
     report.add_argument("--run_command", default=None, help="the command that trained the runs, for the record")
     report.add_argument("--output", default="docs/quality.md")
@@ -68,11 +76,12 @@ def run(args: argparse.Namespace) -> None:
     plan = study.StudyPlan(model_kind=args.model, preset=args.preset, variants=args.variants, seeds=args.seeds,
                            train_tokens=int(args.tokens), output_root=args.root,
                            base_config=args.base_config or f"configs/{args.model}_moe_gpu.json", data=args.data,
+                           data_prefix=args.data_prefix,
                            vocab_size=args.vocab_size, micro_batch=args.micro_batch, lr=args.lr, evals=args.evals,
-                           eval_iters=args.eval_iters, concurrency=args.concurrency)
+                           eval_iters=args.eval_iters, save_every=args.save_every, concurrency=args.concurrency)
     complete = study.run_study(plan, log=lambda line: print(line, flush=True), deadline_s=args.deadline_s)
     try:
-        print(study.gap_table(study.aggregate(args.root, args.model, args.variants)))
+        print(study.gap_table(study.aggregate(args.root, args.model, args.variants, partial=not complete)))
     except study.StudyError as error:
         print(error)
     if not complete:
@@ -80,7 +89,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def report(args: argparse.Namespace) -> None:
-    results = study.aggregate(args.root, args.model, args.variants)
+    results = study.aggregate(args.root, args.model, args.variants, partial=args.partial)
     plot_path = os.path.join(os.path.dirname(args.output) or ".", f"quality_{args.section}.png")
     title = TITLES.get(args.section, args.section)
     study.plot(results, plot_path, title)

@@ -4,9 +4,13 @@
 # named stages in order, each logged under $OUT. State that later calls of the same lease reuse lives in /root:
 # the installed packages, the tokenized corpus cache and the quality study's runs.
 #
-#   bash scripts/gpu_session.sh tests bench-compressor quality:gpt-main:500 ...
+#   bash scripts/gpu_session.sh tests-bg bench-gpt-small quality:gpt-main:400 wait-tests
 #
-# Stages: corpus (in the background) | tests | bench-compressor | bench-layer | bench-gpt | quality:<study>:<seconds>
+# Stages: corpus (in the background) | tests | tests-bg (in the background, alongside what follows) | wait-tests
+#       | bench-compressor | bench-layer | bench-gpt | bench-gpt-small | quality:<study>:<seconds>
+# The quality studies read a corpus carried as .device_data/python_code.{bin,idx,tokenizer.json} when there is one
+# (scripts/preprocess_data.py --input python-code --max_tokens 25e6 --vocab_size 16384 --output_prefix
+# .device_data/python_code, built on the CPU machine); otherwise they tokenize the python-code corpus here.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_session_out}
 mkdir -p "$OUT/logs"
@@ -30,15 +34,18 @@ QUALITY_ROOT=/root/quality
 if [ ! -d "$QUALITY_ROOT" ] && [ -f .device_state/quality_runs.tgz ]; then
     tar xzf .device_state/quality_runs.tgz -C /root
 fi
+DATA=()
+[ -f .device_data/python_code.bin ] && DATA=(--data_prefix .device_data/python_code)
 quality() {  # quality:<study>:<seconds>
-    local study=$1 seconds=$2 common=(--root "$QUALITY_ROOT" --deadline_s "$seconds")
+    local study=$1 seconds=$2 common=(--root "$QUALITY_ROOT" --deadline_s "$seconds" "${DATA[@]}")
     case "$study" in
         timing) python3 scripts/compare_quality.py run --model gpt --preset gpt-moe-135m --variants stock lsh \
                     --seeds 1 --tokens 1.5e6 --evals 1 --eval_iters 4 --concurrency 1 --root /root/quality_timing \
                     --deadline_s "$seconds" ;;
         gpt-main) python3 scripts/compare_quality.py run --model gpt --preset gpt-moe-135m \
-                    --variants stock lsh lsh_no_ec --seeds 1 2 3 --tokens "${GPT_TOKENS:-10e6}" --evals 6 \
-                    --eval_iters 8 --concurrency "${CONCURRENCY:-9}" "${common[@]}" ;;
+                    --variants stock lsh lsh_no_ec --seeds 1 2 3 --tokens "${GPT_TOKENS:-10e6}" \
+                    --evals "${EVALS:-6}" --eval_iters "${EVAL_ITERS:-8}" --save_every "${SAVE_EVERY:-0}" \
+                    --concurrency "${CONCURRENCY:-9}" "${common[@]}" ;;
         gpt-ablations) python3 scripts/compare_quality.py run --model gpt --preset gpt-moe-135m \
                     --variants rate_0.1 rate_0.3 rate_0.5 hashes_2 hashes_4 hashes_8 spherical --seeds 1 \
                     --tokens "${GPT_TOKENS:-10e6}" --evals 6 --eval_iters 8 --concurrency "${CONCURRENCY:-7}" \
@@ -50,12 +57,24 @@ quality() {  # quality:<study>:<seconds>
     esac
 }
 
+snapshot_records() {  # the quality runs' records (not their checkpoints), in one file
+    if [ -d "$QUALITY_ROOT" ] || [ -d /root/quality_timing ]; then
+        tar czf "$OUT/.quality_runs.tgz" --exclude=checkpoints --exclude=monitor -C /root \
+            $(cd /root && ls -d quality quality_timing 2>/dev/null) 2>/dev/null && mv "$OUT/.quality_runs.tgz" "$OUT/quality_runs.tgz"
+    fi
+}
+
 for stage in "$@"; do
     echo "=== $stage ($(date -u +%H:%M:%S))"
     case "$stage" in
         # pytest's entry point, not `python -m pytest`: that would put the checkout's lshmoe_plugin (which has no
         # patches subpackage until installed) ahead of the installed one.
         tests) pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/logs/tests.log" | tail -25 ;;
+        tests-bg) timeout "${TESTS_TIMEOUT:-300}" pytest -q -p no:cacheprovider tests/gpu >"$OUT/logs/tests.log" 2>&1 &
+                TESTS_PID=$! ;;
+        wait-tests) [ -n "${TESTS_PID:-}" ] && wait "$TESTS_PID"; echo "gpu tests exit $?"; tail -25 "$OUT/logs/tests.log" ;;
+        bench-gpt-small) python3 scripts/benchmark_gpt_moe.py --preset small --micro-batch 16 --steps 80 \
+                --timed-from 20 --report "$OUT/benchmarks.md" 2>&1 | tee -a "$OUT/logs/bench_gpt.log" | tail -5 ;;
         bench-compressor) python3 scripts/benchmark_compressor.py --breakdown --rates 0.2 \
                 --report "$OUT/benchmarks.md" --plot "$OUT/compressor_vs_floor.png" 2>&1 \
                 | tee "$OUT/logs/bench_compressor.log" | tail -30 ;;
@@ -70,14 +89,14 @@ for stage in "$@"; do
                 CORPUS_PID=$! ;;
         quality:*) [ -n "${CORPUS_PID:-}" ] && wait "$CORPUS_PID"
                 IFS=: read -r _ study seconds <<<"$stage"
-                quality "$study" "$seconds" 2>&1 | tee -a "$OUT/logs/quality_$study.log" | tail -20 ;;
+                # Snapshots of the records, so a call cut off by its time limit still brings them back.
+                ( while sleep 40; do snapshot_records; done ) &
+                SNAPSHOT_PID=$!
+                quality "$study" "$seconds" 2>&1 | tee -a "$OUT/logs/quality_$study.log" | tail -20
+                kill "$SNAPSHOT_PID" 2>/dev/null ;;
         *) echo "unknown stage $stage" ;;
     esac
 done
-# The quality runs' records (not their checkpoints) come back in one file.
-if [ -d "$QUALITY_ROOT" ] || [ -d /root/quality_timing ]; then
-    tar czf "$OUT/quality_runs.tgz" --exclude=checkpoints --exclude=monitor -C /root \
-        $(cd /root && ls -d quality quality_timing 2>/dev/null) 2>/dev/null
-fi
+snapshot_records
 tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$OUT/logs"
 echo "=== done ($(date -u +%H:%M:%S))"

@@ -19,8 +19,11 @@ def main() -> None:
     parser.add_argument("--vocab_size", type=int, default=4096, help="of the BPE trained when --tokenizer is absent")
     parser.add_argument("--tokenizer", default=None, help="an existing tokenizers JSON file to use instead")
     parser.add_argument("--json_key", default="text", help="text field of .jsonl lines and HF rows")
+    parser.add_argument("--max_tokens", type=float, default=None,
+                        help="stop after this many tokens (whole documents), e.g. 26e6 for a copyable slice")
     args = parser.parse_args()
-    prepared = preprocess(args.input, args.output_prefix, args.vocab_size, args.tokenizer, args.json_key)
+    max_tokens = int(args.max_tokens) if args.max_tokens else None
+    prepared = preprocess(args.input, args.output_prefix, args.vocab_size, args.tokenizer, args.json_key, max_tokens)
     dataset = IndexedDataset(prepared.prefix)
     print(f"wrote {prepared.prefix}.bin/.idx: {dataset.num_documents} documents, {len(dataset.tokens)} tokens "
           f"({dataset.dtype}); tokenizer {prepared.tokenizer_path} (vocab {prepared.vocab_size})")

@@ -26,12 +26,14 @@ class PreparedData:
 
 
 def preprocess(source: str, output_prefix: str, vocab_size: int = 4096, tokenizer_path: Optional[str] = None,
-               text_key: str = "text") -> PreparedData:
+               text_key: str = "text", max_tokens: Optional[int] = None) -> PreparedData:
     """Tokenize every document of `source` (see `corpus.documents`), append EOS, write prefix.bin/.idx.
 
     Without `tokenizer_path` a byte-level BPE of `vocab_size` is trained on the first documents (up to
     TOKENIZER_SAMPLE_CHARS: plenty for a vocabulary of this size, and the code corpus is in random file order)
     and saved as ``prefix.tokenizer.json``. Documents are encoded in batches, so memory stays bounded.
+    `max_tokens` stops after the first document that reaches that many tokens (whole documents only), e.g. to
+    write a slice of the code corpus small enough to copy to another machine.
     """
     texts = documents(source, text_key)
     first = list(itertools.islice(texts, 1))
@@ -49,12 +51,16 @@ def preprocess(source: str, output_prefix: str, vocab_size: int = 4096, tokenize
         tokenizer.save(tokenizer_path)
     eos = tokenizer.token_to_id(EOS)
     writer = IndexedDatasetWriter(output_prefix, token_dtype(tokenizer.get_vocab_size()))
-    while True:
+    written = 0
+    while max_tokens is None or written < max_tokens:
         batch = list(itertools.islice(texts, ENCODE_BATCH_DOCUMENTS))
         if not batch:
             break
         for encoding in tokenizer.encode_batch(batch, add_special_tokens=False):
             writer.add_document([encoding.ids + [eos]])
+            written += len(encoding.ids) + 1
+            if max_tokens is not None and written >= max_tokens:
+                break
     writer.finalize()
     return PreparedData(output_prefix, tokenizer_path, tokenizer.get_vocab_size())
 
