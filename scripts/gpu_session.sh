@@ -15,6 +15,8 @@ set -uo pipefail
 OUT=${OUT:-/tmp/gpu_session_out}
 mkdir -p "$OUT/logs"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+# Several studies' runs share one GPU: growable segments keep each process's cached-but-free memory small.
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 if [ ! -f /root/site/.installed ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /root/site .whl/*.whl \
         && touch /root/site/.installed || exit 1
