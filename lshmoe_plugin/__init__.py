@@ -6,7 +6,9 @@ One line turns it on in a DeepSpeed training script, with the ``"lsh_moe"`` bloc
 """
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from typing import Any, Mapping, Optional, Union
 
 from .compressor import ClusterState, LSHCompressor, fixed_slots
@@ -14,6 +16,28 @@ from .config import ENABLED_ENV_VAR, LSHMoEConfig, LSHMoEConfigError
 from .telemetry import TELEMETRY, LayerStats, Telemetry, write_to_monitor
 
 __version__ = "0.1.0"
+
+
+def _register_checkout_patches() -> None:
+    """Make ``lshmoe_plugin.patches`` importable from a source checkout (``PYTHONPATH=.``, scripts, tests).
+
+    Installed, setup.py maps the top-level ``patches/`` folder onto ``lshmoe_plugin.patches``. A checkout has no
+    such subfolder, so the same folder is registered under that name here; an installed copy always wins.
+    """
+    name = __name__ + ".patches"
+    if name in sys.modules or importlib.util.find_spec(name) is not None:
+        return
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "patches")
+    init = os.path.join(folder, "__init__.py")
+    if not os.path.isfile(init):
+        return  # an install without the patches: importing them raises the usual ModuleNotFoundError
+    spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[folder])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+
+
+_register_checkout_patches()
 
 ConfigLike = Union[LSHMoEConfig, str, os.PathLike, Mapping[str, Any], None]
 

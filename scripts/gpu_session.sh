@@ -77,6 +77,8 @@ for stage in "$@"; do
         wait-tests) [ -n "${TESTS_PID:-}" ] && wait "$TESTS_PID"; echo "gpu tests exit $?"; tail -25 "$OUT/logs/tests.log" ;;
         bench-gpt-small) python3 scripts/benchmark_gpt_moe.py --preset small --micro-batch 16 --steps 80 \
                 --timed-from 20 --report "$OUT/benchmarks.md" 2>&1 | tee -a "$OUT/logs/bench_gpt.log" | tail -5 ;;
+        bench-gpt-135m) python3 scripts/benchmark_gpt_moe.py --preset gpt-moe-135m --micro-batch 32 --steps 50 \
+                --timed-from 15 --report "$OUT/benchmarks.md" 2>&1 | tee -a "$OUT/logs/bench_gpt.log" | tail -5 ;;
         bench-compressor) python3 scripts/benchmark_compressor.py --breakdown --rates 0.2 \
                 --report "$OUT/benchmarks.md" --plot "$OUT/compressor_vs_floor.png" 2>&1 \
                 | tee "$OUT/logs/bench_compressor.log" | tail -30 ;;
