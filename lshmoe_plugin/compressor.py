@@ -88,11 +88,13 @@ class LSHCompressor:
 
     # -- variable layout ----------------------------------------------------------------------------------------
     def compress_variable(self, tokens: torch.Tensor, tokens_per_group: torch.Tensor,
-                          valid: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, ClusterState]:
+                          valid: Optional[torch.Tensor] = None,
+                          record: bool = True) -> Tuple[torch.Tensor, torch.Tensor, ClusterState]:
         """tokens (N, d) sorted by group, tokens_per_group int (G,) -> centroids (K, d), clusters_per_group (G,).
 
         Only non-empty clusters are kept, packed group after group, so clusters_per_group gives the split sizes
-        of the all-to-all. K is read back to the host once (the split sizes need it anyway).
+        of the all-to-all. K is read back to the host once (the split sizes need it anyway). record=False as in
+        `compress_fixed`.
         """
         tokens_per_group = tokens_per_group.to(device=tokens.device, dtype=torch.long)
         if valid is None:
@@ -104,8 +106,9 @@ class LSHCompressor:
         centroids, counts = impl.centroids_by_slot(tokens, clusters.slot, clusters.num_slots, clusters.segments)
         state = ClusterState(tokens, clusters.slot, centroids, counts, tokens.shape, clusters.segments)
         elem = tokens.element_size()
-        self._record(state, valid, clusters.clusters_per_group.sum(), clusters.num_slots * tokens.shape[1] * elem,
-                     tokens.numel() * elem)
+        if record:
+            self._record(state, valid, clusters.clusters_per_group.sum(),
+                         clusters.num_slots * tokens.shape[1] * elem, tokens.numel() * elem)
         return centroids, clusters.clusters_per_group, state
 
     def decompress_variable(self, centroid_outputs: torch.Tensor, state: ClusterState) -> torch.Tensor:

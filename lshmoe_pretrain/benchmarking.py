@@ -16,32 +16,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-
-def synchronize(device: torch.device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_ms(fn: Callable[[], object], device: torch.device, warmup: int = 5, reps: int = 20) -> float:
-    """Median wall time of fn() in ms: CUDA events around each call on a GPU, a synchronised host clock elsewhere."""
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    times: List[float] = []
-    if torch.device(device).type == "cuda":
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-        for start, end in events:
-            start.record()
-            fn()
-            end.record()
-        torch.cuda.synchronize(device)
-        times = [start.elapsed_time(end) for start, end in events]
-    else:
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+from lshmoe_plugin.timing import synchronize, time_ms  # noqa: F401  (the scripts time through this module)
 
 
 def graph_time_ms(fn: Callable[[], object], device: torch.device, reps: int = 20) -> float:

@@ -16,34 +16,33 @@ from typing import Optional
 
 import torch
 
+from lshmoe_plugin import cost
 from lshmoe_plugin.compressor import LSHCompressor
 from lshmoe_plugin.config import LSHMoEConfig
-from lshmoe_plugin.telemetry import TELEMETRY
 
 from . import engine_monitor
-from .versioning import UnsupportedFrameworkError, require_release
+from .lifecycle import PatchLifecycle
+from .versioning import DEEPSPEED_RELEASES, UnsupportedFrameworkError, require_deepspeed
 
-SUPPORTED_RELEASES = ("0.19.",)
+SUPPORTED_RELEASES = DEEPSPEED_RELEASES
 _HELPERS = ("RouterOutput", "compute_split_plan", "_AllToAllV", "permute_by_local_expert", "unpermute_by_local_expert",
             "combine_from_routed", "apply_scores_before_experts_if_enabled", "AutoEPMoELayer")
-_ORIGINAL = {}
-_STATE = {"config": None, "next_index": 0}
+LIFECYCLE = PatchLifecycle("autoep")
 
 
 def _auto_ep_layer():
-    import deepspeed
-    require_release("deepspeed", deepspeed.__version__, SUPPORTED_RELEASES)
+    version = require_deepspeed()
     from deepspeed.module_inject import auto_ep_layer
     missing = [name for name in _HELPERS if not hasattr(auto_ep_layer, name)]
     missing += [name for name in ("_forward", "_finalize_output") if not hasattr(auto_ep_layer.AutoEPMoELayer, name)]
     if missing:
-        raise UnsupportedFrameworkError(f"deepspeed {deepspeed.__version__}: auto_ep_layer lacks {missing}; "
+        raise UnsupportedFrameworkError(f"deepspeed {version}: auto_ep_layer lacks {missing}; "
                                         f"lshmoe-plugin supports AutoEP of deepspeed {SUPPORTED_RELEASES[0]}x")
     return auto_ep_layer
 
 
 def is_applied() -> bool:
-    return bool(_ORIGINAL)
+    return LIFECYCLE.is_applied()
 
 
 def apply(config: LSHMoEConfig, model: Optional[torch.nn.Module] = None) -> None:
@@ -53,35 +52,23 @@ def apply(config: LSHMoEConfig, model: Optional[torch.nn.Module] = None) -> None
     after initialize) to number its AutoEP layers in module order and check them now.
     """
     auto_ep_layer = _auto_ep_layer()
-    _STATE["config"] = config
     if model is not None:
         number_moe_layers(model)
+    LIFECYCLE.use(config)
     if is_applied():
         return
-    _ORIGINAL["_forward"] = auto_ep_layer.AutoEPMoELayer._forward
-    auto_ep_layer.AutoEPMoELayer._forward = _patched_forward
+    LIFECYCLE.install([(auto_ep_layer.AutoEPMoELayer, "_forward", _patched_forward)])
     engine_monitor.attach(__name__)
 
 
 def revert() -> None:
-    if not is_applied():
-        return
-    from deepspeed.module_inject import auto_ep_layer
-    auto_ep_layer.AutoEPMoELayer._forward = _ORIGINAL.pop("_forward")
+    LIFECYCLE.restore()
     engine_monitor.detach(__name__)
-    _STATE["config"] = None
 
 
 def number_moe_layers(model: torch.nn.Module) -> int:
     from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer
-    count = 0
-    for module in model.modules():
-        if isinstance(module, AutoEPMoELayer):
-            check_layer(module)
-            module._lshmoe_index = count
-            count += 1
-    _STATE["next_index"] = max(_STATE["next_index"], count)
-    return count
+    return LIFECYCLE.number_layers((m for m in model.modules() if isinstance(m, AutoEPMoELayer)), check_layer)
 
 
 def check_layer(layer) -> None:
@@ -97,26 +84,22 @@ def check_layer(layer) -> None:
         raise UnsupportedFrameworkError("lsh_moe cannot compress this AutoEP layer: " + "; ".join(problems))
 
 
-def _compressor(layer) -> LSHCompressor:
-    config = _STATE["config"]
-    if getattr(layer, "_lshmoe_index", None) is None:
-        layer._lshmoe_index = _STATE["next_index"]
-        _STATE["next_index"] += 1
-    compressor = getattr(layer, "_lshmoe_compressor", None)
-    if compressor is None or compressor.config is not config:
-        compressor = LSHCompressor(config, layer._lshmoe_index, TELEMETRY)
-        layer._lshmoe_compressor = compressor
-    return compressor
+def _stock_forward(self, hidden_states: torch.Tensor):
+    from deepspeed.module_inject import auto_ep_layer
+    return LIFECYCLE.original(auto_ep_layer.AutoEPMoELayer, "_forward")(self, hidden_states)
 
 
 def _patched_forward(self, hidden_states: torch.Tensor):
-    config: LSHMoEConfig = _STATE["config"]
-    compressor = _compressor(self)
-    active = (config.enabled and config.applies_to_layer(self._lshmoe_index)
-              and (self.training or config.compress_in_eval))
-    if not active:
-        return _ORIGINAL["_forward"](self, hidden_states)
+    index = LIFECYCLE.layer_index(self)
+    if not LIFECYCLE.active(index, self.training):
+        return _stock_forward(self, hidden_states)
     check_layer(self)
+    compressor = LIFECYCLE.compressor(self, index)
+    if LIFECYCLE.config.decide_by_cost:
+        if compressor.pays is None:
+            decide_by_cost(self, compressor, hidden_states)
+        if not compressor.pays:
+            return _stock_forward(self, hidden_states)
     return _compressed_forward(self, compressor, hidden_states)
 
 
@@ -124,16 +107,10 @@ def _compressed_forward(self, compressor: LSHCompressor, hidden_states: torch.Te
     from deepspeed.module_inject import auto_ep_layer as ael
     bsz, seqlen, hdim = hidden_states.shape
     x = hidden_states.reshape(-1, hdim)
-    routes = ael.RouterOutput(*self.router(x, self.expert_bias))
+    routes, order, routed = _route(self, x)
     with torch.no_grad():
         self.tokens_per_expert.add_(routes.num_tokens_per_expert)
-
-    # Routes (token, k) in expert order: the rows each expert is sent, experts in global order.
-    order = torch.argsort(routes.selected_experts.view(-1), stable=True)
-    routed = x[order // self.top_k]
-    routed = ael.apply_scores_before_experts_if_enabled(routed, routes.top_scores.view(-1)[order], self.score_apply)
     centroids, clusters_per_expert, state = compressor.compress_variable(routed, routes.num_tokens_per_expert)
-
     expert_output = _experts_on_centroids(self, centroids, clusters_per_expert, routes)
     expert_output = compressor.decompress_variable(expert_output, state)
 
@@ -146,6 +123,17 @@ def _compressed_forward(self, compressor: LSHCompressor, hidden_states: torch.Te
                                          top_k=self.top_k, score_apply=self.score_apply,
                                          combine_impl=self.combine_impl, shape=shape)
     return self._finalize_output(output, x, hidden_states, hdim)
+
+
+def _route(self, x: torch.Tensor):
+    """(router output, route order, routed rows): routes (token, k) in expert order, experts in global order,
+    each row the token an expert is sent (scaled by its score first when ``score_apply="pre"``)."""
+    from deepspeed.module_inject import auto_ep_layer as ael
+    routes = ael.RouterOutput(*self.router(x, self.expert_bias))
+    order = torch.argsort(routes.selected_experts.view(-1), stable=True)
+    routed = x[order // self.top_k]
+    routed = ael.apply_scores_before_experts_if_enabled(routed, routes.top_scores.view(-1)[order], self.score_apply)
+    return routes, order, routed
 
 
 def _experts_on_centroids(self, centroids: torch.Tensor, clusters_per_expert: torch.Tensor, routes) -> torch.Tensor:
@@ -163,3 +151,32 @@ def _experts_on_centroids(self, centroids: torch.Tensor, clusters_per_expert: to
     rows, perm, aligned, n = ael.permute_by_local_expert(received, plan.local_counts_by_source)
     output = ael.unpermute_by_local_expert(self.experts(rows, aligned), perm, n)
     return ael._AllToAllV.apply(self.ep_group, output, plan.output_splits, plan.input_splits)
+
+
+def decide_by_cost(self, compressor: LSHCompressor, hidden_states: torch.Tensor) -> bool:
+    """Time the stock exchange of this step's routed rows against the compressed one (`lshmoe_plugin.cost`).
+
+    Exchange = all-to-all, experts, all-to-all (plus compress and expand when compressed). The router runs once,
+    without gradients, to build the rows both trials start from.
+    """
+    devices = [hidden_states.device] if hidden_states.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        routes, _, routed = _route(self, hidden_states.reshape(-1, hidden_states.shape[-1]))
+    counts = routes.num_tokens_per_expert
+
+    def stock():
+        leaf = routed.detach().requires_grad_()
+        out = _experts_on_centroids(self, leaf, counts, routes)
+        torch.autograd.grad(out, leaf, torch.ones_like(out))
+
+    def compressed():
+        leaf = routed.detach().requires_grad_()
+        centroids, clusters, state = compressor.compress_variable(leaf, counts, record=False)
+        out = compressor.decompress_variable(_experts_on_centroids(self, centroids, clusters, routes), state)
+        torch.autograd.grad(out, leaf, torch.ones_like(out))
+
+    group_sum = None
+    if self.ep_size > 1:
+        import deepspeed.comm as dist
+        group_sum = lambda times: dist.all_reduce(times, group=self.ep_group)  # noqa: E731
+    return cost.decide(compressor, stock, compressed, routed.device, group_sum, self.ep_size)

@@ -10,31 +10,30 @@ from typing import Any, Optional
 
 import torch
 
+from lshmoe_plugin import cost
 from lshmoe_plugin.compressor import LSHCompressor
 from lshmoe_plugin.config import LSHMoEConfig
-from lshmoe_plugin.telemetry import TELEMETRY
 
 from . import engine_monitor
-from .versioning import UnsupportedFrameworkError, require_release
+from .lifecycle import PatchLifecycle
+from .versioning import DEEPSPEED_RELEASES, UnsupportedFrameworkError, require_deepspeed
 
-SUPPORTED_RELEASES = ("0.19.",)
-_ORIGINAL = {}
-_STATE = {"config": None}
+SUPPORTED_RELEASES = DEEPSPEED_RELEASES
+LIFECYCLE = PatchLifecycle("deepspeed")
 
 
 def _sharded_moe():
-    import deepspeed
+    version = require_deepspeed()
     from deepspeed.moe import sharded_moe
-    require_release("deepspeed", deepspeed.__version__, SUPPORTED_RELEASES)
     for name in ("_route_slots", "_sparse_encode", "_sparse_decode", "_AllToAll", "MOELayer"):
         if not hasattr(sharded_moe, name):
-            raise UnsupportedFrameworkError(f"deepspeed {deepspeed.__version__}: sharded_moe.{name} is missing; "
+            raise UnsupportedFrameworkError(f"deepspeed {version}: sharded_moe.{name} is missing; "
                                             f"lshmoe-plugin supports deepspeed {SUPPORTED_RELEASES[0]}x")
     return sharded_moe
 
 
 def is_applied() -> bool:
-    return bool(_ORIGINAL)
+    return LIFECYCLE.is_applied()
 
 
 def apply(config: LSHMoEConfig, model: Optional[torch.nn.Module] = None) -> None:
@@ -46,36 +45,21 @@ def apply(config: LSHMoEConfig, model: Optional[torch.nn.Module] = None) -> None
     sharded_moe = _sharded_moe()
     if model is not None:
         number_moe_layers(model)
-    if _STATE["config"] is not config:
-        TELEMETRY.clear()  # stats of an earlier config must not mix with this one's
-    _STATE["config"] = config
+    LIFECYCLE.use(config)
     if is_applied():
         return
-    _ORIGINAL["forward"] = sharded_moe.MOELayer.forward
-    sharded_moe.MOELayer.forward = _patched_forward
+    LIFECYCLE.install([(sharded_moe.MOELayer, "forward", _patched_forward)])
     engine_monitor.attach(__name__)
 
 
 def revert() -> None:
-    if not is_applied():
-        return
-    from deepspeed.moe import sharded_moe
-    sharded_moe.MOELayer.forward = _ORIGINAL.pop("forward")
+    LIFECYCLE.restore()
     engine_monitor.detach(__name__)
-    _STATE["config"] = None
-    TELEMETRY.clear()
 
 
 def number_moe_layers(model: torch.nn.Module) -> int:
     from deepspeed.moe.sharded_moe import MOELayer
-    count = 0
-    for module in model.modules():
-        if isinstance(module, MOELayer):
-            _check_layout(module)
-            module._lshmoe_index = count
-            count += 1
-    _STATE["next_index"] = count
-    return count
+    return LIFECYCLE.number_layers((m for m in model.modules() if isinstance(m, MOELayer)), _check_layout)
 
 
 def _check_layout(layer) -> None:
@@ -89,31 +73,22 @@ def _check_layout(layer) -> None:
                                         "(tensor-model-parallel world size > 1); allowed: tensor parallel size 1")
 
 
-def _compressor(layer) -> LSHCompressor:
-    config = _STATE["config"]
-    compressor = getattr(layer, "_lshmoe_compressor", None)
-    if compressor is None or compressor.config is not config:
-        if not hasattr(layer, "_lshmoe_index"):
-            layer._lshmoe_index = _STATE.get("next_index", 0)
-            _STATE["next_index"] = layer._lshmoe_index + 1
-        compressor = LSHCompressor(config, layer._lshmoe_index, TELEMETRY)
-        layer._lshmoe_compressor = compressor
-    return compressor
+def _stock_forward(self, *input, **kwargs):
+    from deepspeed.moe import sharded_moe
+    return LIFECYCLE.original(sharded_moe.MOELayer, "forward")(self, *input, **kwargs)
 
 
 def _patched_forward(self, *input: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-    config: LSHMoEConfig = _STATE["config"]
-    compressor = _compressor(self)
-    active = (config.enabled and config.applies_to_layer(self._lshmoe_index)
-              and (self.training or config.compress_in_eval))
-    if not active:
-        return _ORIGINAL["forward"](self, *input, **kwargs)
+    index = LIFECYCLE.layer_index(self)
+    if not LIFECYCLE.active(index, self.training):
+        return _stock_forward(self, *input, **kwargs)
     _check_layout(self)
-    if config.decide_by_cost:
+    compressor = LIFECYCLE.compressor(self, index)
+    if LIFECYCLE.config.decide_by_cost:
         if compressor.pays is None:
-            compressor.pays = compression_pays(self, compressor, *input)
+            decide_by_cost(self, compressor, *input)
         if not compressor.pays:
-            return _ORIGINAL["forward"](self, *input, **kwargs)
+            return _stock_forward(self, *input, **kwargs)
     return _compressed_forward(self, compressor, *input)
 
 
@@ -139,8 +114,7 @@ def _compressed_forward(self, compressor: LSHCompressor, *input: torch.Tensor) -
     centroids, state = compressor.compress_fixed(dispatched, occupied_slots(slots, E, C))
 
     centroids = _timed_all_to_all(self, centroids, sm.FIRST_ALLTOALL_TIMER, "time_falltoall")
-    centroids = centroids.reshape(self.ep_size, self.num_local_experts, -1, d_model)
-    expert_output = self.experts(centroids).reshape(self.ep_size * self.num_local_experts, -1, d_model)
+    expert_output = _experts(self, centroids, d_model)
     expert_output = _timed_all_to_all(self, expert_output, sm.SECOND_ALLTOALL_TIMER, "time_salltoall")
 
     expert_output = compressor.decompress_fixed(expert_output, state)
@@ -151,74 +125,51 @@ def _compressed_forward(self, compressor: LSHCompressor, *input: torch.Tensor) -
     return combined.reshape(input[0].shape)
 
 
-def measure_exchanges(self, compressor: LSHCompressor, *input: torch.Tensor, repeats: int = 3):
-    """Wall time (s) of this layer's stock exchange and of the compressed one, forward and backward, on this step.
+def _experts(self, received: torch.Tensor, d_model: int) -> torch.Tensor:
+    """What this rank received (ep_size * local experts rows of slots) through its local experts."""
+    received = received.reshape(self.ep_size, self.num_local_experts, -1, d_model)
+    return self.experts(received).reshape(self.ep_size * self.num_local_experts, -1, d_model)
+
+
+def decide_by_cost(self, compressor: LSHCompressor, *input: torch.Tensor) -> bool:
+    """Time this layer's stock exchange against the compressed one on this step's tokens (`lshmoe_plugin.cost`).
 
     Exchange = all-to-all, experts, all-to-all (plus compress and expand when compressed): the part the plugin
-    changes. The backward is timed for the inputs only (autograd.grad), so no parameter gradient is touched;
-    most of the expert work compression saves is in the backward, so a forward-only timing would undersell it.
-    The gate runs on a forked RNG and nothing is recorded: the real step that follows is exactly what it would
-    have been without the measurement.
+    changes. The gate runs once, without gradients, to build the dispatch buffer both trials start from.
     """
-    import time
-
-    from deepspeed.accelerator import get_accelerator
     from deepspeed.moe import sharded_moe as sm
-    accelerator = get_accelerator()
-    device = input[0].device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        d_model = input[0].shape[-1]
-        with torch.no_grad():
-            tokens = input[0].reshape(-1, d_model)
-            _, C, E, indices_, locations_, _, _ = self.gate(tokens, input[1] if len(input) > 1 else None, True,
-                                                            self.use_tutel)
-            C = int(C)
-            slots = sm._route_slots(indices_, locations_, E, C)
-            dispatched = sm._sparse_encode(tokens, slots, E, C)
-            valid = occupied_slots(slots, E, C)
+    d_model = input[0].shape[-1]
+    devices = [input[0].device] if input[0].device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):  # the real step draws the gate's noise again
+        tokens = input[0].reshape(-1, d_model)
+        _, C, E, indices_, locations_, _, _ = self.gate(tokens, input[1] if len(input) > 1 else None, True,
+                                                        self.use_tutel)
+        slots = sm._route_slots(indices_, locations_, E, int(C))
+        dispatched = sm._sparse_encode(tokens, slots, E, int(C))
+        valid = occupied_slots(slots, E, int(C))
 
-        def exchange(buffer):
-            buffer = _all_to_all(self, buffer).reshape(self.ep_size, self.num_local_experts, -1, d_model)
-            return _all_to_all(self, self.experts(buffer).reshape(self.ep_size * self.num_local_experts, -1, d_model))
+    def exchange(buffer):
+        return _all_to_all(self, _experts(self, _all_to_all(self, buffer), d_model))
 
-        def stock():
-            leaf = dispatched.detach().requires_grad_()
-            out = exchange(leaf)
-            torch.autograd.grad(out, leaf, torch.ones_like(out))
+    def stock():
+        leaf = dispatched.detach().requires_grad_()
+        out = exchange(leaf)
+        torch.autograd.grad(out, leaf, torch.ones_like(out))
 
-        def compressed():
-            leaf = dispatched.detach().requires_grad_()
-            centroids, state = compressor.compress_fixed(leaf, valid, record=False)
-            out = compressor.decompress_fixed(exchange(centroids), state)
-            torch.autograd.grad(out, leaf, torch.ones_like(out))
+    def compressed():
+        leaf = dispatched.detach().requires_grad_()
+        centroids, state = compressor.compress_fixed(leaf, valid, record=False)
+        out = compressor.decompress_fixed(exchange(centroids), state)
+        torch.autograd.grad(out, leaf, torch.ones_like(out))
 
-        def seconds(fn):
-            fn()  # warm-up: kernel compilation and allocator growth stay out of the numbers
-            times = []
-            for _ in range(repeats):
-                accelerator.synchronize()
-                start = time.perf_counter()
-                fn()
-                accelerator.synchronize()
-                times.append(time.perf_counter() - start)
-            return sorted(times)[len(times) // 2]
-
-        return seconds(stock), seconds(compressed)
+    return cost.decide(compressor, stock, compressed, input[0].device, _group_sum(self), self.ep_size)
 
 
-def compression_pays(self, compressor: LSHCompressor, *input: torch.Tensor) -> bool:
-    """Measure once and decide; all ranks of the expert-parallel group must agree (the shapes must match)."""
+def _group_sum(self):
+    if self.ep_size == 1:
+        return None
     import deepspeed.comm as dist
-    from deepspeed.utils import logger
-    stock, lsh = measure_exchanges(self, compressor, *input)
-    times = torch.tensor([stock, lsh], dtype=torch.float64, device=input[0].device)
-    if self.ep_size > 1:
-        dist.all_reduce(times, group=self.ep_group)  # summed over the group: one decision for all ranks
-    pays = bool(times[1] < times[0])
-    logger.info(f"lsh_moe: layer {self._lshmoe_index} compression {'on' if pays else 'off'} "
-                f"(exchange fwd+bwd: stock {times[0].item() * 1e3:.2f} ms vs compressed {times[1].item() * 1e3:.2f} ms, "
-                f"summed over {self.ep_size} rank(s))")
-    return pays
+    return lambda times: dist.all_reduce(times, group=self.ep_group)
 
 
 def _all_to_all(self, tensor: torch.Tensor) -> torch.Tensor:

@@ -16,21 +16,19 @@ unselected layers and eval mode run the stock dispatcher untouched.
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional, Union
+from typing import Iterable, Union
 
 import torch
 
-from lshmoe_plugin.compressor import LSHCompressor
-from lshmoe_plugin.config import LSHMoEConfig
-from lshmoe_plugin.telemetry import TELEMETRY
+from lshmoe_plugin.config import LSHMoEConfig, LSHMoEConfigError
 
+from .lifecycle import INDEX_ATTRIBUTE, PatchLifecycle
 from .versioning import UnsupportedFrameworkError, require_release
 
 # 0.16.x runs in the test suite; 0.19.x has the same dispatcher stages, attributes and split-size flow (read
 # from the 0.19.2 source) and runs the same suite on Python 3.12 (docs/megatron_autoep.md says how).
 SUPPORTED_RELEASES = ("0.16.", "0.19.")
-_ORIGINAL = {}
-_STATE = {"config": None, "next_index": 0}
+LIFECYCLE = PatchLifecycle("megatron")
 
 
 def _megatron_modules():
@@ -45,7 +43,7 @@ def _megatron_modules():
 
 
 def is_applied() -> bool:
-    return bool(_ORIGINAL)
+    return LIFECYCLE.is_applied()
 
 
 def apply(config: LSHMoEConfig, model=None) -> None:
@@ -54,30 +52,25 @@ def apply(config: LSHMoEConfig, model=None) -> None:
     ``model``: a module or a list of model chunks. Its MoE layers get their indices now and are checked for
     unsupported settings up front; without it, layers are checked and numbered when they first run.
     """
+    if config.decide_by_cost:
+        # The stock exchange runs across three dispatcher stages that keep their split sizes in the dispatcher
+        # object; timing it apart from the real step would mean re-running them out of order.
+        raise LSHMoEConfigError("lsh_moe.decide_by_cost=true is not supported with framework='megatron'; allowed "
+                                "there: false (it is supported with framework='deepspeed' and 'autoep')")
     moe_layer, token_dispatcher = _megatron_modules()
-    _STATE["config"] = config
     if model is not None:
         number_moe_layers(model)
+    LIFECYCLE.use(config)
     if is_applied():
         return
     dispatcher = token_dispatcher.MoEAlltoAllTokenDispatcher
-    _ORIGINAL["layer_forward"] = moe_layer.MoELayer.forward
-    _ORIGINAL["dispatch_preprocess"] = dispatcher.dispatch_preprocess
-    _ORIGINAL["combine_postprocess"] = dispatcher.combine_postprocess
-    moe_layer.MoELayer.forward = _patched_layer_forward
-    dispatcher.dispatch_preprocess = _patched_dispatch_preprocess
-    dispatcher.combine_postprocess = _patched_combine_postprocess
+    LIFECYCLE.install([(moe_layer.MoELayer, "forward", _patched_layer_forward),
+                       (dispatcher, "dispatch_preprocess", _patched_dispatch_preprocess),
+                       (dispatcher, "combine_postprocess", _patched_combine_postprocess)])
 
 
 def revert() -> None:
-    if not is_applied():
-        return
-    from megatron.core.transformer.moe import moe_layer, token_dispatcher
-    dispatcher = token_dispatcher.MoEAlltoAllTokenDispatcher
-    moe_layer.MoELayer.forward = _ORIGINAL.pop("layer_forward")
-    dispatcher.dispatch_preprocess = _ORIGINAL.pop("dispatch_preprocess")
-    dispatcher.combine_postprocess = _ORIGINAL.pop("combine_postprocess")
-    _STATE["config"] = None
+    LIFECYCLE.restore()
 
 
 # -- layer numbering and checks ---------------------------------------------------------------------------------
@@ -85,26 +78,18 @@ def number_moe_layers(model: Union[torch.nn.Module, Iterable[torch.nn.Module]]) 
     """Give every MoE layer of `model` its index among the model's MoE layers and check its settings."""
     from megatron.core.transformer.moe.moe_layer import MoELayer
     chunks = [model] if isinstance(model, torch.nn.Module) else list(model)
-    count = 0
-    for chunk in chunks:
-        for module in chunk.modules():
-            if isinstance(module, MoELayer):
-                check_layer(module)
-                module._lshmoe_index = moe_layer_index(module)
-                count += 1
-    return count
+    layers = (m for chunk in chunks for m in chunk.modules() if isinstance(m, MoELayer))
+    return LIFECYCLE.number_layers(layers, check_layer, lambda layer, position: moe_layer_index(layer))
 
 
 def moe_layer_index(layer) -> int:
     """0-based position of `layer` among the whole model's MoE layers, from its global ``layer_number`` (which
     counts earlier pipeline stages) and ``moe_layer_freq``; in order of first use where no number is set."""
-    if getattr(layer, "_lshmoe_index", None) is not None:
-        return layer._lshmoe_index
+    if getattr(layer, INDEX_ATTRIBUTE, None) is not None:
+        return getattr(layer, INDEX_ATTRIBUTE)
     number = getattr(layer, "layer_number", None)
     if number is None:
-        index = _STATE["next_index"]
-        _STATE["next_index"] += 1
-        return index
+        return LIFECYCLE.layer_index(layer)
     freq = layer.config.moe_layer_freq
     pattern = [int(i % freq == 0) for i in range(layer.config.num_layers)] if isinstance(freq, int) else list(freq)
     return sum(pattern[: number - 1])
@@ -155,36 +140,27 @@ def _graphs_capture_moe(config) -> bool:
 
 # -- patched stages ---------------------------------------------------------------------------------------------
 def _patched_layer_forward(self, hidden_states, *args, **kwargs):
-    self._lshmoe_index = moe_layer_index(self)
+    from megatron.core.transformer.moe import moe_layer
+    index = moe_layer_index(self)
+    setattr(self, INDEX_ATTRIBUTE, index)
     # 0.19 keeps the training dispatcher aside while an inference dispatcher is active; tag both.
     for dispatcher in (self.token_dispatcher, getattr(self, "_training_token_dispatcher", None)):
         if dispatcher is not None:
-            dispatcher._lshmoe_index = self._lshmoe_index
+            setattr(dispatcher, INDEX_ATTRIBUTE, index)
             dispatcher._lshmoe_training = self.training
-    return _ORIGINAL["layer_forward"](self, hidden_states, *args, **kwargs)
+    return LIFECYCLE.original(moe_layer.MoELayer, "forward")(self, hidden_states, *args, **kwargs)
 
 
-def _active(dispatcher) -> bool:
-    config: Optional[LSHMoEConfig] = _STATE["config"]
-    index = getattr(dispatcher, "_lshmoe_index", None)
-    if config is None or not config.enabled or index is None or not config.applies_to_layer(index):
-        return False
-    return getattr(dispatcher, "_lshmoe_training", True) or config.compress_in_eval
-
-
-def _compressor(dispatcher) -> LSHCompressor:
-    config = _STATE["config"]
-    compressor = getattr(dispatcher, "_lshmoe_compressor", None)
-    if compressor is None or compressor.config is not config or compressor.layer_index != dispatcher._lshmoe_index:
-        compressor = LSHCompressor(config, dispatcher._lshmoe_index, TELEMETRY)
-        dispatcher._lshmoe_compressor = compressor
-    return compressor
+def _original_stage(name: str):
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+    return LIFECYCLE.original(MoEAlltoAllTokenDispatcher, name)
 
 
 def _patched_dispatch_preprocess(self, hidden_states, routing_map, probs):
-    permuted, permuted_probs = _ORIGINAL["dispatch_preprocess"](self, hidden_states, routing_map, probs)
+    permuted, permuted_probs = _original_stage("dispatch_preprocess")(self, hidden_states, routing_map, probs)
     self._lshmoe_saved = None
-    if not _active(self):
+    index = getattr(self, INDEX_ATTRIBUTE, None)
+    if index is None or not LIFECYCLE.active(index, getattr(self, "_lshmoe_training", True)):
         return permuted, permuted_probs
     _check_dispatcher(self)
     tokens = permuted
@@ -195,7 +171,7 @@ def _patched_dispatch_preprocess(self, hidden_states, routing_map, probs):
     # `permuted` holds each expert's tokens in turn (experts in global order); self.routing_map is the one the
     # stock stage permuted with (after any quantization padding).
     tokens_per_expert = self.routing_map.sum(dim=0)
-    compressor = _compressor(self)
+    compressor = LIFECYCLE.compressor(self, index)
     centroids, clusters_per_expert, state = compressor.compress_variable(tokens, tokens_per_expert)
     self._lshmoe_saved = (compressor, state, permuted_probs)
     _use_centroid_counts(self, clusters_per_expert)
@@ -231,9 +207,9 @@ def _use_centroid_counts(self, clusters_per_expert: torch.Tensor) -> None:
 def _patched_combine_postprocess(self, hidden_states):
     saved, self._lshmoe_saved = getattr(self, "_lshmoe_saved", None), None
     if saved is None:
-        return _ORIGINAL["combine_postprocess"](self, hidden_states)
+        return _original_stage("combine_postprocess")(self, hidden_states)
     compressor, state, permuted_probs = saved
     tokens = compressor.decompress_variable(hidden_states, state)
     if permuted_probs is not None:
         tokens = (tokens * permuted_probs.unsqueeze(-1)).to(tokens.dtype)
-    return _ORIGINAL["combine_postprocess"](self, tokens)
+    return _original_stage("combine_postprocess")(self, tokens)

@@ -100,7 +100,8 @@ def check_patch_against_stock(rank, world_size, k):
 
 
 def _stock_eval(moe, x):
-    original = deepspeed_moe._ORIGINAL["forward"]
+    from deepspeed.moe.sharded_moe import MOELayer
+    original = deepspeed_moe.LIFECYCLE.original(MOELayer, "forward")
     return original(moe.deepspeed_moe, x, None)
 
 
@@ -214,6 +215,7 @@ def test_telemetry_is_written_through_deepspeeds_monitor(tmp_path):
 
 def check_decide_by_cost(rank, world_size):
     """Real timing on every rank: one decision per layer, shared by the ranks, and each branch behaves."""
+    from lshmoe_plugin import cost
     torch.manual_seed(100 + rank)
     x = torch.randn(2, 24, D_MODEL)
     moe = build_moe(world_size, 2)
@@ -221,17 +223,17 @@ def check_decide_by_cost(rank, world_size):
     config = {"lsh_moe": {"enabled": True, "compression_rate": 0.25, "decide_by_cost": True}}
     lshmoe_plugin.enable(config, moe)
     calls = []
-    measure = deepspeed_moe.measure_exchanges
+    measure = cost.measure
 
     def counted(*args, **kwargs):
         calls.append(1)
         return measure(*args, **kwargs)
-    deepspeed_moe.measure_exchanges = counted
+    cost.measure = counted
     try:
         first = fwd_bwd(moe, x)
         second = fwd_bwd(moe, x)
     finally:
-        deepspeed_moe.measure_exchanges = measure
+        cost.measure = measure
     pays = moe.deepspeed_moe._lshmoe_compressor.pays
     decisions = [None] * world_size
     torch.distributed.all_gather_object(decisions, pays)
@@ -245,11 +247,11 @@ def check_decide_by_cost(rank, world_size):
     # Each branch, with the decision fixed (as a measurement on a slow or a fast link would give).
     for forced in (False, True):
         lshmoe_plugin.enable({"lsh_moe": {**config["lsh_moe"], "seed": 2 + forced}}, moe)
-        deepspeed_moe.measure_exchanges = lambda *a, **k: (1.0, 2.0) if not forced else (2.0, 1.0)
+        cost.measure = lambda *a, **k: (1.0, 2.0) if not forced else (2.0, 1.0)
         try:
             out = fwd_bwd(moe, x)
         finally:
-            deepspeed_moe.measure_exchanges = measure
+            cost.measure = measure
         result[f"forced_{forced}"] = (not same(out, stock)) if forced else same(out, stock)
     lshmoe_plugin.disable()
     return result

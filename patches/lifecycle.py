@@ -1,0 +1,105 @@
+"""The lifecycle every framework patch shares: install and restore the seams, hold the current config, number the
+MoE layers, keep one compressor per layer, decide whether a layer compresses now, and the telemetry policy.
+
+A framework patch keeps only its seam (what it replaces and the replacement's body) and calls this for the rest,
+so the three patches cannot drift apart in how they number layers, rebuild compressors or clear telemetry.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
+
+from lshmoe_plugin.compressor import LSHCompressor
+from lshmoe_plugin.config import LSHMoEConfig
+from lshmoe_plugin.telemetry import TELEMETRY, Telemetry
+
+INDEX_ATTRIBUTE = "_lshmoe_index"
+COMPRESSOR_ATTRIBUTE = "_lshmoe_compressor"
+_INHERITED = object()  # the attribute lived on a base class: restoring deletes the override
+
+
+class PatchLifecycle:
+    """State of one framework patch between `install` and `restore`.
+
+    Telemetry policy, the same for every patch: stats of an earlier config never mix with the current one's, so
+    they are cleared whenever the config changes (by value) and when the patch is reverted.
+    """
+
+    def __init__(self, name: str, telemetry: Telemetry = TELEMETRY) -> None:
+        self.name = name
+        self.telemetry = telemetry
+        self.config: Optional[LSHMoEConfig] = None
+        self.next_index = 0
+        self._originals: Dict[Tuple[Any, str], Tuple[Any, Any]] = {}  # (owner, name) -> (own value, callable)
+
+    # -- seams ----------------------------------------------------------------------------------------------------
+    def is_applied(self) -> bool:
+        return bool(self._originals)
+
+    def install(self, seams: Iterable[Tuple[Any, str, Any]]) -> None:
+        """Replace ``owner.attribute`` by ``replacement`` for each seam, keeping the originals (idempotent)."""
+        if self.is_applied():
+            return
+        for owner, attribute, replacement in seams:
+            self._originals[(owner, attribute)] = (vars(owner).get(attribute, _INHERITED), getattr(owner, attribute))
+            setattr(owner, attribute, replacement)
+
+    def original(self, owner: Any, attribute: str) -> Any:
+        """The callable a seam replaced, for the patched code to run the stock path."""
+        return self._originals[(owner, attribute)][1]
+
+    def restore(self) -> None:
+        """Put every original back and forget the config (idempotent: nothing happens when not applied)."""
+        if not self.is_applied():
+            return
+        for (owner, attribute), (own, _) in reversed(list(self._originals.items())):
+            if own is _INHERITED:
+                delattr(owner, attribute)
+            else:
+                setattr(owner, attribute, own)
+        self._originals.clear()
+        self.config = None
+        self.telemetry.clear()
+
+    # -- config ---------------------------------------------------------------------------------------------------
+    def use(self, config: LSHMoEConfig) -> None:
+        if self.config != config:
+            self.telemetry.clear()
+        self.config = config
+
+    def active(self, layer_index: int, training: bool) -> bool:
+        """Compress this layer now? Disabled, unselected layers and eval mode (unless compress_in_eval) run stock."""
+        config = self.config
+        return (config is not None and config.enabled and config.applies_to_layer(layer_index)
+                and (training or config.compress_in_eval))
+
+    # -- layers ---------------------------------------------------------------------------------------------------
+    def number_layers(self, layers: Iterable[Any], check: Callable[[Any], None],
+                      index_of: Optional[Callable[[Any, int], int]] = None) -> int:
+        """Check every layer and give it its index (`index_of(layer, position)`, default: its position in module
+        order); layers first seen later are numbered after all of these."""
+        count = 0
+        for layer in layers:
+            check(layer)
+            index = index_of(layer, count) if index_of else count
+            setattr(layer, INDEX_ATTRIBUTE, index)
+            self.next_index = max(self.next_index, index + 1)
+            count += 1
+        return count
+
+    def layer_index(self, layer: Any) -> int:
+        """The layer's index; a layer `number_layers` never saw gets the next free one, in order of first use."""
+        index = getattr(layer, INDEX_ATTRIBUTE, None)
+        if index is None:
+            index = self.next_index
+            self.next_index += 1
+            setattr(layer, INDEX_ATTRIBUTE, index)
+        return index
+
+    def compressor(self, holder: Any, layer_index: int) -> LSHCompressor:
+        """The compressor cached on `holder` (a layer or its dispatcher), rebuilt when the config changes by value
+        or the holder now serves another layer index; an equal config keeps its projections and cost decision."""
+        compressor = getattr(holder, COMPRESSOR_ATTRIBUTE, None)
+        if compressor is None or compressor.config != self.config or compressor.layer_index != layer_index:
+            compressor = LSHCompressor(self.config, layer_index, self.telemetry)
+            setattr(holder, COMPRESSOR_ATTRIBUTE, compressor)
+        return compressor
