@@ -10,14 +10,16 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Tuple, Union
 
+from .hash_families import HASH_FAMILIES, HashFamily
+
 CONFIG_BLOCK = "lsh_moe"
 ENABLED_ENV_VAR = "LSHMOE_ENABLED"
-HASH_TYPES = ("cross_polytope", "spherical")
+HASH_TYPES = tuple(HASH_FAMILIES)
 KERNELS = ("auto", "torch", "triton")
 
 _TRUE_WORDS = ("1", "true", "yes", "on")
 _FALSE_WORDS = ("0", "false", "no", "off")
-# Every hash contributes log2(2 * hash_dim) bits to a bucket key that also carries the expert id; 52 bits of
+# Every hash contributes the bits of its digit (log2(2 * hash_dim) for both families) to a bucket key that also carries the expert id; 52 bits of
 # code keep the key inside int64 for up to 2**11 experts.
 _MAX_CODE_BITS = 52
 
@@ -81,7 +83,7 @@ class LSHMoEConfig:
             raise LSHMoEConfigError(f"lsh_moe.hash_type must be one of {list(HASH_TYPES)}, got {self.hash_type!r}")
         if self.kernel not in KERNELS:
             raise LSHMoEConfigError(f"lsh_moe.kernel must be one of {list(KERNELS)}, got {self.kernel!r}")
-        bits = self.num_hashes * (2 * self.hash_dim - 1).bit_length()
+        bits = self.num_hashes * self.code_bits_per_hash
         if bits > _MAX_CODE_BITS:
             raise LSHMoEConfigError(
                 f"lsh_moe.num_hashes={self.num_hashes} with hash_dim={self.hash_dim} needs {bits} bits of bucket key; "
@@ -89,8 +91,12 @@ class LSHMoEConfig:
         object.__setattr__(self, "layers", _parse_layers(self.layers))
 
     @property
+    def family(self) -> HashFamily:
+        return HASH_FAMILIES[self.hash_type]
+
+    @property
     def code_bits_per_hash(self) -> int:
-        return (2 * self.hash_dim - 1).bit_length()
+        return self.family.code_bits(self.hash_dim)
 
     def applies_to_layer(self, layer_index: int) -> bool:
         return self.layers == "all" or layer_index in self.layers

@@ -1,10 +1,8 @@
 """Locality-sensitive hash functions: turn tokens into bucket codes with one matrix product.
 
-Both families project every token onto ``num_hashes * width`` directions at once and take an argmax per hash:
-- cross-polytope: ``width = hash_dim`` orthonormal directions (a random rotation restricted to hash_dim
-  coordinates); the code is the nearest signed basis vector, one of ``2 * hash_dim``.
-- spherical: ``width = 2 * hash_dim`` random points on the unit sphere; the code is the nearest one.
-Argmax is scale-invariant, so normalising the tokens first would change no code and is skipped.
+Every family (`hash_families.HASH_FAMILIES`) projects each token onto ``num_hashes * width`` directions at once
+and takes an argmax per hash. Argmax is scale-invariant, so normalising the tokens first would change no code and
+is skipped.
 """
 from __future__ import annotations
 
@@ -23,20 +21,20 @@ def layer_generator(seed: int, layer_index: int) -> torch.Generator:
 
 
 def projection_width(config: LSHMoEConfig) -> int:
-    return config.hash_dim if config.hash_type == "cross_polytope" else 2 * config.hash_dim
+    return config.family.width(config.hash_dim)
 
 
 def hash_projections(config: LSHMoEConfig, d_model: int, layer_index: int) -> torch.Tensor:
     """The (d_model, num_hashes * width) float32 matrix of all hash directions of one layer."""
     gen = layer_generator(config.seed, layer_index)
-    width = projection_width(config)
+    family, width = config.family, projection_width(config)
+    if family.orthonormal and width > d_model:
+        raise ValueError(f"lsh_moe.hash_dim={config.hash_dim} exceeds d_model={d_model}; "
+                         f"allowed: hash_dim <= d_model for {family.name}")
     blocks = []
     for _ in range(config.num_hashes):
         gauss = torch.randn(d_model, width, generator=gen, dtype=torch.float64)
-        if config.hash_type == "cross_polytope":
-            if width > d_model:
-                raise ValueError(f"lsh_moe.hash_dim={config.hash_dim} exceeds d_model={d_model}; "
-                                 f"allowed: hash_dim <= d_model for cross_polytope")
+        if family.orthonormal:
             q, r = torch.linalg.qr(gauss)
             # Fix the signs so the rotation is uniformly distributed (QR alone biases them).
             block = q * torch.sign(torch.diagonal(r)).unsqueeze(0)
@@ -54,7 +52,7 @@ def codes_from_projections(projected: torch.Tensor, config: LSHMoEConfig) -> tor
     """
     n = projected.shape[0]
     per_hash = projected.view(n, config.num_hashes, projection_width(config))
-    if config.hash_type == "cross_polytope":
+    if config.family.signed_digit:
         index = per_hash.abs().argmax(dim=-1)
         negative = torch.gather(per_hash, -1, index.unsqueeze(-1)).squeeze(-1) < 0
         digits = index * 2 + negative.long()

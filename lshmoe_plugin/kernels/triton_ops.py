@@ -240,7 +240,7 @@ def _group_sums_kernel(proj_ptr, group_ptr, weight_ptr, sums_ptr, counts_ptr, n,
 
 @triton.jit
 def _codes_kernel(proj_ptr, group_ptr, sums_ptr, counts_ptr, valid_ptr, codes_ptr, n, group_size, sentinel,
-                  NUM_HASHES: tl.constexpr, WIDTH: tl.constexpr, BITS: tl.constexpr, CROSS: tl.constexpr,
+                  NUM_HASHES: tl.constexpr, WIDTH: tl.constexpr, BITS: tl.constexpr, SIGNED: tl.constexpr,
                   CENTER: tl.constexpr, FIXED_GROUPS: tl.constexpr, KEYS: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
     """Centre each projected row on its group mean, argmax per hash, pack the digits (first hash most significant).
@@ -263,13 +263,13 @@ def _codes_kernel(proj_ptr, group_ptr, sums_ptr, counts_ptr, valid_ptr, codes_pt
         count = tl.maximum(tl.load(counts_ptr + group, mask=rmask, other=1.0), 1.0)
         total = tl.load(sums_ptr + group[:, None, None] * (NUM_HASHES * WIDTH) + col[None, :, :], mask=m, other=0.0)
         x = x - total / count[:, None, None]
-    if CROSS:
+    if SIGNED:  # nearest signed direction: the largest |coordinate|, its sign the low bit
         score = tl.where(cmask[None, :, :], tl.abs(x), -1.0)
     else:
         score = tl.where(cmask[None, :, :], x, float("-inf"))
     index = tl.argmax(score, axis=2, tie_break_left=True)
     digit = index.to(tl.int64)
-    if CROSS:
+    if SIGNED:
         picked = tl.sum(tl.where(w[None, None, :] == index[:, :, None], x, 0.0), axis=2)
         digit = digit * 2 + (picked < 0).to(tl.int64)
     shift = ((NUM_HASHES - 1 - h) * BITS).to(tl.int64)
@@ -542,7 +542,7 @@ def _hash_rows(tokens: torch.Tensor, projections: torch.Tensor, config: LSHMoECo
     _codes_kernel[(triton.cdiv(n, block_n),)](
         projected, group_arg, sums_arg, counts_arg, valid if valid is not None else out, out, n, max(group_size, 1),
         sentinel, NUM_HASHES=config.num_hashes, WIDTH=width, BITS=config.code_bits_per_hash,
-        CROSS=config.hash_type == "cross_polytope", CENTER=center, FIXED_GROUPS=fixed_groups, KEYS=keys,
+        SIGNED=config.family.signed_digit, CENTER=center, FIXED_GROUPS=fixed_groups, KEYS=keys,
         BLOCK_N=block_n, BLOCK_H=triton.next_power_of_2(config.num_hashes), BLOCK_W=triton.next_power_of_2(width),
         num_warps=4)
     return out
