@@ -28,7 +28,7 @@ setup(
         "train": TRAIN_REQUIRES,
         # The Megatron-core and AutoEP tests need these; pip picks megatron-core 0.16.x on Python 3.11 and
         # 0.19.x on 3.12, the two lines the patch is checked against.
-        "test": ["pytest>=7", "megatron-core>=0.16,<0.20", "transformers==5.17.0"] + TRAIN_REQUIRES,
+        "test": ["pytest>=7", "megatron-core>=0.16,<0.20", "transformers==5.17.0", "ruff==0.17.6"] + TRAIN_REQUIRES,
         "megatron": ["megatron-core>=0.16,<0.20"],
     },
 )

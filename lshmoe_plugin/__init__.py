@@ -6,6 +6,7 @@ One line turns it on in a DeepSpeed training script, with the ``"lsh_moe"`` bloc
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import sys
@@ -42,11 +43,13 @@ _register_checkout_patches()
 ConfigLike = Union[LSHMoEConfig, str, os.PathLike, Mapping[str, Any], None]
 
 
-def load_config(config: ConfigLike) -> LSHMoEConfig:
-    """An `LSHMoEConfig` from itself, a DeepSpeed JSON path, or a DeepSpeed config dict (its ``lsh_moe`` block)."""
-    if isinstance(config, LSHMoEConfig):
-        return config
-    return LSHMoEConfig.from_deepspeed_config(config)
+def load_config(config: ConfigLike, enabled: Optional[bool] = None) -> LSHMoEConfig:
+    """An `LSHMoEConfig` from itself, a DeepSpeed JSON path, or a DeepSpeed config dict (its ``lsh_moe`` block).
+
+    `enabled` (a command-line switch, say) overrides the block and ``LSHMOE_ENABLED`` when not None.
+    """
+    parsed = config if isinstance(config, LSHMoEConfig) else LSHMoEConfig.from_deepspeed_config(config)
+    return parsed if enabled is None else dataclasses.replace(parsed, enabled=enabled)
 
 
 def enable(config: ConfigLike, model=None, framework: str = "deepspeed") -> LSHMoEConfig:

@@ -142,16 +142,19 @@ def _position_in_group(groups: torch.Tensor, valid: torch.Tensor, num_groups: in
 
 
 def centroids_by_slot(tokens: torch.Tensor, slot: torch.Tensor, num_slots: int,
-                      segments: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                      segments: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Means of the tokens (N, d) that share a slot (N,) in [0, num_slots]; slot num_slots is the scratch row.
     (`segments`, the CSR view of `slot` that the fused kernels read, is not needed here.)
 
     Returns (centroids (num_slots, d) in the tokens' dtype, counts (num_slots,) float32). Sums accumulate in
-    float32 at least: a bf16 running sum over dozens of tokens would lose the residual's precision. Empty slots are zero.
+    float32 at least: a bf16 running sum over dozens of tokens would lose the residual's precision. Empty slots are
+    zero.
     """
     accumulate = torch.promote_types(tokens.dtype, torch.float32)
     sums = tokens.new_zeros(num_slots + 1, tokens.shape[1], dtype=accumulate).index_add(0, slot, tokens.to(accumulate))
-    counts = torch.zeros(num_slots + 1, device=tokens.device).index_add_(0, slot, torch.ones_like(slot, dtype=torch.float32))
+    ones = torch.ones_like(slot, dtype=torch.float32)
+    counts = torch.zeros(num_slots + 1, device=tokens.device).index_add_(0, slot, ones)
     centroids = sums[:num_slots] / counts[:num_slots].clamp(min=1).unsqueeze(-1)
     return centroids.to(tokens.dtype), counts[:num_slots]
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Tuple, Union
 
 from .hash_families import HASH_FAMILIES, HashFamily
@@ -19,8 +19,8 @@ KERNELS = ("auto", "torch", "triton")
 
 _TRUE_WORDS = ("1", "true", "yes", "on")
 _FALSE_WORDS = ("0", "false", "no", "off")
-# Every hash contributes the bits of its digit (log2(2 * hash_dim) for both families) to a bucket key that also carries the expert id; 52 bits of
-# code keep the key inside int64 for up to 2**11 experts.
+# Every hash contributes the bits of its digit (log2(2 * hash_dim) for both families) to a bucket key that also
+# carries the expert id; 52 bits of code keep the key inside int64 for up to 2**11 experts.
 _MAX_CODE_BITS = 52
 
 
@@ -48,8 +48,9 @@ class LSHMoEConfig:
         kept every step.
     kernel: ``auto`` (Triton on CUDA when importable, else torch), ``torch`` (reference) or ``triton``.
     decide_by_cost: on each layer's first training step, time its stock exchange (all-to-all, experts, all-to-all;
-        forward and input backward) against the compressed one and keep compression only where it is faster; the expert-parallel ranks agree
-        on one decision per layer. For fast links (NVLink), where compression cannot always pay.
+        forward and input backward) against the compressed one and keep compression only where it is faster;
+        the expert-parallel ranks agree on one decision per layer. For fast links (NVLink), where compression
+        cannot always pay. DeepSpeed and AutoEP; refused with a named error for Megatron.
     """
 
     enabled: bool = False
@@ -102,7 +103,8 @@ class LSHMoEConfig:
         return self.layers == "all" or layer_index in self.layers
 
     @classmethod
-    def from_dict(cls, block: Optional[Mapping[str, Any]], *, env: Optional[Mapping[str, str]] = None) -> "LSHMoEConfig":
+    def from_dict(cls, block: Optional[Mapping[str, Any]], *,
+                  env: Optional[Mapping[str, str]] = None) -> "LSHMoEConfig":
         """Build from the ``lsh_moe`` block itself; ``None`` means no block (disabled unless the env var says so)."""
         block = dict(block or {})
         allowed = [f.name for f in dataclasses.fields(cls)]

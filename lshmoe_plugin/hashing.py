@@ -74,7 +74,8 @@ def lsh_codes(tokens: torch.Tensor, projections: torch.Tensor, config: LSHMoECon
     projected = tokens.matmul(projections.to(tokens.dtype)).float()
     if groups is not None:
         weight = valid.float().unsqueeze(-1) if valid is not None else torch.ones_like(projected[:, :1])
-        sums = torch.zeros(num_groups, projected.shape[1], device=projected.device).index_add_(0, groups, projected * weight)
+        sums = torch.zeros(num_groups, projected.shape[1], device=projected.device)
+        sums.index_add_(0, groups, projected * weight)
         counts = torch.zeros(num_groups, device=projected.device).index_add_(0, groups, weight.squeeze(-1))
         projected = projected - (sums / counts.clamp(min=1).unsqueeze(-1))[groups]
     return codes_from_projections(projected, config)

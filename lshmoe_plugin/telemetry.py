@@ -74,7 +74,8 @@ def write_to_monitor(engine, telemetry: Telemetry = TELEMETRY) -> None:
     monitor.write_events(telemetry.monitor_events(engine.global_samples))
 
 
-def relative_residual_norm(tokens: torch.Tensor, centroids_per_token: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def relative_residual_norm(tokens: torch.Tensor, centroids_per_token: torch.Tensor,
+                           valid: torch.Tensor) -> torch.Tensor:
     """Mean over valid tokens of ||token - centroid|| / ||token|| (float32 scalar tensor)."""
     t = tokens.detach().float()
     residual = (t - centroids_per_token.detach().float()).norm(dim=-1)

@@ -9,10 +9,9 @@ import os
 import platform
 import re
 import shlex
-import statistics
 import sys
 import time
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 

@@ -196,8 +196,9 @@ def run_study(plan: StudyPlan, log=print, deadline_s: Optional[float] = None) ->
             command = launch_command(plan, variant, seed, config_path, _free_port())
             log_file = open(os.path.join(run_dir, "train.log"), "a")
             log(f"start {plan.model_kind}/{variant}/seed{seed}{' (resume)' if '--resume' in command else ''}")
+            # Its own process group: the launcher and its ranks stop together.
             process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO,
-                                       start_new_session=True)  # its own group: the launcher and its ranks stop together
+                                       start_new_session=True)
             running.append((variant, seed, process, log_file, time.time()))
         time.sleep(2)
         for item in list(running):

@@ -17,13 +17,22 @@ from typing import Dict, Optional
 import torch
 
 import lshmoe_plugin
-from lshmoe_plugin.config import ENABLED_ENV_VAR, LSHMoEConfig
-from .data import Batches, GPTSamples, IndexedDataset, T5Samples, cached_preprocess, load_tokenizer, special_ids
-from .data import train_valid_split
+from lshmoe_plugin.config import ENABLED_ENV_VAR
+from lshmoe_plugin.telemetry import TELEMETRY
+
+from .data import (
+    Batches,
+    GPTSamples,
+    IndexedDataset,
+    T5Samples,
+    cached_preprocess,
+    load_tokenizer,
+    special_ids,
+    train_valid_split,
+)
 from .data.corpus import DEFAULT_CORPUS
 from .data.preprocess import DEFAULT_CACHE
 from .models.config import PRESETS
-from lshmoe_plugin.telemetry import TELEMETRY
 
 MONITOR_BLOCKS = ("csv_monitor", "tensorboard", "wandb", "comet")
 
@@ -56,7 +65,8 @@ def parse_args(model_kind: str, argv=None) -> argparse.Namespace:
     add("--output_dir", default=None, help=f"run directory (metrics.jsonl, monitor csv, checkpoints); "
         f"default runs/{model_kind}_moe")
     add("--resume", action="store_true", help="continue from the latest checkpoint in OUTPUT_DIR/checkpoints")
-    add("--lsh_moe", choices=("on", "off"), default=None, help=f"override lsh_moe.enabled (like {ENABLED_ENV_VAR})")
+    add("--lsh_moe", choices=("on", "off"), default=None,
+        help=f"override lsh_moe.enabled (over {ENABLED_ENV_VAR} and the config)")
     add("--ep_size", type=int, default=None, help="expert-parallel size; default: the world size")
     add("--seed", type=int, default=1234)
     add("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
@@ -70,13 +80,14 @@ def parse_args(model_kind: str, argv=None) -> argparse.Namespace:
 
 
 def setup(args: argparse.Namespace) -> None:
-    """Process group (gloo on CPU, NCCL on GPUs), the plugin toggle, threads, seeds, default ep_size."""
+    """Parse the configs once (``args.ds_config``, ``args.lsh``), then the process group (gloo on CPU, NCCL on
+    GPUs), threads, seeds and the default ep_size."""
     import deepspeed
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
-    deepspeed_config(args)  # a bad config fails before any process group exists, naming the file or key
-    if args.lsh_moe is not None:
-        os.environ[ENABLED_ENV_VAR] = "1" if args.lsh_moe == "on" else "0"
+    # A bad config fails before any process group exists, naming the file or key.
+    args.ds_config = deepspeed_config(args)
+    args.lsh = lshmoe_plugin.load_config(args.ds_config, enabled=switch(args.lsh_moe))
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     if "RANK" not in os.environ:
         # Started as plain `python script.py`: one rank, instead of DeepSpeed's MPI discovery.
@@ -117,12 +128,16 @@ def deepspeed_config(args: argparse.Namespace) -> dict:
         raise PretrainConfigError(f"DeepSpeed config {path!r} is not valid JSON: {error}") from None
     if not isinstance(config, dict):
         raise PretrainConfigError(f"DeepSpeed config {path!r} must hold a JSON object")
-    LSHMoEConfig.from_deepspeed_config(config)  # a bad lsh_moe block fails here, naming the key
     for block in MONITOR_BLOCKS:
         if isinstance(config.get(block), dict) and config[block].get("enabled"):
             config[block]["output_path"] = os.path.join(args.output_dir, "monitor")
             config[block].setdefault("job_name", args.model_kind + "_moe")
     return config
+
+
+def switch(value: Optional[str]) -> Optional[bool]:
+    """``--lsh_moe on|off`` as the `enabled` override of `lshmoe_plugin.load_config` (None: not given)."""
+    return None if value is None else value == "on"
 
 
 @dataclass
@@ -203,7 +218,7 @@ def train(engine, data: PretrainData, args: argparse.Namespace) -> Dict[str, flo
 
 
 def run_summary(engine, data: PretrainData, args: argparse.Namespace, world: int, tokens_per_step: int) -> str:
-    lsh = LSHMoEConfig.from_deepspeed_config(args.deepspeed_config)
+    lsh = args.lsh
     params = sum(p.numel() for p in engine.module.parameters())
     compression = f"on (rate {lsh.compression_rate})" if lsh.enabled else "off"
     return (f"{args.model_kind.upper()}-MoE preset {args.preset} ({params / 1e6:.1f}M parameters on rank 0), "
@@ -234,7 +249,7 @@ def validation_losses(engine, valid: Batches, args: argparse.Namespace) -> Dict[
     """valid_loss with exact dispatch in eval (the default), and with --eval_compressed also
     valid_loss_compressed: the same batches with the compressor on in eval (``compress_in_eval``)."""
     losses = {"valid_loss": evaluate(engine, valid, args.eval_iters)}
-    lsh = lshmoe_plugin.load_config(args.deepspeed_config)
+    lsh = args.lsh
     if args.eval_compressed and lsh.enabled:
         lshmoe_plugin.enable(dataclasses.replace(lsh, compress_in_eval=True), engine.module)
         try:
@@ -256,7 +271,7 @@ def write_run_info(engine, data: PretrainData, args: argparse.Namespace, world: 
             "parameters": sum(p.numel() for p in engine.module.parameters()), "device": device,
             "data": args.data_prefix or args.data, "train_tokens": int(len(data.train.stream)),
             "valid_tokens": int(len(data.valid.stream)), "vocab_size": data.vocab_size,
-            "lsh_moe": lshmoe_plugin.load_config(args.deepspeed_config).to_dict(),
+            "lsh_moe": args.lsh.to_dict(),
             "torch": torch.__version__}
     with open(os.path.join(args.output_dir, "run.json"), "w") as f:
         json.dump(info, f, indent=1)

@@ -17,9 +17,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from lshmoe_pretrain import benchmarking as bench  # noqa: E402
 from lshmoe_plugin.compressor import LSHCompressor, fixed_slots  # noqa: E402
 from lshmoe_plugin.config import LSHMoEConfig  # noqa: E402
+from lshmoe_pretrain import benchmarking as bench  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -217,8 +217,8 @@ def plot(points, path: str) -> None:
     width = 0.8 / len(kernels)
     for k_i, kernel in enumerate(kernels):
         values = {(p[0], p[1], p[2]): p[4] for p in points if p[3] == kernel}
-        ax.bar([i + k_i * width for i in range(len(labels))], [values.get(l, float("nan")) for l in labels], width,
-               label=kernel)
+        heights = [values.get(label, float("nan")) for label in labels]
+        ax.bar([i + k_i * width for i in range(len(labels))], heights, width, label=kernel)
     ax.axhline(2.0, color="k", linestyle="--", linewidth=1, label="2x floor (target)")
     ax.set_xticks([i + width * (len(kernels) - 1) / 2 for i in range(len(labels))])
     ax.set_xticklabels([f"d{d}\n{n // 1024}k\nr{r}" for d, n, r in labels], fontsize=6)

@@ -22,8 +22,9 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import lshmoe_plugin  # noqa: E402
 from benchmark_moe_layer import describe_link, setup_distributed  # noqa: E402
+
+import lshmoe_plugin  # noqa: E402
 from lshmoe_pretrain import benchmarking as bench  # noqa: E402
 from lshmoe_pretrain.models import PRESETS, build_gpt_moe  # noqa: E402
 
@@ -140,7 +141,8 @@ def main() -> None:
         params = sum(p.numel() for p in engines["stock"].module.parameters())
         text = bench.header(f"GPT-MoE end to end, EP={world}: stock DeepSpeed vs LSH-MoE rate {args.rate}",
                             device, link) + (
-            f"\nPreset `{args.preset}` ({params / 1e6:.0f}M parameters per rank) with d_model {cfg.d_model}, {cfg.n_layers} blocks (MoE every "
+            f"\nPreset `{args.preset}` ({params / 1e6:.0f}M parameters per rank) with d_model {cfg.d_model}, "
+            f"{cfg.n_layers} blocks (MoE every "
             f"{cfg.moe_every}), {cfg.num_experts} experts (top-{cfg.top_k}, capacity factor {cfg.capacity_factor}), "
             f"vocab {cfg.vocab_size}, seq {cfg.seq_len}, micro-batch {args.micro_batch} per rank, {args.dtype}, "
             f"AdamW lr {args.lr}, ZeRO 0, {args.steps} steps (timed from step {args.timed_from}), kernel "

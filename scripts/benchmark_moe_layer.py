@@ -119,6 +119,7 @@ def main() -> None:
     link, key = describe_link(world, backend, shared)
     section = args.section or f"moe_layer_{key}"
     import torch.distributed as dist
+
     from lshmoe_plugin.compressor import fixed_slots
 
     variants = ["stock"] + [f"lsh {r}" for r in args.rates]

@@ -15,9 +15,8 @@ def main() -> None:
     training.setup(args)
     data = training.load_data(args)
     model = build_gpt_moe(args.preset, ep_size=args.ep_size, vocab_size=data.vocab_size)
-    lshmoe_plugin.enable(args.deepspeed_config, model)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                           config=training.deepspeed_config(args))
+    lshmoe_plugin.enable(args.lsh, model)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=args.ds_config)
     training.train(engine, data, args)
 
 

@@ -19,11 +19,10 @@ import torch
 import torch.distributed as dist
 
 import lshmoe_plugin
-from lshmoe_plugin.config import ENABLED_ENV_VAR, LSHMoEConfig
+from lshmoe_plugin.telemetry import TELEMETRY
 from lshmoe_pretrain.data import Batches, GPTSamples, IndexedDataset, cached_preprocess, train_valid_split
 from lshmoe_pretrain.data.corpus import DEFAULT_CORPUS
 from lshmoe_pretrain.data.preprocess import DEFAULT_CACHE
-from lshmoe_plugin.telemetry import TELEMETRY
 
 
 def parse_args(argv=None):
@@ -60,6 +59,7 @@ def setup_distributed(args):
     """Process group, Megatron's parallel state (expert parallel only) and the model-parallel RNG."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
     from lshmoe_plugin.patches import megatron_compat
     if "RANK" not in os.environ:  # plain `python script.py`: one rank
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
@@ -144,11 +144,9 @@ def evaluate(model, valid, args, device):
 
 def main():
     args = parse_args()
-    if args.lsh_moe is not None:
-        os.environ[ENABLED_ENV_VAR] = "1" if args.lsh_moe == "on" else "0"
     with open(args.config) as f:
         ds_config = json.load(f)
-    lsh = LSHMoEConfig.from_deepspeed_config(ds_config)
+    lsh = lshmoe_plugin.load_config(ds_config, enabled=None if args.lsh_moe is None else args.lsh_moe == "on")
     args.micro_batch = args.micro_batch or ds_config.get("train_micro_batch_size_per_gpu", 8)
     device = setup_distributed(args)
     train_batches, valid_batches, vocab_size = load_data(args)

@@ -16,9 +16,8 @@ def main() -> None:
     data = training.load_data(args)
     model = build_t5_moe(args.preset, ep_size=args.ep_size, vocab_size=data.vocab_size,
                          decoder_start_id=data.pad_id)
-    lshmoe_plugin.enable(args.deepspeed_config, model)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                           config=training.deepspeed_config(args))
+    lshmoe_plugin.enable(args.lsh, model)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=args.ds_config)
     training.train(engine, data, args)
 
 

@@ -217,7 +217,8 @@ def check_probs_on_input_and_capacity_dropping_are_exact_at_rate_one(world_size,
 def check_unsupported_settings_fail_loudly(world_size, per_rank):
     errors = per_rank[0]["errors"]
     assert "moe_pad_expert_input_to_capacity=True" in errors["drop_and_pad"]
-    assert "moe_token_dispatcher_type='allgather'" in errors["allgather"] and "Allowed: 'alltoall'" in errors["allgather"]
+    assert "moe_token_dispatcher_type='allgather'" in errors["allgather"]
+    assert "Allowed: 'alltoall'" in errors["allgather"]
 
 
 ALL_CHECKS = (check_rate_one_matches_stock_outputs_and_grads, check_identity_expert_with_error_compensation_is_exact,

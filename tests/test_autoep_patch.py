@@ -7,9 +7,7 @@ import math
 
 import pytest
 import torch
-
 import transformers  # noqa: E402,F401  (installed by the README's [test] extra)
-
 from distributed import run_distributed  # noqa: E402
 
 import lshmoe_plugin  # noqa: E402

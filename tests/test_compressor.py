@@ -1,4 +1,3 @@
-import math
 
 import pytest
 import torch
@@ -178,7 +177,8 @@ def test_centroid_error_on_clustered_tokens_is_close_to_kmeans(capsys):
     with capsys.disabled():
         print("\nLSH vs k-means reconstruction error (mean squared, 8 clusters of 32 tokens, d=64):")
         for rate, k, lsh, reference in rows:
-            print(f"  rate {rate:.2f}: {k} clusters  LSH {lsh:.4f}  k-means {reference:.4f}  ratio {lsh / reference:.2f}")
+            print(f"  rate {rate:.2f}: {k} clusters  LSH {lsh:.4f}  k-means {reference:.4f}  "
+                  f"ratio {lsh / reference:.2f}")
     # At 5% (13 slots for 8 true clusters) the first hash's 16 codes can put two clusters in one bucket:
     # reported above, asserted only where the budget leaves room for the finer hashes.
     for rate, k, lsh, reference in rows[1:]:

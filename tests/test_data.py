@@ -4,8 +4,18 @@ import struct
 import numpy as np
 import pytest
 
-from lshmoe_pretrain.data import (Batches, CorpusError, GPTSamples, IndexedDataset, IndexedDatasetError,
-                                IndexedDatasetWriter, T5Samples, documents, span_corruption, train_tokenizer)
+from lshmoe_pretrain.data import (
+    Batches,
+    CorpusError,
+    GPTSamples,
+    IndexedDataset,
+    IndexedDatasetError,
+    IndexedDatasetWriter,
+    T5Samples,
+    documents,
+    span_corruption,
+    train_tokenizer,
+)
 from lshmoe_pretrain.data.corpus import python_docs
 
 

@@ -5,7 +5,6 @@ import os
 
 import pytest
 import torch
-
 from distributed import run_distributed
 
 import lshmoe_plugin
@@ -95,7 +94,8 @@ def check_patch_against_stock(rank, world_size, k):
         lshmoe_plugin.disable()  # idempotent
         report[f"reverted_exact_identity={identity}"] = same(stock, fwd_bwd(moe, x))
         lshmoe_plugin.enable({"lsh_moe": {"enabled": False, "compression_rate": 0.25}}, moe)
-        report[f"disabled_unpatched_identity={identity}"] = not deepspeed_moe.is_applied() and same(stock, fwd_bwd(moe, x))
+        report[f"disabled_unpatched_identity={identity}"] = (not deepspeed_moe.is_applied()
+                                                             and same(stock, fwd_bwd(moe, x)))
     return report
 
 
@@ -189,7 +189,8 @@ def check_monitor(rank, world_size, out_dir):
             out, l_aux, _ = self.moe(x)
             return self.head(out).square().mean() + l_aux
 
-    config = {"train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "Adam", "params": {"lr": 1e-3, "torch_adam": True}},
+    config = {"train_micro_batch_size_per_gpu": 2,
+              "optimizer": {"type": "Adam", "params": {"lr": 1e-3, "torch_adam": True}},
               "csv_monitor": {"enabled": True, "output_path": out_dir, "job_name": "lsh"},
               "lsh_moe": {"enabled": True, "compression_rate": 0.25, "telemetry_interval": 1}}
     net = Net()
@@ -265,6 +266,7 @@ def test_decide_by_cost_measures_once_and_ranks_agree(world_size):
 
 def test_monitor_hook_stays_while_any_deepspeed_patch_is_applied():
     from deepspeed.runtime.engine import DeepSpeedEngine
+
     from lshmoe_plugin.patches import deepspeed_autoep
     stock_step = DeepSpeedEngine.step
     config = lshmoe_plugin.LSHMoEConfig(enabled=True)

@@ -7,13 +7,11 @@ per-rank results.
 """
 import types
 
+import megatron.core  # noqa: E402,F401  (installed by the README's [test] extra)
+import megatron_helpers as helpers  # noqa: E402
 import pytest
 import torch
-
-import megatron.core  # noqa: E402,F401  (installed by the README's [test] extra)
-
 from distributed import run_distributed  # noqa: E402
-import megatron_helpers as helpers  # noqa: E402
 from megatron_helpers import compare_patched_and_stock, enabled  # noqa: E402
 
 import lshmoe_plugin  # noqa: E402
@@ -22,8 +20,9 @@ from lshmoe_plugin.patches.versioning import UnsupportedFrameworkError  # noqa: 
 
 
 def scenarios(rank, world_size):
-    from lshmoe_plugin.patches import megatron_compat
     from megatron.core import parallel_state
+
+    from lshmoe_plugin.patches import megatron_compat
     megatron_compat.apply()
     parallel_state.initialize_model_parallel(expert_model_parallel_size=world_size)
     try:
@@ -90,7 +89,6 @@ def test_enable_reads_the_deepspeed_style_block(clean_patch):
 
 
 def test_unsupported_release_is_refused(clean_patch, monkeypatch):
-    import megatron.core
     monkeypatch.setattr(megatron.core, "__version__", "0.13.1")
     with pytest.raises(UnsupportedFrameworkError, match=r"supports megatron-core 0.16.x, 0.19.x; found .* 0.13.1"):
         megatron_dispatcher.apply(enabled())
@@ -108,6 +106,7 @@ def test_compat_shims_install_and_revert_cleanly():
     from megatron.core.tensor_parallel import random
     from megatron.core.transformer.moe import moe_utils
     from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher as D
+
     from lshmoe_plugin.patches import megatron_compat
     before = (torch.cuda.current_device, D._maybe_dtoh_and_synchronize, D.cuda_dtoh_stream,
               random._CUDA_RNG_STATE_TRACKER, hasattr(moe_utils, "te_general_gemm"))

@@ -4,8 +4,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 import megatron.core  # noqa: E402,F401  (installed by the README's [test] extra)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-
 from distributed import run_distributed
+
 from lshmoe_pretrain.models import PRESETS, ModelConfig, build_gpt_moe, build_t5_moe, resolve_config
 
 STEPS = 8
@@ -38,9 +38,10 @@ def test_config_errors_are_clear():
 
 def _train_few_steps(rank, world_size, kind, lsh_enabled, prefix, tokenizer_path):
     import deepspeed
+
     import lshmoe_plugin
-    from lshmoe_pretrain.data import Batches, GPTSamples, IndexedDataset, T5Samples, load_tokenizer, special_ids
     from lshmoe_plugin.patches import deepspeed_moe
+    from lshmoe_pretrain.data import Batches, GPTSamples, IndexedDataset, T5Samples, load_tokenizer, special_ids
     torch.set_num_threads(1)  # two ranks on a 2-core runner: more threads only fight over the cores
     torch.manual_seed(0)
     tokenizer = load_tokenizer(tokenizer_path)

@@ -10,7 +10,8 @@ Same four functions, signatures and semantics as the PyTorch reference (``hashin
   Tokens are visited slot by slot through a CSR view of ``slot`` (one stable sort of N int32 keys), so each
   program accumulates one centroid in fp32 registers and writes it once: no atomics, no fp32 scratch buffer, no
   pass per expert, deterministic. The scratch segment (invalid tokens, up to a fifth of them at capacity factor
-  1.25) is zeroed token-parallel instead: one program walking it alone would set the kernel's time. The backward passes use the same segments: the gradient of a centroid is
+  1.25) is zeroed token-parallel instead: one program walking it alone would set the kernel's time. The backward
+  passes use the same segments: the gradient of a centroid is
   broadcast to its tokens, and the gradient of an expert output is the segmented sum of its tokens' gradients.
 
 Everything stays shape-static: no value is read back to the host.
@@ -493,7 +494,8 @@ class _ExpandWithResidual(torch.autograd.Function):
 
 # -- the four ops -----------------------------------------------------------------------------------------------------
 def centroids_by_slot(tokens: torch.Tensor, slot: torch.Tensor, num_slots: int,
-                      segments: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                      segments: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Fused `clustering.centroids_by_slot`: one read of every token row, one write of every centroid row.
 
     `segments`: the CSR view of `slot` from the fused assignment; without it, one sort of `slot` builds it.

@@ -5,11 +5,9 @@ permutation kernels). Runs on min(2, GPUs) ranks; needs transformers.
 import os
 import traceback
 
-import torch
-
-import transformers  # noqa: E402,F401  (installed by the README's [test] extra)
-
 import test_autoep_patch as autoep  # noqa: E402
+import torch
+import transformers  # noqa: E402,F401  (installed by the README's [test] extra)
 from distributed import spawn_ranks  # noqa: E402
 
 

@@ -1,16 +1,15 @@
 """The Megatron scenarios of tests/test_megatron_patch.py on CUDA with NCCL: the stock CUDA-stream DtoH path.
 
-Runs on as many GPUs as there are, up to 2 (expert parallel size = that number); collected only where CUDA is present (tests/gpu/conftest.py).
+Runs on as many GPUs as there are, up to 2 (expert parallel size = that number); collected only where CUDA is
+present (tests/gpu/conftest.py).
     python -m pytest -q tests/gpu/test_megatron_cuda.py
 """
 import os
 import traceback
 
-import torch
-
 import megatron.core  # noqa: E402,F401  (installed by the README's [test] extra)
-
 import megatron_helpers as helpers  # noqa: E402
+import torch
 from distributed import spawn_ranks  # noqa: E402
 
 
@@ -20,6 +19,7 @@ def _worker(rank, world_size, port, queue):
     try:
         import torch.distributed as dist
         from megatron.core import parallel_state
+
         from lshmoe_plugin.patches import megatron_compat
         megatron_compat.apply()  # only the missing-name fix of megatron-core 0.16 without Transformer Engine
         torch.cuda.set_device(rank)
