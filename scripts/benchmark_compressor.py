@@ -22,6 +22,8 @@ from lshmoe_plugin.config import LSHMoEConfig  # noqa: E402
 from lshmoe_pretrain import benchmarking as bench  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Per-rank, one-direction link bandwidths the break-even table marks (GB/s).
+LINKS = {"NVLink 4 (450)": 450.0, "IB 400 Gb/s (50)": 50.0, "IB 200 Gb/s (25)": 25.0, "Ethernet 100 Gb/s (12.5)": 12.5}
 
 
 def parse_args() -> argparse.Namespace:
@@ -71,7 +73,7 @@ def main() -> None:
     bandwidth = bench.copy_bandwidth_gbs(device)
     print(f"copy bandwidth (read + write): {bandwidth:.0f} GB/s on {bench.device_name(device)}", flush=True)
 
-    rows, plot_points, stages = [], [], []
+    rows, plot_points, stages, break_even = [], [], [], []
     for d in args.d_models:
         for n in args.tokens:
             capacity = n // args.experts
@@ -89,6 +91,10 @@ def main() -> None:
                     times[kernel] = time_round_trip(compressor, data, device, args.reps)
                     if args.breakdown and kernel != "torch":
                         stages.append((d, n, rate, kernel) + time_stages(compressor, data[0], device, args.reps))
+                elem = data[0][0].element_size()
+                best = min(args.kernels, key=lambda k: times[k][1])
+                break_even.append(break_even_row(d, n, rate, best, times[best][1], args.experts * capacity, slots,
+                                                 elem))
                 for kernel in args.kernels:
                     fwd, both, graphed = times[kernel]
                     ref_fwd, ref_both, ref_graphed = times[args.kernels[0]]
@@ -123,11 +129,30 @@ def main() -> None:
                  "projection matmul, the group sums and the sort-key kernel; 'sort' the one stable sort of the keys; "
                  "'assign kernel' the per-expert assignment that also writes the slots' CSR for the reduce and the "
                  "expand.\n\n" + stage_table + "\n")
+    headers = ["d_model", "tokens/rank", "rate", "kernel", "compressor fwd+bwd ms", "MiB saved per layer step",
+               "break-even GB/s"] + [f"pays on {name}" for name in LINKS]
+    even_table = bench.markdown_table(headers, break_even)
+    print(even_table)
+    text += ("\nBreak-even link bandwidth: compression pays on a link slower than this. Per layer and training step "
+             "a rank's buffer crosses the all-to-all four times (dispatch and combine, forward and backward), so "
+             "compression saves 4·(N − S)·d·b bytes per rank, at the cost of the compressor's fwd+bwd time T "
+             "(eager, fastest kernel, from the table above); break-even = bytes saved / T. Conservative: it leaves "
+             "out the expert compute saved on S instead of N rows, and counts every row as leaving the rank (at EP=k "
+             "a fraction 1/k stays local). Links as per-rank, one-direction bandwidth in GB/s.\n\n"
+             + even_table + "\n")
     if args.plot and plot_points and device.type == "cuda":
         plot(plot_points, args.plot)
         text += f"\n![compressor time over floor]({os.path.basename(args.plot)})\n"
     bench.write_section(args.report, "compressor", text)
     print(f"wrote {args.report}")
+
+
+def break_even_row(d: int, n: int, rate: float, kernel: str, both_ms: float, tokens: int, slots: int, elem: int):
+    """(d, n, rate, kernel, ms, MiB saved, break-even GB/s, pays on each of LINKS)."""
+    saved = 4 * (tokens - slots) * d * elem
+    gbs = saved / (both_ms * 1e-3) / 1e9
+    return (d, n, rate, kernel, both_ms, saved / 2**20, gbs) + tuple("yes" if bw < gbs else "no"
+                                                                   for bw in LINKS.values())
 
 
 def time_round_trip(compressor: LSHCompressor, data, device, reps: int):
