@@ -1,7 +1,8 @@
 """The pretraining loop behind scripts/pretrain_gpt_moe.py and scripts/pretrain_t5_moe.py.
 
 The scripts parse arguments, build a model from a preset, call ``lshmoe_plugin.enable`` and
-``deepspeed.initialize``; everything else (distributed setup, data, the loop, metrics, checkpoints) is here.
+``deepspeed.initialize``; everything else (distributed setup, data, the loop, metrics) is here, checkpoints in
+checkpoints.py.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch
 
 import lshmoe_plugin
 from lshmoe_plugin.config import ENABLED_ENV_VAR, LSHMoEConfig
+from . import checkpoints
 from .data import Batches, GPTSamples, IndexedDataset, T5Samples, cached_preprocess, load_tokenizer, special_ids
 from .data import train_valid_split
 from .data.corpus import DEFAULT_CORPUS
@@ -75,6 +77,8 @@ def setup(args: argparse.Namespace) -> None:
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
     deepspeed_config(args)  # a bad config fails before any process group exists, naming the file or key
+    if args.resume:
+        checkpoints.resumable_tag(checkpoint_dir(args))  # and so does a missing or incomplete checkpoint
     if args.lsh_moe is not None:
         os.environ[ENABLED_ENV_VAR] = "1" if args.lsh_moe == "on" else "0"
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -96,6 +100,10 @@ def setup(args: argparse.Namespace) -> None:
     if world % args.ep_size:
         raise PretrainConfigError(f"--ep_size {args.ep_size} must divide the world size {world}")
     torch.manual_seed(args.seed)
+
+
+def checkpoint_dir(args: argparse.Namespace) -> str:
+    return os.path.join(args.output_dir, "checkpoints")
 
 
 def _free_port() -> int:
@@ -162,8 +170,9 @@ def train(engine, data: PretrainData, args: argparse.Namespace) -> Dict[str, flo
     import torch.distributed as dist
     from tqdm import tqdm
     rank, world = dist.get_rank(), dist.get_world_size()
-    checkpoints = os.path.join(args.output_dir, "checkpoints")
-    start_step, elapsed_before = load_checkpoint(engine, checkpoints) if args.resume else (0, 0.0)
+    # The effective settings (after --lsh_moe / LSHMOE_ENABLED), kept with every checkpoint to compare on resume.
+    lsh_moe = lshmoe_plugin.load_config(args.deepspeed_config).to_dict()
+    start_step, elapsed_before = load_checkpoint(engine, checkpoint_dir(args), lsh_moe) if args.resume else (0, 0.0)
     micro, accum = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
     batches = Batches(data.train, micro, accum, rank, world, args.seed)
     # A small validation tail (long sequences, little text) still evaluates, in smaller micro-batches.
@@ -175,7 +184,7 @@ def train(engine, data: PretrainData, args: argparse.Namespace) -> Dict[str, flo
     first = batches.get(0)
     tokens_per_step = (first["input_ids"].numel() + (first["labels"].numel() if args.model_kind == "t5" else 0)) \
         * accum * world
-    metrics = MetricsLog(args.output_dir, enabled=rank == 0, fresh=not args.resume)
+    metrics = MetricsLog(args.output_dir, enabled=rank == 0, resumed_at=start_step if args.resume else None)
     if rank == 0:
         print(run_summary(engine, data, args, world, tokens_per_step), flush=True)
         write_run_info(engine, data, args, world, tokens_per_step)
@@ -197,7 +206,7 @@ def train(engine, data: PretrainData, args: argparse.Namespace) -> Dict[str, flo
         if rank == 0 and ((step + 1) % args.log_interval == 0 or "valid_loss" in record):
             bar.write(format_record(record))
         if args.save_interval and (step + 1) % args.save_interval == 0 or step + 1 == args.train_steps:
-            save_checkpoint(engine, checkpoints, step + 1, record["elapsed_s"])
+            save_checkpoint(engine, checkpoint_dir(args), step + 1, record["elapsed_s"], lsh_moe)
     bar.close()
     return record
 
@@ -299,13 +308,23 @@ def format_record(record: Dict[str, float]) -> str:
 class MetricsLog:
     """Per-step records to OUTPUT_DIR/metrics.jsonl and, as events, to DeepSpeed's monitor (csv/tensorboard)."""
 
-    def __init__(self, output_dir: str, enabled: bool, fresh: bool) -> None:
+    def __init__(self, output_dir: str, enabled: bool, resumed_at: Optional[int] = None) -> None:
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self.enabled = enabled
-        if enabled:
-            os.makedirs(output_dir, exist_ok=True)
-            if fresh and os.path.exists(self.path):
+        if not enabled:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        if resumed_at is None:
+            if os.path.exists(self.path):
                 os.remove(self.path)
+        elif os.path.exists(self.path):
+            # Steps logged after the checkpoint by a run that then died are trained again: drop them, so the file
+            # holds each step once, as the resumed run computes it.
+            with open(self.path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resumed_at]
+            with open(self.path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(self.path + ".tmp", self.path)
 
     def write(self, record: Dict[str, float], engine) -> None:
         monitor = getattr(engine, "monitor", None)
@@ -319,13 +338,15 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
-def save_checkpoint(engine, directory: str, step: int, elapsed_s: float) -> None:
-    engine.save_checkpoint(directory, tag=f"step{step}", client_state={"step": step, "elapsed_s": elapsed_s})
+def save_checkpoint(engine, directory: str, step: int, elapsed_s: float, lsh_moe: dict) -> None:
+    checkpoints.save(engine, directory, step, {"step": step, "elapsed_s": elapsed_s, "lsh_moe": lsh_moe})
 
 
-def load_checkpoint(engine, directory: str):
-    """(step, elapsed seconds) of the latest checkpoint in `directory`; a missing one is an error, not a restart."""
-    path, client_state = engine.load_checkpoint(directory)
-    if path is None:
-        raise PretrainConfigError(f"--resume: no DeepSpeed checkpoint found in {directory!r}")
+def load_checkpoint(engine, directory: str, lsh_moe: dict):
+    """(step, elapsed seconds) of the checkpoint `latest` names in `directory`; a missing or incomplete one is an
+    error, not a restart. Prints on rank 0 how the lsh_moe settings differ from the checkpoint's."""
+    import torch.distributed as dist
+    tag_dir, client_state = checkpoints.load(engine, directory)
+    if dist.get_rank() == 0:
+        print(checkpoints.lsh_moe_resume_line(tag_dir, client_state.get("lsh_moe"), lsh_moe), flush=True)
     return int(client_state["step"]), float(client_state.get("elapsed_s", 0.0))
