@@ -126,6 +126,14 @@ def deepspeed_config(args: argparse.Namespace) -> dict:
     if not isinstance(config, dict):
         raise PretrainConfigError(f"DeepSpeed config {path!r} must hold a JSON object")
     LSHMoEConfig.from_deepspeed_config(config)  # a bad lsh_moe block fails here, naming the key
+    checkpoint = config.get("checkpoint")
+    writer = checkpoint.get("writer") if isinstance(checkpoint, dict) else None
+    if isinstance(writer, dict) and writer.get("decoupled"):
+        # It writes after save_checkpoint returns: `latest` and the manifest (checkpoints.py) could then vouch for
+        # files still being written.
+        raise PretrainConfigError(f"DeepSpeed config {path!r}: checkpoint.writer.decoupled is not supported by "
+                                  f"lshmoe_pretrain (its checkpoints are complete when `latest` names them); "
+                                  f"remove it")
     for block in MONITOR_BLOCKS:
         if isinstance(config.get(block), dict) and config[block].get("enabled"):
             config[block]["output_path"] = os.path.join(args.output_dir, "monitor")

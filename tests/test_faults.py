@@ -203,6 +203,15 @@ def test_a_save_failing_on_one_rank_never_becomes_latest(tmp_path, cache_dir, fa
             f"incomplete: it has no manifest.json") in refused.stderr, refused.stderr[-3000:]
     assert "complete checkpoints there: step4" in refused.stderr
 
+    # A background checkpoint writer would defeat that ordering: refused before any process group forms.
+    config = json.load(open(os.path.join(ROOT, "configs/gpt_moe_cpu.json")))
+    config["checkpoint"] = {"writer": {"decoupled": True}}
+    (tmp_path / "decoupled.json").write_text(json.dumps(config))
+    decoupled = pretrain(copy, cache_dir, nprocs=0, config=tmp_path / "decoupled.json", check=False)
+    assert decoupled.returncode != 0
+    assert (f"DeepSpeed config '{tmp_path / 'decoupled.json'}': checkpoint.writer.decoupled is not supported"
+            in decoupled.stderr), decoupled.stderr[-3000:]
+
     # A file that shrank after its save (a partial copy, a full disk) is caught by the manifest's sizes.
     model_states = copy / "checkpoints" / "step4" / "mp_rank_00_model_states.pt"
     size = model_states.stat().st_size
