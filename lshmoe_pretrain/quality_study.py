@@ -136,7 +136,8 @@ def launch_command(plan: StudyPlan, variant: str, seed: int, config_path: str, p
                "--eval_interval", str(max(1, steps // plan.evals)), "--eval_iters", str(plan.eval_iters),
                "--log_interval", str(max(1, steps // 20)), "--save_interval", str(save_every),
                "--seed", str(seed), "--output_dir", run_dir, "--eval_compressed"]
-    # DeepSpeed writes `latest` once a checkpoint is complete: a run killed while saving resumes from the one before.
+    # `latest` is written once every rank's files of a checkpoint are (lshmoe_pretrain.checkpoints): a run killed
+    # while saving resumes from the one before.
     if os.path.isfile(os.path.join(run_dir, "checkpoints", "latest")):
         command.append("--resume")
     return command

@@ -1,7 +1,8 @@
 """The pretraining loop behind scripts/pretrain_gpt_moe.py and scripts/pretrain_t5_moe.py.
 
 The scripts parse arguments, build a model from a preset, call ``lshmoe_plugin.enable`` and
-``deepspeed.initialize``; everything else (distributed setup, data, the loop, metrics, checkpoints) is here.
+``deepspeed.initialize``; everything else (distributed setup, data, the loop, metrics) is here, checkpoints in
+checkpoints.py.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import lshmoe_plugin
 from lshmoe_plugin.config import ENABLED_ENV_VAR
 from lshmoe_plugin.telemetry import TELEMETRY
 
+from . import checkpoints
 from .data import (
     Batches,
     GPTSamples,
@@ -85,9 +87,12 @@ def setup(args: argparse.Namespace) -> None:
     import deepspeed
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
-    # A bad config fails before any process group exists, naming the file or key.
+    # A bad config fails before any process group exists, naming the file or key; so does a missing or incomplete
+    # checkpoint to resume from.
     args.ds_config = deepspeed_config(args)
     args.lsh = lshmoe_plugin.load_config(args.ds_config, enabled=switch(args.lsh_moe))
+    if args.resume:
+        checkpoints.resumable_tag(checkpoint_dir(args))
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     if "RANK" not in os.environ:
         # Started as plain `python script.py`: one rank, instead of DeepSpeed's MPI discovery.
@@ -109,6 +114,10 @@ def setup(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
 
 
+def checkpoint_dir(args: argparse.Namespace) -> str:
+    return os.path.join(args.output_dir, "checkpoints")
+
+
 def _free_port() -> int:
     import socket
     with socket.socket() as s:
@@ -128,6 +137,14 @@ def deepspeed_config(args: argparse.Namespace) -> dict:
         raise PretrainConfigError(f"DeepSpeed config {path!r} is not valid JSON: {error}") from None
     if not isinstance(config, dict):
         raise PretrainConfigError(f"DeepSpeed config {path!r} must hold a JSON object")
+    checkpoint = config.get("checkpoint")
+    writer = checkpoint.get("writer") if isinstance(checkpoint, dict) else None
+    if isinstance(writer, dict) and writer.get("decoupled"):
+        # It writes after save_checkpoint returns: `latest` and the manifest (checkpoints.py) could then vouch for
+        # files still being written.
+        raise PretrainConfigError(f"DeepSpeed config {path!r}: checkpoint.writer.decoupled is not supported by "
+                                  f"lshmoe_pretrain (its checkpoints are complete when `latest` names them); "
+                                  f"remove it")
     for block in MONITOR_BLOCKS:
         if isinstance(config.get(block), dict) and config[block].get("enabled"):
             config[block]["output_path"] = os.path.join(args.output_dir, "monitor")
@@ -177,8 +194,9 @@ def train(engine, data: PretrainData, args: argparse.Namespace) -> Dict[str, flo
     import torch.distributed as dist
     from tqdm import tqdm
     rank, world = dist.get_rank(), dist.get_world_size()
-    checkpoints = os.path.join(args.output_dir, "checkpoints")
-    start_step, elapsed_before = load_checkpoint(engine, checkpoints) if args.resume else (0, 0.0)
+    # The effective settings (after --lsh_moe / LSHMOE_ENABLED), kept with every checkpoint to compare on resume.
+    lsh_moe = args.lsh.to_dict()
+    start_step, elapsed_before = load_checkpoint(engine, checkpoint_dir(args), lsh_moe) if args.resume else (0, 0.0)
     micro, accum = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
     batches = Batches(data.train, micro, accum, rank, world, args.seed)
     # A small validation tail (long sequences, little text) still evaluates, in smaller micro-batches.
@@ -190,7 +208,7 @@ def train(engine, data: PretrainData, args: argparse.Namespace) -> Dict[str, flo
     first = batches.get(0)
     tokens_per_step = (first["input_ids"].numel() + (first["labels"].numel() if args.model_kind == "t5" else 0)) \
         * accum * world
-    metrics = MetricsLog(args.output_dir, enabled=rank == 0, fresh=not args.resume)
+    metrics = MetricsLog(args.output_dir, enabled=rank == 0, resumed_at=start_step if args.resume else None)
     if rank == 0:
         print(run_summary(engine, data, args, world, tokens_per_step), flush=True)
         write_run_info(engine, data, args, world, tokens_per_step)
@@ -212,7 +230,7 @@ def train(engine, data: PretrainData, args: argparse.Namespace) -> Dict[str, flo
         if rank == 0 and ((step + 1) % args.log_interval == 0 or "valid_loss" in record):
             bar.write(format_record(record))
         if args.save_interval and (step + 1) % args.save_interval == 0 or step + 1 == args.train_steps:
-            save_checkpoint(engine, checkpoints, step + 1, record["elapsed_s"])
+            save_checkpoint(engine, checkpoint_dir(args), step + 1, record["elapsed_s"], lsh_moe)
     bar.close()
     return record
 
@@ -314,13 +332,23 @@ def format_record(record: Dict[str, float]) -> str:
 class MetricsLog:
     """Per-step records to OUTPUT_DIR/metrics.jsonl and, as events, to DeepSpeed's monitor (csv/tensorboard)."""
 
-    def __init__(self, output_dir: str, enabled: bool, fresh: bool) -> None:
+    def __init__(self, output_dir: str, enabled: bool, resumed_at: Optional[int] = None) -> None:
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self.enabled = enabled
-        if enabled:
-            os.makedirs(output_dir, exist_ok=True)
-            if fresh and os.path.exists(self.path):
+        if not enabled:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        if resumed_at is None:
+            if os.path.exists(self.path):
                 os.remove(self.path)
+        elif os.path.exists(self.path):
+            # Steps logged after the checkpoint by a run that then died are trained again: drop them, so the file
+            # holds each step once, as the resumed run computes it.
+            with open(self.path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resumed_at]
+            with open(self.path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(self.path + ".tmp", self.path)
 
     def write(self, record: Dict[str, float], engine) -> None:
         monitor = getattr(engine, "monitor", None)
@@ -334,13 +362,15 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
-def save_checkpoint(engine, directory: str, step: int, elapsed_s: float) -> None:
-    engine.save_checkpoint(directory, tag=f"step{step}", client_state={"step": step, "elapsed_s": elapsed_s})
+def save_checkpoint(engine, directory: str, step: int, elapsed_s: float, lsh_moe: dict) -> None:
+    checkpoints.save(engine, directory, step, {"step": step, "elapsed_s": elapsed_s, "lsh_moe": lsh_moe})
 
 
-def load_checkpoint(engine, directory: str):
-    """(step, elapsed seconds) of the latest checkpoint in `directory`; a missing one is an error, not a restart."""
-    path, client_state = engine.load_checkpoint(directory)
-    if path is None:
-        raise PretrainConfigError(f"--resume: no DeepSpeed checkpoint found in {directory!r}")
+def load_checkpoint(engine, directory: str, lsh_moe: dict):
+    """(step, elapsed seconds) of the checkpoint `latest` names in `directory`; a missing or incomplete one is an
+    error, not a restart. Prints on rank 0 how the lsh_moe settings differ from the checkpoint's."""
+    import torch.distributed as dist
+    tag_dir, client_state = checkpoints.load(engine, directory)
+    if dist.get_rank() == 0:
+        print(checkpoints.lsh_moe_resume_line(tag_dir, client_state.get("lsh_moe"), lsh_moe), flush=True)
     return int(client_state["step"]), float(client_state.get("elapsed_s", 0.0))
