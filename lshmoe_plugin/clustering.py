@@ -82,6 +82,8 @@ def assign_clusters(codes: torch.Tensor, groups: torch.Tensor, valid: torch.Tens
     """
     n = codes.shape[0]
     device = codes.device
+    if n == 0:  # an empty batch (stock DeepSpeed runs it, capacity 0): the gathers below read row 0
+        return codes.new_empty(0), torch.zeros(num_groups, dtype=torch.long, device=device)
     code_bits = bits_per_hash * num_hashes
     sentinel = num_groups << code_bits  # sorts after every valid key
     key = torch.where(valid, (groups << code_bits) | codes, torch.full_like(codes, sentinel))
