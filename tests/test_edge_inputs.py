@@ -15,7 +15,7 @@ import torch
 from distributed import run_distributed
 
 import lshmoe_plugin
-from lshmoe_plugin import LSHMoEConfigError
+from lshmoe_plugin import LSHCompressor, LSHMoEConfig, LSHMoEConfigError
 
 NUM_EXPERTS = 4
 
@@ -302,3 +302,30 @@ def test_cross_polytope_hash_dim_above_d_model_is_a_named_error(run):
     assert name == "LSHMoEConfigError" and is_config_error
     assert "lsh_moe.hash_dim=20" in message and "d_model=16" in message
     assert "allowed: 1 <= hash_dim <= d_model for cross_polytope" in message and "spherical" in message
+
+
+def empty_dispatch_checks(compressor, device):
+    """Both layouts with nothing to cluster: capacity 0 (an empty batch), a buffer of only empty capacity slots
+    (a rank whose tokens all went elsewhere), and no tokens at all in the variable layout (Megatron, AutoEP)."""
+    results = {}
+    for capacity in (0, 5):
+        tokens = torch.randn(4, capacity, 16, device=device, dtype=torch.float16, requires_grad=True)
+        centroids, state = compressor.compress_fixed(tokens, torch.zeros(4, capacity, dtype=torch.bool, device=device))
+        out = compressor.decompress_fixed(centroids * 2 + 1, state)
+        out.float().sum().backward()
+        results[f"fixed_capacity_{capacity}"] = (centroids.shape == (4, -(-capacity // 5), 16)
+                                                 and out.shape == tokens.shape and not out.any()
+                                                 and not tokens.grad.any())
+    tokens = torch.randn(0, 16, device=device, requires_grad=True)
+    centroids, per_group, state = compressor.compress_variable(tokens, torch.zeros(4, dtype=torch.long))
+    out = compressor.decompress_variable(centroids * 2 + 1, state)
+    out.sum().backward()
+    results["variable_no_tokens"] = (centroids.shape == (0, 16) and per_group.tolist() == [0] * 4
+                                     and out.shape == (0, 16) and tokens.grad.shape == (0, 16))
+    return results
+
+
+def test_empty_dispatch_in_both_layouts():
+    compressor = LSHCompressor(LSHMoEConfig(enabled=True, compression_rate=0.2, kernel="torch"), 0)
+    results = empty_dispatch_checks(compressor, torch.device("cpu"))
+    assert all(results.values()), results

@@ -38,9 +38,13 @@ def _one_cluster(compressor, tokens, expert):
     return centroids.view(1, D), compressor.decompress_fixed(expert(centroids), state).view(8, D)
 
 
-def compressor_overflow_checks(device):
-    """Results of the three fp16 edge cases on `device` (the reference on the CPU, Triton kernels on CUDA)."""
-    compressor = LSHCompressor(LSHMoEConfig(enabled=True, compression_rate=0.01, telemetry_interval=0), 0)
+def overflow_compressor():
+    return LSHCompressor(LSHMoEConfig(enabled=True, compression_rate=0.01, telemetry_interval=0), 0)
+
+
+def compressor_overflow_checks(device, compressor=None):
+    """Results of the three fp16 edge cases on `device` (kernel "auto": the reference on the CPU, Triton on CUDA)."""
+    compressor = compressor or overflow_compressor()
     u = _pattern(device)
     result = {}
 
