@@ -19,7 +19,7 @@ import torch
 import lshmoe_plugin
 from lshmoe_plugin.config import ENABLED_ENV_VAR, LSHMoEConfig
 from .data import Batches, GPTSamples, IndexedDataset, T5Samples, cached_preprocess, load_tokenizer, special_ids
-from .data import train_valid_split
+from .data import check_vocabulary, train_valid_split
 from .data.corpus import DEFAULT_CORPUS
 from .data.preprocess import DEFAULT_CACHE
 from .models.config import PRESETS
@@ -148,6 +148,7 @@ def load_data(args: argparse.Namespace) -> PretrainData:
     dataset = IndexedDataset(prefix)
     tokenizer = load_tokenizer(tokenizer_path)
     special = special_ids(tokenizer)
+    check_vocabulary(dataset, tokenizer.get_vocab_size(), tokenizer_path)
     train, valid = train_valid_split(dataset, args.valid_fraction)
     seq_len = PRESETS[args.preset].seq_len
     if args.model_kind == "gpt":
