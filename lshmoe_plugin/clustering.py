@@ -82,6 +82,8 @@ def assign_clusters(codes: torch.Tensor, groups: torch.Tensor, valid: torch.Tens
     """
     n = codes.shape[0]
     device = codes.device
+    if n == 0:  # an empty batch (stock DeepSpeed runs it, capacity 0): the gathers below read row 0
+        return codes.new_empty(0), torch.zeros(num_groups, dtype=torch.long, device=device)
     code_bits = bits_per_hash * num_hashes
     sentinel = num_groups << code_bits  # sorts after every valid key
     key = torch.where(valid, (groups << code_bits) | codes, torch.full_like(codes, sentinel))
@@ -167,14 +169,21 @@ def expand_with_residual(tokens: torch.Tensor, slot: torch.Tensor, centroids: to
     Computed as token + (output - centroid)[slot], which is exactly the token again when the expert is the
     identity; a token alone in its cluster takes its centroid's output unchanged, which is exactly the stock
     result. Invalid tokens (scratch slot) get zeros.
+
+    The sum is formed in float32 at least and cast once, as the fused kernel does: in fp16, output - centroid
+    can overflow (an expert that negates 40000 gives -80000) although the token's result fits, and such an
+    overflow would not go away with a lower loss scale. A result that does not fit the dtype becomes inf.
     """
     num_slots = centroids.shape[0]
     zero_row = centroid_outputs.new_zeros(1, centroid_outputs.shape[1])
     outputs = torch.cat([centroid_outputs, zero_row])[slot]
     if not error_compensation:
         return outputs
-    delta = torch.cat([centroid_outputs - centroids, zero_row])[slot]
+    out_dtype = torch.promote_types(tokens.dtype, centroid_outputs.dtype)
+    accumulate = torch.promote_types(out_dtype, torch.float32)
+    delta = torch.cat([centroid_outputs.to(accumulate) - centroids.to(accumulate), zero_row.to(accumulate)])[slot]
     alone = torch.cat([counts <= 1, torch.ones(1, dtype=torch.bool, device=counts.device)])[slot]
     valid = (slot < num_slots).unsqueeze(-1)
-    compensated = torch.where(alone.unsqueeze(-1), outputs, tokens + delta)
+    shared = (tokens.to(accumulate) + delta).to(out_dtype)
+    compensated = torch.where(alone.unsqueeze(-1), outputs, shared)
     return torch.where(valid, compensated, torch.zeros_like(compensated))

@@ -32,7 +32,9 @@ class ClusterState:
 
 
 def fixed_slots(capacity: int, rate: float) -> int:
-    """Centroid slots per expert for a fixed-capacity dispatcher."""
+    """Centroid slots per expert for a fixed-capacity dispatcher: at least one, none for an empty capacity."""
+    if capacity <= 0:  # an empty batch: stock sends nothing either
+        return 0
     return max(1, math.ceil(rate * capacity - 1e-9))
 
 

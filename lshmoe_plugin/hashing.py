@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from .config import LSHMoEConfig
+from .config import LSHMoEConfig, LSHMoEConfigError
 
 
 def layer_generator(seed: int, layer_index: int) -> torch.Generator:
@@ -28,9 +28,11 @@ def hash_projections(config: LSHMoEConfig, d_model: int, layer_index: int) -> to
     """The (d_model, num_hashes * width) float32 matrix of all hash directions of one layer."""
     gen = layer_generator(config.seed, layer_index)
     family, width = config.family, projection_width(config)
+    # A rotation has at most d_model orthonormal directions; spherical points need no such bound.
     if family.orthonormal and width > d_model:
-        raise ValueError(f"lsh_moe.hash_dim={config.hash_dim} exceeds d_model={d_model}; "
-                         f"allowed: hash_dim <= d_model for {family.name}")
+        raise LSHMoEConfigError(f"lsh_moe.hash_dim={config.hash_dim} exceeds d_model={d_model} of MoE layer "
+                                f"{layer_index}; allowed: 1 <= hash_dim <= d_model for {family.name} (or "
+                                f"hash_type 'spherical', which takes any hash_dim)")
     blocks = []
     for _ in range(config.num_hashes):
         gauss = torch.randn(d_model, width, generator=gen, dtype=torch.float64)

@@ -28,6 +28,7 @@ from .data import (
     IndexedDataset,
     T5Samples,
     cached_preprocess,
+    check_vocabulary,
     load_tokenizer,
     special_ids,
     train_valid_split,
@@ -180,6 +181,7 @@ def load_data(args: argparse.Namespace) -> PretrainData:
     dataset = IndexedDataset(prefix)
     tokenizer = load_tokenizer(tokenizer_path)
     special = special_ids(tokenizer)
+    check_vocabulary(dataset, tokenizer.get_vocab_size(), tokenizer_path)
     train, valid = train_valid_split(dataset, args.valid_fraction)
     seq_len = PRESETS[args.preset].seq_len
     if args.model_kind == "gpt":

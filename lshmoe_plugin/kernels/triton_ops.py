@@ -563,6 +563,11 @@ def _assign(keys: torch.Tensor, valid: torch.Tensor, config: LSHMoEConfig, num_g
             budget: Optional[torch.Tensor] = None) -> clustering.Clusters:
     """Sort the keys once, then one program per group numbers its clusters (`_assign_kernel`)."""
     n = keys.shape[0]
+    if n == 0:  # an empty batch: the kernel would read group rows and write slot bounds that do not exist
+        num_slots = num_groups * slots_per_group if group_end is None else 0
+        empty = keys.new_empty(0)
+        return clustering.Clusters(empty, num_slots, torch.zeros(num_groups, dtype=torch.int64, device=keys.device),
+                                   (empty, torch.zeros(num_slots + 2, dtype=torch.int64, device=keys.device)))
     _, order = torch.sort(keys, stable=True)  # stable: the tokens of a cluster keep input order (deterministic sums)
     sorted_keys = keys[order] if n else keys
     valid = valid.contiguous()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import Iterable, List
+from typing import Iterable, List, Tuple
 
 import numpy as np
 
@@ -19,6 +19,7 @@ VERSION = 1
 DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
                8: np.uint16}
 _CODE_OF = {np.dtype(v): k for k, v in DTYPE_CODES.items()}
+_HEADER_BYTES = 34  # magic 9, version 8, dtype code 1, sequence count 8, document count 8
 
 
 class IndexedDatasetError(ValueError):
@@ -67,16 +68,25 @@ class IndexedDatasetWriter:
 
 
 class IndexedDataset:
-    """Read-only view of ``prefix.bin``/``prefix.idx``; `dataset[i]` is sequence i, `tokens` the whole .bin."""
+    """Read-only view of ``prefix.bin``/``prefix.idx``; `dataset[i]` is sequence i, `tokens` the whole .bin.
+
+    Opening checks that the pair is whole and consistent (a truncated or foreign file is an `IndexedDatasetError`
+    naming it), so that no later read runs past a file's end or into another sequence.
+    """
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
-        for suffix in (".idx", ".bin"):
-            if not os.path.isfile(prefix + suffix):
-                raise IndexedDatasetError(f"indexed dataset file {prefix + suffix!r} does not exist; build it with "
+        idx_path, bin_path = prefix + ".idx", prefix + ".bin"
+        for path in (idx_path, bin_path):
+            if not os.path.isfile(path):
+                raise IndexedDatasetError(f"indexed dataset file {path!r} does not exist; build it with "
                                           f"scripts/preprocess_data.py --output_prefix {prefix}")
-        index = np.memmap(prefix + ".idx", mode="r", dtype=np.uint8)
-        header = bytes(index[:34])
+        idx_bytes = os.path.getsize(idx_path)
+        if idx_bytes < _HEADER_BYTES:  # np.memmap refuses an empty file, and a short header unpacks to garbage
+            raise IndexedDatasetError(f"{idx_path} is truncated: {idx_bytes} bytes, shorter than the "
+                                      f"{_HEADER_BYTES}-byte header of a Megatron MMIDIDX index")
+        index = np.memmap(idx_path, mode="r", dtype=np.uint8)
+        header = bytes(index[:_HEADER_BYTES])
         if header[:9] != MAGIC:
             raise IndexedDatasetError(f"{prefix}.idx is not a Megatron MMIDIDX index (bad magic {header[:9]!r})")
         version, = struct.unpack("<Q", header[9:17])
@@ -87,18 +97,50 @@ class IndexedDataset:
             raise IndexedDatasetError(f"{prefix}.idx has unknown dtype code {code}; known: {sorted(DTYPE_CODES)}")
         self.dtype = np.dtype(DTYPE_CODES[code])
         count, documents = struct.unpack("<QQ", header[18:34])
-        offset = 34
+        needed = _HEADER_BYTES + count * (4 + 8) + documents * 8
+        if idx_bytes < needed:
+            raise IndexedDatasetError(f"{idx_path} is truncated: {idx_bytes} bytes, but its header describes "
+                                      f"{count} sequences and {documents} document-index entries, which need "
+                                      f"{needed} bytes")
+        offset = _HEADER_BYTES
         self.sizes = np.frombuffer(index, dtype=np.int32, count=count, offset=offset)
         offset += self.sizes.nbytes
         self.pointers = np.frombuffer(index, dtype=np.int64, count=count, offset=offset)
         offset += self.pointers.nbytes
         self.document_index = np.frombuffer(index, dtype=np.int64, count=documents, offset=offset)
+        self._check_index(idx_path, count)
         expected = int(self.sizes.sum(dtype=np.int64)) * self.dtype.itemsize
-        if os.path.getsize(prefix + ".bin") != expected:
-            raise IndexedDatasetError(f"{prefix}.bin has {os.path.getsize(prefix + '.bin')} bytes, the index "
-                                      f"describes {expected}: the pair does not belong together")
-        self.tokens = np.memmap(prefix + ".bin", mode="r", dtype=self.dtype) if expected else \
+        bin_bytes = os.path.getsize(bin_path)
+        if bin_bytes != expected:
+            why = "the .bin is truncated" if bin_bytes < expected else "the pair does not belong together"
+            raise IndexedDatasetError(f"{bin_path} has {bin_bytes} bytes, but {idx_path} describes {expected}: "
+                                      f"{why}")
+        self.tokens = np.memmap(bin_path, mode="r", dtype=self.dtype) if expected else \
             np.zeros(0, dtype=self.dtype)
+
+    def _check_index(self, idx_path: str, count: int) -> None:
+        """Sizes, pointers and document index must describe sequences laid back to back, as Megatron writes them."""
+        if count and int(self.sizes.min()) < 0:
+            raise IndexedDatasetError(f"{idx_path} is corrupt: a negative sequence size")
+        starts = np.zeros(count, dtype=np.int64)
+        if count > 1:
+            starts[1:] = np.cumsum(self.sizes[:-1], dtype=np.int64) * self.dtype.itemsize
+        if not np.array_equal(self.pointers, starts):
+            raise IndexedDatasetError(f"{idx_path} is corrupt: its sequence pointers are not the running sums of "
+                                      f"its sizes")
+        docs = self.document_index
+        if len(docs) and (docs[0] != 0 or docs[-1] != count or (np.diff(docs) < 0).any()):
+            raise IndexedDatasetError(f"{idx_path} is corrupt: its document index does not run from 0 to the "
+                                      f"{count} sequences in order")
+
+    def token_range(self, chunk: int = 1 << 24) -> Tuple[int, int]:
+        """(smallest, largest) token id in the .bin, read in chunks so memory stays bounded; (0, -1) if empty."""
+        lows, highs = [], []
+        for start in range(0, len(self.tokens), chunk):
+            part = self.tokens[start:start + chunk]
+            lows.append(int(part.min()))
+            highs.append(int(part.max()))
+        return (min(lows), max(highs)) if lows else (0, -1)
 
     def __len__(self) -> int:
         return len(self.sizes)
@@ -110,3 +152,23 @@ class IndexedDataset:
     @property
     def num_documents(self) -> int:
         return len(self.document_index) - 1
+
+
+def check_vocabulary(dataset: IndexedDataset, vocab_size: int, tokenizer_path: str) -> None:
+    """Every token id of `dataset` must be a row of the embedding (0 <= id < vocab_size of the tokenizer).
+
+    An id past the vocabulary means the tokenizer is not the one the data was made with; unchecked, it would
+    surface as an index error inside the embedding (a device-side assert on CUDA) long after loading. Skipped
+    without reading the .bin when the dtype cannot hold such an id (uint16 data, vocabulary over 65535).
+    """
+    info = np.iinfo(dataset.dtype) if dataset.dtype.kind in "iu" else None
+    if info is not None and info.min >= 0 and info.max < vocab_size:
+        return
+    low, high = dataset.token_range()
+    if high >= vocab_size or low < 0:
+        bad = high if high >= vocab_size else low
+        raise IndexedDatasetError(
+            f"{dataset.prefix}.bin holds token id {bad}, but the tokenizer {tokenizer_path} has {vocab_size} "
+            f"tokens (ids 0..{vocab_size - 1}): the data was not made with this tokenizer. Pass the tokenizer it "
+            f"was built with (--tokenizer), or rebuild the data with scripts/preprocess_data.py --tokenizer "
+            f"{tokenizer_path}")

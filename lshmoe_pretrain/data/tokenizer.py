@@ -6,6 +6,8 @@ from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from .corpus import CorpusError
+
 PAD = "<pad>"
 EOS = "<|endoftext|>"
 NUM_SENTINELS = 100  # T5's <extra_id_i> markers for span corruption; GPT never sees them
@@ -33,7 +35,11 @@ def load_tokenizer(path: str) -> Tokenizer:
     """A `tokenizers` JSON file (e.g. a Hugging Face model's tokenizer.json); it must know EOS and PAD tokens."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"tokenizer file {path!r} does not exist")
-    tokenizer = Tokenizer.from_file(path)
+    try:
+        tokenizer = Tokenizer.from_file(path)
+    except Exception as error:  # the tokenizers library raises a bare Exception that does not name the file
+        raise CorpusError(f"tokenizer file {path!r} is not a readable tokenizers JSON file (truncated?): {error}; "
+                          f"allowed: a tokenizer.json saved by the tokenizers library") from error
     missing = [t for t in (PAD, EOS) if tokenizer.token_to_id(t) is None]
     if missing:
         # A pretrained tokenizer brings its own special tokens; add ours at the end of its vocabulary.

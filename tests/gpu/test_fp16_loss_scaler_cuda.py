@@ -1,0 +1,38 @@
+"""tests/test_fp16_overflow.py's loss-scaler scenario on CUDA: DeepSpeed's own fp16 support (no capability gate
+opened), NCCL, and the fused Triton kernels in the compressor. Runs on min(2, GPUs) ranks; the overflow happens on
+the last rank. The compressor-level fp16 checks through the kernels are in tests/gpu/test_edge_kernels.py.
+    python -m pytest -q tests/gpu/test_fp16_loss_scaler_cuda.py
+"""
+import os
+import traceback
+
+import pytest
+import test_fp16_overflow as fp16  # noqa: E402
+import torch
+from distributed import spawn_ranks  # noqa: E402
+
+
+def _worker(rank, world_size, port, queue, optimizer):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size), DS_ACCELERATOR="cuda")
+    try:
+        import deepspeed
+        torch.cuda.set_device(rank)
+        deepspeed.init_distributed(dist_backend="nccl", auto_mpi_discovery=False)
+        queue.put((rank, "ok", fp16.loss_scaler_scenario(rank, world_size, optimizer)))
+        torch.distributed.destroy_process_group()
+    except BaseException:  # noqa: BLE001 - every failure must reach the parent
+        queue.put((rank, "error", traceback.format_exc()))
+
+
+# torch's Adam: DeepSpeed's FP16_UnfusedOptimizer; DeepSpeed's FusedAdam (its fused_adam op, built on first use):
+# FP16_Optimizer. The two keep their own overflow checks.
+@pytest.mark.parametrize("optimizer,expected", [
+    ({"type": "Adam", "params": {"lr": 1e-3, "torch_adam": True}}, "FP16_UnfusedOptimizer"),
+    ({"type": "Adam", "params": {"lr": 1e-3}}, "FP16_Optimizer"),
+], ids=["torch_adam", "fused_adam"])
+def test_fp16_loss_scaler_skips_a_step_whose_compressed_output_overflows_on_cuda(optimizer, expected):
+    world_size = min(2, torch.cuda.device_count())
+    reports = spawn_ranks(_worker, world_size, optimizer)[0]
+    assert reports[0]["optimizer"] == expected
+    fp16.check_loss_scaler(reports)
