@@ -11,7 +11,7 @@ import re
 import shlex
 import sys
 import time
-from typing import Callable, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
@@ -99,6 +99,21 @@ def write_section(path: str, name: str, text: str) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
         f.write(new)
+
+
+def read_section_table(path: str, name: str) -> Dict[str, Dict[str, str]]:
+    """The first markdown table of section `name` in `path`, as {first cell: {header: cell}} (for reports that
+    combine figures other scripts measured, instead of copying numbers by hand)."""
+    begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
+    text = open(path).read()
+    if begin not in text:
+        raise KeyError(f"{path} has no section {name!r}")
+    lines = [line for line in text.split(begin, 1)[1].split(end, 1)[0].splitlines() if line.startswith("|")]
+    if len(lines) < 3:
+        raise KeyError(f"section {name!r} of {path} holds no table")
+    headers = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+    return {row[0]: dict(zip(headers, row)) for row in rows}
 
 
 def header(title: str, device: torch.device, link: Optional[str] = None) -> str:

@@ -424,5 +424,39 @@ def tokens_to_reach(result: VariantResult, target: float) -> Optional[float]:
     return None
 
 
+def time_to_target(results: List[VariantResult], step_rows: Dict[str, Dict[str, str]],
+                   link_rows: Dict[str, Dict[str, str]], step_source: str, link_source: str) -> str:
+    """Tokens to stock's final valid loss (measured here) x seconds per token (measured by benchmark_gpt_moe.py,
+    `step_rows`) = time to the same loss at EP=1; times the step speed-up measured on a slow link (`link_rows`, a
+    different run) = the projection for that link. Returns a markdown table that says which is which."""
+    by_name = {r.name: r for r in results}
+    if "stock" not in by_name or "lsh" not in by_name:
+        raise StudyError("time to target needs the variants 'stock' and 'lsh'")
+    stock = by_name["stock"]
+    target = stock.mean_at(len(stock.tokens) - 1)
+    tokens = {name: tokens_to_reach(by_name[name], target) for name in ("stock", "lsh")}
+    if tokens["lsh"] is None:
+        raise StudyError(f"lsh never reached stock's final valid loss {target:.4f}: no time to target")
+    rate = {name: float(step_rows[name]["tokens/s"]) for name in ("stock", "lsh")}
+    seconds = {name: tokens[name] / rate[name] for name in rate}
+    link_speedup = float(link_rows["lsh"]["speed-up vs stock"])
+    token_ratio = tokens["lsh"] / tokens["stock"]
+    rows = [
+        ("tokens to valid loss %.4f (stock's after %s)" % (target, millions(stock.tokens[-1])),
+         millions(tokens["stock"]), millions(tokens["lsh"]), f"{token_ratio:.3f}",
+         "measured (seed mean, linear between evaluations)"),
+        ("EP=1 tokens/s", f"{rate['stock']:.0f}", f"{rate['lsh']:.0f}", f"{rate['lsh'] / rate['stock']:.3f}",
+         f"measured (`{step_source}`)"),
+        ("EP=1 time to that loss", f"{seconds['stock']:.1f} s", f"{seconds['lsh']:.1f} s",
+         f"{seconds['lsh'] / seconds['stock']:.3f}", "measured (tokens / tokens per s)"),
+        ("step speed-up on the slow link", "", "", f"{link_speedup:.3f}",
+         f"measured for another model and run (`{link_source}`)"),
+        ("time to that loss on the slow link", "", "", f"{token_ratio / link_speedup:.3f}",
+         "**projected**: token ratio / link step speed-up"),
+    ]
+    header = "| | stock | LSH-MoE | LSH / stock | measured or projected |\n| --- | --- | --- | --- | --- |\n"
+    return header + "\n".join("| " + " | ".join(row) + " |" for row in rows)
+
+
 def python_command() -> str:
     return " ".join(["python"] + [a if " " not in a else repr(a) for a in sys.argv])

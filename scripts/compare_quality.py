@@ -69,6 +69,15 @@ def parse_args() -> argparse.Namespace:
     report.add_argument("--section", required=True, help=f"block of docs/quality.md to (re)write, e.g. {list(TITLES)}")
     report.add_argument("--run_command", default=None, help="the command that trained the runs, for the record")
     report.add_argument("--output", default="docs/quality.md")
+    target = sub.add_parser("time-to-target", help="combine a study with measured step times into docs/benchmarks.md")
+    target.add_argument("--model", choices=("gpt", "t5"), default="gpt")
+    target.add_argument("--root", default="runs/quality")
+    target.add_argument("--partial", action="store_true")
+    target.add_argument("--benchmarks", default="docs/benchmarks.md")
+    target.add_argument("--step_section", required=True,
+                        help="benchmark_gpt_moe.py section with the same model's EP=1 tokens/s, stock and lsh")
+    target.add_argument("--link_section", required=True,
+                        help="benchmark_gpt_moe.py section measured on a slow link (its lsh speed-up)")
     return parser.parse_args()
 
 
@@ -111,9 +120,24 @@ def report(args: argparse.Namespace) -> None:
     print(text)
 
 
+def time_to_target(args: argparse.Namespace) -> None:
+    results = study.aggregate(args.root, args.model, ["stock", "lsh"], partial=args.partial)
+    table = study.time_to_target(results, bench.read_section_table(args.benchmarks, args.step_section),
+                                 bench.read_section_table(args.benchmarks, args.link_section),
+                                 args.step_section, args.link_section)
+    text = "\n".join([
+        "## Time to the same validation loss: measured parts and projected parts", "",
+        f"- command: `{study.python_command()}`",
+        f"- quality runs: {study.describe(results)}",
+        f"- step times: sections `{args.step_section}` and `{args.link_section}` of this file (device, link and "
+        "command there)", "", table, ""])
+    bench.write_section(args.benchmarks, "time_to_target", text)
+    print(text)
+
+
 def main() -> None:
     args = parse_args()
-    run(args) if args.command == "run" else report(args)
+    {"run": run, "report": report, "time-to-target": time_to_target}[args.command](args)
 
 
 if __name__ == "__main__":

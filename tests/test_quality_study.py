@@ -1,0 +1,71 @@
+"""The quality study's aggregation on run records written the way training.py writes them: finished and
+deadline-stopped runs, equal-token comparison, the gap table, tokens to a target and the time-to-target table."""
+import json
+import os
+
+import pytest
+
+from lshmoe_pretrain import benchmarking as bench
+from lshmoe_pretrain import quality_study as study
+
+TOKENS_PER_STEP = 1000
+
+
+def write_run(root, variant, seed, losses, train_steps, eval_every=10):
+    run_dir = os.path.join(root, "gpt", variant, f"seed{seed}")
+    os.makedirs(run_dir)
+    info = {"model_kind": "gpt", "preset": "tiny", "train_steps": train_steps, "tokens_per_step": TOKENS_PER_STEP,
+            "parameters": 3e6, "train_tokens": 10**6, "valid_tokens": 10**4, "data": "synthetic", "vocab_size": 64,
+            "ep_size": 1, "world_size": 1, "device": "cpu", "torch": "x",
+            "lsh_moe": {"compression_rate": 0.2, "num_hashes": 6, "hash_type": "cross_polytope", "hash_dim": 8,
+                        "error_compensation": True}}
+    with open(os.path.join(run_dir, "run.json"), "w") as f:
+        json.dump(info, f)
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+        for i, loss in enumerate(losses):
+            step = (i + 1) * eval_every
+            f.write(json.dumps({"step": step, "step_time_s": 0.1, "valid_loss": loss}) + "\n")
+
+
+def test_partial_runs_are_compared_at_the_evaluations_all_of_them_reached(tmp_path):
+    root = str(tmp_path)
+    write_run(root, "stock", 1, [5.0, 4.0, 3.0], train_steps=40)
+    write_run(root, "stock", 2, [5.2, 4.2, 3.2, 2.2], train_steps=40)
+    write_run(root, "lsh", 1, [5.0, 3.9], train_steps=40)
+    write_run(root, "lsh", 2, [5.1, 4.1, 3.1], train_steps=40)
+    finished = study.aggregate(root, "gpt", ["stock", "lsh"])  # only stock seed 2 reached its last step
+    assert [(r.name, r.seeds) for r in finished] == [("stock", [2])]
+    with pytest.raises(study.StudyError, match="no finished runs"):
+        study.aggregate(root, "gpt", ["lsh"])
+    results = study.aggregate(root, "gpt", ["stock", "lsh"], partial=True)
+    assert [r.tokens for r in results] == [[10000, 20000], [10000, 20000]]
+    stock, lsh = results
+    assert stock.valid == {1: [5.0, 4.0], 2: [5.2, 4.2]} and lsh.valid == {1: [5.0, 3.9], 2: [5.1, 4.1]}
+    table = study.gap_table(results)
+    # means 4.1 vs 4.0: -2.44%; per seed -2.5% and -2.38%
+    assert "| lsh | 2 | 4.0000 ± 0.1414 | -2.44% | -2.44% ± 0.08% |" in table
+    assert study.tokens_to_reach(lsh, 4.1) == pytest.approx(10000 + 10000 * (5.05 - 4.1) / (5.05 - 4.0))
+
+
+def test_time_to_target_combines_measured_token_and_step_rates(tmp_path):
+    root = str(tmp_path)
+    write_run(root, "stock", 1, [6.0, 5.0], train_steps=20)
+    write_run(root, "lsh", 1, [5.5, 4.5], train_steps=20)
+    results = study.aggregate(root, "gpt", ["stock", "lsh"])
+    table = study.time_to_target(results, {"stock": {"tokens/s": "100"}, "lsh": {"tokens/s": "50"}},
+                                 {"lsh": {"speed-up vs stock": "2.0"}}, "steps", "link")
+    lsh_tokens = 10000 + 10000 * (5.5 - 5.0) / (5.5 - 4.5)  # reaches stock's 5.0 halfway: 15000
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()}
+    assert f"| {lsh_tokens / 20000:.3f} |" in rows["tokens to valid loss 5.0000 (stock's after 0.02M)"]
+    assert "| 200.0 s | 300.0 s | 1.500 |" in rows["EP=1 time to that loss"]
+    assert f"| {lsh_tokens / 20000 / 2.0:.3f} | **projected**" in rows["time to that loss on the slow link"]
+
+
+def test_read_section_table(tmp_path):
+    path = str(tmp_path / "b.md")
+    bench.write_section(path, "s", "## t\n\n" + bench.markdown_table(["variant", "tokens/s"], [("stock", 10.0),
+                                                                                             ("lsh", 20.0)]))
+    assert bench.read_section_table(path, "s") == {"stock": {"variant": "stock", "tokens/s": "10"},
+                                                   "lsh": {"variant": "lsh", "tokens/s": "20"}}
+    with pytest.raises(KeyError, match="no section 'x'"):
+        bench.read_section_table(path, "x")
