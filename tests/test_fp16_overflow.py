@@ -10,7 +10,7 @@ on rank 1 only and rank 0 must skip too.
 DeepSpeed's CPU accelerator refuses fp16 unless oneDNN has fast fp16 kernels (``is_fp16_supported`` is falsy on
 CPUs without AVX512-FP16/AMX-FP16, as on this project's CI machine); torch computes fp16 on any CPU, so the CPU run
 opens that one gate and keeps the rest real (engine, FP16_UnfusedOptimizer, DynamicLossScaler, overflow checks).
-tests/gpu/test_fp16_loss_scaler.py runs the same scenario on CUDA, where DeepSpeed supports fp16 itself, with the
+tests/gpu/test_fp16_loss_scaler_cuda.py runs the same scenario on CUDA, where DeepSpeed supports fp16 itself, with the
 fused Triton kernels.
 """
 import pytest
