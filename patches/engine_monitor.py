@@ -7,26 +7,26 @@ from __future__ import annotations
 
 from lshmoe_plugin.telemetry import TELEMETRY, write_to_monitor
 
+from .lifecycle import PatchLifecycle
+
 _OWNERS: set = set()
-_ORIGINAL: dict = {}
+LIFECYCLE = PatchLifecycle("engine_monitor")
 
 
 def attach(owner: str) -> None:
     from deepspeed.runtime.engine import DeepSpeedEngine
-    if not _ORIGINAL:
-        _ORIGINAL["step"] = DeepSpeedEngine.step
-        DeepSpeedEngine.step = _step_then_write_telemetry
+    LIFECYCLE.install([(DeepSpeedEngine, "step", _step_then_write_telemetry)])
     _OWNERS.add(owner)
 
 
 def detach(owner: str) -> None:
     _OWNERS.discard(owner)
-    if not _OWNERS and _ORIGINAL:
-        from deepspeed.runtime.engine import DeepSpeedEngine
-        DeepSpeedEngine.step = _ORIGINAL.pop("step")
+    if not _OWNERS:
+        LIFECYCLE.restore()
 
 
 def _step_then_write_telemetry(self, *args, **kwargs):
-    result = _ORIGINAL["step"](self, *args, **kwargs)
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    result = LIFECYCLE.original(DeepSpeedEngine, "step")(self, *args, **kwargs)
     write_to_monitor(self, TELEMETRY)
     return result
