@@ -68,6 +68,11 @@ class LSHCompressor:
 
         record=False leaves telemetry and the step count alone (for trial runs such as cost measurements).
         """
+        with torch.profiler.record_function("lsh_moe.compress"):  # names the stage in torch.profiler and nsys
+            return self._compress_fixed(dispatched, valid, record)
+
+    def _compress_fixed(self, dispatched: torch.Tensor, valid: torch.Tensor,
+                        record: bool) -> Tuple[torch.Tensor, ClusterState]:
         num_experts, capacity, d_model = dispatched.shape
         slots_per_expert = fixed_slots(capacity, self.config.compression_rate)
         tokens = dispatched.reshape(-1, d_model)
@@ -86,7 +91,8 @@ class LSHCompressor:
     def decompress_fixed(self, centroid_outputs: torch.Tensor, state: ClusterState) -> torch.Tensor:
         """centroid_outputs (E, S, d) -> token outputs (E, C, d)."""
         flat = centroid_outputs.reshape(-1, centroid_outputs.shape[-1])
-        return self._expand(flat, state).view(state.out_shape)
+        with torch.profiler.record_function("lsh_moe.expand"):
+            return self._expand(flat, state).view(state.out_shape)
 
     # -- variable layout ----------------------------------------------------------------------------------------
     def compress_variable(self, tokens: torch.Tensor, tokens_per_group: torch.Tensor,

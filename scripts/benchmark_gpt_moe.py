@@ -46,6 +46,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--backend", default=None)
     p.add_argument("--report", default="docs/benchmarks.md")
     p.add_argument("--section", default=None)
+    p.add_argument("--profile", default=None, metavar="PATH",
+                   help="after the timed steps, profile 3 more steps of each variant (torch.profiler) and write "
+                        "the op tables (by self CPU time and by device time) to PATH")
     return p.parse_args()
 
 
@@ -75,6 +78,41 @@ def ds_config(args, lsh: bool) -> dict:
     if args.dtype == "bf16":
         config["bf16"] = {"enabled": True}
     return config
+
+
+def profile_steps(args, engines, lsh_config, rank: int, device, steps: int = 3) -> None:
+    """Where a step's time goes, per variant: the ops by self CPU time (launch-bound code shows here) and by
+    device time, and the step's wall time against the device's busy time."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sections = []
+    for variant, engine in engines.items():
+        if variant == "lsh":
+            lshmoe_plugin.enable(lsh_config, engine.module)
+        else:
+            lshmoe_plugin.disable()
+        batch = markov_batch(args.steps, rank, args, device)
+        bench.synchronize(device)
+        t0 = time.perf_counter()
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                loss = engine(batch[:, :-1], batch[:, 1:])
+                engine.backward(loss)
+                engine.step()
+            bench.synchronize(device)
+        wall_ms = (time.perf_counter() - t0) * 1e3 / steps
+        events = prof.key_averages()
+        device_ms = sum(e.self_device_time_total for e in events) / 1e3 / steps
+        sections.append(f"## {variant}: {wall_ms:.1f} ms wall per profiled step, {device_ms:.1f} ms of device "
+                        f"kernels per step\n\n" + events.table(sort_by="self_cpu_time_total", row_limit=30)
+                        + "\n\n" + events.table(sort_by="cpu_time_total", row_limit=40)
+                        + "\n\n" + (events.table(sort_by="self_device_time_total", row_limit=30)
+                                      if device.type == "cuda" else ""))
+    lshmoe_plugin.disable()
+    if rank == 0:
+        with open(args.profile, "w") as f:
+            f.write("\n\n".join(sections))
+        print(f"wrote {args.profile}")
 
 
 def main() -> None:
@@ -122,6 +160,8 @@ def main() -> None:
         if rank == 0 and (step % 10 == 0 or step == args.steps - 1):
             print(f"step {step}: loss stock {losses['stock'][-1]:.4f} lsh {losses['lsh'][-1]:.4f}", flush=True)
     lshmoe_plugin.disable()
+    if args.profile:
+        profile_steps(args, engines, lsh_config, rank, device)
 
     if rank == 0:
         tokens_per_step = args.micro_batch * args.seq_len * world

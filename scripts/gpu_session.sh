@@ -7,7 +7,8 @@
 #   bash scripts/gpu_session.sh tests-bg bench-gpt-small quality:gpt-main:400 wait-tests
 #
 # Stages: corpus (in the background) | tests | tests-bg (in the background, alongside what follows) | wait-tests
-#       | bench-compressor | bench-layer | bench-gpt | bench-gpt-small | quality:<study>:<seconds>
+#       | bench-compressor | bench-layer | bench-gpt | bench-gpt-small | profile-gpt-135m | quality:<study>:<seconds>
+#       | quality-bg:<study>:<seconds> (in the background, alongside what follows; waited for at the end)
 # The quality studies read a corpus carried as .device_data/python_code.{bin,idx,tokenizer.json} when there is one
 # (scripts/preprocess_data.py --input python-code --max_tokens 25e6 --vocab_size 16384 --output_prefix
 # .device_data/python_code, built on the CPU machine); otherwise they tokenize the python-code corpus here.
@@ -31,6 +32,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv >"$OU
 
 nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv -l 15 >"$OUT/logs/gpu_use.csv" 2>&1 &
 QUALITY_ROOT=/root/quality
+BACKGROUND_PIDS=()
 # A fresh machine continues a study from the records an earlier lease brought back (carry .device_state): runs
 # found finished are skipped; unfinished ones start over (their checkpoints never come back).
 if [ ! -d "$QUALITY_ROOT" ] && [ -f .device_state/quality_runs.tgz ]; then
@@ -50,11 +52,11 @@ quality() {  # quality:<study>:<seconds>
                     --concurrency "${CONCURRENCY:-9}" "${common[@]}" ;;
         gpt-ablations) python3 scripts/compare_quality.py run --model gpt --preset gpt-moe-135m \
                     --variants rate_0.1 rate_0.3 rate_0.5 hashes_2 hashes_4 hashes_8 spherical --seeds 1 \
-                    --tokens "${GPT_TOKENS:-10e6}" --evals 6 --eval_iters 8 --concurrency "${CONCURRENCY:-7}" \
-                    "${common[@]}" ;;
+                    --tokens "${GPT_TOKENS:-10e6}" --evals "${EVALS:-6}" --eval_iters "${EVAL_ITERS:-8}" \
+                    --save_every "${SAVE_EVERY:-0}" --concurrency "${CONCURRENCY:-7}" "${common[@]}" ;;
         t5-main) python3 scripts/compare_quality.py run --model t5 --preset t5-moe-140m --variants stock lsh \
-                    --seeds 1 2 --tokens "${T5_TOKENS:-6e6}" --evals 6 --eval_iters 8 \
-                    --concurrency "${CONCURRENCY:-4}" "${common[@]}" ;;
+                    --seeds 1 2 --tokens "${T5_TOKENS:-6e6}" --evals "${T5_EVALS:-6}" --eval_iters "${EVAL_ITERS:-8}" \
+                    --save_every "${SAVE_EVERY:-0}" --concurrency "${T5_CONCURRENCY:-4}" "${common[@]}" ;;
         *) echo "unknown study $study"; return 2 ;;
     esac
 }
@@ -79,6 +81,9 @@ for stage in "$@"; do
                 --timed-from 20 --report "$OUT/benchmarks.md" 2>&1 | tee -a "$OUT/logs/bench_gpt.log" | tail -5 ;;
         bench-gpt-135m) python3 scripts/benchmark_gpt_moe.py --preset gpt-moe-135m --micro-batch 32 --steps 50 \
                 --timed-from 15 --report "$OUT/benchmarks.md" 2>&1 | tee -a "$OUT/logs/bench_gpt.log" | tail -5 ;;
+        profile-gpt-135m) python3 scripts/benchmark_gpt_moe.py --preset gpt-moe-135m --micro-batch 32 --steps 30 \
+                --timed-from 10 --report "$OUT/profile_run.md" --profile "$OUT/profile_gpt_135m.txt" 2>&1 \
+                | tee -a "$OUT/logs/profile.log" | tail -5 ;;
         bench-compressor) python3 scripts/benchmark_compressor.py --breakdown --rates 0.2 \
                 --report "$OUT/benchmarks.md" --plot "$OUT/compressor_vs_floor.png" 2>&1 \
                 | tee "$OUT/logs/bench_compressor.log" | tail -30 ;;
@@ -91,16 +96,21 @@ for stage in "$@"; do
                 python3 -c "from lshmoe_pretrain.data import cached_preprocess as c; print(c('python-code', 16384))" \
                     >"$OUT/logs/corpus.log" 2>&1 &
                 CORPUS_PID=$! ;;
-        quality:*) [ -n "${CORPUS_PID:-}" ] && wait "$CORPUS_PID"
-                IFS=: read -r _ study seconds <<<"$stage"
+        quality:*|quality-bg:*) [ -n "${CORPUS_PID:-}" ] && wait "$CORPUS_PID"
+                IFS=: read -r kind study seconds <<<"$stage"
                 # Snapshots of the records, so a call cut off by its time limit still brings them back.
-                ( while sleep 40; do snapshot_records; done ) &
-                SNAPSHOT_PID=$!
-                quality "$study" "$seconds" 2>&1 | tee -a "$OUT/logs/quality_$study.log" | tail -20
-                kill "$SNAPSHOT_PID" 2>/dev/null ;;
+                [ -z "${SNAPSHOT_PID:-}" ] && { ( while sleep 40; do snapshot_records; done ) & SNAPSHOT_PID=$!; }
+                if [ "$kind" = quality-bg ]; then
+                    quality "$study" "$seconds" >"$OUT/logs/quality_$study.log" 2>&1 &
+                    BACKGROUND_PIDS+=("$!")
+                else
+                    quality "$study" "$seconds" 2>&1 | tee -a "$OUT/logs/quality_$study.log" | tail -20
+                fi ;;
         *) echo "unknown stage $stage" ;;
     esac
 done
+for pid in "${BACKGROUND_PIDS[@]}"; do wait "$pid"; echo "background study exit $?"; done
+[ -n "${SNAPSHOT_PID:-}" ] && kill "$SNAPSHOT_PID" 2>/dev/null
 snapshot_records
 tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$OUT/logs"
 echo "=== done ($(date -u +%H:%M:%S))"
