@@ -29,6 +29,7 @@ class ClusterState:
     counts: torch.Tensor      # (num_slots,) tokens per cluster
     out_shape: torch.Size
     segments: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # CSR of `slot` from the fused assignment
+    graphed: Optional[object] = None  # the CUDA-graph instance that compressed (kernels.graphed), if any
 
 
 def fixed_slots(capacity: int, rate: float) -> int:
@@ -49,6 +50,7 @@ class LSHCompressor:
         self.pays: Optional[bool] = None  # set by a patch's cost decision (decide_by_cost), None until measured
         self._projections: Dict[Tuple[int, torch.device], torch.Tensor] = {}
         self._ops = None
+        self._graphs = None  # kernels.graphed.GraphedFixedLayout, built on the first graphed forward
 
     def projections(self, d_model: int, device: torch.device) -> torch.Tensor:
         key = (d_model, device)
@@ -78,13 +80,23 @@ class LSHCompressor:
         tokens = dispatched.reshape(-1, d_model)
         valid = valid.reshape(-1)
         impl = self._ops_for(tokens.device)
-        clusters = impl.cluster_fixed(tokens.detach(), valid, self.projections(d_model, tokens.device), self.config,
-                                      num_experts, capacity, slots_per_expert)
-        centroids, counts = impl.centroids_by_slot(tokens, clusters.slot, clusters.num_slots, clusters.segments)
-        state = ClusterState(tokens, clusters.slot, centroids, counts, dispatched.shape, clusters.segments)
+        projections = self.projections(d_model, tokens.device)
+        graphs = self._graphs_for(tokens, impl) if tokens.numel() and slots_per_expert else None
+        if graphs is not None:
+            centroids, instance = graphs.compress(tokens, valid, projections, self.config, num_experts, capacity,
+                                                  slots_per_expert)
+            state = ClusterState(tokens, instance.slot, centroids, instance.counts, dispatched.shape,
+                                 (instance.order, instance.bounds), instance)
+            clusters_sent = instance.clusters_per_group
+        else:
+            clusters = impl.cluster_fixed(tokens.detach(), valid, projections, self.config, num_experts, capacity,
+                                          slots_per_expert)
+            centroids, counts = impl.centroids_by_slot(tokens, clusters.slot, clusters.num_slots, clusters.segments)
+            state = ClusterState(tokens, clusters.slot, centroids, counts, dispatched.shape, clusters.segments)
+            clusters_sent = clusters.clusters_per_group
         elem = dispatched.element_size()
         if record:
-            self._record(state, valid, clusters.clusters_per_group.sum(), clusters.num_slots * d_model * elem,
+            self._record(state, valid, clusters_sent.sum(), state.centroids.shape[0] * d_model * elem,
                          tokens.numel() * elem)
         return centroids.view(num_experts, slots_per_expert, d_model), state
 
@@ -124,7 +136,28 @@ class LSHCompressor:
         return self._expand(centroid_outputs, state)
 
     # -- shared -------------------------------------------------------------------------------------------------
+    def _graphs_for(self, tokens: torch.Tensor, impl):
+        """The CUDA-graph cache of the fixed layout, or None where the config or the device says eager."""
+        setting = self.config.cuda_graphs
+        if setting is False:
+            return None
+        if impl is not ops.REFERENCE and torch.cuda.is_current_stream_capturing():
+            return None  # inside someone else's capture: our eager kernels are recorded into it instead
+        if impl is ops.REFERENCE:
+            if setting is True:
+                raise RuntimeError(f"lsh_moe.cuda_graphs=true needs the fused kernels on a CUDA device; got device "
+                                   f"{tokens.device} with kernel {self.config.kernel!r}. Allowed here: "
+                                   f"cuda_graphs 'auto' or false")
+            return None
+        if self._graphs is None:
+            from .kernels.graphed import GraphedFixedLayout
+            self._graphs = GraphedFixedLayout()
+        return self._graphs
+
     def _expand(self, centroid_outputs: torch.Tensor, state: ClusterState) -> torch.Tensor:
+        if state.graphed is not None:
+            return self._graphs.expand(state.graphed, state.tokens, state.centroids, centroid_outputs,
+                                       self.config.error_compensation)
         return self._ops.expand_with_residual(state.tokens, state.slot, state.centroids, centroid_outputs,
                                               state.counts, self.config.error_compensation, state.segments)
 

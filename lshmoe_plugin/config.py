@@ -51,6 +51,11 @@ class LSHMoEConfig:
         forward and input backward) against the compressed one and keep compression only where it is faster;
         the expert-parallel ranks agree on one decision per layer. For fast links (NVLink), where compression
         cannot always pay. DeepSpeed and AutoEP; refused with a named error for Megatron.
+    cuda_graphs: replay the compressor's stages (compress, expand, both backwards) as CUDA graphs captured once
+        per layer and shape, instead of launching ~20 kernels per layer from Python. ``auto``: wherever that is
+        possible, i.e. the fused kernels on CUDA with DeepSpeed's fixed-capacity layer; ``true``: the same, and an
+        error where it is not; ``false``: eager. The variable layout (Megatron-core, AutoEP) syncs with the host
+        once per layer and always runs eagerly.
     """
 
     enabled: bool = False
@@ -65,6 +70,7 @@ class LSHMoEConfig:
     telemetry_interval: int = 10
     kernel: str = "auto"
     decide_by_cost: bool = False
+    cuda_graphs: Union[str, bool] = "auto"
 
     def __post_init__(self) -> None:
         _check_type("enabled", self.enabled, bool)
@@ -84,6 +90,13 @@ class LSHMoEConfig:
             raise LSHMoEConfigError(f"lsh_moe.hash_type must be one of {list(HASH_TYPES)}, got {self.hash_type!r}")
         if self.kernel not in KERNELS:
             raise LSHMoEConfigError(f"lsh_moe.kernel must be one of {list(KERNELS)}, got {self.kernel!r}")
+        if not (isinstance(self.cuda_graphs, bool) or self.cuda_graphs == "auto"):
+            raise LSHMoEConfigError(f"lsh_moe.cuda_graphs must be one of ['auto', true, false], got "
+                                    f"{self.cuda_graphs!r}")
+        if self.cuda_graphs is True and self.kernel == "torch":
+            raise LSHMoEConfigError("lsh_moe.cuda_graphs=true replays the fused kernels and needs kernel 'auto' or "
+                                    "'triton', got kernel 'torch'; allowed with kernel 'torch': cuda_graphs 'auto' "
+                                    "or false")
         bits = self.num_hashes * self.code_bits_per_hash
         if bits > _MAX_CODE_BITS:
             raise LSHMoEConfigError(

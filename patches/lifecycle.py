@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 from lshmoe_plugin.compressor import LSHCompressor
-from lshmoe_plugin.config import LSHMoEConfig
+from lshmoe_plugin.config import LSHMoEConfig, LSHMoEConfigError
 from lshmoe_plugin.telemetry import TELEMETRY, Telemetry
 
 INDEX_ATTRIBUTE = "_lshmoe_index"
@@ -103,3 +103,12 @@ class PatchLifecycle:
             compressor = LSHCompressor(self.config, layer_index, self.telemetry)
             setattr(holder, COMPRESSOR_ATTRIBUTE, compressor)
         return compressor
+
+
+def refuse_cuda_graphs(config: LSHMoEConfig, framework: str) -> None:
+    """The variable layout reads its cluster count back to the host once per layer: it cannot be captured."""
+    if config.cuda_graphs is True:
+        raise LSHMoEConfigError(f"lsh_moe.cuda_graphs=true is not supported with framework={framework!r} (its "
+                                f"dispatch sizes are read back to the host every layer, which a CUDA graph cannot "
+                                f"hold); allowed there: 'auto' or false (they run eagerly; cuda_graphs=true is "
+                                f"supported with framework='deepspeed')")

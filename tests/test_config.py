@@ -22,6 +22,24 @@ def test_reads_block_from_deepspeed_json_path(tmp_path):
     assert cfg.applies_to_layer(2) and not cfg.applies_to_layer(1)
 
 
+@pytest.mark.parametrize("value", ["auto", True, False])
+def test_cuda_graphs_takes_auto_or_a_bool(value):
+    assert LSHMoEConfig.from_dict({"cuda_graphs": value}, env={}).cuda_graphs is value or value == "auto"
+
+
+def test_cuda_graphs_true_without_cuda_is_an_error_naming_the_key():
+    import torch
+
+    from lshmoe_plugin.compressor import LSHCompressor
+    compressor = LSHCompressor(LSHMoEConfig(enabled=True, cuda_graphs=True), 0)
+    with pytest.raises(RuntimeError, match=r"cuda_graphs=true needs the fused kernels on a CUDA device.*'auto' or "
+                                           r"false"):
+        compressor.compress_fixed(torch.randn(2, 8, 16), torch.ones(2, 8, dtype=torch.bool))
+    # 'auto' runs the reference there, eagerly
+    auto = LSHCompressor(LSHMoEConfig(enabled=True), 0)
+    assert auto.compress_fixed(torch.randn(2, 8, 16), torch.ones(2, 8, dtype=torch.bool))[1].graphed is None
+
+
 def test_missing_block_means_disabled():
     assert not LSHMoEConfig.from_deepspeed_config({"train_batch_size": 8}, env={}).enabled
 
@@ -55,6 +73,9 @@ def test_bad_env_value_names_allowed_values():
     ({"decide_by_cost": "auto"}, r"decide_by_cost must be a bool"),
     ({"num_hashes": 20}, r"num_hashes=20 with hash_dim=8 needs 80 bits"),
     ({"telemetry_interval": -1}, r"telemetry_interval must be an integer >= 0"),
+    ({"cuda_graphs": "on"}, r"cuda_graphs must be one of \['auto', true, false\], got 'on'"),
+    ({"cuda_graphs": 1}, r"cuda_graphs must be one of \['auto', true, false\], got 1"),
+    ({"cuda_graphs": True, "kernel": "torch"}, r"cuda_graphs=true .* needs kernel 'auto' or 'triton'"),
 ])
 def test_bad_values_name_the_key_and_what_is_allowed(block, message):
     with pytest.raises(LSHMoEConfigError, match=message):

@@ -224,3 +224,18 @@ def test_decide_by_cost_works_both_ways_or_is_refused_by_name(results):
         assert "decide_by_cost_refused" not in r, r
         assert r["decided_every_layer"] and r["ranks_agree"] and r["measured_step_follows_the_decision"], r
         assert r["when_stock_is_faster"] and r["when_compressed_is_faster"], r
+
+
+@pytest.mark.parametrize("framework", ["megatron", "autoep"])
+def test_cuda_graphs_true_is_refused_by_name_for_the_variable_layout(framework):
+    """Megatron and AutoEP size their all-to-all from a host read-back every layer: not capturable."""
+    import lshmoe_plugin
+    config = {"lsh_moe": {"enabled": True, "cuda_graphs": True}}
+    with pytest.raises(lshmoe_plugin.LSHMoEConfigError,
+                       match=rf"cuda_graphs=true is not supported with framework='{framework}'.*allowed there: "
+                             r"'auto' or false"):
+        lshmoe_plugin.enable(config, framework=framework)
+    assert not lshmoe_plugin.patches.megatron_dispatcher.is_applied()
+    assert not lshmoe_plugin.patches.deepspeed_autoep.is_applied()
+    lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "cuda_graphs": "auto"}}, framework=framework)
+    lshmoe_plugin.disable(framework)

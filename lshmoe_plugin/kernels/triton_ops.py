@@ -419,6 +419,62 @@ def _assign_kernel(key_ptr, order_ptr, valid_ptr, group_end_ptr, budget_ptr, slo
             tl.store(bounds_ptr + num_slots + 1, total)
 
 
+# -- launches into given buffers (shared by the autograd functions and the CUDA-graphed round trip) ------------------
+def segment_mean_into(tokens: torch.Tensor, order: torch.Tensor, bounds: torch.Tensor, centroids: torch.Tensor,
+                      counts: torch.Tensor) -> None:
+    """centroids[s] = mean of its tokens' rows, counts[s] = how many (tokens contiguous (N, d))."""
+    num_slots, d = centroids.shape
+    if num_slots == 0:
+        return
+    rows, block_d, warps = _launch_shape(d)
+    _segment_mean_kernel[(num_slots, triton.cdiv(d, block_d))](
+        tokens, order, bounds, centroids, counts, d, tokens.stride(0), centroids.stride(0),
+        ROWS=rows, BLOCK_D=block_d, num_warps=warps)
+
+
+def segment_broadcast_into(grad_centroids: torch.Tensor, order: torch.Tensor, bounds: torch.Tensor,
+                           grad_tokens: torch.Tensor) -> None:
+    """grad_tokens[token] = grad_centroids[slot] / count (the mean's backward); zeros for invalid tokens."""
+    num_slots, d = grad_centroids.shape
+    rows, block_d, warps = _launch_shape(d)
+    if num_slots > 0:
+        _segment_broadcast_kernel[(num_slots, triton.cdiv(d, block_d))](
+            grad_centroids, order, bounds, grad_tokens, d, num_slots, grad_centroids.stride(0),
+            grad_tokens.stride(0), ROWS=rows, BLOCK_D=block_d, num_warps=warps)
+    _zero_scratch_rows(grad_tokens, order, bounds, num_slots)
+
+
+def expand_into(tokens: torch.Tensor, centroids: torch.Tensor, centroid_outputs: torch.Tensor, order: torch.Tensor,
+                bounds: torch.Tensor, out: torch.Tensor, compensate: bool) -> None:
+    """out[token] = y[s] + (token - c[s]) where compensated, y[s] otherwise; zeros for invalid tokens."""
+    num_slots, d = centroids.shape
+    rows, block_d, warps = _launch_shape(d)
+    if num_slots > 0:
+        _expand_kernel[(num_slots, triton.cdiv(d, block_d))](
+            tokens, centroids, centroid_outputs, order, bounds, out, d, num_slots,
+            tokens.stride(0), centroids.stride(0), centroid_outputs.stride(0), out.stride(0),
+            COMPENSATE=compensate, ROWS=rows, BLOCK_D=block_d, num_warps=warps)
+    _zero_scratch_rows(out, order, bounds, num_slots)
+
+
+def expand_backward_into(grad_out: torch.Tensor, order: torch.Tensor, bounds: torch.Tensor, grad_tokens: torch.Tensor,
+                         grad_y: torch.Tensor, grad_c: torch.Tensor, compensate: bool) -> None:
+    """The expand's backward: grad_y[s] = sum of its tokens' grads, grad_c = -grad_y and grad_token = grad where
+    compensated (zeros elsewhere)."""
+    num_slots, d = grad_y.shape
+    rows, block_d, warps = _launch_shape(d)
+    if num_slots > 0:
+        _expand_backward_kernel[(num_slots, triton.cdiv(d, block_d))](
+            grad_out, order, bounds, grad_tokens, grad_y, grad_c, d, num_slots,
+            grad_out.stride(0), grad_tokens.stride(0), grad_y.stride(0), grad_c.stride(0),
+            COMPENSATE=compensate, ROWS=rows, BLOCK_D=block_d, num_warps=warps)
+    _zero_scratch_rows(grad_tokens, order, bounds, num_slots)
+
+
+def expand_dtype(tokens: torch.Tensor, centroid_outputs: torch.Tensor, compensate: bool) -> torch.dtype:
+    return torch.promote_types(tokens.dtype, centroid_outputs.dtype) if compensate else centroid_outputs.dtype
+
+
 # -- autograd functions -----------------------------------------------------------------------------------------------
 class _CentroidsBySlot(torch.autograd.Function):
     @staticmethod
@@ -428,28 +484,17 @@ class _CentroidsBySlot(torch.autograd.Function):
         order, bounds = segments if segments is not None else slot_segments(slot, num_slots)
         centroids = torch.empty(num_slots, d, dtype=tokens.dtype, device=tokens.device)
         counts = torch.empty(num_slots, dtype=torch.float32, device=tokens.device)
-        rows, block_d, warps = _launch_shape(d)
-        if num_slots > 0:
-            _segment_mean_kernel[(num_slots, triton.cdiv(d, block_d))](
-                tokens, order, bounds, centroids, counts, d, tokens.stride(0), centroids.stride(0),
-                ROWS=rows, BLOCK_D=block_d, num_warps=warps)
+        segment_mean_into(tokens, order, bounds, centroids, counts)
         ctx.mark_non_differentiable(counts)
         ctx.save_for_backward(order, bounds)
-        ctx.num_slots, ctx.shape, ctx.dtype = num_slots, tokens.shape, tokens.dtype
+        ctx.shape, ctx.dtype = tokens.shape, tokens.dtype
         return centroids, counts
 
     @staticmethod
     def backward(ctx, grad_centroids: torch.Tensor, _grad_counts):
         order, bounds = ctx.saved_tensors
-        grad_centroids = grad_centroids.contiguous()
-        n, d = ctx.shape
-        grad_tokens = torch.empty(n, d, dtype=ctx.dtype, device=grad_centroids.device)
-        rows, block_d, warps = _launch_shape(d)
-        if ctx.num_slots > 0:
-            _segment_broadcast_kernel[(ctx.num_slots, triton.cdiv(d, block_d))](
-                grad_centroids, order, bounds, grad_tokens, d, ctx.num_slots, grad_centroids.stride(0),
-                grad_tokens.stride(0), ROWS=rows, BLOCK_D=block_d, num_warps=warps)
-        _zero_scratch_rows(grad_tokens, order, bounds, ctx.num_slots)
+        grad_tokens = torch.empty(ctx.shape, dtype=ctx.dtype, device=grad_centroids.device)
+        segment_broadcast_into(grad_centroids.contiguous(), order, bounds, grad_tokens)
         return grad_tokens, None, None, None
 
 
@@ -457,18 +502,11 @@ class _ExpandWithResidual(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tokens, slot, centroids, centroid_outputs, compensate: bool, segments):
         tokens, centroids, centroid_outputs = tokens.contiguous(), centroids.contiguous(), centroid_outputs.contiguous()
-        n, d = tokens.shape
         num_slots = centroids.shape[0]
         order, bounds = segments if segments is not None else slot_segments(slot, num_slots)
-        out_dtype = torch.promote_types(tokens.dtype, centroid_outputs.dtype) if compensate else centroid_outputs.dtype
-        out = torch.empty(n, d, dtype=out_dtype, device=tokens.device)
-        rows, block_d, warps = _launch_shape(d)
-        if num_slots > 0:
-            _expand_kernel[(num_slots, triton.cdiv(d, block_d))](
-                tokens, centroids, centroid_outputs, order, bounds, out, d, num_slots,
-                tokens.stride(0), centroids.stride(0), centroid_outputs.stride(0), out.stride(0),
-                COMPENSATE=compensate, ROWS=rows, BLOCK_D=block_d, num_warps=warps)
-        _zero_scratch_rows(out, order, bounds, num_slots)
+        out = torch.empty(tokens.shape, dtype=expand_dtype(tokens, centroid_outputs, compensate),
+                          device=tokens.device)
+        expand_into(tokens, centroids, centroid_outputs, order, bounds, out, compensate)
         ctx.save_for_backward(order, bounds)
         ctx.meta = (num_slots, compensate, tokens.shape, tokens.dtype, centroids.dtype, centroid_outputs.dtype)
         return out
@@ -477,18 +515,11 @@ class _ExpandWithResidual(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         order, bounds = ctx.saved_tensors
         num_slots, compensate, (n, d), tok_dtype, cen_dtype, y_dtype = ctx.meta
-        grad_out = grad_out.contiguous()
         device = grad_out.device
         grad_tokens = torch.empty(n, d, dtype=tok_dtype, device=device)
         grad_y = torch.empty(num_slots, d, dtype=y_dtype, device=device)
         grad_c = torch.empty(num_slots, d, dtype=cen_dtype, device=device)
-        rows, block_d, warps = _launch_shape(d)
-        if num_slots > 0:
-            _expand_backward_kernel[(num_slots, triton.cdiv(d, block_d))](
-                grad_out, order, bounds, grad_tokens, grad_y, grad_c, d, num_slots,
-                grad_out.stride(0), grad_tokens.stride(0), grad_y.stride(0), grad_c.stride(0),
-                COMPENSATE=compensate, ROWS=rows, BLOCK_D=block_d, num_warps=warps)
-        _zero_scratch_rows(grad_tokens, order, bounds, num_slots)
+        expand_backward_into(grad_out.contiguous(), order, bounds, grad_tokens, grad_y, grad_c, compensate)
         return grad_tokens, None, grad_c, grad_y, None, None
 
 

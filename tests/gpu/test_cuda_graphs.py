@@ -1,0 +1,197 @@
+"""The fixed layout replayed as CUDA graphs (`lsh_moe.cuda_graphs`) against the same fused kernels run eagerly.
+
+Same kernels, so values and gradients must match exactly, step after step, including when forwards overlap
+(two forwards before their backwards), when autograd drops a forward without a backward, and through DeepSpeed's
+real MoE layer and engine.
+"""
+import pytest
+import torch
+
+from lshmoe_plugin.compressor import LSHCompressor
+from lshmoe_plugin.config import LSHMoEConfig
+from lshmoe_plugin.kernels.graphed import GraphReuseError
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+
+E, C, D = 8, 512, 256
+
+
+def compressors(**settings):
+    base = dict(enabled=True, compression_rate=0.2, telemetry_interval=1, **settings)
+    graphed = LSHCompressor(LSHMoEConfig(cuda_graphs=True, **base), layer_index=3)
+    eager = LSHCompressor(LSHMoEConfig(cuda_graphs=False, **base), layer_index=3)
+    return graphed, eager
+
+
+def batch(seed: int, dtype=torch.bfloat16):
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(40, D, generator=gen)
+    pick = torch.randint(0, 40, (E * C,), generator=gen)
+    tokens = (centres[pick] + 0.3 * torch.randn(E * C, D, generator=gen)).view(E, C, D)
+    valid = torch.rand(E, C, generator=gen) < 0.8
+    tokens[~valid] = 0
+    weight = torch.randn(D, D, generator=gen) / D ** 0.5
+    grad = torch.randn(E, C, D, generator=gen)
+    return (tokens.cuda().to(dtype), valid.cuda(), weight.cuda().to(dtype), grad.cuda().to(dtype))
+
+
+def forward(compressor, tokens, valid, weight):
+    """compress -> a linear 'expert' -> expand; the expert sees the centroids like the real layer's experts."""
+    leaf = tokens.detach().clone().requires_grad_()
+    w = weight.detach().clone().requires_grad_()
+    centroids, state = compressor.compress_fixed(leaf, valid)
+    out = compressor.decompress_fixed(centroids @ w, state)
+    return leaf, w, out, state
+
+
+def run_step(compressor, data):
+    tokens, valid, weight, grad = data
+    leaf, w, out, state = forward(compressor, tokens, valid, weight)
+    out.backward(grad)
+    return out.detach().clone(), leaf.grad, w.grad, state.slot.clone()
+
+
+@pytest.mark.parametrize("error_compensation", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_graphed_steps_match_eager_steps(dtype, error_compensation):
+    graphed, eager = compressors(error_compensation=error_compensation)
+    for step in range(3):  # step 0 captures, later steps replay the same graphs on new data
+        data = batch(step, dtype)
+        got, want = run_step(graphed, data), run_step(eager, data)
+        for a, b, name in zip(got, want, ("output", "token grad", "expert grad", "slots")):
+            assert torch.equal(a, b), f"step {step}: {name} differs"
+    assert len(graphed._graphs) == 1  # one instance, reused
+    stats = graphed.telemetry.latest[3]
+    assert float(stats.clusters) > 0 and stats.relative_residual is not None
+
+
+def test_identity_expert_with_error_compensation_gives_the_tokens_back():
+    graphed, _ = compressors(error_compensation=True)
+    tokens, valid, _, _ = batch(5, torch.float32)
+    for _ in range(2):
+        centroids, state = graphed.compress_fixed(tokens, valid)
+        out = graphed.decompress_fixed(centroids, state)
+        expected = torch.where(valid[..., None], tokens, torch.zeros_like(tokens))
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+
+
+def test_overlapping_forwards_get_their_own_buffers():
+    """Two forwards before either backward (a pipeline schedule): the second must not overwrite the first."""
+    graphed, eager = compressors()
+    first, second = batch(11), batch(12)
+    leaf1, w1, out1, _ = forward(graphed, *first[:3])
+    leaf2, w2, out2, _ = forward(graphed, *second[:3])
+    assert len(graphed._graphs) == 2
+    out1.backward(first[3])
+    out2.backward(second[3])
+    for (leaf, w, out), data in (((leaf1, w1, out1), first), ((leaf2, w2, out2), second)):
+        want = run_step(eager, data)
+        assert torch.equal(out.detach(), want[0]) and torch.equal(leaf.grad, want[1]) and torch.equal(w.grad, want[2])
+    forward(graphed, *batch(13)[:3])[2].backward(batch(13)[3])
+    assert len(graphed._graphs) == 2  # both free again: no third instance
+
+
+def test_a_forward_dropped_without_backward_frees_its_instance():
+    graphed, _ = compressors()
+    data = batch(21)
+    out = forward(graphed, *data[:3])[2]
+    del out  # autograd drops that forward's graph: its instance is free again
+    forward(graphed, *data[:3])[2].backward(data[3])
+    assert len(graphed._graphs) == 1
+
+
+def test_no_grad_forward_holds_no_instance():
+    graphed, eager = compressors()
+    data = batch(31)
+    with torch.no_grad():
+        centroids, state = graphed.compress_fixed(data[0], data[1])
+        out = graphed.decompress_fixed(centroids @ data[2], state).clone()
+        centroids_e, state_e = eager.compress_fixed(data[0], data[1])
+        want = eager.decompress_fixed(centroids_e @ data[2], state_e)
+    assert torch.equal(out, want)
+    forward(graphed, *data[:3])[2].backward(data[3])
+    assert len(graphed._graphs) == 1
+
+
+def test_a_second_backward_after_another_forward_raises():
+    graphed, _ = compressors()
+    data = batch(41)
+    out = forward(graphed, *data[:3])[2]
+    out.backward(data[3], retain_graph=True)
+    forward(graphed, *batch(42)[:3])  # reuses the instance the retained graph points at
+    with pytest.raises(GraphReuseError, match="cuda_graphs=false"):
+        out.backward(data[3])
+
+
+def test_inside_an_outer_capture_the_eager_kernels_are_recorded():
+    """A user capturing a whole step: our own capture cannot nest, so the fused kernels are recorded eagerly."""
+    graphed, eager = compressors()
+    tokens, valid, weight, _ = batch(51)
+    static_in = tokens.clone()
+    with torch.no_grad():
+        centroids, state = eager.compress_fixed(tokens, valid)
+        eager_out = eager.decompress_fixed(centroids @ weight, state)
+        side = torch.cuda.Stream()
+        with torch.cuda.stream(side):  # warm up outside the capture (Triton compiles here)
+            centroids, state = graphed.compress_fixed(static_in, valid)
+            graphed.decompress_fixed(centroids @ weight, state)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            centroids, state = graphed.compress_fixed(static_in, valid)
+            static_out = graphed.decompress_fixed(centroids @ weight, state)
+        graph.replay()
+    assert torch.equal(static_out, eager_out)
+
+
+# -- through DeepSpeed's real MoE layer and engine --------------------------------------------------------------------
+def _engine_worker(rank, world_size, port, queue):
+    import os
+    import traceback
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size), DS_ACCELERATOR="cuda")
+    try:
+        import deepspeed
+
+        import lshmoe_plugin
+        from lshmoe_plugin.patches.lifecycle import COMPRESSOR_ATTRIBUTE
+        from lshmoe_pretrain.models import build_gpt_moe
+        torch.cuda.set_device(rank)
+        deepspeed.init_distributed(dist_backend="nccl", auto_mpi_discovery=False)
+        results = {}
+        for graphs in (True, False):
+            config = {"train_micro_batch_size_per_gpu": 4, "bf16": {"enabled": True},
+                      "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+                      "lsh_moe": {"enabled": True, "cuda_graphs": graphs, "telemetry_interval": 2}}
+            torch.manual_seed(0)
+            model = build_gpt_moe("tiny", ep_size=world_size, num_experts=4 * world_size)
+            lshmoe_plugin.enable(config, model)
+            engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+            gen = torch.Generator().manual_seed(100 + rank)
+            losses = []
+            for step in range(4):
+                tokens = torch.randint(0, model.config.vocab_size, (4, model.config.seq_len + 1), generator=gen).cuda()
+                torch.manual_seed(7 * step + rank)  # same gate draws in both runs
+                loss = engine(tokens[:, :-1], tokens[:, 1:])
+                engine.backward(loss)
+                engine.step()
+                losses.append(float(loss))
+            compressors = [getattr(m, COMPRESSOR_ATTRIBUTE) for m in model.modules()
+                           if hasattr(m, COMPRESSOR_ATTRIBUTE)]
+            results[graphs] = dict(losses=losses, params=[p.detach().float().cpu() for p in model.parameters()],
+                                   graphed=sum(len(c._graphs or ()) for c in compressors))
+            lshmoe_plugin.disable()
+        queue.put((rank, "ok", results if rank == 0 else None))
+        torch.distributed.destroy_process_group()
+    except BaseException:  # noqa: BLE001 - every failure must reach the parent
+        queue.put((rank, "error", traceback.format_exc()))
+
+
+def test_deepspeed_training_with_graphs_matches_eager_training():
+    from distributed import spawn_ranks
+    world_size = min(2, torch.cuda.device_count())
+    results = spawn_ranks(_engine_worker, world_size)[0]
+    graphed, eager = results[True], results[False]
+    assert graphed["losses"] == eager["losses"]
+    assert all(torch.equal(a, b) for a, b in zip(graphed["params"], eager["params"]))
+    assert graphed["graphed"] == 2 and eager["graphed"] == 0  # the tiny preset's two MoE layers, one instance each
