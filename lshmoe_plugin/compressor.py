@@ -141,14 +141,14 @@ class LSHCompressor:
         setting = self.config.cuda_graphs
         if setting is False:
             return None
-        if impl is not ops.REFERENCE and torch.cuda.is_current_stream_capturing():
-            return None  # inside someone else's capture: our eager kernels are recorded into it instead
-        if impl is ops.REFERENCE:
+        if impl is ops.REFERENCE or tokens.device.type != "cuda":
             if setting is True:
                 raise RuntimeError(f"lsh_moe.cuda_graphs=true needs the fused kernels on a CUDA device; got device "
                                    f"{tokens.device} with kernel {self.config.kernel!r}. Allowed here: "
                                    f"cuda_graphs 'auto' or false")
             return None
+        if torch.cuda.is_current_stream_capturing():
+            return None  # inside someone else's capture: our eager kernels are recorded into it instead
         if self._graphs is None:
             from .kernels.graphed import GraphedFixedLayout
             self._graphs = GraphedFixedLayout()

@@ -32,7 +32,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--tokens", type=int, nargs="+", default=[8192, 16384, 32768], help="E * C per rank")
     p.add_argument("--rates", type=float, nargs="+", default=[0.1, 0.2, 0.5])
     p.add_argument("--experts", type=int, default=8, help="experts on the sending rank's buffer (E)")
-    p.add_argument("--kernels", nargs="+", default=["torch", "triton"])
+    p.add_argument("--kernels", nargs="+", default=["torch", "triton", "triton+graphs"],
+                   choices=sorted(VARIANTS), help="torch: reference; triton: fused, eager; triton+graphs: fused, "
+                                                 "replayed as CUDA graphs (lsh_moe.cuda_graphs)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -52,6 +54,10 @@ def make_dispatch(experts: int, capacity: int, d: int, dtype: torch.dtype, devic
     tokens += 0.3 * torch.randn(experts, capacity, d, generator=gen, device=device)
     valid = torch.arange(capacity, device=device).expand(experts, capacity) < int(capacity / 1.25)
     return tokens.to(dtype), valid
+
+
+VARIANTS = {"torch": dict(kernel="torch", cuda_graphs=False), "triton": dict(kernel="triton", cuda_graphs=False),
+            "triton+graphs": dict(kernel="triton", cuda_graphs=True)}
 
 
 def floor_bytes(n: int, slots: int, d: int, elem: int) -> tuple:
@@ -86,10 +92,10 @@ def main() -> None:
                     args.experts * capacity, slots, d, data[0][0].element_size()))
                 times = {}
                 for kernel in args.kernels:
-                    config = LSHMoEConfig(enabled=True, compression_rate=rate, kernel=kernel, telemetry_interval=0)
+                    config = LSHMoEConfig(enabled=True, compression_rate=rate, telemetry_interval=0, **VARIANTS[kernel])
                     compressor = LSHCompressor(config, layer_index=0)
                     times[kernel] = time_round_trip(compressor, data, device, args.reps)
-                    if args.breakdown and kernel != "torch":
+                    if args.breakdown and kernel == "triton":
                         stages.append((d, n, rate, kernel) + time_stages(compressor, data[0], device, args.reps))
                 elem = data[0][0].element_size()
                 best = min(args.kernels, key=lambda k: times[k][1])
@@ -116,9 +122,14 @@ def main() -> None:
         f"capacity/16 centres per expert. fwd = `compress_fixed` + `decompress_fixed` (expert = identity); "
         f"fwd+bwd adds the backward of both. Floor = bytes / copy bandwidth, with bytes = (3N + 2S)·d·b for fwd "
         f"and (5N + 3S)·d·b for fwd+bwd (N tokens, S centroid slots, b bytes per element): every token row read "
-        f"once per pass, every output written once. Median of {args.reps} runs each, CUDA events. 'eager' is what a "
-        f"training step sees (Python launches every op); 'graph' replays the same forward as one CUDA graph, i.e. "
-        f"the GPU's own time; 'vs {base}' columns are speed-ups over the reference ops.\n\n" + table + "\n")
+        f"once per pass, every output written once. Median of {args.reps} runs each, CUDA events. Kernels: "
+        f"`torch` the reference ops, `triton` the fused kernels launched op by op (`cuda_graphs: false`), "
+        f"`triton+graphs` the fused kernels replayed from the compressor's own per-stage CUDA graphs "
+        f"(`cuda_graphs: true`; the default 'auto' does this on CUDA), including the copies of the inputs into the "
+        f"graphs' buffers. 'eager' columns are what a training step sees (the compressor called from Python as "
+        f"the MoE layer calls it); 'graph' captures the whole forward, benchmark-side, as one CUDA graph, i.e. the "
+        f"GPU's own time without any launch cost; 'vs {base}' columns are speed-ups over the reference ops.\n\n"
+        + table + "\n")
     if stages:
         stage_table = bench.markdown_table(
             ["d_model", "tokens/rank", "rate", "kernel", "hash (matmul + keys)", "sort", "assign kernel",

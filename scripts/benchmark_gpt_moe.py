@@ -43,6 +43,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--kernel", default="auto", choices=["auto", "torch", "triton"])
+    p.add_argument("--variants", nargs="+", default=["stock", "lsh", "lsh_eager"],
+                   choices=["stock", "lsh", "lsh_eager"],
+                   help="lsh: lsh_moe defaults (CUDA graphs where possible); lsh_eager: cuda_graphs=false")
     p.add_argument("--backend", default=None)
     p.add_argument("--report", default="docs/benchmarks.md")
     p.add_argument("--section", default=None)
@@ -64,7 +67,7 @@ def markov_batch(step: int, rank: int, args, device) -> torch.Tensor:
     return tokens.to(device)
 
 
-def ds_config(args, lsh: bool) -> dict:
+def ds_config(args, variant: str) -> dict:
     config = {
         "train_micro_batch_size_per_gpu": args.micro_batch,
         "gradient_accumulation_steps": 1,
@@ -73,24 +76,29 @@ def ds_config(args, lsh: bool) -> dict:
         "optimizer": {"type": "AdamW", "params": {"lr": args.lr, "betas": [0.9, 0.95], "weight_decay": 0.1,
                                                   "torch_adam": True}},
         "zero_optimization": {"stage": 0},
-        "lsh_moe": {"enabled": lsh, "compression_rate": args.rate, "kernel": args.kernel, "telemetry_interval": 0},
+        "lsh_moe": {"enabled": variant != "stock", "compression_rate": args.rate, "kernel": args.kernel,
+                    "telemetry_interval": 0, "cuda_graphs": False if variant == "lsh_eager" else "auto"},
     }
     if args.dtype == "bf16":
         config["bf16"] = {"enabled": True}
     return config
 
 
-def profile_steps(args, engines, lsh_config, rank: int, device, steps: int = 3) -> None:
+def use(variant: str, engine, lsh_configs: dict) -> None:
+    if variant == "stock":
+        lshmoe_plugin.disable()
+    else:
+        lshmoe_plugin.enable(lsh_configs[variant], engine.module)
+
+
+def profile_steps(args, engines, lsh_configs, rank: int, device, steps: int = 3) -> None:
     """Where a step's time goes, per variant: the ops by self CPU time (launch-bound code shows here) and by
     device time, and the step's wall time against the device's busy time."""
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sections = []
     for variant, engine in engines.items():
-        if variant == "lsh":
-            lshmoe_plugin.enable(lsh_config, engine.module)
-        else:
-            lshmoe_plugin.disable()
+        use(variant, engine, lsh_configs)
         batch = markov_batch(args.steps, rank, args, device)
         bench.synchronize(device)
         t0 = time.perf_counter()
@@ -128,22 +136,21 @@ def main() -> None:
     overrides = dict(vocab_size=args.vocab, seq_len=args.seq_len, n_layers=args.n_layers or preset.n_layers,
                      num_experts=args.experts_per_rank * world if args.experts_per_rank else preset.num_experts)
     engines = {}
-    for variant in ("stock", "lsh"):
+    if "stock" not in args.variants:
+        args.variants = ["stock"] + args.variants  # every ratio is against stock measured in the same run
+    for variant in args.variants:
         torch.manual_seed(1234)
         model = build_gpt_moe(args.preset, ep_size=world, **overrides)
-        config = ds_config(args, variant == "lsh")
+        config = ds_config(args, variant)
         engines[variant] = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)[0]
     # Parsed once, outside the timed loop; the patch keeps each layer's compressor while the config is unchanged.
-    lsh_config = lshmoe_plugin.load_config(ds_config(args, True))
+    lsh_configs = {v: lshmoe_plugin.load_config(ds_config(args, v)) for v in args.variants if v != "stock"}
     times = {v: [] for v in engines}
     losses = {v: [] for v in engines}
     for step in range(args.steps):
         batch = markov_batch(step, rank, args, device)
         for variant, engine in engines.items():
-            if variant == "lsh":
-                lshmoe_plugin.enable(lsh_config, engine.module)
-            else:
-                lshmoe_plugin.disable()
+            use(variant, engine, lsh_configs)
             torch.manual_seed(7919 * step + rank)  # the gates' random token selection: same draws for both
             dist.barrier()
             bench.synchronize(device)
@@ -158,10 +165,10 @@ def main() -> None:
             dist.all_reduce(lm)
             losses[variant].append(float(lm) / world)
         if rank == 0 and (step % 10 == 0 or step == args.steps - 1):
-            print(f"step {step}: loss stock {losses['stock'][-1]:.4f} lsh {losses['lsh'][-1]:.4f}", flush=True)
+            print(f"step {step}: loss " + " ".join(f"{v} {losses[v][-1]:.4f}" for v in engines), flush=True)
     lshmoe_plugin.disable()
     if args.profile:
-        profile_steps(args, engines, lsh_config, rank, device)
+        profile_steps(args, engines, lsh_configs, rank, device)
 
     if rank == 0:
         tokens_per_step = args.micro_batch * args.seq_len * world
@@ -185,8 +192,10 @@ def main() -> None:
             f"{cfg.moe_every}), {cfg.num_experts} experts (top-{cfg.top_k}, capacity factor {cfg.capacity_factor}), "
             f"vocab {cfg.vocab_size}, seq {cfg.seq_len}, micro-batch {args.micro_batch} per rank, {args.dtype}, "
             f"AdamW lr {args.lr}, ZeRO 0, {args.steps} steps (timed from step {args.timed_from}), kernel "
-            f"`{args.kernel}`. Same initial weights, same batches (a fixed sparse Markov source), same gate seeds; "
-            f"the two engines' steps alternate in the same processes. Loss = LM loss averaged over ranks.\n\n"
+            f"`{args.kernel}`; `lsh` runs the compressor as CUDA graphs where possible (`cuda_graphs` 'auto', "
+            f"the default), `lsh_eager` launches it op by op (`cuda_graphs: false`). "
+            f"Same initial weights, same batches (a fixed sparse Markov source), same gate seeds; "
+            f"the engines' steps alternate in the same processes. Loss = LM loss averaged over ranks.\n\n"
             + table + "\n")
         bench.write_section(args.report, section, text)
         print(f"wrote {args.report} [{section}]")

@@ -39,6 +39,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--capacity-factor", type=float, default=1.25)
     p.add_argument("--kernel", default="auto", choices=["auto", "torch", "triton"])
+    p.add_argument("--eager-too", action="store_true",
+                   help="also time every rate with lsh_moe.cuda_graphs=false (the compressor launched op by op)")
     p.add_argument("--decide-by-cost", action="store_true",
                    help="also time every rate with lsh_moe.decide_by_cost (the layer measures and may run stock)")
     p.add_argument("--backend", default=None, help="nccl or gloo (default: nccl when every rank has its own GPU)")
@@ -125,6 +127,11 @@ def main() -> None:
     variants = ["stock"] + [f"lsh {r}" for r in args.rates]
     configs = {f"lsh {r}": lshmoe_plugin.LSHMoEConfig(enabled=True, compression_rate=r, kernel=args.kernel,
                                                       telemetry_interval=0) for r in args.rates}
+    if args.eager_too:  # the same rates with the compressor launched op by op (lsh_moe.cuda_graphs=false)
+        variants += [f"lsh {r} eager" for r in args.rates]
+        configs.update({f"lsh {r} eager": lshmoe_plugin.LSHMoEConfig(
+            enabled=True, compression_rate=r, kernel=args.kernel, telemetry_interval=0, cuda_graphs=False)
+            for r in args.rates})
     if args.decide_by_cost:
         variants += [f"lsh {r} decide_by_cost" for r in args.rates]
         configs.update({f"lsh {r} decide_by_cost": lshmoe_plugin.LSHMoEConfig(

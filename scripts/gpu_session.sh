@@ -84,10 +84,11 @@ for stage in "$@"; do
         profile-gpt-135m) python3 scripts/benchmark_gpt_moe.py --preset gpt-moe-135m --micro-batch 32 --steps 30 \
                 --timed-from 10 --report "$OUT/profile_run.md" --profile "$OUT/profile_gpt_135m.txt" 2>&1 \
                 | tee -a "$OUT/logs/profile.log" | tail -5 ;;
-        bench-compressor) python3 scripts/benchmark_compressor.py --breakdown --rates 0.2 \
+        bench-compressor) python3 scripts/benchmark_compressor.py --breakdown --rates 0.2 --kernels triton triton+graphs \
+                --d-models 512 1024 2048 4096 --tokens 16384 40960 \
                 --report "$OUT/benchmarks.md" --plot "$OUT/compressor_vs_floor.png" 2>&1 \
                 | tee "$OUT/logs/bench_compressor.log" | tail -30 ;;
-        bench-layer) python3 scripts/benchmark_moe_layer.py --rates 0.2 --report "$OUT/benchmarks.md" \
+        bench-layer) python3 scripts/benchmark_moe_layer.py --rates 0.2 --eager-too --report "$OUT/benchmarks.md" \
                 --plot "$OUT/moe_layer_ep1.png" 2>&1 | tee "$OUT/logs/bench_layer.log" | tail -15 ;;
         bench-gpt) for preset in "small 16" "gpt-moe-135m 32"; do set -- $preset
                     python3 scripts/benchmark_gpt_moe.py --preset "$1" --micro-batch "$2" --steps 120 --timed-from 20 \

@@ -230,12 +230,12 @@ def test_decide_by_cost_works_both_ways_or_is_refused_by_name(results):
 def test_cuda_graphs_true_is_refused_by_name_for_the_variable_layout(framework):
     """Megatron and AutoEP size their all-to-all from a host read-back every layer: not capturable."""
     import lshmoe_plugin
+    from lshmoe_plugin.patches import deepspeed_autoep, megatron_dispatcher
     config = {"lsh_moe": {"enabled": True, "cuda_graphs": True}}
     with pytest.raises(lshmoe_plugin.LSHMoEConfigError,
                        match=rf"cuda_graphs=true is not supported with framework='{framework}'.*allowed there: "
                              r"'auto' or false"):
         lshmoe_plugin.enable(config, framework=framework)
-    assert not lshmoe_plugin.patches.megatron_dispatcher.is_applied()
-    assert not lshmoe_plugin.patches.deepspeed_autoep.is_applied()
+    assert not megatron_dispatcher.is_applied() and not deepspeed_autoep.is_applied()
     lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "cuda_graphs": "auto"}}, framework=framework)
     lshmoe_plugin.disable(framework)
