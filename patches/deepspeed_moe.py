@@ -95,7 +95,10 @@ def _patched_forward(self, *input: torch.Tensor, **kwargs: Any) -> torch.Tensor:
 def occupied_slots(slots: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
     """bool (E, C): which capacity slots hold a routed token; empty slots and dropped routes never cluster."""
     occupied = torch.zeros(num_experts * capacity + 1, dtype=torch.bool, device=slots.device)
-    occupied[slots.reshape(-1)] = True  # dropped routes all land on the scratch slot E*C, cut below
+    # Dropped routes all land on the scratch slot E*C, cut below. index_fill_ takes the value as a scalar:
+    # `occupied[idx] = True` copies a host tensor to the device and synchronises, once per layer and step, which
+    # on a GPU stalled the host until the device had drained its queue (docs/perf_notes.md).
+    occupied.index_fill_(0, slots.reshape(-1), True)
     return occupied[:-1].view(num_experts, capacity)
 
 

@@ -4,6 +4,7 @@ the last rank. The compressor-level fp16 checks through the kernels are in tests
     python -m pytest -q tests/gpu/test_fp16_loss_scaler_cuda.py
 """
 import os
+import re
 import traceback
 
 import pytest
@@ -12,7 +13,20 @@ import torch
 from distributed import spawn_ranks  # noqa: E402
 
 
+def _arch_list_deepspeed_parses(arch_list: str) -> str:
+    """TORCH_CUDA_ARCH_LIST without arch-variant suffixes ('9.0a' -> '9.0').
+
+    DeepSpeed 0.19.8's JIT builder (FusedAdam) parses each entry's minor version with int() and fails on the
+    variants PyTorch accepts (DeepSpeed PR #8619, open); the H200 image sets such a list. The kernels built for
+    the plain target run on the same GPU.
+    """
+    entries = [entry for entry in arch_list.replace(" ", ";").split(";") if entry]
+    return ";".join(dict.fromkeys(re.sub(r"^(\d+\.\d+)[a-z]+", r"\1", entry) for entry in entries))
+
+
 def _worker(rank, world_size, port, queue, optimizer):
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        os.environ["TORCH_CUDA_ARCH_LIST"] = _arch_list_deepspeed_parses(os.environ["TORCH_CUDA_ARCH_LIST"])
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size), DS_ACCELERATOR="cuda")
     try:
