@@ -128,7 +128,8 @@ def main() -> None:
         f"(`cuda_graphs: true`; the default 'auto' does this on CUDA), including the copies of the inputs into the "
         f"graphs' buffers. 'eager' columns are what a training step sees (the compressor called from Python as "
         f"the MoE layer calls it); 'graph' captures the whole forward, benchmark-side, as one CUDA graph, i.e. the "
-        f"GPU's own time without any launch cost; 'vs {base}' columns are speed-ups over the reference ops.\n\n"
+        f"GPU's own time without any launch cost; 'vs {base}' columns are speed-ups over kernel `{base}`, "
+        f"the first one listed.\n\n"
         + table + "\n")
     if stages:
         stage_table = bench.markdown_table(

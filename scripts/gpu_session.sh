@@ -27,7 +27,8 @@ export PYTHONPATH=/root/site PATH=/root/site/bin:$PATH
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade --target /root/plugin . \
     >"$OUT/logs/install.log" 2>&1 || { cat "$OUT/logs/install.log"; exit 1; }
 export PYTHONPATH=/root/plugin:/root/site
-cp docs/benchmarks.md "$OUT/benchmarks.md"
+# A second call of this script in the same command keeps the sections the first one wrote.
+[ -f "$OUT/benchmarks.md" ] || cp docs/benchmarks.md "$OUT/benchmarks.md"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv >"$OUT/logs/gpu.txt" 2>&1
 
 nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv -l 15 >"$OUT/logs/gpu_use.csv" 2>&1 &
@@ -113,5 +114,7 @@ done
 for pid in "${BACKGROUND_PIDS[@]}"; do wait "$pid"; echo "background study exit $?"; done
 [ -n "${SNAPSHOT_PID:-}" ] && kill "$SNAPSHOT_PID" 2>/dev/null
 snapshot_records
-tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$OUT/logs"
+logs_archive="$OUT/logs.tgz"; n=1
+while [ -e "$logs_archive" ]; do logs_archive="$OUT/logs.$n.tgz"; n=$((n + 1)); done
+tar czf "$logs_archive" -C "$OUT" logs && rm -rf "$OUT/logs"
 echo "=== done ($(date -u +%H:%M:%S))"
