@@ -65,6 +65,22 @@ def test_graphed_steps_match_eager_steps(dtype, error_compensation):
     assert float(stats.clusters) > 0 and stats.relative_residual is not None
 
 
+def test_a_new_shape_gets_its_own_graphs_and_the_old_ones_stay():
+    """Another capacity (micro-batch) for the same layer: captured once more; going back replays the first."""
+    global C
+    graphed, eager = compressors()
+    original = C
+    try:
+        for capacity in (original, original // 2, original):
+            C = capacity
+            data = batch(61 + capacity)
+            got, want = run_step(graphed, data), run_step(eager, data)
+            assert all(torch.equal(a, b) for a, b in zip(got, want)), f"capacity {capacity}"
+    finally:
+        C = original
+    assert len(graphed._graphs) == 2  # one instance per shape, the first reused when it came back
+
+
 def test_identity_expert_with_error_compensation_gives_the_tokens_back():
     graphed, _ = compressors(error_compensation=True)
     tokens, valid, _, _ = batch(5, torch.float32)
