@@ -420,27 +420,28 @@ def _assign_kernel(key_ptr, order_ptr, valid_ptr, group_end_ptr, budget_ptr, slo
 
 
 # -- launches into given buffers (shared by the autograd functions and the CUDA-graphed round trip) ------------------
+def _over_slots(kernel, num_slots: int, d: int, *args, **constexprs) -> None:
+    """Launch a segment kernel with one program per (slot, column block); none without slots."""
+    if num_slots == 0:
+        return
+    rows, block_d, warps = _launch_shape(d)
+    kernel[(num_slots, triton.cdiv(d, block_d))](*args, ROWS=rows, BLOCK_D=block_d, num_warps=warps, **constexprs)
+
+
 def segment_mean_into(tokens: torch.Tensor, order: torch.Tensor, bounds: torch.Tensor, centroids: torch.Tensor,
                       counts: torch.Tensor) -> None:
     """centroids[s] = mean of its tokens' rows, counts[s] = how many (tokens contiguous (N, d))."""
     num_slots, d = centroids.shape
-    if num_slots == 0:
-        return
-    rows, block_d, warps = _launch_shape(d)
-    _segment_mean_kernel[(num_slots, triton.cdiv(d, block_d))](
-        tokens, order, bounds, centroids, counts, d, tokens.stride(0), centroids.stride(0),
-        ROWS=rows, BLOCK_D=block_d, num_warps=warps)
+    _over_slots(_segment_mean_kernel, num_slots, d, tokens, order, bounds, centroids, counts, d, tokens.stride(0),
+                centroids.stride(0))
 
 
 def segment_broadcast_into(grad_centroids: torch.Tensor, order: torch.Tensor, bounds: torch.Tensor,
                            grad_tokens: torch.Tensor) -> None:
     """grad_tokens[token] = grad_centroids[slot] / count (the mean's backward); zeros for invalid tokens."""
     num_slots, d = grad_centroids.shape
-    rows, block_d, warps = _launch_shape(d)
-    if num_slots > 0:
-        _segment_broadcast_kernel[(num_slots, triton.cdiv(d, block_d))](
-            grad_centroids, order, bounds, grad_tokens, d, num_slots, grad_centroids.stride(0),
-            grad_tokens.stride(0), ROWS=rows, BLOCK_D=block_d, num_warps=warps)
+    _over_slots(_segment_broadcast_kernel, num_slots, d, grad_centroids, order, bounds, grad_tokens, d, num_slots,
+                grad_centroids.stride(0), grad_tokens.stride(0))
     _zero_scratch_rows(grad_tokens, order, bounds, num_slots)
 
 
@@ -448,12 +449,8 @@ def expand_into(tokens: torch.Tensor, centroids: torch.Tensor, centroid_outputs:
                 bounds: torch.Tensor, out: torch.Tensor, compensate: bool) -> None:
     """out[token] = y[s] + (token - c[s]) where compensated, y[s] otherwise; zeros for invalid tokens."""
     num_slots, d = centroids.shape
-    rows, block_d, warps = _launch_shape(d)
-    if num_slots > 0:
-        _expand_kernel[(num_slots, triton.cdiv(d, block_d))](
-            tokens, centroids, centroid_outputs, order, bounds, out, d, num_slots,
-            tokens.stride(0), centroids.stride(0), centroid_outputs.stride(0), out.stride(0),
-            COMPENSATE=compensate, ROWS=rows, BLOCK_D=block_d, num_warps=warps)
+    _over_slots(_expand_kernel, num_slots, d, tokens, centroids, centroid_outputs, order, bounds, out, d, num_slots,
+                tokens.stride(0), centroids.stride(0), centroid_outputs.stride(0), out.stride(0), COMPENSATE=compensate)
     _zero_scratch_rows(out, order, bounds, num_slots)
 
 
@@ -462,12 +459,9 @@ def expand_backward_into(grad_out: torch.Tensor, order: torch.Tensor, bounds: to
     """The expand's backward: grad_y[s] = sum of its tokens' grads, grad_c = -grad_y and grad_token = grad where
     compensated (zeros elsewhere)."""
     num_slots, d = grad_y.shape
-    rows, block_d, warps = _launch_shape(d)
-    if num_slots > 0:
-        _expand_backward_kernel[(num_slots, triton.cdiv(d, block_d))](
-            grad_out, order, bounds, grad_tokens, grad_y, grad_c, d, num_slots,
-            grad_out.stride(0), grad_tokens.stride(0), grad_y.stride(0), grad_c.stride(0),
-            COMPENSATE=compensate, ROWS=rows, BLOCK_D=block_d, num_warps=warps)
+    _over_slots(_expand_backward_kernel, num_slots, d, grad_out, order, bounds, grad_tokens, grad_y, grad_c, d,
+                num_slots, grad_out.stride(0), grad_tokens.stride(0), grad_y.stride(0), grad_c.stride(0),
+                COMPENSATE=compensate)
     _zero_scratch_rows(grad_tokens, order, bounds, num_slots)
 
 
