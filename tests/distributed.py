@@ -65,6 +65,29 @@ def spawn_ranks(worker: Callable, world_size: int, *args: Any, timeout: float = 
     return results
 
 
+def _nccl_worker(rank: int, world_size: int, port: int, queue, fn: Callable, args: tuple) -> None:
+    """`_worker` on CUDA: DeepSpeed's CUDA accelerator, one GPU per rank, NCCL; every rank's result comes back."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size), DS_ACCELERATOR="cuda")
+    import torch
+    try:
+        import deepspeed
+        torch.cuda.set_device(rank)
+        deepspeed.init_distributed(dist_backend="nccl", auto_mpi_discovery=False)
+        queue.put((rank, "ok", fn(rank, world_size, *args)))
+    except BaseException:  # noqa: BLE001 - every failure must reach the parent
+        queue.put((rank, "error", traceback.format_exc()))
+    finally:
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_deepspeed_nccl(fn: Callable, world_size: int, *args: Any, timeout: float = 600) -> dict:
+    """Run ``fn(rank, world_size, *args)`` in `world_size` spawned processes on CUDA with NCCL; {rank: result}."""
+    return spawn_ranks(_nccl_worker, world_size, fn, args, timeout=timeout)
+
+
 def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 600) -> Any:
     """Run ``fn(rank, world_size, *args)`` in `world_size` spawned processes; return rank 0's result."""
     return spawn_ranks(_worker, world_size, fn, args, timeout=timeout)[0]

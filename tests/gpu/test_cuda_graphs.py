@@ -161,52 +161,42 @@ def test_inside_an_outer_capture_the_eager_kernels_are_recorded():
 
 
 # -- through DeepSpeed's real MoE layer and engine --------------------------------------------------------------------
-def _engine_worker(rank, world_size, port, queue):
-    import os
-    import traceback
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size), DS_ACCELERATOR="cuda")
-    try:
-        import deepspeed
+def _train_both_ways(rank, world_size):
+    """4 steps of GPT-MoE tiny through DeepSpeed's engine with cuda_graphs on, then off, from the same seeds."""
+    import deepspeed
 
-        import lshmoe_plugin
-        from lshmoe_plugin.patches.lifecycle import COMPRESSOR_ATTRIBUTE
-        from lshmoe_pretrain.models import build_gpt_moe
-        torch.cuda.set_device(rank)
-        deepspeed.init_distributed(dist_backend="nccl", auto_mpi_discovery=False)
-        results = {}
-        for graphs in (True, False):
-            config = {"train_micro_batch_size_per_gpu": 4, "bf16": {"enabled": True},
-                      "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
-                      "lsh_moe": {"enabled": True, "cuda_graphs": graphs, "telemetry_interval": 2}}
-            torch.manual_seed(0)
-            model = build_gpt_moe("tiny", ep_size=world_size, num_experts=4 * world_size)
-            lshmoe_plugin.enable(config, model)
-            engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
-            gen = torch.Generator().manual_seed(100 + rank)
-            losses = []
-            for step in range(4):
-                tokens = torch.randint(0, model.config.vocab_size, (4, model.config.seq_len + 1), generator=gen).cuda()
-                torch.manual_seed(7 * step + rank)  # same gate draws in both runs
-                loss = engine(tokens[:, :-1], tokens[:, 1:])
-                engine.backward(loss)
-                engine.step()
-                losses.append(float(loss))
-            compressors = [getattr(m, COMPRESSOR_ATTRIBUTE) for m in model.modules()
-                           if hasattr(m, COMPRESSOR_ATTRIBUTE)]
-            results[graphs] = dict(losses=losses, params=[p.detach().float().cpu() for p in model.parameters()],
-                                   graphed=sum(len(c._graphs or ()) for c in compressors))
-            lshmoe_plugin.disable()
-        queue.put((rank, "ok", results if rank == 0 else None))
-        torch.distributed.destroy_process_group()
-    except BaseException:  # noqa: BLE001 - every failure must reach the parent
-        queue.put((rank, "error", traceback.format_exc()))
+    import lshmoe_plugin
+    from lshmoe_plugin.patches.lifecycle import COMPRESSOR_ATTRIBUTE
+    from lshmoe_pretrain.models import build_gpt_moe
+    results = {}
+    for graphs in (True, False):
+        config = {"train_micro_batch_size_per_gpu": 4, "bf16": {"enabled": True},
+                  "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+                  "lsh_moe": {"enabled": True, "cuda_graphs": graphs, "telemetry_interval": 2}}
+        torch.manual_seed(0)
+        model = build_gpt_moe("tiny", ep_size=world_size, num_experts=4 * world_size)
+        lshmoe_plugin.enable(config, model)
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+        gen = torch.Generator().manual_seed(100 + rank)
+        losses = []
+        for step in range(4):
+            tokens = torch.randint(0, model.config.vocab_size, (4, model.config.seq_len + 1), generator=gen).cuda()
+            torch.manual_seed(7 * step + rank)  # same gate draws in both runs
+            loss = engine(tokens[:, :-1], tokens[:, 1:])
+            engine.backward(loss)
+            engine.step()
+            losses.append(float(loss))
+        compressors = [getattr(m, COMPRESSOR_ATTRIBUTE) for m in model.modules() if hasattr(m, COMPRESSOR_ATTRIBUTE)]
+        results[graphs] = dict(losses=losses, params=[p.detach().float().cpu() for p in model.parameters()],
+                               graphed=sum(len(c._graphs or ()) for c in compressors))
+        lshmoe_plugin.disable()
+    return results
 
 
 def test_deepspeed_training_with_graphs_matches_eager_training():
-    from distributed import spawn_ranks
+    from distributed import run_deepspeed_nccl
     world_size = min(2, torch.cuda.device_count())
-    results = spawn_ranks(_engine_worker, world_size)[0]
+    results = run_deepspeed_nccl(_train_both_ways, world_size)[0]
     graphed, eager = results[True], results[False]
     assert graphed["losses"] == eager["losses"]
     assert all(torch.equal(a, b) for a, b in zip(graphed["params"], eager["params"]))

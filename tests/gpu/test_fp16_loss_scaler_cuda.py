@@ -5,12 +5,11 @@ the last rank. The compressor-level fp16 checks through the kernels are in tests
 """
 import os
 import re
-import traceback
 
 import pytest
 import test_fp16_overflow as fp16  # noqa: E402
 import torch
-from distributed import spawn_ranks  # noqa: E402
+from distributed import run_deepspeed_nccl  # noqa: E402
 
 
 def _arch_list_deepspeed_parses(arch_list: str) -> str:
@@ -24,19 +23,10 @@ def _arch_list_deepspeed_parses(arch_list: str) -> str:
     return ";".join(dict.fromkeys(re.sub(r"^(\d+\.\d+)[a-z]+", r"\1", entry) for entry in entries))
 
 
-def _worker(rank, world_size, port, queue, optimizer):
-    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+def _scenario(rank, world_size, optimizer):
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):  # read by FusedAdam's JIT build in deepspeed.initialize
         os.environ["TORCH_CUDA_ARCH_LIST"] = _arch_list_deepspeed_parses(os.environ["TORCH_CUDA_ARCH_LIST"])
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size), DS_ACCELERATOR="cuda")
-    try:
-        import deepspeed
-        torch.cuda.set_device(rank)
-        deepspeed.init_distributed(dist_backend="nccl", auto_mpi_discovery=False)
-        queue.put((rank, "ok", fp16.loss_scaler_scenario(rank, world_size, optimizer)))
-        torch.distributed.destroy_process_group()
-    except BaseException:  # noqa: BLE001 - every failure must reach the parent
-        queue.put((rank, "error", traceback.format_exc()))
+    return fp16.loss_scaler_scenario(rank, world_size, optimizer)
 
 
 # torch's Adam: DeepSpeed's FP16_UnfusedOptimizer; DeepSpeed's FusedAdam (its fused_adam op, built on first use):
@@ -47,6 +37,6 @@ def _worker(rank, world_size, port, queue, optimizer):
 ], ids=["torch_adam", "fused_adam"])
 def test_fp16_loss_scaler_skips_a_step_whose_compressed_output_overflows_on_cuda(optimizer, expected):
     world_size = min(2, torch.cuda.device_count())
-    reports = spawn_ranks(_worker, world_size, optimizer)[0]
+    reports = run_deepspeed_nccl(_scenario, world_size, optimizer)[0]
     assert reports[0]["optimizer"] == expected
     fp16.check_loss_scaler(reports)
