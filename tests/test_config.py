@@ -24,7 +24,8 @@ def test_reads_block_from_deepspeed_json_path(tmp_path):
 
 @pytest.mark.parametrize("value", ["auto", True, False])
 def test_cuda_graphs_takes_auto_or_a_bool(value):
-    assert LSHMoEConfig.from_dict({"cuda_graphs": value}, env={}).cuda_graphs is value or value == "auto"
+    parsed = LSHMoEConfig.from_dict({"cuda_graphs": value}, env={}).cuda_graphs
+    assert parsed == value and type(parsed) is type(value)
 
 
 def test_cuda_graphs_true_without_cuda_is_an_error_naming_the_key():

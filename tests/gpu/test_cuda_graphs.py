@@ -10,6 +10,7 @@ import torch
 from lshmoe_plugin.compressor import LSHCompressor
 from lshmoe_plugin.config import LSHMoEConfig
 from lshmoe_plugin.kernels.graphed import GraphReuseError
+from lshmoe_plugin.telemetry import Telemetry
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 
@@ -18,8 +19,9 @@ E, C, D = 8, 512, 256
 
 def compressors(**settings):
     base = dict(enabled=True, compression_rate=0.2, telemetry_interval=1, **settings)
-    graphed = LSHCompressor(LSHMoEConfig(cuda_graphs=True, **base), layer_index=3)
-    eager = LSHCompressor(LSHMoEConfig(cuda_graphs=False, **base), layer_index=3)
+    # Own telemetry each: the graphed compressor's stats must come from its own buffers.
+    graphed = LSHCompressor(LSHMoEConfig(cuda_graphs=True, **base), layer_index=3, telemetry=Telemetry())
+    eager = LSHCompressor(LSHMoEConfig(cuda_graphs=False, **base), layer_index=3, telemetry=Telemetry())
     return graphed, eager
 
 
@@ -61,8 +63,9 @@ def test_graphed_steps_match_eager_steps(dtype, error_compensation):
         for a, b, name in zip(got, want, ("output", "token grad", "expert grad", "slots")):
             assert torch.equal(a, b), f"step {step}: {name} differs"
     assert len(graphed._graphs) == 1  # one instance, reused
-    stats = graphed.telemetry.latest[3]
-    assert float(stats.clusters) > 0 and stats.relative_residual is not None
+    stats, eager_stats = graphed.telemetry.latest[3], eager.telemetry.latest[3]
+    assert float(stats.clusters) == float(eager_stats.clusters) > 0
+    assert float(stats.relative_residual) == float(eager_stats.relative_residual)
 
 
 def test_a_new_shape_gets_its_own_graphs_and_the_old_ones_stay():
