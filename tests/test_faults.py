@@ -11,7 +11,7 @@ import time
 
 import psutil
 import pytest
-from distributed import free_port
+from distributed import build_deepspeed_cpu_comm_op, free_port
 
 from lshmoe_pretrain import checkpoints
 
@@ -29,6 +29,7 @@ def cache_dir(tmp_path_factory):
 
 
 def command(output_dir, cache_dir, *args, nprocs=2, config="configs/gpt_moe_cpu_lsh.json"):
+    build_deepspeed_cpu_comm_op()  # so that no rank this test kills can die holding the JIT build's lock
     launcher = ([DEEPSPEED, "--num_gpus", str(nprocs), "--master_port", str(free_port())] if nprocs
                 else [sys.executable])
     return launcher + ["scripts/pretrain_gpt_moe.py", "--deepspeed_config", str(config), "--preset", "tiny",

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from distributed import free_port
+from distributed import build_deepspeed_cpu_comm_op, free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,6 +19,7 @@ def cache_dir(tmp_path_factory):
 
 def pretrain(script, output_dir, cache_dir, *args, nprocs=2, config="configs/gpt_moe_cpu_lsh.json", check=True):
     """Run scripts/<script> through `deepspeed --num_gpus N` (N=0: plain python, one rank)."""
+    build_deepspeed_cpu_comm_op()
     env = dict(os.environ, DS_ACCELERATOR="cpu")
     env.pop("LSHMOE_ENABLED", None)
     port = str(free_port())
