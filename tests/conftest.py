@@ -14,10 +14,13 @@ os.environ.pop("LSHMOE_ENABLED", None)
 # would otherwise stall every rank's init_distributed (tests/distributed.py, build_deepspeed_cpu_comm_op).
 _SESSION_EXTENSIONS_DIR = tempfile.mkdtemp(prefix="lshmoe-test-torch-extensions-")
 os.environ["TORCH_EXTENSIONS_DIR"] = _SESSION_EXTENSIONS_DIR
+_SHM_BUFFERS_BEFORE_SESSION = deepspeed_shm_buffers()
 
 
 def pytest_unconfigure(config):
     shutil.rmtree(_SESSION_EXTENSIONS_DIR, ignore_errors=True)
+    # Buffers made in module-scoped fixtures were already there when their tests' snapshots were taken.
+    remove_deepspeed_shm_buffers_since(_SHM_BUFFERS_BEFORE_SESSION)
 
 
 @pytest.fixture(autouse=True)
