@@ -39,6 +39,19 @@ def fixed_slots(capacity: int, rate: float) -> int:
     return max(1, math.ceil(rate * capacity - 1e-9))
 
 
+# `cuda_graphs: "auto"` replays a layer only up to this many bytes of token rows (N x d x element size): above
+# it the copies into and out of the graphs' buffers (N x d each way, forward and backward) cost more than the
+# ~20 launches they save. Measured per layer as a training step sees it (8 chained round trips, H200, bf16,
+# docs/benchmarks.md, compressor table): graphs 1.20x eager at d=2048 x 40960 tokens (168 MB), 0.77x at
+# d=4096 x 40960 (336 MB); the bound sits near the linear crossover between them (246 MB).
+AUTO_MAX_TOKEN_BYTES = 240 * 2**20
+
+
+def replay_pays_off(tokens: torch.Tensor) -> bool:
+    """Whether `auto` replays a layer whose flat token rows are `tokens` (see AUTO_MAX_TOKEN_BYTES)."""
+    return tokens.numel() * tokens.element_size() <= AUTO_MAX_TOKEN_BYTES
+
+
 class LSHCompressor:
     """Compresses one MoE layer's dispatch; holds that layer's hash projections."""
 
@@ -149,6 +162,8 @@ class LSHCompressor:
             return None
         if torch.cuda.is_current_stream_capturing():
             return None  # inside someone else's capture: our eager kernels are recorded into it instead
+        if setting == "auto" and not replay_pays_off(tokens):
+            return None
         if self._graphs is None:
             from .kernels.graphed import GraphedFixedLayout
             self._graphs = GraphedFixedLayout()

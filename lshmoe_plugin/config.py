@@ -53,9 +53,10 @@ class LSHMoEConfig:
         cannot always pay. DeepSpeed and AutoEP; refused with a named error for Megatron.
     cuda_graphs: replay the compressor's stages (compress, expand, both backwards) as CUDA graphs captured once
         per layer and shape, instead of launching ~20 kernels per layer from Python. ``auto``: wherever that is
-        possible, i.e. the fused kernels on CUDA with DeepSpeed's fixed-capacity layer; ``true``: the same, and an
-        error where it is not; ``false``: eager. The variable layout (Megatron-core, AutoEP) syncs with the host
-        once per layer and always runs eagerly.
+        possible, i.e. the fused kernels on CUDA with DeepSpeed's fixed-capacity layer, and up to 240 MiB of a
+        layer's token rows, above which eager was measured faster (compressor.AUTO_MAX_TOKEN_BYTES);
+        ``true``: wherever possible at any size, and an error where it is not; ``false``: eager. The variable
+        layout (Megatron-core, AutoEP) syncs with the host once per layer and always runs eagerly.
     """
 
     enabled: bool = False

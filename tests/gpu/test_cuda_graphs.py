@@ -204,3 +204,16 @@ def test_deepspeed_training_with_graphs_matches_eager_training():
     assert graphed["losses"] == eager["losses"]
     assert all(torch.equal(a, b) for a, b in zip(graphed["params"], eager["params"]))
     assert graphed["graphed"] == 2 and eager["graphed"] == 0  # the tiny preset's two MoE layers, one instance each
+
+
+def test_auto_replays_small_layers_and_runs_large_ones_eagerly():
+    from lshmoe_plugin.compressor import AUTO_MAX_TOKEN_BYTES
+    auto = LSHCompressor(LSHMoEConfig(enabled=True, cuda_graphs="auto"), layer_index=0, telemetry=Telemetry())
+    forced = LSHCompressor(LSHMoEConfig(enabled=True, cuda_graphs=True), layer_index=0, telemetry=Telemetry())
+    small = torch.randn(E, C, D, device="cuda", dtype=torch.bfloat16)
+    large = torch.randn(8, 5120, 4096, device="cuda", dtype=torch.bfloat16)  # 336 MB of token rows
+    assert small.numel() * 2 <= AUTO_MAX_TOKEN_BYTES < large.numel() * 2
+    for tokens, auto_graphs in ((small, True), (large, False)):
+        valid = torch.ones(tokens.shape[:2], dtype=torch.bool, device="cuda")
+        assert (auto.compress_fixed(tokens, valid)[1].graphed is not None) is auto_graphs
+        assert forced.compress_fixed(tokens, valid)[1].graphed is not None  # true replays at any size
