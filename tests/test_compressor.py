@@ -69,7 +69,7 @@ def test_centroids_are_means_of_their_members_and_fit_the_slot_budget():
     for s in torch.unique(slot[slot < 4 * slots_per_expert]).tolist():
         members = flat_x[slot == s]
         assert torch.allclose(centroids.reshape(-1, x.shape[-1])[s], members.mean(0), atol=1e-6)
-        assert s // slots_per_expert == torch.nonzero(slot == s)[0].item() // 40  # never crosses experts
+        assert (torch.nonzero(slot == s).flatten() // 40 == s // slots_per_expert).all()  # never crosses experts
     used = (state.counts.view(4, slots_per_expert) > 0).sum(1)
     assert used.tolist()[2:] == [min(9, slots_per_expert), 1] and (used <= slots_per_expert).all()
 
@@ -179,8 +179,9 @@ def test_centroid_error_on_clustered_tokens_is_close_to_kmeans(capsys):
         for rate, k, lsh, reference in rows:
             print(f"  rate {rate:.2f}: {k} clusters  LSH {lsh:.4f}  k-means {reference:.4f}  "
                   f"ratio {lsh / reference:.2f}")
-    # At 5% (13 slots for 8 true clusters) the first hash's 16 codes can put two clusters in one bucket:
-    # reported above, asserted only where the budget leaves room for the finer hashes.
+    # At 5% (13 slots for 8 true clusters) the first hash's 16 codes can put two clusters in one bucket, so it
+    # is held only to a loose bound: its centroids still explain three quarters of the tokens' variance.
+    assert rows[0][2] < 0.25 * x[0].var(0).sum().item(), rows[0]
     for rate, k, lsh, reference in rows[1:]:
         assert lsh <= 1.5 * reference + 0.05, (rate, lsh, reference)
         assert lsh < 0.02 * x[0].var(0).sum().item()  # far below one centroid for all tokens

@@ -46,13 +46,13 @@ def test_cuda_graphs_true_without_cuda_is_an_error_naming_the_key():
     ((40960, 2048), torch.bfloat16, True),    # 168 MB: graphs measured 1.20x eager per layer
     ((16384, 4096), torch.bfloat16, True),    # 134 MB: 1.36x
     ((40960, 4096), torch.bfloat16, False),   # 336 MB: 0.77x, eager is faster
-    ((40960, 2048), torch.float32, False),    # the same rows in fp32: twice the bytes to copy
+    ((40960, 2048), torch.float32, False),    # not measured: the same rows in fp32, twice the bytes to copy
 ])
 def test_auto_replays_graphs_only_up_to_the_measured_size(shape, dtype, replays):
     from lshmoe_plugin.compressor import AUTO_MAX_TOKEN_BYTES, replay_pays_off
-    tokens = torch.empty(shape, dtype=dtype, device="meta")
-    assert replay_pays_off(tokens) is replays
-    assert (tokens.numel() * tokens.element_size() <= AUTO_MAX_TOKEN_BYTES) is replays
+    # The bound lies between the largest layer measured faster with graphs and the smallest measured slower.
+    assert 40960 * 2048 * 2 <= AUTO_MAX_TOKEN_BYTES < 40960 * 4096 * 2
+    assert replay_pays_off(torch.empty(shape, dtype=dtype, device="meta")) is replays
 
 
 def test_missing_block_means_disabled():

@@ -110,9 +110,13 @@ def test_data_made_with_the_tokenizer_loads(tmp_path, tokenizer_file):
     assert max(ids) < data.vocab_size
 
 
-def test_vocabulary_check_reads_the_data_only_when_the_dtype_can_exceed_it(tmp_path):
+def test_vocabulary_check_reads_the_data_only_when_the_dtype_can_exceed_it(tmp_path, monkeypatch):
     prefix = write_dataset(str(tmp_path / "small"), [[0, 255, 7]], dtype=np.uint8)
-    check_vocabulary(IndexedDataset(prefix), 256, "tok.json")  # a uint8 id is < 256: nothing to read
+    with monkeypatch.context() as patched:
+        def read_forbidden(self):
+            raise AssertionError("read the .bin although a uint8 id is always < 256")
+        patched.setattr(IndexedDataset, "token_range", read_forbidden)
+        check_vocabulary(IndexedDataset(prefix), 256, "tok.json")  # a uint8 id is < 256: nothing to read
     with pytest.raises(IndexedDatasetError, match="token id 255, but the tokenizer tok.json has 255 tokens"):
         check_vocabulary(IndexedDataset(prefix), 255, "tok.json")
     signed = write_dataset(str(tmp_path / "signed"), [[3, -1, 2]], dtype=np.int32)

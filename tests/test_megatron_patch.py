@@ -95,9 +95,13 @@ def test_unsupported_release_is_refused(clean_patch, monkeypatch):
     assert not megatron_dispatcher.is_applied()
 
 
-@pytest.mark.parametrize("freq, number, expected", [(1, 1, 0), (1, 4, 3), (2, 5, 2), ([0, 1, 0, 1], 4, 1)])
+# Layer numbers are 1-based and count every layer; the index counts only the MoE layers before this one.
+@pytest.mark.parametrize("freq, number, expected", [(1, 1, 0), (1, 4, 3), (2, 5, 2), (2, 7, 3), ([0, 1, 0, 1], 4, 1),
+                                                    ([0, 1, 0, 1], 2, 0)])
 def test_moe_layer_index_counts_moe_layers_across_the_whole_model(freq, number, expected):
-    layer = types.SimpleNamespace(layer_number=number, config=types.SimpleNamespace(moe_layer_freq=freq, num_layers=4))
+    num_layers = 8 if isinstance(freq, int) else len(freq)
+    layer = types.SimpleNamespace(layer_number=number,
+                                  config=types.SimpleNamespace(moe_layer_freq=freq, num_layers=num_layers))
     assert megatron_dispatcher.moe_layer_index(layer) == expected
 
 

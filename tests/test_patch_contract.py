@@ -237,5 +237,10 @@ def test_cuda_graphs_true_is_refused_by_name_for_the_variable_layout(framework):
                              r"'auto' or false"):
         lshmoe_plugin.enable(config, framework=framework)
     assert not megatron_dispatcher.is_applied() and not deepspeed_autoep.is_applied()
-    lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "cuda_graphs": "auto"}}, framework=framework)
-    lshmoe_plugin.disable(framework)
+    patch = megatron_dispatcher if framework == "megatron" else deepspeed_autoep
+    try:
+        lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "cuda_graphs": "auto"}}, framework=framework)
+        assert patch.is_applied()  # 'auto' is accepted there, and runs eagerly
+    finally:
+        lshmoe_plugin.disable(framework)
+    assert not patch.is_applied()

@@ -157,9 +157,10 @@ def test_inside_an_outer_capture_the_eager_kernels_are_recorded():
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            centroids, state = graphed.compress_fixed(static_in, valid)
-            static_out = graphed.decompress_fixed(centroids @ weight, state)
+            centroids, in_capture = graphed.compress_fixed(static_in, valid)
+            static_out = graphed.decompress_fixed(centroids @ weight, in_capture)
         graph.replay()
+    assert state.graphed is not None and in_capture.graphed is None  # our graphs outside, eager kernels inside
     assert torch.equal(static_out, eager_out)
 
 
