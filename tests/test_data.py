@@ -108,11 +108,21 @@ def test_span_corruption_can_be_undone():
 
 
 def test_t5_samples_fit_seq_len_and_are_deterministic():
-    samples = T5Samples(np.arange(5000), seq_len=64, sentinels=range(10, 110), eos=1, seed=3)
+    stream = np.arange(1000, 6000)  # ids above the sentinels, so every kept or masked token can be told apart
+    samples = T5Samples(stream, seq_len=64, sentinels=range(10, 110), eos=1, seed=3)
     inputs, targets = samples[7]
-    assert len(inputs) <= 64
-    again = T5Samples(np.arange(5000), seq_len=64, sentinels=range(10, 110), eos=1, seed=3)[7]
+    assert len(inputs) <= 64 and inputs[-1] == targets[-1] == 1
+    # Kept and masked tokens together are the sample's whole window, each once.
+    original = sorted(t for t in inputs.tolist() + targets.tolist() if t >= 1000)
+    assert original == samples.window(7).tolist()
+    # inputs: kept tokens, one sentinel per span, EOS; targets: each span's sentinel and masked tokens, EOS.
+    spans = int(((inputs >= 10) & (inputs < 110)).sum())
+    kept = len(inputs) - spans - 1
+    assert spans >= 1 and len(targets) == (len(samples.window(7)) - kept) + spans + 1
+    again = T5Samples(stream, seq_len=64, sentinels=range(10, 110), eos=1, seed=3)[7]
     assert inputs.tolist() == again[0].tolist() and targets.tolist() == again[1].tolist()
+    other_seed = T5Samples(stream, seq_len=64, sentinels=range(10, 110), eos=1, seed=4)[7]
+    assert other_seed[0].tolist() != inputs.tolist()  # another seed masks other spans of the same window
 
 
 def test_batches_are_disjoint_across_ranks_and_reproducible():

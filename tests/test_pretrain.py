@@ -56,7 +56,11 @@ def test_t5_pretraining_with_lsh_switched_off_from_the_command_line(tmp_path, ca
              "--lsh_moe", "off", config="configs/t5_moe_cpu_lsh.json")
     records = metrics(tmp_path)
     assert len(records) == 20 and records[-1]["loss"] < records[0]["loss"] - 1.0
-    assert not any(key.startswith("lsh_moe/") for key in records[-1])  # the override won over the JSON
+    assert not any(key.startswith("lsh_moe/") for key in records[-1])
+    with open(os.path.join(ROOT, "configs", "t5_moe_cpu_lsh.json")) as f:
+        assert json.load(f)["lsh_moe"]["enabled"] is True
+    with open(tmp_path / "run.json") as f:
+        assert json.load(f)["lsh_moe"]["enabled"] is False  # the override won over the JSON
 
 
 def test_resume_continues_the_uninterrupted_run(tmp_path, cache_dir):
