@@ -82,6 +82,30 @@ def parse_args(model_kind: str, argv=None) -> argparse.Namespace:
     return args
 
 
+# A JIT build of an op takes about a minute on a 2-core machine; a lock older than this is no build in progress.
+STALE_BUILD_LOCK_S = 600
+
+
+def refuse_stale_build_lock(extension: str) -> None:
+    """Fail, naming the file, where a killed JIT build of `extension` left torch's build lock behind.
+
+    `deepspeed.init_distributed` on the CPU JIT-loads DeepSpeed's shared-memory comm op, and torch guards each
+    build directory with a `lock` file that a process killed mid-build never removes; every later rank would
+    then wait for it in silence, forever (docs/faults.md).
+    """
+    from torch.utils.cpp_extension import _get_build_directory  # where torch itself will look for the lock
+    lock = os.path.join(_get_build_directory(extension, verbose=False), "lock")
+    try:
+        age = time.time() - os.path.getmtime(lock)
+    except FileNotFoundError:
+        return
+    if age > STALE_BUILD_LOCK_S:
+        raise RuntimeError(
+            f"{lock} is {age / 60:.0f} minutes old: a JIT build of DeepSpeed's '{extension}' op was killed and "
+            f"left torch's build lock behind, so every rank would wait for it forever in init_distributed. "
+            f"Delete that file if no build is running (or set TORCH_EXTENSIONS_DIR to another directory).")
+
+
 def setup(args: argparse.Namespace) -> None:
     """Parse the configs once (``args.ds_config``, ``args.lsh``), then the process group (gloo on CPU, NCCL on
     GPUs), threads, seeds and the default ep_size."""
@@ -100,6 +124,8 @@ def setup(args: argparse.Namespace) -> None:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if get_accelerator().device_name() == "cpu":
+        refuse_stale_build_lock("deepspeed_shm_comm")
     deepspeed.init_distributed()
     if get_accelerator().device_name() != "cpu":
         # Before the first collective (the data barrier): NCCL must not put every rank on device 0.

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 from distributed import build_deepspeed_cpu_comm_op, free_port
@@ -89,3 +90,19 @@ def test_bad_inputs_fail_with_clear_messages(tmp_path, cache_dir):
     no_checkpoint = pretrain("pretrain_gpt_moe.py", tmp_path / "fresh", cache_dir, "--resume", nprocs=0,
                              config="configs/gpt_moe_cpu.json", check=False)
     assert no_checkpoint.returncode != 0 and "no DeepSpeed checkpoint found" in no_checkpoint.stderr
+
+
+def test_a_stale_jit_build_lock_is_an_error_not_a_hang(tmp_path, cache_dir, monkeypatch):
+    """A build killed mid-way leaves torch's lock file: init_distributed would wait for it forever."""
+    build_deepspeed_cpu_comm_op()  # this session's own build first, before the environment points elsewhere
+    extensions = tmp_path / "extensions"
+    lock = extensions / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(extensions))
+    hour_ago = time.time() - 3600
+    os.utime(lock, (hour_ago, hour_ago))
+    stale = pretrain("pretrain_gpt_moe.py", tmp_path / "stale", cache_dir, "--train_steps", "1", nprocs=0,
+                     check=False)
+    assert stale.returncode != 0 and f"{lock} is 60 minutes old" in stale.stderr, stale.stderr[-3000:]
+    assert "Delete that file if no build is running" in stale.stderr
