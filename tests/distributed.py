@@ -68,17 +68,24 @@ def build_deepspeed_cpu_comm_op() -> None:
     _cpu_comm_op_built = True
 
 
-def _worker(rank: int, world_size: int, port: int, queue, fn: Callable, args: tuple) -> None:
+def _deepspeed_worker(rank: int, world_size: int, port: int, queue, backend: str, fn: Callable,
+                      args: tuple) -> None:
+    """One rank: DeepSpeed's process group on `backend`, then ``fn``. gloo runs DeepSpeed's CPU accelerator and
+    sends back only rank 0's result; nccl runs its CUDA accelerator, one GPU per rank, and sends back every rank's."""
+    on_gpu = backend == "nccl"
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+                      WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
+                      DS_ACCELERATOR="cuda" if on_gpu else "cpu")
     import torch
-    torch.set_num_threads(1)  # N ranks on a 2-core CI machine: more threads only oversubscribe it
     try:
         import deepspeed
-        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+        if on_gpu:
+            torch.cuda.set_device(rank)
+        else:
+            torch.set_num_threads(1)  # N ranks on a 2-core CI machine: more threads only oversubscribe it
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
         result = fn(rank, world_size, *args)
-        queue.put((rank, "ok", result if rank == 0 else None))
+        queue.put((rank, "ok", result if on_gpu or rank == 0 else None))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -93,8 +100,8 @@ def spawn_ranks(worker: Callable, world_size: int, *args: Any, timeout: float = 
     Each rank puts ``(rank, "ok" | "error", payload)`` on the queue; returns ``{rank: payload}`` and fails the
     test with the rank's traceback on the first error. A rank that dies without reporting (killed, out of
     memory, a crash in native code) or a run past `timeout` seconds fails the test too, naming the rank:
-    waiting on the queue alone would hang the whole test session. Workers that need another backend (NCCL on
-    GPUs) bring their own setup and reuse this collection.
+    waiting on the queue alone would hang the whole test session. Workers with a setup of their own (Megatron on
+    NCCL, tests/gpu/test_megatron_cuda.py) reuse this collection.
     """
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
@@ -140,30 +147,12 @@ def _check_ranks(procs: list, results: dict, exited_silently: dict, deadline: fl
         raise AssertionError(f"ranks {missing} did not finish within {timeout:.0f} s")
 
 
-def _nccl_worker(rank: int, world_size: int, port: int, queue, fn: Callable, args: tuple) -> None:
-    """`_worker` on CUDA: DeepSpeed's CUDA accelerator, one GPU per rank, NCCL; every rank's result comes back."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size), DS_ACCELERATOR="cuda")
-    import torch
-    try:
-        import deepspeed
-        torch.cuda.set_device(rank)
-        deepspeed.init_distributed(dist_backend="nccl", auto_mpi_discovery=False)
-        queue.put((rank, "ok", fn(rank, world_size, *args)))
-    except BaseException:  # noqa: BLE001 - every failure must reach the parent
-        queue.put((rank, "error", traceback.format_exc()))
-    finally:
-        import torch.distributed as dist
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def run_deepspeed_nccl(fn: Callable, world_size: int, *args: Any, timeout: float = 600) -> dict:
     """Run ``fn(rank, world_size, *args)`` in `world_size` spawned processes on CUDA with NCCL; {rank: result}."""
-    return spawn_ranks(_nccl_worker, world_size, fn, args, timeout=timeout)
+    return spawn_ranks(_deepspeed_worker, world_size, "nccl", fn, args, timeout=timeout)
 
 
 def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 600) -> Any:
     """Run ``fn(rank, world_size, *args)`` in `world_size` spawned processes; return rank 0's result."""
     build_deepspeed_cpu_comm_op()
-    return spawn_ranks(_worker, world_size, fn, args, timeout=timeout)[0]
+    return spawn_ranks(_deepspeed_worker, world_size, "gloo", fn, args, timeout=timeout)[0]
