@@ -7,7 +7,7 @@ dropped tokens) belong to no cluster and are routed to one scratch row that call
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -187,3 +187,41 @@ def expand_with_residual(tokens: torch.Tensor, slot: torch.Tensor, centroids: to
     shared = (tokens.to(accumulate) + delta).to(out_dtype)
     compensated = torch.where(alone.unsqueeze(-1), outputs, shared)
     return torch.where(valid, compensated, torch.zeros_like(compensated))
+
+
+# Rows of the (experts, tokens, centroids) distance block one refinement pass forms at a time: 2**26 float32 values
+# (256 MiB) bounds the pass's scratch memory whatever the capacity.
+_REFINE_BLOCK_VALUES = 1 << 26
+
+
+def refine_fixed(tokens: torch.Tensor, valid: torch.Tensor, slot: torch.Tensor, num_groups: int, group_size: int,
+                 slots_per_group: int, iterations: int,
+                 means: Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Lloyd iterations on the fixed layout: each valid token moves to the nearest occupied centroid of its group.
+
+    tokens (G * group_size, d), valid (N,), slot (N,) as `cluster_fixed` returns them; `means(tokens, slot)` gives
+    (centroids (G * slots_per_group, d), counts). Returns the refined slot (N,). The LSH clusters are the starting
+    point, so the budget and the layout are unchanged and the residuals can only shrink (k-means never raises its
+    objective). A group with no more valid tokens than slots keeps one token per slot: it is exact already.
+    Shape-static, no host sync (it runs inside the compressor's CUDA graph).
+    """
+    if iterations <= 0 or tokens.shape[0] == 0 or slots_per_group == 0:
+        return slot
+    num_slots = num_groups * slots_per_group
+    d = tokens.shape[1]
+    x = tokens.detach().float().view(num_groups, group_size, d)
+    group = torch.arange(num_groups, device=tokens.device).repeat_interleave(group_size)
+    crowded = (valid.view(num_groups, group_size).sum(1) > slots_per_group).repeat_interleave(group_size)
+    movable = valid & crowded
+    rows = max(1, _REFINE_BLOCK_VALUES // max(1, num_groups * slots_per_group))
+    for _ in range(iterations):
+        centroids, counts = means(tokens.detach(), slot)
+        c = centroids.float().view(num_groups, slots_per_group, d)
+        # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2; the first term is the same for every candidate of a token.
+        penalty = (c * c).sum(-1).masked_fill((counts == 0).view(num_groups, slots_per_group), float("inf"))
+        nearest = torch.cat([
+            torch.baddbmm(penalty.unsqueeze(1), x[:, start:start + rows], c.transpose(1, 2), alpha=-2.0).argmin(-1)
+            for start in range(0, group_size, rows)], dim=1)
+        slot = torch.where(movable, group * slots_per_group + nearest.reshape(-1), slot)
+        slot = torch.where(valid, slot, torch.full_like(slot, num_slots))
+    return slot

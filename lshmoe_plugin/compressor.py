@@ -15,8 +15,10 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from . import ops
+from .clustering import refine_fixed
 from .config import LSHMoEConfig
 from .hashing import hash_projections
+from .schedule import training_step
 from .telemetry import TELEMETRY, LayerStats, Telemetry, relative_residual_norm
 
 
@@ -52,6 +54,31 @@ def replay_pays_off(tokens: torch.Tensor) -> bool:
     return tokens.numel() * tokens.element_size() <= AUTO_MAX_TOKEN_BYTES
 
 
+class _Projections:
+    """One layer's hash directions on one device, and which draw they are."""
+
+    def __init__(self, tensor: torch.Tensor, draw: int) -> None:
+        self.tensor, self.draw = tensor, draw
+        self._staging: Optional[torch.Tensor] = None
+        self._copied: Optional[torch.cuda.Event] = None
+
+    def redraw(self, values: torch.Tensor, draw: int) -> None:
+        if self.tensor.device.type != "cuda":
+            self.tensor.copy_(values)
+        else:
+            # A pageable host-to-device copy would wait for the stream to drain; the pinned buffer is reused once
+            # its last copy (a step ago) has completed.
+            if self._staging is None:
+                self._staging = torch.empty(values.shape, dtype=self.tensor.dtype, pin_memory=True)
+                self._copied = torch.cuda.Event()
+            else:
+                self._copied.synchronize()
+            self._staging.copy_(values)
+            self.tensor.copy_(self._staging, non_blocking=True)
+            self._copied.record()
+        self.draw = draw
+
+
 class LSHCompressor:
     """Compresses one MoE layer's dispatch; holds that layer's hash projections."""
 
@@ -66,10 +93,21 @@ class LSHCompressor:
         self._graphs = None  # kernels.graphed.GraphedFixedLayout, built on the first graphed forward
 
     def projections(self, d_model: int, device: torch.device) -> torch.Tensor:
+        """This layer's hash directions for the current draw (one draw per run unless `redraw_interval`).
+
+        A redraw writes the new directions into the same tensor, so the CUDA graphs that read it stay valid; on a
+        GPU the copy goes through a pinned buffer without stopping the host.
+        """
         key = (d_model, device)
-        if key not in self._projections:
-            self._projections[key] = hash_projections(self.config, d_model, self.layer_index).to(device)
-        return self._projections[key]
+        interval = self.config.redraw_interval
+        draw = training_step() // interval if interval else 0
+        held = self._projections.get(key)
+        if held is None:
+            tensor = hash_projections(self.config, d_model, self.layer_index, draw).to(device)
+            self._projections[key] = held = _Projections(tensor, draw)
+        elif held.draw != draw:
+            held.redraw(hash_projections(self.config, d_model, self.layer_index, draw), draw)
+        return held.tensor
 
     def _ops_for(self, device: torch.device):
         if self._ops is None:
@@ -104,9 +142,16 @@ class LSHCompressor:
         else:
             clusters = impl.cluster_fixed(tokens.detach(), valid, projections, self.config, num_experts, capacity,
                                           slots_per_expert)
-            centroids, counts = impl.centroids_by_slot(tokens, clusters.slot, clusters.num_slots, clusters.segments)
-            state = ClusterState(tokens, clusters.slot, centroids, counts, dispatched.shape, clusters.segments)
-            clusters_sent = clusters.clusters_per_group
+            slot, segments = clusters.slot, clusters.segments
+            if self.config.refine_iterations:
+                slot = refine_fixed(tokens, valid, slot, num_experts, capacity, slots_per_expert,
+                                    self.config.refine_iterations,
+                                    lambda t, s: impl.centroids_by_slot(t, s, clusters.num_slots))
+                segments = None  # the assignment's CSR view describes the unrefined slots
+            centroids, counts = impl.centroids_by_slot(tokens, slot, clusters.num_slots, segments)
+            state = ClusterState(tokens, slot, centroids, counts, dispatched.shape, segments)
+            clusters_sent = (clusters.clusters_per_group if not self.config.refine_iterations else
+                             (counts.view(num_experts, slots_per_expert) > 0).sum(1))
         elem = dispatched.element_size()
         if record:
             self._record(state, valid, clusters_sent.sum(), state.centroids.shape[0] * d_model * elem,
@@ -147,6 +192,25 @@ class LSHCompressor:
     def decompress_variable(self, centroid_outputs: torch.Tensor, state: ClusterState) -> torch.Tensor:
         """centroid_outputs (K, d) -> token outputs (N, d)."""
         return self._expand(centroid_outputs, state)
+
+    # -- output error -----------------------------------------------------------------------------------------
+    def output_error_due(self) -> bool:
+        """Whether the forward just compressed is one whose output error `output_error_interval` asks for."""
+        interval = self.config.output_error_interval
+        return bool(interval) and self.step > 0 and (self.step - 1) % interval == 0
+
+    def record_output_error(self, compensated: torch.Tensor, uncompensated: torch.Tensor) -> None:
+        """Attach the sampled output errors to this forward's stats (`telemetry.relative_error` of each)."""
+        stats = self.telemetry.latest.get(self.layer_index)
+        if stats is None or stats.step != self.step:
+            return
+        stats.output_error_compensated, stats.output_error_uncompensated = compensated, uncompensated
+        stats.output_error = compensated if self.config.error_compensation else uncompensated
+
+    def per_token(self, rows: torch.Tensor, state: ClusterState) -> torch.Tensor:
+        """Each token's row of `rows` (num_slots, d), e.g. its centroid or its centroid's output; zero if invalid."""
+        flat = rows.reshape(-1, rows.shape[-1])
+        return torch.cat([flat, flat.new_zeros(1, flat.shape[1])])[state.slot]
 
     # -- shared -------------------------------------------------------------------------------------------------
     def _graphs_for(self, tokens: torch.Tensor, impl):

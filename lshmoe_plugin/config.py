@@ -51,6 +51,19 @@ class LSHMoEConfig:
         forward and input backward) against the compressed one and keep compression only where it is faster;
         the expert-parallel ranks agree on one decision per layer. For fast links (NVLink), where compression
         cannot always pay. DeepSpeed and AutoEP; refused with a named error for Megatron.
+    refine_iterations: k-means (Lloyd) iterations that refine the LSH clusters of each expert before their
+        centroids are sent: every token moves to the nearest centroid of its expert, then the centroids are
+        recomputed. Same centroid budget, smaller residuals; 0 sends the LSH clusters as they are (the paper).
+        DeepSpeed's fixed-capacity layer only (refused by name elsewhere).
+    redraw_interval: draw new hash projections every N training steps (0: one fixed draw per layer for the whole
+        run, as in the paper), so that the same tokens do not merge in every step. Steps are optimizer steps
+        (`training_step`, kept by the DeepSpeed engine hook or set with ``lshmoe_plugin.set_training_step``).
+    exact_from_step: from this optimizer step on, the compressed layers run the stock exchange (None: never).
+        Compression early, exact dispatch for the last part of the schedule.
+    output_error_interval: every N training forwards of a layer, run the stock exchange on a sample of 1/16 of
+        each expert's capacity slots as well and record the relative error of the layer's expert outputs against
+        it, with and without error compensation (0: never). Costs one extra all-to-all of 1/16 of stock's bytes
+        and the experts' forward on those rows. DeepSpeed's fixed-capacity layer only (refused by name elsewhere).
     cuda_graphs: replay the compressor's stages (compress, expand, both backwards) as CUDA graphs captured once
         per layer and shape, instead of launching ~20 kernels per layer from Python. ``auto``: wherever that is
         possible, i.e. the fused kernels on CUDA with DeepSpeed's fixed-capacity layer, and up to 240 MiB of a
@@ -72,6 +85,10 @@ class LSHMoEConfig:
     kernel: str = "auto"
     decide_by_cost: bool = False
     cuda_graphs: Union[str, bool] = "auto"
+    refine_iterations: int = 0
+    redraw_interval: int = 0
+    exact_from_step: Optional[int] = None
+    output_error_interval: int = 0
 
     def __post_init__(self) -> None:
         _check_type("enabled", self.enabled, bool)
@@ -82,11 +99,15 @@ class LSHMoEConfig:
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not (0.0 < rate <= 1.0):
             raise LSHMoEConfigError(f"lsh_moe.compression_rate must be a number in (0, 1], got {rate!r}")
         object.__setattr__(self, "compression_rate", float(rate))
-        for key, low in (("num_hashes", 1), ("hash_dim", 1), ("telemetry_interval", 0)):
+        for key, low in (("num_hashes", 1), ("hash_dim", 1), ("telemetry_interval", 0), ("refine_iterations", 0),
+                         ("redraw_interval", 0), ("output_error_interval", 0)):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise LSHMoEConfigError(f"lsh_moe.{key} must be an integer >= {low}, got {value!r}")
         _check_type("seed", self.seed, int)
+        step = self.exact_from_step
+        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+            raise LSHMoEConfigError(f"lsh_moe.exact_from_step must be null or an integer >= 0, got {step!r}")
         if self.hash_type not in HASH_TYPES:
             raise LSHMoEConfigError(f"lsh_moe.hash_type must be one of {list(HASH_TYPES)}, got {self.hash_type!r}")
         if self.kernel not in KERNELS:

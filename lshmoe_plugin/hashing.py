@@ -14,9 +14,11 @@ import torch
 from .config import LSHMoEConfig, LSHMoEConfigError
 
 
-def layer_generator(seed: int, layer_index: int) -> torch.Generator:
-    """A CPU generator seeded from (seed, layer): the same projections on every rank, device and run."""
-    digest = hashlib.sha256(f"lshmoe:{seed}:{layer_index}".encode()).digest()
+def layer_generator(seed: int, layer_index: int, draw: int = 0) -> torch.Generator:
+    """A CPU generator seeded from (seed, layer, draw): the same projections on every rank, device and run.
+    Draw 0 is the one fixed draw of a run without `redraw_interval`."""
+    name = f"lshmoe:{seed}:{layer_index}" + (f":{draw}" if draw else "")
+    digest = hashlib.sha256(name.encode()).digest()
     return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
@@ -24,9 +26,9 @@ def projection_width(config: LSHMoEConfig) -> int:
     return config.family.width(config.hash_dim)
 
 
-def hash_projections(config: LSHMoEConfig, d_model: int, layer_index: int) -> torch.Tensor:
-    """The (d_model, num_hashes * width) float32 matrix of all hash directions of one layer."""
-    gen = layer_generator(config.seed, layer_index)
+def hash_projections(config: LSHMoEConfig, d_model: int, layer_index: int, draw: int = 0) -> torch.Tensor:
+    """The (d_model, num_hashes * width) float32 matrix of all hash directions of one layer (its `draw`-th)."""
+    gen = layer_generator(config.seed, layer_index, draw)
     family, width = config.family, projection_width(config)
     # A rotation has at most d_model orthonormal directions; spherical points need no such bound.
     if family.orthonormal and width > d_model:

@@ -20,6 +20,11 @@ class LayerStats:
     bytes_sent: int                     # all-to-all payload per direction, compressed
     bytes_uncompressed: int             # the same payload without compression
     relative_residual: Optional[torch.Tensor] = None  # mean ||token - centroid|| / ||token||
+    # ||y - y_stock|| / ||y_stock|| over a sample of the expert outputs (output_error_interval): as the layer
+    # returned them, and with / without error compensation (E(c) + x - c, E(c))
+    output_error: Optional[torch.Tensor] = None
+    output_error_compensated: Optional[torch.Tensor] = None
+    output_error_uncompensated: Optional[torch.Tensor] = None
 
     def as_floats(self) -> Dict[str, float]:
         valid = float(self.valid_tokens)
@@ -31,6 +36,10 @@ class LayerStats:
         }
         if self.relative_residual is not None:
             out["relative_residual_norm"] = float(self.relative_residual)
+        for name in ("output_error", "output_error_compensated", "output_error_uncompensated"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = float(value)
         return out
 
 
@@ -82,3 +91,10 @@ def relative_residual_norm(tokens: torch.Tensor, centroids_per_token: torch.Tens
     ratio = residual / t.norm(dim=-1).clamp(min=1e-12)
     valid = valid.float()
     return (ratio * valid).sum() / valid.sum().clamp(min=1)
+
+
+def relative_error(approx: torch.Tensor, exact: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """||approx - exact|| / ||exact|| over the valid rows (float32 scalar tensor; rows (..., d), valid (...))."""
+    keep = valid.unsqueeze(-1).float()
+    a, e = approx.detach().float() * keep, exact.detach().float() * keep
+    return (a - e).norm() / e.norm().clamp(min=1e-12)

@@ -28,7 +28,8 @@ from typing import Dict, List, Optional, Sequence
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # lsh_moe overrides per named variant; every other key keeps the config's defaults (rate 0.2, 6 cross-polytope
-# hashes of 8 dims, error compensation on).
+# hashes of 8 dims, error compensation on). `exact_tail` is the fraction of the schedule run with exact dispatch
+# (it becomes `exact_from_step` for the study's step count).
 VARIANTS: Dict[str, dict] = {
     "stock": {"enabled": False},
     "lsh": {"enabled": True},
@@ -36,11 +37,28 @@ VARIANTS: Dict[str, dict] = {
     "rate_0.1": {"enabled": True, "compression_rate": 0.1},
     "rate_0.3": {"enabled": True, "compression_rate": 0.3},
     "rate_0.5": {"enabled": True, "compression_rate": 0.5},
+    "rate_1.0": {"enabled": True, "compression_rate": 1.0},  # the control: must equal stock to the last digit
     "hashes_2": {"enabled": True, "num_hashes": 2},
     "hashes_4": {"enabled": True, "num_hashes": 4},
     "hashes_8": {"enabled": True, "num_hashes": 8},
     "spherical": {"enabled": True, "hash_type": "spherical"},
+    "refine_2": {"enabled": True, "refine_iterations": 2},
+    "redraw": {"enabled": True, "redraw_interval": 1},
+    "refine_2_redraw": {"enabled": True, "refine_iterations": 2, "redraw_interval": 1},
+    "lsh_no_ec_refine_2": {"enabled": True, "error_compensation": False, "refine_iterations": 2},
+    "exact_tail_0.15": {"enabled": True, "exact_tail": 0.15},
+    "random_clusters": {"enabled": True, "kernel": "torch", "cuda_graphs": False},
+    "diag_forward": {"enabled": True},
+    "diag_backward": {"enabled": True},
+    "diag_expert_grads": {"enabled": True},
+    "diag_token_grads": {"enabled": True},
 }
+# Study-only layer variants (lshmoe_pretrain.diagnostics) of the variants above; every compressing variant also
+# runs the output-error probe, which measures without changing what is trained.
+DIAGNOSTICS: Dict[str, str] = {"random_clusters": "random_clusters", "diag_forward": "forward",
+                               "diag_backward": "backward", "diag_expert_grads": "expert_grads",
+                               "diag_token_grads": "token_grads"}
+OUTPUT_ERROR_INTERVAL = 50
 
 
 class StudyError(ValueError):
@@ -64,7 +82,9 @@ class StudyPlan:
     lr: float = 6e-4
     warmup_fraction: float = 0.05
     evals: int = 10                 # validation points spread evenly over the run
-    eval_iters: int = 32            # validation micro-batches per point (the same batches every time)
+    eval_tokens: int = 2**18        # held-out tokens per point, spread over the split (the same every time)
+    final_eval_tokens: int = 0      # held-out tokens of the last point (0: the whole split)
+    eval_compressed: bool = False   # also evaluate with compress_in_eval at every point
     save_every: int = 0             # checkpoint interval in steps (0: about every quarter of the run)
     concurrency: int = 1
     num_gpus: int = 1
@@ -101,8 +121,22 @@ def deepspeed_config(plan: StudyPlan, variant: str) -> dict:
         "total_num_steps": steps, "warmup_min_lr": 0.0, "warmup_max_lr": plan.lr,
         "warmup_num_steps": max(1, int(plan.warmup_fraction * steps)), "warmup_type": "linear"}}
     config.pop("tensorboard", None)  # the csv monitor and metrics.jsonl carry everything the report reads
-    config["lsh_moe"] = {**config.get("lsh_moe", {}), **VARIANTS[variant]}
+    overrides = dict(VARIANTS[variant])
+    tail = overrides.pop("exact_tail", None)
+    if tail is not None:
+        overrides["exact_from_step"] = int(round((1 - tail) * steps))
+    if overrides["enabled"]:
+        overrides.setdefault("output_error_interval", OUTPUT_ERROR_INTERVAL)
+    config["lsh_moe"] = {**config.get("lsh_moe", {}), **overrides}
     return config
+
+
+def diagnostic(variant: str) -> str:
+    """The --diagnostic of a variant's runs: its layer variant, and the probe wherever it compresses."""
+    modes = [DIAGNOSTICS[variant]] if variant in DIAGNOSTICS else []
+    if VARIANTS[variant]["enabled"]:
+        modes.append("probe")
+    return ",".join(modes)
 
 
 def finished(run_dir: str, steps: int) -> bool:
@@ -133,9 +167,11 @@ def launch_command(plan: StudyPlan, variant: str, seed: int, config_path: str, p
                "--deepspeed_config", config_path, "--preset", plan.preset,
                *(["--data_prefix", plan.data_prefix] if plan.data_prefix else ["--data", plan.data]),
                "--vocab_size", str(plan.vocab_size), "--train_steps", str(steps),
-               "--eval_interval", str(max(1, steps // plan.evals)), "--eval_iters", str(plan.eval_iters),
+               "--eval_interval", str(max(1, steps // plan.evals)), "--eval_tokens", str(plan.eval_tokens),
+               "--final_eval_tokens", str(plan.final_eval_tokens),
                "--log_interval", str(max(1, steps // 20)), "--save_interval", str(save_every),
-               "--seed", str(seed), "--output_dir", run_dir, "--eval_compressed"]
+               "--seed", str(seed), "--output_dir", run_dir, "--diagnostic", diagnostic(variant),
+               *(["--eval_compressed"] if plan.eval_compressed else [])]
     # `latest` is written once every rank's files of a checkpoint are (lshmoe_pretrain.checkpoints): a run killed
     # while saving resumes from the one before.
     if os.path.isfile(os.path.join(run_dir, "checkpoints", "latest")):

@@ -10,20 +10,23 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
 from typing import Dict, Optional
 
+import numpy as np
 import torch
 
 import lshmoe_plugin
 from lshmoe_plugin.config import ENABLED_ENV_VAR
 from lshmoe_plugin.telemetry import TELEMETRY
 
-from . import checkpoints
+from . import checkpoints, diagnostics
 from .data import (
     Batches,
+    EvalBatches,
     GPTSamples,
     IndexedDataset,
     T5Samples,
@@ -38,6 +41,12 @@ from .data.preprocess import DEFAULT_CACHE
 from .models.config import PRESETS
 
 MONITOR_BLOCKS = ("csv_monitor", "tensorboard", "wandb", "comet")
+# An evaluation point reads this many held-out tokens: on the 135M-parameter presets the loss of one point then
+# moves by less than 0.1% between disjoint samples (98k tokens from the first files moved it by ~1%).
+EVAL_TOKENS = 2**18
+# Seeds the gates' random draws in evaluation (DeepSpeed's top-2 gate samples its second expert in eval too), so
+# every point, run and variant evaluates with the same draws.
+EVAL_SEED = 0x5EED
 
 
 class PretrainConfigError(ValueError):
@@ -60,7 +69,12 @@ def parse_args(model_kind: str, argv=None) -> argparse.Namespace:
     add("--valid_fraction", type=float, default=0.05)
     add("--train_steps", type=int, default=200, help="optimizer steps in total (a resumed run counts on)")
     add("--eval_interval", type=int, default=50, help="validation loss every N steps (0: never)")
-    add("--eval_iters", type=int, default=4, help="validation micro-batches per evaluation")
+    add("--eval_tokens", type=float, default=EVAL_TOKENS, help="held-out tokens per evaluation point, in samples "
+        "spread evenly over the whole validation split, the same ones every time (capped at the split)")
+    add("--final_eval_tokens", type=float, default=0, help="held-out tokens of the evaluation after the last step "
+        "(0: the whole validation split)")
+    add("--eval_iters", type=int, default=None, help="validation micro-batches per evaluation point, instead of "
+        "--eval_tokens (still spread over the split)")
     add("--eval_compressed", action="store_true", help="with LSH-MoE on, also validate with compress_in_eval "
         "(recorded as valid_loss_compressed next to the exact-dispatch valid_loss)")
     add("--log_interval", type=int, default=10, help="print a metrics line every N steps")
@@ -71,6 +85,8 @@ def parse_args(model_kind: str, argv=None) -> argparse.Namespace:
     add("--lsh_moe", choices=("on", "off"), default=None,
         help=f"override lsh_moe.enabled (over {ENABLED_ENV_VAR} and the config)")
     add("--ep_size", type=int, default=None, help="expert-parallel size; default: the world size")
+    add("--diagnostic", default="", help="study-only variants that separate what compression changes "
+        f"(lshmoe_pretrain.diagnostics), comma-separated: {', '.join(diagnostics.MODES)}")
     add("--seed", type=int, default=1234)
     add("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     parser = deepspeed.add_config_arguments(parser)
@@ -116,6 +132,7 @@ def setup(args: argparse.Namespace) -> None:
     # checkpoint to resume from.
     args.ds_config = deepspeed_config(args)
     args.lsh = lshmoe_plugin.load_config(args.ds_config, enabled=switch(args.lsh_moe))
+    diagnostics.install(diagnostics.parse(args.diagnostic), args.lsh)
     if args.resume:
         checkpoints.resumable_tag(checkpoint_dir(args))
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -228,11 +245,16 @@ def train(engine, data: PretrainData, args: argparse.Namespace) -> Dict[str, flo
     micro, accum = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
     batches = Batches(data.train, micro, accum, rank, world, args.seed)
     # A small validation tail (long sequences, little text) still evaluates, in smaller micro-batches.
-    valid_micro = min(micro, len(data.valid) // world)
-    if args.eval_interval and valid_micro < 1:
+    if args.eval_interval and len(data.valid) < world:
         raise PretrainConfigError(f"the validation split holds {len(data.valid)} samples, fewer than the {world} "
                                   f"ranks: raise --valid_fraction, use more data, or pass --eval_interval 0")
-    valid = Batches(data.valid, valid_micro, 1, rank, world, args.seed, shuffle=False) if args.eval_interval else None
+    valid = final_valid = None
+    args.eval_points_samples = args.final_eval_samples = 0
+    if args.eval_interval:
+        valid = EvalBatches(data.valid, eval_samples(args, data.valid, micro, world), micro, rank, world)
+        final_valid = EvalBatches(data.valid, eval_samples(args, data.valid, micro, world, final=True), micro, rank,
+                                  world)
+        args.eval_points_samples, args.final_eval_samples = valid.num_samples, final_valid.num_samples
     first = batches.get(0)
     tokens_per_step = (first["input_ids"].numel() + (first["labels"].numel() if args.model_kind == "t5" else 0)) \
         * accum * world
@@ -249,8 +271,11 @@ def train(engine, data: PretrainData, args: argparse.Namespace) -> Dict[str, flo
         step_time = time.perf_counter() - tick
         record = {"step": step + 1, "loss": loss, "aux_loss": aux, "lr": engine.optimizer.param_groups[0]["lr"],
                   "step_time_s": step_time, "tokens_per_s": tokens_per_step / step_time,
-                  "elapsed_s": elapsed_before + time.perf_counter() - started, **TELEMETRY.summary()}
-        if args.eval_interval and ((step + 1) % args.eval_interval == 0 or step + 1 == args.train_steps):
+                  "elapsed_s": elapsed_before + time.perf_counter() - started, **TELEMETRY.summary(),
+                  **diagnostics.summary()}
+        if args.eval_interval and step + 1 == args.train_steps:
+            record.update(validation_losses(engine, final_valid, args))
+        elif args.eval_interval and (step + 1) % args.eval_interval == 0:
             record.update(validation_losses(engine, valid, args))
         metrics.write(record, engine)
         bar.update(1)
@@ -291,15 +316,30 @@ def train_step(engine, batches: Batches, step: int, seed: int):
     return tuple(all_ranks_mean(totals).tolist())
 
 
-def validation_losses(engine, valid: Batches, args: argparse.Namespace) -> Dict[str, float]:
+def eval_samples(args: argparse.Namespace, valid, micro_batch: int, world: int, final: bool = False) -> int:
+    """Validation samples an evaluation point reads: --eval_iters batches, else --eval_tokens (the final point
+    --final_eval_tokens, 0 for the whole split), at least one per rank and at most the split."""
+    if final and not args.final_eval_tokens:
+        return len(valid)
+    if final:
+        tokens = args.final_eval_tokens
+    elif args.eval_iters is not None:
+        return max(world, args.eval_iters * micro_batch * world)
+    else:
+        tokens = args.eval_tokens
+    per_sample = sum(int(np.asarray(part).size) for part in valid[0]) if args.model_kind == "t5" else valid.length - 1
+    return int(min(len(valid), max(world, math.ceil(tokens / per_sample))))
+
+
+def validation_losses(engine, valid: EvalBatches, args: argparse.Namespace) -> Dict[str, float]:
     """valid_loss with exact dispatch in eval (the default), and with --eval_compressed also
     valid_loss_compressed: the same batches with the compressor on in eval (``compress_in_eval``)."""
-    losses = {"valid_loss": evaluate(engine, valid, args.eval_iters)}
+    losses = {"valid_loss": evaluate(engine, valid), "valid_samples": valid.num_samples}
     lsh = args.lsh
     if args.eval_compressed and lsh.enabled:
         lshmoe_plugin.enable(dataclasses.replace(lsh, compress_in_eval=True), engine.module)
         try:
-            losses["valid_loss_compressed"] = evaluate(engine, valid, args.eval_iters)
+            losses["valid_loss_compressed"] = evaluate(engine, valid)
         finally:
             lshmoe_plugin.enable(lsh, engine.module)
     return losses
@@ -317,23 +357,34 @@ def write_run_info(engine, data: PretrainData, args: argparse.Namespace, world: 
             "parameters": sum(p.numel() for p in engine.module.parameters()), "device": device,
             "data": args.data_prefix or args.data, "train_tokens": int(len(data.train.stream)),
             "valid_tokens": int(len(data.valid.stream)), "vocab_size": data.vocab_size,
-            "lsh_moe": args.lsh.to_dict(),
+            "lsh_moe": args.lsh.to_dict(), "diagnostic": args.diagnostic,
+            "eval_samples": {"point": args.eval_points_samples, "final": args.final_eval_samples},
             "torch": torch.__version__}
     with open(os.path.join(args.output_dir, "run.json"), "w") as f:
         json.dump(info, f, indent=1)
 
 
 @torch.no_grad()
-def evaluate(engine, valid: Batches, iters: int) -> float:
-    """Mean LM loss (no gate loss) over the first `iters` validation micro-batches of every rank."""
+def evaluate(engine, valid: EvalBatches) -> float:
+    """Mean LM loss per target token (no gate loss) over every batch of `valid`, on every rank.
+
+    The gates draw their random numbers from a generator seeded per batch, inside a forked RNG state, so every
+    evaluation sees the same draws and training continues from the state it had.
+    """
+    from deepspeed.accelerator import get_accelerator
     engine.eval()
-    total = torch.zeros(1)
-    for i in range(iters):
-        batch = valid.get(i)
-        engine(batch["input_ids"].to(engine.device), batch["labels"].to(engine.device))
-        total += engine.module.last_lm_loss.float().cpu()
+    totals = torch.zeros(2, dtype=torch.float64)  # summed loss x tokens, tokens
+    devices = [torch.cuda.current_device()] if get_accelerator().device_name() == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        for i in range(len(valid)):
+            batch = valid.get(i)
+            torch.manual_seed(EVAL_SEED + i)
+            engine(batch["input_ids"].to(engine.device), batch["labels"].to(engine.device))
+            tokens = batch["labels"].numel()
+            totals += torch.tensor([float(engine.module.last_lm_loss) * tokens, tokens], dtype=torch.float64)
     engine.train()
-    return float(all_ranks_mean(total / iters))
+    summed = all_ranks_mean(totals)
+    return float(summed[0] / summed[1])
 
 
 def all_ranks_mean(values: torch.Tensor) -> torch.Tensor:

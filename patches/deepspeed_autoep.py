@@ -21,7 +21,7 @@ from lshmoe_plugin.compressor import LSHCompressor
 from lshmoe_plugin.config import LSHMoEConfig
 
 from . import engine_monitor
-from .lifecycle import PatchLifecycle, refuse_cuda_graphs
+from .lifecycle import PatchLifecycle, refuse_cuda_graphs, refuse_fixed_layout_only
 from .versioning import DEEPSPEED_RELEASES, UnsupportedFrameworkError, require_deepspeed
 
 SUPPORTED_RELEASES = DEEPSPEED_RELEASES
@@ -52,6 +52,7 @@ def apply(config: LSHMoEConfig, model: Optional[torch.nn.Module] = None) -> None
     after initialize) to number its AutoEP layers in module order and check them now.
     """
     refuse_cuda_graphs(config, "autoep")
+    refuse_fixed_layout_only(config, "autoep")
     auto_ep_layer = _auto_ep_layer()
     if model is not None:
         number_moe_layers(model)

@@ -13,6 +13,7 @@ import torch
 from lshmoe_plugin import cost
 from lshmoe_plugin.compressor import LSHCompressor
 from lshmoe_plugin.config import LSHMoEConfig
+from lshmoe_plugin.telemetry import relative_error
 
 from . import engine_monitor
 from .lifecycle import PatchLifecycle
@@ -114,18 +115,49 @@ def _compressed_forward(self, compressor: LSHCompressor, *input: torch.Tensor) -
     num_tokens, C = reshaped_input.size(0), int(C)
     slots = sm._route_slots(indices_, locations_, E, C)
     dispatched = sm._sparse_encode(reshaped_input, slots, E, C)
-    centroids, state = compressor.compress_fixed(dispatched, occupied_slots(slots, E, C))
+    valid = occupied_slots(slots, E, C)
+    centroids, state = compressor.compress_fixed(dispatched, valid)
 
     centroids = _timed_all_to_all(self, centroids, sm.FIRST_ALLTOALL_TIMER, "time_falltoall")
     expert_output = _experts(self, centroids, d_model)
     expert_output = _timed_all_to_all(self, expert_output, sm.SECOND_ALLTOALL_TIMER, "time_salltoall")
 
-    expert_output = compressor.decompress_fixed(expert_output, state)
+    centroid_outputs = expert_output
+    expert_output = compressor.decompress_fixed(centroid_outputs, state)
+    if compressor.output_error_due():
+        record_output_error(self, compressor, dispatched, valid, centroid_outputs, state)
     combined = sm._sparse_decode(expert_output.view(E * C, d_model), slots, gates_, num_tokens)
     if timing:
         self.timers(sm.MOE_TIMER).stop()
         self.time_moe = self.timers(sm.MOE_TIMER).elapsed(reset=False)
     return combined.reshape(input[0].shape)
+
+
+# The output error is measured on every 16th capacity slot of every expert: slots fill in token order, so a stride
+# samples the whole batch, and 1/16 of stock's bytes is a small price every `output_error_interval` steps.
+OUTPUT_ERROR_STRIDE = 16
+
+
+@torch.no_grad()
+def record_output_error(self, compressor: LSHCompressor, dispatched: torch.Tensor, valid: torch.Tensor,
+                        centroid_outputs: torch.Tensor, state) -> None:
+    """Send a strided sample of the dispatch buffer through the stock exchange and compare what compression gave
+    those tokens, with and without error compensation (telemetry `output_error*`)."""
+    num_experts, capacity, d_model = dispatched.shape
+    positions = torch.arange(0, capacity, OUTPUT_ERROR_STRIDE, device=dispatched.device)
+    sample = dispatched.detach()[:, positions].contiguous()
+    devices = [sample.device] if sample.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # an expert with dropout must not shift the training draws
+        exact = _all_to_all(self, _experts(self, _all_to_all(self, sample), d_model))
+    tokens = sample.float()
+    slot_rows = (torch.arange(num_experts, device=positions.device).unsqueeze(1) * capacity + positions).reshape(-1)
+    picked = type(state)(state.tokens, state.slot[slot_rows], state.centroids, state.counts, state.out_shape)
+    outputs = compressor.per_token(centroid_outputs.float(), picked).view_as(tokens)
+    centroids = compressor.per_token(state.centroids.float(), picked).view_as(tokens)
+    members = compressor.per_token(state.counts.float().unsqueeze(-1), picked).view(num_experts, -1, 1)
+    compensated = torch.where(members <= 1, outputs, tokens + outputs - centroids)  # as the expand forms it
+    keep = valid[:, positions]
+    compressor.record_output_error(relative_error(compensated, exact, keep), relative_error(outputs, exact, keep))
 
 
 def _experts(self, received: torch.Tensor, d_model: int) -> torch.Tensor:

@@ -1,10 +1,12 @@
-"""Writes the plugin's telemetry through DeepSpeed's monitor after every ``engine.step()``.
+"""After every ``engine.step()``: sets the plugin's training clock to the engine's optimizer step and writes the
+plugin's telemetry through DeepSpeed's monitor.
 
 Shared by the DeepSpeed patches (GShard layer and AutoEP): the hook is installed while at least one of them is
 applied and removed with the last, so reverting one patch never strips the other's telemetry.
 """
 from __future__ import annotations
 
+from lshmoe_plugin.schedule import set_training_step
 from lshmoe_plugin.telemetry import TELEMETRY, write_to_monitor
 
 from .lifecycle import PatchLifecycle
@@ -28,5 +30,6 @@ def detach(owner: str) -> None:
 def _step_then_write_telemetry(self, *args, **kwargs):
     from deepspeed.runtime.engine import DeepSpeedEngine
     result = LIFECYCLE.original(DeepSpeedEngine, "step")(self, *args, **kwargs)
+    set_training_step(int(self.global_steps))
     write_to_monitor(self, TELEMETRY)
     return result

@@ -10,6 +10,7 @@ from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 from lshmoe_plugin.compressor import LSHCompressor
 from lshmoe_plugin.config import LSHMoEConfig, LSHMoEConfigError
+from lshmoe_plugin.schedule import training_step
 from lshmoe_plugin.telemetry import TELEMETRY, Telemetry
 
 INDEX_ATTRIBUTE = "_lshmoe_index"
@@ -67,10 +68,12 @@ class PatchLifecycle:
         self.config = config
 
     def active(self, layer_index: int, training: bool) -> bool:
-        """Compress this layer now? Disabled, unselected layers and eval mode (unless compress_in_eval) run stock."""
+        """Compress this layer now? Disabled, unselected layers, eval mode (unless compress_in_eval) and steps from
+        `exact_from_step` on run stock."""
         config = self.config
         return (config is not None and config.enabled and config.applies_to_layer(layer_index)
-                and (training or config.compress_in_eval))
+                and (training or config.compress_in_eval)
+                and (config.exact_from_step is None or training_step() < config.exact_from_step))
 
     # -- layers ---------------------------------------------------------------------------------------------------
     def number_layers(self, layers: Iterable[Any], check: Callable[[Any], None],
@@ -112,3 +115,12 @@ def refuse_cuda_graphs(config: LSHMoEConfig, framework: str) -> None:
                                 f"dispatch sizes are read back to the host every layer, which a CUDA graph cannot "
                                 f"hold); allowed there: 'auto' or false (they run eagerly; cuda_graphs=true is "
                                 f"supported with framework='deepspeed')")
+
+
+def refuse_fixed_layout_only(config: LSHMoEConfig, framework: str) -> None:
+    """Keys built for DeepSpeed's fixed-capacity buffer, refused by name where the dispatch sizes vary."""
+    for key, off in (("refine_iterations", 0), ("output_error_interval", 0)):
+        if getattr(config, key) != off:
+            raise LSHMoEConfigError(f"lsh_moe.{key}={getattr(config, key)} is not supported with "
+                                    f"framework={framework!r} (it is built for DeepSpeed's fixed-capacity layer, "
+                                    f"framework='deepspeed'); allowed there: {key} {off}")

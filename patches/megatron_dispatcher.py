@@ -22,7 +22,7 @@ import torch
 
 from lshmoe_plugin.config import LSHMoEConfig, LSHMoEConfigError
 
-from .lifecycle import INDEX_ATTRIBUTE, PatchLifecycle, refuse_cuda_graphs
+from .lifecycle import INDEX_ATTRIBUTE, PatchLifecycle, refuse_cuda_graphs, refuse_fixed_layout_only
 from .versioning import UnsupportedFrameworkError, require_release
 
 # 0.16.x runs in the test suite; 0.19.x has the same dispatcher stages, attributes and split-size flow (read
@@ -58,6 +58,7 @@ def apply(config: LSHMoEConfig, model=None) -> None:
         raise LSHMoEConfigError("lsh_moe.decide_by_cost=true is not supported with framework='megatron'; allowed "
                                 "there: false (it is supported with framework='deepspeed' and 'autoep')")
     refuse_cuda_graphs(config, "megatron")
+    refuse_fixed_layout_only(config, "megatron")
     moe_layer, token_dispatcher = _megatron_modules()
     if model is not None:
         number_moe_layers(model)

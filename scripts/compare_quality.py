@@ -54,7 +54,12 @@ def parse_args() -> argparse.Namespace:
     run.add_argument("--micro_batch", type=int, default=32)
     run.add_argument("--lr", type=float, default=6e-4)
     run.add_argument("--evals", type=int, default=10, help="validation points per run")
-    run.add_argument("--eval_iters", type=int, default=32, help="validation micro-batches per point")
+    run.add_argument("--eval_tokens", type=float, default=2**18,
+                     help="held-out tokens per validation point, spread over the whole split")
+    run.add_argument("--final_eval_tokens", type=float, default=0,
+                     help="held-out tokens of the final validation point (0: the whole split)")
+    run.add_argument("--eval_compressed", action="store_true",
+                     help="also evaluate with compress_in_eval (valid_loss_compressed) at every point")
     run.add_argument("--save_every", type=int, default=0,
                      help="checkpoint interval in steps (0: about every quarter of the run); checkpoints only "
                           "serve a resume on the same machine")
@@ -87,7 +92,9 @@ def run(args: argparse.Namespace) -> None:
                            base_config=args.base_config or f"configs/{args.model}_moe_gpu.json", data=args.data,
                            data_prefix=args.data_prefix,
                            vocab_size=args.vocab_size, micro_batch=args.micro_batch, lr=args.lr, evals=args.evals,
-                           eval_iters=args.eval_iters, save_every=args.save_every, concurrency=args.concurrency)
+                           eval_tokens=int(args.eval_tokens), final_eval_tokens=int(args.final_eval_tokens),
+                           eval_compressed=args.eval_compressed, save_every=args.save_every,
+                           concurrency=args.concurrency)
     complete = study.run_study(plan, log=lambda line: print(line, flush=True), deadline_s=args.deadline_s)
     try:
         print(study.gap_table(study.aggregate(args.root, args.model, args.variants, partial=not complete)))

@@ -32,7 +32,10 @@ export PYTHONPATH=/root/plugin:/root/site
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv >"$OUT/logs/gpu.txt" 2>&1
 
 nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv -l 15 >"$OUT/logs/gpu_use.csv" 2>&1 &
-QUALITY_ROOT=/root/quality
+# The study's records live in /root/$STUDY_NAME (quality: the 2026-12 protocol, with evaluation points of 262k
+# tokens spread over the split and a final point on all of it).
+STUDY_NAME=${STUDY_NAME:-quality}
+QUALITY_ROOT=/root/$STUDY_NAME
 BACKGROUND_PIDS=()
 # A fresh machine continues a study from the records an earlier lease brought back (carry .device_state): runs
 # found finished are skipped; unfinished ones start over (their checkpoints never come back).
@@ -45,19 +48,25 @@ quality() {  # quality:<study>:<seconds>
     local study=$1 seconds=$2 common=(--root "$QUALITY_ROOT" --deadline_s "$seconds" "${DATA[@]}")
     case "$study" in
         timing) python3 scripts/compare_quality.py run --model gpt --preset gpt-moe-135m --variants stock lsh \
-                    --seeds 1 --tokens 1.5e6 --evals 1 --eval_iters 4 --concurrency 1 --root /root/quality_timing \
+                    --seeds 1 --tokens 1.5e6 --evals 1 --eval_tokens 65536 --final_eval_tokens 65536 --concurrency 1 --root /root/quality_timing \
                     --deadline_s "$seconds" ;;
         gpt-main) python3 scripts/compare_quality.py run --model gpt --preset gpt-moe-135m \
                     --variants stock lsh lsh_no_ec --seeds 1 2 3 --tokens "${GPT_TOKENS:-10e6}" \
-                    --evals "${EVALS:-6}" --eval_iters "${EVAL_ITERS:-8}" --save_every "${SAVE_EVERY:-0}" \
+                    --evals "${EVALS:-8}" --eval_tokens "${EVAL_TOKENS:-262144}" --save_every "${SAVE_EVERY:-0}" \
                     --concurrency "${CONCURRENCY:-9}" "${common[@]}" ;;
         gpt-ablations) python3 scripts/compare_quality.py run --model gpt --preset gpt-moe-135m \
                     --variants rate_0.1 rate_0.3 rate_0.5 hashes_2 hashes_4 hashes_8 spherical --seeds 1 \
-                    --tokens "${GPT_TOKENS:-10e6}" --evals "${EVALS:-6}" --eval_iters "${EVAL_ITERS:-8}" \
+                    --tokens "${GPT_TOKENS:-10e6}" --evals "${EVALS:-8}" --eval_tokens "${EVAL_TOKENS:-262144}" \
                     --save_every "${SAVE_EVERY:-0}" --concurrency "${CONCURRENCY:-7}" "${common[@]}" ;;
         t5-main) python3 scripts/compare_quality.py run --model t5 --preset t5-moe-140m --variants stock lsh \
-                    --seeds 1 2 --tokens "${T5_TOKENS:-6e6}" --evals "${T5_EVALS:-6}" --eval_iters "${EVAL_ITERS:-8}" \
+                    --seeds 1 2 --tokens "${T5_TOKENS:-6e6}" --evals "${T5_EVALS:-8}" --eval_tokens "${EVAL_TOKENS:-262144}" \
                     --save_every "${SAVE_EVERY:-0}" --concurrency "${T5_CONCURRENCY:-4}" "${common[@]}" ;;
+        # Any variants of one model: STUDY_MODEL, STUDY_PRESET, STUDY_VARIANTS, STUDY_SEEDS, STUDY_TOKENS.
+        custom) python3 scripts/compare_quality.py run --model "${STUDY_MODEL:-gpt}" \
+                    --preset "${STUDY_PRESET:-gpt-moe-135m}" --variants ${STUDY_VARIANTS:-stock lsh} \
+                    --seeds ${STUDY_SEEDS:-1} --tokens "${STUDY_TOKENS:-10e6}" --evals "${EVALS:-8}" \
+                    --eval_tokens "${EVAL_TOKENS:-262144}" --save_every "${SAVE_EVERY:-0}" \
+                    --concurrency "${CONCURRENCY:-5}" "${common[@]}" ;;
         *) echo "unknown study $study"; return 2 ;;
     esac
 }
@@ -65,7 +74,7 @@ quality() {  # quality:<study>:<seconds>
 snapshot_records() {  # the quality runs' records (not their checkpoints), in one file
     if [ -d "$QUALITY_ROOT" ] || [ -d /root/quality_timing ]; then
         tar czf "$OUT/.quality_runs.tgz" --exclude=checkpoints --exclude=monitor -C /root \
-            $(cd /root && ls -d quality quality_timing 2>/dev/null) 2>/dev/null && mv "$OUT/.quality_runs.tgz" "$OUT/quality_runs.tgz"
+            $(cd /root && ls -d "$STUDY_NAME" quality_timing 2>/dev/null) 2>/dev/null && mv "$OUT/.quality_runs.tgz" "$OUT/quality_runs.tgz"
     fi
 }
 

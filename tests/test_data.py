@@ -132,3 +132,18 @@ def test_batches_are_disjoint_across_ranks_and_reproducible():
     assert len(set(seen)) == len(seen) == 16
     fresh = Batches(samples, micro_batch=4, grad_accum=2, dp_rank=1, dp_size=2, seed=1)
     assert fresh.get(5, 1)["labels"].equal(ranks[1].get(5, 1)["labels"])
+
+
+def test_eval_batches_spread_over_the_whole_split_and_give_every_rank_as_many():
+    import torch
+
+    from lshmoe_pretrain.data import EvalBatches
+    samples = list(zip(np.arange(100), np.arange(100)))  # sample i is (i, i)
+    ranks = [EvalBatches(samples, num_samples=21, micro_batch=4, dp_rank=r, dp_size=2) for r in range(2)]
+    assert ranks[0].num_samples == 20 and [len(r) for r in ranks] == [3, 3]  # 21 rounded down to the 2 ranks
+    seen = sorted(int(v) for r in ranks for i in range(len(r)) for v in r.get(i)["input_ids"])
+    assert seen == list(range(0, 100, 5))  # every 5th sample: the first and the last files are both in
+    assert torch.equal(ranks[1].get(2)["labels"], ranks[1].get(2)["labels"])
+    whole = EvalBatches(samples, num_samples=10**6, micro_batch=8, dp_rank=0, dp_size=1)
+    assert whole.num_samples == 100 and sorted(int(v) for i in range(len(whole)) for v in whole.get(i)["input_ids"]) \
+        == list(range(100))

@@ -29,6 +29,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from .. import clustering
 from . import triton_ops
 
 _WORKSPACES: "weakref.WeakValueDictionary[tuple, _Workspace]" = weakref.WeakValueDictionary()
@@ -125,9 +126,15 @@ class GraphedRoundTrip:
         def compress():
             clusters = triton_ops.cluster_fixed(tokens, space.valid, projections, config, num_groups, group_size,
                                                 slots_per_group)
-            order, bounds = clusters.segments
+            slot, (order, bounds), per_group = clusters.slot, clusters.segments, clusters.clusters_per_group
+            if config.refine_iterations:
+                slot = clustering.refine_fixed(tokens, space.valid, slot, num_groups, group_size, slots_per_group,
+                                               config.refine_iterations, self._means)
+                order, bounds = triton_ops.segments_of(slot, num_slots)
             triton_ops.segment_mean_into(tokens, order, bounds, self.centroids, self.counts)
-            captured.update(slot=clusters.slot, order=order, bounds=bounds, clusters=clusters.clusters_per_group)
+            if config.refine_iterations:
+                per_group = (self.counts.view(num_groups, slots_per_group) > 0).sum(1)
+            captured.update(slot=slot, order=order, bounds=bounds, clusters=per_group)
 
         self._compress = _capture(compress)
         # What the capture allocated lives in the graph's private pool; every replay rewrites it in place.
@@ -136,6 +143,12 @@ class GraphedRoundTrip:
         self._centroids_backward = _capture(lambda: triton_ops.segment_broadcast_into(
             space.grad_centroids, self.order, self.bounds, space.grad_tokens_mean))
         self._expand: Dict[tuple, tuple] = {}
+
+    def _means(self, tokens: torch.Tensor, slot: torch.Tensor):
+        """Centroids and counts of `slot` into this instance's buffers (a refinement pass's starting point)."""
+        order, bounds = triton_ops.segments_of(slot, self.centroids.shape[0])
+        triton_ops.segment_mean_into(tokens, order, bounds, self.centroids, self.counts)
+        return self.centroids, self.counts
 
     # -- forward ----------------------------------------------------------------------------------------------------
     def compress(self, tokens: torch.Tensor, valid: torch.Tensor, keep_for_backward: bool) -> Optional[_Lease]:

@@ -31,7 +31,15 @@ from .. import clustering
 from ..config import LSHMoEConfig
 from ..hashing import projection_width
 
+
 # -- segments: a CSR view of `slot` ---------------------------------------------------------------------------------
+def segments_of(slot: torch.Tensor, num_slots: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`slot_segments` without the cache: one stable sort of `slot` (shape-static, capturable)."""
+    keys = slot.to(torch.int32) if num_slots < 2**31 - 1 else slot
+    sorted_keys, order = torch.sort(keys, stable=True)
+    return order, torch.searchsorted(sorted_keys, torch.arange(num_slots + 2, device=slot.device, dtype=keys.dtype))
+
+
 _SEGMENT_CACHE: "collections.OrderedDict[int, tuple]" = collections.OrderedDict()
 _SEGMENT_CACHE_SIZE = 256
 
@@ -49,9 +57,7 @@ def slot_segments(slot: torch.Tensor, num_slots: int) -> Tuple[torch.Tensor, tor
         ref, version, slots, order, bounds = hit
         if ref() is slot and version == slot._version and slots == num_slots:
             return order, bounds
-    keys = slot.to(torch.int32) if num_slots < 2**31 - 1 else slot
-    sorted_keys, order = torch.sort(keys, stable=True)
-    bounds = torch.searchsorted(sorted_keys, torch.arange(num_slots + 2, device=slot.device, dtype=keys.dtype))
+    order, bounds = segments_of(slot, num_slots)
     _SEGMENT_CACHE[key] = (weakref.ref(slot), slot._version, num_slots, order, bounds)
     while len(_SEGMENT_CACHE) > _SEGMENT_CACHE_SIZE:
         _SEGMENT_CACHE.popitem(last=False)

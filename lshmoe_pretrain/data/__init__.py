@@ -2,9 +2,10 @@
 from .corpus import DEFAULT_CORPUS, CorpusError, documents
 from .indexed import IndexedDataset, IndexedDatasetError, IndexedDatasetWriter, check_vocabulary
 from .preprocess import PreparedData, cached_preprocess, preprocess
-from .samples import Batches, GPTSamples, T5Samples, span_corruption, train_valid_split
+from .samples import Batches, EvalBatches, GPTSamples, T5Samples, span_corruption, train_valid_split
 from .tokenizer import load_tokenizer, special_ids, train_tokenizer
 
-__all__ = ["Batches", "CorpusError", "DEFAULT_CORPUS", "GPTSamples", "IndexedDataset", "IndexedDatasetError",
+__all__ = ["Batches", "EvalBatches", "CorpusError", "DEFAULT_CORPUS", "GPTSamples", "IndexedDataset",
+           "IndexedDatasetError",
            "IndexedDatasetWriter", "PreparedData", "T5Samples", "cached_preprocess", "check_vocabulary", "documents",
            "load_tokenizer", "preprocess", "special_ids", "span_corruption", "train_tokenizer", "train_valid_split"]

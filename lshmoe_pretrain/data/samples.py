@@ -137,3 +137,32 @@ class Batches:
         pairs = [self.samples[int(self._order(p // n)[p % n])] for p in range(first, first + self.micro_batch)]
         return {"input_ids": torch.from_numpy(np.stack([a for a, _ in pairs])),
                 "labels": torch.from_numpy(np.stack([b for _, b in pairs]))}
+
+
+class EvalBatches:
+    """Validation micro-batches of samples spread evenly over the whole split, the same ones at every evaluation.
+
+    A validation tail is not a random sample: the code corpus keeps whole files in hash order, so its first
+    batches are a few files. Taking every k-th sample spreads the point over all of them. Every rank gets the same
+    number of batches of the same sizes (an expert-parallel forward is a collective), so the count is rounded
+    down to a multiple of the ranks.
+    """
+
+    def __init__(self, samples, num_samples: int, micro_batch: int, dp_rank: int, dp_size: int) -> None:
+        total = len(samples)
+        if total < dp_size or micro_batch < 1:
+            raise ValueError(f"{total} validation samples cannot give each of {dp_size} ranks a batch")
+        count = max(dp_size, min(num_samples, total) // dp_size * dp_size)
+        spread = (np.arange(count, dtype=np.int64) * total) // count  # evenly spaced, first sample first
+        self.samples, self.micro_batch = samples, micro_batch
+        self.indices = spread[dp_rank::dp_size]
+        self.num_samples = count
+
+    def __len__(self) -> int:
+        return -(-len(self.indices) // self.micro_batch)
+
+    def get(self, i: int) -> Dict[str, torch.Tensor]:
+        chosen = self.indices[i * self.micro_batch:(i + 1) * self.micro_batch]
+        pairs = [self.samples[int(j)] for j in chosen]
+        return {"input_ids": torch.from_numpy(np.stack([a for a, _ in pairs])),
+                "labels": torch.from_numpy(np.stack([b for _, b in pairs]))}

@@ -51,12 +51,18 @@ class ModelConfig:
 PRESETS: Dict[str, ModelConfig] = {
     # Trains on a 2-core CPU in minutes.
     "tiny": ModelConfig(),
+    # The CPU quality study (docs/quality.md): the quality presets' routing (8 experts, top-2, MoE in every other
+    # block) at a width a 2-core machine trains on a million tokens in minutes.
+    "mini-moe": ModelConfig(seq_len=256, d_model=128, n_heads=4, n_layers=4, d_ff=512, num_experts=8, top_k=2),
     # A quick single-GPU check.
     "small": ModelConfig(vocab_size=8192, seq_len=256, d_model=256, n_heads=8, n_layers=6, d_ff=1024, num_experts=8),
     # Quality studies (docs/quality.md): the smallest shapes with >= 100M parameters, 8 experts and top-2, that a
     # single GPU trains on tens of millions of tokens in minutes. MoE in every other block, as GShard.
     "gpt-moe-135m": ModelConfig(vocab_size=16384, seq_len=512, d_model=512, n_heads=8, n_layers=12, d_ff=2048,
                                 num_experts=8, top_k=2),
+    # The top-1 shape of the quality study: 16 experts of one at a time (Switch-style routing) in the same blocks.
+    "gpt-moe-top1-16e": ModelConfig(vocab_size=16384, seq_len=512, d_model=512, n_heads=8, n_layers=12, d_ff=2048,
+                                    num_experts=16, top_k=1),
     "t5-moe-140m": ModelConfig(vocab_size=16384, seq_len=512, d_model=512, n_heads=8, n_layers=6, d_ff=2048,
                                num_experts=8, top_k=2),
     # Paper-scale shapes (GPT-3 medium / XL widths, GShard-style expert counts).
