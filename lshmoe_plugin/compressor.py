@@ -14,7 +14,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from . import ops
+from . import ops, residual_map
 from .clustering import refine_fixed
 from .config import LSHMoEConfig
 from .hashing import hash_projections
@@ -199,13 +199,15 @@ class LSHCompressor:
         interval = self.config.output_error_interval
         return bool(interval) and self.step > 0 and (self.step - 1) % interval == 0
 
-    def record_output_error(self, compensated: torch.Tensor, uncompensated: torch.Tensor) -> None:
-        """Attach the sampled output errors to this forward's stats (`telemetry.relative_error` of each)."""
+    def record_output_error(self, returned: torch.Tensor, compensated: torch.Tensor,
+                            uncompensated: torch.Tensor) -> None:
+        """Attach the sampled output errors to this forward's stats (`telemetry.relative_error` of each): of what
+        the layer returned, of E(c) + x - c (the paper's compensation) and of E(c) alone."""
         stats = self.telemetry.latest.get(self.layer_index)
         if stats is None or stats.step != self.step:
             return
+        stats.output_error = returned
         stats.output_error_compensated, stats.output_error_uncompensated = compensated, uncompensated
-        stats.output_error = compensated if self.config.error_compensation else uncompensated
 
     def per_token(self, rows: torch.Tensor, state: ClusterState) -> torch.Tensor:
         """Each token's row of `rows` (num_slots, d), e.g. its centroid or its centroid's output; zero if invalid."""
@@ -234,11 +236,26 @@ class LSHCompressor:
         return self._graphs
 
     def _expand(self, centroid_outputs: torch.Tensor, state: ClusterState) -> torch.Tensor:
+        mapped = self.config.error_compensation and self.config.residual_map != "identity"
+        compensate = self.config.error_compensation and not mapped
         if state.graphed is not None:
-            return self._graphs.expand(state.graphed, state.tokens, state.centroids, centroid_outputs,
-                                       self.config.error_compensation)
-        return self._ops.expand_with_residual(state.tokens, state.slot, state.centroids, centroid_outputs,
-                                              state.counts, self.config.error_compensation, state.segments)
+            out = self._graphs.expand(state.graphed, state.tokens, state.centroids, centroid_outputs, compensate)
+        else:
+            out = self._ops.expand_with_residual(state.tokens, state.slot, state.centroids, centroid_outputs,
+                                                 state.counts, compensate, state.segments)
+        return self._add_mapped_residuals(out, centroid_outputs, state) if mapped else out
+
+    def _add_mapped_residuals(self, outputs: torch.Tensor, centroid_outputs: torch.Tensor,
+                              state: ClusterState) -> torch.Tensor:
+        """E(c) per token (`outputs`) + M (token - c), M fitted per expert (fixed layout: groups of equal size)."""
+        groups = state.out_shape[0]
+        d = state.tokens.shape[1]
+        kind = self.config.residual_map
+        fitted = residual_map.fit(kind, state.centroids.view(groups, -1, d), centroid_outputs.view(groups, -1, d),
+                                  state.counts.view(groups, -1))
+        residuals = (state.tokens - self.per_token(state.centroids, state)).view(groups, -1, d)
+        out_dtype = torch.promote_types(state.tokens.dtype, centroid_outputs.dtype)
+        return (outputs.float() + residual_map.apply(kind, residuals, fitted).view(-1, d)).to(out_dtype)
 
     def _record(self, state: ClusterState, valid: torch.Tensor, clusters: torch.Tensor, sent: int, full: int) -> None:
         self.step += 1

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Tuple, Union
 
 from .hash_families import HASH_FAMILIES, HashFamily
+from .residual_map import RESIDUAL_MAPS
 
 CONFIG_BLOCK = "lsh_moe"
 ENABLED_ENV_VAR = "LSHMOE_ENABLED"
@@ -41,6 +42,10 @@ class LSHMoEConfig:
         2*hash_dim random points on the sphere).
     hash_dim: dimensions each hash function projects onto; each hash has 2*hash_dim codes.
     error_compensation: add each token's residual (token - centroid) to its centroid's expert output.
+    residual_map: how error compensation carries a token's residual (token - centroid) into its output:
+        ``identity`` (the paper: E(c) + x - c), or ``diagonal`` / ``linear``: E(c) + M(x - c) with M fitted per
+        expert and step to the (centroid, expert output) pairs the sender holds (lshmoe_plugin.residual_map).
+        Needs error_compensation; DeepSpeed's fixed-capacity layer only (refused by name elsewhere).
     seed: seeds the random projections; each MoE layer derives its own from (seed, layer index).
     layers: ``"all"`` or a list of MoE layer indices (0-based, in model order) to compress.
     compress_in_eval: also compress in ``eval()`` mode (default: exact dispatch in eval).
@@ -85,6 +90,7 @@ class LSHMoEConfig:
     kernel: str = "auto"
     decide_by_cost: bool = False
     cuda_graphs: Union[str, bool] = "auto"
+    residual_map: str = "identity"
     refine_iterations: int = 0
     redraw_interval: int = 0
     exact_from_step: Optional[int] = None
@@ -110,6 +116,12 @@ class LSHMoEConfig:
             raise LSHMoEConfigError(f"lsh_moe.exact_from_step must be null or an integer >= 0, got {step!r}")
         if self.hash_type not in HASH_TYPES:
             raise LSHMoEConfigError(f"lsh_moe.hash_type must be one of {list(HASH_TYPES)}, got {self.hash_type!r}")
+        if self.residual_map not in RESIDUAL_MAPS:
+            raise LSHMoEConfigError(f"lsh_moe.residual_map must be one of {list(RESIDUAL_MAPS)}, got "
+                                    f"{self.residual_map!r}")
+        if self.residual_map != "identity" and not self.error_compensation:
+            raise LSHMoEConfigError(f"lsh_moe.residual_map={self.residual_map!r} maps the residual that error "
+                                    f"compensation adds; with error_compensation false allowed: 'identity'")
         if self.kernel not in KERNELS:
             raise LSHMoEConfigError(f"lsh_moe.kernel must be one of {list(KERNELS)}, got {self.kernel!r}")
         if not (isinstance(self.cuda_graphs, bool) or self.cuda_graphs == "auto"):

@@ -21,7 +21,7 @@ class LayerStats:
     bytes_uncompressed: int             # the same payload without compression
     relative_residual: Optional[torch.Tensor] = None  # mean ||token - centroid|| / ||token||
     # ||y - y_stock|| / ||y_stock|| over a sample of the expert outputs (output_error_interval): as the layer
-    # returned them, and with / without error compensation (E(c) + x - c, E(c))
+    # returned them, and with the paper's compensation (E(c) + x - c) and without any (E(c))
     output_error: Optional[torch.Tensor] = None
     output_error_compensated: Optional[torch.Tensor] = None
     output_error_uncompensated: Optional[torch.Tensor] = None

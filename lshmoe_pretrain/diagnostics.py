@@ -135,7 +135,7 @@ def _random_codes(tokens, projections, config, groups=None, valid=None, num_grou
 
 # -- probe ----------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def _probe(self, compressor, dispatched, valid, centroid_outputs, state) -> None:
+def _probe(self, compressor, dispatched, valid, centroid_outputs, state, returned) -> None:
     from lshmoe_plugin.patches.deepspeed_moe import OUTPUT_ERROR_STRIDE, _experts
     from lshmoe_plugin.telemetry import relative_error
     num_experts, capacity, d = dispatched.shape

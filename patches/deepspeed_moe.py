@@ -125,7 +125,7 @@ def _compressed_forward(self, compressor: LSHCompressor, *input: torch.Tensor) -
     centroid_outputs = expert_output
     expert_output = compressor.decompress_fixed(centroid_outputs, state)
     if compressor.output_error_due():
-        record_output_error(self, compressor, dispatched, valid, centroid_outputs, state)
+        record_output_error(self, compressor, dispatched, valid, centroid_outputs, state, expert_output)
     combined = sm._sparse_decode(expert_output.view(E * C, d_model), slots, gates_, num_tokens)
     if timing:
         self.timers(sm.MOE_TIMER).stop()
@@ -140,9 +140,10 @@ OUTPUT_ERROR_STRIDE = 16
 
 @torch.no_grad()
 def record_output_error(self, compressor: LSHCompressor, dispatched: torch.Tensor, valid: torch.Tensor,
-                        centroid_outputs: torch.Tensor, state) -> None:
+                        centroid_outputs: torch.Tensor, state, returned: torch.Tensor) -> None:
     """Send a strided sample of the dispatch buffer through the stock exchange and compare what compression gave
-    those tokens, with and without error compensation (telemetry `output_error*`)."""
+    those tokens (`returned`, (E, C, d)), and what the paper's compensation and none would have given (telemetry
+    `output_error*`)."""
     num_experts, capacity, d_model = dispatched.shape
     positions = torch.arange(0, capacity, OUTPUT_ERROR_STRIDE, device=dispatched.device)
     sample = dispatched.detach()[:, positions].contiguous()
@@ -157,7 +158,8 @@ def record_output_error(self, compressor: LSHCompressor, dispatched: torch.Tenso
     members = compressor.per_token(state.counts.float().unsqueeze(-1), picked).view(num_experts, -1, 1)
     compensated = torch.where(members <= 1, outputs, tokens + outputs - centroids)  # as the expand forms it
     keep = valid[:, positions]
-    compressor.record_output_error(relative_error(compensated, exact, keep), relative_error(outputs, exact, keep))
+    compressor.record_output_error(relative_error(returned.detach()[:, positions], exact, keep),
+                                   relative_error(compensated, exact, keep), relative_error(outputs, exact, keep))
 
 
 def _experts(self, received: torch.Tensor, d_model: int) -> torch.Tensor:
