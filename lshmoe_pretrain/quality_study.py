@@ -282,6 +282,7 @@ class VariantResult:
     residual: Optional[float]               # mean relative residual norm
     step_ms: float                          # median step time over seeds (after the first 10% of steps)
     info: dict                              # run.json of the first seed
+    errors: Dict[str, float] = field(default_factory=dict)  # output-error telemetry, second half of the runs
 
     def final(self, seed: int) -> float:
         return self.valid[seed][-1]
@@ -333,9 +334,51 @@ def load_variant(root: str, model_kind: str, variant: str, partial: bool = False
                            if "lsh_moe/mean/relative_residual_norm" in r]
         if residual_values:
             residuals.append(statistics.fmean(residual_values))
+    errors = output_errors([records for records in (read_metrics(d) for d in sorted(glob.glob(
+        os.path.join(root, model_kind, variant, "seed*")))) if records])
     return VariantResult(variant, seeds, token_axis, valid, compressed,
                          statistics.fmean(rates) if rates else None,
-                         statistics.fmean(residuals) if residuals else None, statistics.median(steps_ms), info)
+                         statistics.fmean(residuals) if residuals else None, statistics.median(steps_ms), info,
+                         errors)
+
+
+ERROR_COLUMNS = [("lsh_moe/mean/output_error", "as trained"),
+                 ("lsh_moe/mean/output_error_compensated", "E(c) + x - c (paper)"),
+                 ("lsh_moe/mean/output_error_uncompensated", "E(c)"),
+                 ("probe/output_error_fitted_diagonal", "E(c) + diag fit"),
+                 ("probe/output_error_fitted_linear", "E(c) + linear fit"),
+                 ("probe/output_error_jacobian", "E(c) + J(c)(x - c)"),
+                 ("probe/output_to_input_norm", "‖E(x)‖ / ‖x‖")]
+
+
+def output_errors(runs: Sequence[List[dict]]) -> Dict[str, float]:
+    """Output-error telemetry and probe numbers over the second half of each run, averaged over measurements,
+    layers (the probe's per-layer keys become ``probe/<name>``) and runs."""
+    per_run = []
+    for records in runs:
+        sums: Dict[str, List[float]] = {}
+        for record in records[len(records) // 2:]:
+            for key, value in record.items():
+                if key.startswith("lsh_moe/mean/output_error"):
+                    sums.setdefault(key, []).append(value)
+                elif key.startswith("probe/layer"):
+                    sums.setdefault("probe/" + key.split("/", 2)[2], []).append(value)
+        per_run.append({key: statistics.fmean(values) for key, values in sums.items()})
+    keys = sorted({key for run in per_run for key in run})
+    return {key: statistics.fmean(run[key] for run in per_run if key in run) for key in keys}
+
+
+def error_table(results: List[VariantResult]) -> str:
+    """Relative output error of the layer's expert outputs against stock's on the sampled tokens, per variant:
+    as trained and, for the same clusters, under each compensation (second half of the runs)."""
+    columns = [(key, name) for key, name in ERROR_COLUMNS if any(key in r.errors for r in results)]
+    lines = ["| variant | " + " | ".join(name for _, name in columns) + " |",
+             "| --- | " + " | ".join("---" for _ in columns) + " |"]
+    for r in results:
+        if r.errors:
+            cells = [f"{r.errors[key]:.3f}" if key in r.errors else "–" for key, _ in columns]
+            lines.append(f"| {r.name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def aggregate(root: str, model_kind: str, variants: Sequence[str], partial: bool = False) -> List[VariantResult]:

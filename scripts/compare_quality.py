@@ -122,6 +122,10 @@ def report(args: argparse.Namespace) -> None:
         study.gap_table(results), "",
         "Validation loss (mean over seeds) along the run:", "",
         study.curve_table(results), "",
+        "Relative error of the expert outputs against stock's on a sample of the tokens (1/16 of the capacity "
+        "slots every 50 steps, second half of the runs; the columns after the first compensate the same clusters "
+        "differently, measured by the study's probe):", "",
+        study.error_table(results), "",
         f"![validation loss vs tokens]({os.path.basename(plot_path)})", ""])
     bench.write_section(args.output, args.section, text)
     print(text)

@@ -69,3 +69,15 @@ def test_read_section_table(tmp_path):
                                                    "lsh": {"variant": "lsh", "tokens/s": "20"}}
     with pytest.raises(KeyError, match="no section 'x'"):
         bench.read_section_table(path, "x")
+
+
+def test_output_errors_average_the_second_half_over_layers_and_runs():
+    early = {"step": 1, "lsh_moe/mean/output_error": 9.0, "probe/layer0/output_error_jacobian": 9.0}
+    run_a = [early, {"step": 2, "lsh_moe/mean/output_error": 0.4, "probe/layer0/output_error_jacobian": 0.1,
+                     "probe/layer1/output_error_jacobian": 0.3}]
+    run_b = [early, {"step": 2, "lsh_moe/mean/output_error": 0.2}]
+    errors = study.output_errors([run_a, run_b])
+    assert errors == pytest.approx({"lsh_moe/mean/output_error": 0.3, "probe/output_error_jacobian": 0.2})
+    result = study.VariantResult("lsh", [1], [10], {1: [1.0]}, {}, 0.2, 0.1, 1.0, {}, errors)
+    table = study.error_table([result])
+    assert "| variant | as trained | E(c) + J(c)(x - c) |" in table and "| lsh | 0.300 | 0.200 |" in table
