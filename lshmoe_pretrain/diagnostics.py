@@ -15,7 +15,7 @@ tokens as well as on the centroids, which only a single rank can do (EP=1, where
   error of other compensations: a scalar, per-dimension or linear map fitted per expert to the (centroid, expert
   output) pairs the sender already holds, and the expert's own Jacobian at the centroid (first-order Taylor).
 
-`summary()` holds the probe's latest numbers, which the training loop writes with every step's record.
+`summary()` hands over the probe's numbers once, which the training loop writes with the record of their step.
 """
 from __future__ import annotations
 
@@ -64,7 +64,10 @@ def install(modes: Sequence[str], lsh) -> None:
 
 
 def summary() -> Dict[str, float]:
-    return dict(_PROBES)
+    """The probe's numbers measured since the last call (empty on steps it did not measure)."""
+    taken = dict(_PROBES)
+    _PROBES.clear()
+    return taken
 
 
 # -- hybrids --------------------------------------------------------------------------------------------------------
