@@ -14,6 +14,7 @@ from typing import Any, Mapping, Optional, Union
 
 from .compressor import ClusterState, LSHCompressor, fixed_slots
 from .config import ENABLED_ENV_VAR, LSHMoEConfig, LSHMoEConfigError
+from .schedule import set_training_step, training_step
 from .telemetry import TELEMETRY, LayerStats, Telemetry, write_to_monitor
 
 __version__ = "0.1.0"
@@ -86,4 +87,5 @@ def _patch_module(framework: str):
 
 
 __all__ = ["ClusterState", "ENABLED_ENV_VAR", "LSHCompressor", "LSHMoEConfig", "LSHMoEConfigError", "LayerStats",
-           "TELEMETRY", "Telemetry", "disable", "enable", "fixed_slots", "load_config", "write_to_monitor"]
+           "TELEMETRY", "Telemetry", "disable", "enable", "fixed_slots", "load_config", "set_training_step",
+           "training_step", "write_to_monitor"]
