@@ -9,6 +9,9 @@ tokens as well as on the centroids, which only a single rank can do (EP=1, where
 - ``backward``: the layer returns stock's outputs, every gradient is the compressed path's.
 - ``expert_grads``: stock's outputs and token gradients; only the experts' weight gradients are compressed.
 - ``token_grads``: stock's outputs and expert weight gradients; only the gradients back to the tokens compressed.
+- ``identity_grad``: no compression at all: stock's outputs and gradients, plus an identity path in the backward
+  only (each token's gradient also receives its output gradient, as if the expert were x + E(x)). The paper's
+  compensation adds such a path for the residual part of every clustered token; this isolates what it does.
 - ``random_clusters``: the budget and the layout of LSH, but every token's bucket drawn at random (does LSH beat
   chance?); needs ``kernel: torch`` and ``cuda_graphs: false`` (it replaces the reference hash).
 - ``probe``: trains as configured; with ``output_error_interval`` it also measures, on the same sample, the output
@@ -23,7 +26,7 @@ from typing import Dict, Sequence
 
 import torch
 
-HYBRIDS = ("forward", "backward", "expert_grads", "token_grads")
+HYBRIDS = ("forward", "backward", "expert_grads", "token_grads", "identity_grad")
 MODES = HYBRIDS + ("random_clusters", "probe")
 _PROBES: Dict[str, float] = {}
 _RANDOM_CODES = {}
@@ -86,8 +89,12 @@ def _hybrid_forward(mode: str):
         slots = sm._route_slots(indices_, locations_, E, C)
         dispatched = sm._sparse_encode(tokens, slots, E, C)
         valid = occupied_slots(slots, E, C)
-        centroids, state = compressor.compress_fixed(dispatched, valid)
         experts = lambda x: _experts(self, x, d_model)  # noqa: E731
+        if mode == "identity_grad":
+            out = experts(dispatched) + _grad_only(dispatched * valid.unsqueeze(-1))
+            combined = sm._sparse_decode(out.reshape(E * C, d_model), slots, gates_, tokens.shape[0])
+            return combined.reshape(input[0].shape)
+        centroids, state = compressor.compress_fixed(dispatched, valid)
         frozen = lambda x: _with_frozen_weights(self.experts, x, d_model, self)  # noqa: E731
         detached_state = type(state)(state.tokens.detach(), state.slot, state.centroids.detach(), state.counts,
                                      state.out_shape, state.segments, state.graphed)

@@ -54,9 +54,17 @@ def check_hybrids(rank, world_size):
         elif mode == "expert_grads":
             report[mode] = (torch.equal(out, stock[0]) and expert_like["compressed"] and gate_like_stock
                             and close(grad_x, stock[1]))
-        else:
+        elif mode == "token_grads":
             report[mode] = (torch.equal(out, stock[0]) and expert_like["stock"] and gate_like_stock
                             and not close(grad_x, stock[1]))
+        else:  # identity_grad: stock in value and parameters; each token's gradient gains (sum of its kept
+            # gates) x its output gradient, the identity path
+            extra = (grad_x - stock[1]).reshape(-1, D_MODEL)
+            w = weight.reshape(-1, D_MODEL)
+            share = (extra * w).sum(-1) / w.square().sum(-1)
+            report[mode] = (torch.equal(out, stock[0]) and expert_like["stock"] and gate_like_stock
+                            and close(extra, share.unsqueeze(-1) * w) and bool((share > -1e-5).all())
+                            and bool((share < 1 + 1e-5).all()) and float(share.max()) > 0.5)
     lshmoe_plugin.disable()
     return report
 
