@@ -13,14 +13,41 @@ from lshmoe_plugin.patches import deepspeed_moe
 D_MODEL = 16
 
 
-def build_moe(ep_size, k, identity=False, num_experts=4, seed=0, make_groups=True):
+class Shift(torch.nn.Module):
+    """An expert that adds a vector of its own: E(x) = x + b. With error compensation every token comes back as
+    E(c) + x - c = x + b, whatever its centroid c: the compressed layer equals stock at any rate if, and only if,
+    every centroid went through the expert its tokens were routed to."""
+
+    def __init__(self):
+        super().__init__()
+        self.shift = torch.nn.Parameter(torch.zeros(D_MODEL))
+
+    def forward(self, x):
+        return x + self.shift
+
+
+def build_moe(ep_size, k, identity=False, num_experts=4, seed=0, make_groups=True, expert=None):
     from deepspeed.moe.layer import MoE
     torch.manual_seed(seed)
-    expert = torch.nn.Identity() if identity else torch.nn.Sequential(
-        torch.nn.Linear(D_MODEL, 32), torch.nn.GELU(), torch.nn.Linear(32, D_MODEL))
+    if expert is None:
+        expert = torch.nn.Identity() if identity else torch.nn.Sequential(
+            torch.nn.Linear(D_MODEL, 32), torch.nn.GELU(), torch.nn.Linear(32, D_MODEL))
     moe = MoE(D_MODEL, expert, num_experts=num_experts, ep_size=ep_size, k=k, capacity_factor=1.25, min_capacity=4)
     if make_groups:  # deepspeed.initialize does this itself
         moe.set_deepspeed_parallelism()
+    return moe
+
+
+def build_distinct_shift_experts(rank, ep_size, k):
+    """DeepSpeed copies one expert module into every slot, and every rank builds it from the same seed: all
+    experts are alike, so a layer that sent a centroid to the wrong expert would still match stock. Here each
+    expert shifts by its own vector, drawn from its global index (rank r holds experts r * local ...)."""
+    moe = build_moe(ep_size, k, expert=Shift())
+    local = moe.deepspeed_moe.experts.deepspeed_experts
+    with torch.no_grad():
+        for i, expert in enumerate(local):
+            index = rank * len(local) + i
+            expert.shift.copy_(3 * torch.randn(D_MODEL, generator=torch.Generator().manual_seed(index)))
     return moe
 
 
@@ -33,6 +60,11 @@ def fwd_bwd(moe, x, dtype=torch.float32):
     (out.float().square().mean() + l_aux).backward()
     grads = [p.grad.clone() if p.grad is not None else None for p in moe.parameters()]
     return out.detach(), x.grad.detach(), grads
+
+
+def failed(report):
+    """The names of the checks that did not hold (all of a report's values are booleans)."""
+    return [name for name, ok in report.items() if not ok]
 
 
 def same(a, b):
@@ -96,7 +128,25 @@ def check_patch_against_stock(rank, world_size, k):
         lshmoe_plugin.enable({"lsh_moe": {"enabled": False, "compression_rate": 0.25}}, moe)
         report[f"disabled_unpatched_identity={identity}"] = (not deepspeed_moe.is_applied()
                                                              and same(stock, fwd_bwd(moe, x)))
+    report.update(check_experts_that_differ(rank, world_size, k, x))
     return report
+
+
+def check_experts_that_differ(rank, world_size, k, x):
+    """At rate 0.25, experts that differ from one another: the compressed layer matches stock (outputs, input and
+    parameter gradients, to rounding) only if each centroid is processed by its own expert and returns to its
+    own tokens."""
+    moe = build_distinct_shift_experts(rank, world_size, k)
+    stock = fwd_bwd(moe, x)
+    lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "compression_rate": 0.25}}, moe)
+    compressed = fwd_bwd(moe, x)
+    stats = lshmoe_plugin.TELEMETRY.latest[0]
+    lshmoe_plugin.disable()
+    pairs = [(compressed[0], stock[0]), (compressed[1], stock[1])] + list(zip(compressed[2], stock[2]))
+    return {"distinct_experts_match_stock": all(torch.allclose(a, b, rtol=1e-5, atol=1e-5) for a, b in pairs),
+            "distinct_experts_merged_tokens": int(stats.clusters) < int(stats.valid_tokens),
+            # the shifts dominate the output: an expert mix-up would move it by several units
+            "distinct_experts_shift_the_output": bool((stock[0] - x).abs().max() > 1.0)}
 
 
 def _stock_eval(moe, x):
@@ -108,14 +158,14 @@ def _stock_eval(moe, x):
 @pytest.mark.parametrize("world_size", [1, 2])
 @pytest.mark.parametrize("k", [1, 2])
 def test_patched_layer_against_stock(world_size, k):
-    report = run_distributed(check_patch_against_stock, world_size, k)
-    bytes_stock, bytes_lsh, calls = report.pop("bytes")
-    assert all(report.values()), report
-    if world_size == 2:
-        # fwd + bwd cross the network twice each; centroids are ceil(0.25 * C) of C slots per expert
-        assert calls == 4 and bytes_lsh <= 0.3 * bytes_stock, (bytes_lsh, bytes_stock)
-    else:
-        assert calls == 0 and bytes_stock == 0  # ep_size 1: DeepSpeed makes no all-to-all at all
+    for rank, report in enumerate(run_distributed(check_patch_against_stock, world_size, k)):
+        bytes_stock, bytes_lsh, calls = report.pop("bytes")
+        assert all(report.values()), (rank, failed(report))
+        if world_size == 2:
+            # fwd + bwd cross the network twice each; centroids are ceil(0.25 * C) of C slots per expert
+            assert calls == 4 and bytes_lsh <= 0.3 * bytes_stock, (rank, bytes_lsh, bytes_stock)
+        else:
+            assert calls == 0 and bytes_stock == 0  # ep_size 1: DeepSpeed makes no all-to-all at all
 
 
 def check_dtypes_and_layers(rank, world_size):
@@ -142,8 +192,8 @@ def check_dtypes_and_layers(rank, world_size):
 
 
 def test_gradients_flow_for_every_dtype_and_gating_on_two_ranks():
-    results = run_distributed(check_dtypes_and_layers, 2)
-    assert all(results.values()), results
+    for rank, results in enumerate(run_distributed(check_dtypes_and_layers, 2)):
+        assert all(results.values()), (rank, failed(results))
 
 
 def check_unsupported(rank, world_size):
@@ -170,7 +220,7 @@ def check_unsupported(rank, world_size):
 
 
 def test_unsupported_layouts_and_versions_fail_loudly():
-    messages = run_distributed(check_unsupported, 1)
+    [messages] = run_distributed(check_unsupported, 1)
     assert "use_tutel=True" in messages[0] and "allowed: use_tutel=False" in messages[0]
     assert messages[1] == "lshmoe-plugin supports deepspeed 0.19.x; found deepspeed 0.18.4"
     assert messages[2] == "False"
@@ -205,7 +255,7 @@ def check_monitor(rank, world_size, out_dir):
 
 
 def test_telemetry_is_written_through_deepspeeds_monitor(tmp_path):
-    files = run_distributed(check_monitor, 1, str(tmp_path))
+    [files] = run_distributed(check_monitor, 1, str(tmp_path))
     assert "lsh_moe_layer0_bytes_ratio.csv" in files, files
     path = glob.glob(os.path.join(str(tmp_path), "lsh", "*layer0*bytes_ratio*.csv"))[0]
     rows = list(csv.reader(open(path)))
@@ -260,8 +310,8 @@ def check_decide_by_cost(rank, world_size):
 
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_decide_by_cost_measures_once_and_ranks_agree(world_size):
-    result = run_distributed(check_decide_by_cost, world_size)
-    assert all(result.values()), result
+    for rank, result in enumerate(run_distributed(check_decide_by_cost, world_size)):
+        assert all(result.values()), (rank, failed(result))
 
 
 def test_monitor_hook_stays_while_any_deepspeed_patch_is_applied():

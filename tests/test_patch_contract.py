@@ -148,9 +148,7 @@ def check_contract(subject):
     out["reverted_identical"] = identical(stock, subject.fwd_bwd())
 
     out.update(check_decide_by_cost(subject, stock))
-    gathered = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, out)
-    return gathered
+    return out
 
 
 def check_decide_by_cost(subject, stock):
