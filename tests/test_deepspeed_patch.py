@@ -314,6 +314,92 @@ def test_decide_by_cost_measures_once_and_ranks_agree(world_size):
         assert all(result.values()), (rank, failed(result))
 
 
+def eval_output(moe, x):
+    """Output of one eval-mode forward without gradients, as `evaluate` runs it."""
+    moe.eval()
+    torch.manual_seed(7)
+    with torch.no_grad():
+        out = moe(x)[0]
+    moe.train()
+    return out
+
+
+def check_compressed_eval(rank, world_size):
+    """`compress_in_eval` switched on and off (by `compressed_eval()` and by swapping the config) keeps every layer's
+    compressor, projections and cost decision; evaluation never measures; an undecided layer evaluates stock."""
+    import dataclasses
+
+    from lshmoe_plugin import cost
+    torch.manual_seed(100 + rank)
+    x = torch.randn(2, 24, D_MODEL)
+    measure, calls, result = cost.measure, [], {}
+    variants = {"without_decide_by_cost": None, "decided_compressed": (2.0, 1.0), "decided_stock": (1.0, 2.0)}
+    try:
+        for name, times in variants.items():
+            moe = build_moe(world_size, 2)
+            stock_eval = eval_output(moe, x)
+            config = lshmoe_plugin.LSHMoEConfig(enabled=True, compression_rate=0.25, decide_by_cost=times is not None)
+            lshmoe_plugin.enable(config, moe)
+            calls.clear()
+            cost.measure = lambda *a, times=times, **k: calls.append(1) or times
+            with lshmoe_plugin.compressed_eval():
+                before_training = eval_output(moe, x)
+            result[f"{name}_undecided_eval"] = (torch.equal(before_training, stock_eval) and not calls
+                                                if times else not torch.equal(before_training, stock_eval))
+            fwd_bwd(moe, x)  # the first training step decides
+            compressor = moe.deepspeed_moe._lshmoe_compressor
+            projections = dict(compressor._projections)
+            with lshmoe_plugin.compressed_eval():
+                by_context = eval_output(moe, x)
+            lshmoe_plugin.enable(dataclasses.replace(config, compress_in_eval=True), moe)
+            by_config = eval_output(moe, x)
+            lshmoe_plugin.enable(config, moe)
+            exact = eval_output(moe, x)
+            fwd_bwd(moe, x)
+            kept = moe.deepspeed_moe._lshmoe_compressor
+            compresses = times != (1.0, 2.0)
+            result[f"{name}_kept"] = (kept is compressor and kept.pays == (compresses if times else None)
+                                      and all(kept._projections[k] is v for k, v in projections.items())
+                                      and len(calls) == (1 if times else 0))
+            result[f"{name}_compressed_eval"] = (torch.equal(by_context, by_config)
+                                                 and torch.equal(by_context, stock_eval) != compresses)
+            result[f"{name}_exact_eval_after"] = torch.equal(exact, stock_eval)
+            lshmoe_plugin.disable()
+    finally:
+        cost.measure = measure
+        lshmoe_plugin.disable()
+    result.update(check_training_forward_without_grad_decides(world_size, x))
+    return result
+
+
+def check_training_forward_without_grad_decides(world_size, x):
+    """A training-mode forward under no_grad (reentrant activation checkpointing's first pass) measures with
+    autograd on for the trial, so its recomputation with gradients takes the same branch."""
+    from lshmoe_plugin import cost
+    moe = build_moe(world_size, 2)
+    lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "compression_rate": 0.25, "decide_by_cost": True}}, moe)
+    measure, calls = cost.measure, []
+    cost.measure = lambda *a, **k: calls.append(1) or measure(*a, **k)
+    try:
+        torch.manual_seed(7)
+        with torch.no_grad():
+            first = moe(x)[0]
+        pays = moe.deepspeed_moe._lshmoe_compressor.pays
+        torch.manual_seed(7)
+        again = moe(x)[0]
+    finally:
+        cost.measure = measure
+        lshmoe_plugin.disable()
+    return {"no_grad_training_forward_decided": pays is not None and len(calls) == 1,
+            "no_grad_training_forward_is_what_grad_recomputes": torch.equal(first, again)}
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_compressed_eval_keeps_each_layers_decision_and_never_measures(world_size):
+    for rank, result in enumerate(run_distributed(check_compressed_eval, world_size)):
+        assert all(result.values()), (rank, failed(result))
+
+
 def test_monitor_hook_stays_while_any_deepspeed_patch_is_applied():
     from deepspeed.runtime.engine import DeepSpeedEngine
 
