@@ -15,7 +15,7 @@ from typing import Any, Iterator, Mapping, Optional, Union
 
 from .compressor import ClusterState, LSHCompressor, fixed_slots
 from .config import ENABLED_ENV_VAR, LSHMoEConfig, LSHMoEConfigError
-from .telemetry import TELEMETRY, LayerStats, Telemetry, write_to_monitor
+from .telemetry import TELEMETRY, CostDecision, LayerStats, Telemetry, write_to_monitor
 
 __version__ = "0.1.0"
 
@@ -99,6 +99,6 @@ def _patch_module(framework: str):
     raise ValueError(f"framework={framework!r}: allowed values are 'deepspeed', 'megatron', 'autoep'")
 
 
-__all__ = ["ClusterState", "ENABLED_ENV_VAR", "LSHCompressor", "LSHMoEConfig", "LSHMoEConfigError", "LayerStats",
-           "TELEMETRY", "Telemetry", "compressed_eval", "disable", "enable", "fixed_slots", "load_config",
-           "write_to_monitor"]
+__all__ = ["ClusterState", "CostDecision", "ENABLED_ENV_VAR", "LSHCompressor", "LSHMoEConfig", "LSHMoEConfigError",
+           "LayerStats", "TELEMETRY", "Telemetry", "compressed_eval", "disable", "enable", "fixed_slots",
+           "load_config", "write_to_monitor"]

@@ -17,6 +17,7 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from .compressor import LSHCompressor
+from .telemetry import CostDecision
 from .timing import time_ms
 
 logger = logging.getLogger("lshmoe_plugin")
@@ -44,7 +45,8 @@ def measure(stock: Callable[[], None], compressed: Callable[[], None], device: t
 def decide(compressor: LSHCompressor, stock: Callable[[], None], compressed: Callable[[], None],
            device: torch.device, sum_over_group: Optional[Callable[[torch.Tensor], None]] = None,
            ranks: int = 1) -> bool:
-    """Set and return ``compressor.pays``: True where the compressed exchange is faster.
+    """Set and return ``compressor.pays``: True where the compressed exchange is faster; the decision goes to the
+    compressor's telemetry (`CostDecision`), which the DeepSpeed patches log once after the step.
 
     `sum_over_group` all-reduces a (2,) tensor in place over the expert-parallel group, so every rank takes the
     same decision (their all-to-alls must keep matching shapes); None on a single rank.
@@ -57,6 +59,8 @@ def decide(compressor: LSHCompressor, stock: Callable[[], None], compressed: Cal
         sum_over_group(times)
     stock_ms, compressed_ms = times.tolist()
     compressor.pays = compressed_ms < stock_ms
+    compressor.telemetry.record_decision(CostDecision(compressor.layer_index, compressor.pays, stock_ms,
+                                                      compressed_ms, ranks))
     logger.info(f"lsh_moe: layer {compressor.layer_index} compression {'on' if compressor.pays else 'off'} "
                 f"(exchange fwd+bwd: stock {stock_ms:.2f} ms vs compressed {compressed_ms:.2f} ms, summed over "
                 f"{ranks} rank(s))")

@@ -1,4 +1,5 @@
-"""Writes the plugin's telemetry through DeepSpeed's monitor after every ``engine.step()``.
+"""Writes the plugin's telemetry through DeepSpeed's monitor after every ``engine.step()``, and logs the layers'
+``decide_by_cost`` decisions once after the step that made them.
 
 Shared by the DeepSpeed patches (GShard layer and AutoEP): the hook is installed while at least one of them is
 applied and removed with the last, so reverting one patch never strips the other's telemetry.
@@ -29,4 +30,5 @@ def _step_then_write_telemetry(self, *args, **kwargs):
     from deepspeed.runtime.engine import DeepSpeedEngine
     result = LIFECYCLE.original(DeepSpeedEngine, "step")(self, *args, **kwargs)
     write_to_monitor(self, TELEMETRY)
+    TELEMETRY.log_decisions()
     return result

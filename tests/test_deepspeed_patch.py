@@ -226,30 +226,35 @@ def test_unsupported_layouts_and_versions_fail_loudly():
     assert messages[2] == "False"
 
 
-def check_monitor(rank, world_size, out_dir):
+class MoENet(torch.nn.Module):
+    def __init__(self, world_size):
+        super().__init__()
+        self.moe = build_moe(world_size, 2, make_groups=False)
+        self.head = torch.nn.Linear(D_MODEL, 1)
+
+    def forward(self, x):
+        out, l_aux, _ = self.moe(x)
+        return self.head(out).square().mean() + l_aux
+
+
+def train_with_csv_monitor(world_size, out_dir, lsh_moe, steps=3):
+    """`steps` engine steps of a one-MoE-layer net, LSH on, DeepSpeed's csv monitor writing into `out_dir`/lsh."""
     import deepspeed
-
-    class Net(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.moe = build_moe(world_size, 2, make_groups=False)
-            self.head = torch.nn.Linear(D_MODEL, 1)
-
-        def forward(self, x):
-            out, l_aux, _ = self.moe(x)
-            return self.head(out).square().mean() + l_aux
-
     config = {"train_micro_batch_size_per_gpu": 2,
               "optimizer": {"type": "Adam", "params": {"lr": 1e-3, "torch_adam": True}},
               "csv_monitor": {"enabled": True, "output_path": out_dir, "job_name": "lsh"},
-              "lsh_moe": {"enabled": True, "compression_rate": 0.25, "telemetry_interval": 1}}
-    net = Net()
+              "lsh_moe": {"enabled": True, "compression_rate": 0.25, **lsh_moe}}
+    net = MoENet(world_size)
     lshmoe_plugin.enable(config, net)
     engine, *_ = deepspeed.initialize(model=net, model_parameters=net.parameters(), config=config)
-    for _ in range(3):
+    for _ in range(steps):
         loss = engine(torch.randn(2, 24, D_MODEL))
         engine.backward(loss)
         engine.step()
+
+
+def check_monitor(rank, world_size, out_dir):
+    train_with_csv_monitor(world_size, out_dir, {"telemetry_interval": 1})
     lshmoe_plugin.disable()
     return sorted(os.path.basename(p) for p in glob.glob(os.path.join(out_dir, "lsh", "*.csv")))
 
@@ -262,6 +267,50 @@ def test_telemetry_is_written_through_deepspeeds_monitor(tmp_path):
     assert len(rows) >= 3 and float(rows[-1][1]) == pytest.approx(0.25, abs=0.05)
     residual = glob.glob(os.path.join(str(tmp_path), "lsh", "*layer0*relative_residual_norm*.csv"))[0]
     assert 0 < float(list(csv.reader(open(residual)))[-1][1]) < 2
+
+
+def check_decision_is_visible(rank, world_size, out_dir):
+    """A layer that decides on stock says so: in TELEMETRY, in DeepSpeed's monitor, and in one WARNING."""
+    import logging
+
+    from lshmoe_plugin import cost
+
+    class Records(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.DEBUG)
+            self.records = []
+
+        def emit(self, record):
+            self.records.append((record.levelno, record.getMessage()))
+
+    handler, logger = Records(), logging.getLogger("lshmoe_plugin")
+    logger.addHandler(handler)
+    measure = cost.measure
+    cost.measure = lambda *a, **k: (1.0, 2.0)  # stock measured faster, as on a fast link
+    try:
+        train_with_csv_monitor(world_size, out_dir, {"decide_by_cost": True})
+        summary = lshmoe_plugin.TELEMETRY.summary()
+    finally:
+        cost.measure = measure
+        logger.removeHandler(handler)
+        lshmoe_plugin.disable()
+    warnings = [message for level, message in handler.records if level == logging.WARNING]
+    csv_files = sorted(os.path.basename(p) for p in glob.glob(os.path.join(out_dir, "lsh", "*.csv")))
+    return summary, warnings, csv_files
+
+
+def test_a_layer_that_decides_on_stock_is_visible_in_telemetry_monitor_and_log(tmp_path):
+    [(summary, warnings, files)] = run_distributed(check_decision_is_visible, 1, str(tmp_path))
+    assert summary["lsh_moe/layer0/compressed"] == 0.0
+    assert summary["lsh_moe/layer0/stock_exchange_ms"] == 1.0
+    assert summary["lsh_moe/layer0/compressed_exchange_ms"] == 2.0
+    assert "lsh_moe/layer0/bytes_ratio" not in summary  # it runs stock: nothing compressed to report
+    assert len(warnings) == 1, warnings  # once, after the first step, although three steps ran
+    assert "1 of 1 layer(s) run stock, where compressing measured slower" in warnings[0]
+    assert "layer 0 stock (stock 1.00 ms vs compressed 2.00 ms)" in warnings[0]
+    assert {"lsh_moe_layer0_compressed.csv", "lsh_moe_layer0_stock_exchange_ms.csv"} <= set(files), files
+    rows = list(csv.reader(open(os.path.join(str(tmp_path), "lsh", "lsh_moe_layer0_compressed.csv"))))
+    assert len(rows) >= 3 and float(rows[-1][1]) == 0.0
 
 
 def check_decide_by_cost(rank, world_size):
@@ -304,6 +353,7 @@ def check_decide_by_cost(rank, world_size):
         finally:
             cost.measure = measure
         result[f"forced_{forced}"] = (not same(out, stock)) if forced else same(out, stock)
+        result[f"forced_{forced}_recorded"] = lshmoe_plugin.TELEMETRY.summary()["lsh_moe/layer0/compressed"] == forced
     lshmoe_plugin.disable()
     return result
 
@@ -364,6 +414,9 @@ def check_compressed_eval(rank, world_size):
             result[f"{name}_compressed_eval"] = (torch.equal(by_context, by_config)
                                                  and torch.equal(by_context, stock_eval) != compresses)
             result[f"{name}_exact_eval_after"] = torch.equal(exact, stock_eval)
+            recorded = lshmoe_plugin.TELEMETRY.decisions.get(0)  # switching did not clear it either
+            result[f"{name}_decision_still_recorded"] = (recorded is not None and recorded.compressed == compresses
+                                                         if times else recorded is None)
             lshmoe_plugin.disable()
     finally:
         cost.measure = measure
