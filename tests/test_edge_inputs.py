@@ -59,6 +59,8 @@ CASES = {
 REFUSED = {
     # cross-polytope hashes are rotations: at most d_model directions
     "cross_polytope_hash_dim_above_d_model": Case(lsh=dict(hash_dim=20)),
+    # 13 hashes of 4 bits leave 11 bits of the int64 bucket key for the expert id and its sentinel: 2047 experts
+    "more_experts_than_the_bucket_key_holds": Case(moe=dict(k=1, num_experts=2048), lsh=dict(num_hashes=13)),
 }
 
 
@@ -324,6 +326,14 @@ def test_cross_polytope_hash_dim_above_d_model_is_a_named_error(run):
         assert name == "LSHMoEConfigError" and is_config_error, rank
         assert "lsh_moe.hash_dim=20" in message and "d_model=16" in message, rank
         assert "allowed: 1 <= hash_dim <= d_model for cross_polytope" in message and "spherical" in message, rank
+
+
+def test_more_experts_than_the_bucket_key_holds_is_a_named_error(run):
+    for rank, reports in enumerate(run[1]):
+        name, is_config_error, message = reports["more_experts_than_the_bucket_key_holds"]
+        assert name == "LSHMoEConfigError" and is_config_error, (rank, message)
+        assert "MoE layer 0 has 2048 experts" in message and "for at most 2047 experts" in message, rank
+        assert "lsh_moe.num_hashes=13 with hash_dim=8" in message, rank
 
 
 def empty_dispatch_checks(compressor, device):
