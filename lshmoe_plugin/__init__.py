@@ -6,16 +6,17 @@ One line turns it on in a DeepSpeed training script, with the ``"lsh_moe"`` bloc
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import os
 import sys
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Iterator, Mapping, Optional, Union
 
 from .compressor import ClusterState, LSHCompressor, fixed_slots
 from .config import ENABLED_ENV_VAR, LSHMoEConfig, LSHMoEConfigError
 from .schedule import set_training_step, training_step
-from .telemetry import TELEMETRY, LayerStats, Telemetry, write_to_monitor
+from .telemetry import TELEMETRY, CostDecision, LayerStats, Telemetry, write_to_monitor
 
 __version__ = "0.1.0"
 
@@ -73,6 +74,19 @@ def disable(framework: str = "deepspeed") -> None:
     _patch_module(framework).revert()
 
 
+@contextlib.contextmanager
+def compressed_eval(framework: str = "deepspeed") -> Iterator[None]:
+    """Evaluate with compression: inside the block, eval-mode forwards compress as in training
+    (``compress_in_eval``); afterwards the settings before come back.
+
+    Every layer keeps its compressor: its hash projections, CUDA graphs and ``decide_by_cost`` decision (a layer
+    that decided on stock evaluates stock; one that has not decided yet evaluates stock too, since evaluation never
+    measures). Where the patch is not applied (compression disabled) the block runs the framework unchanged.
+    """
+    with _patch_module(framework).LIFECYCLE.compressing_in_eval():
+        yield
+
+
 def _patch_module(framework: str):
     if framework == "deepspeed":
         from .patches import deepspeed_moe
@@ -86,6 +100,6 @@ def _patch_module(framework: str):
     raise ValueError(f"framework={framework!r}: allowed values are 'deepspeed', 'megatron', 'autoep'")
 
 
-__all__ = ["ClusterState", "ENABLED_ENV_VAR", "LSHCompressor", "LSHMoEConfig", "LSHMoEConfigError", "LayerStats",
-           "TELEMETRY", "Telemetry", "disable", "enable", "fixed_slots", "load_config", "set_training_step",
-           "training_step", "write_to_monitor"]
+__all__ = ["ClusterState", "CostDecision", "ENABLED_ENV_VAR", "LSHCompressor", "LSHMoEConfig", "LSHMoEConfigError",
+           "LayerStats", "TELEMETRY", "Telemetry", "compressed_eval", "disable", "enable", "fixed_slots",
+           "load_config", "set_training_step", "training_step", "write_to_monitor"]

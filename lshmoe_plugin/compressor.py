@@ -16,7 +16,7 @@ import torch
 
 from . import ops, residual_map
 from .clustering import refine_fixed
-from .config import LSHMoEConfig
+from .config import LSHMoEConfig, LSHMoEConfigError
 from .hashing import hash_projections
 from .schedule import training_step
 from .telemetry import TELEMETRY, LayerStats, Telemetry, relative_residual_norm
@@ -109,6 +109,17 @@ class LSHCompressor:
             held.redraw(hash_projections(self.config, d_model, self.layer_index, draw), draw)
         return held.tensor
 
+    def check_experts(self, num_experts: int) -> None:
+        """Refuse a layer whose expert ids would overflow the int64 bucket key, instead of mis-sorting its tokens."""
+        limit = self.config.max_experts
+        if num_experts > limit:
+            bits = self.config.num_hashes * self.config.code_bits_per_hash
+            raise LSHMoEConfigError(
+                f"MoE layer {self.layer_index} has {num_experts} experts; lsh_moe.num_hashes={self.config.num_hashes} "
+                f"with hash_dim={self.config.hash_dim} ({bits} bits of bucket code) fits int64 bucket keys for at most "
+                f"{limit} experts. Allowed: experts <= 2**(63 - num_hashes * ceil(log2(2 * hash_dim))) - 1; fewer "
+                f"num_hashes or a smaller hash_dim raise the limit")
+
     def _ops_for(self, device: torch.device):
         if self._ops is None:
             self._ops = ops.select(self.config.kernel, device)
@@ -127,6 +138,7 @@ class LSHCompressor:
     def _compress_fixed(self, dispatched: torch.Tensor, valid: torch.Tensor,
                         record: bool) -> Tuple[torch.Tensor, ClusterState]:
         num_experts, capacity, d_model = dispatched.shape
+        self.check_experts(num_experts)
         slots_per_expert = fixed_slots(capacity, self.config.compression_rate)
         tokens = dispatched.reshape(-1, d_model)
         valid = valid.reshape(-1)
@@ -174,6 +186,7 @@ class LSHCompressor:
         of the all-to-all. K is read back to the host once (the split sizes need it anyway). record=False as in
         `compress_fixed`.
         """
+        self.check_experts(tokens_per_group.numel())
         tokens_per_group = tokens_per_group.to(device=tokens.device, dtype=torch.long)
         if valid is None:
             valid = torch.ones(tokens.shape[0], dtype=torch.bool, device=tokens.device)

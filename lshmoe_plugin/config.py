@@ -21,7 +21,8 @@ KERNELS = ("auto", "torch", "triton")
 _TRUE_WORDS = ("1", "true", "yes", "on")
 _FALSE_WORDS = ("0", "false", "no", "off")
 # Every hash contributes the bits of its digit (log2(2 * hash_dim) for both families) to a bucket key that also
-# carries the expert id; 52 bits of code keep the key inside int64 for up to 2**11 experts.
+# carries the expert id; 52 bits of code keep the key inside int64 for up to 2**11 - 1 experts (`max_experts`,
+# checked per layer when it compresses).
 _MAX_CODE_BITS = 52
 
 
@@ -145,6 +146,12 @@ class LSHMoEConfig:
     @property
     def code_bits_per_hash(self) -> int:
         return self.family.code_bits(self.hash_dim)
+
+    @property
+    def max_experts(self) -> int:
+        """Most experts one layer may have: the bucket key ``expert << code bits | code`` and the sentinel one past
+        the last expert must fit a signed int64."""
+        return (2**63 - 1) >> (self.num_hashes * self.code_bits_per_hash)
 
     def applies_to_layer(self, layer_index: int) -> bool:
         return self.layers == "all" or layer_index in self.layers

@@ -4,10 +4,13 @@ Counters stay on the device as tensors; nothing is synchronised to the host unti
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
+
+logger = logging.getLogger("lshmoe_plugin")
 
 
 @dataclass
@@ -43,17 +46,63 @@ class LayerStats:
         return out
 
 
+@dataclass
+class CostDecision:
+    """What ``decide_by_cost`` measured for one layer and chose; the same on every expert-parallel rank."""
+    layer_index: int
+    compressed: bool
+    stock_ms: float        # the stock exchange, forward + input backward, summed over the ranks
+    compressed_ms: float   # the compressed one, likewise
+    ranks: int
+
+    def as_floats(self) -> Dict[str, float]:
+        return {"compressed": float(self.compressed), "stock_exchange_ms": self.stock_ms,
+                "compressed_exchange_ms": self.compressed_ms}
+
+    def describe(self) -> str:
+        return (f"layer {self.layer_index} {'compressed' if self.compressed else 'stock'} (stock "
+                f"{self.stock_ms:.2f} ms vs compressed {self.compressed_ms:.2f} ms)")
+
+
 class Telemetry:
-    """Keeps the latest `LayerStats` of every layer; `summary()` turns them into floats (one host sync)."""
+    """Keeps the latest `LayerStats` of every layer and every layer's `CostDecision`; `summary()` turns them into
+    floats (one host sync)."""
 
     def __init__(self) -> None:
         self.latest: Dict[int, LayerStats] = {}
+        self.decisions: Dict[int, CostDecision] = {}
+        self._decisions_unlogged = False
 
     def record(self, stats: LayerStats) -> None:
         self.latest[stats.layer_index] = stats
 
+    def record_decision(self, decision: CostDecision) -> None:
+        self.decisions[decision.layer_index] = decision
+        self._decisions_unlogged = True
+
     def clear(self) -> None:
         self.latest.clear()
+        self.decisions.clear()
+        self._decisions_unlogged = False
+
+    def log_decisions(self) -> None:
+        """Log every layer's cost decision in one line, once after new ones were made (the DeepSpeed patches call
+        it after each ``engine.step()``): at WARNING where any layer runs stock, which would otherwise go unseen,
+        else at INFO. Rank 0 only: the ranks decide alike."""
+        if not self._decisions_unlogged:
+            return
+        self._decisions_unlogged = False
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_rank() != 0:
+            return
+        decisions = [self.decisions[i] for i in sorted(self.decisions)]
+        stock = sum(not d.compressed for d in decisions)
+        per_layer = "; ".join(d.describe() for d in decisions)
+        if stock:
+            logger.warning(f"lsh_moe.decide_by_cost: {stock} of {len(decisions)} layer(s) run stock, where "
+                           f"compressing measured slower: {per_layer}")
+        else:
+            logger.info(f"lsh_moe.decide_by_cost: all {len(decisions)} layer(s) compress: {per_layer}")
 
     def summary(self) -> Dict[str, float]:
         """Flat ``{"lsh_moe/layer{i}/{name}": value}`` over all layers, plus ``lsh_moe/mean/...`` averages."""
@@ -65,6 +114,9 @@ class Telemetry:
                 sums.setdefault(name, []).append(value)
         for name, values in sums.items():
             flat[f"lsh_moe/mean/{name}"] = sum(values) / len(values)
+        for index in sorted(self.decisions):  # also for layers that run stock, which record no LayerStats
+            for name, value in self.decisions[index].as_floats().items():
+                flat[f"lsh_moe/layer{index}/{name}"] = value
         return flat
 
     def monitor_events(self, global_samples: int) -> List[Tuple[str, float, int]]:
@@ -78,7 +130,7 @@ TELEMETRY = Telemetry()
 def write_to_monitor(engine, telemetry: Telemetry = TELEMETRY) -> None:
     """Write the latest stats through a DeepSpeed engine's monitor (tensorboard/csv/wandb blocks of its JSON)."""
     monitor = getattr(engine, "monitor", None)
-    if monitor is None or not getattr(monitor, "enabled", False) or not telemetry.latest:
+    if monitor is None or not getattr(monitor, "enabled", False) or not (telemetry.latest or telemetry.decisions):
         return
     monitor.write_events(telemetry.monitor_events(engine.global_samples))
 

@@ -1,7 +1,8 @@
 """Shared pieces of the benchmark scripts: device timing, the copy-bandwidth ceiling, and the report writer.
 
 Every figure a script writes is computed in the same run that it reports, next to the command line, the GPU and
-the link it was measured on; nothing is typed by hand.
+the link it was measured on; nothing is typed by hand. The scripts print their tables and write a report only into
+the file ``--report`` names.
 """
 from __future__ import annotations
 
@@ -99,6 +100,16 @@ def write_section(path: str, name: str, text: str) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
         f.write(new)
+
+
+def report_section(path: Optional[str], name: str, text: str) -> None:
+    """Write section `name` into `path` when the run was given one (``--report PATH``), else only say so: a
+    benchmark run never edits the checkout's docs unless asked to."""
+    if path:
+        write_section(path, name, text)
+        print(f"wrote {path} [{name}]")
+    else:
+        print(f"section '{name}' not written (pass --report PATH to write it, e.g. --report docs/benchmarks.md)")
 
 
 def read_section_table(path: str, name: str) -> Dict[str, Dict[str, str]]:

@@ -7,7 +7,6 @@ checkpoints.py.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import math
@@ -333,15 +332,12 @@ def eval_samples(args: argparse.Namespace, valid, micro_batch: int, world: int, 
 
 def validation_losses(engine, valid: EvalBatches, args: argparse.Namespace) -> Dict[str, float]:
     """valid_loss with exact dispatch in eval (the default), and with --eval_compressed also
-    valid_loss_compressed: the same batches with the compressor on in eval (``compress_in_eval``)."""
+    valid_loss_compressed: the same batches with the compressor on in eval (``lshmoe_plugin.compressed_eval``,
+    which keeps every layer's compressor and ``decide_by_cost`` decision)."""
     losses = {"valid_loss": evaluate(engine, valid), "valid_samples": valid.num_samples}
-    lsh = args.lsh
-    if args.eval_compressed and lsh.enabled:
-        lshmoe_plugin.enable(dataclasses.replace(lsh, compress_in_eval=True), engine.module)
-        try:
+    if args.eval_compressed and args.lsh.enabled:
+        with lshmoe_plugin.compressed_eval():
             losses["valid_loss_compressed"] = evaluate(engine, valid)
-        finally:
-            lshmoe_plugin.enable(lsh, engine.module)
     return losses
 
 

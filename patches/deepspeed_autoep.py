@@ -98,9 +98,9 @@ def _patched_forward(self, hidden_states: torch.Tensor):
     check_layer(self)
     compressor = LIFECYCLE.compressor(self, index)
     if LIFECYCLE.config.decide_by_cost:
-        if compressor.pays is None:
+        if cost.measures_now(compressor, self.training):
             decide_by_cost(self, compressor, hidden_states)
-        if not compressor.pays:
+        if not compressor.pays:  # None: not decided yet (eval before any training step) runs stock
             return _stock_forward(self, hidden_states)
     return _compressed_forward(self, compressor, hidden_states)
 

@@ -86,9 +86,9 @@ def _patched_forward(self, *input: torch.Tensor, **kwargs: Any) -> torch.Tensor:
     _check_layout(self)
     compressor = LIFECYCLE.compressor(self, index)
     if LIFECYCLE.config.decide_by_cost:
-        if compressor.pays is None:
+        if cost.measures_now(compressor, self.training):
             decide_by_cost(self, compressor, *input)
-        if not compressor.pays:
+        if not compressor.pays:  # None: not decided yet (eval before any training step) runs stock
             return _stock_forward(self, *input, **kwargs)
     return _compressed_forward(self, compressor, *input)
 

@@ -1,5 +1,6 @@
-"""After every ``engine.step()``: sets the plugin's training clock to the engine's optimizer step and writes the
-plugin's telemetry through DeepSpeed's monitor.
+"""After every ``engine.step()``: sets the plugin's training clock to the engine's optimizer step, writes the
+plugin's telemetry through DeepSpeed's monitor, and logs the layers' ``decide_by_cost`` decisions once after the
+step that made them.
 
 Shared by the DeepSpeed patches (GShard layer and AutoEP): the hook is installed while at least one of them is
 applied and removed with the last, so reverting one patch never strips the other's telemetry.
@@ -32,4 +33,5 @@ def _step_then_write_telemetry(self, *args, **kwargs):
     result = LIFECYCLE.original(DeepSpeedEngine, "step")(self, *args, **kwargs)
     set_training_step(int(self.global_steps))
     write_to_monitor(self, TELEMETRY)
+    TELEMETRY.log_decisions()
     return result

@@ -6,7 +6,9 @@ so the three patches cannot drift apart in how they number layers, rebuild compr
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, Optional, Tuple
+import contextlib
+import dataclasses
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple
 
 from lshmoe_plugin.compressor import LSHCompressor
 from lshmoe_plugin.config import LSHMoEConfig, LSHMoEConfigError
@@ -22,7 +24,8 @@ class PatchLifecycle:
     """State of one framework patch between `install` and `restore`.
 
     Telemetry policy, the same for every patch: stats of an earlier config never mix with the current one's, so
-    they are cleared whenever the config changes (by value) and when the patch is reverted.
+    they are cleared whenever the config changes how layers compress (`compresses_alike`) and when the patch is
+    reverted.
     """
 
     def __init__(self, name: str, telemetry: Telemetry = TELEMETRY) -> None:
@@ -63,9 +66,24 @@ class PatchLifecycle:
 
     # -- config ---------------------------------------------------------------------------------------------------
     def use(self, config: LSHMoEConfig) -> None:
-        if self.config != config:
+        if not compresses_alike(self.config, config):
             self.telemetry.clear()
         self.config = config
+
+    @contextlib.contextmanager
+    def compressing_in_eval(self) -> Iterator[None]:
+        """Eval-mode forwards compress inside the block (``compress_in_eval``); the config before comes back on
+        exit. No compressor is rebuilt either way. Nothing changes while the patch is not applied."""
+        before = self.config
+        if not self.is_applied() or before is None or before.compress_in_eval:
+            yield
+            return
+        self.use(dataclasses.replace(before, compress_in_eval=True))
+        try:
+            yield
+        finally:
+            if self.is_applied():  # a revert inside the block forgot the config: nothing to put back
+                self.use(before)
 
     def active(self, layer_index: int, training: bool) -> bool:
         """Compress this layer now? Disabled, unselected layers, eval mode (unless compress_in_eval) and steps from
@@ -99,13 +117,24 @@ class PatchLifecycle:
         return index
 
     def compressor(self, holder: Any, layer_index: int) -> LSHCompressor:
-        """The compressor cached on `holder` (a layer or its dispatcher), rebuilt when the config changes by value
-        or the holder now serves another layer index; an equal config keeps its projections and cost decision."""
+        """The compressor cached on `holder` (a layer or its dispatcher), rebuilt when the config changes how it
+        compresses or the holder now serves another layer index; otherwise it keeps its projections, CUDA graphs
+        and cost decision (switching ``compress_in_eval`` rebuilds nothing)."""
         compressor = getattr(holder, COMPRESSOR_ATTRIBUTE, None)
-        if compressor is None or compressor.config != self.config or compressor.layer_index != layer_index:
+        if compressor is None or compressor.layer_index != layer_index \
+                or not compresses_alike(compressor.config, self.config):
             compressor = LSHCompressor(self.config, layer_index, self.telemetry)
             setattr(holder, COMPRESSOR_ATTRIBUTE, compressor)
+        compressor.config = self.config  # the same compression; saves the comparison on the next forward
         return compressor
+
+
+def compresses_alike(a: Optional[LSHMoEConfig], b: Optional[LSHMoEConfig]) -> bool:
+    """Whether two configs compress a layer the same way: equal but for ``compress_in_eval``, which only says
+    whether eval mode runs the compressor at all."""
+    if a is None or b is None:
+        return a is b
+    return a == b or dataclasses.replace(a, compress_in_eval=b.compress_in_eval) == b
 
 
 def refuse_cuda_graphs(config: LSHMoEConfig, framework: str) -> None:

@@ -3,8 +3,12 @@
 For every (d_model, tokens per rank, rate) it times the fixed-layout round trip with the reference ops and the
 fused ops, and divides by the memory-bandwidth floor computed from the copy bandwidth measured in the same run.
 
-    python scripts/benchmark_compressor.py                       # full sweep on a GPU, writes docs/
+    python scripts/benchmark_compressor.py                       # full sweep on a GPU, prints the tables
+    python scripts/benchmark_compressor.py --report docs/benchmarks.md --plot docs/compressor_vs_floor.png
+                                                                 # ... and (re)writes its section and plot there
     python scripts/benchmark_compressor.py --quick --device cpu  # smoke run
+
+Nothing is written unless --report (or --plot) names where.
 """
 from __future__ import annotations
 
@@ -40,9 +44,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
     p.add_argument("--breakdown", action="store_true", help="also time each stage of the fused round trip")
-    p.add_argument("--report", default="docs/benchmarks.md")
-    p.add_argument("--plot", default="docs/compressor_vs_floor.png")
-    return p.parse_args()
+    p.add_argument("--ep", type=int, default=8, help="expert-parallel degree the break-even table assumes: of a "
+                   "rank's rows, (ep - 1) / ep leave it")
+    p.add_argument("--report", default=None, metavar="PATH", help="also write the section 'compressor' into this "
+                   "markdown file (docs/benchmarks.md holds the published one); default: print only")
+    p.add_argument("--plot", default=None, metavar="PATH", help="on CUDA, also save the fwd / floor bar chart here")
+    args = p.parse_args()
+    if args.ep < 1:
+        p.error(f"--ep must be an integer >= 1, got {args.ep}")
+    return args
 
 
 def make_dispatch(experts: int, capacity: int, d: int, dtype: torch.dtype, device: torch.device, seed: int):
@@ -101,7 +111,7 @@ def main() -> None:
                 elem = data[0][0].element_size()
                 best = min(args.kernels, key=lambda k: times[k][3])
                 break_even.append(break_even_row(d, n, rate, best, times[best][3], args.experts * capacity, slots,
-                                                 elem))
+                                                 elem, args.ep))
                 for kernel in args.kernels:
                     fwd, both, graphed, chained = times[kernel]
                     ref_fwd, ref_both, ref_graphed, ref_chained = times[args.kernels[0]]
@@ -149,27 +159,28 @@ def main() -> None:
                  "'assign kernel' the per-expert assignment that also writes the slots' CSR for the reduce and the "
                  "expand.\n\n" + stage_table + "\n")
     headers = ["d_model", "tokens/rank", "rate", "kernel", "compressor fwd+bwd ms per layer",
-               "MiB saved per layer step", "break-even GB/s"] + [f"pays on {name}" for name in LINKS]
+               f"MiB off the rank saved per layer step (EP={args.ep})", f"break-even GB/s (EP={args.ep})"] + [
+        f"pays on {name}" for name in LINKS]
     even_table = bench.markdown_table(headers, break_even)
     print(even_table)
-    text += ("\nBreak-even link bandwidth: compression pays on a link slower than this. Per layer and training step "
-             "a rank's buffer crosses the all-to-all four times (dispatch and combine, forward and backward), so "
-             "compression saves 4·(N − S)·d·b bytes per rank, at the cost of the compressor's fwd+bwd time T "
-             "per layer (chained, fastest kernel, from the table above); break-even = bytes saved / T. "
-             "Conservative: it leaves out the expert compute saved on S instead of N rows, and counts every row "
-             "as leaving the rank (at EP=k a fraction 1/k stays local). Links as per-rank, one-direction "
-             "bandwidth in GB/s.\n\n"
-             + even_table + "\n")
+    text += (f"\nBreak-even link bandwidth at expert-parallel degree EP={args.ep} (`--ep`): compression pays on a "
+             f"link slower than this. Per layer and training step a rank's buffer crosses the all-to-all four times "
+             f"(dispatch and combine, forward and backward), and at EP=k the rows for the rank's own experts stay "
+             f"on it: compression saves 4·(N − S)·d·b·(k − 1)/k bytes of link traffic per rank, at the cost of the "
+             f"compressor's fwd+bwd time T per layer (chained, fastest kernel, from the table above); break-even "
+             f"= bytes saved / T, so it grows with EP towards the (k → ∞) bound 4·(N − S)·d·b / T. Conservative: "
+             f"it leaves out the expert compute saved on S instead of N rows. Links as per-rank, one-direction "
+             f"bandwidth in GB/s.\n\n" + even_table + "\n")
     if args.plot and plot_points and device.type == "cuda":
         plot(plot_points, args.plot)
         text += f"\n![compressor time over floor]({os.path.basename(args.plot)})\n"
-    bench.write_section(args.report, "compressor", text)
-    print(f"wrote {args.report}")
+    bench.report_section(args.report, "compressor", text)
 
 
-def break_even_row(d: int, n: int, rate: float, kernel: str, both_ms: float, tokens: int, slots: int, elem: int):
-    """(d, n, rate, kernel, ms, MiB saved, break-even GB/s, pays on each of LINKS)."""
-    saved = 4 * (tokens - slots) * d * elem
+def break_even_row(d: int, n: int, rate: float, kernel: str, both_ms: float, tokens: int, slots: int, elem: int,
+                   ep: int):
+    """(d, n, rate, kernel, ms, MiB saved off the rank, break-even GB/s, pays on each of LINKS) at EP = `ep`."""
+    saved = 4 * (tokens - slots) * d * elem * (ep - 1) / ep
     gbs = saved / (both_ms * 1e-3) / 1e9
     return (d, n, rate, kernel, both_ms, saved / 2**20, gbs) + tuple("yes" if bw < gbs else "no"
                                                                    for bw in LINKS.values())

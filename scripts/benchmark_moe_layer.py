@@ -11,6 +11,8 @@ in the same processes, so every speed-up is a ratio measured side by side. Launc
 
 With more ranks than GPUs the ranks share GPUs and the all-to-all goes through gloo (NCCL refuses two ranks on
 one GPU): tensors are staged through host memory and cross loopback TCP, like Ethernet without GPUDirect.
+Each run prints its table; ``--report docs/benchmarks.md`` also (re)writes its section there (and its plot next to
+it), nothing is written otherwise.
 """
 from __future__ import annotations
 
@@ -47,8 +49,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
-    p.add_argument("--report", default="docs/benchmarks.md")
-    p.add_argument("--plot", default=None, help="PNG path (default: docs/moe_layer_<section>.png)")
+    p.add_argument("--report", default=None, metavar="PATH", help="also write the section into this markdown file "
+                   "(docs/benchmarks.md holds the published ones); default: print only")
+    p.add_argument("--plot", default=None, help="PNG path, on CUDA (default: <section>.png next to --report; "
+                   "none without --report)")
     p.add_argument("--section", default=None, help="report section name (default: from EP size and link)")
     return p.parse_args()
 
@@ -208,12 +212,11 @@ def main() -> None:
             f"warm-ups, stock and every rate timed round-robin in the same processes. The expert FFN runs on the "
             f"centroids, so the compressed step also does less expert work. '4 x a2a' is four all-to-alls of the "
             f"step's payload (stock: E x C x d, compressed: E x S x d) timed alone.\n\n" + table + "\n")
-        plot_path = args.plot or os.path.join(os.path.dirname(args.report) or ".", f"{section}.png")
-        if points and device.type == "cuda":
+        plot_path = args.plot or (args.report and os.path.join(os.path.dirname(args.report) or ".", f"{section}.png"))
+        if plot_path and points and device.type == "cuda":
             plot(points, plot_path, f"{title}\nlink: {key}")
             text += f"\n![speed-up]({os.path.basename(plot_path)})\n"
-        bench.write_section(args.report, section, text)
-        print(f"wrote {args.report} [{section}]")
+        bench.report_section(args.report, section, text)
     dist.barrier()
     dist.destroy_process_group()
 

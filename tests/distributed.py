@@ -1,8 +1,9 @@
 """Run a test function in N real processes with a real gloo process group (DeepSpeed on the CPU).
 
 Modelled on DeepSpeed's own `DistributedTest`: no fake process groups, no mocked all-to-all. The function
-runs in every rank as ``fn(rank, world_size, *args)``; whatever rank 0 returns comes back to the test, and an
-exception in any rank fails the test with that rank's traceback.
+runs in every rank as ``fn(rank, world_size, *args)``; what every rank returns comes back to the test, as a list
+in rank order, and an exception in any rank fails the test with that rank's traceback. A test asserts on every
+rank's result: a rank that computed something wrong while rank 0 was right must fail it.
 """
 from __future__ import annotations
 
@@ -70,8 +71,8 @@ def build_deepspeed_cpu_comm_op() -> None:
 
 def _deepspeed_worker(rank: int, world_size: int, port: int, queue, backend: str, fn: Callable,
                       args: tuple) -> None:
-    """One rank: DeepSpeed's process group on `backend`, then ``fn``. gloo runs DeepSpeed's CPU accelerator and
-    sends back only rank 0's result; nccl runs its CUDA accelerator, one GPU per rank, and sends back every rank's."""
+    """One rank: DeepSpeed's process group on `backend` (gloo: its CPU accelerator; nccl: its CUDA accelerator, one
+    GPU per rank), then ``fn``, whose result it sends back."""
     on_gpu = backend == "nccl"
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
@@ -85,7 +86,7 @@ def _deepspeed_worker(rank: int, world_size: int, port: int, queue, backend: str
             torch.set_num_threads(1)  # N ranks on a 2-core CI machine: more threads only oversubscribe it
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
         result = fn(rank, world_size, *args)
-        queue.put((rank, "ok", result if on_gpu or rank == 0 else None))
+        queue.put((rank, "ok", result))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -147,12 +148,18 @@ def _check_ranks(procs: list, results: dict, exited_silently: dict, deadline: fl
         raise AssertionError(f"ranks {missing} did not finish within {timeout:.0f} s")
 
 
-def run_deepspeed_nccl(fn: Callable, world_size: int, *args: Any, timeout: float = 600) -> dict:
-    """Run ``fn(rank, world_size, *args)`` in `world_size` spawned processes on CUDA with NCCL; {rank: result}."""
-    return spawn_ranks(_deepspeed_worker, world_size, "nccl", fn, args, timeout=timeout)
+def in_rank_order(results: dict) -> list:
+    return [results[rank] for rank in range(len(results))]
 
 
-def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 600) -> Any:
-    """Run ``fn(rank, world_size, *args)`` in `world_size` spawned processes; return rank 0's result."""
+def run_deepspeed_nccl(fn: Callable, world_size: int, *args: Any, timeout: float = 600) -> list:
+    """Run ``fn(rank, world_size, *args)`` in `world_size` spawned processes on CUDA with NCCL; every rank's
+    result, in rank order."""
+    return in_rank_order(spawn_ranks(_deepspeed_worker, world_size, "nccl", fn, args, timeout=timeout))
+
+
+def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 600) -> list:
+    """Run ``fn(rank, world_size, *args)`` in `world_size` spawned gloo processes; every rank's result, in rank
+    order."""
     build_deepspeed_cpu_comm_op()
-    return spawn_ranks(_deepspeed_worker, world_size, "gloo", fn, args, timeout=timeout)[0]
+    return in_rank_order(spawn_ranks(_deepspeed_worker, world_size, "gloo", fn, args, timeout=timeout))

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from lshmoe_plugin.compressor import LSHCompressor, fixed_slots
-from lshmoe_plugin.config import LSHMoEConfig
+from lshmoe_plugin.config import LSHMoEConfig, LSHMoEConfigError
 from lshmoe_plugin.telemetry import Telemetry
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -185,3 +185,24 @@ def test_centroid_error_on_clustered_tokens_is_close_to_kmeans(capsys):
     for rate, k, lsh, reference in rows[1:]:
         assert lsh <= 1.5 * reference + 0.05, (rate, lsh, reference)
         assert lsh < 0.02 * x[0].var(0).sum().item()  # far below one centroid for all tokens
+
+
+@pytest.mark.parametrize("layout", ["fixed", "variable"])
+def test_more_experts_than_the_int64_bucket_key_holds_are_refused(layout):
+    """13 hashes of 4 bits: 52 bits of code leave room for expert ids up to 2047 (and the sentinel past them)."""
+    compressor = make_compressor(num_hashes=13, hash_dim=8, compression_rate=0.5)
+    assert compressor.config.max_experts == 2047
+
+    def compress(num_experts):
+        tokens = torch.randn(num_experts, 2, 8)
+        if layout == "fixed":
+            return compressor.compress_fixed(tokens, torch.ones(num_experts, 2, dtype=torch.bool))
+        return compressor.compress_variable(tokens.reshape(-1, 8), torch.full((num_experts,), 2))
+
+    # The largest allowed layer: one cluster per expert (2 tokens, rate 0.5), every token in its own expert's.
+    slot = compress(2047)[-1].slot.view(2047, 2)
+    assert torch.equal(slot, torch.arange(2047).unsqueeze(1).expand(2047, 2))
+    with pytest.raises(LSHMoEConfigError, match=r"MoE layer 0 has 2048 experts; lsh_moe.num_hashes=13 with "
+                                                r"hash_dim=8 \(52 bits of bucket code\) fits int64 bucket keys for at "
+                                                r"most 2047 experts"):
+        compress(2048)

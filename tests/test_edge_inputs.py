@@ -30,7 +30,7 @@ class Case:
     gate: Optional[str] = None                # "zero": every token picks expert 0; "starve_last": none picks the last
     inputs: str = "random"                    # "random", "marked" (for starve_last), "identical"
     empty_ranks: Tuple[int, ...] = ()         # ranks whose batch holds no token at all
-    compresses: bool = True                   # whether the compressing rate must merge tokens on rank 0
+    compresses: bool = True                   # whether the compressing rate must merge tokens (ranks with any)
 
 
 CASES = {
@@ -56,8 +56,11 @@ CASES = {
     "empty_batch": Case(moe=dict(k=2, min_capacity=0), empty_ranks=(0, 1), compresses=False),
     "empty_batch_on_rank_1": Case(moe=dict(k=2, min_capacity=0, drop_tokens=False), empty_ranks=(1,)),
 }
-REFUSED = {  # cross-polytope hashes are rotations: at most d_model directions
+REFUSED = {
+    # cross-polytope hashes are rotations: at most d_model directions
     "cross_polytope_hash_dim_above_d_model": Case(lsh=dict(hash_dim=20)),
+    # 13 hashes of 4 bits leave 11 bits of the int64 bucket key for the expert id and its sentinel: 2047 experts
+    "more_experts_than_the_bucket_key_holds": Case(moe=dict(k=1, num_experts=2048), lsh=dict(num_hashes=13)),
 }
 
 
@@ -190,122 +193,147 @@ def check_edge_cases(rank, world_size):
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["1rank", "2ranks"])
 def run(request):
+    """(world size, every rank's reports, in rank order)."""
     return request.param, run_distributed(check_edge_cases, request.param)
+
+
+def ranks_with_tokens(run, name):
+    """(rank, that rank's report of case `name`) for every rank whose batch is not empty."""
+    _, per_rank = run
+    return [(rank, reports[name]) for rank, reports in enumerate(per_rank) if rank not in CASES[name].empty_ranks]
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_rate_one_is_stock_bit_for_bit(run, name):
-    _, reports = run
-    assert reports[name]["mlp"]["rate_one_exact"] and reports[name]["identity"]["rate_one_exact"]
+    for rank, reports in enumerate(run[1]):
+        assert reports[name]["mlp"]["rate_one_exact"] and reports[name]["identity"]["rate_one_exact"], rank
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_identity_experts_with_error_compensation_are_stock_bit_for_bit(run, name):
-    _, reports = run
-    assert reports[name]["identity"]["compressed_exact"], reports[name]["identity"]
+    for rank, reports in enumerate(run[1]):
+        assert reports[name]["identity"]["compressed_exact"], (rank, reports[name]["identity"])
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_compressed_outputs_and_gradients_are_finite_and_flow(run, name):
-    _, reports = run
-    case, mlp = CASES[name], reports[name]["mlp"]
-    assert mlp["finite"], mlp
-    if 0 in case.empty_ranks:  # the reports are rank 0's
-        assert mlp["out_shape"] == (0, case.d_model) and not mlp["input_grad_nonzero"]
-    else:
-        assert mlp["out_shape"] == (*case.shape, case.d_model) and mlp["input_grad_nonzero"]
+    case = CASES[name]
+    for rank, reports in enumerate(run[1]):
+        mlp = reports[name]["mlp"]
+        assert mlp["finite"], (rank, mlp)
+        if rank in case.empty_ranks:
+            assert mlp["out_shape"] == (0, case.d_model) and not mlp["input_grad_nonzero"], (rank, mlp)
+        else:
+            assert mlp["out_shape"] == (*case.shape, case.d_model) and mlp["input_grad_nonzero"], (rank, mlp)
 
 
 @pytest.mark.parametrize("name", sorted(n for n, c in CASES.items() if c.compresses))
 def test_compressing_cases_really_merge_tokens(run, name):
     """Without merging, the exactness checks above would hold trivially."""
-    _, reports = run
-    mlp = reports[name]["mlp"]
-    assert mlp["clusters"] < mlp["valid"], mlp
-    assert not mlp["compressed_exact"]
-    assert mlp["slots_per_expert"] < mlp["capacity"]
+    for rank, report in ranks_with_tokens(run, name):
+        mlp = report["mlp"]
+        assert mlp["clusters"] < mlp["valid"], (rank, mlp)
+        assert not mlp["compressed_exact"], rank
+        assert mlp["slots_per_expert"] < mlp["capacity"], (rank, mlp)
 
 
 @pytest.mark.parametrize("name", ["one_token_top1", "one_token_top2"])
 def test_a_single_token_is_its_own_centroid(run, name):
     """Capacity 1 leaves one slot per expert: nothing to merge, so even MLP experts give stock bit for bit."""
-    _, reports = run
-    mlp = reports[name]["mlp"]
-    assert mlp["capacity"] == mlp["slots_per_expert"] == 1
-    assert mlp["valid"] == CASES[name].moe["k"] and mlp["clusters"] == mlp["valid"]
-    assert mlp["compressed_exact"]
+    for rank, report in ranks_with_tokens(run, name):
+        mlp = report["mlp"]
+        assert mlp["capacity"] == mlp["slots_per_expert"] == 1, (rank, mlp)
+        assert mlp["valid"] == CASES[name].moe["k"] and mlp["clusters"] == mlp["valid"], (rank, mlp)
+        assert mlp["compressed_exact"], rank
 
 
 @pytest.mark.parametrize("name", ["all_to_one_expert", "all_to_one_expert_no_drop"])
 def test_all_tokens_routed_to_one_expert(run, name):
-    world_size, reports = run
-    mlp = reports[name]["mlp"]
+    world_size, _ = run
     tokens_per_rank = CASES[name].shape[0] * CASES[name].shape[1]
-    assert mlp["global_counts"] == [tokens_per_rank * world_size, 0, 0, 0]
-    if CASES[name].moe.get("drop_tokens", True):
-        assert mlp["valid"] == mlp["capacity"] < tokens_per_rank  # the capacity limit drops the rest
-    else:
-        assert mlp["valid"] == tokens_per_rank  # without dropping, the capacity grows to hold them all
-    assert mlp["slots_per_expert"] == math.ceil(CASES[name].rate * mlp["capacity"])
+    for rank, report in ranks_with_tokens(run, name):
+        mlp = report["mlp"]
+        assert mlp["global_counts"] == [tokens_per_rank * world_size, 0, 0, 0], (rank, mlp)
+        if CASES[name].moe.get("drop_tokens", True):
+            assert mlp["valid"] == mlp["capacity"] < tokens_per_rank, (rank, mlp)  # the capacity drops the rest
+        else:
+            assert mlp["valid"] == tokens_per_rank, (rank, mlp)  # without dropping, the capacity holds them all
+        assert mlp["slots_per_expert"] == math.ceil(CASES[name].rate * mlp["capacity"]), (rank, mlp)
 
 
 def test_an_expert_receiving_no_tokens(run):
     """The case really starves the last expert; what the patched layer does with it (exact at rate 1 and with
     identity experts, finite, gradients flowing) is asserted for every case by the parametrised tests above."""
-    _, reports = run
-    counts = reports["expert_without_tokens"]["mlp"]["global_counts"]
-    assert counts[-1] == 0 and all(c > 0 for c in counts[:-1]), counts
+    for rank, report in ranks_with_tokens(run, "expert_without_tokens"):
+        counts = report["mlp"]["global_counts"]
+        assert counts[-1] == 0 and all(c > 0 for c in counts[:-1]), (rank, counts)
 
 
 def test_capacity_below_one_over_rate_sends_one_centroid_per_expert(run):
-    _, reports = run
-    mlp = reports["capacity_below_one_over_rate"]["mlp"]
-    assert mlp["capacity"] < 1 / CASES["capacity_below_one_over_rate"].rate
-    assert mlp["slots_per_expert"] == 1
+    for rank, report in ranks_with_tokens(run, "capacity_below_one_over_rate"):
+        mlp = report["mlp"]
+        assert mlp["capacity"] < 1 / CASES["capacity_below_one_over_rate"].rate, (rank, mlp)
+        assert mlp["slots_per_expert"] == 1, (rank, mlp)
 
 
 @pytest.mark.parametrize("name", ["no_drop_top1", "no_drop_top2"])
 def test_without_dropping_every_route_is_clustered(run, name):
-    _, reports = run
-    mlp = reports[name]["mlp"]
-    assert mlp["valid"] == CASES[name].shape[0] * CASES[name].shape[1] * CASES[name].moe["k"]
+    for rank, report in ranks_with_tokens(run, name):
+        assert report["mlp"]["valid"] == CASES[name].shape[0] * CASES[name].shape[1] * CASES[name].moe["k"], rank
 
 
 def test_ep_size_1_compresses_without_any_all_to_all(run):
-    _, reports = run
-    mlp = reports["ep_size_1_four_local_experts"]["mlp"]
-    assert mlp["all_to_all_calls"] == 0 and mlp["clusters"] < mlp["valid"]
+    for rank, report in ranks_with_tokens(run, "ep_size_1_four_local_experts"):
+        mlp = report["mlp"]
+        assert mlp["all_to_all_calls"] == 0 and mlp["clusters"] < mlp["valid"], (rank, mlp)
 
 
 def test_ep_size_2_cases_do_cross_the_network(run):
-    world_size, reports = run
-    calls = reports["no_drop_top2"]["mlp"]["all_to_all_calls"]
-    assert calls == (4 if world_size == 2 else 0)  # forward and backward, two exchanges each
+    world_size, per_rank = run
+    for rank, reports in enumerate(per_rank):
+        calls = reports["no_drop_top2"]["mlp"]["all_to_all_calls"]
+        assert calls == (4 if world_size == 2 else 0), rank  # forward and backward, two exchanges each
 
 
 def test_identical_tokens_have_no_residual(run):
     """One distinct token per rank: the centroid is that token, so compression changes nothing but rounding."""
-    _, reports = run
-    mlp = reports["identical_tokens"]["mlp"]
-    assert mlp["clusters"] < mlp["valid"] and mlp["compressed_close"], mlp
+    for rank, report in ranks_with_tokens(run, "identical_tokens"):
+        mlp = report["mlp"]
+        assert mlp["clusters"] < mlp["valid"] and mlp["compressed_close"], (rank, mlp)
 
 
 def test_empty_batches_run_like_stock(run):
-    world_size, reports = run
-    empty = reports["empty_batch"]["mlp"]
-    assert empty["valid"] == empty["clusters"] == empty["capacity"] == empty["slots_per_expert"] == 0
-    # rank 0 keeps its tokens; with two ranks, rank 1 sends an empty buffer through the same all-to-all
-    case, partly = CASES["empty_batch_on_rank_1"], reports["empty_batch_on_rank_1"]["mlp"]
-    assert partly["valid"] == case.shape[0] * case.shape[1] * case.moe["k"]
-    assert partly["all_to_all_calls"] == (4 if world_size == 2 else 0)
+    world_size, per_rank = run
+    for rank, reports in enumerate(per_rank):
+        empty = reports["empty_batch"]["mlp"]
+        assert empty["valid"] == empty["clusters"] == empty["capacity"] == empty["slots_per_expert"] == 0, rank
+    # rank 0 keeps its tokens; rank 1, without any, sends an empty-slot buffer through the same all-to-all, and its
+    # capacity (the group's maximum, without dropping) is rank 0's
+    case = CASES["empty_batch_on_rank_1"]
+    full = per_rank[0]["empty_batch_on_rank_1"]["mlp"]
+    assert full["valid"] == case.shape[0] * case.shape[1] * case.moe["k"]
+    assert full["all_to_all_calls"] == (4 if world_size == 2 else 0)
+    if world_size == 2:
+        empty = per_rank[1]["empty_batch_on_rank_1"]["mlp"]
+        assert empty["valid"] == empty["clusters"] == 0, empty
+        assert empty["capacity"] == full["capacity"] > 0 and empty["slots_per_expert"] == full["slots_per_expert"]
+        assert empty["all_to_all_calls"] == 4 and empty["out_shape"] == (0, case.d_model)
 
 
 def test_cross_polytope_hash_dim_above_d_model_is_a_named_error(run):
-    _, reports = run
-    name, is_config_error, message = reports["cross_polytope_hash_dim_above_d_model"]
-    assert name == "LSHMoEConfigError" and is_config_error
-    assert "lsh_moe.hash_dim=20" in message and "d_model=16" in message
-    assert "allowed: 1 <= hash_dim <= d_model for cross_polytope" in message and "spherical" in message
+    for rank, reports in enumerate(run[1]):
+        name, is_config_error, message = reports["cross_polytope_hash_dim_above_d_model"]
+        assert name == "LSHMoEConfigError" and is_config_error, rank
+        assert "lsh_moe.hash_dim=20" in message and "d_model=16" in message, rank
+        assert "allowed: 1 <= hash_dim <= d_model for cross_polytope" in message and "spherical" in message, rank
+
+
+def test_more_experts_than_the_bucket_key_holds_is_a_named_error(run):
+    for rank, reports in enumerate(run[1]):
+        name, is_config_error, message = reports["more_experts_than_the_bucket_key_holds"]
+        assert name == "LSHMoEConfigError" and is_config_error, (rank, message)
+        assert "MoE layer 0 has 2048 experts" in message and "for at most 2047 experts" in message, rank
+        assert "lsh_moe.num_hashes=13 with hash_dim=8" in message, rank
 
 
 def empty_dispatch_checks(compressor, device):

@@ -43,7 +43,7 @@ def check_evaluation(rank, world_size):
 
 
 def test_evaluation_is_repeatable_token_weighted_and_leaves_the_training_rng_alone():
-    first, second, rng_untouched, by_hand, batches = run_distributed(check_evaluation, 1)
+    [(first, second, rng_untouched, by_hand, batches)] = run_distributed(check_evaluation, 1)
     assert batches == 3 and first == second and rng_untouched
     assert first == pytest.approx(by_hand, rel=1e-6)
 

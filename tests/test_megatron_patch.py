@@ -57,6 +57,10 @@ def test_probs_on_input_and_capacity_dropping_are_exact_at_rate_one(results):
     helpers.check_probs_on_input_and_capacity_dropping_are_exact_at_rate_one(*results)
 
 
+def test_experts_with_biases_match_stock(results):
+    helpers.check_experts_with_biases_match_stock(*results)
+
+
 def test_unsupported_settings_fail_loudly(results):
     helpers.check_unsupported_settings_fail_loudly(*results)
 

@@ -75,14 +75,14 @@ def _train_few_steps(rank, world_size, kind, lsh_enabled, prefix, tokenizer_path
 @pytest.mark.parametrize("kind", ["gpt", "t5"])
 @pytest.mark.parametrize("lsh_enabled", [True, False], ids=["lsh_on", "lsh_off"])
 def test_expert_parallel_steps(kind, lsh_enabled, corpus):
-    losses, summary = run_distributed(_train_few_steps, 2, kind, lsh_enabled, *corpus)
-    assert all(math.isfinite(x) for x in losses)
-    assert losses[0] > math.log(2048) - 1.0  # starts near uniform over the vocabulary
-    assert min(losses[-2:]) < losses[0] - 0.5, losses
-    if lsh_enabled:
-        moe_layers = 2 if kind == "gpt" else 4
-        assert {k for k in summary if k.endswith("/bytes_ratio")} == \
-            {f"lsh_moe/layer{i}/bytes_ratio" for i in range(moe_layers)} | {"lsh_moe/mean/bytes_ratio"}
-        assert summary["lsh_moe/mean/bytes_ratio"] < 0.3
-    else:
-        assert summary == {}
+    for rank, (losses, summary) in enumerate(run_distributed(_train_few_steps, 2, kind, lsh_enabled, *corpus)):
+        assert all(math.isfinite(x) for x in losses), rank
+        assert losses[0] > math.log(2048) - 1.0, rank  # starts near uniform over the vocabulary
+        assert min(losses[-2:]) < losses[0] - 0.5, (rank, losses)
+        if lsh_enabled:
+            moe_layers = 2 if kind == "gpt" else 4
+            assert {k for k in summary if k.endswith("/bytes_ratio")} == \
+                {f"lsh_moe/layer{i}/bytes_ratio" for i in range(moe_layers)} | {"lsh_moe/mean/bytes_ratio"}, rank
+            assert summary["lsh_moe/mean/bytes_ratio"] < 0.3, rank
+        else:
+            assert summary == {}, rank

@@ -39,8 +39,9 @@ def check_output_error(rank, world_size):
 
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_output_error_is_measured_every_interval_against_the_stock_exchange(world_size):
-    report = run_distributed(check_output_error, world_size)
-    for (identity, rate, compensate), (first, second) in report.items():
+    reports = run_distributed(check_output_error, world_size)
+    assert len(reports) == world_size
+    for (identity, rate, compensate), (first, second) in [item for report in reports for item in report.items()]:
         assert second == {name: None for name in second}  # the 2nd forward is not due (interval 2)
         assert first["output_error"] == pytest.approx(first["output_error_compensated" if compensate else
                                                          "output_error_uncompensated"], rel=1e-5, abs=1e-7)
@@ -81,7 +82,7 @@ def check_sampled_error_matches_a_direct_computation(rank, world_size):
 
 
 def test_the_sampled_error_is_the_relative_error_of_the_returned_rows():
-    measured, direct = run_distributed(check_sampled_error_matches_a_direct_computation, 1)
+    [(measured, direct)] = run_distributed(check_sampled_error_matches_a_direct_computation, 1)
     assert measured == pytest.approx(direct, rel=1e-5) and direct > 0
 
 

@@ -148,9 +148,7 @@ def check_contract(subject):
     out["reverted_identical"] = identical(stock, subject.fwd_bwd())
 
     out.update(check_decide_by_cost(subject, stock))
-    gathered = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, out)
-    return gathered
+    return out
 
 
 def check_decide_by_cost(subject, stock):
@@ -161,10 +159,16 @@ def check_decide_by_cost(subject, stock):
         lshmoe_plugin.disable(subject.framework)
         return {"decide_by_cost_refused": str(error)}
     measured = subject.fwd_bwd()
-    pays = [layer._lshmoe_compressor.pays for layer in _compressed_holders(subject)]
+    holders = _compressed_holders(subject)
+    pays = [layer._lshmoe_compressor.pays for layer in holders]
+    recorded = lshmoe_plugin.TELEMETRY.decisions
     decisions = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(decisions, pays)
     out = {"decided_every_layer": all(p is not None for p in pays) and len(pays) > 0,
+           "telemetry_records_every_decision": sorted(recorded) == sorted(h._lshmoe_compressor.layer_index
+                                                                           for h in holders)
+           and all(recorded[h._lshmoe_compressor.layer_index].compressed == h._lshmoe_compressor.pays
+                   for h in holders),
            "ranks_agree": all(d == decisions[0] for d in decisions),
            "measured_step_follows_the_decision": identical(stock, measured) == (not any(pays))}
     measure = cost.measure
@@ -223,6 +227,7 @@ def test_decide_by_cost_works_both_ways_or_is_refused_by_name(results):
             continue
         assert "decide_by_cost_refused" not in r, r
         assert r["decided_every_layer"] and r["ranks_agree"] and r["measured_step_follows_the_decision"], r
+        assert r["telemetry_records_every_decision"], r
         assert r["when_stock_is_faster"] and r["when_compressed_is_faster"], r
 
 

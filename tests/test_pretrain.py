@@ -2,6 +2,7 @@
 loss falls on real text, metrics reach metrics.jsonl and DeepSpeed's csv monitor, a resumed run continues
 exactly, and bad inputs fail with messages that name the problem."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -39,17 +40,45 @@ def metrics(output_dir):
 
 
 def test_gpt_pretraining_with_lsh_loss_falls(tmp_path, cache_dir):
-    pretrain("pretrain_gpt_moe.py", tmp_path, cache_dir, "--train_steps", "40", "--eval_interval", "20")
+    pretrain("pretrain_gpt_moe.py", tmp_path, cache_dir, "--train_steps", "40", "--eval_interval", "20",
+             "--eval_compressed")
     records = metrics(tmp_path)
     assert [r["step"] for r in records] == list(range(1, 41))
     first, last = records[0]["loss"], sum(r["loss"] for r in records[-5:]) / 5
     assert last < first - 1.5, (first, last)
     assert records[39]["valid_loss"] < records[19]["valid_loss"]
+    for record in (records[19], records[39]):  # the same batches evaluated through the compressor
+        assert math.isfinite(record["valid_loss_compressed"]) and record["valid_loss_compressed"] != \
+            record["valid_loss"], record
     assert 0.0 < records[-1]["lsh_moe/mean/bytes_ratio"] <= 0.25
     monitor = tmp_path / "monitor" / "gpt_moe"
     for name in ("Train_lm_loss", "Valid_lm_loss", "Train_tokens_per_s", "lsh_moe_mean_compression_rate"):
         assert (monitor / f"{name}.csv").is_file(), sorted(os.listdir(monitor))
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step40"
+
+
+def test_compressed_evaluation_keeps_the_decide_by_cost_decisions(tmp_path, cache_dir):
+    """--eval_compressed with decide_by_cost: evaluation never measures (it runs without gradients), so the run
+    gets through it, and every layer keeps the decision of its first training step."""
+    with open(os.path.join(ROOT, "configs", "gpt_moe_cpu_lsh.json")) as f:
+        config = json.load(f)
+    config["lsh_moe"]["decide_by_cost"] = True
+    path = tmp_path / "decide_by_cost.json"
+    path.write_text(json.dumps(config))
+    result = pretrain("pretrain_gpt_moe.py", tmp_path / "run", cache_dir, "--train_steps", "4", "--eval_interval", "2",
+                      "--eval_compressed", config=str(path))
+    records = metrics(tmp_path / "run")
+    decisions = [{k: v for k, v in r.items() if k.endswith("/compressed")} for r in records]
+    assert sorted(decisions[0]) == ["lsh_moe/layer0/compressed", "lsh_moe/layer1/compressed"], decisions[0]
+    assert all(d == decisions[0] for d in decisions), decisions  # decided once, kept through both evaluations
+    runs_stock = [v == 0.0 for v in decisions[0].values()]
+    for record in (records[1], records[3]):
+        assert math.isfinite(record["valid_loss_compressed"])
+        # a stock layer evaluates stock under compressed eval too: all stock gives exactly the exact-dispatch loss
+        assert (record["valid_loss_compressed"] == record["valid_loss"]) == all(runs_stock), record
+    # one line from rank 0, after the step that decided, whenever a layer runs stock (hidden at INFO otherwise)
+    warnings = (result.stdout + result.stderr).count("layer(s) run stock, where compressing measured slower")
+    assert warnings == (1 if any(runs_stock) else 0), result.stderr[-3000:]
 
 
 def test_t5_pretraining_with_lsh_switched_off_from_the_command_line(tmp_path, cache_dir):

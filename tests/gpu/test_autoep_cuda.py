@@ -12,4 +12,4 @@ def test_autoep_patch_on_cuda():
     world_size = min(2, torch.cuda.device_count())
     results = run_deepspeed_nccl(autoep.scenarios, world_size)
     for check in autoep.ALL_CHECKS:
-        check(world_size, results[0])
+        check(world_size, results)

@@ -200,11 +200,11 @@ def _train_both_ways(rank, world_size):
 def test_deepspeed_training_with_graphs_matches_eager_training():
     from distributed import run_deepspeed_nccl
     world_size = min(2, torch.cuda.device_count())
-    results = run_deepspeed_nccl(_train_both_ways, world_size)[0]
-    graphed, eager = results[True], results[False]
-    assert graphed["losses"] == eager["losses"]
-    assert all(torch.equal(a, b) for a, b in zip(graphed["params"], eager["params"]))
-    assert graphed["graphed"] == 2 and eager["graphed"] == 0  # the tiny preset's two MoE layers, one instance each
+    for rank, results in enumerate(run_deepspeed_nccl(_train_both_ways, world_size)):
+        graphed, eager = results[True], results[False]
+        assert graphed["losses"] == eager["losses"], rank
+        assert all(torch.equal(a, b) for a, b in zip(graphed["params"], eager["params"])), rank
+        assert graphed["graphed"] == 2 and eager["graphed"] == 0, rank  # the tiny preset's two MoE layers, one each
 
 
 def test_auto_replays_small_layers_and_runs_large_ones_eagerly():

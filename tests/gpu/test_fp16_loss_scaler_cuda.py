@@ -37,6 +37,6 @@ def _scenario(rank, world_size, optimizer):
 ], ids=["torch_adam", "fused_adam"])
 def test_fp16_loss_scaler_skips_a_step_whose_compressed_output_overflows_on_cuda(optimizer, expected):
     world_size = min(2, torch.cuda.device_count())
-    reports = run_deepspeed_nccl(_scenario, world_size, optimizer)[0]
+    reports = run_deepspeed_nccl(_scenario, world_size, optimizer)
     assert reports[0]["optimizer"] == expected
     fp16.check_loss_scaler(reports)

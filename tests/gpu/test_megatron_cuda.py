@@ -36,6 +36,6 @@ def _worker(rank, world_size, port, queue):
 def test_megatron_patch_on_cuda():
     world_size = min(2, torch.cuda.device_count())
     results = spawn_ranks(_worker, world_size)
-    per_rank = results[0]
+    per_rank = [results[rank] for rank in range(world_size)]
     for check in helpers.ALL_CHECKS:
         check(world_size, per_rank)
