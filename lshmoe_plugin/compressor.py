@@ -222,6 +222,12 @@ class LSHCompressor:
         stats.output_error = returned
         stats.output_error_compensated, stats.output_error_uncompensated = compensated, uncompensated
 
+    def record_extra_bytes(self, count: int) -> None:
+        """Bytes this forward sent per direction besides the centroids (`exact_token_stride`)."""
+        stats = self.telemetry.latest.get(self.layer_index)
+        if stats is not None and stats.step == self.step:
+            stats.bytes_sent += count
+
     def per_token(self, rows: torch.Tensor, state: ClusterState) -> torch.Tensor:
         """Each token's row of `rows` (num_slots, d), e.g. its centroid or its centroid's output; zero if invalid."""
         flat = rows.reshape(-1, rows.shape[-1])

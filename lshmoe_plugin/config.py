@@ -66,6 +66,10 @@ class LSHMoEConfig:
         (`training_step`, kept by the DeepSpeed engine hook or set with ``lshmoe_plugin.set_training_step``).
     exact_from_step: from this optimizer step on, the compressed layers run the stock exchange (None: never).
         Compression early, exact dispatch for the last part of the schedule.
+    exact_token_stride: every N-th capacity slot of each expert also crosses the network uncompressed and takes
+        its exact expert output (0: none); the slots rotate with the layer's forwards, so every slot's token is
+        sent exactly once every N forwards. The experts then learn from real tokens too, not only from centroids,
+        for 1/N more bytes. DeepSpeed's fixed-capacity layer only (refused by name elsewhere).
     output_error_interval: every N training forwards of a layer, run the stock exchange on a sample of 1/16 of
         each expert's capacity slots as well and record the relative error of the layer's expert outputs against
         it, with and without error compensation (0: never). Costs one extra all-to-all of 1/16 of stock's bytes
@@ -95,6 +99,7 @@ class LSHMoEConfig:
     refine_iterations: int = 0
     redraw_interval: int = 0
     exact_from_step: Optional[int] = None
+    exact_token_stride: int = 0
     output_error_interval: int = 0
 
     def __post_init__(self) -> None:
@@ -107,7 +112,7 @@ class LSHMoEConfig:
             raise LSHMoEConfigError(f"lsh_moe.compression_rate must be a number in (0, 1], got {rate!r}")
         object.__setattr__(self, "compression_rate", float(rate))
         for key, low in (("num_hashes", 1), ("hash_dim", 1), ("telemetry_interval", 0), ("refine_iterations", 0),
-                         ("redraw_interval", 0), ("output_error_interval", 0)):
+                         ("redraw_interval", 0), ("output_error_interval", 0), ("exact_token_stride", 0)):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise LSHMoEConfigError(f"lsh_moe.{key} must be an integer >= {low}, got {value!r}")

@@ -124,6 +124,8 @@ def _compressed_forward(self, compressor: LSHCompressor, *input: torch.Tensor) -
 
     centroid_outputs = expert_output
     expert_output = compressor.decompress_fixed(centroid_outputs, state)
+    if compressor.config.exact_token_stride:
+        expert_output = with_exact_tokens(self, compressor, dispatched, expert_output)
     if compressor.output_error_due():
         record_output_error(self, compressor, dispatched, valid, centroid_outputs, state, expert_output)
     combined = sm._sparse_decode(expert_output.view(E * C, d_model), slots, gates_, num_tokens)
@@ -131,6 +133,22 @@ def _compressed_forward(self, compressor: LSHCompressor, *input: torch.Tensor) -
         self.timers(sm.MOE_TIMER).stop()
         self.time_moe = self.timers(sm.MOE_TIMER).elapsed(reset=False)
     return combined.reshape(input[0].shape)
+
+
+def with_exact_tokens(self, compressor: LSHCompressor, dispatched: torch.Tensor,
+                      expert_output: torch.Tensor) -> torch.Tensor:
+    """`exact_token_stride`: every N-th capacity slot (from an offset that rotates with the layer's forwards) goes
+    through the stock exchange too and its exact output replaces the compressed one, with gradients."""
+    num_experts, capacity, d_model = dispatched.shape
+    stride = compressor.config.exact_token_stride
+    offset = (compressor.step - 1) % stride
+    if offset >= capacity:
+        return expert_output
+    positions = torch.arange(offset, capacity, stride, device=dispatched.device)
+    sample = dispatched[:, positions].contiguous()
+    exact = _all_to_all(self, _experts(self, _all_to_all(self, sample), d_model))
+    compressor.record_extra_bytes(sample.numel() * sample.element_size())
+    return expert_output.index_copy(1, positions, exact.to(expert_output.dtype))
 
 
 # The output error is measured on every 16th capacity slot of every expert: slots fill in token order, so a stride

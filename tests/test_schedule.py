@@ -1,5 +1,7 @@
 """The plugin's step-driven settings on DeepSpeed's real MoE layer: `redraw_interval` (new hash projections every N
 optimizer steps) and `exact_from_step` (stock exchange from that step on); the clock they read."""
+import math
+
 import pytest
 import torch
 from distributed import run_distributed
@@ -114,3 +116,34 @@ def check_engine_sets_the_clock(rank, world_size):
 
 def test_the_deepspeed_engine_sets_the_training_clock_to_its_optimizer_step():
     assert run_distributed(check_engine_sets_the_clock, 1) == [[0, 1, 1, 2]]
+
+
+def check_exact_tokens(rank, world_size):
+    torch.manual_seed(70 + rank)
+    x = torch.randn(2, 40, D_MODEL)
+    moe = build_moe(world_size, 2)
+    stock = fwd_bwd(moe, x)
+    report = {}
+    lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "compression_rate": 0.25, "exact_token_stride": 1}}, moe)
+    report["stride_1_is_stock"] = same(fwd_bwd(moe, x), stock)
+    lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "compression_rate": 0.25, "exact_token_stride": 4,
+                                      "telemetry_interval": 1}}, moe)
+    plain = {"lsh_moe": {"enabled": True, "compression_rate": 0.25}}
+    strided = fwd_bwd(moe, x)
+    stats = lshmoe_plugin.TELEMETRY.latest[0]
+    capacity = stats.bytes_uncompressed // (4 * D_MODEL * 4)  # 4 experts of fp32 rows
+    # ceil(0.25 C) centroid slots, and every 4th of the C slots exactly
+    report["bytes_add_every_4th_slot"] = (stats.bytes_sent * capacity
+                                          == stats.bytes_uncompressed * (2 * math.ceil(capacity / 4)))
+    lshmoe_plugin.enable(plain, moe)
+    compressed = fwd_bwd(moe, x)
+    report["between_stock_and_compressed"] = (
+        (strided[0] - stock[0]).norm() < (compressed[0] - stock[0]).norm() and not torch.equal(strided[0], stock[0]))
+    lshmoe_plugin.disable()
+    return report
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_exact_token_stride_sends_every_nth_slot_exactly(world_size):
+    for rank, report in enumerate(run_distributed(check_exact_tokens, world_size)):
+        assert all(report.values()), (rank, report)
