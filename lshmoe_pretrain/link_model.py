@@ -62,7 +62,7 @@ def parse_link(name: str) -> Link:
                 raise ValueError
         except (IndexError, ValueError):
             raise ValueError(f"link {name!r}: write custom:<GB/s>:<latency in us>, e.g. custom:3:100") from None
-        return Link(name, gbps * GB, latency_us * 1e-6, f"custom: {gbps:g} GB/s per rank, {latency_us:g} us per call")
+        return Link(name, gbps * GB, latency_us * 1e-6, "a custom link")
     raise ValueError(f"unknown link {name!r}; allowed: {', '.join(LINKS)} or custom:<GB/s>:<latency in us>")
 
 
