@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Sequence
 
 
 @dataclass(frozen=True)
@@ -121,3 +121,19 @@ class LinkModel:
             text += (f"; {self.gpus_per_node} GPUs per node, peers on the node over {self.intra_node.name} "
                      f"({self.intra_node.bandwidth / GB:g} GB/s)")
         return text
+
+
+def fit_link(name: str, nbytes: Sequence[float], seconds: Sequence[float], ep: int) -> Link:
+    """The (alpha, B) that fit measured all-to-all times best (least squares on t = alpha + bytes (k-1)/k / B),
+    from at least two sizes; for calibrating against a link one can measure (scripts/check_link_model.py)."""
+    _check_ranks("EP degree", ep)
+    if ep == 1 or len(nbytes) != len(seconds) or len(set(nbytes)) < 2:
+        raise ValueError("fitting a link needs times of at least two sizes, one per size, at EP >= 2")
+    xs = [b * (ep - 1) / ep for b in nbytes]
+    mean_x, mean_t = sum(xs) / len(xs), sum(seconds) / len(seconds)
+    slope = (sum((x - mean_x) * (t - mean_t) for x, t in zip(xs, seconds))
+             / sum((x - mean_x) ** 2 for x in xs))
+    if slope <= 0:
+        raise ValueError(f"the measured times do not grow with the bytes (slope {slope:.3g} s/byte): no bandwidth "
+                         "to fit; measure larger sizes")
+    return Link(name, 1 / slope, max(mean_t - slope * mean_x, 0.0), "fitted to measured all-to-all times")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -92,30 +92,38 @@ def build_layer(shape: LayerShape, ep_size: int, device: torch.device, dtype: to
 
 
 def time_layer(shape: LayerShape, ep_size: int, device: torch.device, dtype: torch.dtype, reps: int = 10,
-               warmup: int = 3, kernel: str = "auto", hooks=None) -> Dict[str, float]:
+               warmup: int = 3, kernel: str = "auto") -> Dict[str, float]:
     """Median fwd+bwd ms of the layer, stock and LSH-MoE at `shape.rate`, timed round-robin in this process (and
-    in step with the other ranks of a real EP group). `hooks(variant, layer)` may install something on each
-    layer (a link stand-in) before the timing starts."""
+    in step with the other ranks of a real EP group)."""
+    layers = {v: build_layer(shape, ep_size, device, dtype) for v in ("stock", "lsh")}
+    return time_variants(shape, {v: (layer, v == "lsh") for v, layer in layers.items()}, device, dtype, reps,
+                         warmup, kernel)
+
+
+def time_variants(shape: LayerShape, variants: Dict[str, tuple], device: torch.device, dtype: torch.dtype,
+                  reps: int = 10, warmup: int = 3, kernel: str = "auto",
+                  before_step: Optional[Callable[[str, bool], None]] = None) -> Dict[str, float]:
+    """Median fwd+bwd ms of each ``name: (layer, compressed)``, all timed round-robin on the same tokens, so that
+    drift of the machine (other jobs on a shared CPU) meets every variant alike. `before_step(name, timed)` is
+    told which variant runs next."""
     import statistics
 
     import lshmoe_plugin
     config = lshmoe_plugin.LSHMoEConfig(enabled=True, compression_rate=shape.rate, kernel=kernel,
                                         telemetry_interval=0)
-    layers = {v: build_layer(shape, ep_size, device, dtype) for v in ("stock", "lsh")}
-    if hooks is not None:
-        for variant, layer in layers.items():
-            hooks(variant, layer)
-    x = torch.randn(1, shape.tokens_per_rank, shape.d_model, device=device, dtype=dtype,
-                    generator=torch.Generator(device).manual_seed(11 + _rank()))
+    x = torch.randn(1, shape.tokens_per_rank, shape.d_model, generator=torch.Generator().manual_seed(11 + _rank()))
+    x = x.to(device, dtype)
     grad = torch.randn_like(x)
-    times: Dict[str, List[float]] = {v: [] for v in layers}
+    times: Dict[str, List[float]] = {v: [] for v in variants}
     try:
         for i in range(warmup + reps):
-            for variant, layer in layers.items():
-                if variant == "stock":
-                    lshmoe_plugin.disable()
-                else:
+            for name, (layer, compressed) in variants.items():
+                if compressed:
                     lshmoe_plugin.enable(config, layer)
+                else:
+                    lshmoe_plugin.disable()
+                if before_step is not None:
+                    before_step(name, i >= warmup)
                 _barrier()
                 _synchronize(device)
                 t0 = time.perf_counter()
@@ -124,7 +132,7 @@ def time_layer(shape: LayerShape, ep_size: int, device: torch.device, dtype: tor
                 torch.autograd.backward([out, l_aux.to(out.dtype)], [grad, torch.ones_like(l_aux, dtype=out.dtype)])
                 _synchronize(device)
                 if i >= warmup:
-                    times[variant].append((time.perf_counter() - t0) * 1e3)
+                    times[name].append((time.perf_counter() - t0) * 1e3)
     finally:
         lshmoe_plugin.disable()
     return {v: statistics.median(t) for v, t in times.items()}

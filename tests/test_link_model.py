@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from lshmoe_pretrain.link_model import GB, LINKS, Link, LinkModel, parse_link
+from lshmoe_pretrain.link_model import GB, LINKS, Link, LinkModel, fit_link, parse_link
 
 NET_100 = LinkModel(LINKS["100gbps"])
 
@@ -97,3 +97,15 @@ def test_bad_input_is_refused_by_name():
     with pytest.raises(ValueError, match="latency must be >= 0"):
         parse_link("custom:1:-10")
     assert math.isinf(parse_link("infinite").bandwidth)
+
+
+def test_fit_recovers_the_link_that_made_the_times():
+    truth = LinkModel(parse_link("custom:2.5:80"))
+    sizes = [2**k for k in range(14, 25, 2)]
+    link = fit_link("fit", sizes, [truth.all_to_all_s(b, 2) for b in sizes], 2)
+    assert link.bandwidth == pytest.approx(2.5 * GB, rel=1e-9)
+    assert link.latency_s == pytest.approx(80e-6, rel=1e-6)
+    with pytest.raises(ValueError, match="at least two sizes"):
+        fit_link("fit", [1e6], [1e-3], 2)
+    with pytest.raises(ValueError, match="do not grow with the bytes"):
+        fit_link("fit", [1e6, 2e6], [2e-3, 1e-3], 2)
