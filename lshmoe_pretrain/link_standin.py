@@ -164,3 +164,49 @@ def dense_gradient_bytes(model: torch.nn.Module, element_size: int) -> int:
     (DeepSpeed marks those ``allreduce = False``; they are reduced only among replicas of the same experts)."""
     from deepspeed.moe.utils import is_moe_param
     return sum(p.numel() for p in model.parameters() if p.requires_grad and not is_moe_param(p)) * element_size
+
+
+class ModelledRuns:
+    """What a benchmark run models: every (EP degree, link) pair, timed round-robin in one EP=1 process whose
+    model has one rank's shapes, with one stand-in per engine switched to the pair before each step.
+
+    The per-rank model is the same at every EP degree (a fixed number of experts per rank: the job has
+    experts_per_rank x K experts), so the pairs differ only in what the link model charges.
+    """
+
+    def __init__(self, link_names: List[str], eps: List[int], gpus_per_node: int, device: torch.device) -> None:
+        from .link_model import parse_link
+        for ep in eps:
+            if isinstance(ep, bool) or not isinstance(ep, int) or ep < 1:
+                raise ValueError(f"--modelled-ep: every EP degree must be an integer >= 1, got {ep!r}")
+        self.links = {name: LinkModel(parse_link(name), gpus_per_node=gpus_per_node) for name in link_names}
+        self.pairs = [(ep, name) for ep in eps for name in link_names]
+        self.device = device
+        self.standins: Dict[str, ModelledAllToAll] = {}
+        self.dense_bytes: Dict[str, int] = {}
+
+    def install(self, variant: str, model: torch.nn.Module, grad_element_size: int) -> None:
+        ep, name = self.pairs[0]
+        self.standins[variant] = ModelledAllToAll(self.links[name], ep, self.device)
+        self.standins[variant].install(model)
+        self.dense_bytes[variant] = dense_gradient_bytes(model, grad_element_size)
+
+    def use(self, variant: str, pair) -> None:
+        standin = self.standins[variant]
+        standin.ep, standin.link = pair[0], self.links[pair[1]]
+
+    def all_reduce(self, variant: str, pair) -> float:
+        """The dense gradients' modelled all-reduce over the EP degree's ranks (data parallel = EP here)."""
+        return self.standins[variant].all_reduce(self.dense_bytes[variant], pair[0])
+
+    @staticmethod
+    def label(variant: str, pair) -> str:
+        return variant if pair is None else f"{variant} @ {pair[1]} EP{pair[0]}"
+
+    def describe(self, experts_per_rank: int) -> str:
+        links = "; ".join(model.describe() for model in self.links.values())
+        return (f"**modelled**, not measured: one process at EP=1 holding one rank's shapes ({experts_per_rank} "
+                f"expert(s) per rank, i.e. the modelled job has {experts_per_rank} x K experts); the all-to-all of "
+                f"EP=K is a delay of the link model's time (lshmoe_pretrain/link_model.py) on the compute stream "
+                f"where each crossing would be, forward and backward (lshmoe_pretrain/link_standin.py), and the "
+                f"dense gradients' ring all-reduce over K ranks is one more after each backward; links: {links}")
