@@ -8,6 +8,9 @@
 #
 # Stages: corpus (in the background) | tests | tests-bg (in the background, alongside what follows) | wait-tests
 #       | bench-compressor | bench-layer | bench-gpt | bench-gpt-small | profile-gpt-135m | quality:<study>:<seconds>
+#       | bench-modelled-135m | bench-modelled-1.3b (GPT-MoE step times at modelled EP 8/16/64 over 100/200/400 Gb/s
+#         and NVLink 4, one GPU, the link stand-in; MODELLED_GPUS_PER_NODE=8 adds the NVLink share inside a node;
+#         each stage fits one 10-minute call on its own: docs/link_model.md)
 #       | quality-bg:<study>:<seconds> (in the background, alongside what follows; waited for at the end)
 # The quality studies read a corpus carried as .device_data/python_code.{bin,idx,tokenizer.json} when there is one
 # (scripts/preprocess_data.py --input python-code --max_tokens 25e6 --vocab_size 16384 --output_prefix
@@ -103,6 +106,15 @@ for stage in "$@"; do
         bench-gpt) for preset in "small 16" "gpt-moe-135m 32"; do set -- $preset
                     python3 scripts/benchmark_gpt_moe.py --preset "$1" --micro-batch "$2" --steps 120 --timed-from 20 \
                         --report "$OUT/benchmarks.md" 2>&1 | tee -a "$OUT/logs/bench_gpt.log" | tail -5; done ;;
+        bench-modelled-135m|bench-modelled-1.3b)
+                # One process, one rank's shapes (1 expert per rank: the job has K experts), all 12 (EP, link) pairs
+                # and both variants round-robin; the timeout keeps the call's logs coming back.
+                if [ "$stage" = bench-modelled-135m ]; then model=(--preset gpt-moe-135m --micro-batch 32 --steps 30 --timed-from 10)
+                else model=(--preset gpt-moe-1.3b --micro-batch 8 --steps 16 --timed-from 4); fi
+                timeout "${MODELLED_TIMEOUT:-540}" python3 scripts/benchmark_gpt_moe.py "${model[@]}" --variants stock lsh \
+                    --experts-per-rank 1 --modelled-ep 8 16 64 --modelled-link 100gbps 200gbps 400gbps nvlink4 \
+                    --modelled-gpus-per-node "${MODELLED_GPUS_PER_NODE:-1}" --report "$OUT/benchmarks.md" 2>&1 \
+                    | tee -a "$OUT/logs/bench_modelled.log" | tail -30 ;;
         corpus) # tokenize the code corpus on the CPUs while the GPU stages run; quality stages wait for it
                 python3 -c "from lshmoe_pretrain.data import cached_preprocess as c; print(c('python-code', 16384))" \
                     >"$OUT/logs/corpus.log" 2>&1 &
