@@ -199,6 +199,10 @@ class ModelledRuns:
         """The dense gradients' modelled all-reduce over the EP degree's ranks (data parallel = EP here)."""
         return self.standins[variant].all_reduce(self.dense_bytes[variant], pair[0])
 
+    def drift(self) -> float:
+        """How far the device's delays have drifted from their calibration (1.0: not at all; see DeviceDelay)."""
+        return next(iter(self.standins.values())).delay.drift()
+
     @staticmethod
     def label(variant: str, pair) -> str:
         return variant if pair is None else f"{variant} @ {pair[1]} EP{pair[0]}"

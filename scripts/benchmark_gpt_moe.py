@@ -169,11 +169,15 @@ def modelled_runs(args, device) -> Optional[ModelledRuns]:
 
 def modelled_notes(modelled: ModelledRuns) -> str:
     """Rows are named `variant @ link EPk`; each speed-up is against stock at the same link and EP degree."""
+    drift = modelled.drift()
     return (" Modelled runs: every row `variant @ link EPk` is timed with the stand-in switched to that link and EP "
             "degree, round-robin with every other row in the same process (each engine therefore trains once per "
             "pair and step; the losses compare equal steps); its speed-up is against `stock` at the same link and "
             "EP degree, and it includes each step's modelled all-to-alls and the dense gradients' all-reduce. "
-            "Labelled modelled: no network was used.")
+            "Labelled modelled: no network was used."
+            + (f" The GPU's spin delays ran at {drift:.3f}x their calibrated rate at the end of the run (1: the "
+               f"delays lasted what the model says; below 1 they lasted longer)."
+               if modelled.device.type == "cuda" else ""))
 
 
 def main() -> None:
