@@ -513,7 +513,7 @@ def modelled_time_rows(token_ratio: float, section_rows: Dict[str, Dict[str, str
         where = label[len("lsh @ "):]
         if f"stock @ {where}" not in section_rows:
             raise StudyError(f"section `{source}` has `{label}` but no `stock @ {where}` row to compare it with")
-        speedup = float(row["speed-up vs stock"])
+        speedup = float(row["speed-up vs stock (modelled)"])
         found.append((f"time to that loss at {where.replace(' EP', ', EP=')}", "", "", f"{token_ratio / speedup:.3f}",
                       f"**modelled**: token ratio (measured) / step speed-up {speedup:.3f} (modelled link, "
                       f"`{source}`)"))

@@ -258,7 +258,8 @@ def main() -> None:
                          last / statistics.mean(losses[stock][-5:])))
         headers = ["variant", "step ms", "tokens/s", "speed-up vs stock", f"loss at step {args.steps}",
                    "mean loss, last 5 steps", "loss / stock"]
-        if modelled:
+        if modelled:  # the step times include modelled delays: every timing column says so
+            headers = headers[:1] + [f"{h} (modelled)" for h in headers[1:4]] + headers[4:]
             headers += ["modelled all-to-all ms per step", "modelled dense all-reduce ms per step"]
             rows = [row + tuple(statistics.median(ms) for ms in zip(*modelled_ms[row[0]])) for row in rows]
         table = bench.markdown_table(headers, rows)
@@ -267,7 +268,7 @@ def main() -> None:
         params = sum(p.numel() for p in engines["stock"].module.parameters())
         ep_text = f"modelled EP={'/'.join(map(str, args.modelled_ep))}" if modelled else f"EP={world}"
         text = bench.header(f"GPT-MoE end to end, {ep_text}: stock DeepSpeed vs LSH-MoE rate {args.rate}",
-                            device, link) + (
+                            device, link, "run, link modelled" if modelled else "measured") + (
             f"\nPreset `{args.preset}` ({params / 1e6:.0f}M parameters per rank) with d_model {cfg.d_model}, "
             f"{cfg.n_layers} blocks (MoE every "
             f"{cfg.moe_every}), {cfg.num_experts} experts (top-{cfg.top_k}, capacity factor {cfg.capacity_factor}), "
