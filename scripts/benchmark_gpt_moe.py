@@ -4,16 +4,15 @@ Both models start from the same weights, see the same batches and train through 
 same processes; their steps alternate, so both meet the same machine. The batches come from a fixed random
 first-order Markov source (4 successors per token): learnable, so the losses after N steps are comparable.
 
+Links no machine here has are modelled: with ``--modelled-link 100gbps 200gbps 400gbps nvlink4 --modelled-ep 8 16
+64`` (and ``--experts-per-rank 1``) the run stays one EP=1 process whose model has one rank's shapes, and the link
+stand-in (lshmoe_pretrain/link_standin.py) delays the compute stream by the link model's time for each all-to-all
+an EP=k rank would make; every (EP, link) pair is timed round-robin with the variants. Its figures are modelled.
+
     python scripts/benchmark_gpt_moe.py                                          # EP=1
     torchrun --nproc_per_node 2 scripts/benchmark_gpt_moe.py                     # EP=2 (gloo if ranks share a GPU)
     NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 NCCL_IB_DISABLE=1 NCCL_SOCKET_IFNAME=lo \\
         torchrun --nproc_per_node 2 scripts/benchmark_gpt_moe.py                 # EP=2, emulated inter-node link
-    python scripts/benchmark_gpt_moe.py --experts-per-rank 1 --modelled-ep 8 16 64 \\
-        --modelled-link 100gbps 200gbps 400gbps nvlink4                          # EP=k over modelled links
-
-With --modelled-link the run stays one EP=1 process whose model has one rank's shapes, and the link stand-in
-(lshmoe_pretrain/link_standin.py) delays the compute stream by the link model's time for each all-to-all an EP=k
-rank would make; every (EP, link) pair is timed round-robin with the variants. Its figures are modelled.
 """
 from __future__ import annotations
 
