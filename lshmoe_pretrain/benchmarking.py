@@ -127,10 +127,12 @@ def read_section_table(path: str, name: str) -> Dict[str, Dict[str, str]]:
     return {row[0]: dict(zip(headers, row)) for row in rows}
 
 
-def header(title: str, device: torch.device, link: Optional[str] = None) -> str:
+def header(title: str, device: torch.device, link: Optional[str] = None, stamp: str = "measured") -> str:
+    """The lines every section starts with; `stamp` names the date line ("run, link modelled" for figures made
+    with a modelled link)."""
     lines = [f"## {title}", "", f"- command: `{command_line()}`", f"- device: {device_name(device)}",
              f"- software: {software_line()}"]
     if link:
         lines.append(f"- link: {link}")
-    lines.append(f"- measured: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    lines.append(f"- {stamp}: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     return "\n".join(lines) + "\n"

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -510,10 +510,13 @@ def tokens_to_reach(result: VariantResult, target: float) -> Optional[float]:
 
 
 def time_to_target(results: List[VariantResult], step_rows: Dict[str, Dict[str, str]],
-                   link_rows: Dict[str, Dict[str, str]], step_source: str, link_source: str) -> str:
+                   link_rows: Optional[Dict[str, Dict[str, str]]], step_source: str, link_source: Optional[str],
+                   modelled: Sequence[Tuple[str, Dict[str, Dict[str, str]]]] = ()) -> str:
     """Tokens to stock's final valid loss (measured here) x seconds per token (measured by benchmark_gpt_moe.py,
     `step_rows`) = time to the same loss at EP=1; times the step speed-up measured on a slow link (`link_rows`, a
-    different run) = the projection for that link. Returns a markdown table that says which is which."""
+    different run) = the projection for that link; and for every ``lsh @ <link> EP<k>`` row of each `modelled`
+    (source, rows) section (benchmark_gpt_moe.py --modelled-link), the token ratio over that modelled step
+    speed-up. Returns a markdown table that says which figure is measured, projected or modelled."""
     by_name = {r.name: r for r in results}
     if "stock" not in by_name or "lsh" not in by_name:
         raise StudyError("time to target needs the variants 'stock' and 'lsh'")
@@ -524,7 +527,6 @@ def time_to_target(results: List[VariantResult], step_rows: Dict[str, Dict[str, 
         raise StudyError(f"lsh never reached stock's final valid loss {target:.4f}: no time to target")
     rate = {name: float(step_rows[name]["tokens/s"]) for name in ("stock", "lsh")}
     seconds = {name: tokens[name] / rate[name] for name in rate}
-    link_speedup = float(link_rows["lsh"]["speed-up vs stock"])
     token_ratio = tokens["lsh"] / tokens["stock"]
     rows = [
         ("tokens to valid loss %.4f (stock's after %s)" % (target, millions(stock.tokens[-1])),
@@ -534,13 +536,37 @@ def time_to_target(results: List[VariantResult], step_rows: Dict[str, Dict[str, 
          f"measured (`{step_source}`)"),
         ("EP=1 time to that loss", f"{seconds['stock']:.1f} s", f"{seconds['lsh']:.1f} s",
          f"{seconds['lsh'] / seconds['stock']:.3f}", "measured (tokens / tokens per s)"),
-        ("step speed-up on the slow link", "", "", f"{link_speedup:.3f}",
-         f"measured for another model and run (`{link_source}`)"),
-        ("time to that loss on the slow link", "", "", f"{token_ratio / link_speedup:.3f}",
-         "**projected**: token ratio / link step speed-up"),
     ]
-    header = "| | stock | LSH-MoE | LSH / stock | measured or projected |\n| --- | --- | --- | --- | --- |\n"
+    if link_rows is not None:
+        link_speedup = float(link_rows["lsh"]["speed-up vs stock"])
+        rows += [("step speed-up on the slow link", "", "", f"{link_speedup:.3f}",
+                  f"measured for another model and run (`{link_source}`)"),
+                 ("time to that loss on the slow link", "", "", f"{token_ratio / link_speedup:.3f}",
+                  "**projected**: token ratio / link step speed-up")]
+    for source, section_rows in modelled:
+        rows += modelled_time_rows(token_ratio, section_rows, source)
+    header = "| | stock | LSH-MoE | LSH / stock | measured, projected or modelled |\n| --- | --- | --- | --- | --- |\n"
     return header + "\n".join("| " + " | ".join(row) + " |" for row in rows)
+
+
+def modelled_time_rows(token_ratio: float, section_rows: Dict[str, Dict[str, str]], source: str) -> List[tuple]:
+    """One row per ``lsh @ <link> EP<k>`` of a modelled step-time section: time to the loss = token ratio /
+    that modelled step speed-up (which is against stock at the same link and EP)."""
+    found = []
+    for label, row in section_rows.items():
+        if not label.startswith("lsh @ "):
+            continue
+        where = label[len("lsh @ "):]
+        if f"stock @ {where}" not in section_rows:
+            raise StudyError(f"section `{source}` has `{label}` but no `stock @ {where}` row to compare it with")
+        speedup = float(row["speed-up vs stock (modelled)"])
+        found.append((f"time to that loss at {where.replace(' EP', ', EP=')}", "", "", f"{token_ratio / speedup:.3f}",
+                      f"**modelled**: token ratio (measured) / step speed-up {speedup:.3f} (modelled link, "
+                      f"`{source}`)"))
+    if not found:
+        raise StudyError(f"section `{source}` holds no `lsh @ <link> EP<k>` rows (benchmark_gpt_moe.py "
+                         "--modelled-link writes them)")
+    return found
 
 
 def python_command() -> str:

@@ -4,6 +4,11 @@ Both models start from the same weights, see the same batches and train through 
 same processes; their steps alternate, so both meet the same machine. The batches come from a fixed random
 first-order Markov source (4 successors per token): learnable, so the losses after N steps are comparable.
 
+Links no machine here has are modelled: with ``--modelled-link 100gbps 200gbps 400gbps nvlink4 --modelled-ep 8 16
+64`` (and ``--experts-per-rank 1``) the run stays one EP=1 process whose model has one rank's shapes, and the link
+stand-in (lshmoe_pretrain/link_standin.py) delays the compute stream by the link model's time for each all-to-all
+an EP=k rank would make; every (EP, link) pair is timed round-robin with the variants. Its figures are modelled.
+
     python scripts/benchmark_gpt_moe.py                                          # EP=1
     torchrun --nproc_per_node 2 scripts/benchmark_gpt_moe.py                     # EP=2 (gloo if ranks share a GPU)
     NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 NCCL_IB_DISABLE=1 NCCL_SOCKET_IFNAME=lo \\
@@ -19,6 +24,7 @@ import os
 import statistics
 import sys
 import time
+from typing import Optional
 
 import torch
 
@@ -29,6 +35,8 @@ from benchmark_moe_layer import describe_link, setup_distributed  # noqa: E402
 
 import lshmoe_plugin  # noqa: E402
 from lshmoe_pretrain import benchmarking as bench  # noqa: E402
+from lshmoe_pretrain.link_model import parse_link  # noqa: E402
+from lshmoe_pretrain.link_standin import ModelledRuns  # noqa: E402
 from lshmoe_pretrain.models import PRESETS, build_gpt_moe  # noqa: E402
 
 
@@ -56,7 +64,35 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--profile", default=None, metavar="PATH",
                    help="after the timed steps, profile 3 more steps of each variant (torch.profiler) and write "
                         "the op tables (by self CPU time and by device time) to PATH")
-    return p.parse_args()
+    p.add_argument("--modelled-link", nargs="+", default=None, metavar="LINK",
+                   help="time the EP all-to-all of --modelled-ep ranks as modelled over each LINK: 100gbps, 200gbps, "
+                        "400gbps, nvlink4, infinite or custom:<GB/s>:<latency us> (docs/link_model.md); one process")
+    p.add_argument("--modelled-ep", type=int, nargs="+", default=None, metavar="K",
+                   help="the EP degrees --modelled-link models (the model keeps --experts-per-rank, default 1)")
+    p.add_argument("--modelled-gpus-per-node", type=int, default=1, metavar="G",
+                   help="GPUs per node whose EP peers talk over NVLink in the model (default 1: all over the link)")
+    args = p.parse_args()
+    check_modelled_flags(p, args)
+    return args
+
+
+def check_modelled_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Bad --modelled-* flags end the run here, before any model is built, naming the flag."""
+    if bool(args.modelled_link) != bool(args.modelled_ep):
+        parser.error("--modelled-link and --modelled-ep go together: give both (e.g. --modelled-link 200gbps "
+                     "--modelled-ep 16)")
+    for name in args.modelled_link or []:
+        try:
+            parse_link(name)
+        except ValueError as error:
+            parser.error(f"--modelled-link: {error}")
+    for flag, values in (("--modelled-ep", args.modelled_ep or []), ("--modelled-gpus-per-node",
+                                                                     [args.modelled_gpus_per_node])):
+        if any(value < 1 for value in values):
+            parser.error(f"{flag} must be >= 1, got {' '.join(map(str, values))}")
+    if args.modelled_link and int(os.environ.get("WORLD_SIZE", "1")) != 1:
+        parser.error(f"--modelled-link models the exchange of an EP=1 run: launch one process (got WORLD_SIZE="
+                     f"{os.environ['WORLD_SIZE']})")
 
 
 def markov_batch(step: int, rank: int, args, device) -> torch.Tensor:
@@ -127,12 +163,38 @@ def profile_steps(args, engines, lsh_configs, rank: int, device, steps: int = 3)
         print(f"wrote {args.profile}")
 
 
+def modelled_runs(args, device) -> Optional[ModelledRuns]:
+    """The (EP, link) pairs of --modelled-link/--modelled-ep (checked in parse_args), or None."""
+    if not args.modelled_link:
+        return None
+    return ModelledRuns(args.modelled_link, args.modelled_ep, args.modelled_gpus_per_node, device)
+
+
+def modelled_notes(modelled: ModelledRuns) -> str:
+    """Rows are named `variant @ link EPk`; each speed-up is against stock at the same link and EP degree."""
+    drift = modelled.drift()
+    return (" Modelled runs: every row `variant @ link EPk` is timed with the stand-in switched to that link and EP "
+            "degree, round-robin with every other row in the same process (each engine therefore trains once per "
+            "pair and step; the losses compare equal steps); its speed-up is against `stock` at the same link and "
+            "EP degree, and it includes each step's modelled all-to-alls and the dense gradients' all-reduce. "
+            "Labelled modelled: no network was used."
+            + (f" The GPU's spin delays ran at {drift:.3f}x their calibrated rate at the end of the run (1: the "
+               f"delays lasted what the model says; below 1 they lasted longer)."
+               if modelled.device.type == "cuda" else ""))
+
+
 def main() -> None:
     args = parse_args()
     rank, world, device, backend, shared = setup_distributed(args)
     import deepspeed
     import torch.distributed as dist
     link, key = describe_link(world, backend, shared)
+    modelled = modelled_runs(args, device)
+    if modelled:
+        args.experts_per_rank = args.experts_per_rank or 1
+        link = modelled.describe(args.experts_per_rank)
+        key = "modelled_ep" + "-".join(map(str, args.modelled_ep)) + (
+            f"_g{args.modelled_gpus_per_node}" if args.modelled_gpus_per_node > 1 else "")
     section = args.section or f"gpt_moe_{args.preset}_{key}"
     preset = PRESETS[args.preset]
     args.vocab = args.vocab or preset.vocab_size
@@ -147,29 +209,43 @@ def main() -> None:
         model = build_gpt_moe(args.preset, ep_size=world, **overrides)
         config = ds_config(args, variant)
         engines[variant] = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)[0]
+        if modelled:
+            grad_bytes = torch.empty((), dtype=engines[variant].communication_data_type).element_size()
+            modelled.install(variant, engines[variant].module, grad_bytes)
     # Parsed once, outside the timed loop; the patch keeps each layer's compressor while the config is unchanged.
     lsh_configs = {v: lshmoe_plugin.load_config(ds_config(args, v)) for v in args.variants if v != "stock"}
-    times = {v: [] for v in engines}
-    losses = {v: [] for v in engines}
+    runs = [(v, pair) for pair in (modelled.pairs if modelled else [None]) for v in engines]
+    times = {ModelledRuns.label(*run): [] for run in runs}
+    losses = {label: [] for label in times}
+    modelled_ms = {}  # label -> [(all-to-all ms, all-reduce ms) per timed step]
     for step in range(args.steps):
         batch = markov_batch(step, rank, args, device)
-        for variant, engine in engines.items():
+        for variant, pair in runs:
+            engine, label = engines[variant], ModelledRuns.label(variant, pair)
             use(variant, engine, lsh_configs)
+            if modelled:
+                modelled.use(variant, pair)
+                modelled_before = modelled.standins[variant].modelled_s
             torch.manual_seed(7919 * step + rank)  # the gates' random token selection: same draws for both
             dist.barrier()
             bench.synchronize(device)
             t0 = time.perf_counter()
             loss = engine(batch[:, :-1], batch[:, 1:])
             engine.backward(loss)
+            if modelled:  # where DeepSpeed would all-reduce the dense gradients over the data-parallel ranks
+                all_reduce_s = modelled.all_reduce(variant, pair)
             engine.step()
             bench.synchronize(device)
             if step >= args.timed_from:
-                times[variant].append((time.perf_counter() - t0) * 1e3)
+                times[label].append((time.perf_counter() - t0) * 1e3)
+                if modelled:
+                    modelled_ms.setdefault(label, []).append(
+                        (1e3 * (modelled.standins[variant].modelled_s - modelled_before), 1e3 * all_reduce_s))
             lm = engine.module.last_lm_loss.float().reshape(1)
             dist.all_reduce(lm)
-            losses[variant].append(float(lm) / world)
+            losses[label].append(float(lm) / world)
         if rank == 0 and (step % 10 == 0 or step == args.steps - 1):
-            print(f"step {step}: loss " + " ".join(f"{v} {losses[v][-1]:.4f}" for v in engines), flush=True)
+            print(f"step {step}: loss " + " ".join(f"{v} {losses[v][-1]:.4f}" for v in losses), flush=True)
     lshmoe_plugin.disable()
     if args.profile:
         profile_steps(args, engines, lsh_configs, rank, device)
@@ -177,20 +253,25 @@ def main() -> None:
     if rank == 0:
         tokens_per_step = args.micro_batch * args.seq_len * world
         rows = []
-        stock_ms = statistics.median(times["stock"])
-        for variant in engines:
-            ms = statistics.median(times[variant])
-            last = statistics.mean(losses[variant][-5:])
-            rows.append((variant, ms, tokens_per_step / ms * 1e3, stock_ms / ms, losses[variant][-1], last,
-                         last / statistics.mean(losses["stock"][-5:])))
+        for variant, pair in runs:
+            label, stock = ModelledRuns.label(variant, pair), ModelledRuns.label("stock", pair)
+            ms, stock_ms = statistics.median(times[label]), statistics.median(times[stock])
+            last = statistics.mean(losses[label][-5:])
+            rows.append((label, ms, tokens_per_step / ms * 1e3, stock_ms / ms, losses[label][-1], last,
+                         last / statistics.mean(losses[stock][-5:])))
         headers = ["variant", "step ms", "tokens/s", "speed-up vs stock", f"loss at step {args.steps}",
                    "mean loss, last 5 steps", "loss / stock"]
+        if modelled:  # the step times include modelled delays: every timing column says so
+            headers = headers[:1] + [f"{h} (modelled)" for h in headers[1:4]] + headers[4:]
+            headers += ["modelled all-to-all ms per step", "modelled dense all-reduce ms per step"]
+            rows = [row + tuple(statistics.median(ms) for ms in zip(*modelled_ms[row[0]])) for row in rows]
         table = bench.markdown_table(headers, rows)
         print(table)
         cfg = engines["stock"].module.config
         params = sum(p.numel() for p in engines["stock"].module.parameters())
-        text = bench.header(f"GPT-MoE end to end, EP={world}: stock DeepSpeed vs LSH-MoE rate {args.rate}",
-                            device, link) + (
+        ep_text = f"modelled EP={'/'.join(map(str, args.modelled_ep))}" if modelled else f"EP={world}"
+        text = bench.header(f"GPT-MoE end to end, {ep_text}: stock DeepSpeed vs LSH-MoE rate {args.rate}",
+                            device, link, "run, link modelled" if modelled else "measured") + (
             f"\nPreset `{args.preset}` ({params / 1e6:.0f}M parameters per rank) with d_model {cfg.d_model}, "
             f"{cfg.n_layers} blocks (MoE every "
             f"{cfg.moe_every}), {cfg.num_experts} experts (top-{cfg.top_k}, capacity factor {cfg.capacity_factor}), "
@@ -199,7 +280,8 @@ def main() -> None:
             f"`{args.kernel}`; `lsh` runs the compressor as CUDA graphs where possible (`cuda_graphs` 'auto', "
             f"the default), `lsh_eager` launches it op by op (`cuda_graphs: false`). "
             f"Same initial weights, same batches (a fixed sparse Markov source), same gate seeds; "
-            f"the engines' steps alternate in the same processes. Loss = LM loss averaged over ranks.\n\n"
+            f"the engines' steps alternate in the same processes. Loss = LM loss averaged over ranks."
+            + (modelled_notes(modelled) if modelled else "") + "\n\n"
             + table + "\n")
         bench.report_section(args.report, section, text)
     dist.barrier()

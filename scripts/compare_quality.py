@@ -81,8 +81,11 @@ def parse_args() -> argparse.Namespace:
     target.add_argument("--benchmarks", default="docs/benchmarks.md")
     target.add_argument("--step_section", required=True,
                         help="benchmark_gpt_moe.py section with the same model's EP=1 tokens/s, stock and lsh")
-    target.add_argument("--link_section", required=True,
+    target.add_argument("--link_section", default=None,
                         help="benchmark_gpt_moe.py section measured on a slow link (its lsh speed-up)")
+    target.add_argument("--modelled_section", nargs="+", default=[],
+                        help="benchmark_gpt_moe.py --modelled-link sections (their `lsh @ <link> EP<k>` speed-ups, "
+                             "figures labelled modelled)")
     return parser.parse_args()
 
 
@@ -133,15 +136,17 @@ def report(args: argparse.Namespace) -> None:
 
 def time_to_target(args: argparse.Namespace) -> None:
     results = study.aggregate(args.root, args.model, ["stock", "lsh"], partial=args.partial)
+    link_rows = bench.read_section_table(args.benchmarks, args.link_section) if args.link_section else None
+    modelled = [(name, bench.read_section_table(args.benchmarks, name)) for name in args.modelled_section]
     table = study.time_to_target(results, bench.read_section_table(args.benchmarks, args.step_section),
-                                 bench.read_section_table(args.benchmarks, args.link_section),
-                                 args.step_section, args.link_section)
+                                 link_rows, args.step_section, args.link_section, modelled)
     text = "\n".join([
         "## Time to the same validation loss: measured parts and projected parts", "",
         f"- command: `{study.python_command()}`",
         f"- quality runs: {study.describe(results)}",
-        f"- step times: sections `{args.step_section}` and `{args.link_section}` of this file (device, link and "
-        "command there)", "", table, ""])
+        "- step times: sections " + ", ".join(f"`{name}`" for name in [args.step_section, args.link_section]
+                                               + args.modelled_section if name)
+        + " of this file (device, link and command there)", "", table, ""])
     bench.write_section(args.benchmarks, "time_to_target", text)
     print(text)
 

@@ -8,6 +8,11 @@
 #
 # Stages: corpus (in the background) | tests | tests-bg (in the background, alongside what follows) | wait-tests
 #       | bench-compressor | bench-layer | bench-gpt | bench-gpt-small | profile-gpt-135m | quality:<study>:<seconds>
+#       | bench-modelled-135m | bench-modelled-1.3b (GPT-MoE step times at modelled EP 8/16/64 over 100/200/400 Gb/s
+#         and NVLink 4, one GPU, the link stand-in; MODELLED_GPUS_PER_NODE=8 adds the NVLink share inside a node;
+#         each stage fits one 10-minute call on its own: docs/link_model.md)
+#       | check-link-nvlink | check-link-socket (2 GPUs, nvidia-h200-x2: the link model against NCCL over NVLink
+#         and over the emulated socket link, scripts/check_link_model.py)
 #       | quality-bg:<study>:<seconds> (in the background, alongside what follows; waited for at the end)
 # The quality studies read a corpus carried as .device_data/python_code.{bin,idx,tokenizer.json} when there is one
 # (scripts/preprocess_data.py --input python-code --max_tokens 25e6 --vocab_size 16384 --output_prefix
@@ -29,6 +34,7 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile
 export PYTHONPATH=/root/plugin:/root/site
 # A second call of this script in the same command keeps the sections the first one wrote.
 [ -f "$OUT/benchmarks.md" ] || cp docs/benchmarks.md "$OUT/benchmarks.md"
+[ -f "$OUT/link_model.md" ] || cp docs/link_model.md "$OUT/link_model.md"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv >"$OUT/logs/gpu.txt" 2>&1
 
 nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv -l 15 >"$OUT/logs/gpu_use.csv" 2>&1 &
@@ -103,6 +109,20 @@ for stage in "$@"; do
         bench-gpt) for preset in "small 16" "gpt-moe-135m 32"; do set -- $preset
                     python3 scripts/benchmark_gpt_moe.py --preset "$1" --micro-batch "$2" --steps 120 --timed-from 20 \
                         --report "$OUT/benchmarks.md" 2>&1 | tee -a "$OUT/logs/bench_gpt.log" | tail -5; done ;;
+        bench-modelled-135m|bench-modelled-1.3b)
+                # One process, one rank's shapes (1 expert per rank: the job has K experts), all 12 (EP, link) pairs
+                # and both variants round-robin; the timeout keeps the call's logs coming back.
+                if [ "$stage" = bench-modelled-135m ]; then model=(--preset gpt-moe-135m --micro-batch 32 --steps 30 --timed-from 10)
+                else model=(--preset gpt-moe-1.3b --micro-batch 8 --steps 10 --timed-from 3); fi
+                timeout "${MODELLED_TIMEOUT:-540}" python3 scripts/benchmark_gpt_moe.py "${model[@]}" --variants stock lsh \
+                    --experts-per-rank 1 --modelled-ep 8 16 64 --modelled-link 100gbps 200gbps 400gbps nvlink4 \
+                    --modelled-gpus-per-node "${MODELLED_GPUS_PER_NODE:-1}" --report "$OUT/benchmarks.md" 2>&1 \
+                    | tee -a "$OUT/logs/bench_modelled.log" | tail -30 ;;
+        check-link-nvlink) torchrun --nproc_per_node 2 scripts/check_link_model.py --report "$OUT/link_model.md" \
+                --section nccl_check_nvlink 2>&1 | tee -a "$OUT/logs/check_link.log" | tail -30 ;;
+        check-link-socket) NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 NCCL_IB_DISABLE=1 NCCL_SOCKET_IFNAME=lo \
+                torchrun --nproc_per_node 2 scripts/check_link_model.py --report "$OUT/link_model.md" \
+                --section nccl_check_socket 2>&1 | tee -a "$OUT/logs/check_link.log" | tail -30 ;;
         corpus) # tokenize the code corpus on the CPUs while the GPU stages run; quality stages wait for it
                 python3 -c "from lshmoe_pretrain.data import cached_preprocess as c; print(c('python-code', 16384))" \
                     >"$OUT/logs/corpus.log" 2>&1 &

@@ -81,3 +81,28 @@ def test_output_errors_average_the_second_half_over_layers_and_runs():
     result = study.VariantResult("lsh", [1], [10], {1: [1.0]}, {}, 0.2, 0.1, 1.0, {}, errors)
     table = study.error_table([result])
     assert "| variant | as trained | E(c) + J(c)(x - c) |" in table and "| lsh | 0.300 | 0.200 |" in table
+
+
+def test_time_to_target_per_modelled_link(tmp_path):
+    root = str(tmp_path)
+    write_run(root, "stock", 1, [6.0, 5.0], train_steps=20)
+    write_run(root, "lsh", 1, [5.5, 4.5], train_steps=20)
+    results = study.aggregate(root, "gpt", ["stock", "lsh"])
+    speedup = "speed-up vs stock (modelled)"
+    modelled = {"stock @ 200gbps EP16": {speedup: "1"}, "lsh @ 200gbps EP16": {speedup: "1.5"},
+                "stock @ nvlink4 EP8": {speedup: "1"}, "lsh @ nvlink4 EP8": {speedup: "0.9"}}
+    table = study.time_to_target(results, {"stock": {"tokens/s": "100"}, "lsh": {"tokens/s": "50"}}, None, "steps",
+                                 None, [("gpt_modelled", modelled)])
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()}
+    token_ratio = 15000 / 20000
+    assert "time to that loss on the slow link" not in rows  # no measured-link section given
+    assert f"| {token_ratio / 1.5:.3f} | **modelled**" in rows["time to that loss at 200gbps, EP=16"]
+    assert f"| {token_ratio / 0.9:.3f} | **modelled**" in rows["time to that loss at nvlink4, EP=8"]
+    assert "`gpt_modelled`" in rows["time to that loss at nvlink4, EP=8"]
+    assert "measured" in rows["EP=1 time to that loss"]
+    with pytest.raises(study.StudyError, match="no `stock @ nvlink4 EP8` row"):
+        study.time_to_target(results, {"stock": {"tokens/s": "1"}, "lsh": {"tokens/s": "1"}}, None, "s", None,
+                             [("m", {"lsh @ nvlink4 EP8": {"speed-up vs stock (modelled)": "1"}})])
+    with pytest.raises(study.StudyError, match="holds no `lsh @ <link> EP<k>` rows"):
+        study.time_to_target(results, {"stock": {"tokens/s": "1"}, "lsh": {"tokens/s": "1"}}, None, "s", None,
+                             [("m", {"stock": {"speed-up vs stock (modelled)": "1"}})])

@@ -1,0 +1,140 @@
+"""Will LSH-MoE make my MoE layer and training step faster on my cluster's link? Measures one DeepSpeed MoE layer
+(stock and LSH-MoE, forward + backward) on this device (CUDA if present, else the CPU) at the per-rank shapes of
+the EP job, adds the link model's time for the bytes each variant's all-to-all would move, and prints the
+predicted layer and step speed-ups, whether compression pays, and the bandwidth below which it does.
+
+    python scripts/plan_lsh_moe.py --d-model 1024 --tokens-per-rank 16384 --experts 64 --top-k 2 --ep 16 \\
+        --link 200gbps [--rate 0.2] [--gpus-per-node 8] [--moe-layers 12 --other-ms 40 --dense-params 3e8]
+
+Links: 100gbps, 200gbps, 400gbps (NIC per GPU), nvlink4, infinite, or custom:<GB/s>:<latency us>; several at
+once print a row each. Everything about the network is modelled (docs/link_model.md says how and from what).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from lshmoe_pretrain import benchmarking as bench  # noqa: E402
+from lshmoe_pretrain import planning  # noqa: E402
+from lshmoe_pretrain.link_model import GB, LinkModel, parse_link  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--d-model", type=int, required=True)
+    p.add_argument("--d-ff", type=int, default=None, help="expert FFN width (default 4 x d-model)")
+    p.add_argument("--tokens-per-rank", type=int, required=True, help="tokens entering the layer per rank and step")
+    p.add_argument("--experts", type=int, required=True, help="experts of the layer over all EP ranks")
+    p.add_argument("--top-k", type=int, default=2, choices=[1, 2])
+    p.add_argument("--capacity-factor", type=float, default=1.25)
+    p.add_argument("--ep", type=int, required=True, help="expert-parallel degree k (ranks the experts spread over)")
+    p.add_argument("--link", nargs="+", default=["200gbps"], help="one or more links (see above)")
+    p.add_argument("--gpus-per-node", type=int, default=1,
+                   help="GPUs per node whose EP peers talk over NVLink (default 1: every peer over the link)")
+    p.add_argument("--rate", type=float, default=0.2, help="lsh_moe.compression_rate")
+    p.add_argument("--moe-layers", type=int, default=1, help="MoE layers per step (for the step prediction)")
+    p.add_argument("--other-ms", type=float, default=0.0,
+                   help="rest of the training step without the network (attention, dense FFNs, optimizer), as "
+                        "measured at EP=1; default 0: the step is its MoE layers")
+    p.add_argument("--dense-params", type=float, default=0.0,
+                   help="parameters outside the experts, whose gradients all-reduce over --dp ranks every step")
+    p.add_argument("--dp", type=int, default=None, help="data-parallel ranks of the dense part (default: --ep)")
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="default: bf16 on CUDA, fp32 on the CPU")
+    p.add_argument("--kernel", default="auto", choices=["auto", "torch", "triton"])
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--reps", type=int, default=10)
+    args = p.parse_args(argv)
+    try:
+        args.links = [parse_link(name) for name in args.link]
+    except ValueError as error:
+        p.error(f"--link: {error}")
+    for flag, value in (("--ep", args.ep), ("--gpus-per-node", args.gpus_per_node), ("--moe-layers", args.moe_layers),
+                        ("--reps", args.reps)):
+        if value < 1:
+            p.error(f"{flag} must be >= 1, got {value}")
+    if args.dp is not None and args.dp < 1:
+        p.error(f"--dp must be >= 1, got {args.dp}")
+    if args.other_ms < 0 or args.dense_params < 0:
+        p.error("--other-ms and --dense-params must be >= 0")
+    args.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    args.dtype = args.dtype or ("bf16" if args.device.type == "cuda" else "fp32")
+    args.torch_dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    try:
+        args.shape = planning.LayerShape(
+            d_model=args.d_model, tokens_per_rank=args.tokens_per_rank, experts=args.experts, top_k=args.top_k,
+            ep=args.ep, d_ff=args.d_ff, capacity_factor=args.capacity_factor, rate=args.rate,
+            element_size=torch.empty((), dtype=args.torch_dtype).element_size())
+    except ValueError as error:
+        p.error(str(error))
+    return args
+
+
+def init_single_process(device: torch.device) -> None:
+    """A one-rank process group: DeepSpeed's MoE layer needs one to build its expert groups."""
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    import deepspeed
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False)
+
+
+def main(argv=None) -> str:
+    args = parse_args(argv)
+    init_single_process(args.device)
+    shape = args.shape
+    ep1 = planning.time_layer(shape, 1, args.device, args.torch_dtype, reps=args.reps, warmup=args.warmup,
+                              kernel=args.kernel)
+    step = planning.StepShape(moe_layers=args.moe_layers, other_ms=args.other_ms,
+                              dense_params=int(args.dense_params), dp=args.dp, grad_element_size=shape.element_size)
+    predictions = [planning.predict(shape, ep1, LinkModel(link, gpus_per_node=args.gpus_per_node), step, name)
+                   for link, name in zip(args.links, args.link)]
+    text = report(args, shape, ep1, predictions, step)
+    print(text)
+    torch.distributed.destroy_process_group()
+    return text
+
+
+def report(args, shape: planning.LayerShape, ep1, predictions, step: planning.StepShape) -> str:
+    mib = 2 ** 20
+    links = "\n".join(f"  - {LinkModel(link, gpus_per_node=args.gpus_per_node).describe()}" for link in args.links)
+    return "\n".join([
+        f"LSH-MoE plan: d_model {shape.d_model}, FFN {shape.ffn}, {shape.tokens_per_rank} tokens per rank, "
+        f"{shape.experts} experts top-{shape.top_k} (capacity factor {shape.capacity_factor}), EP={shape.ep}, "
+        f"rate {shape.rate}, {args.dtype}",
+        f"- measured here: {bench.device_name(args.device)}; {bench.software_line()}",
+        f"- measured: DeepSpeed's MoE layer fwd+bwd at EP=1 with this rank's shapes ({shape.local_experts} local "
+        f"experts, the same E x C x d dispatch buffer and expert rows as an EP={shape.ep} rank), stock and "
+        f"LSH-MoE, median of {args.reps} round-robin steps after {args.warmup} warm-ups",
+        f"- modelled: one all-to-all moves {shape.stock_bytes / mib:.2f} MiB per rank stock "
+        f"({shape.experts} x {shape.capacity} x {shape.d_model}) and {shape.lsh_bytes / mib:.2f} MiB with LSH-MoE "
+        f"({shape.experts} x {shape.lsh_bytes // (shape.experts * shape.d_model * shape.element_size)} centroid "
+        f"slots); a layer's training step makes 4 (dispatch and combine, forward and backward); time = alpha + "
+        f"bytes x (k-1)/k / B per all-to-all, not overlapped with compute (DeepSpeed's all-to-all blocks the step):",
+        links,
+        f"- step = {step.other_ms:g} ms (given: the rest of the step without network) + {step.moe_layers} MoE "
+        f"layer(s) + the ring all-reduce of {step.dense_params:.3g} dense gradients over {step.dp or shape.ep} "
+        f"ranks (the same for both; modelled)",
+        "- assumptions and sources: docs/link_model.md. Modelled figures, not measurements of a cluster.",
+        "",
+        planning.plan_table(shape, ep1, predictions),
+        "",
+        "\n".join(f"{p.link}: LSH-MoE predicted {p.layer_speedup:.2f}x per MoE layer, {p.step_speedup:.2f}x per "
+                  f"step; compression {'pays' if p.pays else 'does not pay'}"
+                  + (" at any bandwidth" if p.break_even_gbps is None else
+                     f" (it pays below {p.break_even_gbps:.3g} GB/s per rank; this link: "
+                     f"{LinkModel(link).network.bandwidth / GB:g} GB/s)")
+                  for p, link in zip(predictions, args.links)),
+    ])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""The EP=1 link stand-in on DeepSpeed's real MoE layer (one real gloo process): values and gradients stay bit for
+bit those of the layer without it, for stock and LSH-MoE; forward and backward each take the modelled time longer;
+`decide_by_cost` meets the modelled exchange; bad installs are refused by name."""
+import statistics
+import time
+
+import pytest
+import torch
+from distributed import run_distributed
+from test_deepspeed_patch import D_MODEL, build_moe, fwd_bwd, same
+
+import lshmoe_plugin
+from lshmoe_plugin.compressor import fixed_slots
+from lshmoe_pretrain.link_model import LINKS, LinkModel, parse_link
+from lshmoe_pretrain.link_standin import ModelledAllToAll, dense_gradient_bytes
+
+TOKENS, EXPERTS, EP = 48, 4, 4
+CAPACITY = 15  # DeepSpeed's top-1 capacity: ceil(48 tokens / 4 experts x 1.25)
+STOCK_BYTES = EXPERTS * CAPACITY * D_MODEL * 4  # fp32 dispatch buffer
+LSH_BYTES = EXPERTS * fixed_slots(CAPACITY, 0.25) * D_MODEL * 4
+# Slow enough that one crossing of the stock buffer lasts 0.1 s: far above the tiny layer's compute noise.
+SLOW = LinkModel(parse_link(f"custom:{STOCK_BYTES * (EP - 1) / EP / 0.1 / 1e9:.12f}:0"))
+LSH = {"lsh_moe": {"enabled": True, "compression_rate": 0.25, "telemetry_interval": 0}}
+
+
+def timed_fwd_bwd(moe, x, reps=3):
+    """Median seconds of the forward and of the backward."""
+    forward, backward = [], []
+    for _ in range(reps):
+        inp = x.detach().requires_grad_(True)
+        t0 = time.perf_counter()
+        out, l_aux, _ = moe(inp)
+        t1 = time.perf_counter()
+        (out.square().mean() + l_aux).backward()
+        t2 = time.perf_counter()
+        forward.append(t1 - t0)
+        backward.append(t2 - t1)
+    return statistics.median(forward), statistics.median(backward)
+
+
+def check_standin(rank, world_size):
+    torch.set_num_threads(1)
+    x = torch.randn(2, TOKENS // 2, D_MODEL, generator=torch.Generator().manual_seed(3))
+    report = {}
+    for name, config in (("stock", None), ("lsh", LSH)):
+        moe = build_moe(1, 1)
+        if config:
+            lshmoe_plugin.enable(config, moe)
+        plain = fwd_bwd(moe, x)
+        plain_times = timed_fwd_bwd(moe, x)
+        standin = ModelledAllToAll(SLOW, EP, torch.device("cpu"))
+        assert standin.install(moe) == 1
+        with_link = fwd_bwd(moe, x)
+        report[f"{name}_identical"] = same(plain, with_link)
+        report[f"{name}_crossings"] = standin.crossings
+        report[f"{name}_modelled_s"] = standin.modelled_s
+        report[f"{name}_times"] = (plain_times, timed_fwd_bwd(moe, x))
+        standin.remove()
+        crossings = standin.crossings
+        report[f"{name}_removed_identical"] = same(plain, fwd_bwd(moe, x)) and standin.crossings == crossings
+        lshmoe_plugin.disable()
+    return report
+
+
+def check_all(rank, world_size):
+    """Every check in one process: each spawned DeepSpeed rank costs tens of seconds on a loaded 2-core machine."""
+    return {"standin": check_standin(rank, world_size), "decide": check_decide_by_cost(rank, world_size),
+            "refusals": check_refusals(rank, world_size)}
+
+
+@pytest.fixture(scope="module")
+def reports():
+    return run_distributed(check_all, 1)
+
+
+def test_standin_keeps_values_and_adds_the_modelled_time_forward_and_backward(reports):
+    report = reports["standin"]
+    for name, nbytes in (("stock", STOCK_BYTES), ("lsh", LSH_BYTES)):
+        assert report[f"{name}_identical"] and report[f"{name}_removed_identical"], name
+        # dispatch and combine, forward and backward; each one all-to-all of the buffer at EP=4
+        assert report[f"{name}_crossings"] == 4
+        assert report[f"{name}_modelled_s"] == pytest.approx(4 * SLOW.all_to_all_s(nbytes, EP), rel=1e-12)
+        per_pass = 2 * SLOW.all_to_all_s(nbytes, EP)
+        (plain_fwd, plain_bwd), (fwd, bwd) = report[f"{name}_times"]
+        for added in (fwd - plain_fwd, bwd - plain_bwd):
+            assert per_pass * 0.9 - 0.01 < added < per_pass * 1.15 + 0.03, (name, added, per_pass)
+    assert report["lsh_modelled_s"] < 0.3 * report["stock_modelled_s"]  # 4 of 15 slots per expert cross
+
+
+def check_decide_by_cost(rank, world_size):
+    decided = {}
+    for link in ("infinite", "slow"):
+        moe = build_moe(1, 1, identity=True)  # experts that cost nothing: only the exchange and the compressor
+        model = SLOW if link == "slow" else LinkModel(LINKS["infinite"])
+        standin = ModelledAllToAll(model, EP, torch.device("cpu"))
+        standin.install(moe)
+        lshmoe_plugin.enable({"lsh_moe": dict(LSH["lsh_moe"], decide_by_cost=True)}, moe)
+        fwd_bwd(moe, torch.randn(2, TOKENS // 2, D_MODEL))
+        decided[link] = (moe.deepspeed_moe._lshmoe_compressor.pays, standin.crossings)
+        lshmoe_plugin.disable()
+        standin.remove()
+    return decided
+
+
+def test_decide_by_cost_meets_the_modelled_exchange(reports):
+    decided = reports["decide"]
+    # no link: the compressor is pure cost; a slow one: 11 of 15 rows per expert never cross
+    assert decided["infinite"][0] is False and decided["slow"][0] is True, decided
+    # the trials (1 warm-up + 3 timed, each way: 4 crossings forward + backward) went through the stand-in too
+    assert decided["slow"][1] >= 2 * 4 * 4 + 4, decided
+
+
+def check_refusals(rank, world_size):
+    errors = {}
+    moe = build_moe(2, 1, make_groups=False)  # an EP=2 layer: its all-to-all is real
+    cpu = torch.device("cpu")
+    for name, call in (("ep2", lambda: ModelledAllToAll(SLOW, 2, cpu).install(moe)),
+                       ("no_moe", lambda: ModelledAllToAll(SLOW, 2, cpu).install(torch.nn.Linear(2, 2))),
+                       ("ep0", lambda: ModelledAllToAll(SLOW, 0, cpu))):
+        try:
+            call()
+        except ValueError as error:
+            errors[name] = str(error)
+    ep1 = build_moe(1, 1)
+    ModelledAllToAll(SLOW, 2, torch.device("cpu")).install(ep1)
+    try:
+        ModelledAllToAll(SLOW, 2, torch.device("cpu")).install(ep1)
+    except ValueError as error:
+        errors["twice"] = str(error)
+    dense = sum(p.numel() for n, p in ep1.named_parameters() if "deepspeed_experts" not in n) * 2
+    errors["dense_bytes"] = (dense_gradient_bytes(ep1, 2), dense)
+    return errors
+
+
+def test_bad_installs_are_refused_by_name(reports):
+    errors = reports["refusals"]
+    assert "EP=1 layers only; this layer has ep_size=2" in errors["ep2"]
+    assert "found no DeepSpeed MoE layer" in errors["no_moe"]
+    assert errors["ep0"] == "modelled EP degree must be an integer >= 1, got 0"
+    assert "already installed" in errors["twice"]
+    measured, expected = errors.pop("dense_bytes")
+    assert measured == expected > 0  # the gate's weights: everything but the experts
+
+
+def test_all_reduce_waits_for_the_modelled_time():
+    standin = ModelledAllToAll(LinkModel(parse_link("custom:0.001:0")), 2, torch.device("cpu"))
+    t0 = time.perf_counter()
+    seconds = standin.all_reduce(25e3, 4)  # 2 x 3/4 x 25 kB at 1 MB/s = 37.5 ms
+    elapsed = time.perf_counter() - t0
+    assert seconds == pytest.approx(0.0375, rel=1e-12)
+    assert 0.0375 <= elapsed < 0.0375 + 0.05

@@ -1,0 +1,62 @@
+"""benchmark_gpt_moe.py --modelled-link/--modelled-ep on this CPU: one EP=1 process times every (EP, link) pair
+with the link stand-in, labels the section modelled, and refuses bad flags by name before building anything."""
+import os
+import subprocess
+import sys
+
+import pytest
+from distributed import build_deepspeed_cpu_comm_op
+
+from lshmoe_pretrain import benchmarking as bench
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+
+
+def run_benchmark(*args, env=None):
+    full = {k: v for k, v in os.environ.items() if k != "WORLD_SIZE"}  # one process unless a test says otherwise
+    full.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=ROOT, **(env or {}))
+    return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "benchmark_gpt_moe.py"), *args], env=full,
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_modelled_links_on_the_cpu(tmp_path):
+    build_deepspeed_cpu_comm_op()
+    report = str(tmp_path / "bench.md")
+    result = run_benchmark("--preset", "tiny", "--dtype", "fp32", "--micro-batch", "2", "--steps", "3",
+                           "--timed-from", "1", "--variants", "stock", "lsh", "--modelled-ep", "2", "8",
+                           "--modelled-link", "infinite", "custom:0.002:0", "--report", report)
+    assert result.returncode == 0, result.stderr[-3000:]
+    section = "gpt_moe_tiny_modelled_ep2-8"
+    rows = bench.read_section_table(report, section)
+    links = ("infinite", "custom:0.002:0")
+    labels = [f"{v} @ {link} EP{k}" for k in (2, 8) for link in links for v in ("stock", "lsh")]
+    assert sorted(rows) == sorted(labels)
+    text = open(report).read()
+    assert "modelled EP=2/8" in text and "**modelled**, not measured" in text and "- run, link modelled: " in text
+    assert "- measured:" not in text
+    a2a, all_reduce = "modelled all-to-all ms per step", "modelled dense all-reduce ms per step"
+    for k in (2, 8):
+        free = {v: rows[f"{v} @ infinite EP{k}"] for v in ("stock", "lsh")}
+        slow = {v: rows[f"{v} @ custom:0.002:0 EP{k}"] for v in ("stock", "lsh")}
+        assert all(float(r[a2a]) == 0 and float(r[all_reduce]) == 0 for r in free.values())
+        # 2 MB/s: LSH-MoE sends about a fifth of stock's rows; the dense all-reduce is the same for both
+        assert 0.1 < float(slow["lsh"][a2a]) / float(slow["stock"][a2a]) < 0.35
+        assert float(slow["lsh"][all_reduce]) == float(slow["stock"][all_reduce]) > 0
+        assert float(slow["lsh"]["speed-up vs stock (modelled)"]) > 1
+        # the stand-in's delays are in the step: at least the modelled time above the unmodelled step
+        assert float(slow["stock"]["step ms (modelled)"]) > float(free["stock"]["step ms (modelled)"]) + 0.9 * (
+            float(slow["stock"][a2a]) + float(slow["stock"][all_reduce]))
+    # a larger EP group sends a larger share of the same buffer: (k-1)/k
+    assert float(rows["stock @ custom:0.002:0 EP8"][a2a]) / float(rows["stock @ custom:0.002:0 EP2"][a2a]) == \
+        pytest.approx((7 / 8) / (1 / 2), rel=0.02)
+
+
+@pytest.mark.parametrize("flags,env,message", [
+    (["--modelled-link", "200gbps"], {}, "--modelled-link and --modelled-ep go together"),
+    (["--modelled-link", "10gbps", "--modelled-ep", "8"], {}, "--modelled-link: unknown link '10gbps'; allowed:"),
+    (["--modelled-link", "200gbps", "--modelled-ep", "8", "0"], {}, "--modelled-ep must be >= 1, got 8 0"),
+    (["--modelled-link", "200gbps", "--modelled-ep", "8"], {"WORLD_SIZE": "2"}, "launch one process"),
+])
+def test_bad_modelled_flags_are_refused_by_name(flags, env, message):
+    result = run_benchmark(*flags, env=env)
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
