@@ -31,6 +31,11 @@ TITLES = {
     "gpt_main": "GPT-MoE: stock vs LSH-MoE vs LSH-MoE without error compensation",
     "gpt_ablations": "GPT-MoE ablations (one seed): compression rate, number of hashes, hash family",
     "t5_main": "T5-MoE: stock vs LSH-MoE",
+    "cpu_gpt_main": "GPT-MoE mini (CPU): stock vs LSH-MoE over complete schedules",
+    "cpu_gpt_mechanism": "GPT-MoE mini (CPU): what compression changes, separated (one seed)",
+    "cpu_gpt_methods": "GPT-MoE mini (CPU): methods against the gap (one seed)",
+    "cpu_gpt_rates": "GPT-MoE mini (CPU): final gap against all-to-all bytes (one seed)",
+    "cpu_t5": "T5-MoE mini (CPU): stock vs LSH-MoE, and what makes LSH-MoE lower (one seed)",
 }
 
 
