@@ -90,7 +90,7 @@ class StudyPlan:
     evals: int = 10                 # validation points spread evenly over the run
     eval_tokens: int = 2**18        # held-out tokens per point, spread over the split (the same every time)
     final_eval_tokens: int = 0      # held-out tokens of the last point (0: the whole split)
-    eval_compressed: bool = False   # also evaluate with compress_in_eval at every point
+    eval_compressed: str = "final"  # also evaluate with compress_in_eval: "off", "final" (the last point), "all"
     save_every: int = 0             # checkpoint interval in steps (0: about every quarter of the run)
     concurrency: int = 1
     num_gpus: int = 1
@@ -177,7 +177,7 @@ def launch_command(plan: StudyPlan, variant: str, seed: int, config_path: str, p
                "--final_eval_tokens", str(plan.final_eval_tokens),
                "--log_interval", str(max(1, steps // 20)), "--save_interval", str(save_every),
                "--seed", str(seed), "--output_dir", run_dir, "--diagnostic", diagnostic(variant),
-               *(["--eval_compressed"] if plan.eval_compressed else [])]
+               *(["--eval_compressed", plan.eval_compressed] if plan.eval_compressed != "off" else [])]
     # `latest` is written once every rank's files of a checkpoint are (lshmoe_pretrain.checkpoints): a run killed
     # while saving resumes from the one before.
     if os.path.isfile(os.path.join(run_dir, "checkpoints", "latest")):
@@ -327,8 +327,8 @@ def load_variant(root: str, model_kind: str, variant: str, partial: bool = False
                              f"counts than the other seeds of {variant}")
         seeds.append(seed)
         valid[seed] = [r["valid_loss"] for r in evaluated]
-        if all("valid_loss_compressed" in r for r in evaluated):
-            compressed[seed] = [r["valid_loss_compressed"] for r in evaluated]
+        if "valid_loss_compressed" in evaluated[-1]:  # at every point, or at the final one only
+            compressed[seed] = [r.get("valid_loss_compressed") for r in evaluated]
         steps_ms.append(1000 * statistics.median(r["step_time_s"] for r in tail))
         rate_values = [r["lsh_moe/mean/compression_rate"] for r in tail if "lsh_moe/mean/compression_rate" in r]
         if rate_values:

@@ -74,7 +74,9 @@ def parse_args(model_kind: str, argv=None) -> argparse.Namespace:
         "(0: the whole validation split)")
     add("--eval_iters", type=int, default=None, help="validation micro-batches per evaluation point, instead of "
         "--eval_tokens (still spread over the split)")
-    add("--eval_compressed", action="store_true", help="with LSH-MoE on, also validate with compress_in_eval "
+    add("--eval_compressed", nargs="?", const="all", default="off", choices=("off", "final", "all"),
+        help="with LSH-MoE on, also validate with compress_in_eval at every point (all, the flag alone) or only "
+        "after the last step (final); "
         "(recorded as valid_loss_compressed next to the exact-dispatch valid_loss)")
     add("--log_interval", type=int, default=10, help="print a metrics line every N steps")
     add("--save_interval", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
@@ -273,7 +275,7 @@ def train(engine, data: PretrainData, args: argparse.Namespace) -> Dict[str, flo
                   "elapsed_s": elapsed_before + time.perf_counter() - started, **TELEMETRY.summary(),
                   **diagnostics.summary()}
         if args.eval_interval and step + 1 == args.train_steps:
-            record.update(validation_losses(engine, final_valid, args))
+            record.update(validation_losses(engine, final_valid, args, final=True))
         elif args.eval_interval and (step + 1) % args.eval_interval == 0:
             record.update(validation_losses(engine, valid, args))
         metrics.write(record, engine)
@@ -330,12 +332,13 @@ def eval_samples(args: argparse.Namespace, valid, micro_batch: int, world: int, 
     return int(min(len(valid), max(world, math.ceil(tokens / per_sample))))
 
 
-def validation_losses(engine, valid: EvalBatches, args: argparse.Namespace) -> Dict[str, float]:
-    """valid_loss with exact dispatch in eval (the default), and with --eval_compressed also
-    valid_loss_compressed: the same batches with the compressor on in eval (``lshmoe_plugin.compressed_eval``,
-    which keeps every layer's compressor and ``decide_by_cost`` decision)."""
+def validation_losses(engine, valid: EvalBatches, args: argparse.Namespace, final: bool = False) -> Dict[str, float]:
+    """valid_loss with exact dispatch in eval (the default), and with --eval_compressed (at every point, or at the
+    final one) also valid_loss_compressed: the same batches with the compressor on in eval
+    (``lshmoe_plugin.compressed_eval``, which keeps every layer's compressor and ``decide_by_cost`` decision)."""
     losses = {"valid_loss": evaluate(engine, valid), "valid_samples": valid.num_samples}
-    if args.eval_compressed and args.lsh.enabled:
+    wanted = args.eval_compressed == "all" or (final and args.eval_compressed == "final")
+    if wanted and args.lsh.enabled:
         with lshmoe_plugin.compressed_eval():
             losses["valid_loss_compressed"] = evaluate(engine, valid)
     return losses

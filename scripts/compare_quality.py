@@ -63,8 +63,9 @@ def parse_args() -> argparse.Namespace:
                      help="held-out tokens per validation point, spread over the whole split")
     run.add_argument("--final_eval_tokens", type=float, default=0,
                      help="held-out tokens of the final validation point (0: the whole split)")
-    run.add_argument("--eval_compressed", action="store_true",
-                     help="also evaluate with compress_in_eval (valid_loss_compressed) at every point")
+    run.add_argument("--eval_compressed", choices=("off", "final", "all"), default="final",
+                     help="also evaluate with compress_in_eval (valid_loss_compressed): at the final point only "
+                          "(default), at every point, or never")
     run.add_argument("--save_every", type=int, default=0,
                      help="checkpoint interval in steps (0: about every quarter of the run); checkpoints only "
                           "serve a resume on the same machine")
