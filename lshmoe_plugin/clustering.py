@@ -224,4 +224,27 @@ def refine_fixed(tokens: torch.Tensor, valid: torch.Tensor, slot: torch.Tensor, 
             for start in range(0, group_size, rows)], dim=1)
         slot = torch.where(movable, group * slots_per_group + nearest.reshape(-1), slot)
         slot = torch.where(valid, slot, torch.full_like(slot, num_slots))
+        slot = _reseed_empty_slots(x, c, slot, nearest, movable, num_groups, group_size, slots_per_group)
     return slot
+
+
+def _reseed_empty_slots(x: torch.Tensor, c: torch.Tensor, slot: torch.Tensor, nearest: torch.Tensor,
+                        movable: torch.Tensor, num_groups: int, group_size: int, slots_per_group: int) -> torch.Tensor:
+    """A slot that lost every token to the reassignment would be budget sent for nothing (and fewer distinct
+    points for the expert): it takes the token farthest from its new centroid instead, the r-th empty slot of a
+    group the r-th farthest token. Shape-static (top-k and a scatter into a padded row)."""
+    num_slots = num_groups * slots_per_group
+    ones = torch.ones_like(slot, dtype=torch.float)
+    counts = torch.zeros(num_slots + 1, device=slot.device).index_add_(0, slot, ones)
+    crowded = movable.view(num_groups, group_size).any(1, keepdim=True)
+    empty = (counts[:num_slots].view(num_groups, slots_per_group) == 0) & crowded
+    own = torch.gather(c, 1, nearest.unsqueeze(-1).expand(-1, -1, c.shape[-1]))
+    distance = (x - own).square().sum(-1).masked_fill(~movable.view(num_groups, group_size), -1.0)
+    farthest = distance.topk(min(slots_per_group, group_size), dim=1).indices
+    rank = (empty.long().cumsum(1) - 1).clamp(min=0, max=farthest.shape[1] - 1)
+    target = torch.gather(farthest, 1, rank).masked_fill(~empty, group_size)  # non-empty slots write the pad
+    new_slot = torch.arange(num_groups, device=slot.device).unsqueeze(1) * slots_per_group + \
+        torch.arange(slots_per_group, device=slot.device)
+    padded = torch.cat([slot.view(num_groups, group_size), slot.new_zeros(num_groups, 1)], dim=1)
+    padded.scatter_(1, target, new_slot)
+    return padded[:, :group_size].reshape(-1)

@@ -85,3 +85,14 @@ def test_zero_iterations_return_the_slots_unchanged():
     same = refine_fixed(torch.randn(4, 3), torch.ones(4, dtype=torch.bool), slot, 1, 4, 2, 0,
                         lambda t, s: centroids_by_slot(t, s, 2))
     assert same is slot
+
+
+@pytest.mark.parametrize("seed", [0, 3, 7])
+def test_refinement_keeps_every_slot_of_a_crowded_expert_in_use(seed):
+    """A slot that loses all its tokens to the reassignment takes the farthest token: no budget is sent empty."""
+    x, valid = clustered_batch(num_experts=3, capacity=96, clusters=3, seed=seed)  # 3 tight groups, 10 slots
+    plain = make_compressor(compression_rate=0.1).compress_fixed(x, valid)[1]
+    refined = make_compressor(compression_rate=0.1, refine_iterations=3).compress_fixed(x, valid)[1]
+    used = lambda state: int((state.counts > 0).sum())  # noqa: E731
+    assert used(refined) == 3 * fixed_slots(96, 0.1) >= used(plain)
+    assert squared_residual(x, valid, refined) <= squared_residual(x, valid, plain) * (1 + 1e-6)
