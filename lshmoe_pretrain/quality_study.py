@@ -282,6 +282,7 @@ class VariantResult:
     valid: Dict[int, List[float]]           # seed -> valid loss at each token count
     valid_compressed: Dict[int, List[float]]
     compression_rate: Optional[float]       # achieved (clusters / tokens), mean over the last steps and seeds
+    bytes_ratio: float                      # all-to-all bytes vs stock over the whole run (exact steps count 1)
     residual: Optional[float]               # mean relative residual norm
     step_ms: float                          # median step time over seeds (after the first 10% of steps)
     info: dict                              # run.json of the first seed
@@ -294,7 +295,8 @@ class VariantResult:
         return statistics.fmean(self.valid[s][i] for s in self.seeds)
 
 
-def load_variant(root: str, model_kind: str, variant: str, partial: bool = False) -> Optional[VariantResult]:
+def load_variant(root: str, model_kind: str, variant: str, partial: bool = False,
+                 seeds: Optional[Sequence[int]] = None) -> Optional[VariantResult]:
     """The runs of one variant under ``root/model_kind/variant/seed*`` (None when there are none).
 
     Only finished runs count, unless `partial`: then every run with at least one evaluation counts, cut to the
@@ -302,6 +304,8 @@ def load_variant(root: str, model_kind: str, variant: str, partial: bool = False
     """
     curves = {}  # seed -> (evaluated records, run info, tail records)
     for run_dir in sorted(glob.glob(os.path.join(root, model_kind, variant, "seed*"))):
+        if seeds is not None and int(os.path.basename(run_dir)[4:]) not in seeds:
+            continue
         records = read_metrics(run_dir)
         run_info_path = os.path.join(run_dir, "run.json")
         if not records or not os.path.isfile(run_info_path):
@@ -312,12 +316,13 @@ def load_variant(root: str, model_kind: str, variant: str, partial: bool = False
         evaluated = [r for r in records if "valid_loss" in r]
         if not evaluated or not (done or partial):
             continue
-        curves[int(os.path.basename(run_dir)[4:])] = (evaluated, run_info, records[len(records) // 10:])
+        curves[int(os.path.basename(run_dir)[4:])] = (evaluated, run_info, records[len(records) // 10:], records)
     if not curves:
         return None
-    length = min(len(evaluated) for evaluated, _, _ in curves.values())
+    length = min(len(evaluated) for evaluated, _, _, _ in curves.values())
     seeds, valid, compressed, rates, residuals, steps_ms, token_axis, info = [], {}, {}, [], [], [], None, {}
-    for seed, (evaluated, run_info, tail) in sorted(curves.items()):
+    byte_ratios = []
+    for seed, (evaluated, run_info, tail, records) in sorted(curves.items()):
         evaluated = evaluated[:length]
         tokens = [r["step"] * run_info["tokens_per_step"] for r in evaluated]
         if token_axis is None:
@@ -330,6 +335,7 @@ def load_variant(root: str, model_kind: str, variant: str, partial: bool = False
         if "valid_loss_compressed" in evaluated[-1]:  # at every point, or at the final one only
             compressed[seed] = [r.get("valid_loss_compressed") for r in evaluated]
         steps_ms.append(1000 * statistics.median(r["step_time_s"] for r in tail))
+        byte_ratios.append(bytes_ratio(records, run_info))
         rate_values = [r["lsh_moe/mean/compression_rate"] for r in tail if "lsh_moe/mean/compression_rate" in r]
         if rate_values:
             rates.append(statistics.fmean(rate_values))
@@ -337,12 +343,22 @@ def load_variant(root: str, model_kind: str, variant: str, partial: bool = False
                            if "lsh_moe/mean/relative_residual_norm" in r]
         if residual_values:
             residuals.append(statistics.fmean(residual_values))
-    errors = output_errors([records for records in (read_metrics(d) for d in sorted(glob.glob(
-        os.path.join(root, model_kind, variant, "seed*")))) if records])
+    errors = output_errors([records for _, _, _, records in curves.values()])
     return VariantResult(variant, seeds, token_axis, valid, compressed,
-                         statistics.fmean(rates) if rates else None,
+                         statistics.fmean(rates) if rates else None, statistics.fmean(byte_ratios),
                          statistics.fmean(residuals) if residuals else None, statistics.median(steps_ms), info,
                          errors)
+
+
+def bytes_ratio(records: List[dict], run_info: dict) -> float:
+    """All-to-all bytes over the run as a fraction of stock's: each step's telemetry, 1 for a step that ran
+    stock (no compression, or the exact tail from `exact_from_step`: its record can still hold the stats of the
+    last compressed step, from runs before the lifecycle dropped them)."""
+    exact_from = (run_info.get("lsh_moe") or {}).get("exact_from_step")
+    if not (run_info.get("lsh_moe") or {}).get("enabled", True):
+        return 1.0
+    return statistics.fmean(1.0 if exact_from is not None and r["step"] > exact_from
+                            else r.get("lsh_moe/mean/bytes_ratio", 1.0) for r in records)
 
 
 ERROR_COLUMNS = [("lsh_moe/mean/output_error", "as trained"),
@@ -384,10 +400,11 @@ def error_table(results: List[VariantResult]) -> str:
     return "\n".join(lines)
 
 
-def aggregate(root: str, model_kind: str, variants: Sequence[str], partial: bool = False) -> List[VariantResult]:
-    """Every variant's result; with `partial`, all cut to the evaluations every variant reached, so that each
-    table row and curve compares equal token counts."""
-    results = [r for r in (load_variant(root, model_kind, v, partial) for v in variants) if r is not None]
+def aggregate(root: str, model_kind: str, variants: Sequence[str], partial: bool = False,
+              seeds: Optional[Sequence[int]] = None) -> List[VariantResult]:
+    """Every variant's result (of `seeds` only, when given); with `partial`, all cut to the evaluations every
+    variant reached, so that each table row and curve compares equal token counts."""
+    results = [r for r in (load_variant(root, model_kind, v, partial, seeds) for v in variants) if r is not None]
     if not results:
         raise StudyError(f"no {'evaluated' if partial else 'finished'} runs under {os.path.join(root, model_kind)} "
                          f"for variants {list(variants)}")
@@ -413,8 +430,9 @@ def gap_table(results: List[VariantResult], baseline: str = "stock") -> str:
     """Final valid loss per variant with the gap to the baseline: of the means, and paired per seed."""
     base = next((r for r in results if r.name == baseline), None)
     lines = ["| variant | seeds | valid loss (mean ± std) | gap vs stock (means) | gap vs stock per seed (mean ± std) "
-             "| valid loss, compressed eval | achieved rate | relative residual | step ms |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| valid loss, compressed eval | all-to-all bytes vs stock | achieved rate | relative residual "
+             "| step ms |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         finals = [r.final(s) for s in r.seeds]
         gap = paired = "–"
@@ -431,7 +449,7 @@ def gap_table(results: List[VariantResult], baseline: str = "stock") -> str:
         rate = f"{r.compression_rate:.3f}" if r.compression_rate is not None else "1 (no compression)"
         residual = f"{r.residual:.3f}" if r.residual is not None else "–"
         lines.append(f"| {r.name} | {len(r.seeds)} | {mean_and_spread(finals)} | {gap} | {paired} | {compressed} "
-                     f"| {rate} | {residual} | {r.step_ms:.1f} |")
+                     f"| {r.bytes_ratio:.3f} | {rate} | {residual} | {r.step_ms:.1f} |")
     return "\n".join(lines)
 
 

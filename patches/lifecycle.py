@@ -89,9 +89,14 @@ class PatchLifecycle:
         """Compress this layer now? Disabled, unselected layers, eval mode (unless compress_in_eval) and steps from
         `exact_from_step` on run stock."""
         config = self.config
-        return (config is not None and config.enabled and config.applies_to_layer(layer_index)
-                and (training or config.compress_in_eval)
-                and (config.exact_from_step is None or training_step() < config.exact_from_step))
+        if not (config is not None and config.enabled and config.applies_to_layer(layer_index)
+                and (training or config.compress_in_eval)):
+            return False
+        if config.exact_from_step is not None and training_step() >= config.exact_from_step:
+            # The layer runs stock from now on: its last compressed step's stats must not go on being reported.
+            self.telemetry.latest.pop(layer_index, None)
+            return False
+        return True
 
     # -- layers ---------------------------------------------------------------------------------------------------
     def number_layers(self, layers: Iterable[Any], check: Callable[[Any], None],

@@ -77,6 +77,8 @@ def parse_args() -> argparse.Namespace:
     report.add_argument("--variants", nargs="+", default=["stock", "lsh", "lsh_no_ec"])
     report.add_argument("--partial", action="store_true",
                         help="also report runs a deadline stopped, all cut to the evaluations every run reached")
+    report.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="only these seeds (e.g. the one seed of an ablation, so stock's row is the same seed)")
     report.add_argument("--section", required=True, help=f"block of docs/quality.md to (re)write, e.g. {list(TITLES)}")
     report.add_argument("--run_command", default=None, help="the command that trained the runs, for the record")
     report.add_argument("--output", default="docs/quality.md")
@@ -114,7 +116,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def report(args: argparse.Namespace) -> None:
-    results = study.aggregate(args.root, args.model, args.variants, partial=args.partial)
+    results = study.aggregate(args.root, args.model, args.variants, partial=args.partial, seeds=args.seeds)
     plot_path = os.path.join(os.path.dirname(args.output) or ".", f"quality_{args.section}.png")
     title = TITLES.get(args.section, args.section)
     study.plot(results, plot_path, title)

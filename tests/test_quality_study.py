@@ -78,7 +78,7 @@ def test_output_errors_average_the_second_half_over_layers_and_runs():
     run_b = [early, {"step": 2, "lsh_moe/mean/output_error": 0.2}]
     errors = study.output_errors([run_a, run_b])
     assert errors == pytest.approx({"lsh_moe/mean/output_error": 0.3, "probe/output_error_jacobian": 0.2})
-    result = study.VariantResult("lsh", [1], [10], {1: [1.0]}, {}, 0.2, 0.1, 1.0, {}, errors)
+    result = study.VariantResult("lsh", [1], [10], {1: [1.0]}, {}, 0.2, 0.2, 0.1, 1.0, {}, errors)
     table = study.error_table([result])
     assert "| variant | as trained | E(c) + J(c)(x - c) |" in table and "| lsh | 0.300 | 0.200 |" in table
 
@@ -106,3 +106,11 @@ def test_time_to_target_per_modelled_link(tmp_path):
     with pytest.raises(study.StudyError, match="holds no `lsh @ <link> EP<k>` rows"):
         study.time_to_target(results, {"stock": {"tokens/s": "1"}, "lsh": {"tokens/s": "1"}}, None, "s", None,
                              [("m", {"stock": {"speed-up vs stock (modelled)": "1"}})])
+
+
+def test_bytes_ratio_counts_stock_steps_as_one():
+    records = [{"step": s, "lsh_moe/mean/bytes_ratio": 0.2} for s in range(1, 11)]
+    assert study.bytes_ratio(records, {"lsh_moe": {"enabled": True}}) == pytest.approx(0.2)
+    # the exact tail from step 8 on: steps 9 and 10 ran stock, whatever their (stale) record says
+    assert study.bytes_ratio(records, {"lsh_moe": {"enabled": True, "exact_from_step": 8}}) == pytest.approx(0.36)
+    assert study.bytes_ratio(records, {"lsh_moe": {"enabled": False}}) == 1.0

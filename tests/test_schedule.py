@@ -69,6 +69,7 @@ def check_schedules_on_the_layer(rank, world_size):
     report["compressed_before_the_step"] = not torch.equal(fwd_bwd(moe, x)[0], stock[0])
     set_training_step(4)
     report["stock_from_the_step"] = same(fwd_bwd(moe, x), stock)
+    report["no_stale_stats_once_stock"] = 0 not in lshmoe_plugin.TELEMETRY.latest
     set_training_step(0)
     lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "compression_rate": 0.25, "redraw_interval": 1}}, moe)
     first = fwd_bwd(moe, x)
