@@ -174,8 +174,10 @@ def modelled_notes(modelled: ModelledRuns) -> str:
     """Rows are named `variant @ link EPk`; each speed-up is against stock at the same link and EP degree."""
     drift = modelled.drift()
     return (" Modelled runs: every row `variant @ link EPk` is timed with the stand-in switched to that link and EP "
-            "degree, round-robin with every other row in the same process (each engine therefore trains once per "
-            "pair and step; the losses compare equal steps); its speed-up is against `stock` at the same link and "
+            "degree, round-robin with every other row in the same process (each engine therefore takes one optimizer "
+            "step per row and step, and the table has no loss columns: rows' losses would follow different numbers "
+            "of updates; quality comes from the quality study, docs/quality.md); its speed-up is against `stock` at "
+            "the same link and "
             "EP degree, and it includes each step's modelled all-to-alls and the dense gradients' all-reduce. "
             "Labelled modelled: no network was used."
             + (f" The GPU's spin delays ran at {drift:.3f}x their calibrated rate at the end of the run (1: the "
@@ -262,9 +264,11 @@ def main() -> None:
         headers = ["variant", "step ms", "tokens/s", "speed-up vs stock", f"loss at step {args.steps}",
                    "mean loss, last 5 steps", "loss / stock"]
         if modelled:  # the step times include modelled delays: every timing column says so
-            headers = headers[:1] + [f"{h} (modelled)" for h in headers[1:4]] + headers[4:]
+            # No loss columns: each engine takes one optimizer step per (link, EP) row, so two rows' losses come
+            # after different numbers of updates and compare nothing (quality comes from the quality study).
+            headers = headers[:1] + [f"{h} (modelled)" for h in headers[1:4]]
             headers += ["modelled all-to-all ms per step", "modelled dense all-reduce ms per step"]
-            rows = [row + tuple(statistics.median(ms) for ms in zip(*modelled_ms[row[0]])) for row in rows]
+            rows = [row[:4] + tuple(statistics.median(ms) for ms in zip(*modelled_ms[row[0]])) for row in rows]
         table = bench.markdown_table(headers, rows)
         print(table)
         cfg = engines["stock"].module.config
@@ -280,7 +284,8 @@ def main() -> None:
             f"`{args.kernel}`; `lsh` runs the compressor as CUDA graphs where possible (`cuda_graphs` 'auto', "
             f"the default), `lsh_eager` launches it op by op (`cuda_graphs: false`). "
             f"Same initial weights, same batches (a fixed sparse Markov source), same gate seeds; "
-            f"the engines' steps alternate in the same processes. Loss = LM loss averaged over ranks."
+            f"the engines' steps alternate in the same processes."
+            + ("" if modelled else " Loss = LM loss averaged over ranks.")
             + (modelled_notes(modelled) if modelled else "") + "\n\n"
             + table + "\n")
         bench.report_section(args.report, section, text)

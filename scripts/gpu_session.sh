@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (no network, Python 3.12, torch + triton preinstalled): install the carried
-# wheels (.whl: deepspeed and its missing dependencies, see docs/benchmarks.md) and this checkout, then run the
+# wheels (.whl, built on the CPU machine: `pip wheel deepspeed==0.19.8 --no-deps` from its sdist, and
+# `pip download --python-version 3.12 --only-binary=:all: --no-deps` of hjson, pydantic, pydantic-core,
+# annotated-types, typing-inspection and megatron-core==0.16.1, which tests/gpu/test_megatron_cuda.py imports)
+# and this checkout, then run the
 # named stages in order, each logged under $OUT. State that later calls of the same lease reuse lives in /root:
 # the installed packages, the tokenized corpus cache and the quality study's runs.
 #

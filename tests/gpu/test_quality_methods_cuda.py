@@ -4,10 +4,11 @@ import time
 
 import pytest
 import torch
-from test_cuda_graphs import batch, run_step
+from test_cuda_graphs import D, batch, run_step
 
 from lshmoe_plugin.compressor import LSHCompressor
 from lshmoe_plugin.config import LSHMoEConfig
+from lshmoe_plugin.residual_map import RIDGE
 from lshmoe_plugin.schedule import set_training_step
 from lshmoe_plugin.telemetry import Telemetry
 
@@ -39,7 +40,15 @@ def test_fused_kernels_match_the_reference_with_the_quality_methods(settings):
     got, want = run_step(fused, data), run_step(reference, data)
     assert torch.equal(got[3], want[3]), "slots differ"
     for a, b, name in zip(got[:3], want[:3], ("output", "token grad", "expert grad")):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), name
+        if "residual_map" in settings:
+            # The fitted map solves (G + RIDGE * mean(diag G) I) A = B, whose condition number is at most
+            # 1 + D / RIDGE: the float32 rounding by which the fused and the reference centroids differ (their
+            # sums run in another order) can grow that much in A: norm-wise, eps times that bound (3e-3 here);
+            # a wrong kernel is off by O(1). (Element-wise 1e-4 failed on an H200 by ~1e-4 at a few entries.)
+            bound = torch.finfo(torch.float32).eps * (1 + D / RIDGE)
+            assert float((a - b).norm() / b.norm()) < bound, name
+        else:
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), name
 
 
 def test_a_redraw_does_not_stop_the_host():
