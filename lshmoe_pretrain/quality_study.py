@@ -541,9 +541,9 @@ def time_to_target(results: List[VariantResult], step_rows: Dict[str, Dict[str, 
     stock = by_name["stock"]
     target = stock.mean_at(len(stock.tokens) - 1)
     tokens = {name: tokens_to_reach(by_name[name], target) for name in ("stock", "lsh")}
-    if tokens["lsh"] is None:
-        raise StudyError(f"lsh never reached stock's final valid loss {target:.4f}: no time to target")
     rate = {name: float(step_rows[name]["tokens/s"]) for name in ("stock", "lsh")}
+    if tokens["lsh"] is None:
+        return not_reached_table(by_name["lsh"], stock, target, rate, link_rows, step_source, link_source, modelled)
     seconds = {name: tokens[name] / rate[name] for name in rate}
     token_ratio = tokens["lsh"] / tokens["stock"]
     rows = [
@@ -563,13 +563,40 @@ def time_to_target(results: List[VariantResult], step_rows: Dict[str, Dict[str, 
                   "**projected**: token ratio / link step speed-up")]
     for source, section_rows in modelled:
         rows += modelled_time_rows(token_ratio, section_rows, source)
-    header = "| | stock | LSH-MoE | LSH / stock | measured, projected or modelled |\n| --- | --- | --- | --- | --- |\n"
-    return header + "\n".join("| " + " | ".join(row) + " |" for row in rows)
+    return TIME_TABLE_HEADER + "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
-def modelled_time_rows(token_ratio: float, section_rows: Dict[str, Dict[str, str]], source: str) -> List[tuple]:
-    """One row per ``lsh @ <link> EP<k>`` of a modelled step-time section: time to the loss = token ratio /
-    that modelled step speed-up (which is against stock at the same link and EP)."""
+TIME_TABLE_HEADER = ("| | stock | LSH-MoE | LSH / stock | measured, projected or modelled |\n"
+                     "| --- | --- | --- | --- | --- |\n")
+
+
+def not_reached_table(lsh: VariantResult, stock: VariantResult, target: float, rate: Dict[str, float],
+                      link_rows: Optional[Dict[str, Dict[str, str]]], step_source: str, link_source: Optional[str],
+                      modelled: Sequence[Tuple[str, Dict[str, Dict[str, str]]]]) -> str:
+    """LSH-MoE ended above stock's final loss: there is no time to that loss to report, only what each link's step
+    speed-up S says: LSH-MoE reaches stock's loss sooner only if it needs fewer than S times stock's tokens."""
+    final = lsh.mean_at(len(lsh.tokens) - 1)
+    rows = [("tokens to valid loss %.4f (stock's after %s)" % (target, millions(stock.tokens[-1])),
+             millions(stock.tokens[-1]), f"not reached in {millions(lsh.tokens[-1])} (ends at {final:.4f})",
+             f"> {lsh.tokens[-1] / stock.tokens[-1]:.3f}",
+             f"measured (seed mean): LSH-MoE ends {100 * (final / target - 1):+.2f}% above; a longer LSH-MoE "
+             "schedule would measure its token ratio"),
+            ("EP=1 tokens/s", f"{rate['stock']:.0f}", f"{rate['lsh']:.0f}", f"{rate['lsh'] / rate['stock']:.3f}",
+             f"measured (`{step_source}`)")]
+    if link_rows is not None:
+        link_speedup = float(link_rows["lsh"]["speed-up vs stock"])
+        rows.append(("break-even token ratio on the slow link", "", "", f"{link_speedup:.3f}",
+                     f"measured step speed-up (`{link_source}`): LSH-MoE is sooner only below this token ratio"))
+    for source, section_rows in modelled:
+        for label, speedup in modelled_speedups(section_rows, source):
+            rows.append((f"break-even token ratio at {label.replace(' EP', ', EP=')}", "", "", f"{speedup:.3f}",
+                         f"**modelled** step speed-up (`{source}`): LSH-MoE is sooner only below this token ratio"))
+    return TIME_TABLE_HEADER + "\n".join("| " + " | ".join(row) + " |" for row in rows)
+
+
+def modelled_speedups(section_rows: Dict[str, Dict[str, str]], source: str) -> List[Tuple[str, float]]:
+    """(link and EP, modelled step speed-up against stock at the same link and EP) for every ``lsh @ <link> EP<k>``
+    row of a benchmark_gpt_moe.py --modelled-link section."""
     found = []
     for label, row in section_rows.items():
         if not label.startswith("lsh @ "):
@@ -577,14 +604,19 @@ def modelled_time_rows(token_ratio: float, section_rows: Dict[str, Dict[str, str
         where = label[len("lsh @ "):]
         if f"stock @ {where}" not in section_rows:
             raise StudyError(f"section `{source}` has `{label}` but no `stock @ {where}` row to compare it with")
-        speedup = float(row["speed-up vs stock (modelled)"])
-        found.append((f"time to that loss at {where.replace(' EP', ', EP=')}", "", "", f"{token_ratio / speedup:.3f}",
-                      f"**modelled**: token ratio (measured) / step speed-up {speedup:.3f} (modelled link, "
-                      f"`{source}`)"))
+        found.append((where, float(row["speed-up vs stock (modelled)"])))
     if not found:
         raise StudyError(f"section `{source}` holds no `lsh @ <link> EP<k>` rows (benchmark_gpt_moe.py "
                          "--modelled-link writes them)")
     return found
+
+
+def modelled_time_rows(token_ratio: float, section_rows: Dict[str, Dict[str, str]], source: str) -> List[tuple]:
+    """One row per ``lsh @ <link> EP<k>`` of a modelled step-time section: time to the loss = token ratio /
+    that modelled step speed-up (which is against stock at the same link and EP)."""
+    return [(f"time to that loss at {where.replace(' EP', ', EP=')}", "", "", f"{token_ratio / speedup:.3f}",
+             f"**modelled**: token ratio (measured) / step speed-up {speedup:.3f} (modelled link, `{source}`)")
+            for where, speedup in modelled_speedups(section_rows, source)]
 
 
 def python_command() -> str:

@@ -114,3 +114,22 @@ def test_bytes_ratio_counts_stock_steps_as_one():
     # the exact tail from step 8 on: steps 9 and 10 ran stock, whatever their (stale) record says
     assert study.bytes_ratio(records, {"lsh_moe": {"enabled": True, "exact_from_step": 8}}) == pytest.approx(0.36)
     assert study.bytes_ratio(records, {"lsh_moe": {"enabled": False}}) == 1.0
+
+
+def test_time_to_target_when_lsh_never_reaches_stock(tmp_path):
+    """LSH-MoE ending above stock gives no time to target: the table says so, and gives each link's break-even
+    token ratio (its step speed-up) instead of a number that was never measured."""
+    root = str(tmp_path)
+    write_run(root, "stock", 1, [6.0, 5.0], train_steps=20)
+    write_run(root, "lsh", 1, [6.1, 5.2], train_steps=20)
+    results = study.aggregate(root, "gpt", ["stock", "lsh"])
+    speedup = "speed-up vs stock (modelled)"
+    modelled = {"stock @ 200gbps EP16": {speedup: "1"}, "lsh @ 200gbps EP16": {speedup: "1.5"}}
+    table = study.time_to_target(results, {"stock": {"tokens/s": "100"}, "lsh": {"tokens/s": "50"}},
+                                 {"lsh": {"speed-up vs stock": "2.0"}}, "steps", "link", [("m", modelled)])
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()}
+    first = rows["tokens to valid loss 5.0000 (stock's after 0.02M)"]
+    assert "not reached in 0.02M (ends at 5.2000)" in first and "> 1.000" in first and "+4.00% above" in first
+    assert "| 1.500 | **modelled**" in rows["break-even token ratio at 200gbps, EP=16"]
+    assert "| 2.000 | measured" in rows["break-even token ratio on the slow link"]
+    assert not [name for name in rows if name.startswith("time to that loss")]
