@@ -88,6 +88,9 @@ def parse_args() -> argparse.Namespace:
     target.add_argument("--model", choices=("gpt", "t5"), default="gpt")
     target.add_argument("--root", default="runs/quality")
     target.add_argument("--partial", action="store_true")
+    target.add_argument("--lsh_root", default=None,
+                        help="take lsh from this study instead (its own, longer schedule: the tokens it needs to "
+                             "reach stock's final loss)")
     target.add_argument("--benchmarks", default="docs/benchmarks.md")
     target.add_argument("--step_section", required=True,
                         help="benchmark_gpt_moe.py section with the same model's EP=1 tokens/s, stock and lsh")
@@ -145,7 +148,11 @@ def report(args: argparse.Namespace) -> None:
 
 
 def time_to_target(args: argparse.Namespace) -> None:
-    results = study.aggregate(args.root, args.model, ["stock", "lsh"], partial=args.partial)
+    if args.lsh_root:
+        results = (study.aggregate(args.root, args.model, ["stock"], partial=args.partial)
+                   + study.aggregate(args.lsh_root, args.model, ["lsh"], partial=args.partial))
+    else:
+        results = study.aggregate(args.root, args.model, ["stock", "lsh"], partial=args.partial)
     link_rows = bench.read_section_table(args.benchmarks, args.link_section) if args.link_section else None
     modelled = [(name, bench.read_section_table(args.benchmarks, name)) for name in args.modelled_section]
     table = study.time_to_target(results, bench.read_section_table(args.benchmarks, args.step_section),
@@ -153,7 +160,9 @@ def time_to_target(args: argparse.Namespace) -> None:
     text = "\n".join([
         "## Time to the same validation loss: measured parts and projected parts", "",
         f"- command: `{study.python_command()}`",
-        f"- quality runs: {study.describe(results)}",
+        f"- quality runs: {study.describe(results)}"
+        + (f" LSH-MoE from `{args.lsh_root}`, on a schedule of its own of {study.millions(results[-1].tokens[-1])} "
+           "tokens (the same settings otherwise)." if args.lsh_root else ""),
         "- step times: sections " + ", ".join(f"`{name}`" for name in [args.step_section, args.link_section]
                                                + args.modelled_section if name)
         + " of this file (device, link and command there)", "", table, ""])

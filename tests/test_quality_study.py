@@ -133,3 +133,30 @@ def test_time_to_target_when_lsh_never_reaches_stock(tmp_path):
     assert "| 1.500 | **modelled**" in rows["break-even token ratio at 200gbps, EP=16"]
     assert "| 2.000 | measured" in rows["break-even token ratio on the slow link"]
     assert not [name for name in rows if name.startswith("time to that loss")]
+
+
+def test_time_to_target_takes_lsh_from_a_longer_schedule_of_its_own(tmp_path):
+    """compare_quality.py time-to-target --lsh_root: stock's final loss from one study, the tokens LSH-MoE needs
+    to reach it from its own longer runs."""
+    import subprocess
+    import sys
+    stock_root, lsh_root = str(tmp_path / "a"), str(tmp_path / "b")
+    write_run(stock_root, "stock", 1, [6.0, 5.0], train_steps=20)
+    write_run(stock_root, "lsh", 1, [6.1, 5.2], train_steps=20)  # never reaches 5.0 on stock's schedule
+    write_run(lsh_root, "lsh", 1, [6.1, 5.4, 4.8], train_steps=30)  # reaches it on its own longer one
+    benchmarks = str(tmp_path / "bench.md")
+    bench.write_section(benchmarks, "steps", "## s\n\n" + bench.markdown_table(
+        ["variant", "tokens/s"], [("stock", 100.0), ("lsh", 100.0)]))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    base = [sys.executable, os.path.join(root, "scripts", "compare_quality.py"), "time-to-target", "--root",
+            stock_root, "--benchmarks", benchmarks, "--step_section", "steps"]
+    env = dict(os.environ, PYTHONPATH=root)
+    alone = subprocess.run(base, capture_output=True, text=True, env=env)
+    assert alone.returncode == 0, alone.stderr
+    assert "not reached in 0.02M" in alone.stdout
+    longer = subprocess.run(base + ["--lsh_root", lsh_root], capture_output=True, text=True, env=env)
+    assert longer.returncode == 0, longer.stderr
+    tokens = 20000 + 10000 * (5.4 - 5.0) / (5.4 - 4.8)
+    rows = {line.split(" | ")[0].strip("| "): line for line in longer.stdout.splitlines() if line.startswith("|")}
+    assert f"| {tokens / 20000:.3f} | measured" in rows["tokens to valid loss 5.0000 (stock's after 0.02M)"]
+    assert f"LSH-MoE from `{lsh_root}`, on a schedule of its own of 0.03M tokens" in longer.stdout
