@@ -55,8 +55,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--kernel", default="auto", choices=["auto", "torch", "triton"])
     p.add_argument("--variants", nargs="+", default=["stock", "lsh", "lsh_eager"],
-                   choices=["stock", "lsh", "lsh_eager"],
-                   help="lsh: lsh_moe defaults (CUDA graphs where possible); lsh_eager: cuda_graphs=false")
+                   choices=["stock", "lsh", "lsh_eager", "lsh_decide"],
+                   help="lsh: lsh_moe defaults (CUDA graphs where possible); lsh_eager: cuda_graphs=false; "
+                        "lsh_decide: decide_by_cost=true (with --modelled-link, each layer decides once per link "
+                        "and EP degree)")
     p.add_argument("--backend", default=None)
     p.add_argument("--report", default=None, metavar="PATH", help="also write the section into this markdown file "
                    "(docs/benchmarks.md holds the published ones); default: print only")
@@ -117,11 +119,40 @@ def ds_config(args, variant: str) -> dict:
                                                   "torch_adam": True}},
         "zero_optimization": {"stage": 0},
         "lsh_moe": {"enabled": variant != "stock", "compression_rate": args.rate, "kernel": args.kernel,
-                    "telemetry_interval": 0, "cuda_graphs": False if variant == "lsh_eager" else "auto"},
+                    "telemetry_interval": 0, "cuda_graphs": False if variant == "lsh_eager" else "auto",
+                    "decide_by_cost": variant == "lsh_decide"},
     }
     if args.dtype == "bf16":
         config["bf16"] = {"enabled": True}
     return config
+
+
+class DecisionsPerPair:
+    """`decide_by_cost` decides each layer once and keeps it; the modelled runs switch the link under the same
+    engine, so each layer's decision is kept per (EP, link) pair: the first step of a pair decides afresh under
+    that pair's modelled exchange, later steps of the pair reuse it."""
+
+    def __init__(self):
+        self.saved = {}  # (pair, layer index) -> compressor.pays
+
+    @staticmethod
+    def compressors(engine):
+        from lshmoe_plugin.patches.lifecycle import COMPRESSOR_ATTRIBUTE
+        found = (getattr(m, COMPRESSOR_ATTRIBUTE, None) for m in engine.module.modules())
+        return [c for c in found if c is not None]
+
+    def restore(self, engine, pair) -> None:
+        for compressor in self.compressors(engine):
+            compressor.pays = self.saved.get((pair, compressor.layer_index))
+
+    def keep(self, engine, pair) -> None:
+        for compressor in self.compressors(engine):
+            self.saved[(pair, compressor.layer_index)] = compressor.pays
+
+    def compressing(self, pair) -> str:
+        """'k/n': layers that chose compression at this pair."""
+        chosen = [pays for (p, _), pays in self.saved.items() if p == pair]
+        return f"{sum(bool(pays) for pays in chosen)}/{len(chosen)}"
 
 
 def use(variant: str, engine, lsh_configs: dict) -> None:
@@ -220,11 +251,14 @@ def main() -> None:
     times = {ModelledRuns.label(*run): [] for run in runs}
     losses = {label: [] for label in times}
     modelled_ms = {}  # label -> [(all-to-all ms, all-reduce ms) per timed step]
+    decisions = DecisionsPerPair()
     for step in range(args.steps):
         batch = markov_batch(step, rank, args, device)
         for variant, pair in runs:
             engine, label = engines[variant], ModelledRuns.label(variant, pair)
             use(variant, engine, lsh_configs)
+            if variant == "lsh_decide":
+                decisions.restore(engine, pair)
             if modelled:
                 modelled.use(variant, pair)
                 modelled_before = modelled.standins[variant].modelled_s
@@ -238,6 +272,8 @@ def main() -> None:
                 all_reduce_s = modelled.all_reduce(variant, pair)
             engine.step()
             bench.synchronize(device)
+            if variant == "lsh_decide":
+                decisions.keep(engine, pair)
             if step >= args.timed_from:
                 times[label].append((time.perf_counter() - t0) * 1e3)
                 if modelled:
@@ -269,6 +305,10 @@ def main() -> None:
             headers = headers[:1] + [f"{h} (modelled)" for h in headers[1:4]]
             headers += ["modelled all-to-all ms per step", "modelled dense all-reduce ms per step"]
             rows = [row[:4] + tuple(statistics.median(ms) for ms in zip(*modelled_ms[row[0]])) for row in rows]
+        if "lsh_decide" in args.variants:  # what each layer's cost decision chose (under that row's link)
+            chosen = {ModelledRuns.label("lsh_decide", pair): decisions.compressing(pair) for _, pair in runs}
+            headers = headers + ["layers compressing (decide_by_cost)"]
+            rows = [row + (chosen.get(row[0], "–"),) for row in rows]
         table = bench.markdown_table(headers, rows)
         print(table)
         cfg = engines["stock"].module.config

@@ -114,10 +114,11 @@ for stage in "$@"; do
                         --report "$OUT/benchmarks.md" 2>&1 | tee -a "$OUT/logs/bench_gpt.log" | tail -5; done ;;
         bench-modelled-135m|bench-modelled-1.3b)
                 # One process, one rank's shapes (1 expert per rank: the job has K experts), all 12 (EP, link) pairs
-                # and both variants round-robin; the timeout keeps the call's logs coming back.
+                # and the variants round-robin (lsh_decide: decide_by_cost, each layer deciding once per pair);
+                # the timeout keeps the call's logs coming back.
                 if [ "$stage" = bench-modelled-135m ]; then model=(--preset gpt-moe-135m --micro-batch 32 --steps 30 --timed-from 10)
                 else model=(--preset gpt-moe-1.3b --micro-batch 8 --steps 10 --timed-from 3); fi
-                timeout "${MODELLED_TIMEOUT:-540}" python3 scripts/benchmark_gpt_moe.py "${model[@]}" --variants stock lsh \
+                timeout "${MODELLED_TIMEOUT:-540}" python3 scripts/benchmark_gpt_moe.py "${model[@]}" --variants stock lsh lsh_decide \
                     --experts-per-rank 1 --modelled-ep 8 16 64 --modelled-link 100gbps 200gbps 400gbps nvlink4 \
                     --modelled-gpus-per-node "${MODELLED_GPUS_PER_NODE:-1}" --report "$OUT/benchmarks.md" 2>&1 \
                     | tee -a "$OUT/logs/bench_modelled.log" | tail -30 ;;

@@ -23,13 +23,13 @@ def test_modelled_links_on_the_cpu(tmp_path):
     build_deepspeed_cpu_comm_op()
     report = str(tmp_path / "bench.md")
     result = run_benchmark("--preset", "tiny", "--dtype", "fp32", "--micro-batch", "2", "--steps", "3",
-                           "--timed-from", "1", "--variants", "stock", "lsh", "--modelled-ep", "2", "8",
+                           "--timed-from", "1", "--variants", "stock", "lsh", "lsh_decide", "--modelled-ep", "2", "8",
                            "--modelled-link", "infinite", "custom:0.002:0", "--report", report)
     assert result.returncode == 0, result.stderr[-3000:]
     section = "gpt_moe_tiny_modelled_ep2-8"
     rows = bench.read_section_table(report, section)
     links = ("infinite", "custom:0.002:0")
-    labels = [f"{v} @ {link} EP{k}" for k in (2, 8) for link in links for v in ("stock", "lsh")]
+    labels = [f"{v} @ {link} EP{k}" for k in (2, 8) for link in links for v in ("stock", "lsh", "lsh_decide")]
     assert sorted(rows) == sorted(labels)
     # each engine steps once per row: losses of two rows follow different numbers of updates, so none is shown
     assert not [column for column in next(iter(rows.values())) if "loss" in column]
@@ -48,6 +48,14 @@ def test_modelled_links_on_the_cpu(tmp_path):
         # the stand-in's delays are in the step: at least the modelled time above the unmodelled step
         assert float(slow["stock"]["step ms (modelled)"]) > float(free["stock"]["step ms (modelled)"]) + 0.9 * (
             float(slow["stock"][a2a]) + float(slow["stock"][all_reduce]))
+    # decide_by_cost decides under each row's own link: at 2 MB/s and EP=8 the stock exchange waits ~0.14 s per
+    # crossing for the modelled link and the compressed one a fifth of that, so every layer compresses and sends
+    # lsh's bytes. (Over the free link the two differ by CPU noise: only the column's form is checked there.)
+    decided = "layers compressing (decide_by_cost)"
+    assert rows["lsh_decide @ custom:0.002:0 EP8"][decided] == "2/2"
+    assert float(rows["lsh_decide @ custom:0.002:0 EP8"][a2a]) == float(rows["lsh @ custom:0.002:0 EP8"][a2a])
+    assert all(rows[f"lsh_decide @ infinite EP{k}"][decided] in ("0/2", "1/2", "2/2") for k in (2, 8))
+    assert rows["lsh @ infinite EP2"][decided] == "–"
     # a larger EP group sends a larger share of the same buffer: (k-1)/k
     assert float(rows["stock @ custom:0.002:0 EP8"][a2a]) / float(rows["stock @ custom:0.002:0 EP2"][a2a]) == \
         pytest.approx((7 / 8) / (1 / 2), rel=0.02)
