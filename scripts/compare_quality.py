@@ -35,6 +35,7 @@ TITLES = {
     "cpu_gpt_mechanism": "GPT-MoE mini (CPU): what compression changes, separated (one seed)",
     "cpu_gpt_methods": "GPT-MoE mini (CPU): methods against the gap (one seed)",
     "cpu_gpt_rates": "GPT-MoE mini (CPU): final gap against all-to-all bytes (one seed)",
+    "cpu_gpt_controls": "GPT-MoE mini (CPU): the controls, rate 1.0 and random clusters at LSH-MoE's budget",
     "cpu_t5": "T5-MoE mini (CPU): stock vs LSH-MoE, and what makes LSH-MoE lower (one seed)",
     "gpu_gpt_135m_mechanism": "GPT-MoE-135M (H200): LSH-MoE against stock, and what the compensation's backward "
                               "path is worth",

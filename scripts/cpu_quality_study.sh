@@ -29,6 +29,8 @@ batch() {
         compensation) gpt --seeds 1 --variants lsh_no_ec linear_map ;;
         methods) gpt --seeds 1 --variants exact_tail_0.15 refine_2 redraw rate_1.0 ;;
         t5) t5 --seeds 1 --variants stock lsh lsh_no_ec diag_identity_grad ;;
+        controls) gpt --seeds 1 --variants rate_1.0 random_clusters
+                  gpt --seeds 2 --variants random_clusters lsh_no_ec ;;
         seeds) gpt --seeds 2 --variants diag_identity_grad lsh_no_ec exact_tail_0.15 refine_2 ;;
         exact) gpt --seeds 1 --variants exact_tokens_8 exact_tokens_16 ;;
         rates) gpt --seeds 1 --variants rate_0.1 rate_0.3 rate_0.5 lsh_no_ec_refine_2 ;;
@@ -36,10 +38,11 @@ batch() {
                 python scripts/compare_quality.py run --model gpt --base_config configs/gpt_moe_cpu.json \
                     "${common[@]/runs\/cpu_quality/runs/cpu_quality_lr$lr}" --lr "$lr" --seeds 1 --variants stock
             done ;;
-        *) echo "unknown batch $1; allowed: main mechanism compensation methods t5 seeds rates exact lr"; return 2 ;;
+        *) echo "unknown batch $1; allowed: main mechanism compensation methods controls t5 seeds rates exact lr"
+           return 2 ;;
     esac
 }
 
-for name in "${@:-main mechanism compensation methods t5 seeds rates exact lr}"; do
+for name in "${@:-main mechanism compensation methods controls t5 seeds rates exact lr}"; do
     for b in $name; do batch "$b"; done
 done
