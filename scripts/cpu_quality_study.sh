@@ -34,15 +34,23 @@ batch() {
         seeds) gpt --seeds 2 --variants diag_identity_grad lsh_no_ec exact_tail_0.15 refine_2 ;;
         exact) gpt --seeds 1 --variants exact_tokens_8 exact_tokens_16 ;;
         rates) gpt --seeds 1 --variants rate_0.1 rate_0.3 rate_0.5 lsh_no_ec_refine_2 ;;
-        lr) for lr in 4e-3; do  # is the baseline's learning rate tuned? (a root of its own per rate)
+        lr) # is either side's learning rate tuned? (a root of its own per rate; 2e-3 is the study's)
+            for run in "4e-3 stock" "1e-3 stock" "4e-3 lsh"; do
+                set -- $run
                 python scripts/compare_quality.py run --model gpt --base_config configs/gpt_moe_cpu.json \
-                    "${common[@]/runs\/cpu_quality/runs/cpu_quality_lr$lr}" --lr "$lr" --seeds 1 --variants stock
+                    "${common[@]/runs\/cpu_quality/runs/cpu_quality_lr$1}" --lr "$1" --seeds 1 --variants "$2"
             done ;;
-        *) echo "unknown batch $1; allowed: main mechanism compensation methods controls t5 seeds rates exact lr"
+        tokens) # LSH-MoE on longer schedules of its own: the tokens it needs to reach stock's final loss
+            for tokens in 1.25e6 1.5e6; do
+                python scripts/compare_quality.py run --model gpt --base_config configs/gpt_moe_cpu.json \
+                    "${common[@]/runs\/cpu_quality/runs/cpu_quality_tokens$tokens}" --tokens "$tokens" --seeds 1 \
+                    --variants lsh
+            done ;;
+        *) echo "unknown batch $1; allowed: main mechanism compensation methods controls t5 seeds rates exact lr tokens"
            return 2 ;;
     esac
 }
 
-for name in "${@:-main mechanism compensation methods controls t5 seeds rates exact lr}"; do
+for name in "${@:-main mechanism compensation methods controls t5 seeds rates exact lr tokens}"; do
     for b in $name; do batch "$b"; done
 done
