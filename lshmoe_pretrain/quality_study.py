@@ -527,9 +527,10 @@ def tokens_to_reach(result: VariantResult, target: float) -> Optional[float]:
     return None
 
 
-def time_to_target(results: List[VariantResult], step_rows: Dict[str, Dict[str, str]],
+def time_to_target(results: List[VariantResult], step_rows: Optional[Dict[str, Dict[str, str]]],
                    link_rows: Optional[Dict[str, Dict[str, str]]], step_source: str, link_source: Optional[str],
-                   modelled: Sequence[Tuple[str, Dict[str, Dict[str, str]]]] = ()) -> str:
+                   modelled: Sequence[Tuple[str, Dict[str, Dict[str, str]]]] = (),
+                   lsh_schedules: Sequence[VariantResult] = ()) -> str:
     """Tokens to stock's final valid loss (measured here) x seconds per token (measured by benchmark_gpt_moe.py,
     `step_rows`) = time to the same loss at EP=1; times the step speed-up measured on a slow link (`link_rows`, a
     different run) = the projection for that link; and for every ``lsh @ <link> EP<k>`` row of each `modelled`
@@ -541,20 +542,28 @@ def time_to_target(results: List[VariantResult], step_rows: Dict[str, Dict[str, 
     stock = by_name["stock"]
     target = stock.mean_at(len(stock.tokens) - 1)
     tokens = {name: tokens_to_reach(by_name[name], target) for name in ("stock", "lsh")}
-    rate = {name: float(step_rows[name]["tokens/s"]) for name in ("stock", "lsh")}
+    how = "measured (seed mean, linear between evaluations)"
+    if lsh_schedules:
+        schedules = [by_name["lsh"], *lsh_schedules]
+        tokens["lsh"] = tokens_over_schedules(schedules, target)
+        how = ("measured (seed mean of each finished schedule's final loss, schedules of "
+               + ", ".join(millions(r.tokens[-1]) for r in sorted(schedules, key=lambda r: r.tokens[-1]))
+               + " tokens, linear between them)")
+    rate = {name: float(step_rows[name]["tokens/s"]) for name in ("stock", "lsh")} if step_rows else None
     if tokens["lsh"] is None:
-        return not_reached_table(by_name["lsh"], stock, target, rate, link_rows, step_source, link_source, modelled)
-    seconds = {name: tokens[name] / rate[name] for name in rate}
+        longest = max([by_name["lsh"], *lsh_schedules], key=lambda r: r.tokens[-1])
+        return not_reached_table(longest, stock, target, rate, link_rows, step_source, link_source, modelled)
     token_ratio = tokens["lsh"] / tokens["stock"]
     rows = [
         ("tokens to valid loss %.4f (stock's after %s)" % (target, millions(stock.tokens[-1])),
-         millions(tokens["stock"]), millions(tokens["lsh"]), f"{token_ratio:.3f}",
-         "measured (seed mean, linear between evaluations)"),
-        ("EP=1 tokens/s", f"{rate['stock']:.0f}", f"{rate['lsh']:.0f}", f"{rate['lsh'] / rate['stock']:.3f}",
-         f"measured (`{step_source}`)"),
-        ("EP=1 time to that loss", f"{seconds['stock']:.1f} s", f"{seconds['lsh']:.1f} s",
-         f"{seconds['lsh'] / seconds['stock']:.3f}", "measured (tokens / tokens per s)"),
-    ]
+         millions(tokens["stock"]), millions(tokens["lsh"]), f"{token_ratio:.3f}", how)]
+    if rate:
+        seconds = {name: tokens[name] / rate[name] for name in rate}
+        rows += [
+            ("EP=1 tokens/s", f"{rate['stock']:.0f}", f"{rate['lsh']:.0f}", f"{rate['lsh'] / rate['stock']:.3f}",
+             f"measured (`{step_source}`)"),
+            ("EP=1 time to that loss", f"{seconds['stock']:.1f} s", f"{seconds['lsh']:.1f} s",
+             f"{seconds['lsh'] / seconds['stock']:.3f}", "measured (tokens / tokens per s)")]
     if link_rows is not None:
         link_speedup = float(link_rows["lsh"]["speed-up vs stock"])
         rows += [("step speed-up on the slow link", "", "", f"{link_speedup:.3f}",
@@ -566,11 +575,27 @@ def time_to_target(results: List[VariantResult], step_rows: Dict[str, Dict[str, 
     return TIME_TABLE_HEADER + "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
+def tokens_over_schedules(schedules: Sequence[VariantResult], target: float) -> Optional[float]:
+    """Tokens at which LSH-MoE reaches `target`, from runs that each finished a schedule of its own length: linear
+    between the final losses of the two schedules around it. A point inside a longer run's schedule would not do:
+    its learning rate has not decayed yet, so it reads another loss than a run of that length would end at. None
+    when even the longest schedule ends above `target`; an error when the shortest already ends below it (the
+    tokens lie below every schedule measured)."""
+    finals = sorted((r.tokens[-1], r.mean_at(len(r.tokens) - 1)) for r in schedules)
+    if finals[0][1] <= target:
+        raise StudyError(f"lsh's shortest schedule ({millions(finals[0][0])} tokens) already ends at "
+                         f"{finals[0][1]:.4f} <= {target:.4f}: the tokens to reach it lie below every schedule run")
+    for (t0, v0), (t1, v1) in zip(finals, finals[1:]):
+        if v1 <= target:
+            return t0 + (t1 - t0) * (v0 - target) / (v0 - v1)
+    return None
+
+
 TIME_TABLE_HEADER = ("| | stock | LSH-MoE | LSH / stock | measured, projected or modelled |\n"
                      "| --- | --- | --- | --- | --- |\n")
 
 
-def not_reached_table(lsh: VariantResult, stock: VariantResult, target: float, rate: Dict[str, float],
+def not_reached_table(lsh: VariantResult, stock: VariantResult, target: float, rate: Optional[Dict[str, float]],
                       link_rows: Optional[Dict[str, Dict[str, str]]], step_source: str, link_source: Optional[str],
                       modelled: Sequence[Tuple[str, Dict[str, Dict[str, str]]]]) -> str:
     """LSH-MoE ended above stock's final loss: there is no time to that loss to report, only what each link's step
@@ -580,9 +605,10 @@ def not_reached_table(lsh: VariantResult, stock: VariantResult, target: float, r
              millions(stock.tokens[-1]), f"not reached in {millions(lsh.tokens[-1])} (ends at {final:.4f})",
              f"> {lsh.tokens[-1] / stock.tokens[-1]:.3f}",
              f"measured (seed mean): LSH-MoE ends {100 * (final / target - 1):+.2f}% above; a longer LSH-MoE "
-             "schedule would measure its token ratio"),
-            ("EP=1 tokens/s", f"{rate['stock']:.0f}", f"{rate['lsh']:.0f}", f"{rate['lsh'] / rate['stock']:.3f}",
-             f"measured (`{step_source}`)")]
+             "schedule would measure its token ratio")]
+    if rate:
+        rows.append(("EP=1 tokens/s", f"{rate['stock']:.0f}", f"{rate['lsh']:.0f}",
+                     f"{rate['lsh'] / rate['stock']:.3f}", f"measured (`{step_source}`)"))
     if link_rows is not None:
         link_speedup = float(link_rows["lsh"]["speed-up vs stock"])
         rows.append(("break-even token ratio on the slow link", "", "", f"{link_speedup:.3f}",

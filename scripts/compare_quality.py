@@ -89,12 +89,17 @@ def parse_args() -> argparse.Namespace:
     target.add_argument("--model", choices=("gpt", "t5"), default="gpt")
     target.add_argument("--root", default="runs/quality")
     target.add_argument("--partial", action="store_true")
-    target.add_argument("--lsh_root", default=None,
-                        help="take lsh from this study instead (its own, longer schedule: the tokens it needs to "
-                             "reach stock's final loss)")
+    target.add_argument("--lsh_root", nargs="+", default=[],
+                        help="studies of lsh alone on longer schedules of its own (finished runs): the tokens it "
+                             "needs to reach stock's final loss, between the final losses of the schedules")
     target.add_argument("--benchmarks", default="docs/benchmarks.md")
-    target.add_argument("--step_section", required=True,
-                        help="benchmark_gpt_moe.py section with the same model's EP=1 tokens/s, stock and lsh")
+    target.add_argument("--step_section", default=None,
+                        help="benchmark_gpt_moe.py section with the same model's EP=1 tokens/s, stock and lsh "
+                             "(without it: the tokens only)")
+    target.add_argument("--seeds", type=int, nargs="+", default=None, help="only these seeds, in every study")
+    target.add_argument("--section", default="time_to_target", help="the block to (re)write")
+    target.add_argument("--title", default="Time to the same validation loss: measured parts and projected parts")
+    target.add_argument("--output", default=None, help="the file to write it into (default: --benchmarks)")
     target.add_argument("--link_section", default=None,
                         help="benchmark_gpt_moe.py section measured on a slow link (its lsh speed-up)")
     target.add_argument("--modelled_section", nargs="+", default=[],
@@ -149,25 +154,24 @@ def report(args: argparse.Namespace) -> None:
 
 
 def time_to_target(args: argparse.Namespace) -> None:
-    if args.lsh_root:
-        results = (study.aggregate(args.root, args.model, ["stock"], partial=args.partial)
-                   + study.aggregate(args.lsh_root, args.model, ["lsh"], partial=args.partial))
-    else:
-        results = study.aggregate(args.root, args.model, ["stock", "lsh"], partial=args.partial)
+    results = study.aggregate(args.root, args.model, ["stock", "lsh"], partial=args.partial, seeds=args.seeds)
+    longer = [r for root in args.lsh_root for r in study.aggregate(root, args.model, ["lsh"], seeds=args.seeds)]
     link_rows = bench.read_section_table(args.benchmarks, args.link_section) if args.link_section else None
     modelled = [(name, bench.read_section_table(args.benchmarks, name)) for name in args.modelled_section]
-    table = study.time_to_target(results, bench.read_section_table(args.benchmarks, args.step_section),
-                                 link_rows, args.step_section, args.link_section, modelled)
+    step_rows = bench.read_section_table(args.benchmarks, args.step_section) if args.step_section else None
+    table = study.time_to_target(results, step_rows, link_rows, args.step_section, args.link_section, modelled,
+                                 longer)
     text = "\n".join([
-        "## Time to the same validation loss: measured parts and projected parts", "",
+        f"## {args.title}", "",
         f"- command: `{study.python_command()}`",
         f"- quality runs: {study.describe(results)}"
-        + (f" LSH-MoE from `{args.lsh_root}`, on a schedule of its own of {study.millions(results[-1].tokens[-1])} "
-           "tokens (the same settings otherwise)." if args.lsh_root else ""),
-        "- step times: sections " + ", ".join(f"`{name}`" for name in [args.step_section, args.link_section]
-                                               + args.modelled_section if name)
-        + " of this file (device, link and command there)", "", table, ""])
-    bench.write_section(args.benchmarks, "time_to_target", text)
+        + "".join(f" LSH-MoE also from `{root}`, on a schedule of its own of {study.millions(r.tokens[-1])} tokens "
+                  f"(seeds {', '.join(map(str, r.seeds))})." for root, r in zip(args.lsh_root, longer)),
+        "- step times: " + (", ".join(f"section `{name}`" for name in [args.step_section, args.link_section]
+                                      + args.modelled_section if name) + f" of {args.benchmarks} (device, link "
+                            "and command there)" if args.step_section or args.modelled_section or args.link_section
+                            else "none given: tokens only"), "", table, ""])
+    bench.write_section(args.output or args.benchmarks, args.section, text)
     print(text)
 
 

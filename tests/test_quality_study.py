@@ -135,15 +135,16 @@ def test_time_to_target_when_lsh_never_reaches_stock(tmp_path):
     assert not [name for name in rows if name.startswith("time to that loss")]
 
 
-def test_time_to_target_takes_lsh_from_a_longer_schedule_of_its_own(tmp_path):
-    """compare_quality.py time-to-target --lsh_root: stock's final loss from one study, the tokens LSH-MoE needs
-    to reach it from its own longer runs."""
+def test_time_to_target_from_lsh_schedules_of_its_own(tmp_path):
+    """compare_quality.py time-to-target --lsh_root: the tokens LSH-MoE needs to reach stock's final loss, linear
+    between the final losses of finished schedules of different lengths, never from inside a longer schedule."""
     import subprocess
     import sys
     stock_root, lsh_root = str(tmp_path / "a"), str(tmp_path / "b")
     write_run(stock_root, "stock", 1, [6.0, 5.0], train_steps=20)
     write_run(stock_root, "lsh", 1, [6.1, 5.2], train_steps=20)  # never reaches 5.0 on stock's schedule
-    write_run(lsh_root, "lsh", 1, [6.1, 5.4, 4.8], train_steps=30)  # reaches it on its own longer one
+    # its own 30k-token schedule passes 5.0 inside it (4.9 at 20k tokens) but that point has not decayed yet
+    write_run(lsh_root, "lsh", 1, [6.1, 4.9, 4.8], train_steps=30)
     benchmarks = str(tmp_path / "bench.md")
     bench.write_section(benchmarks, "steps", "## s\n\n" + bench.markdown_table(
         ["variant", "tokens/s"], [("stock", 100.0), ("lsh", 100.0)]))
@@ -156,7 +157,12 @@ def test_time_to_target_takes_lsh_from_a_longer_schedule_of_its_own(tmp_path):
     assert "not reached in 0.02M" in alone.stdout
     longer = subprocess.run(base + ["--lsh_root", lsh_root], capture_output=True, text=True, env=env)
     assert longer.returncode == 0, longer.stderr
-    tokens = 20000 + 10000 * (5.4 - 5.0) / (5.4 - 4.8)
+    tokens = 20000 + 10000 * (5.2 - 5.0) / (5.2 - 4.8)  # between the two schedules' final losses: 25k
     rows = {line.split(" | ")[0].strip("| "): line for line in longer.stdout.splitlines() if line.startswith("|")}
-    assert f"| {tokens / 20000:.3f} | measured" in rows["tokens to valid loss 5.0000 (stock's after 0.02M)"]
-    assert f"LSH-MoE from `{lsh_root}`, on a schedule of its own of 0.03M tokens" in longer.stdout
+    first = rows["tokens to valid loss 5.0000 (stock's after 0.02M)"]
+    assert f"| {tokens / 20000:.3f} | measured" in first and "schedules of 0.02M, 0.03M tokens" in first
+    assert f"LSH-MoE also from `{lsh_root}`, on a schedule of its own of 0.03M tokens" in longer.stdout
+    lsh_results = study.aggregate(lsh_root, "gpt", ["lsh"])
+    assert study.tokens_over_schedules(lsh_results, 4.7) is None  # even the longest ends above
+    with pytest.raises(study.StudyError, match="lie below every schedule run"):
+        study.tokens_over_schedules(lsh_results, 4.85)
