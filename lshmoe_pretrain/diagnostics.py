@@ -12,6 +12,9 @@ tokens as well as on the centroids, which only a single rank can do (EP=1, where
 - ``identity_grad``: no compression at all: stock's outputs and gradients, plus an identity path in the backward
   only (each token's gradient also receives its output gradient, as if the expert were x + E(x)). The paper's
   compensation adds such a path for the residual part of every clustered token; this isolates what it does.
+- ``skip``: no compression either: each expert returns x + E(x), in value and gradient alike. With clusters drawn
+  at random the compensated layer E(c) + (x - c) is near this (x plus a shift shared by the cluster): this asks
+  whether adding the expert's input to its output is what such a layer trains like.
 - ``random_clusters``: the budget and the layout of LSH, but every token's bucket drawn at random (does LSH beat
   chance?); needs ``kernel: torch`` and ``cuda_graphs: false`` (it replaces the reference hash).
 - ``probe``: trains as configured; with ``output_error_interval`` it also measures, on the same sample, the output
@@ -26,7 +29,7 @@ from typing import Dict, Sequence
 
 import torch
 
-HYBRIDS = ("forward", "backward", "expert_grads", "token_grads", "identity_grad")
+HYBRIDS = ("forward", "backward", "expert_grads", "token_grads", "identity_grad", "skip")
 MODES = HYBRIDS + ("random_clusters", "probe")
 _PROBES: Dict[str, float] = {}
 _RANDOM_CODES = {}
@@ -90,8 +93,9 @@ def _hybrid_forward(mode: str):
         dispatched = sm._sparse_encode(tokens, slots, E, C)
         valid = occupied_slots(slots, E, C)
         experts = lambda x: _experts(self, x, d_model)  # noqa: E731
-        if mode == "identity_grad":
-            out = experts(dispatched) + _grad_only(dispatched * valid.unsqueeze(-1))
+        if mode in ("identity_grad", "skip"):
+            passed = dispatched * valid.unsqueeze(-1)
+            out = experts(dispatched) + (_grad_only(passed) if mode == "identity_grad" else passed)
             combined = sm._sparse_decode(out.reshape(E * C, d_model), slots, gates_, tokens.shape[0])
             return combined.reshape(input[0].shape)
         centroids, state = compressor.compress_fixed(dispatched, valid)

@@ -58,12 +58,14 @@ VARIANTS: Dict[str, dict] = {
     "diag_expert_grads": {"enabled": True},
     "diag_token_grads": {"enabled": True},
     "diag_identity_grad": {"enabled": True},
+    "diag_skip": {"enabled": True},
 }
 # Study-only layer variants (lshmoe_pretrain.diagnostics) of the variants above; every compressing variant also
 # runs the output-error probe, which measures without changing what is trained.
 DIAGNOSTICS: Dict[str, str] = {"random_clusters": "random_clusters", "diag_forward": "forward",
                                "diag_backward": "backward", "diag_expert_grads": "expert_grads",
-                               "diag_token_grads": "token_grads", "diag_identity_grad": "identity_grad"}
+                               "diag_token_grads": "token_grads", "diag_identity_grad": "identity_grad",
+                               "diag_skip": "skip"}
 OUTPUT_ERROR_INTERVAL = 50
 
 

@@ -57,6 +57,15 @@ def check_hybrids(rank, world_size):
         elif mode == "token_grads":
             report[mode] = (torch.equal(out, stock[0]) and expert_like["stock"] and gate_like_stock
                             and not close(grad_x, stock[1]))
+        elif mode == "skip":  # x + E(x) in value and gradient: out - stock = (sum of the kept gates) x each
+            # token, 1 here (top-2 gates are normalised and no route is dropped at this capacity); so the gate's
+            # gradients stay stock's (x's share does not depend on them), and so do the experts' (x has no weights)
+            gained = (out - stock[0]).reshape(-1, D_MODEL)
+            tokens = x.reshape(-1, D_MODEL)
+            share = (gained * tokens).sum(-1) / tokens.square().sum(-1)
+            report[mode] = (close(gained, tokens) and torch.allclose(share, torch.ones_like(share), atol=1e-5)
+                            and expert_like["stock"] and gate_like_stock
+                            and close(grad_x - stock[1], weight))  # and the token's gradient gains the identity
         else:  # identity_grad: stock in value and parameters; each token's gradient gains (sum of its kept
             # gates) x its output gradient, the identity path
             extra = (grad_x - stock[1]).reshape(-1, D_MODEL)
