@@ -429,7 +429,8 @@ def mean_and_spread(values: Sequence[float]) -> str:
 
 
 def gap_table(results: List[VariantResult], baseline: str = "stock") -> str:
-    """Final valid loss per variant with the gap to the baseline: of the means, and paired per seed."""
+    """Final valid loss per variant with the gap to the baseline: of the means over the seeds both ran, and
+    paired per seed."""
     base = next((r for r in results if r.name == baseline), None)
     lines = ["| variant | seeds | valid loss (mean ± std) | gap vs stock (means) | gap vs stock per seed (mean ± std) "
              "| valid loss, compressed eval | all-to-all bytes vs stock | achieved rate | relative residual "
@@ -439,9 +440,12 @@ def gap_table(results: List[VariantResult], baseline: str = "stock") -> str:
         finals = [r.final(s) for s in r.seeds]
         gap = paired = "–"
         if base is not None and r is not base:
-            base_mean = statistics.fmean(base.final(s) for s in base.seeds)
-            gap = f"{100 * (statistics.fmean(finals) / base_mean - 1):+.2f}%"
+            # Of the means over the seeds both have: stock's mean over seeds this variant lacks would put the seed
+            # spread into the gap (a variant run on one seed would show stock's seed-to-seed difference).
             common = [s for s in r.seeds if s in base.seeds]
+            if common:
+                base_mean = statistics.fmean(base.final(s) for s in common)
+                gap = f"{100 * (statistics.fmean(r.final(s) for s in common) / base_mean - 1):+.2f}%"
             per_seed = [100 * (r.final(s) / base.final(s) - 1) for s in common]
             if per_seed:
                 paired = (f"{per_seed[0]:+.2f}%" if len(per_seed) == 1 else

@@ -166,3 +166,14 @@ def test_time_to_target_from_lsh_schedules_of_its_own(tmp_path):
     assert study.tokens_over_schedules(lsh_results, 4.7) is None  # even the longest ends above
     with pytest.raises(study.StudyError, match="lie below every schedule run"):
         study.tokens_over_schedules(lsh_results, 4.85)
+
+
+def test_gap_of_the_means_uses_the_seeds_both_ran(tmp_path):
+    """A variant run on seed 1 only is compared with stock's seed 1, not with stock's mean over seeds 1 and 2
+    (which would report stock's seed-to-seed spread as the variant's gap)."""
+    root = str(tmp_path)
+    write_run(root, "stock", 1, [6.0, 5.0], train_steps=20)
+    write_run(root, "stock", 2, [6.0, 4.0], train_steps=20)
+    write_run(root, "rate_1.0", 1, [6.0, 5.0], train_steps=20)
+    table = study.gap_table(study.aggregate(root, "gpt", ["stock", "rate_1.0"]))
+    assert "| rate_1.0 | 1 | 5.0000 | +0.00% | +0.00% |" in table
