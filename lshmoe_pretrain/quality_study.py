@@ -59,13 +59,17 @@ VARIANTS: Dict[str, dict] = {
     "diag_token_grads": {"enabled": True},
     "diag_identity_grad": {"enabled": True},
     "diag_skip": {"enabled": True},
+    # random clusters in one direction only: which of the two makes them train better than stock?
+    "diag_forward_random": {"enabled": True, "kernel": "torch", "cuda_graphs": False},
+    "diag_backward_random": {"enabled": True, "kernel": "torch", "cuda_graphs": False},
 }
 # Study-only layer variants (lshmoe_pretrain.diagnostics) of the variants above; every compressing variant also
 # runs the output-error probe, which measures without changing what is trained.
 DIAGNOSTICS: Dict[str, str] = {"random_clusters": "random_clusters", "diag_forward": "forward",
                                "diag_backward": "backward", "diag_expert_grads": "expert_grads",
                                "diag_token_grads": "token_grads", "diag_identity_grad": "identity_grad",
-                               "diag_skip": "skip"}
+                               "diag_skip": "skip", "diag_forward_random": "forward,random_clusters",
+                               "diag_backward_random": "backward,random_clusters"}
 OUTPUT_ERROR_INTERVAL = 50
 
 

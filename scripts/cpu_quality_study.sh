@@ -31,7 +31,8 @@ batch() {
         t5) t5 --seeds 1 --variants stock lsh lsh_no_ec diag_identity_grad ;;
         controls) gpt --seeds 1 --variants rate_1.0 random_clusters
                   gpt --seeds 2 --variants random_clusters lsh_no_ec
-                  gpt --seeds 1 --variants diag_skip ;;
+                  gpt --seeds 1 --variants diag_skip
+                  gpt --seeds 1 --variants diag_forward_random diag_backward_random ;;
         seeds) gpt --seeds 2 --variants diag_identity_grad lsh_no_ec exact_tail_0.15 refine_2 ;;
         exact) gpt --seeds 1 --variants exact_tokens_8 exact_tokens_16 ;;
         rates) gpt --seeds 1 --variants rate_0.1 rate_0.3 rate_0.5 lsh_no_ec_refine_2 ;;

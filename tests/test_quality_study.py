@@ -177,3 +177,15 @@ def test_gap_of_the_means_uses_the_seeds_both_ran(tmp_path):
     write_run(root, "rate_1.0", 1, [6.0, 5.0], train_steps=20)
     table = study.gap_table(study.aggregate(root, "gpt", ["stock", "rate_1.0"]))
     assert "| rate_1.0 | 1 | 5.0000 | +0.00% | +0.00% |" in table
+
+
+def test_every_variant_has_a_valid_config_and_diagnostic():
+    """Each study variant's lsh_moe block loads, and its --diagnostic parses (a typo would only show on a GPU)."""
+    import lshmoe_plugin
+    from lshmoe_pretrain import diagnostics
+    for name, settings in study.VARIANTS.items():
+        config = lshmoe_plugin.load_config({"lsh_moe": dict(settings)})
+        assert config.enabled == settings["enabled"], name
+        modes = diagnostics.parse(study.diagnostic(name))
+        if "random_clusters" in modes:
+            assert config.kernel == "torch" and config.cuda_graphs is False, name
