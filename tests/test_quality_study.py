@@ -183,8 +183,11 @@ def test_every_variant_has_a_valid_config_and_diagnostic():
     """Each study variant's lsh_moe block loads, and its --diagnostic parses (a typo would only show on a GPU)."""
     import lshmoe_plugin
     from lshmoe_pretrain import diagnostics
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    plan = study.StudyPlan("gpt", "tiny", list(study.VARIANTS), [1], 10**5, "unused",
+                           os.path.join(root, "configs", "gpt_moe_cpu.json"))
     for name, settings in study.VARIANTS.items():
-        config = lshmoe_plugin.load_config({"lsh_moe": dict(settings)})
+        config = lshmoe_plugin.load_config(study.deepspeed_config(plan, name))  # what the run is given
         assert config.enabled == settings["enabled"], name
         modes = diagnostics.parse(study.diagnostic(name))
         if "random_clusters" in modes:
