@@ -570,8 +570,7 @@ def time_to_target(results: List[VariantResult], step_rows: Optional[Dict[str, D
     if rate:
         seconds = {name: tokens[name] / rate[name] for name in rate}
         rows += [
-            ("EP=1 tokens/s", f"{rate['stock']:.0f}", f"{rate['lsh']:.0f}", f"{rate['lsh'] / rate['stock']:.3f}",
-             f"measured (`{step_source}`)"),
+            tokens_per_s_row(rate, step_source),
             ("EP=1 time to that loss", f"{seconds['stock']:.1f} s", f"{seconds['lsh']:.1f} s",
              f"{seconds['lsh'] / seconds['stock']:.3f}", "measured (tokens / tokens per s)")]
     if link_rows is not None:
@@ -601,6 +600,11 @@ def tokens_over_schedules(schedules: Sequence[VariantResult], target: float) -> 
     return None
 
 
+def tokens_per_s_row(rate: Dict[str, float], step_source: str) -> tuple:
+    return ("EP=1 tokens/s", f"{rate['stock']:.0f}", f"{rate['lsh']:.0f}", f"{rate['lsh'] / rate['stock']:.3f}",
+            f"measured (`{step_source}`)")
+
+
 TIME_TABLE_HEADER = ("| | stock | LSH-MoE | LSH / stock | measured, projected or modelled |\n"
                      "| --- | --- | --- | --- | --- |\n")
 
@@ -617,8 +621,7 @@ def not_reached_table(lsh: VariantResult, stock: VariantResult, target: float, r
              f"measured (seed mean): LSH-MoE ends {100 * (final / target - 1):+.2f}% above; a longer LSH-MoE "
              "schedule would measure its token ratio")]
     if rate:
-        rows.append(("EP=1 tokens/s", f"{rate['stock']:.0f}", f"{rate['lsh']:.0f}",
-                     f"{rate['lsh'] / rate['stock']:.3f}", f"measured (`{step_source}`)"))
+        rows.append(tokens_per_s_row(rate, step_source))
     if link_rows is not None:
         link_speedup = float(link_rows["lsh"]["speed-up vs stock"])
         rows.append(("break-even token ratio on the slow link", "", "", f"{link_speedup:.3f}",

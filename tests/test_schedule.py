@@ -58,11 +58,16 @@ def test_schedule_keys_are_validated_by_name(block, message):
         LSHMoEConfig.from_dict({"enabled": True, **block})
 
 
-def check_schedules_on_the_layer(rank, world_size):
-    torch.manual_seed(50 + rank)
-    x = torch.randn(2, 32, D_MODEL)
+def layer_and_stock(seed, tokens, world_size):
+    """A DeepSpeed MoE layer, a batch for it and the stock layer's outputs and gradients on that batch."""
+    torch.manual_seed(seed)
+    x = torch.randn(2, tokens, D_MODEL)
     moe = build_moe(world_size, 2)
-    stock = fwd_bwd(moe, x)
+    return x, moe, fwd_bwd(moe, x)
+
+
+def check_schedules_on_the_layer(rank, world_size):
+    x, moe, stock = layer_and_stock(50 + rank, 32, world_size)
     report = {}
     lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "compression_rate": 0.25, "exact_from_step": 4}}, moe)
     set_training_step(3)
@@ -120,10 +125,7 @@ def test_the_deepspeed_engine_sets_the_training_clock_to_its_optimizer_step():
 
 
 def check_exact_tokens(rank, world_size):
-    torch.manual_seed(70 + rank)
-    x = torch.randn(2, 40, D_MODEL)
-    moe = build_moe(world_size, 2)
-    stock = fwd_bwd(moe, x)
+    x, moe, stock = layer_and_stock(70 + rank, 40, world_size)
     report = {}
     lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "compression_rate": 0.25, "exact_token_stride": 1}}, moe)
     report["stride_1_is_stock"] = same(fwd_bwd(moe, x), stock)
