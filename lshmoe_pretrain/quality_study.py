@@ -11,7 +11,6 @@ gap to stock, compressed vs exact evaluation, achieved compression rate and step
 from __future__ import annotations
 
 import glob
-import itertools
 import json
 import math
 import os
@@ -99,6 +98,8 @@ class StudyPlan:
     eval_compressed: str = "final"  # also evaluate with compress_in_eval: "off", "final" (the last point), "all"
     save_every: int = 0             # checkpoint interval in steps (0: about every quarter of the run)
     concurrency: int = 1
+    capture_at: Sequence[float] = ()  # schedule fractions at which `capture_run` saves its experts' inputs
+    capture_run: str = ""             # "variant/seed", e.g. "stock/1" (lshmoe_pretrain.capture)
     num_gpus: int = 1
     accelerator_env: Dict[str, str] = field(default_factory=dict)
 
@@ -183,7 +184,9 @@ def launch_command(plan: StudyPlan, variant: str, seed: int, config_path: str, p
                "--final_eval_tokens", str(plan.final_eval_tokens),
                "--log_interval", str(max(1, steps // 20)), "--save_interval", str(save_every),
                "--seed", str(seed), "--output_dir", run_dir, "--diagnostic", diagnostic(variant),
-               *(["--eval_compressed", plan.eval_compressed] if plan.eval_compressed != "off" else [])]
+               *(["--eval_compressed", plan.eval_compressed] if plan.eval_compressed != "off" else []),
+               *(["--capture_at", *map(str, plan.capture_at)]
+                 if plan.capture_at and plan.capture_run == f"{variant}/{seed}" else [])]
     # `latest` is written once every rank's files of a checkpoint are (lshmoe_pretrain.checkpoints): a run killed
     # while saving resumes from the one before.
     if os.path.isfile(os.path.join(run_dir, "checkpoints", "latest")):
@@ -192,13 +195,13 @@ def launch_command(plan: StudyPlan, variant: str, seed: int, config_path: str, p
 
 
 def run_study(plan: StudyPlan, log=print, deadline_s: Optional[float] = None) -> bool:
-    """Train every (variant, seed) not yet finished, `plan.concurrency` at a time; a failed run raises at the end.
+    """Train every (variant, seed) of `plan` not yet finished, `plan.concurrency` at a time (see `run_studies`)."""
+    return run_studies([plan], plan.concurrency, log, deadline_s)
 
-    With `deadline_s`, no run starts in the last tenth of it and the runs still going at the deadline are stopped
-    (their whole process group), to resume from their last checkpoint on the next call. Returns True when every
-    run finished.
-    """
-    started_at = time.time()
+
+def prepare_data(plan: StudyPlan, log=print) -> None:
+    """Check a preprocessed corpus, or build the tokenized one once here: concurrent jobs must not race to write
+    the same cache."""
     if plan.data_prefix:
         for suffix in (".bin", ".idx", ".tokenizer.json"):
             if not os.path.isfile(plan.data_prefix + suffix):
@@ -206,37 +209,52 @@ def run_study(plan: StudyPlan, log=print, deadline_s: Optional[float] = None) ->
         log(f"data {plan.data_prefix}.bin")
     else:
         from .data import cached_preprocess
-        # Build the tokenized corpus once here: concurrent jobs must not race to write the same cache.
         prepared = cached_preprocess(plan.data, plan.vocab_size)
         log(f"data {plan.data}: {prepared.prefix}.bin, vocab {prepared.vocab_size}")
-    os.makedirs(plan.output_root, exist_ok=True)
-    pending = [(v, s) for s in plan.seeds for v in plan.variants
-               if not finished(plan.run_dir(v, s), plan.train_steps())]
-    for v, s in itertools.product(plan.variants, plan.seeds):
-        if (v, s) not in pending:
+
+
+def run_studies(plans: Sequence[StudyPlan], concurrency: int, log=print, deadline_s: Optional[float] = None) -> bool:
+    """Train every (variant, seed) of every plan not yet finished, `concurrency` at a time in one pool; a failed
+    run raises at the end. The longest schedules start first (with runs of several lengths, the short ones then
+    fill the pool's last gaps); within a length, the plans' own order (seed, then variant).
+
+    With `deadline_s`, no run starts in the last tenth of it and the runs still going at the deadline are stopped
+    (their whole process group), to resume from their last checkpoint on the next call. Returns True when every
+    run finished.
+    """
+    started_at = time.time()
+    for plan in plans:
+        prepare_data(plan, log)
+        os.makedirs(plan.output_root, exist_ok=True)
+    jobs = [(plan, v, s) for plan in plans for s in plan.seeds for v in plan.variants]
+    pending = [job for job in jobs if not finished(job[0].run_dir(job[1], job[2]), job[0].train_steps())]
+    pending.sort(key=lambda job: -job[0].train_steps())  # stable: the given order within a length
+    for plan, v, s in jobs:
+        if (plan, v, s) not in pending:
             shutil.rmtree(os.path.join(plan.run_dir(v, s), "checkpoints"), ignore_errors=True)
-    log(f"{len(pending)} run(s) to train, {plan.train_steps()} steps x {plan.tokens_per_step()} tokens each, "
-        f"{plan.concurrency} at a time")
+    for plan in plans:
+        log(f"{plan.output_root}: {sum(job[0] is plan for job in pending)} run(s) to train, {plan.train_steps()} "
+            f"steps x {plan.tokens_per_step()} tokens each")
+    log(f"{len(pending)} run(s) in all, {concurrency} at a time")
     env = {k: v for k, v in os.environ.items() if k != "LSHMOE_ENABLED"}
-    env.update(plan.accelerator_env)
     running, failures = [], []
     while pending or running:
         elapsed = time.time() - started_at
         if deadline_s is not None and elapsed > deadline_s:
-            for variant, seed, process, log_file, _ in running:
+            for plan, variant, seed, process, log_file, _ in running:
                 os.killpg(process.pid, signal.SIGTERM)
-            for variant, seed, process, log_file, _ in running:
+            for plan, variant, seed, process, log_file, _ in running:
                 try:
                     process.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     os.killpg(process.pid, signal.SIGKILL)
                     process.wait()
                 log_file.close()
-                log(f"stopped at the deadline: {plan.model_kind}/{variant}/seed{seed} (resumes next time)")
+                log(f"stopped at the deadline: {plan.run_dir(variant, seed)} (resumes next time)")
             return False
         starting_allowed = deadline_s is None or elapsed < 0.9 * deadline_s
-        while starting_allowed and pending and len(running) < plan.concurrency:
-            variant, seed = pending.pop(0)
+        while starting_allowed and pending and len(running) < concurrency:
+            plan, variant, seed = pending.pop(0)
             run_dir = plan.run_dir(variant, seed)
             os.makedirs(run_dir, exist_ok=True)
             config_path = os.path.join(run_dir, "ds_config.json")
@@ -244,14 +262,14 @@ def run_study(plan: StudyPlan, log=print, deadline_s: Optional[float] = None) ->
                 json.dump(deepspeed_config(plan, variant), f, indent=1)
             command = launch_command(plan, variant, seed, config_path, _free_port())
             log_file = open(os.path.join(run_dir, "train.log"), "a")
-            log(f"start {plan.model_kind}/{variant}/seed{seed}{' (resume)' if '--resume' in command else ''}")
+            log(f"start {run_dir}{' (resume)' if '--resume' in command else ''}")
             # Its own process group: the launcher and its ranks stop together.
-            process = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO,
-                                       start_new_session=True)
-            running.append((variant, seed, process, log_file, time.time()))
+            process = subprocess.Popen(command, env={**env, **plan.accelerator_env}, stdout=log_file,
+                                       stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+            running.append((plan, variant, seed, process, log_file, time.time()))
         time.sleep(2)
         for item in list(running):
-            variant, seed, process, log_file, started = item
+            plan, variant, seed, process, log_file, started = item
             if process.poll() is None:
                 continue
             running.remove(item)
@@ -261,7 +279,7 @@ def run_study(plan: StudyPlan, log=print, deadline_s: Optional[float] = None) ->
                 # Adam) would fill a 64 GB disk within one study.
                 shutil.rmtree(os.path.join(plan.run_dir(variant, seed), "checkpoints"), ignore_errors=True)
             status = "done" if process.returncode == 0 else f"FAILED (exit {process.returncode})"
-            log(f"{status} {plan.model_kind}/{variant}/seed{seed} in {time.time() - started:.0f} s")
+            log(f"{status} {plan.run_dir(variant, seed)} in {time.time() - started:.0f} s")
             if process.returncode:
                 failures.append(f"{variant}/seed{seed}: see {os.path.join(plan.run_dir(variant, seed), 'train.log')}")
         if not running and pending and not starting_allowed:

@@ -26,6 +26,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from lshmoe_pretrain import benchmarking as bench  # noqa: E402
 from lshmoe_pretrain import quality_study as study  # noqa: E402
+from lshmoe_pretrain import study_throughput  # noqa: E402
+from lshmoe_pretrain import testbed as beds  # noqa: E402
 
 TITLES = {
     "gpt_main": "GPT-MoE: stock vs LSH-MoE vs LSH-MoE without error compensation",
@@ -46,12 +48,19 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train the variants x seeds that have not finished")
-    run.add_argument("--model", choices=("gpt", "t5"), default="gpt")
-    run.add_argument("--preset", default="gpt-moe-135m")
+    run.add_argument("--testbed", default=None,
+                     help=f"a long-schedule testbed preset ({', '.join(beds.TESTBEDS)}): model, preset, batch, "
+                          "schedule, learning rate and evaluation from lshmoe_pretrain.testbed; the flags those set "
+                          "are refused with it")
+    run.add_argument("--lengths", type=float, nargs="+", default=[1.0],
+                     help="with --testbed: complete schedules as fractions of its long one, each with its own "
+                          "warm-up and decay (e.g. 1 0.5 0.125); runs go to ROOT/TESTBED/x<length>")
+    run.add_argument("--model", choices=("gpt", "t5"), default=None, help="default gpt")
+    run.add_argument("--preset", default=None, help="default gpt-moe-135m")
     run.add_argument("--variants", nargs="+", default=["stock", "lsh", "lsh_no_ec"],
                      help=f"any of {sorted(study.VARIANTS)}")
     run.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    run.add_argument("--tokens", type=float, default=20e6, help="training tokens per run")
+    run.add_argument("--tokens", type=float, default=None, help="training tokens per run (default 20e6)")
     run.add_argument("--root", default="runs/quality")
     run.add_argument("--base_config", default=None, help="default: configs/{model}_moe_gpu.json")
     run.add_argument("--data", default="python-code")
@@ -59,11 +68,11 @@ def parse_args() -> argparse.Namespace:
                      help="a preprocessed PREFIX.bin/.idx with PREFIX.tokenizer.json (scripts/preprocess_data.py), "
                           "used instead of --data")
     run.add_argument("--vocab_size", type=int, default=16384)
-    run.add_argument("--micro_batch", type=int, default=32)
-    run.add_argument("--lr", type=float, default=6e-4)
-    run.add_argument("--evals", type=int, default=10, help="validation points per run")
-    run.add_argument("--eval_tokens", type=float, default=2**18,
-                     help="held-out tokens per validation point, spread over the whole split")
+    run.add_argument("--micro_batch", type=int, default=None, help="default 32")
+    run.add_argument("--lr", type=float, default=None, help="default 6e-4")
+    run.add_argument("--evals", type=int, default=None, help="validation points per run (default 10)")
+    run.add_argument("--eval_tokens", type=float, default=None,
+                     help="held-out tokens per validation point, spread over the whole split (default 2**18)")
     run.add_argument("--final_eval_tokens", type=float, default=0,
                      help="held-out tokens of the final validation point (0: the whole split)")
     run.add_argument("--eval_compressed", choices=("off", "final", "all"), default="final",
@@ -72,8 +81,23 @@ def parse_args() -> argparse.Namespace:
     run.add_argument("--save_every", type=int, default=0,
                      help="checkpoint interval in steps (0: about every quarter of the run); checkpoints only "
                           "serve a resume on the same machine")
-    run.add_argument("--concurrency", type=int, default=1, help="runs trained at once (they share the device)")
+    run.add_argument("--concurrency", type=int, default=None,
+                     help="runs trained at once (they share the device; default 1, or the testbed's)")
+    run.add_argument("--capture_at", type=float, nargs="+", default=[],
+                     help="schedule fractions at which --capture_run saves its MoE layers' dispatched tokens and "
+                          "experts (e.g. 0.1 0.5 1), for scripts/compressibility.py")
+    run.add_argument("--capture_run", default="stock/1", help="VARIANT/SEED of the run that captures")
     run.add_argument("--deadline_s", type=float, default=None, help="stop (to resume later) after this many seconds")
+    speed = sub.add_parser("throughput", help="tokens/s of a testbed's runs on this device, alone and several at "
+                                              "once (what sizes a study), into docs/benchmarks.md")
+    speed.add_argument("--testbed", required=True, help=f"one of {', '.join(beds.TESTBEDS)}")
+    speed.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8], help="runs at once, one batch each")
+    speed.add_argument("--steps", type=int, default=300, help="steps per run (the median of the last 2/3 counts)")
+    speed.add_argument("--root", default="runs/throughput")
+    speed.add_argument("--data", default="python-code")
+    speed.add_argument("--data_prefix", default=None)
+    speed.add_argument("--label", default="", help="what else was set, e.g. 'CUDA MPS on'; names the section too")
+    speed.add_argument("--report", default=None, help="write the section into this file (docs/benchmarks.md)")
     report = sub.add_parser("report", help="aggregate finished runs into docs/quality.md")
     report.add_argument("--model", choices=("gpt", "t5"), default="gpt")
     report.add_argument("--root", default="runs/quality")
@@ -108,22 +132,81 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+# What a testbed sets, and each flag's default without one.
+TESTBED_FLAGS = {"model": "gpt", "preset": "gpt-moe-135m", "tokens": 20e6, "micro_batch": 32, "lr": 6e-4,
+                 "evals": 10, "eval_tokens": 2**18}
+
+
+def study_plans(args: argparse.Namespace) -> list:
+    """One StudyPlan per schedule length: the testbed's settings, or the flags'."""
+    common = dict(variants=args.variants, seeds=args.seeds, data=args.data, data_prefix=args.data_prefix,
+                  vocab_size=args.vocab_size, final_eval_tokens=int(args.final_eval_tokens),
+                  eval_compressed=args.eval_compressed, save_every=args.save_every,
+                  capture_at=args.capture_at, capture_run=args.capture_run)
+    if args.testbed is None:
+        if args.lengths != [1.0]:
+            raise study.StudyError("--lengths needs --testbed (the fractions are of a testbed's long schedule)")
+        flags = {key: default if getattr(args, key) is None else getattr(args, key)
+                 for key, default in TESTBED_FLAGS.items()}
+        return [study.StudyPlan(model_kind=flags["model"], preset=flags["preset"], train_tokens=int(flags["tokens"]),
+                                output_root=args.root, micro_batch=flags["micro_batch"], lr=flags["lr"],
+                                evals=flags["evals"], eval_tokens=int(flags["eval_tokens"]),
+                                base_config=args.base_config or f"configs/{flags['model']}_moe_gpu.json",
+                                concurrency=args.concurrency or 1, **common)]
+    given = [f"--{key}" for key in TESTBED_FLAGS if getattr(args, key) is not None]
+    if given:
+        raise study.StudyError(f"{', '.join(given)} with --testbed {args.testbed}: the testbed sets them "
+                               f"(lshmoe_pretrain/testbed.py)")
+    bed = beds.testbed(args.testbed)
+    beds.check_lengths(args.lengths)
+    return [study.StudyPlan(model_kind=bed.model_kind, preset=bed.preset, train_tokens=bed.tokens_at(length),
+                            output_root=beds.length_root(args.root, bed, length), micro_batch=bed.micro_batch,
+                            lr=bed.lr, evals=bed.evals, eval_tokens=bed.eval_tokens,
+                            base_config=args.base_config or f"configs/{bed.model_kind}_moe_gpu.json",
+                            concurrency=args.concurrency or bed.concurrency, **common)
+            for length in args.lengths]
+
+
 def run(args: argparse.Namespace) -> None:
-    plan = study.StudyPlan(model_kind=args.model, preset=args.preset, variants=args.variants, seeds=args.seeds,
-                           train_tokens=int(args.tokens), output_root=args.root,
-                           base_config=args.base_config or f"configs/{args.model}_moe_gpu.json", data=args.data,
-                           data_prefix=args.data_prefix,
-                           vocab_size=args.vocab_size, micro_batch=args.micro_batch, lr=args.lr, evals=args.evals,
-                           eval_tokens=int(args.eval_tokens), final_eval_tokens=int(args.final_eval_tokens),
-                           eval_compressed=args.eval_compressed, save_every=args.save_every,
-                           concurrency=args.concurrency)
-    complete = study.run_study(plan, log=lambda line: print(line, flush=True), deadline_s=args.deadline_s)
-    try:
-        print(study.gap_table(study.aggregate(args.root, args.model, args.variants, partial=not complete)))
-    except study.StudyError as error:
-        print(error)
+    plans = study_plans(args)
+    complete = study.run_studies(plans, plans[0].concurrency, log=lambda line: print(line, flush=True),
+                                 deadline_s=args.deadline_s)
+    for plan in plans:
+        try:
+            print(plan.output_root)
+            print(study.gap_table(study.aggregate(plan.output_root, plan.model_kind, args.variants,
+                                                  partial=not complete)))
+        except study.StudyError as error:
+            print(error)
     if not complete:
         print("study incomplete: run the same command again to continue")
+
+
+def throughput(args: argparse.Namespace) -> None:
+    import torch
+    bed = beds.testbed(args.testbed)
+    results = study_throughput.measure(bed, args.concurrency, args.steps, args.root, args.data_prefix, args.data,
+                                       log=lambda line: print(line, flush=True))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    slug = "".join(c if c.isalnum() else "_" for c in args.label.lower()).strip("_")
+    name = f"testbed_throughput_{bed.name}" + (f"_{slug}" if slug else "")
+    text = "\n".join([
+        bench.header(f"Testbed `{bed.name}` on one device: runs at once against tokens/s"
+                     + (f" ({args.label})" if args.label else ""), device),
+        f"- testbed: {bed.purpose}; preset `{bed.preset}`, {bed.micro_batch} x {bed.seq_len()} tokens per step, "
+        f"EP=1 (no link crossed), {args.steps} steps per run, stock and LSH-MoE (paper defaults, output-error "
+        "probe every 50 steps as in the study) alternating; tokens/s from each run's median step time over its "
+        "last two thirds; the runs of a batch train at the same time, so the aggregate is their sum.",
+        "- model TFLOP/s: aggregate tokens/s x 6 x the weights each token multiplies through (attention "
+        "projections, FFN or top-k experts, LM head; attention scores left out; T5: encoder and decoder per input "
+        "token, an upper bound). Against the H200's ~790 dense bf16 TFLOP/s (measured, KINDS.md) it says whether "
+        "arithmetic or per-step overhead sets the pace. Minutes: that many runs of the long schedule "
+        f"({bed.steps} steps) at this aggregate, without start-up and evaluation.", "",
+        bench.markdown_table(study_throughput.HEADERS, study_throughput.table(bed, results)), "",
+        "Wall time of each batch (start-up, evaluation and model build included): "
+        + ", ".join(f"{r.runs} at once {r.wall_s:.0f} s" for r in results) + "."])
+    print(text)
+    bench.report_section(args.report, name, text)
 
 
 def report(args: argparse.Namespace) -> None:
@@ -177,7 +260,7 @@ def time_to_target(args: argparse.Namespace) -> None:
 
 def main() -> None:
     args = parse_args()
-    {"run": run, "report": report, "time-to-target": time_to_target}[args.command](args)
+    {"run": run, "throughput": throughput, "report": report, "time-to-target": time_to_target}[args.command](args)
 
 
 if __name__ == "__main__":

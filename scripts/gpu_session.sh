@@ -17,6 +17,12 @@
 #       | check-link-nvlink | check-link-socket (2 GPUs, nvidia-h200-x2: the link model against NCCL over NVLink
 #         and over the emulated socket link, scripts/check_link_model.py)
 #       | quality-bg:<study>:<seconds> (in the background, alongside what follows; waited for at the end)
+#       | mps-on | mps-off (CUDA MPS control daemon, so concurrent runs share the GPU's SMs; mps-on says if it cannot)
+#       | throughput:<testbed>:<runs at once, comma-separated>:<steps> (compare_quality.py throughput)
+#       | testbed-bg:<testbed>:<lengths, comma-separated>:<seconds> (the long-schedule study, started with setsid from
+#         a frozen copy of this checkout so that it outlives this call and later calls' installs; TESTBED_VARIANTS,
+#         TESTBED_SEEDS, CONCURRENCY, CAPTURE_AT ("0.1 0.5 1": the stock/1 run saves captures), TESTBED_ROOT)
+#       | poll:<seconds> (wait while a testbed-bg study runs, at most that long; its records come back each time)
 # The quality studies read a corpus carried as .device_data/python_code.{bin,idx,tokenizer.json} when there is one
 # (scripts/preprocess_data.py --input python-code --max_tokens 25e6 --vocab_size 16384 --output_prefix
 # .device_data/python_code, built on the CPU machine); otherwise they tokenize the python-code corpus here.
@@ -80,6 +86,41 @@ quality() {  # quality:<study>:<seconds>
     esac
 }
 
+TESTBED_ROOT=${TESTBED_ROOT:-/root/testbed}
+testbed_snapshot() {  # the testbed's records (not checkpoints) and its captures, each in one file under $OUT
+    [ -d "$TESTBED_ROOT" ] || return 0
+    tar czf "$OUT/.testbed_runs.tgz" --exclude=checkpoints --exclude=monitor --exclude=captures \
+        -C "$(dirname "$TESTBED_ROOT")" "$(basename "$TESTBED_ROOT")" && mv "$OUT/.testbed_runs.tgz" "$OUT/testbed_runs.tgz"
+    local captures; captures=$(cd "$(dirname "$TESTBED_ROOT")" && find "$(basename "$TESTBED_ROOT")" -type d -name captures)
+    if [ -n "$captures" ]; then
+        (cd "$(dirname "$TESTBED_ROOT")" && tar cf "$OUT/.captures.tar" $captures) && mv "$OUT/.captures.tar" "$OUT/captures.tar"
+    fi
+    cp /root/testbed_logs/*.log "$OUT/" 2>/dev/null || true
+}
+testbed_bg() {  # testbed-bg:<testbed>:<lengths>:<seconds>
+    local bed=$1 lengths=${2//,/ } seconds=$3 frozen=/root/frozen/$1
+    # The study runs from its own copy of the checkout and of the plugin install: a later call re-syncs this
+    # checkout and reinstalls the plugin, and the study's later runs must not import another version.
+    rm -rf "$frozen" && mkdir -p "$frozen" /root/testbed_logs && cp -a . "$frozen/src" || return 1
+    python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target "$frozen/plugin" "$frozen/src" \
+        >>"$OUT/logs/install.log" 2>&1 || return 1
+    local capture=(); [ -n "${CAPTURE_AT:-}" ] && capture=(--capture_at $CAPTURE_AT --capture_run "${CAPTURE_RUN:-stock/1}")
+    (cd "$frozen/src" && PYTHONPATH="$frozen/plugin:/root/site" setsid nohup python3 scripts/compare_quality.py run \
+        --testbed "$bed" --lengths $lengths --variants ${TESTBED_VARIANTS:-stock lsh} --seeds ${TESTBED_SEEDS:-1} \
+        ${CONCURRENCY:+--concurrency $CONCURRENCY} --root "$TESTBED_ROOT" --deadline_s "$seconds" "${DATA[@]}" \
+        "${capture[@]}" >"/root/testbed_logs/study_$bed.log" 2>&1 < /dev/null &)
+    sleep 5; tail -5 "/root/testbed_logs/study_$bed.log"
+}
+poll() {  # poll:<seconds>: wait while a testbed study runs; snapshot its records every 30 s
+    local until=$(( $(date +%s) + $1 ))
+    while [ "$(date +%s)" -lt "$until" ] && pgrep -f "compare_quality.py run --testbed" >/dev/null; do
+        sleep 30; testbed_snapshot
+    done
+    testbed_snapshot
+    pgrep -f "compare_quality.py run --testbed" >/dev/null && echo "testbed study still running" || echo "no testbed study running"
+    tail -15 /root/testbed_logs/study_*.log 2>/dev/null
+}
+
 snapshot_records() {  # the quality runs' records (not their checkpoints), in one file
     if [ -d "$QUALITY_ROOT" ] || [ -d /root/quality_timing ]; then
         tar czf "$OUT/.quality_runs.tgz" --exclude=checkpoints --exclude=monitor -C /root \
@@ -141,6 +182,19 @@ for stage in "$@"; do
                 else
                     quality "$study" "$seconds" 2>&1 | tee -a "$OUT/logs/quality_$study.log" | tail -20
                 fi ;;
+        mps-on) mkdir -p /tmp/nvidia-mps /tmp/nvidia-log
+                if nvidia-cuda-mps-control -d && python3 -c "import torch; torch.ones(1, device='cuda').sum().item()"; then
+                    echo "CUDA MPS on"; export LSHMOE_MPS="CUDA MPS on"
+                else
+                    echo quit | nvidia-cuda-mps-control 2>/dev/null; echo "CUDA MPS could not start here: running without"
+                fi ;;
+        mps-off) echo quit | nvidia-cuda-mps-control 2>/dev/null; unset LSHMOE_MPS; echo "CUDA MPS off" ;;
+        throughput:*) IFS=: read -r _ bed runs steps <<<"$stage"
+                python3 scripts/compare_quality.py throughput --testbed "$bed" --concurrency ${runs//,/ } \
+                    --steps "${steps:-300}" --root /root/throughput "${DATA[@]}" --label "${LSHMOE_MPS:-CUDA MPS off}" \
+                    --report "$OUT/benchmarks.md" 2>&1 | tee -a "$OUT/logs/throughput.log" | tail -25 ;;
+        testbed-bg:*) IFS=: read -r _ bed lengths seconds <<<"$stage"; testbed_bg "$bed" "$lengths" "$seconds" ;;
+        poll:*) poll "${stage#poll:}" ;;
         *) echo "unknown stage $stage" ;;
     esac
 done

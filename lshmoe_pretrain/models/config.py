@@ -65,6 +65,15 @@ PRESETS: Dict[str, ModelConfig] = {
                                     num_experts=16, top_k=1),
     "t5-moe-140m": ModelConfig(vocab_size=16384, seq_len=512, d_model=512, n_heads=8, n_layers=6, d_ff=2048,
                                num_experts=8, top_k=2),
+    # The long-schedule testbed (lshmoe_pretrain.testbed, docs/quality.md): shapes small enough that one H200 trains
+    # several runs of >= 3,500 optimizer steps at once. Narrow GPT (the shape of issue 22's reference runs), a GPT
+    # with d_model 512, and a T5; 8 experts, top-2, MoE in every other block, like the presets above.
+    "gpt-moe-25m": ModelConfig(vocab_size=16384, seq_len=256, d_model=256, n_heads=8, n_layers=8, d_ff=1024,
+                               num_experts=8, top_k=2),
+    "gpt-moe-72m": ModelConfig(vocab_size=16384, seq_len=256, d_model=512, n_heads=8, n_layers=6, d_ff=2048,
+                               num_experts=8, top_k=2),
+    "t5-moe-26m": ModelConfig(vocab_size=16384, seq_len=256, d_model=256, n_heads=8, n_layers=4, d_ff=1024,
+                              num_experts=8, top_k=2),
     # Paper-scale shapes (GPT-3 medium / XL widths, GShard-style expert counts).
     "gpt-moe-350m": ModelConfig(vocab_size=50304, seq_len=1024, d_model=1024, n_heads=16, n_layers=24, d_ff=4096,
                                 num_experts=16, top_k=2),

@@ -1,0 +1,84 @@
+"""The long-schedule testbed: named study presets that train for as many optimizer steps as users do.
+
+Every quality figure before 2026-12-04 came from runs of 490-610 optimizer steps, and over 3,663 steps the gap of
+the paper's configuration grew from +1.9% to +13-14% (issue 22). A quality claim is now read off these presets:
+each names a model shape, a batch, a long schedule of >= 3,500 steps and the shorter complete schedules (each with
+its own warm-up and decay to zero) that show how the gap moves with training length. A schedule is a fraction of
+the long one; its runs live under ``<root>/<testbed>/x<fraction>/``, so one study root holds every length.
+
+    python scripts/compare_quality.py run --testbed gpt-25m-long --lengths 1 0.5 0.125 --variants stock lsh \\
+        --seeds 1 2 3 --concurrency 8 --root runs/testbed
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Dict, Sequence, Tuple
+
+# The three schedule lengths of the gap-against-length study, as fractions of the long schedule.
+LENGTHS: Tuple[float, ...] = (0.125, 0.5, 1.0)
+
+
+@dataclass(frozen=True)
+class Testbed:
+    """One shape of the testbed: the model preset, its batch and its long schedule (optimizer steps)."""
+    name: str
+    purpose: str
+    model_kind: str          # "gpt" or "t5"
+    preset: str              # lshmoe_pretrain.models.PRESETS
+    micro_batch: int         # sequences per step (EP=1, no accumulation)
+    steps: int               # the long schedule
+    lr: float = 6e-4         # peak; warm-up over 5% of the schedule, then linear decay to zero
+    evals: int = 12          # validation points per run, plus the whole split after the last step
+    eval_tokens: int = 2**18
+    concurrency: int = 6     # runs trained at once on one H200 (docs/benchmarks.md `testbed_throughput`)
+
+    def seq_len(self) -> int:
+        from .models.config import PRESETS
+        return PRESETS[self.preset].seq_len
+
+    def steps_at(self, length: float) -> int:
+        """Optimizer steps of the complete schedule that is `length` of the long one."""
+        return max(1, round(length * self.steps))
+
+    def tokens_at(self, length: float) -> int:
+        """The study's --tokens for that schedule: steps x sequences x sequence length (the input side; a T5 run
+        also counts its targets in its own tokens per step)."""
+        return self.steps_at(length) * self.micro_batch * self.seq_len()
+
+
+TESTBEDS: Dict[str, Testbed] = {t.name: t for t in (
+    Testbed("gpt-25m-long",
+            "narrow GPT-MoE (d_model 256, 4 MoE layers of 8 experts, top-2): the shape of issue 22's reference runs "
+            "(+13-14% at 3,663 steps); the cheapest shape, for screening candidates over a full schedule",
+            "gpt", "gpt-moe-25m", micro_batch=32, steps=3663),
+    Testbed("gpt-72m-long",
+            "GPT-MoE at d_model 512 (3 MoE layers of 8 experts, top-2): the width of the 135M presets, at a depth "
+            "one H200 trains several of over a long schedule; does what holds at d_model 256 hold wider?",
+            "gpt", "gpt-moe-72m", micro_batch=32, steps=3663),
+    Testbed("t5-26m-long",
+            "T5-MoE (span corruption, d_model 256, MoE in encoder and decoder): T5's 'below stock' has never been "
+            "checked past 600 steps",
+            "t5", "t5-moe-26m", micro_batch=32, steps=3663),
+)}
+
+
+class TestbedError(ValueError):
+    """A bad testbed request; the message names the flag and what is allowed."""
+
+
+def testbed(name: str) -> Testbed:
+    if name not in TESTBEDS:
+        raise TestbedError(f"--testbed {name!r}: allowed {sorted(TESTBEDS)}")
+    return TESTBEDS[name]
+
+
+def check_lengths(lengths: Sequence[float]) -> None:
+    bad = [length for length in lengths if not 0 < length <= 1]
+    if bad:
+        raise TestbedError(f"--lengths {bad}: each must be a fraction of the long schedule in (0, 1]")
+
+
+def length_root(root: str, bed: Testbed, length: float) -> str:
+    """Where the runs of one schedule length live: ``<root>/<testbed>/x<length>``."""
+    return os.path.join(root, bed.name, f"x{length:g}")
