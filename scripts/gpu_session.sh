@@ -98,7 +98,7 @@ testbed_snapshot() {  # the testbed's records (not checkpoints) and its captures
     cp /root/testbed_logs/*.log "$OUT/" 2>/dev/null || true
 }
 testbed_bg() {  # testbed-bg:<testbed>:<lengths>:<seconds>
-    local bed=$1 lengths=${2//,/ } seconds=$3 frozen=/root/frozen/$1
+    local bed=$1 lengths=${2//,/ } seconds=$3 tag; tag=$1_$(date +%s%N); local frozen=/root/frozen/$tag
     # The study runs from its own copy of the checkout and of the plugin install: a later call re-syncs this
     # checkout and reinstalls the plugin, and the study's later runs must not import another version.
     rm -rf "$frozen" && mkdir -p "$frozen" /root/testbed_logs && cp -a . "$frozen/src" || return 1
@@ -108,8 +108,8 @@ testbed_bg() {  # testbed-bg:<testbed>:<lengths>:<seconds>
     (cd "$frozen/src" && PYTHONPATH="$frozen/plugin:/root/site" setsid nohup python3 scripts/compare_quality.py run \
         --testbed "$bed" --lengths $lengths --variants ${TESTBED_VARIANTS:-stock lsh} --seeds ${TESTBED_SEEDS:-1} \
         ${CONCURRENCY:+--concurrency $CONCURRENCY} --root "$TESTBED_ROOT" --deadline_s "$seconds" "${DATA[@]}" \
-        "${capture[@]}" >"/root/testbed_logs/study_$bed.log" 2>&1 < /dev/null &)
-    sleep 5; tail -5 "/root/testbed_logs/study_$bed.log"
+        "${capture[@]}" >"/root/testbed_logs/study_$tag.log" 2>&1 < /dev/null &)
+    sleep 5; tail -5 "/root/testbed_logs/study_$tag.log"
 }
 poll() {  # poll:<seconds>: wait while a testbed study runs; snapshot its records every 30 s
     local until=$(( $(date +%s) + $1 ))
