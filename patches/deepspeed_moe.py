@@ -178,6 +178,7 @@ def record_output_error(self, compressor: LSHCompressor, dispatched: torch.Tenso
     devices = [sample.device] if sample.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # an expert with dropout must not shift the training draws
         exact = _all_to_all(self, _experts(self, _all_to_all(self, sample), d_model))
+    compressor.record_extra_bytes(sample.numel() * sample.element_size())  # the sample crossed the network too
     tokens = sample.float()
     slot_rows = (torch.arange(num_experts, device=positions.device).unsqueeze(1) * capacity + positions).reshape(-1)
     picked = type(state)(state.tokens, state.slot[slot_rows], state.centroids, state.counts, state.out_shape)
