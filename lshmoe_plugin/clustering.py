@@ -232,14 +232,21 @@ def _reseed_empty_slots(x: torch.Tensor, c: torch.Tensor, slot: torch.Tensor, ne
                         movable: torch.Tensor, num_groups: int, group_size: int, slots_per_group: int) -> torch.Tensor:
     """A slot that lost every token to the reassignment would be budget sent for nothing (and fewer distinct
     points for the expert): it takes the token farthest from its new centroid instead, the r-th empty slot of a
-    group the r-th farthest token. Shape-static (top-k and a scatter into a padded row)."""
+    group the r-th farthest token. Shape-static (top-k and a scatter into a padded row).
+
+    Every occupied slot keeps its member nearest to its centroid out of the candidates, so a re-seed never empties
+    another slot (a singleton's only token, or all members of a small slot, would otherwise be taken). A crowded
+    group has more valid tokens than slots, so more candidates remain than it has empty slots."""
     num_slots = num_groups * slots_per_group
     ones = torch.ones_like(slot, dtype=torch.float)
     counts = torch.zeros(num_slots + 1, device=slot.device).index_add_(0, slot, ones)
     crowded = movable.view(num_groups, group_size).any(1, keepdim=True)
     empty = (counts[:num_slots].view(num_groups, slots_per_group) == 0) & crowded
     own = torch.gather(c, 1, nearest.unsqueeze(-1).expand(-1, -1, c.shape[-1]))
-    distance = (x - own).square().sum(-1).masked_fill(~movable.view(num_groups, group_size), -1.0)
+    distance = (x - own).square().sum(-1)
+    candidate = movable.view(num_groups, group_size) & ~_nearest_member(distance.reshape(-1), slot, movable,
+                                                                        num_slots).view(num_groups, group_size)
+    distance = distance.masked_fill(~candidate, -1.0)
     farthest = distance.topk(min(slots_per_group, group_size), dim=1).indices
     rank = (empty.long().cumsum(1) - 1).clamp(min=0, max=farthest.shape[1] - 1)
     target = torch.gather(farthest, 1, rank).masked_fill(~empty, group_size)  # non-empty slots write the pad
@@ -248,3 +255,16 @@ def _reseed_empty_slots(x: torch.Tensor, c: torch.Tensor, slot: torch.Tensor, ne
     padded = torch.cat([slot.view(num_groups, group_size), slot.new_zeros(num_groups, 1)], dim=1)
     padded.scatter_(1, target, new_slot)
     return padded[:, :group_size].reshape(-1)
+
+
+def _nearest_member(distance: torch.Tensor, slot: torch.Tensor, movable: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """bool (N,): whether a movable token is its slot's member nearest to the centroid (the lowest index among
+    equals, so exactly one per occupied slot). Shape-static (two scatter-reduce passes)."""
+    n = slot.shape[0]
+    member_slot = torch.where(movable, slot, torch.full_like(slot, num_slots))  # the rest to the scratch row
+    least = distance.new_full((num_slots + 1,), float("inf")).scatter_reduce(0, member_slot, distance, "amin")
+    token = torch.arange(n, device=slot.device)
+    ties = torch.where(distance == least[member_slot], token, torch.full_like(token, n))
+    first = torch.full((num_slots + 1,), n, dtype=token.dtype, device=slot.device).scatter_reduce(0, member_slot,
+                                                                                                 ties, "amin")
+    return movable & (first[member_slot] == token)

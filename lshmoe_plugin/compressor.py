@@ -223,7 +223,8 @@ class LSHCompressor:
         stats.output_error_compensated, stats.output_error_uncompensated = compensated, uncompensated
 
     def record_extra_bytes(self, count: int) -> None:
-        """Bytes this forward sent per direction besides the centroids (`exact_token_stride`)."""
+        """Bytes this forward sent per direction besides the centroids (`exact_token_stride`, the output-error
+        sample); only for a forward that recorded its stats."""
         stats = self.telemetry.latest.get(self.layer_index)
         if stats is not None and stats.step == self.step:
             stats.bytes_sent += count

@@ -63,17 +63,20 @@ class LSHMoEConfig:
         DeepSpeed's fixed-capacity layer only (refused by name elsewhere).
     redraw_interval: draw new hash projections every N training steps (0: one fixed draw per layer for the whole
         run, as in the paper), so that the same tokens do not merge in every step. Steps are optimizer steps
-        (`training_step`, kept by the DeepSpeed engine hook or set with ``lshmoe_plugin.set_training_step``).
+        (`training_step`, kept by the DeepSpeed engine hooks or set with ``lshmoe_plugin.set_training_step``).
     exact_from_step: from this optimizer step on, the compressed layers run the stock exchange (None: never).
         Compression early, exact dispatch for the last part of the schedule.
     exact_token_stride: every N-th capacity slot of each expert also crosses the network uncompressed and takes
-        its exact expert output (0: none); the slots rotate with the layer's forwards, so every slot's token is
-        sent exactly once every N forwards. The experts then learn from real tokens too, not only from centroids,
-        for 1/N more bytes. DeepSpeed's fixed-capacity layer only (refused by name elsewhere).
+        its exact expert output (0: none); the slots rotate with the optimizer step and the micro-batch within it
+        (`schedule.rotation`), so over N steps every slot's token is sent exactly once, and a recomputation under
+        activation checkpointing or an evaluation sends the slots of the training forward it belongs to. The
+        experts then learn from real tokens too, not only from centroids, for 1/N more bytes. DeepSpeed's
+        fixed-capacity layer only (refused by name elsewhere).
     output_error_interval: every N training forwards of a layer, run the stock exchange on a sample of 1/16 of
         each expert's capacity slots as well and record the relative error of the layer's expert outputs against
-        it, with and without error compensation (0: never). Costs one extra all-to-all of 1/16 of stock's bytes
-        and the experts' forward on those rows. DeepSpeed's fixed-capacity layer only (refused by name elsewhere).
+        it, with and without error compensation (0: never). Costs one extra all-to-all of 1/16 of stock's bytes,
+        counted in the telemetry's bytes_sent, and the experts' forward on those rows. DeepSpeed's fixed-capacity
+        layer only (refused by name elsewhere).
     cuda_graphs: replay the compressor's stages (compress, expand, both backwards) as CUDA graphs captured once
         per layer and shape, instead of launching ~20 kernels per layer from Python. ``auto``: wherever that is
         possible, i.e. the fused kernels on CUDA with DeepSpeed's fixed-capacity layer, and up to 240 MiB of a

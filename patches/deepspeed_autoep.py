@@ -112,7 +112,9 @@ def _compressed_forward(self, compressor: LSHCompressor, hidden_states: torch.Te
     routes, order, routed = _route(self, x)
     with torch.no_grad():
         self.tokens_per_expert.add_(routes.num_tokens_per_expert)
-    centroids, clusters_per_expert, state = compressor.compress_variable(routed, routes.num_tokens_per_expert)
+    # An evaluation (compress_in_eval) leaves the training telemetry as it was.
+    centroids, clusters_per_expert, state = compressor.compress_variable(routed, routes.num_tokens_per_expert,
+                                                                         record=self.training)
     expert_output = _experts_on_centroids(self, centroids, clusters_per_expert, routes)
     expert_output = compressor.decompress_variable(expert_output, state)
 

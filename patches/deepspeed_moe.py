@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 import torch
 
-from lshmoe_plugin import cost
+from lshmoe_plugin import cost, schedule
 from lshmoe_plugin.compressor import LSHCompressor
 from lshmoe_plugin.config import LSHMoEConfig
 from lshmoe_plugin.telemetry import relative_error
@@ -116,7 +116,10 @@ def _compressed_forward(self, compressor: LSHCompressor, *input: torch.Tensor) -
     slots = sm._route_slots(indices_, locations_, E, C)
     dispatched = sm._sparse_encode(reshaped_input, slots, E, C)
     valid = occupied_slots(slots, E, C)
-    centroids, state = compressor.compress_fixed(dispatched, valid)
+    # Only training forwards count and report: an evaluation (compress_in_eval) must leave the training
+    # telemetry and the layer's forward count as they were.
+    record = self.training
+    centroids, state = compressor.compress_fixed(dispatched, valid, record=record)
 
     centroids = _timed_all_to_all(self, centroids, sm.FIRST_ALLTOALL_TIMER, "time_falltoall")
     expert_output = _experts(self, centroids, d_model)
@@ -125,8 +128,8 @@ def _compressed_forward(self, compressor: LSHCompressor, *input: torch.Tensor) -
     centroid_outputs = expert_output
     expert_output = compressor.decompress_fixed(centroid_outputs, state)
     if compressor.config.exact_token_stride:
-        expert_output = with_exact_tokens(self, compressor, dispatched, expert_output)
-    if compressor.output_error_due():
+        expert_output = with_exact_tokens(self, compressor, dispatched, expert_output, record)
+    if record and compressor.output_error_due():
         record_output_error(self, compressor, dispatched, valid, centroid_outputs, state, expert_output)
     combined = sm._sparse_decode(expert_output.view(E * C, d_model), slots, gates_, num_tokens)
     if timing:
@@ -135,19 +138,26 @@ def _compressed_forward(self, compressor: LSHCompressor, *input: torch.Tensor) -
     return combined.reshape(input[0].shape)
 
 
-def with_exact_tokens(self, compressor: LSHCompressor, dispatched: torch.Tensor,
-                      expert_output: torch.Tensor) -> torch.Tensor:
-    """`exact_token_stride`: every N-th capacity slot (from an offset that rotates with the layer's forwards) goes
-    through the stock exchange too and its exact output replaces the compressed one, with gradients."""
+def with_exact_tokens(self, compressor: LSHCompressor, dispatched: torch.Tensor, expert_output: torch.Tensor,
+                      record: bool = True) -> torch.Tensor:
+    """`exact_token_stride`: every N-th capacity slot goes through the stock exchange too and its exact output
+    replaces the compressed one, with gradients.
+
+    The offset rotates with the optimizer step and the micro-batch (`schedule.rotation`), not with the layer's
+    forwards: a recomputation under activation checkpointing must send the very slots its forward sent (reentrant:
+    else the backward differentiates another function than the forward computed; non-reentrant: else the saved
+    tensors do not match), and an evaluation must not move the rotation of training.
+    """
     num_experts, capacity, d_model = dispatched.shape
     stride = compressor.config.exact_token_stride
-    offset = (compressor.step - 1) % stride
+    offset = schedule.rotation(stride)
     if offset >= capacity:
         return expert_output
     positions = torch.arange(offset, capacity, stride, device=dispatched.device)
     sample = dispatched[:, positions].contiguous()
     exact = _all_to_all(self, _experts(self, _all_to_all(self, sample), d_model))
-    compressor.record_extra_bytes(sample.numel() * sample.element_size())
+    if record:
+        compressor.record_extra_bytes(sample.numel() * sample.element_size())
     return expert_output.index_copy(1, positions, exact.to(expert_output.dtype))
 
 
@@ -168,6 +178,7 @@ def record_output_error(self, compressor: LSHCompressor, dispatched: torch.Tenso
     devices = [sample.device] if sample.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # an expert with dropout must not shift the training draws
         exact = _all_to_all(self, _experts(self, _all_to_all(self, sample), d_model))
+    compressor.record_extra_bytes(sample.numel() * sample.element_size())  # the sample crossed the network too
     tokens = sample.float()
     slot_rows = (torch.arange(num_experts, device=positions.device).unsqueeze(1) * capacity + positions).reshape(-1)
     picked = type(state)(state.tokens, state.slot[slot_rows], state.centroids, state.counts, state.out_shape)

@@ -1,8 +1,9 @@
-"""After every ``engine.step()``: sets the plugin's training clock to the engine's optimizer step, writes the
-plugin's telemetry through DeepSpeed's monitor, and logs the layers' ``decide_by_cost`` decisions once after the
-step that made them.
+"""The DeepSpeed engine's side of the plugin: before every engine forward and after every ``engine.step()`` it sets
+the plugin's training clock to the engine's position (optimizer step and micro-batch); after every step it writes
+the plugin's telemetry through DeepSpeed's monitor and logs the layers' ``decide_by_cost`` decisions once after
+the step that made them.
 
-Shared by the DeepSpeed patches (GShard layer and AutoEP): the hook is installed while at least one of them is
+Shared by the DeepSpeed patches (GShard layer and AutoEP): the hooks are installed while at least one of them is
 applied and removed with the last, so reverting one patch never strips the other's telemetry.
 """
 from __future__ import annotations
@@ -18,7 +19,8 @@ LIFECYCLE = PatchLifecycle("engine_monitor")
 
 def attach(owner: str) -> None:
     from deepspeed.runtime.engine import DeepSpeedEngine
-    LIFECYCLE.install([(DeepSpeedEngine, "step", _step_then_write_telemetry)])
+    LIFECYCLE.install([(DeepSpeedEngine, "forward", _sync_clock_then_forward),
+                       (DeepSpeedEngine, "step", _step_then_write_telemetry)])
     _OWNERS.add(owner)
 
 
@@ -28,10 +30,24 @@ def detach(owner: str) -> None:
         LIFECYCLE.restore()
 
 
+def sync_clock(engine) -> None:
+    """The clock to `engine`'s position: ``global_steps`` (restored by a checkpoint) and the micro-batch within the
+    step, both of which only ``engine.step()`` moves (after the backward, and so after any recomputation)."""
+    set_training_step(int(engine.global_steps), int(engine.micro_steps) % int(engine.gradient_accumulation_steps()))
+
+
+def _sync_clock_then_forward(self, *args, **kwargs):
+    # Before the forward too, not only after a step: a new engine, or one just resumed from a checkpoint, would
+    # otherwise run its first step on the clock that another engine (or a fresh process) left.
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    sync_clock(self)
+    return LIFECYCLE.original(DeepSpeedEngine, "forward")(self, *args, **kwargs)
+
+
 def _step_then_write_telemetry(self, *args, **kwargs):
     from deepspeed.runtime.engine import DeepSpeedEngine
     result = LIFECYCLE.original(DeepSpeedEngine, "step")(self, *args, **kwargs)
-    set_training_step(int(self.global_steps))
+    sync_clock(self)
     write_to_monitor(self, TELEMETRY)
     TELEMETRY.log_decisions()
     return result

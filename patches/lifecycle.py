@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple
 
 from lshmoe_plugin.compressor import LSHCompressor
 from lshmoe_plugin.config import LSHMoEConfig, LSHMoEConfigError
-from lshmoe_plugin.schedule import training_step
+from lshmoe_plugin.schedule import TRAINING_CLOCK, training_step
 from lshmoe_plugin.telemetry import TELEMETRY, Telemetry
 
 INDEX_ATTRIBUTE = "_lshmoe_index"
@@ -40,9 +40,16 @@ class PatchLifecycle:
         return bool(self._originals)
 
     def install(self, seams: Iterable[Tuple[Any, str, Any]]) -> None:
-        """Replace ``owner.attribute`` by ``replacement`` for each seam, keeping the originals (idempotent)."""
+        """Replace ``owner.attribute`` by ``replacement`` for each seam, keeping the originals (idempotent).
+
+        A new application starts the training clock from zero, as a fresh process would: the clock is
+        process-global, and a second run in the same process must not start from the step where the first ended
+        (its `exact_from_step` would fire at once). A DeepSpeed engine sets it to its own step before every forward;
+        other loops set it with `set_training_step`.
+        """
         if self.is_applied():
             return
+        TRAINING_CLOCK.reset()
         for owner, attribute, replacement in seams:
             self._originals[(owner, attribute)] = (vars(owner).get(attribute, _INHERITED), getattr(owner, attribute))
             setattr(owner, attribute, replacement)

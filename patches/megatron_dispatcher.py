@@ -162,7 +162,8 @@ def _patched_dispatch_preprocess(self, hidden_states, routing_map, probs):
     permuted, permuted_probs = _original_stage("dispatch_preprocess")(self, hidden_states, routing_map, probs)
     self._lshmoe_saved = None
     index = getattr(self, INDEX_ATTRIBUTE, None)
-    if index is None or not LIFECYCLE.active(index, getattr(self, "_lshmoe_training", True)):
+    training = getattr(self, "_lshmoe_training", True)
+    if index is None or not LIFECYCLE.active(index, training):
         return permuted, permuted_probs
     _check_dispatcher(self)
     tokens = permuted
@@ -174,7 +175,8 @@ def _patched_dispatch_preprocess(self, hidden_states, routing_map, probs):
     # stock stage permuted with (after any quantization padding).
     tokens_per_expert = self.routing_map.sum(dim=0)
     compressor = LIFECYCLE.compressor(self, index)
-    centroids, clusters_per_expert, state = compressor.compress_variable(tokens, tokens_per_expert)
+    # An evaluation (compress_in_eval) leaves the training telemetry as it was.
+    centroids, clusters_per_expert, state = compressor.compress_variable(tokens, tokens_per_expert, record=training)
     self._lshmoe_saved = (compressor, state, permuted_probs)
     _use_centroid_counts(self, clusters_per_expert)
     centroid_probs = torch.ones(centroids.shape[0], dtype=probs.dtype, device=centroids.device)

@@ -163,6 +163,7 @@ def main():
               f"(rate {lsh.compression_rate}), {sum(p.numel() for p in model.parameters())} params on rank 0")
     start = time.time()
     for step in range(args.train_steps):
+        lshmoe_plugin.set_training_step(step)  # no DeepSpeed engine here: redraw_interval and exact_from_step read it
         loss = lm_loss(model, train_batches.get(step), device)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

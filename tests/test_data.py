@@ -138,12 +138,14 @@ def test_eval_batches_spread_over_the_whole_split_and_give_every_rank_as_many():
     import torch
 
     from lshmoe_pretrain.data import EvalBatches
-    samples = list(zip(np.arange(100), np.arange(100)))  # sample i is (i, i)
+    samples = list(zip(np.arange(100), np.arange(100) + 1000))  # sample i is (i, 1000 + i)
     ranks = [EvalBatches(samples, num_samples=21, micro_batch=4, dp_rank=r, dp_size=2) for r in range(2)]
     assert ranks[0].num_samples == 20 and [len(r) for r in ranks] == [3, 3]  # 21 rounded down to the 2 ranks
     seen = sorted(int(v) for r in ranks for i in range(len(r)) for v in r.get(i)["input_ids"])
     assert seen == list(range(0, 100, 5))  # every 5th sample: the first and the last files are both in
-    assert torch.equal(ranks[1].get(2)["labels"], ranks[1].get(2)["labels"])
+    # rank 1 takes every other one (5, 15, ..., 95); its last batch is the short rest, labels from each pair
+    assert ranks[1].get(2)["input_ids"].tolist() == [85, 95]
+    assert torch.equal(ranks[1].get(2)["labels"], torch.tensor([1085, 1095]))
     whole = EvalBatches(samples, num_samples=10**6, micro_batch=8, dp_rank=0, dp_size=1)
     assert whole.num_samples == 100 and sorted(int(v) for i in range(len(whole)) for v in whole.get(i)["input_ids"]) \
         == list(range(100))

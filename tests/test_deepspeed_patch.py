@@ -457,16 +457,17 @@ def test_monitor_hook_stays_while_any_deepspeed_patch_is_applied():
     from deepspeed.runtime.engine import DeepSpeedEngine
 
     from lshmoe_plugin.patches import deepspeed_autoep
-    stock_step = DeepSpeedEngine.step
+    stock_step, stock_forward = DeepSpeedEngine.step, DeepSpeedEngine.forward
     config = lshmoe_plugin.LSHMoEConfig(enabled=True)
     try:
         lshmoe_plugin.enable(config)
         lshmoe_plugin.enable(config, framework="autoep")
-        assert DeepSpeedEngine.step is not stock_step
+        assert DeepSpeedEngine.step is not stock_step and DeepSpeedEngine.forward is not stock_forward
         lshmoe_plugin.disable()
-        assert DeepSpeedEngine.step is not stock_step  # AutoEP still writes its telemetry
+        # AutoEP still writes its telemetry and keeps the clock
+        assert DeepSpeedEngine.step is not stock_step and DeepSpeedEngine.forward is not stock_forward
         assert deepspeed_autoep.is_applied() and not deepspeed_moe.is_applied()
     finally:
         lshmoe_plugin.disable()
         lshmoe_plugin.disable("autoep")
-    assert DeepSpeedEngine.step is stock_step
+    assert DeepSpeedEngine.step is stock_step and DeepSpeedEngine.forward is stock_forward

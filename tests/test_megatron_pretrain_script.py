@@ -10,14 +10,20 @@ import megatron.core  # noqa: E402,F401  (installed by the README's [test] extra
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_pretrain_script_runs_with_lsh_on(tmp_path):
+def test_pretrain_script_runs_with_lsh_on_and_keeps_the_step_clock(tmp_path):
+    """Compressed steps until exact_from_step, stock from it on: the script tells the plugin its optimizer step
+    (without a DeepSpeed engine nothing else does)."""
+    with open(os.path.join(REPO, "configs", "gpt_moe_cpu_lsh.json")) as f:
+        config = json.load(f)
+    config["lsh_moe"]["exact_from_step"] = 2
+    (tmp_path / "config.json").write_text(json.dumps(config))
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(f"Expert {i % 7} routes token {i} to the centroid of bucket {i % 11}." * 3
                                 for i in range(400)))
     out = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                os.path.join(REPO, "scripts", "pretrain_megatron_gpt_moe.py"),
-               "--config", os.path.join(REPO, "configs", "gpt_moe_cpu_lsh.json"), "--lsh_moe", "on",
+               "--config", str(tmp_path / "config.json"), "--lsh_moe", "on",
                "--data", str(corpus), "--vocab_size", "320", "--cache_dir", str(tmp_path / "cache"),
                "--num_layers", "2", "--hidden_size", "32", "--ffn_hidden_size", "64", "--num_experts", "4",
                "--seq_len", "32", "--micro_batch", "4", "--train_steps", "3", "--log_interval", "1",
@@ -28,5 +34,6 @@ def test_pretrain_script_runs_with_lsh_on(tmp_path):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1, 2]
     assert all(math.isfinite(r["loss"]) for r in records)
-    assert 0 < records[-1]["lsh_moe/mean/compression_rate"] <= 0.2 + 1e-6
+    assert all(0 < r["lsh_moe/mean/compression_rate"] <= 0.2 + 1e-6 for r in records[:2])
+    assert not any(key.startswith("lsh_moe/") for key in records[2])  # step 2 ran the stock exchange
     assert "valid_loss" in records[-1]

@@ -96,3 +96,24 @@ def test_refinement_keeps_every_slot_of_a_crowded_expert_in_use(seed):
     used = lambda state: int((state.counts > 0).sum())  # noqa: E731
     assert used(refined) == 3 * fixed_slots(96, 0.1) >= used(plain)
     assert squared_residual(x, valid, refined) <= squared_residual(x, valid, plain) * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("tokens, slots, expected", [
+    # Slot 2 duplicates slot 1's centroid (2), so the reassignment empties it; slot 0 keeps only 100, the farthest
+    # token from its new centroid (25). Taking 100 would empty slot 0: -50, the next farthest, re-seeds slot 2.
+    ([100, -50, 1, 3, 2, 2], [0, 0, 1, 1, 2, 2], [0, 2, 1, 1, 1, 1]),
+    # Slots 2 and 3 duplicate slot 1 and empty; slot 0 keeps 100 and 102, the two farthest tokens (from 40.25).
+    # Taking both would empty slot 0: it keeps 100 (the nearer), 102 and -21 (the next farthest) re-seed.
+    ([100, 102, -20, -21, 1, 3, 2, 2, 2, 2], [0, 0, 0, 0, 1, 1, 2, 2, 3, 3], [0, 2, 1, 3, 1, 1, 1, 1, 1, 1]),
+], ids=["singleton", "two_member_slot"])
+def test_a_reseed_never_empties_another_slot(tokens, slots, expected):
+    """Built so that the farthest tokens after the reassignment are all the members of one slot."""
+    x = torch.tensor(tokens, dtype=torch.float32).unsqueeze(-1)
+    n, per_group = len(tokens), max(slots) + 1
+    slot = refine_fixed(x, torch.ones(n, dtype=torch.bool), torch.tensor(slots), 1, n, per_group, 1,
+                        lambda t, s: centroids_by_slot(t, s, per_group))
+    assert slot.tolist() == expected
+    assert torch.bincount(slot, minlength=per_group).min() >= 1  # every slot in use
+    initial = centroids_by_slot(x, torch.tensor(slots), per_group)[0][torch.tensor(slots)]
+    refined = centroids_by_slot(x, slot, per_group)[0][slot]
+    assert (x - refined).square().sum() < (x - initial).square().sum()
