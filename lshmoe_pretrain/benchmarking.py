@@ -112,14 +112,19 @@ def report_section(path: Optional[str], name: str, text: str) -> None:
         print(f"section '{name}' not written (pass --report PATH to write it, e.g. --report docs/benchmarks.md)")
 
 
-def read_section_table(path: str, name: str) -> Dict[str, Dict[str, str]]:
-    """The first markdown table of section `name` in `path`, as {first cell: {header: cell}} (for reports that
-    combine figures other scripts measured, instead of copying numbers by hand)."""
+def read_section_text(path: str, name: str) -> str:
+    """The text of section `name` in `path`, between its markers."""
     begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
     text = open(path).read()
     if begin not in text:
         raise KeyError(f"{path} has no section {name!r}")
-    lines = [line for line in text.split(begin, 1)[1].split(end, 1)[0].splitlines() if line.startswith("|")]
+    return text.split(begin, 1)[1].split(end, 1)[0]
+
+
+def read_section_table(path: str, name: str) -> Dict[str, Dict[str, str]]:
+    """The first markdown table of section `name` in `path`, as {first cell: {header: cell}} (for reports that
+    combine figures other scripts measured, instead of copying numbers by hand)."""
+    lines = [line for line in read_section_text(path, name).splitlines() if line.startswith("|")]
     if len(lines) < 3:
         raise KeyError(f"section {name!r} of {path} holds no table")
     headers = [cell.strip() for cell in lines[0].strip("|").split("|")]

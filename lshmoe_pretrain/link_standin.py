@@ -209,8 +209,16 @@ class ModelledRuns:
 
     def describe(self, experts_per_rank: int) -> str:
         links = "; ".join(model.describe() for model in self.links.values())
+        gpus = next(iter(self.links.values())).gpus_per_node
+        on_node = [ep for ep, _ in self.pairs if 1 < ep <= gpus]
+        topology = (f"**{gpus} GPU(s) per node** (NVLink inside a node, one NIC per GPU); the last column gives "
+                    f"each row's split of a rank's EP peers"
+                    + (f"; at EP={'/'.join(map(str, sorted(set(on_node))))} every peer is on the node, so no byte "
+                       f"crosses a NIC and the NIC rows differ only by noise" if on_node else ""))
         return (f"**modelled**, not measured: one process at EP=1 holding one rank's shapes ({experts_per_rank} "
-                f"expert(s) per rank, i.e. the modelled job has {experts_per_rank} x K experts); the all-to-all of "
-                f"EP=K is a delay of the link model's time (lshmoe_pretrain/link_model.py) on the compute stream "
-                f"where each crossing would be, forward and backward (lshmoe_pretrain/link_standin.py), and the "
-                f"dense gradients' ring all-reduce over K ranks is one more after each backward; links: {links}")
+                f"expert(s) per rank, i.e. the modelled job has {experts_per_rank} x K experts; with 1 expert per "
+                f"rank and top-2 both of a token's picks go to that expert, which keeps the E x C x d dispatch "
+                f"buffer and the expert rows of an EP=K rank); the all-to-all of EP=K is a delay of the link "
+                f"model's time (lshmoe_pretrain/link_model.py) on the compute stream where each crossing would be, "
+                f"forward and backward (lshmoe_pretrain/link_standin.py), and the dense gradients' ring all-reduce "
+                f"over K ranks is one more after each backward; {topology}; links: {links}")

@@ -6,8 +6,9 @@ The compute is measured at EP=1 on the per-rank shapes of the EP=k job: the k-th
 the same expert GEMM rows as an EP=k rank. Both variants run DeepSpeed's real MoE layer, the LSH one through the
 plugin, forward and backward, timed round-robin. What crosses the network is computed, not measured: stock sends
 E x C rows of d, LSH-MoE E x S (S = ceil(rate x C) centroid slots per expert), each four times per layer and
-training step (dispatch and combine, forward and backward). Used by scripts/plan_lsh_moe.py and
-scripts/check_link_model.py.
+training step (dispatch and combine, forward and backward). With the published quality record of the same
+layer shape (docs/quality.md), the step speed-up becomes a time to stock's loss. Used by scripts/plan_lsh_moe.py
+and scripts/check_link_model.py.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch
 from lshmoe_plugin.compressor import fixed_slots
 
 from .link_model import GB, LinkModel
+from .quality_records import QualityRecord
 
 
 @dataclass(frozen=True)
@@ -208,14 +210,45 @@ def predict(shape: LayerShape, ep1_ms: Dict[str, float], link: LinkModel, step: 
 def break_even_gbps(shape: LayerShape, ep1_ms: Dict[str, float], link: LinkModel) -> Optional[float]:
     """The network bandwidth (GB/s per rank) at which the two layers take equally long: compression pays below
     it. None when it pays at any bandwidth (LSH-MoE's compute is no slower); 0 when no byte would cross the
-    network (every peer on the node) and the compute decides alone. Latencies cancel (both make 4 calls); the
-    network share is taken to be the slower one, as it is for any network slower than NVLink."""
+    network (every peer on the node) and the compute decides alone. The fixed and the per-peer costs cancel (both
+    variants make 4 calls to the same peers); the network share is taken to be the slower one, as it is for any
+    network slower than NVLink."""
     extra_ms = ep1_ms["lsh"] - ep1_ms["stock"]
     if extra_ms <= 0:
         return None
-    remote = shape.ep - min(link.gpus_per_node, shape.ep)
+    remote = link.peers(shape.ep)[1]
     saved_network_bytes = 4 * (shape.stock_bytes - shape.lsh_bytes) * remote / shape.ep
     return saved_network_bytes / (extra_ms * 1e-3) / GB
+
+
+def quality_text(record: Optional[QualityRecord], matches: int) -> str:
+    """What the published quality study measured for this layer shape (docs/quality.md), in one line."""
+    if record is None:
+        return ("quality: no quality measurement for this configuration (docs/quality.md holds none at this "
+                "d_model, FFN, experts, top-k, capacity factor, tokens per rank and rate)")
+    where = (f"measured, {record.where()}; the same MoE layer shape, the rest of that model and its data are the "
+             f"record's" + (f"; {matches} published records match, this one is shown" if matches > 1 else ""))
+    if record.token_ratio is not None:
+        return (f"quality ({where}): LSH-MoE needed {record.token_ratio:.3f}x stock's tokens to reach stock's final "
+                f"validation loss")
+    if not record.reached:
+        return (f"quality ({where}): not reached: final gap {100 * record.final_gap:+.2f}% (LSH-MoE ended above "
+                f"stock's final loss within the same {record.trained_tokens} tokens)")
+    return (f"quality ({where}): ended at or below stock's final loss (final gap {100 * record.final_gap:+.2f}%); "
+            f"the tokens it needed to reach it were not measured")
+
+
+def time_to_target_text(record: Optional[QualityRecord], step_speedup: float) -> str:
+    """Time to stock's final loss, LSH-MoE over stock: measured token ratio / predicted step speed-up."""
+    if record is None:
+        return "time to stock's loss: no quality measurement for this configuration"
+    if record.token_ratio is not None:
+        return (f"time to stock's loss {record.token_ratio / step_speedup:.2f}x stock's (measured token ratio "
+                f"{record.token_ratio:.3f} / predicted step speed-up {step_speedup:.2f})")
+    if not record.reached:
+        return (f"time to stock's loss: not reached: final gap {100 * record.final_gap:+.2f}%; LSH-MoE would be "
+                f"sooner only if it needed fewer than {step_speedup:.2f}x stock's tokens")
+    return "time to stock's loss: its token ratio was not measured"
 
 
 def plan_table(shape: LayerShape, ep1_ms: Dict[str, float], predictions: List[Prediction]) -> str:

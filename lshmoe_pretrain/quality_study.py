@@ -558,12 +558,14 @@ def tokens_to_reach(result: VariantResult, target: float) -> Optional[float]:
 def time_to_target(results: List[VariantResult], step_rows: Optional[Dict[str, Dict[str, str]]],
                    link_rows: Optional[Dict[str, Dict[str, str]]], step_source: str, link_source: Optional[str],
                    modelled: Sequence[Tuple[str, Dict[str, Dict[str, str]]]] = (),
-                   lsh_schedules: Sequence[VariantResult] = ()) -> str:
+                   lsh_schedules: Sequence[VariantResult] = (), texts: Optional[Dict[str, str]] = None) -> str:
     """Tokens to stock's final valid loss (measured here) x seconds per token (measured by benchmark_gpt_moe.py,
     `step_rows`) = time to the same loss at EP=1; times the step speed-up measured on a slow link (`link_rows`, a
     different run) = the projection for that link; and for every ``lsh @ <link> EP<k>`` row of each `modelled`
     (source, rows) section (benchmark_gpt_moe.py --modelled-link), the token ratio over that modelled step
-    speed-up. Returns a markdown table that says which figure is measured, projected or modelled."""
+    speed-up. Returns a markdown table that says which figure is measured, projected or modelled, and, on every
+    row that joins them, whether the step times come from the same model, another model, another expert count or
+    topology (`texts`: each section's text, by name, where that is stated)."""
     by_name = {r.name: r for r in results}
     if "stock" not in by_name or "lsh" not in by_name:
         raise StudyError("time to target needs the variants 'stock' and 'lsh'")
@@ -578,9 +580,10 @@ def time_to_target(results: List[VariantResult], step_rows: Optional[Dict[str, D
                + ", ".join(millions(r.tokens[-1]) for r in sorted(schedules, key=lambda r: r.tokens[-1]))
                + " tokens, linear between them)")
     rate = {name: float(step_rows[name]["tokens/s"]) for name in ("stock", "lsh")} if step_rows else None
+    notes = _SourceNotes(stock.info, texts or {})
     if tokens["lsh"] is None:
         longest = max([by_name["lsh"], *lsh_schedules], key=lambda r: r.tokens[-1])
-        return not_reached_table(longest, stock, target, rate, link_rows, step_source, link_source, modelled)
+        return not_reached_table(longest, stock, target, rate, link_rows, step_source, link_source, modelled, notes)
     token_ratio = tokens["lsh"] / tokens["stock"]
     rows = [
         ("tokens to valid loss %.4f (stock's after %s)" % (target, millions(stock.tokens[-1])),
@@ -588,17 +591,18 @@ def time_to_target(results: List[VariantResult], step_rows: Optional[Dict[str, D
     if rate:
         seconds = {name: tokens[name] / rate[name] for name in rate}
         rows += [
-            tokens_per_s_row(rate, step_source),
+            tokens_per_s_row(rate, step_source, notes),
             ("EP=1 time to that loss", f"{seconds['stock']:.1f} s", f"{seconds['lsh']:.1f} s",
-             f"{seconds['lsh'] / seconds['stock']:.3f}", "measured (tokens / tokens per s)")]
+             f"{seconds['lsh'] / seconds['stock']:.3f}",
+             f"measured (tokens / tokens per s; the tokens per s of {notes.measured(step_source)})")]
     if link_rows is not None:
         link_speedup = float(link_rows["lsh"]["speed-up vs stock"])
         rows += [("step speed-up on the slow link", "", "", f"{link_speedup:.3f}",
-                  f"measured for another model and run (`{link_source}`)"),
+                  f"measured for {notes.measured(link_source)}"),
                  ("time to that loss on the slow link", "", "", f"{token_ratio / link_speedup:.3f}",
-                  "**projected**: token ratio / link step speed-up")]
+                  f"**projected**: token ratio / link step speed-up of {notes.measured(link_source)}")]
     for source, section_rows in modelled:
-        rows += modelled_time_rows(token_ratio, section_rows, source)
+        rows += modelled_time_rows(token_ratio, section_rows, source, notes)
     return TIME_TABLE_HEADER + "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
@@ -618,9 +622,24 @@ def tokens_over_schedules(schedules: Sequence[VariantResult], target: float) -> 
     return None
 
 
-def tokens_per_s_row(rate: Dict[str, float], step_source: str) -> tuple:
+def tokens_per_s_row(rate: Dict[str, float], step_source: str, notes: "_SourceNotes") -> tuple:
     return ("EP=1 tokens/s", f"{rate['stock']:.0f}", f"{rate['lsh']:.0f}", f"{rate['lsh'] / rate['stock']:.3f}",
-            f"measured (`{step_source}`)")
+            f"measured for {notes.measured(step_source)}")
+
+
+class _SourceNotes:
+    """Each step-time section's model against the quality runs' (lshmoe_pretrain/step_sources.py)."""
+
+    def __init__(self, info: dict, texts: Dict[str, str]) -> None:
+        self.info, self.texts = info, texts
+
+    def measured(self, name: str) -> str:
+        from .step_sources import measured_note
+        return measured_note(self.info, name, self.texts.get(name))
+
+    def modelled(self, name: str, ep: int) -> str:
+        from .step_sources import modelled_note
+        return modelled_note(self.info, name, self.texts.get(name), ep)
 
 
 TIME_TABLE_HEADER = ("| | stock | LSH-MoE | LSH / stock | measured, projected or modelled |\n"
@@ -629,7 +648,7 @@ TIME_TABLE_HEADER = ("| | stock | LSH-MoE | LSH / stock | measured, projected or
 
 def not_reached_table(lsh: VariantResult, stock: VariantResult, target: float, rate: Optional[Dict[str, float]],
                       link_rows: Optional[Dict[str, Dict[str, str]]], step_source: str, link_source: Optional[str],
-                      modelled: Sequence[Tuple[str, Dict[str, Dict[str, str]]]]) -> str:
+                      modelled: Sequence[Tuple[str, Dict[str, Dict[str, str]]]], notes: "_SourceNotes") -> str:
     """LSH-MoE ended above stock's final loss: there is no time to that loss to report, only what each link's step
     speed-up S says: LSH-MoE reaches stock's loss sooner only if it needs fewer than S times stock's tokens."""
     final = lsh.mean_at(len(lsh.tokens) - 1)
@@ -639,15 +658,17 @@ def not_reached_table(lsh: VariantResult, stock: VariantResult, target: float, r
              f"measured (seed mean): LSH-MoE ends {100 * (final / target - 1):+.2f}% above; a longer LSH-MoE "
              "schedule would measure its token ratio")]
     if rate:
-        rows.append(tokens_per_s_row(rate, step_source))
+        rows.append(tokens_per_s_row(rate, step_source, notes))
     if link_rows is not None:
         link_speedup = float(link_rows["lsh"]["speed-up vs stock"])
         rows.append(("break-even token ratio on the slow link", "", "", f"{link_speedup:.3f}",
-                     f"measured step speed-up (`{link_source}`): LSH-MoE is sooner only below this token ratio"))
+                     f"measured step speed-up for {notes.measured(link_source)}: LSH-MoE is sooner only below "
+                     f"this token ratio"))
     for source, section_rows in modelled:
         for label, speedup in modelled_speedups(section_rows, source):
             rows.append((f"break-even token ratio at {label.replace(' EP', ', EP=')}", "", "", f"{speedup:.3f}",
-                         f"**modelled** step speed-up (`{source}`): LSH-MoE is sooner only below this token ratio"))
+                         f"**modelled** step speed-up ({notes.modelled(source, _ep_of(label))}): LSH-MoE is "
+                         f"sooner only below this token ratio"))
     return TIME_TABLE_HEADER + "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
@@ -668,12 +689,19 @@ def modelled_speedups(section_rows: Dict[str, Dict[str, str]], source: str) -> L
     return found
 
 
-def modelled_time_rows(token_ratio: float, section_rows: Dict[str, Dict[str, str]], source: str) -> List[tuple]:
+def modelled_time_rows(token_ratio: float, section_rows: Dict[str, Dict[str, str]], source: str,
+                       notes: "_SourceNotes") -> List[tuple]:
     """One row per ``lsh @ <link> EP<k>`` of a modelled step-time section: time to the loss = token ratio /
     that modelled step speed-up (which is against stock at the same link and EP)."""
     return [(f"time to that loss at {where.replace(' EP', ', EP=')}", "", "", f"{token_ratio / speedup:.3f}",
-             f"**modelled**: token ratio (measured) / step speed-up {speedup:.3f} (modelled link, `{source}`)")
+             f"**modelled**: token ratio (measured) / step speed-up {speedup:.3f} (modelled link, "
+             f"{notes.modelled(source, _ep_of(where))})")
             for where, speedup in modelled_speedups(section_rows, source)]
+
+
+def _ep_of(where: str) -> int:
+    """K of a modelled row's ``<link> EP<K>``."""
+    return int(where.rsplit(" EP", 1)[1])
 
 
 def python_command() -> str:

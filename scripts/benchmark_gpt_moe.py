@@ -35,7 +35,7 @@ from benchmark_moe_layer import describe_link, setup_distributed  # noqa: E402
 
 import lshmoe_plugin  # noqa: E402
 from lshmoe_pretrain import benchmarking as bench  # noqa: E402
-from lshmoe_pretrain.link_model import parse_link  # noqa: E402
+from lshmoe_pretrain.link_model import DEFAULT_GPUS_PER_NODE, parse_link  # noqa: E402
 from lshmoe_pretrain.link_standin import ModelledRuns  # noqa: E402
 from lshmoe_pretrain.models import PRESETS, build_gpt_moe  # noqa: E402
 
@@ -68,11 +68,14 @@ def parse_args() -> argparse.Namespace:
                         "the op tables (by self CPU time and by device time) to PATH")
     p.add_argument("--modelled-link", nargs="+", default=None, metavar="LINK",
                    help="time the EP all-to-all of --modelled-ep ranks as modelled over each LINK: 100gbps, 200gbps, "
-                        "400gbps, nvlink4, infinite or custom:<GB/s>:<latency us> (docs/link_model.md); one process")
+                        "400gbps, nvlink4, infinite or custom:<GB/s>:<latency us>[:<half-bandwidth KiB>] "
+                        "(docs/link_model.md); one process")
     p.add_argument("--modelled-ep", type=int, nargs="+", default=None, metavar="K",
                    help="the EP degrees --modelled-link models (the model keeps --experts-per-rank, default 1)")
-    p.add_argument("--modelled-gpus-per-node", type=int, default=1, metavar="G",
-                   help="GPUs per node whose EP peers talk over NVLink in the model (default 1: all over the link)")
+    p.add_argument("--modelled-gpus-per-node", type=int, default=DEFAULT_GPUS_PER_NODE, metavar="G",
+                   help=f"GPUs per node whose EP peers talk over NVLink in the model, one NIC each (default "
+                        f"{DEFAULT_GPUS_PER_NODE}, an HGX node; 1: every peer behind the NIC). The section name "
+                        f"ends in _g<G>")
     args = p.parse_args()
     check_modelled_flags(p, args)
     return args
@@ -226,8 +229,8 @@ def main() -> None:
     if modelled:
         args.experts_per_rank = args.experts_per_rank or 1
         link = modelled.describe(args.experts_per_rank)
-        key = "modelled_ep" + "-".join(map(str, args.modelled_ep)) + (
-            f"_g{args.modelled_gpus_per_node}" if args.modelled_gpus_per_node > 1 else "")
+        # The topology is in the name: sections without it are the 1-GPU-per-node runs of the old link model.
+        key = "modelled_ep" + "-".join(map(str, args.modelled_ep)) + f"_g{args.modelled_gpus_per_node}"
     section = args.section or f"gpt_moe_{args.preset}_{key}"
     preset = PRESETS[args.preset]
     args.vocab = args.vocab or preset.vocab_size
@@ -303,8 +306,11 @@ def main() -> None:
             # No loss columns: each engine takes one optimizer step per (link, EP) row, so two rows' losses come
             # after different numbers of updates and compare nothing (quality comes from the quality study).
             headers = headers[:1] + [f"{h} (modelled)" for h in headers[1:4]]
-            headers += ["modelled all-to-all ms per step", "modelled dense all-reduce ms per step"]
-            rows = [row[:4] + tuple(statistics.median(ms) for ms in zip(*modelled_ms[row[0]])) for row in rows]
+            headers += ["modelled all-to-all ms per step", "modelled dense all-reduce ms per step",
+                        "EP peers over NVLink / over the NIC"]
+            rows = [row[:4] + tuple(statistics.median(ms) for ms in zip(*modelled_ms[row[0]]))
+                    + ("{} / {}".format(*modelled.links[pair[1]].peers(pair[0])),)
+                    for row, (_, pair) in zip(rows, runs)]
         if "lsh_decide" in args.variants:  # what each layer's cost decision chose (under that row's link)
             chosen = {ModelledRuns.label("lsh_decide", pair): decisions.compressing(pair) for _, pair in runs}
             headers = headers + ["layers compressing (decide_by_cost)"]

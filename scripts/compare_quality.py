@@ -242,8 +242,10 @@ def time_to_target(args: argparse.Namespace) -> None:
     link_rows = bench.read_section_table(args.benchmarks, args.link_section) if args.link_section else None
     modelled = [(name, bench.read_section_table(args.benchmarks, name)) for name in args.modelled_section]
     step_rows = bench.read_section_table(args.benchmarks, args.step_section) if args.step_section else None
+    texts = {name: bench.read_section_text(args.benchmarks, name)
+             for name in [args.step_section, args.link_section, *args.modelled_section] if name}
     table = study.time_to_target(results, step_rows, link_rows, args.step_section, args.link_section, modelled,
-                                 longer)
+                                 longer, texts)
     text = "\n".join([
         f"## {args.title}", "",
         f"- command: `{study.python_command()}`",

@@ -12,7 +12,8 @@
 # Stages: corpus (in the background) | tests | tests-bg (in the background, alongside what follows) | wait-tests
 #       | bench-compressor | bench-layer | bench-gpt | bench-gpt-small | profile-gpt-135m | quality:<study>:<seconds>
 #       | bench-modelled-135m | bench-modelled-1.3b (GPT-MoE step times at modelled EP 8/16/64 over 100/200/400 Gb/s
-#         and NVLink 4, one GPU, the link stand-in; MODELLED_GPUS_PER_NODE=8 adds the NVLink share inside a node;
+#         and NVLink 4, one GPU, the link stand-in, on 8-GPU nodes (NVLink inside, one NIC per GPU: EP=8 crosses
+#         no NIC); MODELLED_GPUS_PER_NODE=1 puts every peer behind the NIC, and the section name ends in _g1;
 #         each stage fits one 10-minute call on its own: docs/link_model.md)
 #       | check-link-nvlink | check-link-socket (2 GPUs, nvidia-h200-x2: the link model against NCCL over NVLink
 #         and over the emulated socket link, scripts/check_link_model.py)
@@ -161,7 +162,7 @@ for stage in "$@"; do
                 else model=(--preset gpt-moe-1.3b --micro-batch 8 --steps 10 --timed-from 3); fi
                 timeout "${MODELLED_TIMEOUT:-540}" python3 scripts/benchmark_gpt_moe.py "${model[@]}" --variants stock lsh lsh_decide \
                     --experts-per-rank 1 --modelled-ep 8 16 64 --modelled-link 100gbps 200gbps 400gbps nvlink4 \
-                    --modelled-gpus-per-node "${MODELLED_GPUS_PER_NODE:-1}" --report "$OUT/benchmarks.md" 2>&1 \
+                    --modelled-gpus-per-node "${MODELLED_GPUS_PER_NODE:-8}" --report "$OUT/benchmarks.md" 2>&1 \
                     | tee -a "$OUT/logs/bench_modelled.log" | tail -30 ;;
         check-link-nvlink) torchrun --nproc_per_node 2 scripts/check_link_model.py --report "$OUT/link_model.md" \
                 --section nccl_check_nvlink 2>&1 | tee -a "$OUT/logs/check_link.log" | tail -30 ;;

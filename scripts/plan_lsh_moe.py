@@ -1,13 +1,18 @@
-"""Will LSH-MoE make my MoE layer and training step faster on my cluster's link? Measures one DeepSpeed MoE layer
-(stock and LSH-MoE, forward + backward) on this device (CUDA if present, else the CPU) at the per-rank shapes of
-the EP job, adds the link model's time for the bytes each variant's all-to-all would move, and prints the
-predicted layer and step speed-ups, whether compression pays, and the bandwidth below which it does.
+"""Will LSH-MoE make my MoE layer and training step faster on my cluster's link, and how soon does it reach
+stock's loss? Measures one DeepSpeed MoE layer (stock and LSH-MoE, forward + backward) on this GPU at the per-rank
+shapes of the EP job, adds the link model's time for the bytes each variant's all-to-all would move, and prints
+the predicted layer and step speed-ups, whether compression pays, the bandwidth below which it does, and, where
+docs/quality.md holds a measurement of the same layer shape, the tokens LSH-MoE needed to reach stock's loss and
+the resulting time to that loss.
 
     python scripts/plan_lsh_moe.py --d-model 1024 --tokens-per-rank 16384 --experts 64 --top-k 2 --ep 16 \\
         --link 200gbps [--rate 0.2] [--gpus-per-node 8] [--moe-layers 12 --other-ms 40 --dense-params 3e8]
 
-Links: 100gbps, 200gbps, 400gbps (NIC per GPU), nvlink4, infinite, or custom:<GB/s>:<latency us>; several at
-once print a row each. Everything about the network is modelled (docs/link_model.md says how and from what).
+Links: 100gbps, 200gbps, 400gbps (one NIC per GPU), nvlink4, infinite, or custom:<GB/s>:<latency us>[:<half KiB>];
+several at once print a row each. Nodes hold 8 GPUs on NVLink unless --gpus-per-node says otherwise. Everything
+about the network is modelled (docs/link_model.md says how and from what). Without a GPU the command refuses: a
+CPU's expert FFN is two orders of magnitude slower, so compression looks free there; --cpu-timings runs it anyway
+with every figure marked as CPU timing (for checking the command, not for planning).
 """
 from __future__ import annotations
 
@@ -22,7 +27,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from lshmoe_pretrain import benchmarking as bench  # noqa: E402
 from lshmoe_pretrain import planning  # noqa: E402
-from lshmoe_pretrain.link_model import GB, LinkModel, parse_link  # noqa: E402
+from lshmoe_pretrain.link_model import DEFAULT_GPUS_PER_NODE, GB, LinkModel, parse_link  # noqa: E402
+from lshmoe_pretrain.quality_records import find_record, read_records  # noqa: E402
+
+QUALITY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "quality.md")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -35,8 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--capacity-factor", type=float, default=1.25)
     p.add_argument("--ep", type=int, required=True, help="expert-parallel degree k (ranks the experts spread over)")
     p.add_argument("--link", nargs="+", default=["200gbps"], help="one or more links (see above)")
-    p.add_argument("--gpus-per-node", type=int, default=1,
-                   help="GPUs per node whose EP peers talk over NVLink (default 1: every peer over the link)")
+    p.add_argument("--gpus-per-node", type=int, default=DEFAULT_GPUS_PER_NODE,
+                   help=f"GPUs per node whose EP peers talk over NVLink, one NIC each (default "
+                        f"{DEFAULT_GPUS_PER_NODE}, an HGX node; 1: every peer behind the NIC)")
     p.add_argument("--rate", type=float, default=0.2, help="lsh_moe.compression_rate")
     p.add_argument("--moe-layers", type=int, default=1, help="MoE layers per step (for the step prediction)")
     p.add_argument("--other-ms", type=float, default=0.0,
@@ -49,6 +58,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kernel", default="auto", choices=["auto", "torch", "triton"])
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--cpu-timings", action="store_true",
+                   help="without a GPU, measure the layer on the CPU anyway; every figure is marked as CPU timing, "
+                        "which says nothing about a GPU cluster")
+    p.add_argument("--quality", default=QUALITY, metavar="PATH",
+                   help="the published quality study to look the layer shape up in (default docs/quality.md)")
     args = p.parse_args(argv)
     try:
         args.links = [parse_link(name) for name in args.link]
@@ -63,6 +77,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.other_ms < 0 or args.dense_params < 0:
         p.error("--other-ms and --dense-params must be >= 0")
     args.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    if args.device.type == "cpu" and not args.cpu_timings:
+        p.error("no GPU here: the planning command times the MoE layer on the GPU you will train on; a CPU's "
+                "expert FFN is two orders of magnitude slower, so its speed-ups say nothing about a GPU cluster. "
+                "Run it on your GPU (or pass --cpu-timings to check the command, every figure marked CPU timing)")
     args.dtype = args.dtype or ("bf16" if args.device.type == "cuda" else "fp32")
     args.torch_dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     try:
@@ -97,16 +115,22 @@ def main(argv=None) -> str:
                               dense_params=int(args.dense_params), dp=args.dp, grad_element_size=shape.element_size)
     predictions = [planning.predict(shape, ep1, LinkModel(link, gpus_per_node=args.gpus_per_node), step, name)
                    for link, name in zip(args.links, args.link)]
-    text = report(args, shape, ep1, predictions, step)
+    record, matches = find_record(read_records(args.quality), shape.d_model, shape.ffn, shape.experts, shape.top_k,
+                                  shape.capacity_factor, shape.tokens_per_rank, shape.rate)
+    text = report(args, shape, ep1, predictions, step, record, matches)
     print(text)
     torch.distributed.destroy_process_group()
     return text
 
 
-def report(args, shape: planning.LayerShape, ep1, predictions, step: planning.StepShape) -> str:
+def report(args, shape: planning.LayerShape, ep1, predictions, step: planning.StepShape, record=None,
+           matches: int = 0) -> str:
     mib = 2 ** 20
-    links = "\n".join(f"  - {LinkModel(link, gpus_per_node=args.gpus_per_node).describe()}" for link in args.links)
-    return "\n".join([
+    models = [LinkModel(link, gpus_per_node=args.gpus_per_node) for link in args.links]
+    links = "\n".join(f"  - {model.describe()}; {model.topology(shape.ep).split('; ')[-1]}" for model in models)
+    cpu = args.device.type == "cpu"
+    marked = "CPU timing, says nothing about a GPU cluster: " if cpu else ""
+    lines = [
         f"LSH-MoE plan: d_model {shape.d_model}, FFN {shape.ffn}, {shape.tokens_per_rank} tokens per rank, "
         f"{shape.experts} experts top-{shape.top_k} (capacity factor {shape.capacity_factor}), EP={shape.ep}, "
         f"rate {shape.rate}, {args.dtype}",
@@ -117,23 +141,32 @@ def report(args, shape: planning.LayerShape, ep1, predictions, step: planning.St
         f"- modelled: one all-to-all moves {shape.stock_bytes / mib:.2f} MiB per rank stock "
         f"({shape.experts} x {shape.capacity} x {shape.d_model}) and {shape.lsh_bytes / mib:.2f} MiB with LSH-MoE "
         f"({shape.experts} x {shape.lsh_bytes // (shape.experts * shape.d_model * shape.element_size)} centroid "
-        f"slots); a layer's training step makes 4 (dispatch and combine, forward and backward); time = alpha + "
-        f"bytes x (k-1)/k / B per all-to-all, not overlapped with compute (DeepSpeed's all-to-all blocks the step):",
+        f"slots), a message of 1/{shape.ep} of it to each peer; a layer's training step makes 4 (dispatch and "
+        f"combine, forward and backward); time = alpha + per link: peers x (message + half-bandwidth size) / B, "
+        f"the NVLink and the NIC share at once, not overlapped with compute (DeepSpeed's all-to-all blocks the "
+        f"step):",
         links,
         f"- step = {step.other_ms:g} ms (given: the rest of the step without network) + {step.moe_layers} MoE "
         f"layer(s) + the ring all-reduce of {step.dense_params:.3g} dense gradients over {step.dp or shape.ep} "
         f"ranks (the same for both; modelled)",
+        f"- {planning.quality_text(record, matches)}",
         "- assumptions and sources: docs/link_model.md. Modelled figures, not measurements of a cluster.",
-        "",
-        planning.plan_table(shape, ep1, predictions),
-        "",
-        "\n".join(f"{p.link}: LSH-MoE predicted {p.layer_speedup:.2f}x per MoE layer, {p.step_speedup:.2f}x per "
-                  f"step; compression {'pays' if p.pays else 'does not pay'}"
-                  + (" at any bandwidth" if p.break_even_gbps is None else
-                     f" (it pays below {p.break_even_gbps:.3g} GB/s per rank; this link: "
-                     f"{LinkModel(link).network.bandwidth / GB:g} GB/s)")
-                  for p, link in zip(predictions, args.links)),
-    ])
+    ]
+    if cpu:
+        lines.insert(1, "- CPU TIMINGS (--cpu-timings): the layer ran on this CPU, whose expert FFN is two orders of "
+                        "magnitude slower than a GPU's; every speed-up below is CPU compute plus modelled links and "
+                        "says nothing about a GPU cluster")
+    summary = []
+    for p, link in zip(predictions, args.links):
+        pays = (" at any bandwidth" if p.break_even_gbps is None else
+                f" (it pays below {p.break_even_gbps:.3g} GB/s per rank; this link: {link.bandwidth / GB:g} GB/s)")
+        summary.append(f"{p.link}: {marked}LSH-MoE predicted {p.layer_speedup:.2f}x per MoE layer, "
+                       f"{p.step_speedup:.2f}x per step; compression {'pays' if p.pays else 'does not pay'}{pays}; "
+                       f"{planning.time_to_target_text(record, p.step_speedup)}")
+    table = planning.plan_table(shape, ep1, predictions)
+    if cpu:
+        table = table.replace("(measured)", "(measured on CPU)").replace("(predicted)", "(CPU + modelled)")
+    return "\n".join(lines + ["", table, "", "\n".join(summary)])
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """benchmark_gpt_moe.py --modelled-link/--modelled-ep on this CPU: one EP=1 process times every (EP, link) pair
-with the link stand-in, labels the section modelled, and refuses bad flags by name before building anything."""
+with the link stand-in, labels the section modelled with its topology (8 GPUs per node unless told otherwise), and
+refuses bad flags by name before building anything."""
 import os
 import subprocess
 import sys
@@ -20,43 +21,66 @@ def run_benchmark(*args, env=None):
 
 
 def test_modelled_links_on_the_cpu(tmp_path):
+    """8 GPUs per node (the default): at EP=2 every peer is on the node, so the slow custom NIC is never used; at
+    EP=16, 8 of 15 peers sit behind it."""
     build_deepspeed_cpu_comm_op()
     report = str(tmp_path / "bench.md")
     result = run_benchmark("--preset", "tiny", "--dtype", "fp32", "--micro-batch", "2", "--steps", "3",
-                           "--timed-from", "1", "--variants", "stock", "lsh", "lsh_decide", "--modelled-ep", "2", "8",
-                           "--modelled-link", "infinite", "custom:0.002:0", "--report", report)
+                           "--timed-from", "1", "--variants", "stock", "lsh", "lsh_decide", "--modelled-ep", "2",
+                           "16", "--modelled-link", "infinite", "custom:0.002:0", "--report", report)
     assert result.returncode == 0, result.stderr[-3000:]
-    section = "gpt_moe_tiny_modelled_ep2-8"
+    section = "gpt_moe_tiny_modelled_ep2-16_g8"  # the topology is in the name
     rows = bench.read_section_table(report, section)
     links = ("infinite", "custom:0.002:0")
-    labels = [f"{v} @ {link} EP{k}" for k in (2, 8) for link in links for v in ("stock", "lsh", "lsh_decide")]
+    labels = [f"{v} @ {link} EP{k}" for k in (2, 16) for link in links for v in ("stock", "lsh", "lsh_decide")]
     assert sorted(rows) == sorted(labels)
     # each engine steps once per row: losses of two rows follow different numbers of updates, so none is shown
     assert not [column for column in next(iter(rows.values())) if "loss" in column]
     text = open(report).read()
-    assert "modelled EP=2/8" in text and "**modelled**, not measured" in text and "- run, link modelled: " in text
+    assert "modelled EP=2/16" in text and "**modelled**, not measured" in text and "- run, link modelled: " in text
+    assert "**8 GPU(s) per node**" in text and "at EP=2 every peer is on the node, so no byte crosses a NIC" in text
+    assert "both of a token's picks go to that expert" in text
     assert "- measured:" not in text
     a2a, all_reduce = "modelled all-to-all ms per step", "modelled dense all-reduce ms per step"
-    for k in (2, 8):
-        free = {v: rows[f"{v} @ infinite EP{k}"] for v in ("stock", "lsh")}
-        slow = {v: rows[f"{v} @ custom:0.002:0 EP{k}"] for v in ("stock", "lsh")}
-        assert all(float(r[a2a]) == 0 and float(r[all_reduce]) == 0 for r in free.values())
-        # 2 MB/s: LSH-MoE sends about a fifth of stock's rows; the dense all-reduce is the same for both
-        assert 0.1 < float(slow["lsh"][a2a]) / float(slow["stock"][a2a]) < 0.35
-        assert float(slow["lsh"][all_reduce]) == float(slow["stock"][all_reduce]) > 0
-        assert float(slow["lsh"]["speed-up vs stock (modelled)"]) > 1
-        # the stand-in's delays are in the step: at least the modelled time above the unmodelled step
-        assert float(slow["stock"]["step ms (modelled)"]) > float(free["stock"]["step ms (modelled)"]) + 0.9 * (
-            float(slow["stock"][a2a]) + float(slow["stock"][all_reduce]))
-    # decide_by_cost decides under each row's own link: at 2 MB/s and EP=8 the stock exchange waits ~0.14 s per
+    split = "EP peers over NVLink / over the NIC"
+    assert {label: row[split] for label, row in rows.items() if row[split] != "1 / 0"} == {
+        label: "7 / 8" for label in labels if label.endswith("EP16")}
+    free = {(v, k): rows[f"{v} @ infinite EP{k}"] for v in ("stock", "lsh") for k in (2, 16)}
+    assert all(float(r[a2a]) == 0 and float(r[all_reduce]) == 0 for r in free.values())
+    on_node = {v: rows[f"{v} @ custom:0.002:0 EP2"] for v in ("stock", "lsh")}
+    slow = {v: rows[f"{v} @ custom:0.002:0 EP16"] for v in ("stock", "lsh")}
+    # EP=2 on one node: NVLink's microseconds, not the 2 MB/s NIC's tenths of a second
+    assert all(0 < float(r[a2a]) < 1 for r in on_node.values())
+    assert float(slow["stock"][a2a]) > 1000 * float(on_node["stock"][a2a])
+    # 2 MB/s: LSH-MoE sends about a fifth of stock's rows; the dense all-reduce is the same for both
+    assert 0.1 < float(slow["lsh"][a2a]) / float(slow["stock"][a2a]) < 0.35
+    assert float(slow["lsh"][all_reduce]) == float(slow["stock"][all_reduce]) > 0
+    assert float(slow["lsh"]["speed-up vs stock (modelled)"]) > 1
+    # the stand-in's delays are in the step: at least the modelled time above the unmodelled step
+    assert float(slow["stock"]["step ms (modelled)"]) > float(free[("stock", 16)]["step ms (modelled)"]) + 0.9 * (
+        float(slow["stock"][a2a]) + float(slow["stock"][all_reduce]))
+    # decide_by_cost decides under each row's own link: at 2 MB/s and EP=16 the stock exchange waits ~0.1 s per
     # crossing for the modelled link and the compressed one a fifth of that, so every layer compresses and sends
-    # lsh's bytes. (Over the free link the two differ by CPU noise: only the column's form is checked there.)
+    # lsh's bytes. (Over the free link and on one node the two differ by CPU noise: no decision is asserted there.)
     decided = "layers compressing (decide_by_cost)"
-    assert rows["lsh_decide @ custom:0.002:0 EP8"][decided] == "2/2"
-    assert float(rows["lsh_decide @ custom:0.002:0 EP8"][a2a]) == float(rows["lsh @ custom:0.002:0 EP8"][a2a])
-    assert all(rows[f"lsh_decide @ infinite EP{k}"][decided] in ("0/2", "1/2", "2/2") for k in (2, 8))
+    assert rows["lsh_decide @ custom:0.002:0 EP16"][decided] == "2/2"
+    assert float(rows["lsh_decide @ custom:0.002:0 EP16"][a2a]) == float(rows["lsh @ custom:0.002:0 EP16"][a2a])
     assert rows["lsh @ infinite EP2"][decided] == "–"
-    # a larger EP group sends a larger share of the same buffer: (k-1)/k
+
+
+def test_one_gpu_per_node_is_named_in_the_section(tmp_path):
+    """--modelled-gpus-per-node 1 puts every peer behind the link, and the section's name and text say so."""
+    build_deepspeed_cpu_comm_op()
+    report = str(tmp_path / "bench.md")
+    result = run_benchmark("--preset", "tiny", "--dtype", "fp32", "--micro-batch", "2", "--steps", "2",
+                           "--timed-from", "1", "--variants", "stock", "--modelled-ep", "2", "8", "--modelled-link",
+                           "custom:0.002:0", "--modelled-gpus-per-node", "1", "--report", report)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = bench.read_section_table(report, "gpt_moe_tiny_modelled_ep2-8_g1")
+    assert "**1 GPU(s) per node**" in open(report).read()
+    assert rows["stock @ custom:0.002:0 EP8"]["EP peers over NVLink / over the NIC"] == "0 / 7"
+    # a larger EP group sends a larger share of the same buffer over the link: (k-1)/k
+    a2a = "modelled all-to-all ms per step"
     assert float(rows["stock @ custom:0.002:0 EP8"][a2a]) / float(rows["stock @ custom:0.002:0 EP2"][a2a]) == \
         pytest.approx((7 / 8) / (1 / 2), rel=0.02)
 

@@ -1,5 +1,6 @@
-"""The planning arithmetic (per-rank bytes, predicted layer and step times, break-even bandwidth) on numbers worked
-by hand, and scripts/plan_lsh_moe.py run on this CPU: it measures, and its predictions hang together."""
+"""The planning arithmetic (per-rank bytes, predicted layer and step times, break-even bandwidth, time to stock's
+loss) on numbers worked by hand; the published quality records looked up by layer shape; and scripts/plan_lsh_moe.py
+on this CPU: it refuses CPU timings unless asked, and then marks every figure as such."""
 import os
 import re
 import subprocess
@@ -8,7 +9,7 @@ import sys
 import pytest
 from distributed import build_deepspeed_cpu_comm_op
 
-from lshmoe_pretrain import planning
+from lshmoe_pretrain import planning, quality_records
 from lshmoe_pretrain.link_model import GB, LINKS, LinkModel, parse_link
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -51,6 +52,75 @@ def test_predicted_times_worked_by_hand():
     assert free.layer_ms == {"stock": 10.0, "lsh": 12.0} and not free.pays
 
 
+def test_break_even_holds_with_the_per_peer_cost():
+    """Both variants make 4 calls to the same peers: the fixed and the per-peer costs cancel at break-even, with
+    the calibrated half-bandwidth size and the NVLink share of 8-GPU nodes (EP=16: 8 of 15 peers over the NIC)."""
+    shape = planning.LayerShape(d_model=64, tokens_per_rank=2048, experts=16, top_k=2, ep=16, element_size=2)
+    ep1 = {"stock": 10.0, "lsh": 12.0}
+    even = planning.break_even_gbps(shape, ep1, LinkModel(LINKS["100gbps"], gpus_per_node=8))
+    assert even == pytest.approx(4 * (shape.stock_bytes - shape.lsh_bytes) * 8 / 16 / 2e-3 / GB, rel=1e-12)
+    at_even = planning.predict(shape, ep1, LinkModel(parse_link(f"custom:{even!r}:20:128"), gpus_per_node=8))
+    assert at_even.layer_speedup == pytest.approx(1.0, rel=1e-9)
+    # the per-peer cost is paid by both: LSH-MoE's exchange is more than a fifth of stock's
+    assert at_even.a2a_ms["lsh"] / at_even.a2a_ms["stock"] > shape.lsh_bytes / shape.stock_bytes
+
+
+QUALITY = os.path.join(ROOT, "docs", "quality.md")
+
+
+def test_published_quality_records_by_layer_shape():
+    records = quality_records.read_records(QUALITY)
+    # gpt-moe-135m: d_model 512, FFN 2048, 8 experts top-2, 32 x 512 tokens per step; never reached stock's loss
+    record, _ = quality_records.find_record(records, 512, 2048, 8, 2, 1.25, 16384, 0.2)
+    assert (record.section, record.variant, record.seeds, record.token_ratio) == ("gpu_gpt_135m_mechanism", "lsh",
+                                                                                    2, None)
+    assert record.final_gap == pytest.approx(0.0151) and not record.reached
+    # mini-moe: the token ratio measured over LSH-MoE's own longer schedules comes first
+    record, matches = quality_records.find_record(records, 128, 512, 8, 2, 1.25, 4096, 0.2)
+    assert (record.section, record.token_ratio, record.reached) == ("cpu_gpt_tokens", 1.105, True) and matches > 1
+    record, _ = quality_records.find_record(records, 128, 512, 8, 2, 1.25, 4096, 0.3)  # the rate_0.3 variant
+    assert (record.section, record.variant) == ("cpu_gpt_rates", "rate_0.3")
+    assert record.final_gap == pytest.approx(0.0321)
+    # the issue's example shape (16 experts, 4096 tokens per rank) was never measured; nor other tokens per rank
+    assert quality_records.find_record(records, 512, 2048, 16, 2, 1.25, 4096, 0.2) == (None, 0)
+    assert quality_records.find_record(records, 512, 2048, 8, 2, 1.25, 8192, 0.2) == (None, 0)
+    # no study-only diagnostic layer or ablation passes for LSH-MoE
+    assert {r.variant for r in records} <= {"lsh", "rate_0.3", "rate_0.5", "rate_1.0"}
+
+
+def test_runs_a_deadline_stopped_and_t5_runs_are_not_records(tmp_path):
+    described = ("- {kind}-MoE preset `mini-moe` (3.2M parameters), 4096 tokens per step, compared after 1M training "
+                 "tokens{cut}, never repeated; LSH defaults unless the variant says otherwise: rate 0.2, 6 hashes.")
+    gaps = ("\n\n| variant | seeds | valid loss (mean ± std) | gap vs stock (means) |\n| --- | --- | --- | --- |\n"
+            "| stock | 1 | 5.0000 | – |\n| lsh | 1 | 4.9000 | -2.00% |\n")
+    text = "".join(f"<!-- BEGIN {name} -->\n## {name}\n\n" + described.format(kind=kind, cut=cut) + gaps
+                   + f"<!-- END {name} -->\n\n"
+                   for name, kind, cut in (("cut", "GPT", " (runs planned for 2M tokens were stopped by the "
+                                                          "device-time deadline)"), ("t5", "T5", ""),
+                                           ("done", "GPT", "")))
+    path = tmp_path / "quality.md"
+    path.write_text(text)
+    records = quality_records.read_records(str(path))
+    assert [(r.section, r.model_kind) for r in records] == [("t5", "t5"), ("done", "gpt")]
+    record, matches = quality_records.find_record(records, 128, 512, 8, 2, 1.25, 4096, 0.2)
+    assert (record.section, matches, record.reached, record.final_gap) == ("done", 1, True, pytest.approx(-0.02))
+
+
+def test_time_to_target_text_worked_by_hand():
+    ratio = quality_records.QualityRecord("s", "gpt", "mini-moe", 4096, "1M", 0.2, "lsh", 1, None, 1.105)
+    assert planning.time_to_target_text(ratio, 2.0) == ("time to stock's loss 0.55x stock's (measured token ratio "
+                                                        "1.105 / predicted step speed-up 2.00)")
+    assert "needed 1.105x stock's tokens" in planning.quality_text(ratio, 1)
+    above = quality_records.QualityRecord("s", "gpt", "gpt-moe-135m", 16384, "10M", 0.2, "lsh", 2, 0.0151)
+    assert planning.time_to_target_text(above, 1.27) == ("time to stock's loss: not reached: final gap +1.51%; "
+                                                         "LSH-MoE would be sooner only if it needed fewer than "
+                                                         "1.27x stock's tokens")
+    assert "not reached: final gap +1.51%" in planning.quality_text(above, 1)
+    assert planning.time_to_target_text(None, 2.0) == ("time to stock's loss: no quality measurement for this "
+                                                       "configuration")
+    assert "no quality measurement for this configuration" in planning.quality_text(None, 0)
+
+
 def test_bad_shapes_are_refused_by_name():
     base = dict(d_model=64, tokens_per_rank=512, experts=8, top_k=2, ep=4)
     for change, message in (({"experts": 6}, "experts=6 must be a multiple of ep=4"),
@@ -63,37 +133,78 @@ def test_bad_shapes_are_refused_by_name():
 
 
 def run_plan(*args):
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=ROOT, CUDA_VISIBLE_DEVICES="")
     return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "plan_lsh_moe.py"), *args], env=env,
                           capture_output=True, text=True, timeout=600)
 
 
-def test_plan_command_on_the_cpu():
-    build_deepspeed_cpu_comm_op()  # into the session's extensions directory, which the command inherits
-    # Experts that cost almost nothing (FFN width 4): on this CPU the compressor is then pure extra compute.
-    result = run_plan("--d-model", "64", "--d-ff", "4", "--tokens-per-rank", "2048", "--experts", "8", "--top-k",
-                      "2", "--ep", "4", "--link", "custom:0.01:50", "infinite", "--reps", "3", "--warmup", "1")
-    assert result.returncode == 0, result.stderr[-3000:]
+def table_rows(stdout):
     rows = {}
-    for line in result.stdout.splitlines():
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        if line.startswith("| custom") or line.startswith("| infinite"):
+    for line in stdout.splitlines():
+        if line.startswith("| ") and not line.startswith("| link") and not line.startswith("| ---"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
             rows[cells[0]] = cells
+    return rows
+
+
+def test_plan_command_refuses_cpu_timings_unless_asked():
+    """The issue's example on a machine without a GPU: no speed-up from CPU timings (it used to print "2.74x per
+    step; compression pays at any bandwidth")."""
+    result = run_plan("--d-model", "512", "--tokens-per-rank", "4096", "--experts", "16", "--ep", "16", "--link",
+                      "200gbps")
+    assert result.returncode == 2 and "no GPU here" in result.stderr and "--cpu-timings" in result.stderr
+    assert "per step" not in result.stdout
+
+
+def test_plan_command_with_cpu_timings_marks_every_figure():
+    build_deepspeed_cpu_comm_op()  # into the session's extensions directory, which the command inherits
+    # Experts that cost almost nothing (FFN width 4): on this CPU the compressor is then pure extra compute. One GPU
+    # per node (labelled): every peer behind the custom link.
+    result = run_plan("--d-model", "64", "--d-ff", "4", "--tokens-per-rank", "2048", "--experts", "8", "--top-k",
+                      "2", "--ep", "4", "--gpus-per-node", "1", "--link", "custom:0.01:50", "infinite", "--reps",
+                      "3", "--warmup", "1", "--cpu-timings")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = table_rows(result.stdout)
     slow, free = rows["custom:0.01:50"], rows["infinite"]
     stock_ep1, lsh_ep1 = float(slow[1]), float(slow[2])
     assert (float(free[1]), float(free[2])) == (stock_ep1, lsh_ep1)  # one measurement, two links
     assert float(slow[7]) > 1.5 and slow[12] == "yes"  # 10 MB/s: the bytes compression saves dominate
     assert float(free[3]) == float(free[4]) == 0 and free[12] == "no"
     assert float(free[7]) == pytest.approx(stock_ep1 / lsh_ep1, rel=0.02) and float(free[7]) < 1
-    assert "modelled" in result.stdout and "docs/link_model.md" in result.stdout
-    assert re.search(r"custom:0.01:50: LSH-MoE predicted [\d.]+x per MoE layer", result.stdout)
+    out = result.stdout
+    assert "CPU TIMINGS" in out and "(measured on CPU)" in out and "(CPU + modelled)" in out
+    assert re.search(r"custom:0.01:50: CPU timing, says nothing about a GPU cluster: LSH-MoE predicted [\d.]+x per "
+                     r"MoE layer", out)
+    assert "1 GPU per node: every EP peer over custom:0.01:50" in out and "at EP=4: 0 of 3 peers" in out
+    assert "no quality measurement for this configuration" in out
+    assert "modelled" in out and "docs/link_model.md" in out
+
+
+def test_plan_command_on_8_gpu_nodes_with_a_published_quality_record():
+    """The mini-moe layer shape (docs/quality.md has it): EP=8 on the default 8-GPU nodes crosses no NIC, so the
+    NIC link does not matter; the measured token ratio and the time to stock's loss follow the step speed-up."""
+    build_deepspeed_cpu_comm_op()
+    result = run_plan("--d-model", "128", "--tokens-per-rank", "4096", "--experts", "8", "--top-k", "2", "--ep",
+                      "8", "--link", "100gbps", "400gbps", "--reps", "2", "--warmup", "1", "--cpu-timings")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = table_rows(result.stdout)
+    assert rows["100gbps"][3:5] == rows["400gbps"][3:5]  # the same modelled all-to-all: all over NVLink
+    out = result.stdout
+    assert "8 GPUs per node" in out and "at EP=8: 7 of 7 peers over nvlink4, 0 over the NIC" in out
+    assert "LSH-MoE needed 1.105x stock's tokens" in out and "`cpu_gpt_tokens`" in out
+    found = re.search(r"100gbps: .*per step;.* time to stock's loss ([\d.]+)x stock's \(measured token ratio 1.105 / "
+                      r"predicted step speed-up ([\d.]+)\)", out)
+    time_ratio, step = float(found.group(1)), float(found.group(2))
+    assert step == pytest.approx(float(rows["100gbps"][11]), abs=0.006)  # the table's step speed-up, rounded
+    assert time_ratio == pytest.approx(1.105 / step, abs=0.006)
 
 
 def test_plan_command_refuses_bad_flags_by_name():
     for args, message in ((["--link", "10gbps"], "--link: unknown link '10gbps'; allowed: 100gbps"),
                           (["--experts", "6"], "experts=6 must be a multiple of ep=4"),
-                          (["--ep", "0"], "--ep must be >= 1, got 0")):
+                          (["--ep", "0"], "--ep must be >= 1, got 0"),
+                          (["--gpus-per-node", "0"], "--gpus-per-node must be >= 1, got 0")):
         base = {"--d-model": "64", "--tokens-per-rank": "512", "--experts": "8", "--ep": "4"}
         flags = dict(base, **{args[0]: args[1]})
-        result = run_plan(*[x for kv in flags.items() for x in kv])
+        result = run_plan(*[x for kv in flags.items() for x in kv], "--cpu-timings")
         assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]

@@ -192,3 +192,50 @@ def test_every_variant_has_a_valid_config_and_diagnostic():
         modes = diagnostics.parse(study.diagnostic(name))
         if "random_clusters" in modes:
             assert config.kernel == "torch" and config.cuda_graphs is False, name
+
+
+def bench_text(preset, d_model, blocks, experts, modelled_gpus=None):
+    """The model sentence benchmark_gpt_moe.py writes, and the topology of a modelled section."""
+    text = (f"Preset `{preset}` (1M parameters per rank) with d_model {d_model}, {blocks} blocks (MoE every 2), "
+            f"{experts} experts (top-2, capacity factor 1.25), vocab 64.")
+    if modelled_gpus is not None:
+        text += f" **{modelled_gpus} GPU(s) per node** (NVLink inside a node); links: 100gbps: half of it at 128 KiB"
+    return text
+
+
+@pytest.mark.parametrize("lsh_losses", [[5.5, 4.5], [6.1, 5.2]], ids=["reached", "not_reached"])
+def test_time_to_target_labels_what_each_row_combines(tmp_path, lsh_losses):
+    """Every row that joins the quality runs (preset `tiny`: d_model 128, 4 blocks, 4 experts) with a step time
+    says where that time comes from: the same model in another run, another model, another expert count, the
+    topology, or a section of the old link model; on the path where LSH-MoE reaches stock's loss and where not."""
+    root = str(tmp_path)
+    write_run(root, "stock", 1, [6.0, 5.0], train_steps=20)
+    write_run(root, "lsh", 1, lsh_losses, train_steps=20)
+    results = study.aggregate(root, "gpt", ["stock", "lsh"])
+    speedup = "speed-up vs stock (modelled)"
+    modelled = {f"{v} @ 100gbps EP{k}": {speedup: s} for k in (4, 16) for v, s in (("stock", "1"), ("lsh", "1.5"))}
+    old = {"stock @ 100gbps EP16": {speedup: "1"}, "lsh @ 100gbps EP16": {speedup: "1.2"}}
+    texts = {"steps": bench_text("tiny", 128, 4, 4), "link": bench_text("small", 256, 6, 8),
+             "modelled": bench_text("tiny", 128, 4, 1, modelled_gpus=8),
+             "old": bench_text("tiny", 128, 4, 1) + " `--modelled-gpus-per-node 1`"}
+    table = study.time_to_target(results, {"stock": {"tokens/s": "100"}, "lsh": {"tokens/s": "50"}},
+                                 {"lsh": {"speed-up vs stock": "2.0"}}, "steps", "link",
+                                 [("modelled", modelled), ("old", old)], texts=texts)
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()}
+    assert "the same model (preset `tiny`: d_model 128, 4 blocks, 4 experts), another run (`steps`)" in \
+        rows["EP=1 tokens/s"]
+    link = [line for name, line in rows.items() if "slow link" in name]
+    assert link and all("another model (preset `small`: d_model 256, 6 blocks, 8 experts; the quality runs': "
+                        "preset `tiny`" in line for line in link)
+    at = "time to that loss at" if lsh_losses[-1] < 5.0 else "break-even token ratio at"
+    ep4, ep16 = rows[f"{at} 100gbps, EP=4"], rows[f"{at} 100gbps, EP=16"]
+    assert "`modelled`, 8 GPUs per node: a job of 4 experts (1 per rank)" in ep4 and "different" not in ep4
+    assert ("a job of 16 experts (1 per rank); the token ratio is of the quality runs' 4 experts: different expert "
+            "counts") in ep16
+    assert "`old`, 1 GPU per node, old link model: superseded until re-run" in \
+        [line for name, line in rows.items() if name.startswith(at) and "`old`" in line][0]
+    # without the sections' texts the rows still say the step times come from another run
+    bare = study.time_to_target(results, {"stock": {"tokens/s": "100"}, "lsh": {"tokens/s": "50"}},
+                                {"lsh": {"speed-up vs stock": "2.0"}}, "steps", "link", [("modelled", modelled)])
+    assert "another run (`link`), whose model is not stated here" in bare
+    assert "`modelled`, whose model and topology are not stated here" in bare
