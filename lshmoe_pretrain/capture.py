@@ -113,9 +113,10 @@ class Capturer:
         self.chosen: List[int] = []
         self._hooks: list = []
         self._records: Dict[int, dict] = {}
+        self.commit = None
         if self.steps:
-            self._check_layout()
-            self.commit = git_commit()
+            self._check_layout()  # on every rank, so that all of them stop on a bad layout
+            self.commit = git_commit() if rank == 0 else None
 
     def _check_layout(self) -> None:
         count = len(self.layers)

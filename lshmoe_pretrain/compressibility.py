@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -83,10 +83,11 @@ class CaptureResult:
 
 
 def expert_errors(experts: Sequence[torch.nn.Module], tokens: torch.Tensor, valid: torch.Tensor,
-                  reference: List[torch.Tensor], x_hat: torch.Tensor, compensate: bool) -> float:
-    """Token-weighted mean over experts of ||out - E(x)|| / ||E(x)|| over each expert's real tokens; out is E(x_hat),
-    or E(x_hat) + (x - x_hat) with `compensate`."""
-    total, weight = 0.0, 0
+                  reference: List[torch.Tensor], x_hat: torch.Tensor,
+                  compensate: bool) -> Tuple[float, Optional[float]]:
+    """Token-weighted means over experts of ||out - E(x)|| / ||E(x)|| over each expert's real tokens, for out =
+    E(x_hat), and with `compensate` also for out = E(x_hat) + (x - x_hat) (else None)."""
+    totals, weight = [0.0, 0.0], 0
     with torch.no_grad():
         for e, expert in enumerate(experts):
             rows = valid[e]
@@ -94,11 +95,12 @@ def expert_errors(experts: Sequence[torch.nn.Module], tokens: torch.Tensor, vali
             if count == 0:
                 continue
             out = expert(x_hat[e][rows])
+            totals[0] += count * float((out - reference[e]).norm() / reference[e].norm())
             if compensate:
                 out = out + (tokens[e][rows] - x_hat[e][rows])
-            total += count * float((out - reference[e]).norm() / reference[e].norm())
+                totals[1] += count * float((out - reference[e]).norm() / reference[e].norm())
             weight += count
-    return total / weight
+    return totals[0] / weight, totals[1] / weight if compensate else None
 
 
 def measure(path: str, max_slots: Optional[int] = None, only: Optional[Sequence[str]] = None,
@@ -122,9 +124,7 @@ def measure(path: str, max_slots: Optional[int] = None, only: Optional[Sequence[
             continue
         tick = time.perf_counter()
         x_hat, nbytes = setting.codec(tokens, valid)
-        error = expert_errors(experts, tokens, valid, reference, x_hat, compensate=False)
-        compensated = expert_errors(experts, tokens, valid, reference, x_hat, compensate=True) \
-            if setting.clusters else None
+        error, compensated = expert_errors(experts, tokens, valid, reference, x_hat, setting.clusters)
         seconds = time.perf_counter() - tick
         result.rows.append(Measured(setting.family, setting.label, nbytes / stock, error, compensated, seconds))
         log(f"{os.path.basename(path)} | {setting.label}: bytes {nbytes / stock:.3f} of stock, error {error:.4f}"

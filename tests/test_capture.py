@@ -76,6 +76,8 @@ def check_capture_matches_the_experts_input(rank, world_size, output_dir):
     if rank != 0:
         return None
     paths = capturer.save(1)
+    layers = capture.moe_layers(model)
+    assert not capturer.arm(2) and not any(layer.gate._forward_hooks for layer in layers)  # other steps: no hooks
     assert [os.path.basename(p) for p in paths] == ["step1_layer0.pt", "step1_layer1.pt"]
     checks = []
     for index, path in enumerate(paths):
