@@ -22,7 +22,7 @@ import lshmoe_plugin
 from lshmoe_plugin.config import ENABLED_ENV_VAR
 from lshmoe_plugin.telemetry import TELEMETRY
 
-from . import checkpoints, diagnostics
+from . import capture, checkpoints, diagnostics
 from .data import (
     Batches,
     EvalBatches,
@@ -89,6 +89,7 @@ def parse_args(model_kind: str, argv=None) -> argparse.Namespace:
     add("--diagnostic", default="", help="study-only variants that separate what compression changes "
         f"(lshmoe_pretrain.diagnostics), comma-separated: {', '.join(diagnostics.MODES)}")
     add("--seed", type=int, default=1234)
+    capture.add_arguments(parser)
     add("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     parser = deepspeed.add_config_arguments(parser)
     args = parser.parse_args(argv)
@@ -96,6 +97,7 @@ def parse_args(model_kind: str, argv=None) -> argparse.Namespace:
     args.output_dir = args.output_dir or os.path.join("runs", f"{model_kind}_moe")
     if args.deepspeed_config is None:
         parser.error("--deepspeed_config is required (see configs/)")
+    capture.check_counts(args)
     return args
 
 
@@ -260,6 +262,7 @@ def train(engine, data: PretrainData, args: argparse.Namespace) -> Dict[str, flo
     tokens_per_step = (first["input_ids"].numel() + (first["labels"].numel() if args.model_kind == "t5" else 0)) \
         * accum * world
     metrics = MetricsLog(args.output_dir, enabled=rank == 0, resumed_at=start_step if args.resume else None)
+    capturer = capture.Capturer(engine.module, args, rank)
     if rank == 0:
         print(run_summary(engine, data, args, world, tokens_per_step), flush=True)
         write_run_info(engine, data, args, world, tokens_per_step)
@@ -267,9 +270,13 @@ def train(engine, data: PretrainData, args: argparse.Namespace) -> Dict[str, flo
     bar = tqdm(total=args.train_steps, initial=start_step, disable=True if rank else None, unit="step")
     started, record = time.perf_counter(), {}
     for step in range(start_step, args.train_steps):
+        capturing = capturer.arm(step + 1)
         tick = time.perf_counter()
         loss, aux = train_step(engine, batches, step, args.seed)
         step_time = time.perf_counter() - tick
+        if capturing:
+            for path in capturer.save(step + 1):
+                bar.write(f"captured {path}")
         record = {"step": step + 1, "loss": loss, "aux_loss": aux, "lr": engine.optimizer.param_groups[0]["lr"],
                   "step_time_s": step_time, "tokens_per_s": tokens_per_step / step_time,
                   "elapsed_s": elapsed_before + time.perf_counter() - started, **TELEMETRY.summary(),
