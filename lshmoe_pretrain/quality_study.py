@@ -11,6 +11,7 @@ gap to stock, compressed vs exact evaluation, achieved compression rate and step
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import math
 import os
@@ -213,10 +214,19 @@ def prepare_data(plan: StudyPlan, log=print) -> None:
         log(f"data {plan.data}: {prepared.prefix}.bin, vocab {prepared.vocab_size}")
 
 
+def pending_jobs(plans: Sequence[StudyPlan]) -> List[Tuple[StudyPlan, str, int]]:
+    """The (plan, variant, seed) runs not yet finished, in the order they start: the longest schedules first
+    (with runs of several lengths, the short ones then fill the pool's last gaps), and within a length the plans'
+    own order (seed, then variant)."""
+    jobs = [(plan, v, s) for plan in plans for s in plan.seeds for v in plan.variants
+            if not finished(plan.run_dir(v, s), plan.train_steps())]
+    return sorted(jobs, key=lambda job: -job[0].train_steps())  # stable
+
+
 def run_studies(plans: Sequence[StudyPlan], concurrency: int, log=print, deadline_s: Optional[float] = None) -> bool:
     """Train every (variant, seed) of every plan not yet finished, `concurrency` at a time in one pool; a failed
-    run raises at the end. The longest schedules start first (with runs of several lengths, the short ones then
-    fill the pool's last gaps); within a length, the plans' own order (seed, then variant).
+    run raises at the end, and so does one that another live study call is training. Runs start in the order of
+    `pending_jobs`.
 
     With `deadline_s`, no run starts in the last tenth of it and the runs still going at the deadline are stopped
     (their whole process group), to resume from their last checkpoint on the next call. Returns True when every
@@ -226,12 +236,11 @@ def run_studies(plans: Sequence[StudyPlan], concurrency: int, log=print, deadlin
     for plan in plans:
         prepare_data(plan, log)
         os.makedirs(plan.output_root, exist_ok=True)
-    jobs = [(plan, v, s) for plan in plans for s in plan.seeds for v in plan.variants]
-    pending = [job for job in jobs if not finished(job[0].run_dir(job[1], job[2]), job[0].train_steps())]
-    pending.sort(key=lambda job: -job[0].train_steps())  # stable: the given order within a length
-    for plan, v, s in jobs:
-        if (plan, v, s) not in pending:
-            shutil.rmtree(os.path.join(plan.run_dir(v, s), "checkpoints"), ignore_errors=True)
+    pending = pending_jobs(plans)
+    for plan in plans:
+        for v, s in itertools.product(plan.variants, plan.seeds):
+            if finished(plan.run_dir(v, s), plan.train_steps()):
+                shutil.rmtree(os.path.join(plan.run_dir(v, s), "checkpoints"), ignore_errors=True)
     for plan in plans:
         log(f"{plan.output_root}: {sum(job[0] is plan for job in pending)} run(s) to train, {plan.train_steps()} "
             f"steps x {plan.tokens_per_step()} tokens each")
@@ -256,6 +265,11 @@ def run_studies(plans: Sequence[StudyPlan], concurrency: int, log=print, deadlin
         while starting_allowed and pending and len(running) < concurrency:
             plan, variant, seed = pending.pop(0)
             run_dir = plan.run_dir(variant, seed)
+            owner = trained_elsewhere(run_dir)
+            if owner is not None:
+                failures.append(f"{run_dir}: being trained by launcher pid {owner} (another study call); not started")
+                log(f"skip {run_dir}: launcher pid {owner} is training it")
+                continue
             os.makedirs(run_dir, exist_ok=True)
             config_path = os.path.join(run_dir, "ds_config.json")
             with open(config_path, "w") as f:
@@ -266,6 +280,8 @@ def run_studies(plans: Sequence[StudyPlan], concurrency: int, log=print, deadlin
             # Its own process group: the launcher and its ranks stop together.
             process = subprocess.Popen(command, env={**env, **plan.accelerator_env}, stdout=log_file,
                                        stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+            with open(os.path.join(run_dir, OWNER_FILE), "w") as f:
+                f.write(f"{socket.gethostname()} {process.pid}\n")
             running.append((plan, variant, seed, process, log_file, time.time()))
         time.sleep(2)
         for item in list(running):
@@ -274,6 +290,7 @@ def run_studies(plans: Sequence[StudyPlan], concurrency: int, log=print, deadlin
                 continue
             running.remove(item)
             log_file.close()
+            os.remove(os.path.join(plan.run_dir(variant, seed), OWNER_FILE))
             if process.returncode == 0:
                 # A finished run is never resumed, and a study's checkpoints (2 GB each at 135M parameters with
                 # Adam) would fill a 64 GB disk within one study.
@@ -288,6 +305,29 @@ def run_studies(plans: Sequence[StudyPlan], concurrency: int, log=print, deadlin
     if failures:
         raise RuntimeError("study runs failed: " + "; ".join(failures))
     return True
+
+
+OWNER_FILE = ".trained_by"
+
+
+def trained_elsewhere(run_dir: str) -> Optional[int]:
+    """The pid of a live launcher on this host that is training `run_dir` (written by `run_studies`), else None:
+    two study calls must not train one run at once (both would write its checkpoints and metrics)."""
+    path = os.path.join(run_dir, OWNER_FILE)
+    try:
+        host, pid = open(path).read().split()
+        pid = int(pid)
+    except (OSError, ValueError):
+        return None
+    if host != socket.gethostname():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return pid
 
 
 def _free_port() -> int:

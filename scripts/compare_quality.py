@@ -25,8 +25,11 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from lshmoe_pretrain import benchmarking as bench  # noqa: E402
+from lshmoe_pretrain import (
+    length_study,  # noqa: E402
+    study_throughput,  # noqa: E402
+)
 from lshmoe_pretrain import quality_study as study  # noqa: E402
-from lshmoe_pretrain import study_throughput  # noqa: E402
 from lshmoe_pretrain import testbed as beds  # noqa: E402
 
 TITLES = {
@@ -109,6 +112,15 @@ def parse_args() -> argparse.Namespace:
     report.add_argument("--section", required=True, help=f"block of docs/quality.md to (re)write, e.g. {list(TITLES)}")
     report.add_argument("--run_command", default=None, help="the command that trained the runs, for the record")
     report.add_argument("--output", default="docs/quality.md")
+    lengths = sub.add_parser("lengths", help="final gap against schedule length for a testbed (the complete "
+                                             "schedules under ROOT/TESTBED/x*) into docs/quality.md")
+    lengths.add_argument("--testbed", required=True, help=f"one of {', '.join(beds.TESTBEDS)}")
+    lengths.add_argument("--root", default="runs/testbed")
+    lengths.add_argument("--variants", nargs="+", default=["stock", "lsh"])
+    lengths.add_argument("--section", required=True)
+    lengths.add_argument("--title", default=None)
+    lengths.add_argument("--run_command", default=None, help="the command that trained the runs, for the record")
+    lengths.add_argument("--output", default="docs/quality.md")
     target = sub.add_parser("time-to-target", help="combine a study with measured step times into docs/benchmarks.md")
     target.add_argument("--model", choices=("gpt", "t5"), default="gpt")
     target.add_argument("--root", default="runs/quality")
@@ -236,6 +248,27 @@ def report(args: argparse.Namespace) -> None:
     print(text)
 
 
+def lengths(args: argparse.Namespace) -> None:
+    bed = beds.testbed(args.testbed)
+    rows = length_study.collect(args.root, bed, args.variants)
+    title = args.title or f"Testbed `{bed.name}`: the final gap as the schedule grows"
+    plot_path = os.path.join(os.path.dirname(args.output) or ".", f"quality_{args.section}.png")
+    length_study.plot(rows, args.variants, plot_path, title)
+    longest = next(iter(rows[-1].variants.values()), rows[-1].stock)
+    text = "\n".join([
+        f"## {title}", "",
+        f"- runs: `{args.run_command}`" if args.run_command else "- runs: see the command in each run's train.log",
+        f"- report: `{study.python_command()}`",
+        f"- testbed: {bed.purpose}. Longest schedule: {study.describe([longest])}",
+        "- each row is a complete schedule of its own (5% warm-up, linear decay to zero at its last step), final "
+        "point on the whole validation split, exact dispatch in evaluation; a gap per seed pairs a run with stock's "
+        "run of the same seed (same initial weights, data order and gate draws).", "",
+        length_study.table(rows, args.variants), "",
+        f"![final gap against schedule length]({os.path.basename(plot_path)})", ""])
+    bench.write_section(args.output, args.section, text)
+    print(text)
+
+
 def time_to_target(args: argparse.Namespace) -> None:
     results = study.aggregate(args.root, args.model, ["stock", "lsh"], partial=args.partial, seeds=args.seeds)
     longer = [r for root in args.lsh_root for r in study.aggregate(root, args.model, ["lsh"], seeds=args.seeds)]
@@ -262,7 +295,8 @@ def time_to_target(args: argparse.Namespace) -> None:
 
 def main() -> None:
     args = parse_args()
-    {"run": run, "throughput": throughput, "report": report, "time-to-target": time_to_target}[args.command](args)
+    {"run": run, "throughput": throughput, "report": report, "lengths": lengths,
+     "time-to-target": time_to_target}[args.command](args)
 
 
 if __name__ == "__main__":

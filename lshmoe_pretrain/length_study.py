@@ -1,0 +1,117 @@
+"""The gap as training grows: final validation loss against stock over complete schedules of several lengths.
+
+A single long run's intermediate points cannot answer this: the gap grows most while the learning rate anneals, so
+each length is its own complete schedule (warm-up, decay to zero), trained under ``<root>/<testbed>/x<length>``
+(lshmoe_pretrain.testbed). Each row reads the finished runs of one length; a gap is taken over the seeds that the
+variant and stock both finished, and stock's own seed spread at that length sits beside it.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import statistics
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+from . import quality_study as study
+from .testbed import Testbed
+
+
+@dataclass
+class LengthRow:
+    length: float
+    steps: int
+    tokens: int
+    stock: study.VariantResult
+    variants: Dict[str, study.VariantResult]
+
+    def gap(self, name: str) -> Optional[List[float]]:
+        """Per-seed gaps (%) of `name` against stock on the seeds both finished; None if there are none."""
+        result = self.variants.get(name)
+        if result is None:
+            return None
+        common = [s for s in result.seeds if s in self.stock.seeds]
+        return [100 * (result.final(s) / self.stock.final(s) - 1) for s in common] or None
+
+    def stock_spread(self) -> Optional[float]:
+        """Stock's sample standard deviation over seeds, as % of its mean (None with one seed)."""
+        finals = [self.stock.final(s) for s in self.stock.seeds]
+        return 100 * statistics.stdev(finals) / statistics.fmean(finals) if len(finals) > 1 else None
+
+
+def lengths_found(root: str, bed: Testbed) -> List[float]:
+    found = [float(os.path.basename(path)[1:]) for path in glob.glob(os.path.join(root, bed.name, "x*"))]
+    return sorted(found)
+
+
+def collect(root: str, bed: Testbed, variants: Sequence[str]) -> List[LengthRow]:
+    """One row per schedule length that has finished stock runs."""
+    rows = []
+    for length in lengths_found(root, bed):
+        length_root = os.path.join(root, bed.name, f"x{length:g}")
+        stock = study.load_variant(length_root, bed.model_kind, "stock")
+        if stock is None:
+            continue
+        found = {v: study.load_variant(length_root, bed.model_kind, v) for v in variants if v != "stock"}
+        rows.append(LengthRow(length, stock.info["train_steps"], stock.tokens[-1], stock,
+                              {v: r for v, r in found.items() if r is not None}))
+    if not rows:
+        raise study.StudyError(f"no finished stock runs under {os.path.join(root, bed.name)}/x*")
+    return rows
+
+
+def table(rows: Sequence[LengthRow], variants: Sequence[str]) -> str:
+    names = [v for v in variants if v != "stock"]
+    headers = ["schedule", "steps", "tokens", "stock: final loss (seeds)", "stock seed spread (std)"]
+    for name in names:
+        headers += [f"{name}: final loss (seeds)", f"{name}: gap per seed (mean ± std)"]
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
+    for row in rows:
+        spread = row.stock_spread()
+        cells = [f"{row.length:g}x", f"{row.steps:,}", study.millions(row.tokens),
+                 f"{study.mean_and_spread([row.stock.final(s) for s in row.stock.seeds])} ({len(row.stock.seeds)})",
+                 f"{spread:.2f}%" if spread is not None else "– (1 seed)"]
+        for name in names:
+            result, gaps = row.variants.get(name), row.gap(name)
+            if result is None or gaps is None:
+                cells += ["–", "–"]
+                continue
+            cells.append(f"{study.mean_and_spread([result.final(s) for s in result.seeds])} ({len(result.seeds)})")
+            cells.append(f"{gaps[0]:+.2f}%" if len(gaps) == 1 else
+                         f"{statistics.fmean(gaps):+.2f}% ± {statistics.stdev(gaps):.2f}% ({len(gaps)} seeds)")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: Sequence[LengthRow], variants: Sequence[str], path: str, title: str) -> None:
+    """Final gap (%) against schedule length in steps, one line per variant (mean over seeds, seed range as error
+    bars), stock's seed spread (± one std) shaded around zero where stock has several seeds."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in (v for v in variants if v != "stock"):
+        points = [(row.steps, row.gap(name)) for row in rows if row.gap(name)]
+        if not points:
+            continue
+        x = [steps for steps, _ in points]
+        mean = [statistics.fmean(g) for _, g in points]
+        low = [m - min(g) for m, (_, g) in zip(mean, points)]
+        high = [max(g) - m for m, (_, g) in zip(mean, points)]
+        ax.errorbar(x, mean, yerr=[low, high], marker="o", capsize=3, label=name)
+    spread = [(row.steps, row.stock_spread()) for row in rows if row.stock_spread() is not None]
+    if spread:
+        ax.fill_between([s for s, _ in spread], [-v for _, v in spread], [v for _, v in spread], color="grey",
+                        alpha=0.25, step="mid", label="stock's seed spread (± std)")
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([row.steps for row in rows])
+    ax.set_xticklabels([f"{row.steps:,}" for row in rows])
+    ax.set_xlabel("optimizer steps of the complete schedule")
+    ax.set_ylabel("final validation loss vs stock (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,159 @@
+"""The long-schedule testbed: its presets, the plans `compare_quality.py run --testbed` makes of them, the order
+the runs start in, the guard against two study calls training one run, the gap-against-length report and the
+throughput table's arithmetic."""
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+from test_quality_study import TOKENS_PER_STEP, write_run
+
+from lshmoe_pretrain import length_study, study_throughput
+from lshmoe_pretrain import quality_study as study
+from lshmoe_pretrain import testbed as beds
+from lshmoe_pretrain.models.config import PRESETS, ModelConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def compare_quality():
+    spec = importlib.util.spec_from_file_location("compare_quality", os.path.join(REPO, "scripts",
+                                                                                  "compare_quality.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def parse(argv):
+    module, saved = compare_quality(), sys.argv
+    sys.argv = ["compare_quality.py", *argv]
+    try:
+        return module, module.parse_args()
+    finally:
+        sys.argv = saved
+
+
+@pytest.mark.parametrize("name", sorted(beds.TESTBEDS))
+def test_every_testbed_trains_a_long_schedule_of_a_real_preset(name):
+    bed = beds.TESTBEDS[name]
+    assert bed.steps >= 3500 and bed.preset in PRESETS and bed.name == name
+    assert bed.tokens_at(1.0) == bed.steps * bed.micro_batch * PRESETS[bed.preset].seq_len
+    assert bed.steps_at(0.125) == round(bed.steps / 8)
+
+
+def test_testbed_plans_one_complete_schedule_per_length(tmp_path):
+    module, args = parse(["run", "--testbed", "gpt-25m-long", "--lengths", "1", "0.125", "--variants", "stock",
+                          "lsh", "--seeds", "1", "2", "--root", str(tmp_path)])
+    long, short = module.study_plans(args)
+    assert (long.train_steps(), short.train_steps()) == (3663, 458)
+    assert long.output_root == os.path.join(str(tmp_path), "gpt-25m-long", "x1")
+    assert short.output_root == os.path.join(str(tmp_path), "gpt-25m-long", "x0.125")
+    assert (long.preset, long.micro_batch, long.lr, long.concurrency) == ("gpt-moe-25m", 32, 6e-4, 6)
+    # every length anneals over its own schedule: the scheduler ends at that length's last step
+    config = study.deepspeed_config(short, "lsh")
+    assert config["scheduler"]["params"]["total_num_steps"] == 458
+    assert config["scheduler"]["params"]["warmup_num_steps"] == int(0.05 * 458)
+
+
+def test_testbed_refuses_the_flags_it_sets_and_lengths_need_a_testbed(tmp_path):
+    module, args = parse(["run", "--testbed", "gpt-25m-long", "--preset", "tiny", "--lr", "1e-3"])
+    with pytest.raises(study.StudyError, match="--preset, --lr with --testbed gpt-25m-long"):
+        module.study_plans(args)
+    module, args = parse(["run", "--lengths", "0.5"])
+    with pytest.raises(study.StudyError, match="--lengths needs --testbed"):
+        module.study_plans(args)
+    module, args = parse(["run", "--testbed", "gpt-25m-long", "--lengths", "1.5"])
+    with pytest.raises(beds.TestbedError, match=r"--lengths \[1.5\]"):
+        module.study_plans(args)
+    module, args = parse(["run", "--testbed", "gpt-1t-long"])
+    with pytest.raises(beds.TestbedError, match="allowed"):
+        module.study_plans(args)
+
+
+def test_the_longest_schedules_start_first_and_finished_runs_are_skipped(tmp_path):
+    module, args = parse(["run", "--testbed", "gpt-25m-long", "--lengths", "0.125", "1", "0.5", "--variants",
+                          "stock", "lsh", "--seeds", "1", "--root", str(tmp_path)])
+    plans = module.study_plans(args)
+    order = [(job[0].train_steps(), job[1]) for job in study.pending_jobs(plans)]
+    assert order == [(3663, "stock"), (3663, "lsh"), (1832, "stock"), (1832, "lsh"), (458, "stock"), (458, "lsh")]
+    short = plans[0]
+    os.makedirs(short.run_dir("stock", 1))
+    with open(os.path.join(short.run_dir("stock", 1), "metrics.jsonl"), "w") as f:
+        f.write('{"step": 458, "valid_loss": 4.0}\n')
+    assert (458, "stock") not in [(job[0].train_steps(), job[1]) for job in study.pending_jobs(plans)]
+
+
+def test_a_run_that_a_live_launcher_trains_is_not_started_again(tmp_path):
+    plan = study.StudyPlan("gpt", "tiny", ["stock"], [1], 10**4, str(tmp_path), "configs/gpt_moe_cpu.json",
+                           data_prefix=os.path.join(str(tmp_path), "corpus"))
+    for suffix in (".bin", ".idx", ".tokenizer.json"):
+        open(os.path.join(str(tmp_path), "corpus" + suffix), "w").close()
+    run_dir = plan.run_dir("stock", 1)
+    os.makedirs(run_dir)
+    owner = os.path.join(run_dir, study.OWNER_FILE)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with open(owner, "w") as f:
+            f.write(f"{socket.gethostname()} {sleeper.pid}\n")
+        assert study.trained_elsewhere(run_dir) == sleeper.pid
+        launched = []
+        with pytest.raises(RuntimeError, match=f"being trained by launcher pid {sleeper.pid}"):
+            study.run_studies([plan], 1, log=launched.append)
+        assert not os.path.exists(os.path.join(run_dir, "train.log"))  # nothing was launched
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert study.trained_elsewhere(run_dir) is None  # the launcher is gone: the run may resume
+    with open(owner, "w") as f:
+        f.write(f"another-host {os.getpid()}\n")
+    assert study.trained_elsewhere(run_dir) is None
+
+
+def test_the_gap_against_length_pairs_seeds_and_shows_stocks_spread(tmp_path):
+    bed = beds.TESTBEDS["gpt-25m-long"]
+    root = str(tmp_path)
+    short = os.path.join(root, bed.name, "x0.125")
+    long = os.path.join(root, bed.name, "x1")
+    write_run(short, "stock", 1, [6.0, 5.0], train_steps=20)
+    write_run(short, "lsh", 1, [6.0, 5.1], train_steps=20)
+    write_run(long, "stock", 1, [5.0, 3.0], train_steps=20)
+    write_run(long, "stock", 2, [5.0, 3.2], train_steps=20)
+    write_run(long, "lsh", 1, [5.0, 3.3], train_steps=20)
+    write_run(long, "lsh", 2, [5.0, 3.68], train_steps=20)
+    write_run(long, "lsh", 3, [5.0, 9.9], train_steps=20)  # no stock run of seed 3: not in the paired gap
+    rows = length_study.collect(root, bed, ["stock", "lsh"])
+    assert [row.length for row in rows] == [0.125, 1.0]
+    assert rows[0].gap("lsh") == pytest.approx([2.0])
+    assert rows[1].gap("lsh") == pytest.approx([10.0, 15.0])
+    assert rows[1].stock_spread() == pytest.approx(100 * 0.1414214 / 3.1, rel=1e-5)
+    table = length_study.table(rows, ["stock", "lsh"])
+    assert "| 0.125x | 20 | 0.02M | 5.0000 (1) | – (1 seed) | 5.1000 (1) | +2.00% |" in table
+    assert "| 1x | 20 | 0.02M | 3.1000 ± 0.1414 (2) | 4.56% | " in table
+    assert "| +12.50% ± 3.54% (2 seeds) |" in table
+    length_study.plot(rows, ["stock", "lsh"], os.path.join(root, "gap.png"), "gap")
+    assert os.path.getsize(os.path.join(root, "gap.png")) > 0
+    assert rows[0].tokens == 20 * TOKENS_PER_STEP
+
+
+def test_active_parameters_count_the_top_k_experts_and_the_head():
+    config = ModelConfig(vocab_size=100, seq_len=8, d_model=4, n_heads=2, n_layers=2, d_ff=8, num_experts=4,
+                         top_k=2, moe_every=2)
+    # block 0 dense: 4*16 + 2*4*8 = 128; block 1 MoE, two experts: 64 + 2*64 = 192; head 4*100
+    assert study_throughput.active_parameters(config, "gpt") == 128 + 192 + 400
+    # T5: the encoder's blocks as above, the decoder's with cross-attention (8 d^2)
+    assert study_throughput.active_parameters(config, "t5") == 128 + 192 + (128 + 64) + (192 + 64) + 400
+
+
+def test_the_throughput_table_sums_the_runs_of_a_batch():
+    bed = beds.Testbed("t", "test", "gpt", "tiny", micro_batch=4, steps=100)
+    one = study_throughput.BatchResult(1, [("stock", 1, 1000.0, 2.0)], 1000.0, 10.0, 20.0, 1.0)
+    four = study_throughput.BatchResult(4, [("stock", 2, 700.0, 1.4), ("lsh", 2, 600.0, 1.2)], 2600.0, 30.0, None,
+                                        2.6)
+    rows = study_throughput.table(bed, [one, four])
+    aggregate = rows[-1]
+    assert aggregate[:7] == [4, "all runs", "", "", "2,600", "2.60x", "–"]
+    # 4 runs x 100 steps x 4 x 128 tokens at 2,600 tokens/s
+    assert aggregate[8] == f"{4 * 100 * 4 * 128 / 2600 / 60:.0f}"
+    assert rows[0][:4] == [1, "stock x1", "1,000", "2.0"]
