@@ -85,7 +85,7 @@ def table(rows: Sequence[LengthRow], variants: Sequence[str]) -> str:
 
 def plot(rows: Sequence[LengthRow], variants: Sequence[str], path: str, title: str) -> None:
     """Final gap (%) against schedule length in steps, one line per variant (mean over seeds, seed range as error
-    bars), stock's seed spread (± one std) shaded around zero where stock has several seeds."""
+    bars), stock's seed spread (± one std) as a grey bar at zero where stock has several seeds."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -101,8 +101,8 @@ def plot(rows: Sequence[LengthRow], variants: Sequence[str], path: str, title: s
         ax.errorbar(x, mean, yerr=[low, high], marker="o", capsize=3, label=name)
     spread = [(row.steps, row.stock_spread()) for row in rows if row.stock_spread() is not None]
     if spread:
-        ax.fill_between([s for s, _ in spread], [-v for _, v in spread], [v for _, v in spread], color="grey",
-                        alpha=0.25, step="mid", label="stock's seed spread (± std)")
+        ax.errorbar([s for s, _ in spread], [0.0] * len(spread), yerr=[v for _, v in spread], fmt="none",
+                    ecolor="grey", elinewidth=8, alpha=0.35, label="stock's seed spread (± std)")
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xscale("log", base=2)
     ax.set_xticks([row.steps for row in rows])

@@ -50,6 +50,7 @@ VARIANTS: Dict[str, dict] = {
     "diagonal_map": {"enabled": True, "residual_map": "diagonal"},
     "linear_map_refine_2": {"enabled": True, "residual_map": "linear", "refine_iterations": 2},
     "exact_tail_0.15": {"enabled": True, "exact_tail": 0.15},
+    "exact_tail_0.5": {"enabled": True, "exact_tail": 0.5},
     "exact_tokens_16": {"enabled": True, "exact_token_stride": 16},
     "exact_tokens_8": {"enabled": True, "exact_token_stride": 8},
     "random_clusters": {"enabled": True, "kernel": "torch", "cuda_graphs": False},

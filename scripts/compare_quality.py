@@ -44,6 +44,8 @@ TITLES = {
     "cpu_t5": "T5-MoE mini (CPU): stock vs LSH-MoE, and what makes LSH-MoE lower (one seed)",
     "gpu_gpt_135m_mechanism": "GPT-MoE-135M (H200): LSH-MoE against stock, and what the compensation's backward "
                               "path is worth",
+    "testbed_gpt_25m_x1": "Testbed `gpt-25m-long` (H200), the long schedule: stock (3 seeds), LSH-MoE (3 seeds) and "
+                          "the control rate 1.0",
 }
 
 

@@ -99,6 +99,11 @@ testbed_snapshot() {  # the testbed's records (not checkpoints) and its captures
     cp /root/testbed_logs/*.log "$OUT/" 2>/dev/null || true
 }
 testbed_bg() {  # testbed-bg:<testbed>:<lengths>:<seconds>
+    # A fresh machine continues the testbed from the records an earlier lease brought back (carry
+    # .device_state/testbed_runs.tgz, e.g. a copy of docs/records/testbed_*.tgz): finished runs are skipped.
+    if [ ! -d "$TESTBED_ROOT" ] && [ -f .device_state/testbed_runs.tgz ]; then
+        mkdir -p "$(dirname "$TESTBED_ROOT")" && tar xzf .device_state/testbed_runs.tgz -C "$(dirname "$TESTBED_ROOT")"
+    fi
     local bed=$1 lengths=${2//,/ } seconds=$3 tag; tag=$1_$(date +%s%N); local frozen=/root/frozen/$tag
     # The study runs from its own copy of the checkout and of the plugin install: a later call re-syncs this
     # checkout and reinstalls the plugin, and the study's later runs must not import another version.
@@ -184,7 +189,8 @@ for stage in "$@"; do
                     quality "$study" "$seconds" 2>&1 | tee -a "$OUT/logs/quality_$study.log" | tail -20
                 fi ;;
         mps-on) mkdir -p /tmp/nvidia-mps /tmp/nvidia-log
-                if nvidia-cuda-mps-control -d && python3 -c "import torch; torch.ones(1, device='cuda').sum().item()"; then
+                # The daemon must not hold this call's stdout: a pipe reading it would never see its end.
+                if nvidia-cuda-mps-control -d >/dev/null 2>&1 && python3 -c "import torch; torch.ones(1, device='cuda').sum().item()"; then
                     echo "CUDA MPS on"; export LSHMOE_MPS="CUDA MPS on"
                 else
                     echo quit | nvidia-cuda-mps-control 2>/dev/null; echo "CUDA MPS could not start here: running without"
