@@ -25,15 +25,18 @@ def _register_checkout_patches() -> None:
     """Make ``lshmoe_plugin.patches`` importable from a source checkout (``PYTHONPATH=.``, scripts, tests).
 
     Installed, setup.py maps the top-level ``patches/`` folder onto ``lshmoe_plugin.patches``. A checkout has no
-    such subfolder, so the same folder is registered under that name here; an installed copy always wins.
+    such subfolder, so its own ``patches/`` (beside this package) is registered under that name here. When this
+    package is imported from a checkout, that checkout's folder wins over any install: an editable install of
+    another checkout (a git worktree, say) would otherwise pair this checkout's plugin with the other's patches.
     """
     name = __name__ + ".patches"
-    if name in sys.modules or importlib.util.find_spec(name) is not None:
+    if name in sys.modules:
         return
     folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "patches")
     init = os.path.join(folder, "__init__.py")
-    if not os.path.isfile(init):
-        return  # an install without the patches: importing them raises the usual ModuleNotFoundError
+    ours = os.path.isfile(init) and os.path.isfile(os.path.join(folder, "lifecycle.py"))
+    if not ours:
+        return  # installed: the package's own patches subpackage (or the usual ModuleNotFoundError)
     spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[folder])
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
