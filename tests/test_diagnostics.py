@@ -34,9 +34,15 @@ class Pass:
     experts: Dict[str, torch.Tensor]
 
 
+def deviation(a, b) -> float:
+    """The largest difference, in units of the tolerance: 1e-5 of the reference's largest entry, float32 rounding
+    at the tensor's scale (the same terms summed in another order). At most 1 passes; the report carries the
+    number, so a failure elsewhere says by how much."""
+    return float((a - b).abs().max()) / (1e-5 * float(b.abs().max()) + 1e-12)
+
+
 def close(a, b) -> bool:
-    """Equal up to float32 rounding at the scale of the tensor (sums of the same terms in another order)."""
-    return torch.allclose(a, b, rtol=0, atol=1e-5 * float(b.abs().max()) + 1e-12)
+    return deviation(a, b) <= 1
 
 
 def far(a, b) -> bool:
@@ -44,12 +50,13 @@ def far(a, b) -> bool:
     return float((a - b).abs().max()) > 1e-2 * float(b.abs().max())
 
 
-def same_pass(got: Pass, want: Pass) -> Dict[str, bool]:
-    return {"value": close(got.value, want.value),
-            "through_experts": close(got.through_experts, want.through_experts),
-            "through_gate": close(got.through_gate, want.through_gate),
-            "gate": all(close(got.gate[n], want.gate[n]) for n in want.gate),
-            "experts": all(close(got.experts[n], want.experts[n]) for n in want.experts)}
+def same_pass(got: Pass, want: Pass) -> Dict[str, float]:
+    """Each part's `deviation` from the reference."""
+    return {"value": deviation(got.value, want.value),
+            "through_experts": deviation(got.through_experts, want.through_experts),
+            "through_gate": deviation(got.through_gate, want.through_gate),
+            "gate": max(deviation(got.gate[n], want.gate[n]) for n in want.gate),
+            "experts": max(deviation(got.experts[n], want.experts[n]) for n in want.experts)}
 
 
 # -- the layer as it runs ----------------------------------------------------------------------------------------------
@@ -219,7 +226,7 @@ def check_hybrids(rank, world_size):
     patched = run_layer(moe, x, weight)
     report["references"]["patched layer = compressed by hand"] = same_pass(patched, compressed_by_hand)
     # M1 of the 2026-12-04 review: the compensation's token gradient, J(c)^T mean(g) + (g_i - mean(g)).
-    report["references"]["compensated token gradient = its formula"] = close(
+    report["references"]["compensated token gradient = its formula"] = deviation(
         patched.through_experts, compensated_token_grad(compressor, hand))
     report["references"]["stock and compressed differ in every part"] = {
         part: far(getattr(stock_by_hand, part), getattr(compressed_by_hand, part))
@@ -244,9 +251,10 @@ def check_hybrids(rank, world_size):
 
 
 def all_true(report) -> bool:
+    """Every check holds: a flag is True, a `deviation` at most 1."""
     if isinstance(report, dict):
         return all(all_true(v) for v in report.values())
-    return report is True
+    return report is True or (isinstance(report, float) and report <= 1)
 
 
 def test_each_hybrid_returns_and_passes_what_it_claims():
