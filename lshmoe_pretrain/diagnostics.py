@@ -236,5 +236,5 @@ def _through_owning_experts(self, x: torch.Tensor, c: torch.Tensor, r: torch.Ten
         # Forward-mode AD does not go through the all-to-all: the centroid and the residual cross, the Jacobian
         # product is taken where the expert is, and only it comes back.
         _, taylor = torch.func.jvp(lambda z: _experts(self, z.to(dtype), d).float(),
-                                   (_all_to_all(self, c.contiguous()), ), (_all_to_all(self, r.contiguous()), ))
+                                   (_all_to_all(self, c.contiguous()),), (_all_to_all(self, r.contiguous()),))
     return exact, _all_to_all(self, taylor)
