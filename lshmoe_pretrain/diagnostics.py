@@ -4,22 +4,34 @@ They exist to locate the cause of a quality gap (docs/quality.md), not to train 
 compressed forward (patches/deepspeed_moe.py) for the whole process, and the hybrid ones run the experts on the
 tokens as well as on the centroids, which only a single rank can do (EP=1, where the all-to-all is the identity).
 
-- ``forward``: the layer returns the compressed outputs (the gate and every layer above see them), but every
-  gradient is stock's (taken through the experts on the tokens themselves).
-- ``backward``: the layer returns stock's outputs, every gradient is the compressed path's.
-- ``expert_grads``: stock's outputs and token gradients; only the experts' weight gradients are compressed.
-- ``token_grads``: stock's outputs and expert weight gradients; only the gradients back to the tokens compressed.
-- ``identity_grad``: no compression at all: stock's outputs and gradients, plus an identity path in the backward
-  only (each token's gradient also receives its output gradient, as if the expert were x + E(x)). The paper's
-  compensation adds such a path for the residual part of every clustered token; this isolates what it does.
-- ``skip``: no compression either: each expert returns x + E(x), in value and gradient alike. With clusters drawn
-  at random the compensated layer E(c) + (x - c) is near this (x plus a shift shared by the cluster): this asks
-  whether adding the expert's input to its output is what such a layer trains like.
+Each hybrid declares, for the layer's value and for each gradient (to the tokens, to the gate, to the experts'
+weights), whether it is stock's or the compressed layer's. The gate weights the layer's value: its gradient is
+<output gradient, the value it weighted>, so where value and gradient come from different layers the gates are
+detached on the value and live on the declared path.
+
+- ``forward``: the compressed layer's value; every gradient stock's (tokens, gate and experts, taken through the
+  experts on the tokens themselves).
+- ``backward``: stock's value; every gradient the compressed layer's (tokens, gate and experts).
+- ``expert_grads``: stock's value, token and gate gradients; only the experts' weight gradients compressed.
+- ``token_grads``: stock's value, gate and expert weight gradients; only the gradient that reaches the tokens
+  through the experts is the compressed layer's (the part through the gate stays stock's).
+- ``residual_grad``: no compression: stock's value and gradients, plus, in the backward only, the path that the
+  paper's compensation E(c) + (x - c) adds. For token i in a cluster of n > 1 tokens that path gives
+  g_i - mean(g) (its output gradient's deviation from its cluster's mean, the clusters LSH forms at the
+  configured rate); a token alone in its cluster gets nothing.
+- ``identity_grad``: no compression: stock's value and gradients, plus each routed token's full output gradient
+  g_i in the backward only (as if each expert's Jacobian were J(x) + I). Not the compensation's path (that is
+  ``residual_grad``): a stronger one, added to every token.
+- ``skip``: no compression either: each expert returns x + E(x), in value and gradient alike: a residual
+  connection around every expert. It is not what random clusters give: with them the compensated layer returns
+  x + (E(c) - c) with c near the expert's mean token, the token plus a shift shared by its cluster, without the
+  token's own E(x).
 - ``random_clusters``: the budget and the layout of LSH, but every token's bucket drawn at random (does LSH beat
   chance?); needs ``kernel: torch`` and ``cuda_graphs: false`` (it replaces the reference hash).
 - ``probe``: trains as configured; with ``output_error_interval`` it also measures, on the same sample, the output
   error of other compensations: a scalar, per-dimension or linear map fitted per expert to the (centroid, expert
-  output) pairs the sender already holds, and the expert's own Jacobian at the centroid (first-order Taylor).
+  output) pairs the sender already holds, and the expert's own Jacobian at the centroid (first-order Taylor). At
+  EP>1 the exact outputs and the Jacobian products are taken by the rank that holds each expert.
 
 `summary()` hands over the probe's numbers once, which the training loop writes with the record of their step.
 """
@@ -29,7 +41,7 @@ from typing import Dict, Sequence
 
 import torch
 
-HYBRIDS = ("forward", "backward", "expert_grads", "token_grads", "identity_grad", "skip")
+HYBRIDS = ("forward", "backward", "expert_grads", "token_grads", "residual_grad", "identity_grad", "skip")
 MODES = HYBRIDS + ("random_clusters", "probe")
 _PROBES: Dict[str, float] = {}
 _RANDOM_CODES = {}
@@ -55,6 +67,10 @@ def install(modes: Sequence[str], lsh) -> None:
     from lshmoe_plugin.patches import deepspeed_moe
     for mode in modes:
         if mode in HYBRIDS:
+            if mode == "residual_grad" and (not lsh.error_compensation or lsh.residual_map != "identity"):
+                raise DiagnosticError("--diagnostic residual_grad adds the backward path of the paper's compensation "
+                                      "E(c) + (x - c): set lsh_moe.error_compensation true and lsh_moe.residual_map "
+                                      "'identity'")
             deepspeed_moe._compressed_forward = _hybrid_forward(mode)
         elif mode == "random_clusters":
             if lsh.kernel != "torch" or lsh.cuda_graphs is not False:
@@ -93,30 +109,54 @@ def _hybrid_forward(mode: str):
         dispatched = sm._sparse_encode(tokens, slots, E, C)
         valid = occupied_slots(slots, E, C)
         experts = lambda x: _experts(self, x, d_model)  # noqa: E731
+        # The layer's output from per-slot outputs (E, C, d), weighted by the live gates.
+        decode = lambda out: sm._sparse_decode(out.reshape(E * C, d_model), slots, gates_, tokens.shape[0])  # noqa: E731
         if mode in ("identity_grad", "skip"):
             passed = dispatched * valid.unsqueeze(-1)
             out = experts(dispatched) + (_grad_only(passed) if mode == "identity_grad" else passed)
-            combined = sm._sparse_decode(out.reshape(E * C, d_model), slots, gates_, tokens.shape[0])
-            return combined.reshape(input[0].shape)
+            return decode(out).reshape(input[0].shape)
         centroids, state = compressor.compress_fixed(dispatched, valid)
-        frozen = lambda x: _with_frozen_weights(self.experts, x, d_model, self)  # noqa: E731
-        detached_state = type(state)(state.tokens.detach(), state.slot, state.centroids.detach(), state.counts,
-                                     state.out_shape, state.segments, state.graphed)
+        if mode == "residual_grad":
+            out = experts(dispatched) + _grad_only(_compensation_residual(dispatched, valid, state))
+            return decode(out).reshape(input[0].shape)
+        compressed = lambda: compressor.decompress_fixed(experts(centroids), state)  # noqa: E731
         if mode == "forward":
-            exact = experts(dispatched)
-            out = _value_of(compressor.decompress_fixed(experts(centroids), state), exact)
-        elif mode == "backward":
-            out = _value_of(experts(dispatched), compressor.decompress_fixed(experts(centroids), state))
-        elif mode == "expert_grads":
+            with torch.no_grad():
+                value = decode(compressed())
+            return _value_of(value, decode(experts(dispatched))).reshape(input[0].shape)
+        if mode == "backward":
+            with torch.no_grad():
+                value = decode(experts(dispatched))
+            return _value_of(value, decode(compressed())).reshape(input[0].shape)
+        frozen = lambda x: _with_frozen_weights(self.experts, x, d_model, self)  # noqa: E731
+        # Stock's per-slot values: the gates weight these, so the gate's gradient is stock's in both modes below.
+        if mode == "expert_grads":
+            detached_state = type(state)(state.tokens.detach(), state.slot, state.centroids.detach(), state.counts,
+                                         state.out_shape, state.segments, state.graphed)
             value = experts(dispatched).detach()
             out = value + _grad_only(compressor.decompress_fixed(experts(centroids.detach()), detached_state)) \
                 + _grad_only(frozen(dispatched))
         else:  # token_grads
             value = experts(dispatched.detach())
-            out = _value_of(value, value) + _grad_only(compressor.decompress_fixed(frozen(centroids), state))
-        combined = sm._sparse_decode(out.reshape(E * C, d_model), slots, gates_, tokens.shape[0])
-        return combined.reshape(input[0].shape)
+            out = value + _grad_only(compressor.decompress_fixed(frozen(centroids), state))
+        return decode(out).reshape(input[0].shape)
     return forward
+
+
+def _compensation_residual(dispatched: torch.Tensor, valid: torch.Tensor, state) -> torch.Tensor:
+    """x - c per capacity slot (E, C, d), c the mean of the slot's cluster, live in both: its gradient is what the
+    compensation adds to a token's, g_i - mean(g) over the cluster, and exactly zero for a token alone in its
+    cluster (c = x), as the compensated layer returns E(x) for it. Empty slots give zero."""
+    from lshmoe_plugin.clustering import centroids_by_slot
+    d_model = dispatched.shape[-1]
+    flat = dispatched.reshape(-1, d_model)
+    num_slots = state.counts.shape[0]
+    # A copy of the slots, means of our own: a CUDA-graphed state's buffers are reused by the next layer once its
+    # round trip is released, and this hybrid never expands through it.
+    slot = state.slot.clone()
+    centroids, _ = centroids_by_slot(flat, slot, num_slots)
+    per_token = torch.cat([centroids, centroids.new_zeros(1, d_model)])[slot]
+    return ((flat - per_token) * valid.reshape(-1, 1)).view_as(dispatched)
 
 
 def _value_of(value: torch.Tensor, gradient_path: torch.Tensor) -> torch.Tensor:
@@ -150,7 +190,7 @@ def _random_codes(tokens, projections, config, groups=None, valid=None, num_grou
 # -- probe ----------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def _probe(self, compressor, dispatched, valid, centroid_outputs, state, returned) -> None:
-    from lshmoe_plugin.patches.deepspeed_moe import OUTPUT_ERROR_STRIDE, _experts
+    from lshmoe_plugin.patches.deepspeed_moe import OUTPUT_ERROR_STRIDE
     from lshmoe_plugin.telemetry import relative_error
     num_experts, capacity, d = dispatched.shape
     slots_per_expert = state.centroids.shape[0] // num_experts
@@ -163,8 +203,8 @@ def _probe(self, compressor, dispatched, valid, centroid_outputs, state, returne
     weight = state.counts.float().view(num_experts, slots_per_expert, 1)
     c = torch.gather(cen, 1, slot.unsqueeze(-1).expand(-1, -1, d))
     y = torch.gather(out, 1, slot.unsqueeze(-1).expand(-1, -1, d))
-    exact = _experts(self, x.to(dispatched.dtype), d).float()
     r = x - c
+    exact, taylor = _through_owning_experts(self, x, c, r, dispatched.dtype)
     # Least-squares fits of output deviations on centroid deviations, per expert, weighted by cluster size.
     total = weight.sum(1, keepdim=True).clamp(min=1)
     dc = (cen - (weight * cen).sum(1, keepdim=True) / total) * weight.sqrt()
@@ -175,7 +215,6 @@ def _probe(self, compressor, dispatched, valid, centroid_outputs, state, returne
     ridge = 1e-2 * gram.diagonal(dim1=1, dim2=2).mean(-1).clamp(min=1e-12)[:, None, None]
     eye = torch.eye(d, device=x.device)
     linear = torch.linalg.solve(gram + ridge * eye, dc.transpose(1, 2) @ dy)      # (E, d, d): r @ linear
-    _, taylor = torch.func.jvp(lambda z: _experts(self, z.to(dispatched.dtype), d).float(), (c,), (r,))
     candidates = {"identity": y + r, "none": y, "fitted_scalar": y + scalar * r, "fitted_diagonal": y + diagonal * r,
                   "fitted_linear": y + r @ linear, "jacobian": y + taylor}
     layer = compressor.layer_index
@@ -184,3 +223,18 @@ def _probe(self, compressor, dispatched, valid, centroid_outputs, state, returne
     _PROBES[f"probe/layer{layer}/fitted_scalar"] = float(scalar.mean())
     _PROBES[f"probe/layer{layer}/output_to_input_norm"] = float(
         (exact.norm(dim=-1) * keep).sum() / (x.norm(dim=-1) * keep).sum().clamp(min=1e-12))
+
+
+def _through_owning_experts(self, x: torch.Tensor, c: torch.Tensor, r: torch.Tensor, dtype: torch.dtype):
+    """E(x) and J(c) r for rows (E, m, d) of every expert, each computed by the rank that holds the expert (the
+    all-to-all there and back, as the output-error sample does), in float32."""
+    from lshmoe_plugin.patches.deepspeed_moe import _all_to_all, _experts
+    d = x.shape[-1]
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # an expert with dropout must not shift the training draws
+        exact = _all_to_all(self, _experts(self, _all_to_all(self, x.to(dtype)), d)).float()
+        # Forward-mode AD does not go through the all-to-all: the centroid and the residual cross, the Jacobian
+        # product is taken where the expert is, and only it comes back.
+        _, taylor = torch.func.jvp(lambda z: _experts(self, z.to(dtype), d).float(),
+                                   (_all_to_all(self, c.contiguous()),), (_all_to_all(self, r.contiguous()),))
+    return exact, _all_to_all(self, taylor)

@@ -58,6 +58,7 @@ VARIANTS: Dict[str, dict] = {
     "diag_backward": {"enabled": True},
     "diag_expert_grads": {"enabled": True},
     "diag_token_grads": {"enabled": True},
+    "diag_residual_grad": {"enabled": True},
     "diag_identity_grad": {"enabled": True},
     "diag_skip": {"enabled": True},
     # random clusters in one direction only: which of the two makes them train better than stock?
@@ -68,7 +69,8 @@ VARIANTS: Dict[str, dict] = {
 # runs the output-error probe, which measures without changing what is trained.
 DIAGNOSTICS: Dict[str, str] = {"random_clusters": "random_clusters", "diag_forward": "forward",
                                "diag_backward": "backward", "diag_expert_grads": "expert_grads",
-                               "diag_token_grads": "token_grads", "diag_identity_grad": "identity_grad",
+                               "diag_token_grads": "token_grads", "diag_residual_grad": "residual_grad",
+                               "diag_identity_grad": "identity_grad",
                                "diag_skip": "skip", "diag_forward_random": "forward,random_clusters",
                                "diag_backward_random": "backward,random_clusters"}
 OUTPUT_ERROR_INTERVAL = 50
