@@ -22,9 +22,11 @@
 #       | throughput:<testbed>:<runs at once, comma-separated>:<steps> (compare_quality.py throughput)
 #       | testbed-bg:<testbed>:<lengths, comma-separated>:<seconds> (the long-schedule study, started with setsid from
 #         a frozen copy of this checkout so that it outlives this call and later calls' installs; TESTBED_VARIANTS,
-#         TESTBED_SEEDS, CONCURRENCY, CAPTURE_AT ("0.1 0.5 1": the stock/1 run saves captures), TESTBED_ROOT)
+#         TESTBED_SEEDS, CONCURRENCY, CAPTURE_AT ("0.1 0.5 1": the CAPTURE_RUN run, default stock/1, saves captures),
+#         TESTBED_ROOT)
 #       | poll:<seconds> (wait while a testbed-bg study runs, at most that long; its records come back each time)
-# The quality studies read a corpus carried as .device_data/python_code.{bin,idx,tokenizer.json} when there is one
+# The quality studies read a corpus carried as .device_data/python_code.{bin,idx,tokenizer.json} (or .device_corpus,
+# the testbed's compressed copy: below) when there is one
 # (scripts/preprocess_data.py --input python-code --max_tokens 25e6 --vocab_size 16384 --output_prefix
 # .device_data/python_code, built on the CPU machine); otherwise they tokenize the python-code corpus here.
 set -uo pipefail
@@ -58,8 +60,27 @@ BACKGROUND_PIDS=()
 if [ ! -d "$QUALITY_ROOT" ] && [ -f .device_state/quality_runs.tgz ]; then
     tar xzf .device_state/quality_runs.tgz -C /root
 fi
+# The study corpus: .device_data/python_code.* as built, or the testbed's compressed copy (.device_corpus: the .bin
+# as xz, 16 MB instead of 48, so that it travels beside the wheels and a study's records within the carry limit),
+# unpacked once per machine into /root/data. Either is checked against the testbed's hashes
+# (docs/records/corpus_python_code.sha256): runs on two corpora are not comparable.
 DATA=()
-[ -f .device_data/python_code.bin ] && DATA=(--data_prefix .device_data/python_code)
+if [ -f .device_data/python_code.bin ]; then
+    DATA=(--data_prefix .device_data/python_code)
+elif [ -f .device_corpus/python_code.bin.xz ]; then
+    if [ ! -f /root/data/python_code.bin ]; then
+        mkdir -p /root/data && cp .device_corpus/python_code.idx .device_corpus/python_code.tokenizer.json /root/data/ \
+            && python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" \
+                .device_corpus/python_code.bin.xz /root/data/python_code.bin.part \
+            && mv /root/data/python_code.bin.part /root/data/python_code.bin || exit 1
+    fi
+    DATA=(--data_prefix /root/data/python_code)
+fi
+if [ ${#DATA[@]} -gt 0 ]; then
+    hashes=$PWD/docs/records/corpus_python_code.sha256
+    (cd "$(dirname "${DATA[1]}")" && sha256sum --quiet -c "$hashes") \
+        || { echo "the corpus at ${DATA[1]} is not the testbed's (docs/records/corpus_python_code.sha256)"; exit 1; }
+fi
 quality() {  # quality:<study>:<seconds>
     local study=$1 seconds=$2 common=(--root "$QUALITY_ROOT" --deadline_s "$seconds" "${DATA[@]}")
     case "$study" in
@@ -90,13 +111,18 @@ quality() {  # quality:<study>:<seconds>
 TESTBED_ROOT=${TESTBED_ROOT:-/root/testbed}
 testbed_snapshot() {  # the testbed's records (not checkpoints) and its captures, each in one file under $OUT
     [ -d "$TESTBED_ROOT" ] || return 0
+    # The study logs travel inside it: what comes back from a call is at most 8 files.
+    mkdir -p "$TESTBED_ROOT/study_logs" && cp /root/testbed_logs/*.log "$TESTBED_ROOT/study_logs/" 2>/dev/null
     tar czf "$OUT/.testbed_runs.tgz" --exclude=checkpoints --exclude=monitor --exclude=captures \
         -C "$(dirname "$TESTBED_ROOT")" "$(basename "$TESTBED_ROOT")" && mv "$OUT/.testbed_runs.tgz" "$OUT/testbed_runs.tgz"
-    local captures; captures=$(cd "$(dirname "$TESTBED_ROOT")" && find "$(basename "$TESTBED_ROOT")" -type d -name captures)
-    if [ -n "$captures" ]; then
-        (cd "$(dirname "$TESTBED_ROOT")" && tar cf "$OUT/.captures.tar" $captures) && mv "$OUT/.captures.tar" "$OUT/captures.tar"
-    fi
-    cp /root/testbed_logs/*.log "$OUT/" 2>/dev/null || true
+    # Captures: one tar per captured step (its layers' files, under 16 MB together for the default layout of a
+    # d_model-256 shape), since a file that comes back is at most 16 MB.
+    local file step
+    for step in $(cd "$(dirname "$TESTBED_ROOT")" && find "$(basename "$TESTBED_ROOT")" -path '*/captures/step*_layer*.pt' \
+                  | sed 's/.*captures\/step\([0-9]*\)_layer.*/\1/' | sort -un); do
+        file=$(cd "$(dirname "$TESTBED_ROOT")" && find "$(basename "$TESTBED_ROOT")" -path "*/captures/step${step}_layer*.pt")
+        (cd "$(dirname "$TESTBED_ROOT")" && tar cf "$OUT/.captures.tar" $file) && mv "$OUT/.captures.tar" "$OUT/captures_step$step.tar"
+    done
 }
 testbed_bg() {  # testbed-bg:<testbed>:<lengths>:<seconds>
     # A fresh machine continues the testbed from the records an earlier lease brought back (carry
