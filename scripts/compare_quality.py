@@ -223,15 +223,20 @@ def throughput(args: argparse.Namespace) -> None:
     bench.report_section(args.report, name, text)
 
 
+def section_head(title: str, run_command: str) -> list:
+    """The lines every quality section starts with: its title, the command that trained the runs, this report's."""
+    return [f"## {title}", "",
+            f"- runs: `{run_command}`" if run_command else "- runs: see the command in each run's train.log",
+            f"- report: `{study.python_command()}`"]
+
+
 def report(args: argparse.Namespace) -> None:
     results = study.aggregate(args.root, args.model, args.variants, partial=args.partial, seeds=args.seeds)
     plot_path = os.path.join(os.path.dirname(args.output) or ".", f"quality_{args.section}.png")
     title = TITLES.get(args.section, args.section)
     study.plot(results, plot_path, title)
     text = "\n".join([
-        f"## {title}", "",
-        f"- runs: `{args.run_command}`" if args.run_command else "- runs: see the command in each run's train.log",
-        f"- report: `{study.python_command()}`",
+        *section_head(title, args.run_command),
         f"- {study.describe(results)}",
         "- valid loss: mean LM loss over the same held-out batches at each point, exact dispatch in eval (the "
         "default); 'compressed eval' is the same model evaluated with `compress_in_eval`. Gap per seed pairs each "
@@ -258,9 +263,7 @@ def lengths(args: argparse.Namespace) -> None:
     length_study.plot(rows, args.variants, plot_path, title)
     longest = next(iter(rows[-1].variants.values()), rows[-1].stock)
     text = "\n".join([
-        f"## {title}", "",
-        f"- runs: `{args.run_command}`" if args.run_command else "- runs: see the command in each run's train.log",
-        f"- report: `{study.python_command()}`",
+        *section_head(title, args.run_command),
         f"- testbed: {bed.purpose}. Longest schedule: {study.describe([longest])}",
         "- each row is a complete schedule of its own (5% warm-up, linear decay to zero at its last step), final "
         "point on the whole validation split, exact dispatch in evaluation; a gap per seed pairs a run with stock's "
