@@ -161,7 +161,8 @@ def refuse_cuda_graphs(config: LSHMoEConfig, framework: str) -> None:
 def refuse_fixed_layout_only(config: LSHMoEConfig, framework: str) -> None:
     """Keys built for DeepSpeed's fixed-capacity buffer, refused by name where the dispatch sizes vary."""
     for key, off in (("refine_iterations", 0), ("output_error_interval", 0), ("residual_map", "identity"),
-                     ("exact_token_stride", 0)):
+                     ("exact_token_stride", 0), ("clustering", "lsh"), ("dispatch_dtype", "model"),
+                     ("combine_dtype", "model"), ("dispatch_grad_dtype", None), ("combine_grad_dtype", None)):
         if getattr(config, key) != off:
             raise LSHMoEConfigError(f"lsh_moe.{key}={getattr(config, key)} is not supported with "
                                     f"framework={framework!r} (it is built for DeepSpeed's fixed-capacity layer, "
