@@ -93,12 +93,12 @@ FP8_CASES = {
 }
 
 
-def check_wire_formats(rank, world_size):
+def check_wire_formats(rank, world_size, device="cpu"):
     torch.manual_seed(100 + rank)
-    x = torch.randn(2, 24, D_MODEL) * torch.exp(torch.randn(2, 24, 1))  # rows of different magnitudes
+    x = (torch.randn(2, 24, D_MODEL) * torch.exp(torch.randn(2, 24, 1))).to(device)  # rows of different magnitudes
     report = {}
     for k in (1, 2):
-        moe = build_moe(world_size, k)
+        moe = build_moe(world_size, k).to(device)
         with AllToAlls() as stock_calls:
             stock = fwd_bwd(moe, x)
         # clustering none in the model's dtype: the patched path with nothing changed is stock, bit for bit
@@ -141,15 +141,15 @@ def test_fp8_without_clustering_equals_the_reference_and_sends_uint8(world_size)
         assert all(report.values()), (rank, failed(report))
 
 
-def check_lsh_with_fp8(rank, world_size):
+def check_lsh_with_fp8(rank, world_size, device="cpu"):
     """LSH at rate 0.25 with FP8 centroids. Experts E(x) = x + b of their own, error compensation on: a token
     gets E(Q(c)) + x - c = x + b + (Q(c) - c), the layer without FP8 x + b, so the two differ by the gate-weighted
     rounding of the centroids, at most 2^-4 of the largest centroid magnitude of a block, which no token exceeds."""
     torch.manual_seed(100 + rank)
-    x = torch.randn(2, 24, D_MODEL)
+    x = torch.randn(2, 24, D_MODEL).to(device)
     report = {}
     for k in (1, 2):
-        moe = build_distinct_shift_experts(rank, world_size, k)
+        moe = build_distinct_shift_experts(rank, world_size, k).to(device)
         lsh_keys = {"enabled": True, "compression_rate": 0.25, "fp8_block_size": BLOCK}
         lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "compression_rate": 0.25}}, moe)
         exact = fwd_bwd(moe, x)
@@ -179,7 +179,7 @@ def check_lsh_with_fp8(rank, world_size):
             and stats.bytes_sent == (rows + sample_rows) * FP8_ROW_BYTES)
 
         # a bf16 layer: values and gradients keep the model's dtype
-        bf16 = build_moe(world_size, k).to(torch.bfloat16)
+        bf16 = build_moe(world_size, k).to(device, torch.bfloat16)
         lshmoe_plugin.enable({"lsh_moe": {**lsh_keys, "dispatch_dtype": "fp8_e4m3", "combine_dtype": "fp8_e4m3"}},
                              bf16)
         out, gx, grads = fwd_bwd(bf16, x, torch.bfloat16)
@@ -195,9 +195,9 @@ def test_lsh_with_fp8_centroids(world_size):
         assert all(report.values()), (rank, failed(report))
 
 
-def check_fp8_decides_by_cost_and_evaluates_stock(rank, world_size):
-    moe = build_moe(world_size, 2)
-    x = torch.randn(2, 24, D_MODEL)
+def check_fp8_decides_by_cost_and_evaluates_stock(rank, world_size, device="cpu"):
+    moe = build_moe(world_size, 2).to(device)
+    x = torch.randn(2, 24, D_MODEL).to(device)
     moe.eval()
     torch.manual_seed(7)
     stock_eval = moe(x)[0]
