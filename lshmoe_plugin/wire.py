@@ -135,23 +135,39 @@ def bytes_per_crossing(config, rows: int, d: int, dtype: torch.dtype) -> Union[i
 
 
 def send(fmt: WireFormat, rows: torch.Tensor, exchange: Exchange) -> torch.Tensor:
-    """rows (..., d) encoded, exchanged and decoded; no autograd."""
-    return fmt.decode(exchange(fmt.encode(rows)), rows.shape[-1], rows.dtype).view(rows.shape)
+    """rows (N, ..., d) encoded, exchanged and decoded (as many rows as the exchange brings); no autograd."""
+    return fmt.decode(exchange(fmt.encode(rows)), rows.shape[-1], rows.dtype)
+
+
+def split_exchanges(all_to_all_single, group, input_splits, output_splits) -> Tuple[Exchange, Exchange]:
+    """A variable-size all-to-all (rows out per rank `input_splits`, in `output_splits`) through the framework's
+    `all_to_all_single`, and its transpose (the splits swapped), which carries the gradient back."""
+    def exchange(send_splits, receive_splits) -> Exchange:
+        def run(buffer: torch.Tensor) -> torch.Tensor:
+            received = buffer.new_empty((int(sum(receive_splits)),) + tuple(buffer.shape[1:]))
+            all_to_all_single(received, buffer.contiguous(), output_split_sizes=receive_splits,
+                              input_split_sizes=send_splits, group=group)
+            return received
+        return run
+    return exchange(input_splits, output_splits), exchange(output_splits, input_splits)
 
 
 class _Crossing(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, rows: torch.Tensor, forward: WireFormat, backward: WireFormat, exchange: Exchange):
-        ctx.backward, ctx.exchange = backward, exchange
+    def forward(ctx, rows: torch.Tensor, forward: WireFormat, backward: WireFormat, exchange: Exchange,
+                exchange_back: Exchange):
+        ctx.backward, ctx.exchange_back = backward, exchange_back
         return send(forward, rows, exchange)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         # Straight-through: the rounding's derivative is taken as the identity; the gradient is rounded in its
-        # own format on its way back (an all-to-all's transpose is the same all-to-all).
-        return send(ctx.backward, grad, ctx.exchange), None, None, None
+        # own format on its way back, through the all-to-all's transpose.
+        return send(ctx.backward, grad, ctx.exchange_back), None, None, None, None
 
 
-def cross(rows: torch.Tensor, forward: WireFormat, backward: WireFormat, exchange: Exchange) -> torch.Tensor:
-    """rows (E, ..., d) through `exchange` in `forward`'s format; their gradient back in `backward`'s."""
-    return _Crossing.apply(rows, forward, backward, exchange)
+def cross(rows: torch.Tensor, forward: WireFormat, backward: WireFormat, exchange: Exchange,
+          exchange_back: Optional[Exchange] = None) -> torch.Tensor:
+    """rows (N, ..., d) through `exchange` in `forward`'s format; their gradient back in `backward`'s, through
+    `exchange_back` (default `exchange`: an all-to-all of equal splits is its own transpose)."""
+    return _Crossing.apply(rows, forward, backward, exchange, exchange_back or exchange)

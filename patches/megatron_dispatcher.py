@@ -22,7 +22,13 @@ import torch
 
 from lshmoe_plugin.config import LSHMoEConfig, LSHMoEConfigError
 
-from .lifecycle import INDEX_ATTRIBUTE, PatchLifecycle, refuse_cuda_graphs, refuse_fixed_layout_only
+from .lifecycle import (
+    INDEX_ATTRIBUTE,
+    PatchLifecycle,
+    refuse_cuda_graphs,
+    refuse_fixed_layout_only,
+    refuse_wire_formats,
+)
 from .versioning import UnsupportedFrameworkError, require_release
 
 # 0.16.x runs in the test suite; 0.19.x has the same dispatcher stages, attributes and split-size flow (read
@@ -59,6 +65,7 @@ def apply(config: LSHMoEConfig, model=None) -> None:
                                 "there: false (it is supported with framework='deepspeed' and 'autoep')")
     refuse_cuda_graphs(config, "megatron")
     refuse_fixed_layout_only(config, "megatron")
+    refuse_wire_formats(config, "megatron")
     moe_layer, token_dispatcher = _megatron_modules()
     if model is not None:
         number_moe_layers(model)
