@@ -95,8 +95,7 @@ class LSHMoEConfig:
     dispatch_dtype, combine_dtype: the wire format of the all-to-all to the experts and back (lshmoe_plugin.wire):
         ``model`` (the model's dtype, as the framework sends it) or ``fp8_e4m3`` (float8 values with float32 scales,
         values and scales in one uint8 all-to-all). They apply to whatever crosses: centroids, or every token with
-        clustering ``none``. DeepSpeed and AutoEP; refused by name with Megatron-core so far (as is clustering
-        ``none``).
+        clustering ``none``. DeepSpeed, Megatron-core and AutoEP.
     dispatch_grad_dtype, combine_grad_dtype: the format of the gradient that crosses back through the dispatch
         (resp. combine) all-to-all in the backward; None follows the forward's.
     fp8_block_size: elements per float32 scale of ``fp8_e4m3`` (default 128, DeepSeek-V3's tile), or ``"row"``: one

@@ -144,7 +144,8 @@ def split_exchanges(all_to_all_single, group, input_splits, output_splits) -> Tu
     `all_to_all_single`, and its transpose (the splits swapped), which carries the gradient back."""
     def exchange(send_splits, receive_splits) -> Exchange:
         def run(buffer: torch.Tensor) -> torch.Tensor:
-            received = buffer.new_empty((int(sum(receive_splits)),) + tuple(buffer.shape[1:]))
+            rows = buffer.shape[0] if receive_splits is None else int(sum(receive_splits))  # None: equal splits
+            received = buffer.new_empty((rows,) + tuple(buffer.shape[1:]))
             all_to_all_single(received, buffer.contiguous(), output_split_sizes=receive_splits,
                               input_split_sizes=send_splits, group=group)
             return received

@@ -160,20 +160,9 @@ def refuse_cuda_graphs(config: LSHMoEConfig, framework: str) -> None:
 
 def refuse_fixed_layout_only(config: LSHMoEConfig, framework: str) -> None:
     """Keys built for DeepSpeed's fixed-capacity buffer, refused by name where the dispatch sizes vary."""
-    _refuse(config, framework, (("refine_iterations", 0), ("output_error_interval", 0), ("residual_map", "identity"),
-                                ("exact_token_stride", 0)), "DeepSpeed's fixed-capacity layer, framework='deepspeed'")
-
-
-def refuse_wire_formats(config: LSHMoEConfig, framework: str) -> None:
-    """The wire formats and clustering 'none', refused by name where the patch does not carry them yet."""
-    _refuse(config, framework, (("clustering", "lsh"), ("dispatch_dtype", "model"), ("combine_dtype", "model"),
-                                ("dispatch_grad_dtype", None), ("combine_grad_dtype", None)),
-            "framework='deepspeed' and 'autoep'")
-
-
-def _refuse(config: LSHMoEConfig, framework: str, keys, built_for: str) -> None:
-    for key, off in keys:
+    for key, off in (("refine_iterations", 0), ("output_error_interval", 0), ("residual_map", "identity"),
+                     ("exact_token_stride", 0)):
         if getattr(config, key) != off:
             raise LSHMoEConfigError(f"lsh_moe.{key}={getattr(config, key)} is not supported with "
-                                    f"framework={framework!r} (it is built for {built_for}); allowed there: "
-                                    f"{key} {off!r}")
+                                    f"framework={framework!r} (it is built for DeepSpeed's fixed-capacity layer, "
+                                    f"framework='deepspeed'); allowed there: {key} {off!r}")

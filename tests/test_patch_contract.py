@@ -250,16 +250,3 @@ def test_cuda_graphs_true_is_refused_by_name_for_the_variable_layout(framework):
         lshmoe_plugin.disable(framework)
     assert not patch.is_applied()
 
-
-@pytest.mark.parametrize("key, value, off", [("clustering", "none", "'lsh'"), ("dispatch_dtype", "fp8_e4m3", "'model'"),
-                                             ("combine_dtype", "fp8_e4m3", "'model'"),
-                                             ("combine_grad_dtype", "fp8_e4m3", "None")])
-def test_wire_formats_are_refused_by_name_for_megatron(key, value, off):
-    """FP8 on the wire and clustering 'none' are built for DeepSpeed's fixed-capacity layer and AutoEP so far."""
-    import lshmoe_plugin
-    from lshmoe_plugin.patches import megatron_dispatcher
-    with pytest.raises(lshmoe_plugin.LSHMoEConfigError,
-                       match=rf"lsh_moe.{key}={value} is not supported with framework='megatron' \(it is built for "
-                             rf"framework='deepspeed' and 'autoep'\); allowed there: {key} {off}"):
-        lshmoe_plugin.enable({"lsh_moe": {"enabled": True, key: value}}, framework="megatron")
-    assert not megatron_dispatcher.is_applied()
