@@ -14,7 +14,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from . import ops, residual_map
+from . import ops, residual_map, wire
 from .clustering import refine_fixed
 from .config import LSHMoEConfig, LSHMoEConfigError
 from .hashing import hash_projections
@@ -164,10 +164,10 @@ class LSHCompressor:
             state = ClusterState(tokens, slot, centroids, counts, dispatched.shape, segments)
             clusters_sent = (clusters.clusters_per_group if not self.config.refine_iterations else
                              (counts.view(num_experts, slots_per_expert) > 0).sum(1))
-        elem = dispatched.element_size()
         if record:
-            self._record(state, valid, clusters_sent.sum(), state.centroids.shape[0] * d_model * elem,
-                         tokens.numel() * elem)
+            self._record(state, valid, clusters_sent.sum(),
+                         wire.bytes_per_crossing(self.config, state.centroids.shape[0], d_model, dispatched.dtype),
+                         tokens.numel() * dispatched.element_size())
         return centroids.view(num_experts, slots_per_expert, d_model), state
 
     def decompress_fixed(self, centroid_outputs: torch.Tensor, state: ClusterState) -> torch.Tensor:
@@ -196,10 +196,10 @@ class LSHCompressor:
                                          self.projections(tokens.shape[1], tokens.device), self.config, budget)
         centroids, counts = impl.centroids_by_slot(tokens, clusters.slot, clusters.num_slots, clusters.segments)
         state = ClusterState(tokens, clusters.slot, centroids, counts, tokens.shape, clusters.segments)
-        elem = tokens.element_size()
         if record:
             self._record(state, valid, clusters.clusters_per_group.sum(),
-                         clusters.num_slots * tokens.shape[1] * elem, tokens.numel() * elem)
+                         wire.bytes_per_crossing(self.config, clusters.num_slots, tokens.shape[1], tokens.dtype),
+                         tokens.numel() * tokens.element_size())
         return centroids, clusters.clusters_per_group, state
 
     def decompress_variable(self, centroid_outputs: torch.Tensor, state: ClusterState) -> torch.Tensor:
@@ -221,6 +221,16 @@ class LSHCompressor:
             return
         stats.output_error = returned
         stats.output_error_compensated, stats.output_error_uncompensated = compensated, uncompensated
+
+    # -- no clustering -----------------------------------------------------------------------------------------
+    def record_exchange(self, dispatched: torch.Tensor, valid: torch.Tensor) -> None:
+        """The stats of a forward that sent every token (`clustering: "none"`): rate 1, the wire format's bytes."""
+        self.step += 1
+        count = valid.sum()
+        rows, d_model = dispatched.numel() // dispatched.shape[-1], dispatched.shape[-1]
+        self.telemetry.record(LayerStats(self.layer_index, self.step, count, count,
+                                         wire.bytes_per_crossing(self.config, rows, d_model, dispatched.dtype),
+                                         dispatched.numel() * dispatched.element_size()))
 
     def record_extra_bytes(self, count: int) -> None:
         """Bytes this forward sent per direction besides the centroids (`exact_token_stride`, the output-error

@@ -12,11 +12,17 @@ from typing import Any, Mapping, Optional, Tuple, Union
 
 from .hash_families import HASH_FAMILIES, HashFamily
 from .residual_map import RESIDUAL_MAPS
+from .wire import WIRE_DTYPES
 
 CONFIG_BLOCK = "lsh_moe"
 ENABLED_ENV_VAR = "LSHMOE_ENABLED"
 HASH_TYPES = tuple(HASH_FAMILIES)
 KERNELS = ("auto", "torch", "triton")
+CLUSTERINGS = ("lsh", "none")
+# Keys of LSH clustering (or of measurements only the clustered layer makes), which `clustering: "none"` turns off:
+# refused there unless left at their defaults, so that no setting is silently ignored.
+CLUSTERING_KEYS = ("compression_rate", "num_hashes", "hash_type", "hash_dim", "error_compensation", "residual_map",
+                   "refine_iterations", "redraw_interval", "exact_token_stride", "output_error_interval")
 
 _TRUE_WORDS = ("1", "true", "yes", "on")
 _FALSE_WORDS = ("0", "false", "no", "off")
@@ -83,6 +89,17 @@ class LSHMoEConfig:
         layer's token rows, above which eager was measured faster (compressor.AUTO_MAX_TOKEN_BYTES);
         ``true``: wherever possible at any size, and an error where it is not; ``false``: eager. The variable
         layout (Megatron-core, AutoEP) syncs with the host once per layer and always runs eagerly.
+    clustering: ``lsh`` (the paper: only centroids cross) or ``none``: every token crosses as itself, and only the
+        wire dtypes below change the all-to-all (FP8 with no clustering). With ``none`` the keys that configure
+        clustering (CLUSTERING_KEYS) must keep their defaults.
+    dispatch_dtype, combine_dtype: the wire format of the all-to-all to the experts and back (lshmoe_plugin.wire):
+        ``model`` (the model's dtype, as the framework sends it) or ``fp8_e4m3`` (float8 values with float32 scales,
+        values and scales in one uint8 all-to-all). They apply to whatever crosses: centroids, or every token with
+        clustering ``none``. DeepSpeed, Megatron-core and AutoEP.
+    dispatch_grad_dtype, combine_grad_dtype: the format of the gradient that crosses back through the dispatch
+        (resp. combine) all-to-all in the backward; None follows the forward's.
+    fp8_block_size: elements per float32 scale of ``fp8_e4m3`` (default 128, DeepSeek-V3's tile), or ``"row"``: one
+        scale per row. A row's last block may be shorter.
     """
 
     enabled: bool = False
@@ -104,6 +121,12 @@ class LSHMoEConfig:
     exact_from_step: Optional[int] = None
     exact_token_stride: int = 0
     output_error_interval: int = 0
+    clustering: str = "lsh"
+    dispatch_dtype: str = "model"
+    combine_dtype: str = "model"
+    dispatch_grad_dtype: Optional[str] = None
+    combine_grad_dtype: Optional[str] = None
+    fp8_block_size: Union[str, int] = 128
 
     def __post_init__(self) -> None:
         _check_type("enabled", self.enabled, bool)
@@ -140,12 +163,45 @@ class LSHMoEConfig:
             raise LSHMoEConfigError("lsh_moe.cuda_graphs=true replays the fused kernels and needs kernel 'auto' or "
                                     "'triton', got kernel 'torch'; allowed with kernel 'torch': cuda_graphs 'auto' "
                                     "or false")
+        self._check_wire()
         bits = self.num_hashes * self.code_bits_per_hash
         if bits > _MAX_CODE_BITS:
             raise LSHMoEConfigError(
                 f"lsh_moe.num_hashes={self.num_hashes} with hash_dim={self.hash_dim} needs {bits} bits of bucket key; "
                 f"allowed: num_hashes * ceil(log2(2 * hash_dim)) <= {_MAX_CODE_BITS}")
         object.__setattr__(self, "layers", _parse_layers(self.layers))
+
+    def _check_wire(self) -> None:
+        if self.clustering not in CLUSTERINGS:
+            raise LSHMoEConfigError(f"lsh_moe.clustering must be one of {list(CLUSTERINGS)}, got {self.clustering!r}")
+        for key in ("dispatch_dtype", "combine_dtype"):
+            if getattr(self, key) not in WIRE_DTYPES:
+                raise LSHMoEConfigError(f"lsh_moe.{key} must be one of {list(WIRE_DTYPES)}, got "
+                                        f"{getattr(self, key)!r}")
+        for key in ("dispatch_grad_dtype", "combine_grad_dtype"):
+            if getattr(self, key) is not None and getattr(self, key) not in WIRE_DTYPES:
+                raise LSHMoEConfigError(f"lsh_moe.{key} must be null (as the forward) or one of {list(WIRE_DTYPES)}, "
+                                        f"got {getattr(self, key)!r}")
+        block = self.fp8_block_size
+        if block != "row" and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
+            raise LSHMoEConfigError(f'lsh_moe.fp8_block_size must be "row" or an integer >= 1, got {block!r}')
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        if block != defaults["fp8_block_size"] and "fp8_e4m3" not in self.wire_dtypes:
+            raise LSHMoEConfigError(f"lsh_moe.fp8_block_size={block!r} sets the scales of fp8_e4m3, which no crossing "
+                                    f"uses (dispatch/combine dtypes and their grad dtypes: {list(self.wire_dtypes)}); "
+                                    f"set one of them to 'fp8_e4m3', or leave fp8_block_size out")
+        if self.clustering == "none":
+            for key in CLUSTERING_KEYS:
+                if getattr(self, key) != defaults[key]:
+                    raise LSHMoEConfigError(f"lsh_moe.{key}={getattr(self, key)!r} belongs to LSH clustering, which "
+                                            f"clustering 'none' turns off; allowed with clustering 'none': {key} "
+                                            f"{defaults[key]!r} (or leave it out)")
+
+    @property
+    def wire_dtypes(self) -> Tuple[str, ...]:
+        """The formats of the four crossings: dispatch, its gradient, combine, its gradient."""
+        return (self.dispatch_dtype, self.dispatch_grad_dtype or self.dispatch_dtype, self.combine_dtype,
+                self.combine_grad_dtype or self.combine_dtype)
 
     @property
     def family(self) -> HashFamily:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -20,8 +20,10 @@ class LayerStats:
     step: int
     valid_tokens: torch.Tensor          # tokens that entered clustering (dropped/padding excluded)
     clusters: torch.Tensor              # non-empty clusters sent
-    bytes_sent: int                     # all-to-all payload per direction, compressed
-    bytes_uncompressed: int             # the same payload without compression
+    # all-to-all payload per crossing as sent (compressed, in its wire format, scales included), the mean of the
+    # four crossings of a training step (dispatch and combine, forward and backward): each one's where they match
+    bytes_sent: Union[int, float]
+    bytes_uncompressed: int             # stock's payload per crossing
     relative_residual: Optional[torch.Tensor] = None  # mean ||token - centroid|| / ||token||
     # ||y - y_stock|| / ||y_stock|| over a sample of the expert outputs (output_error_interval): as the layer
     # returned them, and with the paper's compensation (E(c) + x - c) and without any (E(c))

@@ -64,8 +64,16 @@ VARIANTS: Dict[str, dict] = {
     # random clusters in one direction only: which of the two makes them train better than stock?
     "diag_forward_random": {"enabled": True, "kernel": "torch", "cuda_graphs": False},
     "diag_backward_random": {"enabled": True, "kernel": "torch", "cuda_graphs": False},
+    # FP8 on the wire (e4m3, a float32 scale per 128 elements), alone or under LSH's centroids. A crossing's
+    # gradient goes back in its forward's format; `fp8_to_experts` is the split DeepEP and DeepSeek-V3 ship instead:
+    # whatever travels to the experts in FP8 (dispatch, and the output gradient in the backward), the rest in bf16.
+    "fp8_dispatch": {"enabled": True, "clustering": "none", "dispatch_dtype": "fp8_e4m3"},
+    "fp8_both": {"enabled": True, "clustering": "none", "dispatch_dtype": "fp8_e4m3", "combine_dtype": "fp8_e4m3"},
+    "fp8_to_experts": {"enabled": True, "clustering": "none", "dispatch_dtype": "fp8_e4m3",
+                       "dispatch_grad_dtype": "model", "combine_grad_dtype": "fp8_e4m3"},
+    "lsh_fp8": {"enabled": True, "dispatch_dtype": "fp8_e4m3", "combine_dtype": "fp8_e4m3"},
 }
-# Study-only layer variants (lshmoe_pretrain.diagnostics) of the variants above; every compressing variant also
+# Study-only layer variants (lshmoe_pretrain.diagnostics) of the variants above; every variant that clusters also
 # runs the output-error probe, which measures without changing what is trained.
 DIAGNOSTICS: Dict[str, str] = {"random_clusters": "random_clusters", "diag_forward": "forward",
                                "diag_backward": "backward", "diag_expert_grads": "expert_grads",
@@ -142,7 +150,7 @@ def deepspeed_config(plan: StudyPlan, variant: str) -> dict:
     tail = overrides.pop("exact_tail", None)
     if tail is not None:
         overrides["exact_from_step"] = int(round((1 - tail) * steps))
-    if overrides["enabled"]:
+    if clusters(variant):
         overrides.setdefault("output_error_interval", OUTPUT_ERROR_INTERVAL)
     config["lsh_moe"] = {**config.get("lsh_moe", {}), **overrides}
     return config
@@ -151,9 +159,15 @@ def deepspeed_config(plan: StudyPlan, variant: str) -> dict:
 def diagnostic(variant: str) -> str:
     """The --diagnostic of a variant's runs: its layer variant, and the probe wherever it compresses."""
     modes = [DIAGNOSTICS[variant]] if variant in DIAGNOSTICS else []
-    if VARIANTS[variant]["enabled"]:
+    if clusters(variant):
         modes.append("probe")
     return ",".join(modes)
+
+
+def clusters(variant: str) -> bool:
+    """Whether the variant compresses with LSH, and so measures its output error (clustering 'none' has none)."""
+    settings = VARIANTS[variant]
+    return settings["enabled"] and settings.get("clustering", "lsh") == "lsh"
 
 
 def finished(run_dir: str, steps: int) -> bool:

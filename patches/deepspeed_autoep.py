@@ -8,7 +8,9 @@ tokens to centroids -> split plan from centroid counts -> all-to-all -> permute 
 With ``score_apply="post"`` a token's routing score multiplies ``E(c) + (x - c)`` in the combine, as it multiplies
 ``E(x)`` in the stock layer. Disabled, unselected layers and eval mode run the stock forward. With one EP rank
 nothing crosses the network, yet the layer is still compressed (as the GShard patch does), so training sees the
-same arithmetic at any EP size.
+same arithmetic at any EP size. With ``clustering: "none"`` every routed row crosses (no compress, no expand);
+either way each all-to-all carries what crosses in its wire format (lshmoe_plugin.wire), through AutoEP's own
+``_AllToAllV`` where that is the model's dtype both ways.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from lshmoe_plugin import cost
+from lshmoe_plugin import cost, wire
 from lshmoe_plugin.compressor import LSHCompressor
 from lshmoe_plugin.config import LSHMoEConfig
 
@@ -113,10 +115,15 @@ def _compressed_forward(self, compressor: LSHCompressor, hidden_states: torch.Te
     with torch.no_grad():
         self.tokens_per_expert.add_(routes.num_tokens_per_expert)
     # An evaluation (compress_in_eval) leaves the training telemetry as it was.
-    centroids, clusters_per_expert, state = compressor.compress_variable(routed, routes.num_tokens_per_expert,
-                                                                         record=self.training)
-    expert_output = _experts_on_centroids(self, centroids, clusters_per_expert, routes)
-    expert_output = compressor.decompress_variable(expert_output, state)
+    if compressor.config.clustering == "none":
+        if self.training:
+            compressor.record_exchange(routed, torch.ones(routed.shape[0], dtype=torch.bool, device=routed.device))
+        expert_output = _experts_on_centroids(self, routed, routes.num_tokens_per_expert, routes)
+    else:
+        centroids, clusters_per_expert, state = compressor.compress_variable(routed, routes.num_tokens_per_expert,
+                                                                             record=self.training)
+        expert_output = _experts_on_centroids(self, centroids, clusters_per_expert, routes)
+        expert_output = compressor.decompress_variable(expert_output, state)
 
     shape = (bsz, seqlen, hdim)
     if self.combine_impl == "fused_weighted_sum":
@@ -140,21 +147,44 @@ def _route(self, x: torch.Tensor):
     return routes, order, routed
 
 
-def _experts_on_centroids(self, centroids: torch.Tensor, clusters_per_expert: torch.Tensor, routes) -> torch.Tensor:
-    """Centroids (K, d) sorted by global expert -> their expert outputs (K, d), through the EP all-to-all."""
+def _experts_on_centroids(self, centroids: torch.Tensor, clusters_per_expert: torch.Tensor, routes,
+                          coded: bool = True) -> torch.Tensor:
+    """Centroids (K, d) sorted by global expert -> their expert outputs (K, d), through the EP all-to-all, each
+    crossing in its wire format (`coded`; False: the model's dtype, the stock exchange)."""
     from deepspeed.module_inject import auto_ep_layer as ael
     counts = clusters_per_expert.to(routes.num_tokens_per_expert.dtype)
     if self.ep_size == 1:
-        rows, perm, aligned, n = ael.permute_by_local_expert(centroids, counts)
-        return ael.unpermute_by_local_expert(self.experts(rows, aligned), perm, n)
+        received = _crossing(self, centroids, "dispatch", None, coded)
+        rows, perm, aligned, n = ael.permute_by_local_expert(received, counts)
+        return _crossing(self, ael.unpermute_by_local_expert(self.experts(rows, aligned), perm, n), "combine", None,
+                         coded)
     # The stock plan helper, fed centroid counts instead of token counts: splits and per-source counts follow.
     plan = ael.compute_split_plan(selected_experts=routes.selected_experts, num_experts=self.num_experts,
                                   ep_size=self.ep_size, num_local_experts=self.num_local_experts,
                                   ep_group=self.ep_group, num_tokens_per_expert=counts)
-    received = ael._AllToAllV.apply(self.ep_group, centroids, plan.input_splits, plan.output_splits)
+    received = _crossing(self, centroids, "dispatch", (plan.input_splits, plan.output_splits), coded)
     rows, perm, aligned, n = ael.permute_by_local_expert(received, plan.local_counts_by_source)
     output = ael.unpermute_by_local_expert(self.experts(rows, aligned), perm, n)
-    return ael._AllToAllV.apply(self.ep_group, output, plan.output_splits, plan.input_splits)
+    return _crossing(self, output, "combine", (plan.output_splits, plan.input_splits), coded)
+
+
+def _crossing(self, rows: torch.Tensor, crossing: str, splits, coded: bool) -> torch.Tensor:
+    """One all-to-all of rows, `splits` (rows sent per rank, rows received per rank); None at EP=1, where nothing
+    crosses the network and the wire format still applies (as compression does). In the model's dtype both ways it
+    is AutoEP's own `_AllToAllV`, as before."""
+    from deepspeed.module_inject import auto_ep_layer as ael
+    config = LIFECYCLE.config
+    if not (coded and wire.changes_crossing(config, crossing)):
+        return rows if splits is None else ael._AllToAllV.apply(self.ep_group, rows, *splits)
+    if splits is None:
+        return wire.cross(rows, *wire.formats(config, crossing), _same)
+    import deepspeed.comm as dist
+    return wire.cross(rows, *wire.formats(config, crossing), *wire.split_exchanges(dist.all_to_all_single,
+                                                                                  self.ep_group, *splits))
+
+
+def _same(buffer: torch.Tensor) -> torch.Tensor:
+    return buffer
 
 
 def decide_by_cost(self, compressor: LSHCompressor, hidden_states: torch.Tensor) -> bool:
@@ -170,13 +200,16 @@ def decide_by_cost(self, compressor: LSHCompressor, hidden_states: torch.Tensor)
 
     def stock():
         leaf = routed.detach().requires_grad_()
-        out = _experts_on_centroids(self, leaf, counts, routes)
+        out = _experts_on_centroids(self, leaf, counts, routes, coded=False)
         torch.autograd.grad(out, leaf, torch.ones_like(out))
 
     def compressed():
         leaf = routed.detach().requires_grad_()
-        centroids, clusters, state = compressor.compress_variable(leaf, counts, record=False)
-        out = compressor.decompress_variable(_experts_on_centroids(self, centroids, clusters, routes), state)
+        if compressor.config.clustering == "none":  # the wire format alone
+            out = _experts_on_centroids(self, leaf, counts, routes)
+        else:
+            centroids, clusters, state = compressor.compress_variable(leaf, counts, record=False)
+            out = compressor.decompress_variable(_experts_on_centroids(self, centroids, clusters, routes), state)
         torch.autograd.grad(out, leaf, torch.ones_like(out))
 
     group_sum = None

@@ -3,6 +3,9 @@
 The patched forward follows the stock 0.19.x forward stage by stage and only wraps the communication seam:
 gate -> encode (E, C, d) -> compress to centroids (E, S, d) -> all-to-all -> experts -> all-to-all
 -> expand + residual (E, C, d) -> decode. Layers that are not selected, and eval mode, run the stock forward.
+With ``clustering: "none"`` every token crosses (no compress, no expand); either way the all-to-alls carry
+what crosses in the configured wire format (lshmoe_plugin.wire), or through DeepSpeed's own ``_AllToAll`` when
+that is the model's dtype both ways.
 """
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from typing import Any, Optional
 
 import torch
 
-from lshmoe_plugin import cost, schedule
+from lshmoe_plugin import cost, schedule, wire
 from lshmoe_plugin.compressor import LSHCompressor
 from lshmoe_plugin.config import LSHMoEConfig
 from lshmoe_plugin.telemetry import relative_error
@@ -115,27 +118,44 @@ def _compressed_forward(self, compressor: LSHCompressor, *input: torch.Tensor) -
     num_tokens, C = reshaped_input.size(0), int(C)
     slots = sm._route_slots(indices_, locations_, E, C)
     dispatched = sm._sparse_encode(reshaped_input, slots, E, C)
-    valid = occupied_slots(slots, E, C)
     # Only training forwards count and report: an evaluation (compress_in_eval) must leave the training
     # telemetry and the layer's forward count as they were.
     record = self.training
+    if compressor.config.clustering == "none":
+        if record:
+            compressor.record_exchange(dispatched, occupied_slots(slots, E, C))
+        expert_output = _exchange(self, dispatched, d_model, timed=True)
+        combined = sm._sparse_decode(expert_output.view(E * C, d_model), slots, gates_, num_tokens)
+        return _finish(self, combined, input[0].shape)
+    valid = occupied_slots(slots, E, C)
     centroids, state = compressor.compress_fixed(dispatched, valid, record=record)
 
-    centroids = _timed_all_to_all(self, centroids, sm.FIRST_ALLTOALL_TIMER, "time_falltoall")
-    expert_output = _experts(self, centroids, d_model)
-    expert_output = _timed_all_to_all(self, expert_output, sm.SECOND_ALLTOALL_TIMER, "time_salltoall")
-
-    centroid_outputs = expert_output
+    centroid_outputs = _exchange(self, centroids, d_model, timed=True)
     expert_output = compressor.decompress_fixed(centroid_outputs, state)
     if compressor.config.exact_token_stride:
         expert_output = with_exact_tokens(self, compressor, dispatched, expert_output, record)
     if record and compressor.output_error_due():
         record_output_error(self, compressor, dispatched, valid, centroid_outputs, state, expert_output)
     combined = sm._sparse_decode(expert_output.view(E * C, d_model), slots, gates_, num_tokens)
-    if timing:
+    return _finish(self, combined, input[0].shape)
+
+
+def _finish(self, combined: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    from deepspeed.moe import sharded_moe as sm
+    if self.wall_clock_breakdown:
         self.timers(sm.MOE_TIMER).stop()
         self.time_moe = self.timers(sm.MOE_TIMER).elapsed(reset=False)
-    return combined.reshape(input[0].shape)
+    return combined.reshape(shape)
+
+
+def _exchange(self, rows: torch.Tensor, d_model: int, timed: bool = False) -> torch.Tensor:
+    """rows (E, S, d) to their experts' ranks, through the experts, and back, each crossing in its wire format;
+    `timed`: under DeepSpeed's all-to-all timers (the layer's own exchange, not a sample's)."""
+    from deepspeed.moe import sharded_moe as sm
+    first = (sm.FIRST_ALLTOALL_TIMER, "time_falltoall") if timed else None
+    second = (sm.SECOND_ALLTOALL_TIMER, "time_salltoall") if timed else None
+    received = _crossing(self, rows, "dispatch", first)
+    return _crossing(self, _experts(self, received, d_model), "combine", second)
 
 
 def with_exact_tokens(self, compressor: LSHCompressor, dispatched: torch.Tensor, expert_output: torch.Tensor,
@@ -155,9 +175,10 @@ def with_exact_tokens(self, compressor: LSHCompressor, dispatched: torch.Tensor,
         return expert_output
     positions = torch.arange(offset, capacity, stride, device=dispatched.device)
     sample = dispatched[:, positions].contiguous()
-    exact = _all_to_all(self, _experts(self, _all_to_all(self, sample), d_model))
+    exact = _exchange(self, sample, d_model)  # in the wire format, as the centroids cross
     if record:
-        compressor.record_extra_bytes(sample.numel() * sample.element_size())
+        compressor.record_extra_bytes(wire.bytes_per_crossing(compressor.config, sample.numel() // d_model, d_model,
+                                                              sample.dtype))
     return expert_output.index_copy(1, positions, exact.to(expert_output.dtype))
 
 
@@ -214,18 +235,18 @@ def decide_by_cost(self, compressor: LSHCompressor, *input: torch.Tensor) -> boo
         dispatched = sm._sparse_encode(tokens, slots, E, int(C))
         valid = occupied_slots(slots, E, int(C))
 
-    def exchange(buffer):
-        return _all_to_all(self, _experts(self, _all_to_all(self, buffer), d_model))
-
     def stock():
         leaf = dispatched.detach().requires_grad_()
-        out = exchange(leaf)
+        out = _all_to_all(self, _experts(self, _all_to_all(self, leaf), d_model))
         torch.autograd.grad(out, leaf, torch.ones_like(out))
 
     def compressed():
         leaf = dispatched.detach().requires_grad_()
-        centroids, state = compressor.compress_fixed(leaf, valid, record=False)
-        out = compressor.decompress_fixed(exchange(centroids), state)
+        if compressor.config.clustering == "none":  # the wire format alone
+            out = _exchange(self, leaf, d_model)
+        else:
+            centroids, state = compressor.compress_fixed(leaf, valid, record=False)
+            out = compressor.decompress_fixed(_exchange(self, centroids, d_model), state)
         torch.autograd.grad(out, leaf, torch.ones_like(out))
 
     return cost.decide(compressor, stock, compressed, input[0].device, _group_sum(self), self.ep_size)
@@ -243,11 +264,37 @@ def _all_to_all(self, tensor: torch.Tensor) -> torch.Tensor:
     return sm._AllToAll.apply(self.ep_group, tensor) if self.ep_size > 1 else tensor.contiguous()
 
 
-def _timed_all_to_all(self, tensor: torch.Tensor, timer_name: str, attribute: str) -> torch.Tensor:
-    if self.wall_clock_breakdown:
-        self.timers(timer_name).start()
-    tensor = _all_to_all(self, tensor)
-    if self.wall_clock_breakdown:
-        self.timers(timer_name).stop()
-        setattr(self, attribute, self.timers(timer_name).elapsed(reset=False))
-    return tensor
+def _crossing(self, rows: torch.Tensor, crossing: str, timer: Optional[tuple] = None) -> torch.Tensor:
+    """One all-to-all ("dispatch" or "combine") of rows (E, S, d). In the model's dtype both ways it is DeepSpeed's
+    own `_AllToAll`, as before; otherwise `wire.cross` sends the encoded buffer and decodes what arrives."""
+    timed = timer is not None and self.wall_clock_breakdown
+    if timed:
+        self.timers(timer[0]).start()
+    config = LIFECYCLE.config
+    if wire.changes_crossing(config, crossing):
+        rows = wire.cross(rows, *wire.formats(config, crossing), _raw_all_to_all(self))
+    else:
+        rows = _all_to_all(self, rows)
+    if timed:
+        self.timers(timer[0]).stop()
+        setattr(self, timer[1], self.timers(timer[0]).elapsed(reset=False))
+    return rows
+
+
+def _raw_all_to_all(self):
+    """A plain all-to-all of one buffer over the layer's expert-parallel group (the identity at EP=1, where the
+    wire format still applies, as compression does: what a run at EP=1 trains is what EP>1 would)."""
+    if self.ep_size == 1:
+        return _same
+    import deepspeed.comm as dist
+    group = self.ep_group
+
+    def exchange(buffer: torch.Tensor) -> torch.Tensor:
+        received = torch.empty_like(buffer)
+        dist.all_to_all_single(received, buffer, group=group)
+        return received
+    return exchange
+
+
+def _same(buffer: torch.Tensor) -> torch.Tensor:
+    return buffer

@@ -11,6 +11,9 @@ stages and leaves the rest stock:
   times its routing probability, and the stock un-permutation follows.
 Megatron's experts scale their output by the probability (bias included), so ``p * (E(c) + x - c)`` is
 ``E_p(x)`` whenever ``E(c) + x - c`` is ``E(x)``: exact at rate 1.0 and for an identity expert.
+- ``token_dispatch`` and ``token_combine`` run stock, but the ``all_to_all`` they call sends their rows in the
+  configured wire format (lshmoe_plugin.wire; the gradient back along the transposed splits) wherever that is not
+  the model's dtype. With ``clustering: "none"`` the preprocess leaves the tokens as they are (FP8 alone).
 ``MoELayer.forward`` is wrapped only to tell its dispatcher the layer's index and train/eval mode. Disabled,
 unselected layers and eval mode run the stock dispatcher untouched.
 """
@@ -20,6 +23,7 @@ from typing import Iterable, Union
 
 import torch
 
+from lshmoe_plugin import wire
 from lshmoe_plugin.config import LSHMoEConfig, LSHMoEConfigError
 
 from .lifecycle import INDEX_ATTRIBUTE, PatchLifecycle, refuse_cuda_graphs, refuse_fixed_layout_only
@@ -68,7 +72,10 @@ def apply(config: LSHMoEConfig, model=None) -> None:
     dispatcher = token_dispatcher.MoEAlltoAllTokenDispatcher
     LIFECYCLE.install([(moe_layer.MoELayer, "forward", _patched_layer_forward),
                        (dispatcher, "dispatch_preprocess", _patched_dispatch_preprocess),
-                       (dispatcher, "combine_postprocess", _patched_combine_postprocess)])
+                       (dispatcher, "token_dispatch", _patched_token_dispatch),
+                       (dispatcher, "token_combine", _patched_token_combine),
+                       (dispatcher, "combine_postprocess", _patched_combine_postprocess),
+                       (token_dispatcher, "all_to_all", _coded_all_to_all)])
 
 
 def revert() -> None:
@@ -163,9 +170,15 @@ def _patched_dispatch_preprocess(self, hidden_states, routing_map, probs):
     self._lshmoe_saved = None
     index = getattr(self, INDEX_ATTRIBUTE, None)
     training = getattr(self, "_lshmoe_training", True)
-    if index is None or not LIFECYCLE.active(index, training):
+    self._lshmoe_coded = index is not None and LIFECYCLE.active(index, training)  # the crossings' wire formats
+    if not self._lshmoe_coded:
         return permuted, permuted_probs
     _check_dispatcher(self)
+    if LIFECYCLE.config.clustering == "none":
+        if training:
+            valid = torch.ones(permuted.shape[0], dtype=torch.bool, device=permuted.device)
+            LIFECYCLE.compressor(self, index).record_exchange(permuted, valid)
+        return permuted, permuted_probs
     tokens = permuted
     if self.config.moe_apply_probs_on_input:
         # The expert would scale its input by p; scale before clustering so centroids are of what it sees.
@@ -206,6 +219,47 @@ def _use_centroid_counts(self, clusters_per_expert: torch.Tensor) -> None:
     self.tokens_per_expert = received.sum(dim=0)
     if local > 1:
         self.num_global_tokens_per_local_expert = received.to(self.permute_idx_device)
+
+
+def _patched_token_dispatch(self, permuted, permuted_probs):
+    return _coding(self, "dispatch", permuted, "token_dispatch", permuted, permuted_probs)
+
+
+def _patched_token_combine(self, hidden_states, *args, **kwargs):
+    return _coding(self, "combine", hidden_states, "token_combine", hidden_states, *args, **kwargs)
+
+
+# (crossing, rows) of the dispatcher stage running now: the all-to-all that sends exactly `rows` codes them.
+_CODING = []
+
+
+def _coding(self, crossing: str, rows: torch.Tensor, stage: str, *args, **kwargs):
+    """Run the stock `stage`; its all-to-all of `rows` goes in the crossing's wire format when that changes it."""
+    original = _original_stage(stage)
+    if not (getattr(self, "_lshmoe_coded", False) and wire.changes_crossing(LIFECYCLE.config, crossing)):
+        return original(self, *args, **kwargs)
+    _CODING.append((crossing, rows))
+    try:
+        return original(self, *args, **kwargs)
+    finally:
+        _CODING.pop()
+
+
+def _coded_all_to_all(group, input_, output_split_sizes_=None, input_split_sizes=None):
+    """Megatron's ``all_to_all`` as the dispatcher module calls it; the rows `_coding` names cross encoded."""
+    from megatron.core.transformer.moe import token_dispatcher
+    if not _CODING or input_ is not _CODING[-1][1]:
+        return LIFECYCLE.original(token_dispatcher, "all_to_all")(group, input_, output_split_sizes_,
+                                                                  input_split_sizes)
+    formats = wire.formats(LIFECYCLE.config, _CODING[-1][0])
+    if group.size() == 1:  # nothing crosses the network; the wire format applies all the same
+        return wire.cross(input_, *formats, _same)
+    return wire.cross(input_, *formats, *wire.split_exchanges(torch.distributed.all_to_all_single, group,
+                                                              input_split_sizes, output_split_sizes_))
+
+
+def _same(buffer: torch.Tensor) -> torch.Tensor:
+    return buffer
 
 
 def _patched_combine_postprocess(self, hidden_states):

@@ -100,3 +100,39 @@ def test_bad_values_name_the_key_and_what_is_allowed(block, message):
 def test_block_must_be_an_object():
     with pytest.raises(LSHMoEConfigError, match="'lsh_moe' must be a JSON object"):
         LSHMoEConfig.from_deepspeed_config({"lsh_moe": [1, 2]}, env={})
+
+
+def test_wire_keys_default_to_todays_exchange_and_grads_follow_their_forward():
+    cfg = LSHMoEConfig.from_dict({"enabled": True}, env={})
+    assert (cfg.clustering, cfg.dispatch_dtype, cfg.combine_dtype, cfg.fp8_block_size) == ("lsh", "model", "model",
+                                                                                          128)
+    assert cfg.wire_dtypes == ("model",) * 4
+    cfg = LSHMoEConfig.from_dict({"dispatch_dtype": "fp8_e4m3", "combine_grad_dtype": "fp8_e4m3",
+                                  "fp8_block_size": "row"}, env={})
+    assert cfg.wire_dtypes == ("fp8_e4m3", "fp8_e4m3", "model", "fp8_e4m3")
+    assert LSHMoEConfig.from_dict(cfg.to_dict(), env={}) == cfg
+    fp8_only = LSHMoEConfig.from_dict({"enabled": True, "clustering": "none", "dispatch_dtype": "fp8_e4m3",
+                                       "compression_rate": 0.2, "seed": 5, "decide_by_cost": True}, env={})
+    assert fp8_only.clustering == "none"  # defaults of the clustering keys and keys that still apply are fine
+
+
+@pytest.mark.parametrize("block, message", [
+    ({"clustering": "kmeans"}, r"clustering must be one of \['lsh', 'none'\], got 'kmeans'"),
+    ({"dispatch_dtype": "fp8"}, r"dispatch_dtype must be one of \['model', 'fp8_e4m3'\], got 'fp8'"),
+    ({"combine_dtype": "bf16"}, r"combine_dtype must be one of \['model', 'fp8_e4m3'\], got 'bf16'"),
+    ({"dispatch_grad_dtype": "e5m2"}, r"dispatch_grad_dtype must be null \(as the forward\) or one of \['model', "
+                                      r"'fp8_e4m3'\], got 'e5m2'"),
+    ({"dispatch_dtype": "fp8_e4m3", "fp8_block_size": 0}, r'fp8_block_size must be "row" or an integer >= 1, got 0'),
+    ({"dispatch_dtype": "fp8_e4m3", "fp8_block_size": "block"}, r'fp8_block_size must be "row" or an integer'),
+    ({"dispatch_dtype": "fp8_e4m3", "fp8_block_size": True}, r'fp8_block_size must be "row" or an integer'),
+    ({"fp8_block_size": 64}, r"fp8_block_size=64 sets the scales of fp8_e4m3, which no crossing uses"),
+    ({"clustering": "none", "compression_rate": 0.5},
+     r"compression_rate=0.5 belongs to LSH clustering, which clustering 'none' turns off; allowed with clustering "
+     r"'none': compression_rate 0.2"),
+    ({"clustering": "none", "error_compensation": False}, r"error_compensation=False belongs to LSH clustering"),
+    ({"clustering": "none", "exact_token_stride": 8}, r"exact_token_stride=8 belongs to LSH clustering"),
+    ({"clustering": "none", "output_error_interval": 10}, r"output_error_interval=10 belongs to LSH clustering"),
+])
+def test_bad_wire_values_name_the_key_and_what_is_allowed(block, message):
+    with pytest.raises(LSHMoEConfigError, match=message):
+        LSHMoEConfig.from_dict(block, env={})

@@ -249,3 +249,4 @@ def test_cuda_graphs_true_is_refused_by_name_for_the_variable_layout(framework):
     finally:
         lshmoe_plugin.disable(framework)
     assert not patch.is_applied()
+

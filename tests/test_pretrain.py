@@ -135,3 +135,24 @@ def test_a_stale_jit_build_lock_is_an_error_not_a_hang(tmp_path, cache_dir, monk
                      check=False)
     assert stale.returncode != 0 and f"{lock} is 60 minutes old" in stale.stderr, stale.stderr[-3000:]
     assert "Delete that file if no build is running" in stale.stderr
+
+
+def test_study_fp8_variant_trains_through_the_launcher(tmp_path, cache_dir):
+    """The quality study's `fp8_dispatch` variant as the study configures it (its lsh_moe block and --diagnostic),
+    at EP=2: every token's dispatch crosses as FP8 values and scales, the loss falls, and the telemetry counts the
+    four crossings' bytes (tiny: d_model 128, one scale per row, fp32 on the CPU)."""
+    from lshmoe_pretrain import quality_study as study
+    steps = 20
+    plan = study.StudyPlan("gpt", "tiny", ["fp8_dispatch"], [1], steps * 8 * 128 * 2, str(tmp_path),
+                           os.path.join(ROOT, "configs", "gpt_moe_cpu.json"), micro_batch=8, lr=3e-3, num_gpus=2)
+    config = study.deepspeed_config(plan, "fp8_dispatch")
+    assert plan.train_steps() == steps and config["lsh_moe"]["dispatch_dtype"] == "fp8_e4m3"
+    path = tmp_path / "fp8_dispatch.json"
+    path.write_text(json.dumps(config))
+    pretrain("pretrain_gpt_moe.py", tmp_path / "run", cache_dir, "--train_steps", str(steps), "--eval_interval", "0",
+             "--diagnostic", study.diagnostic("fp8_dispatch"), config=str(path))
+    records = metrics(tmp_path / "run")
+    assert len(records) == steps and records[-1]["loss"] < records[0]["loss"] - 1.0
+    fp8, fp32 = 128 + 4, 128 * 4  # bytes per row: dispatch and its gradient in FP8, combine both ways in fp32
+    assert records[-1]["lsh_moe/mean/bytes_ratio"] == pytest.approx((2 * fp8 + 2 * fp32) / (4 * fp32), rel=1e-12)
+    assert records[-1]["lsh_moe/mean/compression_rate"] == 1.0

@@ -1,0 +1,219 @@
+"""The wire formats (lsh_moe dispatch/combine dtypes) on DeepSpeed's real MoE layer, in 1 and 2 real gloo processes:
+the model's dtype changes nothing, FP8 equals a hand-built reference (DeepSpeed's stages with every crossing rounded
+to the e4m3 grid), gradients pass straight through and cross back in their own format, and the all-to-all really
+moves uint8 buffers of values and scales whose bytes the telemetry counts."""
+import math
+
+import pytest
+import torch
+from distributed import run_distributed
+from test_deepspeed_patch import D_MODEL, build_distinct_shift_experts, build_moe, failed, fwd_bwd, same
+from test_wire import reference_round_trip
+
+import lshmoe_plugin
+from lshmoe_plugin.compressor import fixed_slots
+
+BLOCK = 8  # two scales per row of D_MODEL 16
+FP8_ROW_BYTES = D_MODEL + 4 * math.ceil(D_MODEL / BLOCK)
+FP32_ROW_BYTES = D_MODEL * 4
+
+
+class AllToAlls:
+    """(dtype, bytes) of every buffer handed to the real all-to-all, in call order (the call itself still runs)."""
+
+    def __init__(self):
+        import deepspeed.comm as dist
+        self.dist, self.original, self.calls = dist, dist.all_to_all_single, []
+
+    def __enter__(self):
+        def counting(output, tensor, *args, **kwargs):
+            self.calls.append((tensor.dtype, tensor.numel() * tensor.element_size()))
+            return self.original(output, tensor, *args, **kwargs)
+        self.dist.all_to_all_single = counting
+        return self
+
+    def __exit__(self, *exc):
+        self.dist.all_to_all_single = self.original
+
+
+class RoundTrip(torch.autograd.Function):
+    """The reference of one crossing's coding: the forward rounded to the e4m3 grid (None: unchanged), the gradient
+    likewise in its own format. Rounding per row commutes with the all-to-all, which only moves rows."""
+
+    @staticmethod
+    def forward(ctx, rows, forward_block, backward_block):
+        ctx.backward_block = backward_block
+        return rows if forward_block is None else reference_round_trip(rows, forward_block).to(rows.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        block = ctx.backward_block
+        return (grad if block is None else reference_round_trip(grad, block).to(grad.dtype)), None, None
+
+
+def reference_fwd_bwd(moe, x, dispatch=(None, None), combine=(None, None)):
+    """`fwd_bwd` of DeepSpeed's MOELayer rebuilt from its own stages (gate, _sparse_encode, _AllToAll, experts,
+    _sparse_decode) with the crossings coded by `RoundTrip` (forward block, backward block); also the capacity."""
+    from deepspeed.moe import sharded_moe as sm
+    layer = moe.deepspeed_moe
+    moe.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_(True)
+    torch.manual_seed(1234)
+    tokens = x.reshape(-1, D_MODEL)
+    l_aux, C, E, indices, locations, gates, _ = layer.gate(tokens, None, True, False)
+    C = int(C)
+    slots = sm._route_slots(indices, locations, E, C)
+
+    def all_to_all(t):
+        return sm._AllToAll.apply(layer.ep_group, t) if layer.ep_size > 1 else t.contiguous()
+    received = all_to_all(RoundTrip.apply(sm._sparse_encode(tokens, slots, E, C), *dispatch))
+    out = layer.experts(received.reshape(layer.ep_size, layer.num_local_experts, -1, D_MODEL))
+    out = all_to_all(RoundTrip.apply(out.reshape(E, -1, D_MODEL), *combine))
+    y = sm._sparse_decode(out.view(E * C, D_MODEL), slots, gates, tokens.shape[0]).reshape(x.shape)
+    (y.float().square().mean() + l_aux).backward()
+    grads = [p.grad.clone() if p.grad is not None else None for p in moe.parameters()]
+    return (y.detach(), x.grad.detach(), grads), E, C
+
+
+def crossing_bytes(kinds, rows):
+    """Expected (dtype, bytes) of the four crossings (dispatch, combine, combine's grad, dispatch's grad)."""
+    return [(torch.uint8, rows * FP8_ROW_BYTES) if kind == "fp8" else (torch.float32, rows * FP32_ROW_BYTES)
+            for kind in kinds]
+
+
+# (lsh_moe keys, reference codings of dispatch and combine as (forward, backward) blocks, the four crossings' kinds)
+FP8_CASES = {
+    "fp8_dispatch": ({"dispatch_dtype": "fp8_e4m3"}, ((BLOCK, BLOCK), (None, None)), ("fp8", "model", "model", "fp8")),
+    "fp8_dispatch_model_grad": ({"dispatch_dtype": "fp8_e4m3", "dispatch_grad_dtype": "model"},
+                                ((BLOCK, None), (None, None)), ("fp8", "model", "model", "model")),
+    "fp8_both": ({"dispatch_dtype": "fp8_e4m3", "combine_dtype": "fp8_e4m3"}, ((BLOCK, BLOCK), (BLOCK, BLOCK)),
+                 ("fp8", "fp8", "fp8", "fp8")),
+    "fp8_combine_grad_only": ({"combine_grad_dtype": "fp8_e4m3"}, ((None, None), (None, BLOCK)),
+                              ("model", "model", "fp8", "model")),
+}
+
+
+def check_wire_formats(rank, world_size, device="cpu"):
+    torch.manual_seed(100 + rank)
+    x = (torch.randn(2, 24, D_MODEL) * torch.exp(torch.randn(2, 24, 1))).to(device)  # rows of different magnitudes
+    report = {}
+    for k in (1, 2):
+        moe = build_moe(world_size, k).to(device)
+        with AllToAlls() as stock_calls:
+            stock = fwd_bwd(moe, x)
+        # clustering none in the model's dtype: the patched path with nothing changed is stock, bit for bit
+        lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "clustering": "none"}}, moe)
+        with AllToAlls() as calls:
+            report[f"top{k}_none_model_is_stock"] = same(stock, fwd_bwd(moe, x))
+        report[f"top{k}_none_model_same_all_to_alls"] = calls.calls == stock_calls.calls
+        # the model's dtype spelled out changes nothing in the compressed layer either
+        lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "compression_rate": 0.25}}, moe)
+        lsh = fwd_bwd(moe, x)
+        lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "compression_rate": 0.25, "dispatch_dtype": "model",
+                                          "combine_dtype": "model", "dispatch_grad_dtype": "model",
+                                          "combine_grad_dtype": "model"}}, moe)
+        report[f"top{k}_lsh_model_keys_change_nothing"] = same(lsh, fwd_bwd(moe, x))
+        lshmoe_plugin.disable()
+
+        for name, (keys, (dispatch, combine), kinds) in FP8_CASES.items():
+            expected, E, C = reference_fwd_bwd(moe, x, dispatch, combine)
+            lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "clustering": "none", "fp8_block_size": BLOCK,
+                                              **keys}}, moe)
+            with AllToAlls() as calls:
+                got = fwd_bwd(moe, x)
+            stats = lshmoe_plugin.TELEMETRY.latest[0]
+            lshmoe_plugin.disable()
+            report[f"top{k}_{name}_equals_reference"] = same(expected, got)
+            report[f"top{k}_{name}_differs_from_stock"] = not same(stock, got)
+            crossings = crossing_bytes(kinds, E * C)
+            # EP=1 crosses no network (DeepSpeed makes no all-to-all), and the wire format applies all the same
+            report[f"top{k}_{name}_all_to_alls"] = calls.calls == (crossings if world_size > 1 else [])
+            report[f"top{k}_{name}_telemetry_bytes"] = (
+                stats.bytes_sent == sum(b for _, b in crossings) / 4
+                and stats.bytes_uncompressed == E * C * FP32_ROW_BYTES
+                and stats.as_floats()["compression_rate"] == 1.0)
+    return report
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_fp8_without_clustering_equals_the_reference_and_sends_uint8(world_size):
+    for rank, report in enumerate(run_distributed(check_wire_formats, world_size)):
+        assert all(report.values()), (rank, failed(report))
+
+
+def check_lsh_with_fp8(rank, world_size, device="cpu"):
+    """LSH at rate 0.25 with FP8 centroids. Experts E(x) = x + b of their own, error compensation on: a token
+    gets E(Q(c)) + x - c = x + b + (Q(c) - c), the layer without FP8 x + b, so the two differ by the gate-weighted
+    rounding of the centroids, at most 2^-4 of the largest centroid magnitude of a block, which no token exceeds."""
+    torch.manual_seed(100 + rank)
+    x = torch.randn(2, 24, D_MODEL).to(device)
+    report = {}
+    for k in (1, 2):
+        moe = build_distinct_shift_experts(rank, world_size, k).to(device)
+        lsh_keys = {"enabled": True, "compression_rate": 0.25, "fp8_block_size": BLOCK}
+        lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "compression_rate": 0.25}}, moe)
+        exact = fwd_bwd(moe, x)
+        lshmoe_plugin.enable({"lsh_moe": {**lsh_keys, "dispatch_dtype": "fp8_e4m3"}}, moe)
+        with AllToAlls() as calls:
+            fp8 = fwd_bwd(moe, x)
+        stats = lshmoe_plugin.TELEMETRY.latest[0]
+        difference = (fp8[0] - exact[0]).abs()
+        report[f"top{k}_fp8_centroids_move_the_output"] = bool(difference.max() > 0)
+        report[f"top{k}_within_the_rounding_of_the_centroids"] = bool(
+            (difference <= 2.0**-4 * x.abs().max() * (1 + 1e-5)).all())
+        report[f"top{k}_grads_finite"] = all(torch.isfinite(g).all() for g in fp8[2] if g is not None)
+        rows = 4 * fixed_slots(int(stats.bytes_uncompressed) // (4 * FP32_ROW_BYTES), 0.25)  # 4 experts
+        crossings = crossing_bytes(("fp8", "model", "model", "fp8"), rows)
+        report[f"top{k}_centroids_cross_as_uint8"] = calls.calls == (crossings if world_size > 1 else [])
+        report[f"top{k}_telemetry_bytes"] = stats.bytes_sent == sum(b for _, b in crossings) / 4
+
+        lshmoe_plugin.enable({"lsh_moe": {**lsh_keys, "dispatch_dtype": "fp8_e4m3", "combine_dtype": "fp8_e4m3",
+                                          "exact_token_stride": 4}}, moe)
+        with AllToAlls() as calls:
+            fwd_bwd(moe, x)
+        stats = lshmoe_plugin.TELEMETRY.latest[0]
+        capacity = int(stats.bytes_uncompressed) // (4 * FP32_ROW_BYTES)
+        sample_rows = 4 * len(range(0, capacity, 4)) if capacity else 0  # the rotation starts at slot 0
+        report[f"top{k}_exact_tokens_cross_in_fp8_too"] = (
+            all(dtype == torch.uint8 for dtype, _ in calls.calls) and len(calls.calls) == (8 if world_size > 1 else 0)
+            and stats.bytes_sent == (rows + sample_rows) * FP8_ROW_BYTES)
+
+        # a bf16 layer: values and gradients keep the model's dtype
+        bf16 = build_moe(world_size, k).to(device, torch.bfloat16)
+        lshmoe_plugin.enable({"lsh_moe": {**lsh_keys, "dispatch_dtype": "fp8_e4m3", "combine_dtype": "fp8_e4m3"}},
+                             bf16)
+        out, gx, grads = fwd_bwd(bf16, x, torch.bfloat16)
+        report[f"top{k}_bf16_layer"] = (out.dtype == gx.dtype == torch.bfloat16 and bool(torch.isfinite(gx).all())
+                                        and all(torch.isfinite(g.float()).all() for g in grads if g is not None))
+        lshmoe_plugin.disable()
+    return report
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_lsh_with_fp8_centroids(world_size):
+    for rank, report in enumerate(run_distributed(check_lsh_with_fp8, world_size)):
+        assert all(report.values()), (rank, failed(report))
+
+
+def check_fp8_decides_by_cost_and_evaluates_stock(rank, world_size, device="cpu"):
+    moe = build_moe(world_size, 2).to(device)
+    x = torch.randn(2, 24, D_MODEL).to(device)
+    moe.eval()
+    torch.manual_seed(7)
+    stock_eval = moe(x)[0]
+    moe.train()
+    lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "clustering": "none", "dispatch_dtype": "fp8_e4m3",
+                                      "decide_by_cost": True}}, moe)
+    fwd_bwd(moe, x)
+    decision = lshmoe_plugin.TELEMETRY.decisions.get(0)
+    moe.eval()
+    torch.manual_seed(7)
+    evaluated = moe(x)[0]
+    lshmoe_plugin.disable()
+    return {"decided": decision is not None and decision.stock_ms > 0 and decision.compressed_ms > 0,
+            "eval_is_stock": torch.equal(evaluated, stock_eval)}
+
+
+def test_fp8_alone_decides_by_cost_and_evaluates_stock():
+    for rank, report in enumerate(run_distributed(check_fp8_decides_by_cost_and_evaluates_stock, 2)):
+        assert all(report.values()), (rank, failed(report))
