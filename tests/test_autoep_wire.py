@@ -3,39 +3,17 @@ the model's dtype without clustering is the stock exchange; FP8 gives a layer wi
 e4m3 rounding of its routed rows (rounding per row commutes with the all-to-all, which only moves rows); every
 crossing, forward and backward, moves uint8 buffers of values and scales along its own (or, backward, the
 transposed) split sizes, and the telemetry counts those bytes."""
+import deepspeed.comm
 import pytest
 import torch
 from distributed import run_distributed
 from test_autoep_patch import HIDDEN, IdentityExperts, autoep_layers, bit_identical, build_model, enabled, fwd_bwd
 from test_wire import reference_round_trip
+from wire_helpers import BLOCK, CASES, TokenCrossings, row_bytes
 
 from lshmoe_plugin.patches import deepspeed_autoep
 
-BLOCK = 8
-FP8_ROW_BYTES, FP32_ROW_BYTES = HIDDEN + 4 * 2, HIDDEN * 4
-# lsh_moe keys, and which of the four crossings (dispatch, combine, combine's grad, dispatch's grad) are FP8
-CASES = {"fp8_dispatch": ({"dispatch_dtype": "fp8_e4m3"}, (True, False, False, True)),
-         "fp8_both": ({"dispatch_dtype": "fp8_e4m3", "combine_dtype": "fp8_e4m3"}, (True, True, True, True)),
-         "fp8_to_experts": ({"dispatch_dtype": "fp8_e4m3", "dispatch_grad_dtype": "model",
-                             "combine_grad_dtype": "fp8_e4m3"}, (True, False, True, False))}
-
-
-class TokenCrossings:
-    """(dtype, rows, bytes) of the row buffers handed to the real all-to-all (the 1-D count exchange skipped)."""
-
-    def __enter__(self):
-        import deepspeed.comm as dist
-        self.dist, self.original, self.calls = dist, dist.all_to_all_single, []
-
-        def counting(output, tensor, *args, **kwargs):
-            if tensor.dim() == 2:
-                self.calls.append((str(tensor.dtype), tensor.shape[0], tensor.numel() * tensor.element_size()))
-            return self.original(output, tensor, *args, **kwargs)
-        dist.all_to_all_single = counting
-        return self
-
-    def __exit__(self, *exc):
-        self.dist.all_to_all_single = self.original
+FP8_ROW_BYTES, FP32_ROW_BYTES = row_bytes(HIDDEN)
 
 
 def scenarios(rank, world_size):
@@ -51,11 +29,11 @@ def _scenarios(rank, world_size):
     device = next(model.parameters()).device
     ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(rank)).to(device)
     deepspeed_autoep.revert()
-    with TokenCrossings() as stock_calls:
+    with TokenCrossings(deepspeed.comm) as stock_calls:
         stock = fwd_bwd(model, ids)
     out = {}
     deepspeed_autoep.apply(enabled(clustering="none"), model)
-    with TokenCrossings() as calls:
+    with TokenCrossings(deepspeed.comm) as calls:
         none = fwd_bwd(model, ids)
     out["none_model_diff"] = max((a - b).abs().max().item() for a, b in [(stock[0], none[0])] + list(zip(stock[1],
                                                                                                       none[1])))
@@ -65,7 +43,7 @@ def _scenarios(rank, world_size):
     for name, (keys, _) in CASES.items():
         deepspeed_autoep.apply(enabled(clustering="none", fp8_block_size=BLOCK, **keys))
         TELEMETRY.clear()
-        with TokenCrossings() as calls:
+        with TokenCrossings(deepspeed.comm) as calls:
             got = fwd_bwd(model, ids)
         out[name] = {"differs": not bit_identical(stock, got), "calls": calls.calls,
                      "telemetry_sent": sum(s.bytes_sent for s in TELEMETRY.latest.values()),
@@ -81,7 +59,7 @@ def lsh_with_fp8(model, ids):
     deepspeed_autoep.apply(enabled(compression_rate=0.25, dispatch_dtype="fp8_e4m3", combine_dtype="fp8_e4m3",
                                    fp8_block_size=BLOCK))
     TELEMETRY.clear()
-    with TokenCrossings() as calls:
+    with TokenCrossings(deepspeed.comm) as calls:
         fwd_bwd(model, ids)
     return {"calls": calls.calls, "telemetry_sent": sum(s.bytes_sent for s in TELEMETRY.latest.values()),
             "clusters": sum(int(s.clusters) for s in TELEMETRY.latest.values())}

@@ -8,33 +8,11 @@ import torch
 from distributed import run_distributed
 from megatron_helpers import BATCH, HIDDEN, SEQ, ScaledIdentityExperts, bit_identical, build_layer, enabled, fwd_bwd
 from test_wire import reference_round_trip
+from wire_helpers import BLOCK, CASES, TokenCrossings, row_bytes
 
 from lshmoe_plugin.patches import megatron_dispatcher
 
-BLOCK = 8
-FP8_ROW_BYTES, FP32_ROW_BYTES = HIDDEN + 4 * 2, HIDDEN * 4
-# lsh_moe keys, and which of the four crossings (dispatch, combine, combine's grad, dispatch's grad) are FP8
-CASES = {"fp8_dispatch": ({"dispatch_dtype": "fp8_e4m3"}, (True, False, False, True)),
-         "fp8_both": ({"dispatch_dtype": "fp8_e4m3", "combine_dtype": "fp8_e4m3"}, (True, True, True, True)),
-         "fp8_to_experts": ({"dispatch_dtype": "fp8_e4m3", "dispatch_grad_dtype": "model",
-                             "combine_grad_dtype": "fp8_e4m3"}, (True, False, True, False))}
-
-
-class TokenCrossings:
-    """(dtype, rows, bytes) of the row buffers handed to the real all-to-all (1-D probabilities skipped)."""
-
-    def __enter__(self):
-        self.original, self.calls = torch.distributed.all_to_all_single, []
-
-        def counting(output, tensor, *args, **kwargs):
-            if tensor.dim() == 2:
-                self.calls.append((str(tensor.dtype), tensor.shape[0], tensor.numel() * tensor.element_size()))
-            return self.original(output, tensor, *args, **kwargs)
-        torch.distributed.all_to_all_single = counting
-        return self
-
-    def __exit__(self, *exc):
-        torch.distributed.all_to_all_single = self.original
+FP8_ROW_BYTES, FP32_ROW_BYTES = row_bytes(HIDDEN)
 
 
 def scenarios(rank, world_size):
@@ -55,17 +33,17 @@ def _scenarios(rank, world_size, device):
     torch.manual_seed(100 + rank)
     x = (torch.randn(SEQ, BATCH, HIDDEN) * torch.exp(torch.randn(SEQ, BATCH, 1))).to(device)
     layer = build_layer(world_size).to(device)
-    with TokenCrossings() as stock_calls:
+    with TokenCrossings(torch.distributed) as stock_calls:
         stock = fwd_bwd(layer, x)
     out = {}
     megatron_dispatcher.apply(enabled(clustering="none"), layer)
-    with TokenCrossings() as calls:
+    with TokenCrossings(torch.distributed) as calls:
         out["none_model_identical"] = bit_identical(stock, fwd_bwd(layer, x))
     out["none_model_same_crossings"] = calls.calls == stock_calls.calls
     for name, (keys, _) in CASES.items():
         megatron_dispatcher.apply(enabled(clustering="none", fp8_block_size=BLOCK, **keys))
         TELEMETRY.clear()
-        with TokenCrossings() as calls:
+        with TokenCrossings(torch.distributed) as calls:
             got = fwd_bwd(layer, x)
         out[name] = {"differs": not bit_identical(stock, got), "calls": calls.calls,
                      "telemetry_sent": sum(s.bytes_sent for s in TELEMETRY.latest.values()),
@@ -73,7 +51,7 @@ def _scenarios(rank, world_size, device):
     megatron_dispatcher.apply(enabled(compression_rate=0.25, dispatch_dtype="fp8_e4m3", combine_dtype="fp8_e4m3",
                                       fp8_block_size=BLOCK))
     TELEMETRY.clear()
-    with TokenCrossings() as calls:
+    with TokenCrossings(torch.distributed) as calls:
         fwd_bwd(layer, x)
     [stats] = TELEMETRY.latest.values()
     out["lsh_fp8"] = {"calls": calls.calls, "telemetry_sent": stats.bytes_sent, "clusters": int(stats.clusters)}
