@@ -66,8 +66,10 @@ class FP8E4M3:
         """rows (..., d) -> values float8_e4m3fn (..., d), scales float32 (..., blocks)."""
         blocked, d = self._blocked(rows.float())
         amax = blocked.abs().amax(-1)
-        # A zero block gets the smallest normal scale instead of 0, so that 0 / s stays 0 without a branch.
-        scales = (amax / E4M3_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+        # A zero block gets the smallest normal scale instead of 0, so that 0 / s stays 0 without a branch. 448 as
+        # a tensor: CUDA turns a division by a Python number into a product with its float32 reciprocal, one ulp
+        # off for about half the blocks, and the scales must have the same bits on every device and kernel.
+        scales = (amax / amax.new_full((), E4M3_MAX)).clamp(min=torch.finfo(torch.float32).tiny)
         scaled = (blocked / scales.unsqueeze(-1)).clamp(-E4M3_MAX, E4M3_MAX)
         values = scaled.flatten(-2)[..., :d].to(torch.float8_e4m3fn)
         return values, scales
