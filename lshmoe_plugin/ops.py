@@ -6,6 +6,7 @@ Every implementation exposes the same functions with the signatures of the refer
 """
 from __future__ import annotations
 
+import importlib
 from types import SimpleNamespace
 
 import torch
@@ -32,29 +33,33 @@ def triton_available() -> bool:
 
 
 def select(kernel: str, device: torch.device) -> SimpleNamespace:
-    """The ops for `kernel` ("auto", "torch", "triton") on `device`.
+    """The ops for `kernel` ("auto", "torch", "triton") on `device` (which runs where: `runs_fused`)."""
+    return fused_module("triton_ops", kernel).OPS if runs_fused(kernel, device) else REFERENCE
 
-    "torch" is the reference anywhere. "auto" is the reference off CUDA and the fused kernels on CUDA: a missing
-    or broken triton there raises instead of silently running the slow path. "triton" off CUDA is an error.
+
+def runs_fused(kernel: str, device: torch.device) -> bool:
+    """Whether `kernel` ("auto", "torch", "triton") runs the fused kernels on `device`.
+
+    "torch" is the reference anywhere. "auto" is the reference off CUDA and the fused kernels on CUDA, where a
+    missing or broken triton raises (`fused_module`) instead of silently running the slow path. "triton" off CUDA
+    is an error.
     """
     if kernel not in ("auto", "torch", "triton"):
         raise ValueError(f"lsh_moe.kernel={kernel!r}: allowed values are 'auto', 'torch', 'triton'")
     if kernel == "torch":
-        return REFERENCE
+        return False
     on_cuda = torch.device(device).type == "cuda"
     if kernel == "triton" and not on_cuda:
         raise RuntimeError(f"lsh_moe.kernel='triton' needs a CUDA device, got device {device}. "
                            f"Allowed here: 'auto' or 'torch'")
-    if not on_cuda:
-        return REFERENCE
-    return _triton_ops(kernel)
+    return on_cuda
 
 
-def _triton_ops(kernel: str) -> SimpleNamespace:
+def fused_module(name: str, kernel: str):
+    """lshmoe_plugin.kernels.<name>, imported for `kernel`; an import failure raises naming the way out."""
     try:
-        from .kernels import triton_ops
+        return importlib.import_module(f"{__package__}.kernels.{name}")
     except ImportError as error:
         raise RuntimeError(f"lsh_moe.kernel={kernel!r} on a CUDA device needs triton (it ships with PyTorch's CUDA "
                            f"wheels) but importing the fused kernels failed: {error}. Install triton, or set "
                            f"lsh_moe.kernel='torch' to run the PyTorch reference on the GPU") from error
-    return triton_ops.OPS
