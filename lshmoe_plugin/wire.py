@@ -12,7 +12,9 @@ to the model's dtype): at most 2^-4 of the block's largest magnitude. NaN and in
 scaler still sees the overflow).
 
 Gradients (`cross`): straight-through for the rounding; the backward crossing carries the gradient in its own
-format with scales of its own. Pure PyTorch, shape-static, no host synchronisation (CUDA-graph capturable).
+format with scales of its own. Shape-static, no host synchronisation (CUDA-graph capturable). ``fp8_e4m3`` encodes
+and decodes on CUDA with the fused kernels of kernels/wire_triton.py (one pass each, the reference's bits), unless
+``lsh_moe.kernel`` is ``torch``; PyTorch's reference runs elsewhere.
 """
 from __future__ import annotations
 
@@ -22,10 +24,13 @@ from typing import Callable, Optional, Tuple, Union
 
 import torch
 
+from . import ops
+
 WIRE_DTYPES = ("model", "fp8_e4m3")
 CROSSINGS = ("dispatch", "combine")
 E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
 _SCALE_BYTES = 4  # float32
+FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what kernels/wire_triton.py reads and writes
 
 Exchange = Callable[[torch.Tensor], torch.Tensor]  # a plain all-to-all of one buffer along dim 0 (no autograd)
 
@@ -55,6 +60,7 @@ class FP8E4M3:
     """
 
     name = "fp8_e4m3"
+    kernel = "auto"  # lsh_moe.kernel, set by wire_format: where encode and decode run the fused kernels (ops)
 
     def __init__(self, block: Optional[int] = None) -> None:
         self.block = block
@@ -80,16 +86,26 @@ class FP8E4M3:
         return (blocked * scales.unsqueeze(-1)).flatten(-2)[..., :d].to(dtype)
 
     def encode(self, rows: torch.Tensor) -> torch.Tensor:
+        if self._fused(rows, rows.dtype):
+            return ops.fused_module("wire_triton", self.kernel).encode(rows, self.block)
         values, scales = self.quantize(rows)
         return torch.cat([values.view(torch.uint8), scales.view(torch.uint8)], dim=-1)
 
     def decode(self, buffer: torch.Tensor, d: int, dtype: torch.dtype) -> torch.Tensor:
+        if self._fused(buffer, dtype):
+            return ops.fused_module("wire_triton", self.kernel).decode(buffer, d, self.block, dtype)
         values = buffer[..., :d].view(torch.float8_e4m3fn)
         scales = buffer[..., d:].contiguous().view(torch.float32)
         return self.dequantize(values, scales, dtype)
 
     def bytes(self, rows: int, d: int, dtype: torch.dtype) -> int:
         return rows * (d + _SCALE_BYTES * self.blocks(d))
+
+    def _fused(self, tensor: torch.Tensor, dtype: torch.dtype) -> bool:
+        """Whether the fused kernels encode or decode `tensor` (model dtype `dtype`): on CUDA unless the kernel is
+        'torch', for the dtypes they read and write (the reference takes any other, and empty tensors)."""
+        return (ops.runs_fused(self.kernel, tensor.device) and tensor.numel() > 0
+                and dtype in FUSED_DTYPES)
 
     def _blocked(self, rows: torch.Tensor) -> Tuple[torch.Tensor, int]:
         """(..., d) -> (..., blocks, block), the last block zero-padded: padding changes no block's amax."""
@@ -106,12 +122,15 @@ MODEL = ModelDtype()
 
 
 @functools.lru_cache(maxsize=None)
-def wire_format(name: str, block: Union[str, int] = "row") -> WireFormat:
-    """The format called `name` (one of WIRE_DTYPES); `block` is ``lsh_moe.fp8_block_size``."""
+def wire_format(name: str, block: Union[str, int] = "row", kernel: str = "auto") -> WireFormat:
+    """The format called `name` (one of WIRE_DTYPES); `block` is ``lsh_moe.fp8_block_size``, `kernel`
+    ``lsh_moe.kernel`` (``torch``: the PyTorch reference on every device)."""
     if name == "model":
         return MODEL
     if name == "fp8_e4m3":
-        return FP8E4M3(None if block == "row" else block)
+        fmt = FP8E4M3(None if block == "row" else block)
+        fmt.kernel = kernel
+        return fmt
     raise ValueError(f"wire dtype {name!r}: allowed {list(WIRE_DTYPES)}")
 
 
@@ -120,7 +139,8 @@ def formats(config, crossing: str) -> Tuple[WireFormat, WireFormat]:
     follows the forward unless ``<crossing>_grad_dtype`` is set."""
     forward = getattr(config, f"{crossing}_dtype")
     backward = getattr(config, f"{crossing}_grad_dtype") or forward
-    return wire_format(forward, config.fp8_block_size), wire_format(backward, config.fp8_block_size)
+    block, kernel = config.fp8_block_size, config.kernel
+    return wire_format(forward, block, kernel), wire_format(backward, block, kernel)
 
 
 def changes_crossing(config, crossing: str) -> bool:

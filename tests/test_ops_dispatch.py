@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lshmoe_plugin import ops
+from lshmoe_plugin import ops, wire
 from lshmoe_plugin.compressor import LSHCompressor
 from lshmoe_plugin.config import LSHMoEConfig, LSHMoEConfigError
 
@@ -62,3 +62,19 @@ def test_compressor_on_cpu_uses_the_reference():
     compressor = LSHCompressor(LSHMoEConfig(enabled=True, compression_rate=0.5), layer_index=0)
     compressor.compress_fixed(torch.randn(2, 8, 16), torch.ones(2, 8, dtype=torch.bool))
     assert compressor._ops is ops.REFERENCE
+
+
+def test_the_wire_format_takes_the_kernel_key_and_the_cpu_runs_its_reference(monkeypatch):
+    """lsh_moe.kernel reaches fp8_e4m3 through wire_format's cache key: 'torch' is the reference everywhere, 'auto'
+    the reference off CUDA (without importing the fused kernels), 'triton' off CUDA an error; the fused kernels
+    on CUDA are tests/gpu/test_wire_triton.py's."""
+    assert [f.kernel for f in wire.formats(LSHMoEConfig(dispatch_dtype="fp8_e4m3", kernel="torch"), "dispatch")] == [
+        "torch", "torch"]
+    assert wire.wire_format("fp8_e4m3", 16).kernel == "auto"
+    monkeypatch.setitem(sys.modules, "lshmoe_plugin.kernels.wire_triton", None)  # importing it would raise
+    x = torch.randn(3, 32)
+    auto, reference = wire.wire_format("fp8_e4m3", 16, "auto"), wire.wire_format("fp8_e4m3", 16, "torch")
+    assert torch.equal(auto.encode(x), reference.encode(x))
+    assert torch.equal(auto.decode(auto.encode(x), 32, x.dtype), reference.decode(reference.encode(x), 32, x.dtype))
+    with pytest.raises(RuntimeError, match="kernel='triton' needs a CUDA device.*'auto' or 'torch'"):
+        wire.wire_format("fp8_e4m3", 16, "triton").encode(x)
