@@ -10,7 +10,8 @@
 #   bash scripts/gpu_session.sh tests-bg bench-gpt-small quality:gpt-main:400 wait-tests
 #
 # Stages: corpus (in the background) | tests | tests-bg (in the background, alongside what follows) | wait-tests
-#       | bench-compressor | bench-layer | bench-gpt | bench-gpt-small | profile-gpt-135m | quality:<study>:<seconds>
+#       | bench-compressor | bench-wire (fp8_e4m3 encode + decode vs the bandwidth floor) | bench-layer | bench-gpt
+#       | bench-gpt-small | profile-gpt-135m | quality:<study>:<seconds>
 #       | bench-modelled-135m | bench-modelled-1.3b (GPT-MoE step times at modelled EP 8/16/64 over 100/200/400 Gb/s
 #         and NVLink 4, one GPU, the link stand-in, on 8-GPU nodes (NVLink inside, one NIC per GPU: EP=8 crosses
 #         no NIC); MODELLED_GPUS_PER_NODE=1 puts every peer behind the NIC, and the section name ends in _g1;
@@ -180,6 +181,8 @@ for stage in "$@"; do
                 --d-models 512 1024 2048 4096 --tokens 16384 40960 \
                 --report "$OUT/benchmarks.md" --plot "$OUT/compressor_vs_floor.png" 2>&1 \
                 | tee "$OUT/logs/bench_compressor.log" | tail -30 ;;
+        bench-wire) python3 scripts/benchmark_wire.py --report "$OUT/benchmarks.md" 2>&1 \
+                | tee "$OUT/logs/bench_wire.log" | tail -45 ;;
         bench-layer) python3 scripts/benchmark_moe_layer.py --rates 0.2 --eager-too --report "$OUT/benchmarks.md" \
                 --plot "$OUT/moe_layer_ep1.png" 2>&1 | tee "$OUT/logs/bench_layer.log" | tail -15 ;;
         bench-gpt) for preset in "small 16" "gpt-moe-135m 32"; do set -- $preset
