@@ -103,9 +103,10 @@ class FP8E4M3:
 
     def _fused(self, tensor: torch.Tensor, dtype: torch.dtype) -> bool:
         """Whether the fused kernels encode or decode `tensor` (model dtype `dtype`): on CUDA unless the kernel is
-        'torch', for the dtypes they read and write (the reference takes any other, and empty tensors)."""
-        return (ops.runs_fused(self.kernel, tensor.device) and tensor.numel() > 0
-                and dtype in FUSED_DTYPES)
+        'torch', for the dtypes they read and write (the reference takes any other, and empty tensors), on GPUs
+        that cast to e4m3 (`wire_triton.runs_on`)."""
+        return (ops.runs_fused(self.kernel, tensor.device) and tensor.numel() > 0 and dtype in FUSED_DTYPES
+                and ops.fused_module("wire_triton", self.kernel).runs_on(tensor.device, self.kernel))
 
     def _blocked(self, rows: torch.Tensor) -> Tuple[torch.Tensor, int]:
         """(..., d) -> (..., blocks, block), the last block zero-padded: padding changes no block's amax."""

@@ -16,6 +16,7 @@ synchronisation: capturable in a CUDA graph.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -74,6 +75,24 @@ def _decode_kernel(buffer_ptr, out_ptr, n_segments, d, size, blocks, stride_buff
     q = tl.load(buffer_row[:, None] + col, mask=mask, other=0).to(tl.float8e4nv, bitcast=True).to(tl.float32)
     x = q * scale[:, None]
     tl.store(out_ptr + row[:, None] * stride_out + col, x.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@functools.lru_cache(maxsize=None)
+def _casts_e4m3(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def runs_on(device: torch.device, kernel: str) -> bool:
+    """Whether the kernels run on CUDA `device`: Triton casts to e4m3 only where the GPU has the instruction
+    (compute capability 8.9 and later: Ada, Hopper, Blackwell). Elsewhere `kernel` 'auto' leaves the codec to the
+    reference and 'triton' is an error."""
+    if _casts_e4m3(device):
+        return True
+    if kernel == "triton":
+        raise RuntimeError(f"lsh_moe.kernel='triton': the fused fp8_e4m3 kernels need compute capability 8.9 or "
+                           f"later, {device} has {torch.cuda.get_device_capability(device)}. Allowed here: 'auto' "
+                           f"(the PyTorch reference encodes fp8_e4m3 on this GPU) or 'torch'")
+    return False
 
 
 def _launch_shape(d: int, block: Optional[int]) -> Tuple[int, int, int, int, int]:
