@@ -17,7 +17,7 @@ synchronisation: capturable in a CUDA graph.
 from __future__ import annotations
 
 import functools
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import triton
@@ -36,20 +36,22 @@ def _max_keeping_nan(a, b):
 
 
 @triton.jit
-def _segments(n_segments, d, size, blocks, SEGS: tl.constexpr, WIDTH: tl.constexpr):
-    """This program's segments (SEGS,): their rows, blocks, columns (SEGS, WIDTH) and masks."""
-    seg = tl.program_id(0).to(tl.int64) * SEGS + tl.arange(0, SEGS)
-    row, block = seg // blocks, seg % blocks
+def _segments(n_segments, D: tl.constexpr, SIZE: tl.constexpr, BLOCKS: tl.constexpr, SEGS: tl.constexpr,
+              WIDTH: tl.constexpr):
+    """This program's segments (SEGS,): their rows (int64, for addresses), blocks, columns (SEGS, WIDTH) and
+    masks. The widths are constants, so the divisions by BLOCKS compile to shifts or multiplies."""
+    seg = tl.program_id(0) * SEGS + tl.arange(0, SEGS)
+    row, block = (seg // BLOCKS).to(tl.int64), seg % BLOCKS
     j = tl.arange(0, WIDTH)
-    col = block[:, None] * size + j[None, :]
+    col = block[:, None] * SIZE + j[None, :]
     live = seg < n_segments
-    return row, block, col, live, live[:, None] & (j < size)[None, :] & (col < d)
+    return row, block, col, live, live[:, None] & (j < SIZE)[None, :] & (col < D)
 
 
 @triton.jit
-def _encode_kernel(rows_ptr, out_ptr, n_segments, d, size, blocks, stride_rows, stride_out,
-                   SEGS: tl.constexpr, WIDTH: tl.constexpr):
-    row, block, col, live, mask = _segments(n_segments, d, size, blocks, SEGS, WIDTH)
+def _encode_kernel(rows_ptr, out_ptr, n_segments, stride_rows, stride_out, D: tl.constexpr, SIZE: tl.constexpr,
+                   BLOCKS: tl.constexpr, SEGS: tl.constexpr, WIDTH: tl.constexpr):
+    row, block, col, live, mask = _segments(n_segments, D, SIZE, BLOCKS, SEGS, WIDTH)
     x = tl.load(rows_ptr + row[:, None] * stride_rows + col, mask=mask, other=0.0).to(tl.float32)
     amax = tl.reduce(tl.abs(x), 1, _max_keeping_nan)
     scale = tl.maximum(tl.math.div_rn(amax, _MAX), _TINY, propagate_nan=tl.PropagateNan.ALL)
@@ -57,17 +59,17 @@ def _encode_kernel(rows_ptr, out_ptr, n_segments, d, size, blocks, stride_rows, 
     out_row = out_ptr + row * stride_out
     tl.store(out_row[:, None] + col, y.to(tl.float8e4nv).to(tl.uint8, bitcast=True), mask=mask)
     bits = scale.to(tl.uint32, bitcast=True)
-    scale_at = out_row + d + 4 * block
+    scale_at = out_row + D + 4 * block
     for k in tl.static_range(4):
         tl.store(scale_at + k, ((bits >> (8 * k)) & 0xFF).to(tl.uint8), mask=live)
 
 
 @triton.jit
-def _decode_kernel(buffer_ptr, out_ptr, n_segments, d, size, blocks, stride_buffer, stride_out,
-                   SEGS: tl.constexpr, WIDTH: tl.constexpr):
-    row, block, col, live, mask = _segments(n_segments, d, size, blocks, SEGS, WIDTH)
+def _decode_kernel(buffer_ptr, out_ptr, n_segments, stride_buffer, stride_out, D: tl.constexpr,
+                   SIZE: tl.constexpr, BLOCKS: tl.constexpr, SEGS: tl.constexpr, WIDTH: tl.constexpr):
+    row, block, col, live, mask = _segments(n_segments, D, SIZE, BLOCKS, SEGS, WIDTH)
     buffer_row = buffer_ptr + row * stride_buffer
-    scale_at = buffer_row + d + 4 * block
+    scale_at = buffer_row + D + 4 * block
     bits = tl.zeros([SEGS], dtype=tl.uint32)
     for k in tl.static_range(4):
         bits |= tl.load(scale_at + k, mask=live, other=0).to(tl.uint32) << (8 * k)
@@ -95,13 +97,23 @@ def runs_on(device: torch.device, kernel: str) -> bool:
     return False
 
 
-def _launch_shape(d: int, block: Optional[int]) -> Tuple[int, int, int, int, int]:
-    """(elements per scale, scales per row, padded block width, segments per program, warps)."""
+def _launch(kernel, src: torch.Tensor, out: torch.Tensor, d: int, block: Optional[int]) -> None:
+    """kernel over the (row, block) segments of src (M, w_in) into out (M, w_out), both with unit column stride.
+
+    Shapes are compile-time constants (one compilation per width and scale block, as a model has few); a program
+    holds ~_TILE elements: whole segments, several of them when they are short.
+    """
     size = d if block is None else block
-    blocks = triton.cdiv(d, size)
-    width = triton.next_power_of_2(size)
+    blocks, width = triton.cdiv(d, size), triton.next_power_of_2(size)
     segs = max(1, _TILE // width)
-    return size, blocks, width, segs, min(16, max(4, segs * width // 512))
+    n_segments = src.shape[0] * blocks
+    if n_segments >= 2**31:
+        raise ValueError(f"fp8_e4m3 kernels index (row, block) segments in int32: {n_segments} is too many; "
+                         f"split the rows")
+    if n_segments:
+        kernel[(triton.cdiv(n_segments, segs),)](
+            src, out, n_segments, src.stride(0), out.stride(0), D=d, SIZE=size, BLOCKS=blocks, SEGS=segs,
+            WIDTH=width, num_warps=min(16, max(4, segs * width // 512)))
 
 
 def _rows_of(t: torch.Tensor) -> torch.Tensor:
@@ -110,19 +122,18 @@ def _rows_of(t: torch.Tensor) -> torch.Tensor:
     return flat if flat.stride(-1) == 1 else flat.contiguous()
 
 
+def _width(d: int, block: Optional[int]) -> int:
+    """Bytes of one row's buffer: its d e4m3 values and 4 per float32 scale."""
+    return d + 4 * (1 if block is None else triton.cdiv(d, block))
+
+
 def encode(rows: torch.Tensor, block: Optional[int]) -> torch.Tensor:
     """rows (..., d) in bf16/fp16/fp32 -> uint8 (..., d + 4 * blocks): what ``FP8E4M3(block).encode`` returns."""
     if rows.dtype not in FUSED_DTYPES:
         raise TypeError(f"fp8_e4m3 kernels read {list(FUSED_DTYPES)}, got {rows.dtype}")
     d = rows.shape[-1]
-    size, blocks, width, segs, warps = _launch_shape(d, block)
-    out = torch.empty(rows.shape[:-1] + (d + 4 * blocks,), dtype=torch.uint8, device=rows.device)
-    flat = _rows_of(rows)
-    n_segments = flat.shape[0] * blocks
-    if n_segments:
-        _encode_kernel[(triton.cdiv(n_segments, segs),)](
-            flat, out, n_segments, d, size, blocks, flat.stride(0), out.shape[-1], SEGS=segs, WIDTH=width,
-            num_warps=warps)
+    out = torch.empty(rows.shape[:-1] + (_width(d, block),), dtype=torch.uint8, device=rows.device)
+    _launch(_encode_kernel, _rows_of(rows), out.view(-1, out.shape[-1]), d, block)
     return out
 
 
@@ -130,14 +141,9 @@ def decode(buffer: torch.Tensor, d: int, block: Optional[int], dtype: torch.dtyp
     """uint8 (..., d + 4 * blocks) -> rows (..., d) in `dtype`: what ``FP8E4M3(block).decode`` returns."""
     if dtype not in FUSED_DTYPES:
         raise TypeError(f"fp8_e4m3 kernels write {list(FUSED_DTYPES)}, got {dtype}")
-    size, blocks, width, segs, warps = _launch_shape(d, block)
-    if buffer.dtype != torch.uint8 or buffer.shape[-1] != d + 4 * blocks:
-        raise ValueError(f"an fp8_e4m3 buffer of rows {d} wide is uint8 (..., {d + 4 * blocks}), "
+    if buffer.dtype != torch.uint8 or buffer.shape[-1] != _width(d, block):
+        raise ValueError(f"an fp8_e4m3 buffer of rows {d} wide is uint8 (..., {_width(d, block)}), "
                          f"got {buffer.dtype} {tuple(buffer.shape)}")
     out = torch.empty(buffer.shape[:-1] + (d,), dtype=dtype, device=buffer.device)
-    flat = _rows_of(buffer)
-    n_segments = flat.shape[0] * blocks
-    if n_segments:
-        _decode_kernel[(triton.cdiv(n_segments, segs),)](
-            flat, out, n_segments, d, size, blocks, flat.stride(0), d, SEGS=segs, WIDTH=width, num_warps=warps)
+    _launch(_decode_kernel, _rows_of(buffer), out.view(-1, d), d, block)
     return out
