@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Tuple, Union
 
 from .hash_families import HASH_FAMILIES, HashFamily
+from .methods import STAGE_KEYS, MethodError, resolve
 from .residual_map import RESIDUAL_MAPS
 from .wire import WIRE_DTYPES
 
@@ -41,6 +42,10 @@ class LSHMoEConfig:
     """Settings of LSH compression around the expert-parallel all-to-all.
 
     enabled: turn compression on; the environment variable ``LSHMOE_ENABLED`` (1/0, true/false) overrides it.
+    method: a named configuration (lshmoe_plugin.methods.METHODS): it sets the stage keys ``clustering``,
+        ``dispatch_dtype`` and ``combine_dtype``; a stage key set to anything else beside it is refused. Left out,
+        the stage keys left out take the paper's values (``paper``, DEFAULT_METHOD) and the config reports the
+        method its stages match, or ``custom``. The other keys keep their defaults under every method.
     compression_rate: centroids sent per token routed, in (0, 1]. A fixed-capacity dispatcher (DeepSpeed's
         GShard layer) sends ``ceil(rate * capacity)`` centroid slots per expert; a variable-size one (Megatron-core,
         AutoEP) sends at most ``ceil(rate * tokens)`` non-empty clusters per expert.
@@ -103,6 +108,7 @@ class LSHMoEConfig:
     """
 
     enabled: bool = False
+    method: Optional[str] = None
     compression_rate: float = 0.2
     num_hashes: int = 6
     hash_type: str = "cross_polytope"
@@ -121,15 +127,17 @@ class LSHMoEConfig:
     exact_from_step: Optional[int] = None
     exact_token_stride: int = 0
     output_error_interval: int = 0
-    clustering: str = "lsh"
-    dispatch_dtype: str = "model"
-    combine_dtype: str = "model"
+    # the stage keys: None until resolved from `method` (see lshmoe_plugin.methods)
+    clustering: Optional[str] = None
+    dispatch_dtype: Optional[str] = None
+    combine_dtype: Optional[str] = None
     dispatch_grad_dtype: Optional[str] = None
     combine_grad_dtype: Optional[str] = None
     fp8_block_size: Union[str, int] = 128
 
     def __post_init__(self) -> None:
         _check_type("enabled", self.enabled, bool)
+        self._resolve_method()
         _check_type("error_compensation", self.error_compensation, bool)
         _check_type("compress_in_eval", self.compress_in_eval, bool)
         _check_type("decide_by_cost", self.decide_by_cost, bool)
@@ -170,6 +178,15 @@ class LSHMoEConfig:
                 f"lsh_moe.num_hashes={self.num_hashes} with hash_dim={self.hash_dim} needs {bits} bits of bucket key; "
                 f"allowed: num_hashes * ceil(log2(2 * hash_dim)) <= {_MAX_CODE_BITS}")
         object.__setattr__(self, "layers", _parse_layers(self.layers))
+
+    def _resolve_method(self) -> None:
+        try:
+            name, stages = resolve(self.method, {key: getattr(self, key) for key in STAGE_KEYS})
+        except MethodError as error:
+            raise LSHMoEConfigError(str(error)) from None
+        object.__setattr__(self, "method", name)
+        for key, value in stages.items():
+            object.__setattr__(self, key, value)
 
     def _check_wire(self) -> None:
         if self.clustering not in CLUSTERINGS:
