@@ -6,14 +6,14 @@ bit-identical to the straight one, tests/test_pretrain.py). One stage of the fus
 which GPU programs finish: `_group_sums_kernel` (lshmoe_plugin/kernels/triton_ops.py) adds every 64-row block's
 partial sums of the projected tokens into each expert's fp32 group sum with `tl.atomic_add`. At the 25M testbed's
 shape an expert's capacity is 2,560 rows, 40 blocks: 40 partial sums land on one address in whatever order the
-programs finish, and fp32 addition is not associative. The mean every token is centred on then moves by ~1e-7 of
-its scale; that changes a token's code only where two of its centred coordinates tie to within that (or one is that
-close to zero): about one token-hash in a million, a few per hundred steps of four layers. One changed code moves
-a token to another cluster, and from there bf16 training diverges as any perturbation does. Every other stage is
-deterministic: the counts summed by the same atomics are integers (exact in fp32), the sort is stable, the segment
-kernels reduce each cluster in one program in a fixed order, and stock's scatters (index_select's backward in
-DeepSpeed's `_sparse_encode` / `_sparse_decode`) add at most top_k = 2 values into a zeroed row, which commutes
-exactly.
+programs finish, and fp32 addition is not associative. The mean every token is centred on then moves in its last
+bits (fp32 rounding, ~1e-7 of its scale); that changes a token's code only where two of its centred coordinates tie
+to within that (or one is that close to zero): rarely, but a training run hashes 16k tokens x 6 hashes per layer and
+step. One changed code moves a token to another cluster, and from there bf16 training diverges as any perturbation
+does. Every other stage is deterministic: the counts summed by the same atomics are integers (exact in fp32), the
+sort is stable, the segment kernels reduce each cluster in one program in a fixed order, and stock's scatters
+(index_select's backward in DeepSpeed's `_sparse_encode` / `_sparse_decode`) add at most top_k = 2 values into a
+zeroed row, which commutes exactly.
 
 So the tests do not assert zero difference: they assert where a difference may come from.
 - The fused codes equal the float64 reference wherever a token's margin (the gap between its two largest centred
