@@ -68,7 +68,9 @@ class Float32Scale:
         return scales.view(torch.uint8)
 
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
-        return packed.contiguous().view(torch.float32)
+        # A copy, not .contiguous(): a buffer of one row slices into scales that are contiguous already but start at
+        # byte d (or ceil(d / 2)) of the storage, which float32 cannot view unless it is a multiple of 4.
+        return packed.clone(memory_format=torch.contiguous_format).view(torch.float32)
 
 
 class E8M0Scale:
@@ -182,8 +184,9 @@ class FP4E2M1(BlockScaled):
 
     A code is the sign (bit 3), 2 exponent bits and 1 mantissa bit; the magnitudes, codes 0 to 7 in order, are
     0, 0.5, 1, 1.5, 2, 3, 4, 6. Scale s = 2^ceil(log2(amax / 6)) (e8m0: amax / s in (3, 6]) or amax / 6 (float32);
-    y = x / s rounds to the nearest magnitude, a tie to the even code (0.25 -> 0, 0.75 -> 1, 2.5 -> 2, 5 -> 4), and
-    |y| <= 6 by the scale's choice (y clamps to 6 where float32's rounding of amax / 6 puts it just above).
+    y = x / s rounds to the nearest magnitude, a tie to the even code (0.25 -> 0, 0.75 -> 1, 2.5 -> 2, 5 -> 4). Every
+    y past 5 takes code 7, so the code saturates at 6 s; with the scale chosen from the block's amax, nothing lies
+    past 6 s anyway (float32: amax / fl(amax / 6) rounds back to exactly 6, as 6 has two significant bits).
 
     Error bound: one mantissa bit, so in a binade [2^e, 2^(e+1)) (e = 0, 1, 2) the spacing is 2^(e-1) and a value
     moves by at most 2^(e-2) <= 2^-2 |y|; below 1 the spacing is 0.5 (0, then the subnormal 0.5), a move of at most
@@ -202,7 +205,7 @@ class FP4E2M1(BlockScaled):
         blocked, d = self._blocked(rows.float())
         scales = self.scale.of(blocked.abs().amax(-1), E2M1_MAX)
         scaled = (blocked / scales.unsqueeze(-1)).flatten(-2)[..., :d]
-        magnitude = scaled.abs().clamp(max=E2M1_MAX)
+        magnitude = scaled.abs()
         codes = torch.zeros_like(magnitude, dtype=torch.uint8)
         for i, midpoint in enumerate(_E2M1_MIDPOINTS):
             # the code is how many midpoints lie below; a tie goes to the even one of codes i and i + 1
