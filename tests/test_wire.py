@@ -21,9 +21,10 @@ FORMATS = [("fp8_e4m3", "float32"), ("fp8_e4m3", "e8m0"), ("fp4_e2m1", "e8m0"), 
 def nearest(y: torch.Tensor, magnitudes: torch.Tensor) -> torch.Tensor:
     """y (float32) rounded to the nearest of +-magnitudes (a value past the largest to the largest), a tie to the
     even code, by search over the grid (in float64, where the distances to the two neighbours are exact)."""
+    magnitudes = magnitudes.to(y.device)
     distance = (y.double().abs().reshape(-1, 1) - magnitudes).abs()
     closest = distance == distance.min(1, keepdim=True).values
-    even = closest & (torch.arange(len(magnitudes)) % 2 == 0)
+    even = closest & (torch.arange(len(magnitudes), device=y.device) % 2 == 0)
     index = torch.where(even.any(1), even.int().argmax(1), closest.int().argmax(1))
     return (magnitudes[index].view(y.shape) * torch.where(y < 0, -1.0, 1.0)).float()
 
