@@ -16,7 +16,8 @@ defaults differ: fp8_e4m3 float32 per 128 (DeepSeek-V3's tile), fp4_e2m1 e8m0 pe
 Rounding error (derived in `FP8E4M3` and `FP4E2M1`, asserted in tests/test_wire.py): every element comes back within
 max(2^-4 |x|, 2^-10 s) of itself for fp8_e4m3, max(2^-2 |x|, 2^-2 s) for fp4_e2m1, s the scale of its block (plus
 the rounding of the result to the model's dtype): at most 2^-4 (fp8) or 2^-2 (fp4) of the block's largest
-magnitude, with either scale coding. NaN and inf poison their block (a loss scaler still sees the overflow).
+magnitude, with either scale coding (unless amax is so small that the scale clamps at its smallest value). NaN and
+inf poison their block (a loss scaler still sees the overflow).
 
 Gradients (`cross`): straight-through for the rounding; the backward crossing carries the gradient in its own
 format with scales of its own. Pure PyTorch, shape-static, no host synchronisation (CUDA-graph capturable).
@@ -75,7 +76,9 @@ class Float32Scale:
 
 class E8M0Scale:
     """s = 2^k, k = ceil(log2(amax / largest)): the smallest power of two that keeps amax / s <= largest, so amax / s
-    lies in (largest / 2, largest]. One byte, OCP MX's E8M0: the biased exponent k + 127, k in [-127, 127], 0xFF NaN.
+    lies in (largest / 2, largest]: nothing clips (OCP MX's own rule, floor(log2 amax) minus the element format's
+    largest exponent, clips the top of some blocks instead). One byte, OCP MX's E8M0: the biased exponent k + 127,
+    k in [-127, 127], 0xFF NaN.
     A zero block (log2 0 = -inf) gets 2^-127; NaN or inf in a block gives it 0xFF, and the whole block decodes to
     NaN. Dividing by and multiplying with 2^k is exact in float32, barring under- and overflow."""
 
