@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Tuple, Union
 
 from .hash_families import HASH_FAMILIES, HashFamily
+from .methods import STAGE_KEYS, MethodError, resolve
 from .residual_map import RESIDUAL_MAPS
-from .wire import WIRE_DTYPES
+from .wire import FORMAT_KEYS, SCALES, WIRE_DTYPES
 
 CONFIG_BLOCK = "lsh_moe"
 ENABLED_ENV_VAR = "LSHMOE_ENABLED"
@@ -41,6 +42,10 @@ class LSHMoEConfig:
     """Settings of LSH compression around the expert-parallel all-to-all.
 
     enabled: turn compression on; the environment variable ``LSHMOE_ENABLED`` (1/0, true/false) overrides it.
+    method: a named configuration (lshmoe_plugin.methods.METHODS): it sets the stage keys ``clustering``,
+        ``dispatch_dtype`` and ``combine_dtype``; a stage key set to anything else beside it is refused. Left out,
+        the stage keys left out take the paper's values (``paper``, DEFAULT_METHOD) and the config reports the
+        method its stages match, or ``custom``. The other keys keep their defaults under every method.
     compression_rate: centroids sent per token routed, in (0, 1]. A fixed-capacity dispatcher (DeepSpeed's
         GShard layer) sends ``ceil(rate * capacity)`` centroid slots per expert; a variable-size one (Megatron-core,
         AutoEP) sends at most ``ceil(rate * tokens)`` non-empty clusters per expert.
@@ -93,16 +98,22 @@ class LSHMoEConfig:
         wire dtypes below change the all-to-all (FP8 with no clustering). With ``none`` the keys that configure
         clustering (CLUSTERING_KEYS) must keep their defaults.
     dispatch_dtype, combine_dtype: the wire format of the all-to-all to the experts and back (lshmoe_plugin.wire):
-        ``model`` (the model's dtype, as the framework sends it) or ``fp8_e4m3`` (float8 values with float32 scales,
-        values and scales in one uint8 all-to-all). They apply to whatever crosses: centroids, or every token with
-        clustering ``none``. DeepSpeed, Megatron-core and AutoEP.
+        ``model`` (the model's dtype, as the framework sends it), ``fp8_e4m3`` (float8 values with a scale per block)
+        or ``fp4_e2m1`` (OCP FP4 values, two per byte, with a scale per block); values and scales in one uint8
+        all-to-all. They apply to whatever crosses: centroids, or every token with clustering ``none``. DeepSpeed,
+        Megatron-core and AutoEP.
     dispatch_grad_dtype, combine_grad_dtype: the format of the gradient that crosses back through the dispatch
         (resp. combine) all-to-all in the backward; None follows the forward's.
-    fp8_block_size: elements per float32 scale of ``fp8_e4m3`` (default 128, DeepSeek-V3's tile), or ``"row"``: one
+    fp8_block_size: elements per scale of ``fp8_e4m3`` (default 128, DeepSeek-V3's tile), or ``"row"``: one
         scale per row. A row's last block may be shorter.
+    fp8_scale: how ``fp8_e4m3`` codes a scale: ``float32`` (amax / 448, 4 bytes) or ``e8m0`` (a power of two, one
+        byte, as OCP MX formats; up to one binade of e4m3's range unused per block).
+    fp4_block_size, fp4_scale: the same for ``fp4_e2m1``, defaults 32 and ``e8m0`` (OCP MXFP4). Each format has keys
+        of its own because their defaults differ; a block or scale key is refused unless a crossing uses its format.
     """
 
     enabled: bool = False
+    method: Optional[str] = None
     compression_rate: float = 0.2
     num_hashes: int = 6
     hash_type: str = "cross_polytope"
@@ -121,15 +132,20 @@ class LSHMoEConfig:
     exact_from_step: Optional[int] = None
     exact_token_stride: int = 0
     output_error_interval: int = 0
-    clustering: str = "lsh"
-    dispatch_dtype: str = "model"
-    combine_dtype: str = "model"
+    # the stage keys: None until resolved from `method` (see lshmoe_plugin.methods)
+    clustering: Optional[str] = None
+    dispatch_dtype: Optional[str] = None
+    combine_dtype: Optional[str] = None
     dispatch_grad_dtype: Optional[str] = None
     combine_grad_dtype: Optional[str] = None
     fp8_block_size: Union[str, int] = 128
+    fp8_scale: str = "float32"
+    fp4_block_size: Union[str, int] = 32
+    fp4_scale: str = "e8m0"
 
     def __post_init__(self) -> None:
         _check_type("enabled", self.enabled, bool)
+        self._resolve_method()
         _check_type("error_compensation", self.error_compensation, bool)
         _check_type("compress_in_eval", self.compress_in_eval, bool)
         _check_type("decide_by_cost", self.decide_by_cost, bool)
@@ -171,6 +187,15 @@ class LSHMoEConfig:
                 f"allowed: num_hashes * ceil(log2(2 * hash_dim)) <= {_MAX_CODE_BITS}")
         object.__setattr__(self, "layers", _parse_layers(self.layers))
 
+    def _resolve_method(self) -> None:
+        try:
+            name, stages = resolve(self.method, {key: getattr(self, key) for key in STAGE_KEYS})
+        except MethodError as error:
+            raise LSHMoEConfigError(str(error)) from None
+        object.__setattr__(self, "method", name)
+        for key, value in stages.items():
+            object.__setattr__(self, key, value)
+
     def _check_wire(self) -> None:
         if self.clustering not in CLUSTERINGS:
             raise LSHMoEConfigError(f"lsh_moe.clustering must be one of {list(CLUSTERINGS)}, got {self.clustering!r}")
@@ -182,20 +207,31 @@ class LSHMoEConfig:
             if getattr(self, key) is not None and getattr(self, key) not in WIRE_DTYPES:
                 raise LSHMoEConfigError(f"lsh_moe.{key} must be null (as the forward) or one of {list(WIRE_DTYPES)}, "
                                         f"got {getattr(self, key)!r}")
-        block = self.fp8_block_size
-        if block != "row" and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
-            raise LSHMoEConfigError(f'lsh_moe.fp8_block_size must be "row" or an integer >= 1, got {block!r}')
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        if block != defaults["fp8_block_size"] and "fp8_e4m3" not in self.wire_dtypes:
-            raise LSHMoEConfigError(f"lsh_moe.fp8_block_size={block!r} sets the scales of fp8_e4m3, which no crossing "
-                                    f"uses (dispatch/combine dtypes and their grad dtypes: {list(self.wire_dtypes)}); "
-                                    f"set one of them to 'fp8_e4m3', or leave fp8_block_size out")
+        self._check_format_keys(defaults)
         if self.clustering == "none":
             for key in CLUSTERING_KEYS:
                 if getattr(self, key) != defaults[key]:
                     raise LSHMoEConfigError(f"lsh_moe.{key}={getattr(self, key)!r} belongs to LSH clustering, which "
                                             f"clustering 'none' turns off; allowed with clustering 'none': {key} "
                                             f"{defaults[key]!r} (or leave it out)")
+
+    def _check_format_keys(self, defaults: Mapping[str, Any]) -> None:
+        """Each scaled format's block and scale keys: valid values, and left at their defaults unless a crossing
+        uses the format."""
+        for fmt, (block_key, scale_key) in FORMAT_KEYS.items():
+            block = getattr(self, block_key)
+            if block != "row" and (isinstance(block, bool) or not isinstance(block, int) or block < 1):
+                raise LSHMoEConfigError(f'lsh_moe.{block_key} must be "row" or an integer >= 1, got {block!r}')
+            if getattr(self, scale_key) not in SCALES:
+                raise LSHMoEConfigError(f"lsh_moe.{scale_key} must be one of {list(SCALES)}, got "
+                                        f"{getattr(self, scale_key)!r}")
+            for key in (block_key, scale_key):
+                if getattr(self, key) != defaults[key] and fmt not in self.wire_dtypes:
+                    raise LSHMoEConfigError(
+                        f"lsh_moe.{key}={getattr(self, key)!r} sets the scales of {fmt}, which no crossing uses "
+                        f"(dispatch/combine dtypes and their grad dtypes: {list(self.wire_dtypes)}); set one of them "
+                        f"to {fmt!r}, or leave {key} out")
 
     @property
     def wire_dtypes(self) -> Tuple[str, ...]:

@@ -2,19 +2,27 @@
 
 - ``model``: the rows as they are, in the model's dtype. Nothing runs: the patches keep the framework's own
   all-to-all for a crossing whose both directions are ``model``.
-- ``fp8_e4m3``: every row in float8 e4m3 (``torch.float8_e4m3fn``) with one float32 scale per row or per block of
-  `block` elements, packed into one uint8 buffer (E, ..., d + 4 * blocks) whose first dimension splits over the
-  ranks as the rows would: one all-to-all moves values and scales together, and its bytes are what is counted.
+- ``fp8_e4m3``: every row in float8 e4m3 (``torch.float8_e4m3fn``) with one scale per row or per block of
+  `block` elements, packed into one uint8 buffer (E, ..., d + scale bytes * blocks) whose first dimension splits
+  over the ranks as the rows would: one all-to-all moves values and scales together, and its bytes are what is
+  counted.
+- ``fp4_e2m1``: every row in OCP FP4 E2M1 (sign and the magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6), two values per
+  byte, with one scale per block: (E, ..., ceil(d / 2) + scale bytes * blocks).
 
-Rounding error of ``fp8_e4m3`` (derived in `FP8E4M3`, asserted in tests/test_wire.py): every element comes back
-within max(2^-4 |x|, 2^-10 s) of itself, s = amax / 448 the scale of its block (plus the rounding of the result
-to the model's dtype): at most 2^-4 of the block's largest magnitude. NaN and inf poison their block (a loss
-scaler still sees the overflow).
+A scale is coded (`SCALES`) as ``float32`` (s = amax / largest value of the format, 4 bytes) or ``e8m0`` (a power of
+two, one byte: OCP MX's biased exponent). Each format has its own block and scale keys (`FORMAT_KEYS`), as their
+defaults differ: fp8_e4m3 float32 per 128 (DeepSeek-V3's tile), fp4_e2m1 e8m0 per 32 (OCP MXFP4).
+
+Rounding error (derived in `FP8E4M3` and `FP4E2M1`, asserted in tests/test_wire.py): every element comes back within
+max(2^-4 |x|, 2^-10 s) of itself for fp8_e4m3, max(2^-2 |x|, 2^-2 s) for fp4_e2m1, s the scale of its block (plus
+the rounding of the result to the model's dtype): at most 2^-4 (fp8) or 2^-2 (fp4) of the block's largest
+magnitude, with either scale coding (unless amax is so small that the scale clamps at its smallest value). NaN and
+inf poison their block (a loss scaler still sees the overflow).
 
 Gradients (`cross`): straight-through for the rounding; the backward crossing carries the gradient in its own
-format with scales of its own. Shape-static, no host synchronisation (CUDA-graph capturable). ``fp8_e4m3`` encodes
-and decodes on CUDA with the fused kernels of kernels/wire_triton.py (one pass each, the reference's bits), unless
-``lsh_moe.kernel`` is ``torch``; PyTorch's reference runs elsewhere.
+format with scales of its own. Shape-static, no host synchronisation (CUDA-graph capturable). ``fp8_e4m3`` with
+float32 scales encodes and decodes on CUDA with the fused kernels of kernels/wire_triton.py (one pass each, the
+reference's bytes), unless ``lsh_moe.kernel`` is ``torch``; PyTorch's reference runs everything else.
 """
 from __future__ import annotations
 
@@ -26,10 +34,12 @@ import torch
 
 from . import ops
 
-WIRE_DTYPES = ("model", "fp8_e4m3")
+WIRE_DTYPES = ("model", "fp8_e4m3", "fp4_e2m1")
 CROSSINGS = ("dispatch", "combine")
 E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
-_SCALE_BYTES = 4  # float32
+E2M1_MAX = 6.0  # the largest FP4 E2M1 value
+# The lsh_moe keys of each scaled format: (elements per scale, scale coding).
+FORMAT_KEYS = {"fp8_e4m3": ("fp8_block_size", "fp8_scale"), "fp4_e2m1": ("fp4_block_size", "fp4_scale")}
 FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what kernels/wire_triton.py reads and writes
 
 Exchange = Callable[[torch.Tensor], torch.Tensor]  # a plain all-to-all of one buffer along dim 0 (no autograd)
@@ -50,32 +60,110 @@ class ModelDtype:
         return rows * d * dtype.itemsize
 
 
-class FP8E4M3:
-    """float8 e4m3 values, one float32 scale per block of `block` elements of a row (None: per row).
+class Float32Scale:
+    """s = amax / largest, the block's largest magnitude on the format's largest value; 4 bytes."""
 
-    Scale s = amax / 448 per block, so the block's largest magnitude lands on e4m3's largest finite value. Error
-    bound: e4m3 keeps 3 mantissa bits, so round-to-nearest moves a normal value y = x / s (|y| >= 2^-6) by at most
-    half a unit in the last place, 2^-4 |y|, and a subnormal one by at most half the subnormal spacing 2^-9;
+    name, bytes = "float32", 4
+
+    def of(self, amax: torch.Tensor, largest: float) -> torch.Tensor:
+        # A zero block gets the smallest normal scale instead of 0, so that 0 / s stays 0 without a branch. The
+        # largest value as a tensor: CUDA turns a division by a Python number into a product with its float32
+        # reciprocal, one ulp off for about half the blocks, and the scales must have the same bits on every device
+        # and kernel.
+        return (amax / amax.new_full((), largest)).clamp(min=torch.finfo(torch.float32).tiny)
+
+    def pack(self, scales: torch.Tensor) -> torch.Tensor:
+        """float32 (..., blocks) -> uint8 (..., 4 * blocks)."""
+        return scales.view(torch.uint8)
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        # A copy, not .contiguous(): a buffer of one row slices into scales that are contiguous already but start at
+        # byte d (or ceil(d / 2)) of the storage, which float32 cannot view unless it is a multiple of 4.
+        return packed.clone(memory_format=torch.contiguous_format).view(torch.float32)
+
+
+class E8M0Scale:
+    """s = 2^k, k = ceil(log2(amax / largest)): the smallest power of two that keeps amax / s <= largest, so amax / s
+    lies in (largest / 2, largest]: nothing clips (OCP MX's own rule, floor(log2 amax) minus the element format's
+    largest exponent, clips the top of some blocks instead). One byte, OCP MX's E8M0: the biased exponent k + 127,
+    k in [-127, 127], 0xFF NaN.
+    A zero block (log2 0 = -inf) gets 2^-127; NaN or inf in a block gives it 0xFF, and the whole block decodes to
+    NaN. Dividing by and multiplying with 2^k is exact in float32, barring under- and overflow."""
+
+    name, bytes = "e8m0", 1
+    LOWEST, HIGHEST, BIAS, NAN = -127, 127, 127, 0xFF
+
+    def of(self, amax: torch.Tensor, largest: float) -> torch.Tensor:
+        # k from the exponents, exactly (a log2 in floating point can land on the wrong side of an integer):
+        # amax = m 2^e and largest = m_top 2^e_top with m, m_top in [0.5, 1); amax <= largest 2^(e - e_top) iff
+        # m <= m_top, else one more.
+        mantissa, exponent = torch.frexp(amax)
+        top_mantissa, top_exponent = math.frexp(largest)
+        k = exponent - top_exponent + (mantissa > top_mantissa).int()
+        k = torch.where(amax > 0, k, self.LOWEST).clamp(self.LOWEST, self.HIGHEST)
+        return self.unpack(torch.where(torch.isfinite(amax), k + self.BIAS, self.NAN))
+
+    def pack(self, scales: torch.Tensor) -> torch.Tensor:
+        """float32 powers of two (..., blocks) -> their biased exponents, uint8 (..., blocks): float32's exponent
+        field (2^-127, a float32 subnormal, has the field 0; NaN has 0xFF)."""
+        return ((scales.view(torch.int32) >> 23) & 0xFF).to(torch.uint8)
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        """biased exponents (..., blocks), any integer dtype -> float32 2^(b - 127), built from its bits."""
+        biased = packed.int()
+        bits = torch.where(biased == 0, 1 << 22, biased << 23)  # 2^-127 is the subnormal with mantissa 0.5
+        return torch.where(biased == self.NAN, 0x7FC00000, bits).view(torch.float32)
+
+
+SCALES = {"float32": Float32Scale(), "e8m0": E8M0Scale()}
+
+
+class BlockScaled:
+    """What the scaled formats share: one scale per block of `block` elements of a row (None: per row), coded as
+    `scale` (a name in SCALES)."""
+
+    def __init__(self, block: Optional[int] = None, scale: str = "float32") -> None:
+        if scale not in SCALES:
+            raise ValueError(f"scale coding {scale!r}: allowed {list(SCALES)}")
+        self.block, self.scale = block, SCALES[scale]
+
+    def blocks(self, d: int) -> int:
+        return 1 if self.block is None else math.ceil(d / self.block)
+
+    def _blocked(self, rows: torch.Tensor) -> Tuple[torch.Tensor, int]:
+        """(..., d) -> (..., blocks, block), the last block zero-padded: padding changes no block's amax."""
+        d = rows.shape[-1]
+        size = d if self.block is None else self.block
+        pad = self.blocks(d) * size - d
+        if pad:
+            rows = torch.nn.functional.pad(rows, (0, pad))
+        return rows.unflatten(-1, (self.blocks(d), size)), d
+
+
+class FP8E4M3(BlockScaled):
+    """float8 e4m3 values, one scale per block of `block` elements of a row (None: per row), float32 or e8m0.
+
+    Scale s = amax / 448 per block (float32), so the block's largest magnitude lands on e4m3's largest finite value.
+    Error bound: e4m3 keeps 3 mantissa bits, so round-to-nearest moves a normal value y = x / s (|y| >= 2^-6) by at
+    most half a unit in the last place, 2^-4 |y|, and a subnormal one by at most half the subnormal spacing 2^-9;
     scaled back, |x_hat - x| <= max(2^-4 |x|, 2^-10 s) <= 2^-4 amax, up to float32's rounding of x / s and q * s.
+
+    With ``e8m0`` scales, s = 2^ceil(log2(amax / 448)) and amax / s lies in (224, 448]. The same derivation holds
+    with no float32 rounding at all (a power of two divides and multiplies exactly), so |x_hat - x| <=
+    max(2^-4 |x|, 2^-10 s) <= 2^-4 amax as before; what the power of two costs is s itself, up to twice amax / 448:
+    the subnormal term 2^-10 s is at most 2^-9 amax / 448 (twice float32's), i.e. up to one binade of e4m3's range
+    goes unused at the bottom of each block. A block with amax < 448 * 2^-128 keeps the clamped scale 2^-127 and
+    the bound in its absolute form.
     """
 
     name = "fp8_e4m3"
     kernel = "auto"  # lsh_moe.kernel, set by wire_format: where encode and decode run the fused kernels (ops)
 
-    def __init__(self, block: Optional[int] = None) -> None:
-        self.block = block
-
-    def blocks(self, d: int) -> int:
-        return 1 if self.block is None else math.ceil(d / self.block)
-
     def quantize(self, rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """rows (..., d) -> values float8_e4m3fn (..., d), scales float32 (..., blocks)."""
         blocked, d = self._blocked(rows.float())
         amax = blocked.abs().amax(-1)
-        # A zero block gets the smallest normal scale instead of 0, so that 0 / s stays 0 without a branch. 448 as
-        # a tensor: CUDA turns a division by a Python number into a product with its float32 reciprocal, one ulp
-        # off for about half the blocks, and the scales must have the same bits on every device and kernel.
-        scales = (amax / amax.new_full((), E4M3_MAX)).clamp(min=torch.finfo(torch.float32).tiny)
+        scales = self.scale.of(amax, E4M3_MAX)
         scaled = (blocked / scales.unsqueeze(-1)).clamp(-E4M3_MAX, E4M3_MAX)
         values = scaled.flatten(-2)[..., :d].to(torch.float8_e4m3fn)
         return values, scales
@@ -89,50 +177,114 @@ class FP8E4M3:
         if self._fused(rows, rows.dtype):
             return ops.fused_module("wire_triton", self.kernel).encode(rows, self.block)
         values, scales = self.quantize(rows)
-        return torch.cat([values.view(torch.uint8), scales.view(torch.uint8)], dim=-1)
+        return torch.cat([values.view(torch.uint8), self.scale.pack(scales)], dim=-1)
 
     def decode(self, buffer: torch.Tensor, d: int, dtype: torch.dtype) -> torch.Tensor:
         if self._fused(buffer, dtype):
             return ops.fused_module("wire_triton", self.kernel).decode(buffer, d, self.block, dtype)
         values = buffer[..., :d].view(torch.float8_e4m3fn)
-        scales = buffer[..., d:].contiguous().view(torch.float32)
+        scales = self.scale.unpack(buffer[..., d:])
         return self.dequantize(values, scales, dtype)
 
     def bytes(self, rows: int, d: int, dtype: torch.dtype) -> int:
-        return rows * (d + _SCALE_BYTES * self.blocks(d))
+        return rows * (d + self.scale.bytes * self.blocks(d))
 
     def _fused(self, tensor: torch.Tensor, dtype: torch.dtype) -> bool:
         """Whether the fused kernels encode or decode `tensor` (model dtype `dtype`): on CUDA unless the kernel is
-        'torch', for the dtypes they read and write (the reference takes any other, and empty tensors), on GPUs
-        that cast to e4m3 (`wire_triton.runs_on`)."""
-        return (ops.runs_fused(self.kernel, tensor.device) and tensor.numel() > 0 and dtype in FUSED_DTYPES
+        'torch', with float32 scales, for the dtypes they read and write (the reference takes e8m0 scales, any other
+        dtype and empty tensors), on GPUs that cast to e4m3 (`wire_triton.runs_on`)."""
+        return (ops.runs_fused(self.kernel, tensor.device) and self.scale.name == "float32" and tensor.numel() > 0
+                and dtype in FUSED_DTYPES
                 and ops.fused_module("wire_triton", self.kernel).runs_on(tensor.device, self.kernel))
 
-    def _blocked(self, rows: torch.Tensor) -> Tuple[torch.Tensor, int]:
-        """(..., d) -> (..., blocks, block), the last block zero-padded: padding changes no block's amax."""
-        d = rows.shape[-1]
-        size = d if self.block is None else self.block
-        pad = self.blocks(d) * size - d
-        if pad:
-            rows = torch.nn.functional.pad(rows, (0, pad))
-        return rows.unflatten(-1, (self.blocks(d), size)), d
+
+# Midpoints between neighbouring E2M1 magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6 (codes 0 to 7, in order).
+_E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 
 
-WireFormat = Union[ModelDtype, FP8E4M3]
+class FP4E2M1(BlockScaled):
+    """OCP FP4 E2M1 values, two per byte (element 2i in the low nibble; an odd row's last high nibble is 0), one
+    scale per block of `block` elements of a row (None: per row), e8m0 (OCP MXFP4 with blocks of 32) or float32.
+
+    A code is the sign (bit 3), 2 exponent bits and 1 mantissa bit; the magnitudes, codes 0 to 7 in order, are
+    0, 0.5, 1, 1.5, 2, 3, 4, 6. Scale s = 2^ceil(log2(amax / 6)) (e8m0: amax / s in (3, 6]) or amax / 6 (float32);
+    y = x / s rounds to the nearest magnitude, a tie to the even code (0.25 -> 0, 0.75 -> 1, 2.5 -> 2, 5 -> 4). Every
+    y past 5 takes code 7, so the code saturates at 6 s; with the scale chosen from the block's amax, nothing lies
+    past 6 s anyway (float32: amax / fl(amax / 6) rounds back to exactly 6, as 6 has two significant bits).
+
+    Error bound: one mantissa bit, so in a binade [2^e, 2^(e+1)) (e = 0, 1, 2) the spacing is 2^(e-1) and a value
+    moves by at most 2^(e-2) <= 2^-2 |y|; below 1 the spacing is 0.5 (0, then the subnormal 0.5), a move of at most
+    2^-2. Scaled back, |x_hat - x| <= 2^-2 max(|x|, s) <= 2^-2 amax (s = amax / 6, or s < amax / 3 with e8m0), up to
+    float32's rounding of x / s and q * s with float32 scales (none with e8m0). The relative bound is reached only
+    at the midpoint of a binade's first interval: at most 2^-2 / (1 + 2^-2) = 1/5 of |x| for |y| >= 1.
+    """
+
+    name = "fp4_e2m1"
+
+    def __init__(self, block: Optional[int] = 32, scale: str = "e8m0") -> None:
+        super().__init__(block, scale)
+
+    def quantize(self, rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """rows (..., d) -> codes uint8 (..., d) in [0, 16), scales float32 (..., blocks)."""
+        blocked, d = self._blocked(rows.float())
+        scales = self.scale.of(blocked.abs().amax(-1), E2M1_MAX)
+        scaled = (blocked / scales.unsqueeze(-1)).flatten(-2)[..., :d]
+        magnitude = scaled.abs()
+        codes = torch.zeros_like(magnitude, dtype=torch.uint8)
+        for i, midpoint in enumerate(_E2M1_MIDPOINTS):
+            # the code is how many midpoints lie below; a tie goes to the even one of codes i and i + 1
+            codes += (magnitude >= midpoint if i % 2 else magnitude > midpoint).to(torch.uint8)
+        return codes | ((scaled < 0).to(torch.uint8) << 3), scales
+
+    def dequantize(self, codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """codes (..., d), scales (..., blocks) -> rows (..., d) in `dtype`."""
+        exponent, mantissa = (codes >> 1) & 3, codes & 1
+        quarters = torch.where(exponent > 0, (2 + mantissa) << exponent, 2 * mantissa)  # 4 * magnitude
+        values = torch.where(codes >= 8, -quarters.float(), quarters.float()) * 0.25
+        blocked, d = self._blocked(values)
+        return (blocked * scales.unsqueeze(-1)).flatten(-2)[..., :d].to(dtype)
+
+    def encode(self, rows: torch.Tensor) -> torch.Tensor:
+        codes, scales = self.quantize(rows)
+        if codes.shape[-1] % 2:
+            codes = torch.nn.functional.pad(codes, (0, 1))
+        pairs = codes.unflatten(-1, (-1, 2))
+        return torch.cat([pairs[..., 0] | (pairs[..., 1] << 4), self.scale.pack(scales)], dim=-1)
+
+    def decode(self, buffer: torch.Tensor, d: int, dtype: torch.dtype) -> torch.Tensor:
+        packed = buffer[..., :math.ceil(d / 2)]
+        codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(-2)[..., :d]
+        return self.dequantize(codes, self.scale.unpack(buffer[..., math.ceil(d / 2):]), dtype)
+
+    def bytes(self, rows: int, d: int, dtype: torch.dtype) -> int:
+        return rows * (math.ceil(d / 2) + self.scale.bytes * self.blocks(d))
+
+
+WireFormat = Union[ModelDtype, FP8E4M3, FP4E2M1]
 MODEL = ModelDtype()
 
 
 @functools.lru_cache(maxsize=None)
-def wire_format(name: str, block: Union[str, int] = "row", kernel: str = "auto") -> WireFormat:
-    """The format called `name` (one of WIRE_DTYPES); `block` is ``lsh_moe.fp8_block_size``, `kernel`
+def wire_format(name: str, block: Union[str, int] = "row", scale: Optional[str] = None,
+                kernel: str = "auto") -> WireFormat:
+    """The format called `name` (one of WIRE_DTYPES); `block` and `scale` are its keys (FORMAT_KEYS: e.g.
+    ``lsh_moe.fp8_block_size`` and ``fp8_scale``), scale None the format's own default; `kernel` is
     ``lsh_moe.kernel`` (``torch``: the PyTorch reference on every device)."""
     if name == "model":
         return MODEL
+    size = None if block == "row" else block
     if name == "fp8_e4m3":
-        fmt = FP8E4M3(None if block == "row" else block)
+        fmt = FP8E4M3(size, scale or "float32")
         fmt.kernel = kernel
         return fmt
+    if name == "fp4_e2m1":
+        return FP4E2M1(size, scale or "e8m0")
     raise ValueError(f"wire dtype {name!r}: allowed {list(WIRE_DTYPES)}")
+
+
+def configured_format(config, name: str) -> WireFormat:
+    """The format called `name` with its block, scale and kernel keys as an LSHMoEConfig sets them."""
+    return wire_format(name, *(getattr(config, key) for key in FORMAT_KEYS.get(name, ())), kernel=config.kernel)
 
 
 def formats(config, crossing: str) -> Tuple[WireFormat, WireFormat]:
@@ -140,8 +292,7 @@ def formats(config, crossing: str) -> Tuple[WireFormat, WireFormat]:
     follows the forward unless ``<crossing>_grad_dtype`` is set."""
     forward = getattr(config, f"{crossing}_dtype")
     backward = getattr(config, f"{crossing}_grad_dtype") or forward
-    block, kernel = config.fp8_block_size, config.kernel
-    return wire_format(forward, block, kernel), wire_format(backward, block, kernel)
+    return configured_format(config, forward), configured_format(config, backward)
 
 
 def changes_crossing(config, crossing: str) -> bool:

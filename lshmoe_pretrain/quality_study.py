@@ -72,6 +72,16 @@ VARIANTS: Dict[str, dict] = {
     "fp8_to_experts": {"enabled": True, "clustering": "none", "dispatch_dtype": "fp8_e4m3",
                        "dispatch_grad_dtype": "model", "combine_grad_dtype": "fp8_e4m3"},
     "lsh_fp8": {"enabled": True, "dispatch_dtype": "fp8_e4m3", "combine_dtype": "fp8_e4m3"},
+    # Fewer bytes than fp8_both's (d + 8) / 2d of bf16's (d 256: 0.52): power-of-two scales of one byte,
+    # (d + 2) / 2d; FP4 (OCP E2M1, an e8m0 scale per 32 elements, d / 2 + d / 32 bytes: 0.27 of bf16's) one way
+    # or both; and FP8 forward with FP4 gradients (0.39).
+    "fp8_both_e8m0": {"enabled": True, "clustering": "none", "dispatch_dtype": "fp8_e4m3",
+                      "combine_dtype": "fp8_e4m3", "fp8_scale": "e8m0"},
+    "fp4_dispatch": {"enabled": True, "clustering": "none", "dispatch_dtype": "fp4_e2m1"},
+    "fp4_both": {"enabled": True, "clustering": "none", "dispatch_dtype": "fp4_e2m1", "combine_dtype": "fp4_e2m1"},
+    "fp8_fwd_fp4_grad": {"enabled": True, "clustering": "none", "dispatch_dtype": "fp8_e4m3",
+                         "combine_dtype": "fp8_e4m3", "dispatch_grad_dtype": "fp4_e2m1",
+                         "combine_grad_dtype": "fp4_e2m1"},
 }
 # Study-only layer variants (lshmoe_pretrain.diagnostics) of the variants above; every variant that clusters also
 # runs the output-error probe, which measures without changing what is trained.

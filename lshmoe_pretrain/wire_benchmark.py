@@ -125,7 +125,7 @@ def run(d_models: Sequence[int], tokens: Sequence[int], blocks: Sequence[Optiona
         for n in tokens:
             for block in blocks:
                 for kernel in kernels:
-                    fmt = wire.wire_format("fp8_e4m3", "row" if block is None else block, kernel)
+                    fmt = wire.wire_format("fp8_e4m3", "row" if block is None else block, kernel=kernel)
                     timings.append(Timing(d, n, block, kernel, *time_codec(fmt, n, d, dtype, device, reps)))
                     print(bench.markdown_table(HEADERS, table_rows(timings[-1:], bandwidth, dtype)).splitlines()[-1],
                           flush=True)

@@ -1,6 +1,7 @@
 """The wire formats on DeepSpeed AutoEP's variable-size all-to-all (a tiny HF Mixtral, 1 and 2 real gloo processes):
-the model's dtype without clustering is the stock exchange; FP8 gives a layer with identity experts exactly the
-e4m3 rounding of its routed rows (rounding per row commutes with the all-to-all, which only moves rows); every
+the model's dtype without clustering is the stock exchange; FP8 (float32 or e8m0 scales) and FP4 give a layer with
+identity experts exactly the format's rounding of its routed rows, and an input gradient whose routed rows come
+back rounded in the backward's format (rounding per row commutes with the all-to-all, which only moves rows); every
 crossing, forward and backward, moves uint8 buffers of values and scales along its own (or, backward, the
 transposed) split sizes, and the telemetry counts those bytes."""
 import deepspeed.comm
@@ -8,12 +9,11 @@ import pytest
 import torch
 from distributed import run_distributed
 from test_autoep_patch import HIDDEN, IdentityExperts, autoep_layers, bit_identical, build_model, enabled, fwd_bwd
-from test_wire import reference_round_trip
-from wire_helpers import BLOCK, CASES, TokenCrossings, row_bytes
+from wire_helpers import BLOCK, CASES, DISPATCH_CASES, RoundTrip, TokenCrossings, crossing, row_bytes, with_blocks
 
 from lshmoe_plugin.patches import deepspeed_autoep
 
-FP8_ROW_BYTES, FP32_ROW_BYTES = row_bytes(HIDDEN)
+FP8_ROW_BYTES = row_bytes("fp8", HIDDEN)
 
 
 def scenarios(rank, world_size):
@@ -41,7 +41,7 @@ def _scenarios(rank, world_size):
     deepspeed_autoep.apply(enabled(clustering="none", dispatch_dtype="model", combine_dtype="model"))
     out["none_model_keys_change_nothing"] = bit_identical(none, fwd_bwd(model, ids))
     for name, (keys, _) in CASES.items():
-        deepspeed_autoep.apply(enabled(clustering="none", fp8_block_size=BLOCK, **keys))
+        deepspeed_autoep.apply(enabled(clustering="none", **with_blocks(keys)))
         TELEMETRY.clear()
         with TokenCrossings(deepspeed.comm) as calls:
             got = fwd_bwd(model, ids)
@@ -49,7 +49,8 @@ def _scenarios(rank, world_size):
                      "telemetry_sent": sum(s.bytes_sent for s in TELEMETRY.latest.values()),
                      "telemetry_full": sum(s.bytes_uncompressed for s in TELEMETRY.latest.values())}
     out["lsh_fp8"] = lsh_with_fp8(model, ids)
-    out["identity_layer"] = identity_layer_is_the_rounding_of_its_rows(model, rank, device)
+    out["identity_layer"] = {name: identity_layer_is_the_rounding_of_its_rows(model, rank, device, *case)
+                             for name, case in DISPATCH_CASES.items()}
     return out
 
 
@@ -65,30 +66,49 @@ def lsh_with_fp8(model, ids):
             "clusters": sum(int(s.clusters) for s in TELEMETRY.latest.values())}
 
 
-def identity_layer_is_the_rounding_of_its_rows(model, rank, device):
-    """One AutoEP layer with identity experts, FP8 dispatch: each route's row comes back as the e4m3 rounding of
-    what was sent (the token, or the token times its score with score_apply 'pre'), weighted as stock weighs it."""
-    from deepspeed.module_inject.auto_ep_layer import RouterOutput
+def identity_layer_is_the_rounding_of_its_rows(model, rank, device, keys, kinds):
+    """One AutoEP layer with identity experts, the dispatch coded per `keys` (its forward and backward `kinds`):
+    each route's row comes back as the rounding of what was sent (the token, or the token times its score with
+    score_apply 'pre'), weighted as stock weighs it; its gradient reaches the input rounded in the backward's format,
+    route by route. Compared with the layer rebuilt around the same router (`reference`), and with the unrounded
+    rows and gradients, which it must not be."""
     layer = autoep_layers(model)[0]
     experts, layer.experts = layer.experts, IdentityExperts()
     try:
-        hidden = (torch.randn(2, 16, HIDDEN, generator=torch.Generator().manual_seed(50 + rank)) * 3).to(device)
-        deepspeed_autoep.apply(enabled(clustering="none", dispatch_dtype="fp8_e4m3", fp8_block_size=BLOCK))
+        generator = torch.Generator().manual_seed(50 + rank)
+        hidden = (torch.randn(2, 16, HIDDEN, generator=generator) * 3).to(device).requires_grad_()
+        probe = torch.randn(2 * 16, HIDDEN, generator=generator).to(device)  # a loss whose gradient differs per row
+        deepspeed_autoep.apply(enabled(clustering="none", **with_blocks(keys)))
         got = layer(hidden)
         got = (got[0] if isinstance(got, tuple) else got).reshape(-1, HIDDEN)
-        x = hidden.reshape(-1, HIDDEN)
-        scores = RouterOutput(*layer.router(x, layer.expert_bias)).top_scores.float()  # (T, k)
-        if layer.score_apply == "pre":
-            expected = sum(reference_round_trip(x * scores[:, k:k + 1], BLOCK) for k in range(scores.shape[1]))
-        else:
-            expected = reference_round_trip(x, BLOCK) * scores.sum(1, keepdim=True)
-        return {"matches": torch.allclose(got.float(), expected, rtol=1e-6, atol=0),  # rounding order of the sum
-                "not_the_unrounded_rows": not torch.allclose(got.float(), x * scores.sum(1, keepdim=True),
-                                                             rtol=1e-3, atol=0),
-                "score_apply": layer.score_apply}
+        (got * probe).sum().backward()
+        deepspeed_autoep.revert()
+        got, grad = got.detach().float(), hidden.grad.reshape(-1, HIDDEN)
+        expected, expected_grad = reference(layer, hidden, probe, *kinds)
+        unrounded, unrounded_grad = reference(layer, hidden, probe, None, None)
+        atol = 1e-6 * expected_grad.abs().max()  # the sums' order
+        return {"score_apply": layer.score_apply,
+                "matches": torch.allclose(got, expected, rtol=1e-6, atol=0),
+                "not_the_unrounded_rows": not torch.allclose(got, unrounded, rtol=1e-3, atol=0),
+                "grad_matches": torch.allclose(grad, expected_grad, rtol=1e-5, atol=atol),
+                "grad_not_unrounded": not torch.allclose(grad, unrounded_grad, rtol=1e-3, atol=100 * atol)}
     finally:
         layer.experts = experts
         deepspeed_autoep.revert()
+
+
+def reference(layer, hidden, probe, forward, backward):
+    """(output, input gradient) of an identity-expert AutoEP layer whose routed rows cross rounded in `forward`,
+    their gradients in `backward` (wire_helpers.RoundTrip; None: as they are)."""
+    from deepspeed.module_inject.auto_ep_layer import RouterOutput
+    x = hidden.detach().reshape(-1, HIDDEN).requires_grad_()
+    scores = RouterOutput(*layer.router(x, layer.expert_bias)).top_scores.float()  # (T, k)
+    if layer.score_apply == "pre":
+        out = sum(RoundTrip.apply(x * scores[:, k:k + 1], forward, backward) for k in range(scores.shape[1]))
+    else:
+        out = sum(RoundTrip.apply(x, forward, backward) * scores[:, k:k + 1] for k in range(scores.shape[1]))
+    (out * probe).sum().backward()
+    return out.detach(), x.grad
 
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["1rank", "2ranks"])
@@ -100,8 +120,9 @@ def test_model_dtype_without_clustering_is_the_stock_exchange(results):
     check_model_dtype_without_clustering_is_the_stock_exchange(*results)
 
 
-def test_fp8_layer_returns_the_e4m3_rounding_of_its_rows(results):
-    check_fp8_layer_returns_the_e4m3_rounding_of_its_rows(*results)
+@pytest.mark.parametrize("case", sorted(DISPATCH_CASES))
+def test_identity_layer_returns_the_rounding_of_its_rows_and_gradients(results, case):
+    check_identity_layer_returns_the_rounding_of_its_rows_and_gradients(*results, case)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -121,13 +142,15 @@ def check_model_dtype_without_clustering_is_the_stock_exchange(world_size, per_r
         assert r["none_model_keys_change_nothing"]
 
 
-def check_fp8_layer_returns_the_e4m3_rounding_of_its_rows(world_size, per_rank):
+def check_identity_layer_returns_the_rounding_of_its_rows_and_gradients(world_size, per_rank, case):
     for r in per_rank:
-        assert r["identity_layer"]["matches"] and r["identity_layer"]["not_the_unrounded_rows"], r["identity_layer"]
+        result = r["identity_layer"][case]
+        assert result["matches"] and result["not_the_unrounded_rows"], result
+        assert result["grad_matches"] and result["grad_not_unrounded"], result
 
 
 def check_every_crossing_moves_its_format_along_its_splits_and_is_counted(world_size, per_rank, case):
-    fp8 = CASES[case][1]
+    kinds = CASES[case][1]
     for r in per_rank:
         assert r[case]["differs"]
         if world_size == 1:  # one rank: AutoEP makes no all-to-all, and the rounding applies all the same
@@ -140,9 +163,8 @@ def check_every_crossing_moves_its_format_along_its_splits_and_is_counted(world_
         for layer in range(2):
             dispatch, combine = forward[2 * layer], forward[2 * layer + 1]
             combine_grad, dispatch_grad = backward[2 * (1 - layer)], backward[2 * (1 - layer) + 1]
-            for (dtype, rows, nbytes), is_fp8 in zip((dispatch, combine, combine_grad, dispatch_grad), fp8):
-                assert (dtype, nbytes) == (("torch.uint8", rows * FP8_ROW_BYTES) if is_fp8 else
-                                           ("torch.float32", rows * FP32_ROW_BYTES)), (case, layer, calls)
+            for (dtype, rows, nbytes), kind in zip((dispatch, combine, combine_grad, dispatch_grad), kinds):
+                assert (dtype, nbytes) == crossing(kind, rows, HIDDEN), (case, layer, calls)
             # the gradient crosses back along the transposed splits: as many rows as its forward received
             assert combine_grad[1] == dispatch[1] and dispatch_grad[1] == combine[1]
     if world_size == 2:  # every row a rank sends, another receives: over the ranks the four crossings add up
@@ -163,7 +185,8 @@ def check_lsh_centroids_cross_in_fp8(world_size, per_rank):
 
 def check_all(world_size, per_rank):
     check_model_dtype_without_clustering_is_the_stock_exchange(world_size, per_rank)
-    check_fp8_layer_returns_the_e4m3_rounding_of_its_rows(world_size, per_rank)
+    for case in DISPATCH_CASES:
+        check_identity_layer_returns_the_rounding_of_its_rows_and_gradients(world_size, per_rank, case)
     for case in CASES:
         check_every_crossing_moves_its_format_along_its_splits_and_is_counted(world_size, per_rank, case)
     check_lsh_centroids_cross_in_fp8(world_size, per_rank)

@@ -116,16 +116,43 @@ def test_wire_keys_default_to_todays_exchange_and_grads_follow_their_forward():
     assert fp8_only.clustering == "none"  # defaults of the clustering keys and keys that still apply are fine
 
 
+def test_each_scaled_format_has_its_own_block_and_scale_keys():
+    cfg = LSHMoEConfig.from_dict({"enabled": True}, env={})
+    assert (cfg.fp8_scale, cfg.fp4_block_size, cfg.fp4_scale) == ("float32", 32, "e8m0")
+    mixed = LSHMoEConfig.from_dict({"dispatch_dtype": "fp8_e4m3", "fp8_scale": "e8m0", "fp8_block_size": 64,
+                                    "dispatch_grad_dtype": "fp4_e2m1", "fp4_block_size": "row",
+                                    "fp4_scale": "float32"}, env={})
+    assert mixed.wire_dtypes == ("fp8_e4m3", "fp4_e2m1", "model", "model")
+    assert LSHMoEConfig.from_dict(mixed.to_dict(), env={}) == mixed
+    # the defaults spelled out are accepted whatever the crossings use, as fp8_block_size's always were
+    LSHMoEConfig.from_dict({"fp8_block_size": 128, "fp8_scale": "float32", "fp4_block_size": 32,
+                            "fp4_scale": "e8m0"}, env={})
+
+
 @pytest.mark.parametrize("block, message", [
     ({"clustering": "kmeans"}, r"clustering must be one of \['lsh', 'none'\], got 'kmeans'"),
-    ({"dispatch_dtype": "fp8"}, r"dispatch_dtype must be one of \['model', 'fp8_e4m3'\], got 'fp8'"),
-    ({"combine_dtype": "bf16"}, r"combine_dtype must be one of \['model', 'fp8_e4m3'\], got 'bf16'"),
+    ({"dispatch_dtype": "fp8"}, r"dispatch_dtype must be one of \['model', 'fp8_e4m3', 'fp4_e2m1'\], got 'fp8'"),
+    ({"combine_dtype": "bf16"}, r"combine_dtype must be one of \['model', 'fp8_e4m3', 'fp4_e2m1'\], got 'bf16'"),
     ({"dispatch_grad_dtype": "e5m2"}, r"dispatch_grad_dtype must be null \(as the forward\) or one of \['model', "
-                                      r"'fp8_e4m3'\], got 'e5m2'"),
+                                      r"'fp8_e4m3', 'fp4_e2m1'\], got 'e5m2'"),
+    ({"combine_dtype": "fp4"}, r"combine_dtype must be one of \['model', 'fp8_e4m3', 'fp4_e2m1'\], got 'fp4'"),
     ({"dispatch_dtype": "fp8_e4m3", "fp8_block_size": 0}, r'fp8_block_size must be "row" or an integer >= 1, got 0'),
     ({"dispatch_dtype": "fp8_e4m3", "fp8_block_size": "block"}, r'fp8_block_size must be "row" or an integer'),
     ({"dispatch_dtype": "fp8_e4m3", "fp8_block_size": True}, r'fp8_block_size must be "row" or an integer'),
     ({"fp8_block_size": 64}, r"fp8_block_size=64 sets the scales of fp8_e4m3, which no crossing uses"),
+    ({"dispatch_dtype": "fp4_e2m1", "fp8_block_size": 64}, r"fp8_block_size=64 sets the scales of fp8_e4m3, which no "
+                                                          r"crossing uses .*'fp4_e2m1'.*set one of them to 'fp8_e4m3'"),
+    ({"dispatch_dtype": "fp8_e4m3", "fp8_scale": "float16"}, r"fp8_scale must be one of \['float32', 'e8m0'\], "
+                                                             r"got 'float16'"),
+    ({"fp8_scale": "e8m0"}, r"fp8_scale='e8m0' sets the scales of fp8_e4m3, which no crossing uses"),
+    ({"dispatch_dtype": "fp4_e2m1", "fp4_block_size": 0}, r'fp4_block_size must be "row" or an integer >= 1, got 0'),
+    ({"dispatch_dtype": "fp4_e2m1", "fp4_block_size": False}, r'fp4_block_size must be "row" or an integer'),
+    ({"dispatch_dtype": "fp4_e2m1", "fp4_scale": "ue8m0"}, r"fp4_scale must be one of \['float32', 'e8m0'\], got "
+                                                           r"'ue8m0'"),
+    ({"dispatch_dtype": "fp8_e4m3", "fp4_block_size": 16}, r"fp4_block_size=16 sets the scales of fp4_e2m1, which "
+                                                           r"no crossing uses"),
+    ({"combine_grad_dtype": "fp8_e4m3", "fp4_scale": "float32"}, r"fp4_scale='float32' sets the scales of fp4_e2m1, "
+                                                                 r"which no crossing uses"),
     ({"clustering": "none", "compression_rate": 0.5},
      r"compression_rate=0.5 belongs to LSH clustering, which clustering 'none' turns off; allowed with clustering "
      r"'none': compression_rate 0.2"),

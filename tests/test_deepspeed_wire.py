@@ -1,21 +1,18 @@
 """The wire formats (lsh_moe dispatch/combine dtypes) on DeepSpeed's real MoE layer, in 1 and 2 real gloo processes:
-the model's dtype changes nothing, FP8 equals a hand-built reference (DeepSpeed's stages with every crossing rounded
-to the e4m3 grid), gradients pass straight through and cross back in their own format, and the all-to-all really
-moves uint8 buffers of values and scales whose bytes the telemetry counts."""
-import math
-
+the model's dtype changes nothing; FP8 (float32 or e8m0 scales) and FP4 equal a hand-built reference (DeepSpeed's
+stages with every crossing rounded to the format's grid), gradients pass straight through and cross back in their
+own format, and the all-to-all really moves uint8 buffers of values and scales whose bytes the telemetry counts."""
 import pytest
 import torch
 from distributed import run_distributed
 from test_deepspeed_patch import D_MODEL, build_distinct_shift_experts, build_moe, failed, fwd_bwd, same
-from test_wire import reference_round_trip
+from wire_helpers import BLOCK, CASES, RoundTrip, row_bytes, with_blocks
 
 import lshmoe_plugin
 from lshmoe_plugin.compressor import fixed_slots
 
-BLOCK = 8  # two scales per row of D_MODEL 16
-FP8_ROW_BYTES = D_MODEL + 4 * math.ceil(D_MODEL / BLOCK)
-FP32_ROW_BYTES = D_MODEL * 4
+FP8_ROW_BYTES = row_bytes("fp8", D_MODEL)
+FP32_ROW_BYTES = row_bytes(None, D_MODEL)
 
 
 class AllToAlls:
@@ -36,24 +33,9 @@ class AllToAlls:
         self.dist.all_to_all_single = self.original
 
 
-class RoundTrip(torch.autograd.Function):
-    """The reference of one crossing's coding: the forward rounded to the e4m3 grid (None: unchanged), the gradient
-    likewise in its own format. Rounding per row commutes with the all-to-all, which only moves rows."""
-
-    @staticmethod
-    def forward(ctx, rows, forward_block, backward_block):
-        ctx.backward_block = backward_block
-        return rows if forward_block is None else reference_round_trip(rows, forward_block).to(rows.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        block = ctx.backward_block
-        return (grad if block is None else reference_round_trip(grad, block).to(grad.dtype)), None, None
-
-
 def reference_fwd_bwd(moe, x, dispatch=(None, None), combine=(None, None)):
     """`fwd_bwd` of DeepSpeed's MOELayer rebuilt from its own stages (gate, _sparse_encode, _AllToAll, experts,
-    _sparse_decode) with the crossings coded by `RoundTrip` (forward block, backward block); also the capacity."""
+    _sparse_decode) with the crossings coded by `RoundTrip` (forward kind, backward kind); also the capacity."""
     from deepspeed.moe import sharded_moe as sm
     layer = moe.deepspeed_moe
     moe.zero_grad(set_to_none=True)
@@ -77,20 +59,15 @@ def reference_fwd_bwd(moe, x, dispatch=(None, None), combine=(None, None)):
 
 def crossing_bytes(kinds, rows):
     """Expected (dtype, bytes) of the four crossings (dispatch, combine, combine's grad, dispatch's grad)."""
-    return [(torch.uint8, rows * FP8_ROW_BYTES) if kind == "fp8" else (torch.float32, rows * FP32_ROW_BYTES)
-            for kind in kinds]
+    return [(torch.float32 if kind is None else torch.uint8, rows * row_bytes(kind, D_MODEL)) for kind in kinds]
 
 
-# (lsh_moe keys, reference codings of dispatch and combine as (forward, backward) blocks, the four crossings' kinds)
-FP8_CASES = {
-    "fp8_dispatch": ({"dispatch_dtype": "fp8_e4m3"}, ((BLOCK, BLOCK), (None, None)), ("fp8", "model", "model", "fp8")),
-    "fp8_dispatch_model_grad": ({"dispatch_dtype": "fp8_e4m3", "dispatch_grad_dtype": "model"},
-                                ((BLOCK, None), (None, None)), ("fp8", "model", "model", "model")),
-    "fp8_both": ({"dispatch_dtype": "fp8_e4m3", "combine_dtype": "fp8_e4m3"}, ((BLOCK, BLOCK), (BLOCK, BLOCK)),
-                 ("fp8", "fp8", "fp8", "fp8")),
-    "fp8_combine_grad_only": ({"combine_grad_dtype": "fp8_e4m3"}, ((None, None), (None, BLOCK)),
-                              ("model", "model", "fp8", "model")),
-}
+# wire_helpers.CASES, and two that only DeepSpeed's layer runs: lsh_moe keys, and what each of the four crossings
+# (dispatch, combine, combine's grad, dispatch's grad) carries (None: the model's dtype)
+DS_CASES = {**CASES,
+            "fp8_dispatch_model_grad": ({"dispatch_dtype": "fp8_e4m3", "dispatch_grad_dtype": "model"},
+                                        ("fp8", None, None, None)),
+            "fp8_combine_grad_only": ({"combine_grad_dtype": "fp8_e4m3"}, (None, None, "fp8", None))}
 
 
 def check_wire_formats(rank, world_size, device="cpu"):
@@ -115,10 +92,10 @@ def check_wire_formats(rank, world_size, device="cpu"):
         report[f"top{k}_lsh_model_keys_change_nothing"] = same(lsh, fwd_bwd(moe, x))
         lshmoe_plugin.disable()
 
-        for name, (keys, (dispatch, combine), kinds) in FP8_CASES.items():
+        for name, (keys, kinds) in DS_CASES.items():
+            dispatch, combine = (kinds[0], kinds[3]), (kinds[1], kinds[2])  # (forward, backward) of each crossing
             expected, E, C = reference_fwd_bwd(moe, x, dispatch, combine)
-            lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "clustering": "none", "fp8_block_size": BLOCK,
-                                              **keys}}, moe)
+            lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "clustering": "none", **with_blocks(keys)}}, moe)
             with AllToAlls() as calls:
                 got = fwd_bwd(moe, x)
             stats = lshmoe_plugin.TELEMETRY.latest[0]
@@ -136,7 +113,7 @@ def check_wire_formats(rank, world_size, device="cpu"):
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
-def test_fp8_without_clustering_equals_the_reference_and_sends_uint8(world_size):
+def test_wire_formats_without_clustering_equal_the_reference_and_send_uint8(world_size):
     for rank, report in enumerate(run_distributed(check_wire_formats, world_size)):
         assert all(report.values()), (rank, failed(report))
 
@@ -163,7 +140,7 @@ def check_lsh_with_fp8(rank, world_size, device="cpu"):
             (difference <= 2.0**-4 * x.abs().max() * (1 + 1e-5)).all())
         report[f"top{k}_grads_finite"] = all(torch.isfinite(g).all() for g in fp8[2] if g is not None)
         rows = 4 * fixed_slots(int(stats.bytes_uncompressed) // (4 * FP32_ROW_BYTES), 0.25)  # 4 experts
-        crossings = crossing_bytes(("fp8", "model", "model", "fp8"), rows)
+        crossings = crossing_bytes(("fp8", None, None, "fp8"), rows)
         report[f"top{k}_centroids_cross_as_uint8"] = calls.calls == (crossings if world_size > 1 else [])
         report[f"top{k}_telemetry_bytes"] = stats.bytes_sent == sum(b for _, b in crossings) / 4
 

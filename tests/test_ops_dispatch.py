@@ -73,8 +73,8 @@ def test_the_wire_format_takes_the_kernel_key_and_the_cpu_runs_its_reference(mon
     assert wire.wire_format("fp8_e4m3", 16).kernel == "auto"
     monkeypatch.setitem(sys.modules, "lshmoe_plugin.kernels.wire_triton", None)  # importing it would raise
     x = torch.randn(3, 32)
-    auto, reference = wire.wire_format("fp8_e4m3", 16, "auto"), wire.wire_format("fp8_e4m3", 16, "torch")
+    auto, reference = (wire.wire_format("fp8_e4m3", 16, kernel=kernel) for kernel in ("auto", "torch"))
     assert torch.equal(auto.encode(x), reference.encode(x))
     assert torch.equal(auto.decode(auto.encode(x), 32, x.dtype), reference.decode(reference.encode(x), 32, x.dtype))
     with pytest.raises(RuntimeError, match="kernel='triton' needs a CUDA device.*'auto' or 'torch'"):
-        wire.wire_format("fp8_e4m3", 16, "triton").encode(x)
+        wire.wire_format("fp8_e4m3", 16, kernel="triton").encode(x)

@@ -1,6 +1,7 @@
-"""The wire formats of lshmoe_plugin.wire against hand-built references: e4m3 rounding to the nearest representable
-value, the derived error bound (and that it is reached), bytes, packing, and straight-through gradients that cross
-back in their own format."""
+"""The wire formats of lshmoe_plugin.wire against hand-built references: e4m3 and E2M1 rounding to the nearest
+representable value (ties to even), float32 and power-of-two (e8m0) scales, the derived error bounds (and that they
+are reached), exact encodings of hand-picked values, bytes, packing, and straight-through gradients that cross back in
+their own format."""
 import math
 
 import pytest
@@ -9,26 +10,54 @@ import torch
 from lshmoe_plugin import wire
 from lshmoe_plugin.config import LSHMoEConfig
 
-# Every finite float8_e4m3fn value, from its 256 bit patterns (0x7f and 0xff are NaN).
-E4M3_GRID = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
-E4M3_GRID = E4M3_GRID[torch.isfinite(E4M3_GRID)].unique()
+# Every finite float8_e4m3fn magnitude, codes 0 to 0x7e in order (0x7f is NaN), and every E2M1 one, codes 0 to 7.
+E4M3_MAGNITUDES = torch.arange(0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn).double()
+E2M1_MAGNITUDES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=torch.float64)
+GRIDS = {"fp8_e4m3": E4M3_MAGNITUDES, "fp4_e2m1": E2M1_MAGNITUDES}
+# Every (format, scale coding) pair, and the one that is not the format's default scale spelled out.
+FORMATS = [("fp8_e4m3", "float32"), ("fp8_e4m3", "e8m0"), ("fp4_e2m1", "e8m0"), ("fp4_e2m1", "float32")]
+
+
+def nearest(y: torch.Tensor, magnitudes: torch.Tensor) -> torch.Tensor:
+    """y (float32) rounded to the nearest of +-magnitudes (a value past the largest to the largest), a tie to the
+    even code, by search over the grid (in float64, where the distances to the two neighbours are exact)."""
+    magnitudes = magnitudes.to(y.device)
+    distance = (y.double().abs().reshape(-1, 1) - magnitudes).abs()
+    closest = distance == distance.min(1, keepdim=True).values
+    even = closest & (torch.arange(len(magnitudes), device=y.device) % 2 == 0)
+    index = torch.where(even.any(1), even.int().argmax(1), closest.int().argmax(1))
+    return (magnitudes[index].view(y.shape) * torch.where(y < 0, -1.0, 1.0)).float()
 
 
 def nearest_e4m3(y: torch.Tensor) -> torch.Tensor:
-    """y (float32, |y| <= 448) rounded to the nearest e4m3 value by search over the grid (ties are of measure zero
-    for the random inputs here)."""
-    grid = E4M3_GRID.to(y.device)
-    return grid[(y.reshape(-1, 1) - grid).abs().argmin(1)].view_as(y)
+    return nearest(y, E4M3_MAGNITUDES)
 
 
-def reference_round_trip(x: torch.Tensor, block) -> torch.Tensor:
-    """Per block of `block` elements (None: the row): scale s = amax / 448, round x / s to the grid, times s."""
+def reference_scales(amax: torch.Tensor, fmt: str = "fp8_e4m3", scale: str = "float32") -> torch.Tensor:
+    """float32: amax / largest (at least float32's smallest normal); e8m0: 2^ceil(log2(amax / largest)), the
+    exponent clamped to [-127, 127] (a zero block's -inf to -127), computed in float64."""
+    largest = GRIDS[fmt].max().item()
+    if scale == "float32":
+        return (amax / largest).clamp(min=torch.finfo(torch.float32).tiny)
+    return torch.pow(2.0, torch.ceil(torch.log2(amax.double() / largest)).clamp(-127, 127)).float()
+
+
+def reference_round_trip(x: torch.Tensor, block, fmt: str = "fp8_e4m3", scale: str = "float32") -> torch.Tensor:
+    """Per block of `block` elements (None: the row): its scale s, x / s rounded to the format's grid, times s."""
     d = x.shape[-1]
     size = d if block is None else block
     blocks = math.ceil(d / size)
     padded = torch.nn.functional.pad(x.float(), (0, blocks * size - d)).unflatten(-1, (blocks, size))
-    scale = (padded.abs().amax(-1, keepdim=True) / 448.0).clamp(min=torch.finfo(torch.float32).tiny)
-    return (nearest_e4m3(padded / scale) * scale).flatten(-2)[..., :d]
+    s = reference_scales(padded.abs().amax(-1, keepdim=True), fmt, scale)
+    return (nearest(padded / s, GRIDS[fmt]) * s).flatten(-2)[..., :d]
+
+
+def element_scales(x: torch.Tensor, block, fmt: str, scale: str) -> torch.Tensor:
+    """The scale of each element's block, (..., d), as reference_scales."""
+    d = x.shape[-1]
+    size = d if block is None else block
+    blocked = x.float().unflatten(-1, (-1, size))  # d a multiple of block here
+    return reference_scales(blocked.abs().amax(-1, keepdim=True), fmt, scale).expand_as(blocked).flatten(-2)
 
 
 def heavy_tailed(*shape, seed=0):
@@ -38,48 +67,153 @@ def heavy_tailed(*shape, seed=0):
     return rows * torch.where(torch.rand(*shape, generator=g) < 0.01, 30.0, 1.0)
 
 
-@pytest.mark.parametrize("block", [None, 128, 16, 7])
-def test_fp8_round_trip_is_e4m3_rounding_of_the_scaled_rows(block):
-    fmt = wire.FP8E4M3(block)
-    x = heavy_tailed(4, 6, 300)  # 300 is no multiple of 128, 16 or 7: the last block is shorter
-    buffer = fmt.encode(x)
-    assert buffer.dtype == torch.uint8 and buffer.shape == (4, 6, 300 + 4 * fmt.blocks(300))
-    decoded = fmt.decode(buffer, 300, torch.float32)
-    assert torch.equal(decoded, reference_round_trip(x, block))
+def scaled_format(fmt: str, block, scale: str):
+    return wire.FP8E4M3(block, scale) if fmt == "fp8_e4m3" else wire.FP4E2M1(block, scale)
+
+
+def value_bytes(fmt: str, d: int) -> int:
+    return d if fmt == "fp8_e4m3" else math.ceil(d / 2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("block", [None, 128, 16])
-def test_fp8_error_stays_within_the_derived_bound_and_reaches_it(block, dtype):
-    """|x_hat - x| <= max(2^-4 |x|, 2^-10 s), s = amax / 448 of the element's block: half a unit in the last place
-    of e4m3's 3 mantissa bits for normal values, half the subnormal spacing 2^-9 below 2^-6 (derivation in
-    wire.FP8E4M3); a bf16 model adds the rounding of the result to bf16 (2^-9 relative). The bound is reached:
-    a format with fewer mantissa bits (e5m2) would break it, one with more would not come near it."""
-    fmt = wire.FP8E4M3(block)
-    x = heavy_tailed(64, 512, seed=1).to(dtype)
-    decoded = fmt.decode(fmt.encode(x), 512, dtype)
+@pytest.mark.parametrize("d", [300, 301])
+@pytest.mark.parametrize("block", [None, 128, 16, 7])
+@pytest.mark.parametrize("fmt, scale", FORMATS)
+def test_round_trip_is_the_rounding_of_the_scaled_rows(fmt, scale, block, d, dtype):
+    """d 300 and 301 are no multiple of 128, 16 or 7: the last block is shorter (and 301 leaves FP4 half a byte).
+    bf16 rows under a power-of-two scale put many values exactly on a midpoint: the ties must go to the even code."""
+    codec = scaled_format(fmt, block, scale)
+    x = heavy_tailed(4, 6, d).to(dtype)
+    buffer = codec.encode(x)
+    blocks = codec.blocks(d)
+    assert buffer.dtype == torch.uint8
+    assert buffer.shape == (4, 6, value_bytes(fmt, d) + {"float32": 4, "e8m0": 1}[scale] * blocks)
+    decoded = codec.decode(buffer, d, torch.float32)
+    assert torch.equal(decoded, reference_round_trip(x, block, fmt, scale))
+
+
+# (rows the magnitude scales, the model's dtype): an ordinary range, blocks whose scale clamps at its smallest value
+# (float32 subnormals among the rows), and values near float32's largest.
+RANGES = [(1.0, torch.float32), (1.0, torch.bfloat16), (1e-36, torch.float32), (1e30, torch.float32)]
+
+
+@pytest.mark.parametrize("magnitude, dtype", RANGES, ids=["fp32", "bf16", "tiny", "huge"])
+@pytest.mark.parametrize("block", [None, 128, 32])
+@pytest.mark.parametrize("fmt, scale", FORMATS)
+def test_error_stays_within_the_derived_bound_and_reaches_it(fmt, scale, block, magnitude, dtype):
+    """fp8_e4m3: |x_hat - x| <= max(2^-4 |x|, 2^-10 s), half a unit in the last place of 3 mantissa bits for normal
+    values (|x| >= 2^-6 s), half the subnormal spacing 2^-9 below; fp4_e2m1: 2^-2 max(|x|, s), one mantissa bit,
+    spacing 0.5 below 1 (derivations in wire.FP8E4M3 and wire.FP4E2M1). Either is at most 2^-4 (resp. 2^-2) of the
+    block's largest magnitude where the scale is not clamped at its smallest value. float32 scales add float32's
+    rounding of x / s and q * s (relative 2^-20 of slack, and 2^-149 where q * s is a float32 subnormal); e8m0
+    scales add nothing, a power of two divides and multiplies exactly. A bf16 model adds the rounding of the result
+    to bf16 (half a unit in the last place of its 8 significant bits: 2^-8 relative). The bound is reached: the
+    worst relative error of normal values comes near its largest possible value, 2^-4 / (1 + 2^-4) (fp8) or
+    2^-2 / (1 + 2^-2) = 1/5 (fp4), at a binade's first midpoint."""
+    codec = scaled_format(fmt, block, scale)
+    x = (heavy_tailed(64, 512, seed=1) * magnitude).to(dtype)
+    decoded = codec.decode(codec.encode(x), 512, dtype)
     assert decoded.dtype == dtype
-    xf, error = x.float(), (decoded.float() - x.float()).abs()
-    size = 512 if block is None else block
-    scale = (xf.unflatten(-1, (-1, size)).abs().amax(-1, keepdim=True) / 448).expand(-1, -1, size).flatten(-2)
-    output_rounding = 0.0 if dtype == torch.float32 else 2.0**-9 * decoded.float().abs()
-    bound = torch.maximum(2.0**-4 * xf.abs(), 2.0**-10 * scale) * (1 + 2.0**-20) + output_rounding
+    xd, error = x.double(), (decoded.double() - x.double()).abs()
+    s = element_scales(x, block, fmt, scale).double()
+    fine, coarse, subnormal_below = (2.0**-4, 2.0**-10, 2.0**-6) if fmt == "fp8_e4m3" else (2.0**-2, 2.0**-2, 1.0)
+    slack = (1 + 2.0**-20, 2.0**-149) if scale == "float32" else (1.0, 0.0)
+    output_rounding = 0.0 if dtype == torch.float32 else 2.0**-8 * decoded.double().abs()
+    bound = torch.maximum(fine * xd.abs(), coarse * s) * slack[0] + slack[1] + output_rounding
     assert (error <= bound).all(), (error - bound).max()
-    assert (error <= 2.0**-4 * scale * 448 * (1 + 2.0**-20) + output_rounding).all()  # 2^-4 of the block's max
-    normal = xf.abs() >= 2.0**-6 * scale
-    worst = (error[normal] / xf.abs()[normal]).max()
-    assert worst > 0.9 * 2.0**-4, worst  # near 2^-4 / (1 + 2^-4), just below a midpoint at a binade's bottom
+    largest = GRIDS[fmt].max().item()
+    amax = s * largest if scale == "float32" else element_scales(x, block, fmt, "float32").double() * largest
+    unclamped = s > reference_scales(torch.zeros(()), fmt, scale).double()
+    assert (error <= fine * amax * slack[0] + slack[1] + output_rounding)[unclamped].all()
+    normal = (xd.abs() >= subnormal_below * s) & (xd != 0)
+    worst = (error[normal] / xd.abs()[normal]).max()
+    bf16 = 0.0 if dtype == torch.float32 else 2.0**-8 * (1 + fine)  # |x_hat| <= (1 + fine) |x|
+    assert 0.9 * fine / (1 + fine) < worst <= fine / (1 + fine) * slack[0] + bf16
 
 
-def test_zero_rows_stay_zero_and_nan_or_inf_poison_only_their_block():
-    fmt = wire.FP8E4M3(4)
+def test_e4m3_with_power_of_two_scales_encodes_hand_picked_blocks_exactly():
+    """Blocks of 4; the scale byte is k + 127 for s = 2^k, k = ceil(log2(amax / 448))."""
+    codec = wire.FP8E4M3(4, "e8m0")
+    rows = torch.tensor([[448.0, 1, 2, 3],  # amax 448: s = 1, every value exact
+                         [449.0, 1, 2, 3],  # just past 448: s = 2, 449 / 2 = 224.5 -> 224 (spacing 16 there)
+                         [224.0, -1, 0, 1],  # exactly 448 / 2: s = 1/2, the max lands on 448
+                         [232.0, 248, 1, 1],  # s = 1: midpoints 232 -> 224 (even mantissa), 248 -> 256
+                         [0.0, 0, 0, 0],  # zero: log2 0 = -inf clamps to 2^-127, byte 0
+                         [3e38, 0, 0, 0],  # near float32's largest: k = ceil(log2(3e38 / 448)) = 120
+                         [1e-40, 0, 0, 0]]).reshape(1, -1)  # a float32 subnormal: k clamps at -127
+    buffer = codec.encode(rows)
+    assert buffer[0, 28:].tolist() == [127, 128, 126, 127, 0, 247, 0]
+    decoded = codec.decode(buffer, 28, torch.float32).reshape(-1, 4)
+    expected = [[448.0, 1, 2, 3], [448.0, 1, 2, 3], [224.0, -1, 0, 1], [224.0, 256, 1, 1], [0.0, 0, 0, 0]]
+    assert torch.equal(decoded[:5], torch.tensor(expected))
+    assert decoded[5, 0] == 2.0**120 * 224  # 3e38 / 2^120 = 225.7 -> 224
+    assert decoded[6, 0] == 2.0**-127 * 9 * 2.0**-9  # 1e-40 / 2^-127 = 0.0170 -> 9 subnormal steps of 2^-9
+
+
+def test_e2m1_encodes_hand_picked_values_exactly():
+    """One block (the row, 13 values, so the last byte's high nibble is padding): amax 6 gives s = 1 in both scale
+    codings. Each byte holds element 2i in its low nibble; a code is sign (8) | exponent (2 bits) | mantissa."""
+    row = torch.tensor([[6.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -5.0, -0.25, -6.0, 0.3, 0.7]])
+    # codes: 6->7, 0.25->0 (tie, even), 0.75->2 (tie to 1.0), 1.25->2 (tie to 1.0), 1.75->4 (tie to 2),
+    # 2.5->4 (tie to 2), 3.5->6 (tie to 4), 5->6 (tie to 4), -5->8|6, -0.25->8|0, -6->8|7, 0.3->1, 0.7->1
+    values = [0x07, 0x22, 0x44, 0x66, 0x8E, 0x1F, 0x01]
+    expected = torch.tensor([[6.0, 0, 1, 1, 2, 2, 4, 4, -4, -0.0, -6, 0.5, 0.5]])
+    for scale, scale_bytes in (("e8m0", [127]), ("float32", list(torch.tensor([1.0]).view(torch.uint8).tolist()))):
+        codec = wire.FP4E2M1(None, scale)
+        buffer = codec.encode(row)
+        assert buffer[0].tolist() == values + scale_bytes, scale
+        assert torch.equal(codec.decode(buffer, 13, torch.float32), expected)
+    codec = wire.FP4E2M1(None, "e8m0")
+    for k in (-3, 20, -127 + 3):  # a power of two moves the scale byte only (k - 3 + 127 for amax 6 * 2^k... )
+        buffer = codec.encode(row * 2.0**k)
+        assert buffer[0].tolist() == values + [127 + k], k
+        assert torch.equal(codec.decode(buffer, 13, torch.float32), expected * 2.0**k)
+
+
+def test_e2m1_puts_the_largest_magnitude_on_six_times_the_scale_and_never_clips_with_e8m0():
+    """float32 scales: amax / (amax / 6) rounds back to exactly 6, code 7, and decodes to 6 s. e8m0: amax = 6 * 2^k
+    is code 7 exactly, and a hair above it takes the next power of two (3.0000002 -> 3, code 5): nothing is clipped,
+    where OCP MX's rule (k = floor(log2 amax) - 2) would clip it to 6."""
+    amax = torch.rand(1000, 1, generator=torch.Generator().manual_seed(9)) * 100 + 1e-3
+    rows = torch.cat([amax, -amax, amax / 3], dim=1)
+    codec = wire.FP4E2M1(None, "float32")
+    buffer = codec.encode(rows)
+    assert (buffer[:, 0] == 0xF7).all() and (buffer[:, 1] == 0x04).all()  # 6 and -6, then 2 (amax / 3) and pad 0
+    decoded = codec.decode(buffer, 3, torch.float32)
+    scales = buffer[:, 2:].contiguous().view(torch.float32)
+    assert torch.equal(decoded[:, :1], 6 * scales) and torch.allclose(decoded[:, :1], amax, rtol=2**-22, atol=0)
+    codec = wire.FP4E2M1(None, "e8m0")
+    exact, above = torch.tensor([[6.0 * 2**5]]), torch.tensor([[torch.nextafter(torch.tensor(6.0 * 2**5),
+                                                                                 torch.tensor(1e9)).item()]])
+    assert codec.encode(exact).tolist() == [[0x07, 127 + 5]]
+    assert codec.encode(above).tolist() == [[0x05, 127 + 6]]
+
+
+@pytest.mark.parametrize("fmt, scale", FORMATS)
+def test_one_row_whose_scales_start_at_any_byte_decodes(fmt, scale):
+    """A buffer of one row is contiguous, so its scales slice is too, but starts at byte d (or ceil(d / 2))."""
+    codec = scaled_format(fmt, 8, scale)
+    for d in (13, 14, 15, 16):
+        x = heavy_tailed(1, d, seed=d)
+        assert torch.equal(codec.decode(codec.encode(x), d, torch.float32), reference_round_trip(x, 8, fmt, scale))
+
+
+@pytest.mark.parametrize("fmt, scale", FORMATS)
+def test_zero_rows_stay_zero_and_nan_or_inf_poison_only_their_block(fmt, scale):
+    """float32 scales become NaN or inf; e8m0 codes NaN as 0xFF. Either way no value of the block comes back finite
+    (a loss scaler must still see the overflow), and the other block rounds as if alone."""
+    codec = scaled_format(fmt, 4, scale)
     x = torch.tensor([[0.0] * 8, [1.0, 2.0, 3.0, float("inf"), 1.0, 2.0, 3.0, 4.0],
-                      [1.0, float("nan"), 3.0, 4.0, 1.0, 2.0, 3.0, 4.0]])
-    decoded = fmt.decode(fmt.encode(x), 8, torch.float32)
+                      [1.0, float("nan"), 3.0, 4.0, 1.0, 2.0, 3.0, 4.0],
+                      [-float("inf"), 2.0, 3.0, 4.0, 1.0, 2.0, 3.0, 4.0]])
+    buffer = codec.encode(x)
+    decoded = codec.decode(buffer, 8, torch.float32)
     assert torch.equal(decoded[0], torch.zeros(8))
-    for row in (1, 2):  # a loss scaler must still see the overflow; the other block rounds as if alone
+    for row in (1, 2, 3):
         assert not torch.isfinite(decoded[row, :4]).any()
-        assert torch.equal(decoded[row, 4:], reference_round_trip(x[row, 4:], 4))
+        assert torch.equal(decoded[row, 4:], reference_round_trip(x[row, 4:], 4, fmt, scale))
+    if scale == "e8m0":
+        assert buffer[1:, -2].tolist() == [0xFF] * 3
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -87,9 +221,28 @@ def test_bytes_count_values_and_scales(dtype):
     assert wire.MODEL.bytes(10, 300, dtype) == 10 * 300 * torch.empty(0, dtype=dtype).element_size()
     assert wire.FP8E4M3(None).bytes(10, 300, dtype) == 10 * (300 + 4)
     assert wire.FP8E4M3(128).bytes(10, 300, dtype) == 10 * (300 + 4 * 3)
-    for block in (None, 128):
-        fmt = wire.FP8E4M3(block)
-        assert fmt.encode(torch.randn(10, 300).to(dtype)).numel() == fmt.bytes(10, 300, dtype)
+    assert wire.FP8E4M3(128, "e8m0").bytes(10, 300, dtype) == 10 * (300 + 3)
+    assert wire.FP4E2M1(32).bytes(10, 301, dtype) == 10 * (151 + 10)  # e8m0 by default
+    assert wire.FP4E2M1(None, "float32").bytes(10, 300, dtype) == 10 * (150 + 4)
+    for fmt, scale in FORMATS:
+        for block in (None, 128, 32):
+            codec = scaled_format(fmt, block, scale)
+            for d in (300, 301):
+                assert codec.encode(torch.randn(10, d).to(dtype)).numel() == codec.bytes(10, d, dtype)
+
+
+def test_formats_are_built_from_their_own_keys():
+    assert wire.wire_format("fp8_e4m3", 16).scale.name == "float32"  # today's format, as before
+    assert wire.wire_format("fp4_e2m1", 32).scale.name == "e8m0"
+    assert wire.wire_format("fp4_e2m1", "row", "float32").block is None
+    assert wire.wire_format("fp8_e4m3", 16, "e8m0") is wire.wire_format("fp8_e4m3", 16, "e8m0")  # cached
+    config = LSHMoEConfig(dispatch_dtype="fp8_e4m3", fp8_scale="e8m0", fp8_block_size=64,
+                          dispatch_grad_dtype="fp4_e2m1", fp4_block_size=16)
+    forward, backward = wire.formats(config, "dispatch")
+    assert (forward.name, forward.block, forward.scale.name) == ("fp8_e4m3", 64, "e8m0")
+    assert (backward.name, backward.block, backward.scale.name) == ("fp4_e2m1", 16, "e8m0")
+    with pytest.raises(ValueError, match=r"scale coding 'e5m2': allowed \['float32', 'e8m0'\]"):
+        wire.FP8E4M3(128, "e5m2")
 
 
 def test_bytes_per_crossing_is_the_mean_of_the_four_crossings():
@@ -100,7 +253,12 @@ def test_bytes_per_crossing_is_the_mean_of_the_four_crossings():
              ({"dispatch_dtype": "fp8_e4m3"}, (2 * fp8 + 2 * bf16) / 4),
              ({"dispatch_dtype": "fp8_e4m3", "combine_dtype": "fp8_e4m3"}, fp8),
              ({"dispatch_dtype": "fp8_e4m3", "dispatch_grad_dtype": "model"}, (fp8 + 3 * bf16) / 4),
-             ({"combine_grad_dtype": "fp8_e4m3"}, (fp8 + 3 * bf16) / 4)]
+             ({"combine_grad_dtype": "fp8_e4m3"}, (fp8 + 3 * bf16) / 4),
+             ({"dispatch_dtype": "fp8_e4m3", "combine_dtype": "fp8_e4m3", "fp8_scale": "e8m0"}, rows * (d + 2)),
+             ({"dispatch_dtype": "fp4_e2m1", "combine_dtype": "fp4_e2m1"}, rows * (d // 2 + 8)),  # e8m0 per 32
+             ({"dispatch_dtype": "fp8_e4m3", "combine_dtype": "fp8_e4m3", "dispatch_grad_dtype": "fp4_e2m1",
+               "combine_grad_dtype": "fp4_e2m1", "fp4_block_size": 16},
+              (2 * fp8 + 2 * rows * (d // 2 + 16)) / 4)]
     for keys, expected in cases:
         assert wire.bytes_per_crossing(LSHMoEConfig(**keys), rows, d, torch.bfloat16) == expected, keys
 
@@ -115,11 +273,12 @@ def test_model_format_is_the_identity_and_needs_no_crossing_of_its_own():
 
 
 @pytest.mark.parametrize("forward, backward", [("fp8_e4m3", "fp8_e4m3"), ("fp8_e4m3", "model"),
-                                               ("model", "fp8_e4m3")])
+                                               ("model", "fp8_e4m3"), ("fp4_e2m1", "fp4_e2m1"),
+                                               ("fp8_e4m3/e8m0", "fp4_e2m1"), ("model", "fp4_e2m1/float32")])
 def test_gradients_pass_straight_through_and_cross_back_in_their_own_format(forward, backward):
     """d(out)/d(rows) is the identity (straight-through); what reaches `rows` is the gradient as its own format
     sends it: rounded with scales of its own, or exactly."""
-    f, b = wire.wire_format(forward, 16), wire.wire_format(backward, 16)
+    f, b = (wire.wire_format(name.split("/")[0], 16, *name.split("/")[1:]) for name in (forward, backward))
     rows = heavy_tailed(4, 5, 32, seed=2).requires_grad_()
     swap = lambda buffer: buffer.flip(0)  # noqa: E731  an exchange that moves rows between "ranks"
     out = wire.cross(rows, f, b, swap)

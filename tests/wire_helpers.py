@@ -1,17 +1,77 @@
-"""What the variable-size wire tests (AutoEP, Megatron-core) share: the FP8 cases, the byte sizes of a row, and a
-recorder of the row buffers handed to the real all-to-all."""
+"""What the wire tests on the three frameworks (DeepSpeed, AutoEP, Megatron-core) share: the cases (lsh_moe keys and
+what each crossing carries), the bytes of a row in each format, the reference rounding of a crossing with its
+straight-through gradient, and a recorder of the row buffers handed to the real all-to-all."""
+import math
+
+import torch
+from test_wire import reference_round_trip
+
+from lshmoe_plugin.wire import FORMAT_KEYS
 
 BLOCK = 8
-# lsh_moe keys, and which of the four crossings (dispatch, combine, combine's grad, dispatch's grad) are FP8
-CASES = {"fp8_dispatch": ({"dispatch_dtype": "fp8_e4m3"}, (True, False, False, True)),
-         "fp8_both": ({"dispatch_dtype": "fp8_e4m3", "combine_dtype": "fp8_e4m3"}, (True, True, True, True)),
+# The formats the cases send, as (wire dtype, scale coding); every one with BLOCK elements per scale.
+KINDS = {"fp8": ("fp8_e4m3", "float32"), "fp8_e8m0": ("fp8_e4m3", "e8m0"), "fp4": ("fp4_e2m1", "e8m0")}
+
+# lsh_moe keys, and what each of the four crossings (dispatch, combine, combine's grad, dispatch's grad) carries:
+# a kind of KINDS, or None for the model's dtype.
+CASES = {"fp8_dispatch": ({"dispatch_dtype": "fp8_e4m3"}, ("fp8", None, None, "fp8")),
+         "fp8_both": ({"dispatch_dtype": "fp8_e4m3", "combine_dtype": "fp8_e4m3"}, ("fp8",) * 4),
          "fp8_to_experts": ({"dispatch_dtype": "fp8_e4m3", "dispatch_grad_dtype": "model",
-                             "combine_grad_dtype": "fp8_e4m3"}, (True, False, True, False))}
+                             "combine_grad_dtype": "fp8_e4m3"}, ("fp8", None, "fp8", None)),
+         "fp8_e8m0_both": ({"dispatch_dtype": "fp8_e4m3", "combine_dtype": "fp8_e4m3", "fp8_scale": "e8m0"},
+                           ("fp8_e8m0",) * 4),
+         "fp4_dispatch": ({"dispatch_dtype": "fp4_e2m1"}, ("fp4", None, None, "fp4")),
+         "fp4_both": ({"dispatch_dtype": "fp4_e2m1", "combine_dtype": "fp4_e2m1"}, ("fp4",) * 4),
+         "fp8_forward_fp4_grads": ({"dispatch_dtype": "fp8_e4m3", "combine_dtype": "fp8_e4m3",
+                                    "dispatch_grad_dtype": "fp4_e2m1", "combine_grad_dtype": "fp4_e2m1"},
+                                   ("fp8", "fp8", "fp4", "fp4"))}
+
+# The dispatch alone in a format (forward, backward): what the identity-expert layers check, values and gradients.
+DISPATCH_CASES = {"fp8": ({"dispatch_dtype": "fp8_e4m3"}, ("fp8", "fp8")),
+                  "fp8_e8m0": ({"dispatch_dtype": "fp8_e4m3", "fp8_scale": "e8m0"}, ("fp8_e8m0", "fp8_e8m0")),
+                  "fp4": ({"dispatch_dtype": "fp4_e2m1"}, ("fp4", "fp4")),
+                  "fp8_fp4_grad": ({"dispatch_dtype": "fp8_e4m3", "dispatch_grad_dtype": "fp4_e2m1"},
+                                   ("fp8", "fp4"))}
 
 
-def row_bytes(hidden: int):
-    """(FP8 row: values + one float32 scale per block, float32 row) in bytes."""
-    return hidden + 4 * (hidden // BLOCK), hidden * 4
+def with_blocks(keys: dict) -> dict:
+    """`keys` with BLOCK elements per scale for each scaled format they use (a format's block key is refused while
+    no crossing uses the format)."""
+    used = set(keys.values())
+    return {**keys, **{block_key: BLOCK for fmt, (block_key, _) in FORMAT_KEYS.items() if fmt in used}}
+
+
+def row_bytes(kind, hidden: int) -> int:
+    """Bytes of one row `hidden` wide in `kind`, values and scales (None: the model's float32)."""
+    if kind is None:
+        return 4 * hidden
+    fmt, scale = KINDS[kind]
+    values = hidden if fmt == "fp8_e4m3" else math.ceil(hidden / 2)
+    return values + {"float32": 4, "e8m0": 1}[scale] * math.ceil(hidden / BLOCK)
+
+
+def crossing(kind, rows: int, hidden: int):
+    """(dtype name, bytes) of a buffer of `rows` rows in `kind`: uint8 in a wire format, else the model's float32."""
+    return ("torch.float32" if kind is None else "torch.uint8"), rows * row_bytes(kind, hidden)
+
+
+def rounded(rows: torch.Tensor, kind) -> torch.Tensor:
+    """The reference rounding of rows (..., d) in `kind` (None: unchanged), in their dtype."""
+    return rows if kind is None else reference_round_trip(rows, BLOCK, *KINDS[kind]).to(rows.dtype)
+
+
+class RoundTrip(torch.autograd.Function):
+    """The reference of one crossing's coding: the forward rounded in `forward_kind`, the gradient in
+    `backward_kind` (straight-through). Rounding per row commutes with the all-to-all, which only moves rows."""
+
+    @staticmethod
+    def forward(ctx, rows, forward_kind, backward_kind):
+        ctx.backward_kind = backward_kind
+        return rounded(rows, forward_kind)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return rounded(grad, ctx.backward_kind), None, None
 
 
 class TokenCrossings:

@@ -1,5 +1,5 @@
-"""Fused Triton kernels of the ``fp8_e4m3`` wire format (`lshmoe_plugin.wire.FP8E4M3`): rows to the packed buffer
-and back, one pass each (every input byte read once, every output byte written once).
+"""Fused Triton kernels of the ``fp8_e4m3`` wire format with float32 scales (`lshmoe_plugin.wire.FP8E4M3`): rows to
+the packed buffer and back, one pass each (every input byte read once, every output byte written once).
 
 The buffer is the reference's, byte for byte: (..., d + 4 * blocks) uint8, each row's e4m3 values and then its
 float32 scales, little-endian. The bits are the reference's too, because every step is the same IEEE operation:

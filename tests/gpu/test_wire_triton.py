@@ -79,8 +79,8 @@ FINITE = torch.ones(37, dtype=torch.bool)
 FINITE[4:7] = False  # edge_rows' rows with NaN or inf
 
 
-def reference(block, device_kernel: str = "torch") -> wire.FP8E4M3:
-    return wire.wire_format("fp8_e4m3", "row" if block is None else block, device_kernel)
+def reference(block, kernel: str = "torch") -> wire.FP8E4M3:
+    return wire.wire_format("fp8_e4m3", "row" if block is None else block, kernel=kernel)
 
 
 def assert_same_rows(out: torch.Tensor, expected: torch.Tensor) -> None:
@@ -125,17 +125,18 @@ def test_the_format_runs_the_fused_kernels_unless_kernel_is_torch(kernel, fused,
     for name in ("encode", "decode"):
         original = getattr(wire_triton, name)
         monkeypatch.setattr(wire_triton, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
-    fmt = wire.wire_format("fp8_e4m3", 128, kernel)
+    fmt = wire.wire_format("fp8_e4m3", 128, kernel=kernel)
     x = edge_rows(256, torch.bfloat16)
     assert_same_rows(wire.send(fmt, x, lambda buffer: buffer), wire.send(reference(128), x, lambda buffer: buffer))
     assert calls == (["encode", "decode"] if fused else [])
     wire.send(fmt, x.double(), lambda buffer: buffer)  # float64 has no kernel: the reference, on every kernel
+    wire.send(wire.wire_format("fp8_e4m3", 128, "e8m0", kernel=kernel), x, lambda buffer: buffer)  # nor e8m0
     assert calls == (["encode", "decode"] if fused else [])
 
 
 @on_cuda
 def test_fused_codec_never_synchronises_and_replays_from_a_cuda_graph():
-    fmt = wire.wire_format("fp8_e4m3", 128, "triton")
+    fmt = wire.wire_format("fp8_e4m3", 128, kernel="triton")
     static = edge_rows(1024, torch.bfloat16)[8:]  # finite rows: NaN != NaN would fail the equality below
     torch.cuda.set_sync_debug_mode("error")  # any device-to-host synchronisation raises
     try:
