@@ -2,13 +2,19 @@
 shapes of an EP=k job, holds up its compute stream for the time the link model (`link_model.py`) gives the bytes an
 EP=k rank would send, while its tensors stay exactly as they are.
 
-Never used by the plugin. At EP=1 both stock DeepSpeed and the plugin hand the layer's ``experts`` module the
-buffer that would cross the network: the (E, C, d) dispatch buffer for stock, the (E, S, d) centroids for LSH-MoE.
-So the stand-in hooks that module: its input and its output pass through an autograd function whose forward and
-backward each wait for the modelled duration of one all-to-all of that tensor, which is where a real exchange
-blocks the step (DeepSpeed's all-to-all is synchronous with the compute stream). The four crossings of a layer's
-training step (dispatch and combine, forward and backward) are modelled for stock and LSH alike, and
-`decide_by_cost`, which times the layer's ``_experts``, meets the modelled exchange as it would a real one.
+Never used by the plugin. At EP=1 both stock DeepSpeed and the plugin hand the layer's ``experts`` module the rows
+that would cross the network: the (E, C, d) dispatch buffer for stock, the (E, S, d) centroids for LSH-MoE, every
+row for a method without clustering. So the stand-in hooks that module: its input and its output pass through an
+autograd function whose forward and backward each wait for the modelled duration of one all-to-all of those rows,
+which is where a real exchange blocks the step (DeepSpeed's all-to-all is synchronous with the compute stream). The
+four crossings of a layer's training step (dispatch and combine, forward and backward) are modelled for every
+variant, and `decide_by_cost`, which times the layer's ``_experts``, meets the modelled exchange as it would a real
+one.
+
+What the experts see are the rows *decoded* into the model's dtype; what a crossing sends is their wire format
+(lshmoe_plugin.wire: FP8 values and float32 scales, say). So each crossing is priced at the bytes of the format the
+DeepSpeed patch sends it in now (`crossing_formats`), the forward's and the backward's apart, and the link model
+sees each crossing's real message size.
 
 Every figure made with it is *modelled*, never measured.
 """
@@ -16,9 +22,11 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
+
+from lshmoe_plugin import wire
 
 from .link_model import LinkModel
 
@@ -73,26 +81,55 @@ def _measure_cycles_per_second(device: torch.device, cycles: int = 20_000_000, r
     return cycles / statistics.median(seconds)
 
 
+def crossing_formats(layer, crossing: str) -> Tuple[wire.WireFormat, wire.WireFormat]:
+    """(forward, backward) wire formats in which the DeepSpeed MoE `layer`'s `crossing` ("dispatch" or "combine")
+    crosses now: the patch's config where the patch compresses this layer (lshmoe_plugin.wire.formats), the model's
+    dtype where the layer runs DeepSpeed's own forward (the plugin disabled, a layer not selected, eval mode, steps
+    from `exact_from_step` on). Asked of the patch's own lifecycle, so it cannot drift from what the patch does.
+
+    Two of the patch's extra exchanges send the model's dtype through the same ``experts`` while the layer's own
+    exchange uses another format, and the stand-in cannot tell them apart there: `decide_by_cost`'s stock trial and
+    `output_error_interval`'s sample. With a wire format other than the model's they are refused by name rather than
+    priced wrong."""
+    from lshmoe_plugin.patches import deepspeed_moe as patch
+    from lshmoe_plugin.patches.lifecycle import INDEX_ATTRIBUTE
+    config = patch.LIFECYCLE.config
+    if not patch.is_applied() or config is None or not wire.changes_crossing(config, crossing):
+        return wire.MODEL, wire.MODEL
+    index = getattr(layer, INDEX_ATTRIBUTE, None)
+    if index is None or not patch.LIFECYCLE.active(index, layer.training):
+        return wire.MODEL, wire.MODEL
+    for key, off in (("decide_by_cost", False), ("output_error_interval", 0)):
+        if getattr(config, key) != off:
+            raise ValueError(f"the link stand-in cannot price lsh_moe.{key}={getattr(config, key)!r} with wire "
+                             f"formats other than the model's ({list(config.wire_dtypes)}): its extra exchange sends "
+                             f"the model's dtype through the same experts; allowed with the stand-in: {key} {off!r}, "
+                             f"or every wire dtype 'model'")
+    return wire.formats(config, crossing)
+
+
 class _LinkCrossing(torch.autograd.Function):
-    """Identity on the values; forward and backward each wait for one modelled all-to-all of the tensor."""
+    """Identity on the values; forward and backward each wait for one modelled all-to-all of the tensor, priced in
+    the forward's and the backward's wire format."""
 
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor, standin: "ModelledAllToAll") -> torch.Tensor:
-        ctx.standin = standin
-        standin.cross(tensor)
+    def forward(ctx, tensor: torch.Tensor, standin: "ModelledAllToAll", crossing: str, formats) -> torch.Tensor:
+        ctx.standin, ctx.crossing, ctx.backward_format = standin, crossing, formats[1]
+        standin.cross(tensor, formats[0], (crossing, "forward"))
         return tensor.view_as(tensor)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        ctx.standin.cross(grad)
-        return grad, None
+        ctx.standin.cross(grad, ctx.backward_format, (ctx.crossing, "backward"))
+        return grad, None, None, None
 
 
 class ModelledAllToAll:
     """The modelled exchange of EP=`ep` over `link`, for the DeepSpeed MoE layers of EP=1 models it is installed on.
 
-    `modelled_s` and `crossings` add up what it modelled (every crossing, forward and backward), so a benchmark can
-    report the modelled share of a step. `link` may be swapped between steps to time several links in one process.
+    `modelled_s` and `crossings` add up what it modelled (every crossing, forward and backward), and `priced_bytes`
+    the bytes it priced per (crossing, direction), so a benchmark can report the modelled share of a step. `link`
+    may be swapped between steps to time several links in one process.
     """
 
     def __init__(self, link: LinkModel, ep: int, device: torch.device) -> None:
@@ -101,15 +138,19 @@ class ModelledAllToAll:
         self.link, self.ep = link, ep
         self.delay = DeviceDelay(device)
         self.modelled_s, self.crossings = 0.0, 0
+        self.priced_bytes: Dict[Tuple[str, str], int] = {}
         self._handles: List = []
 
-    def seconds(self, tensor: torch.Tensor) -> float:
-        return self.link.all_to_all_s(tensor.numel() * tensor.element_size(), self.ep)
+    def seconds(self, tensor: torch.Tensor, fmt: wire.WireFormat = wire.MODEL) -> float:
+        return self.link.all_to_all_s(wire_bytes(tensor, fmt), self.ep)
 
-    def cross(self, tensor: torch.Tensor) -> None:
-        seconds = self.seconds(tensor)
+    def cross(self, tensor: torch.Tensor, fmt: wire.WireFormat = wire.MODEL,
+              where: Tuple[str, str] = ("exchange", "forward")) -> None:
+        nbytes = wire_bytes(tensor, fmt)
+        seconds = self.link.all_to_all_s(nbytes, self.ep)
         self.modelled_s += seconds
         self.crossings += 1
+        self.priced_bytes[where] = self.priced_bytes.get(where, 0) + nbytes
         self.delay(seconds)
 
     def install(self, model: torch.nn.Module) -> int:
@@ -126,8 +167,8 @@ class ModelledAllToAll:
                 raise ValueError("a link stand-in is already installed on this model; remove() it first")
         for layer in layers:
             layer.experts._lshmoe_link_standin = self
-            self._handles.append(layer.experts.register_forward_pre_hook(self._before_experts))
-            self._handles.append(layer.experts.register_forward_hook(self._after_experts))
+            self._handles.append(layer.experts.register_forward_pre_hook(self._before_experts(layer)))
+            self._handles.append(layer.experts.register_forward_hook(self._after_experts(layer)))
             self._handles.append(_Unmark(layer.experts))
         return len(layers)
 
@@ -142,11 +183,24 @@ class ModelledAllToAll:
         self.delay(seconds)
         return seconds
 
-    def _before_experts(self, module, args):
-        return (_LinkCrossing.apply(args[0], self),) + tuple(args[1:])
+    def _before_experts(self, layer):
+        """The dispatch: forward to the experts, and the gradient of their input back (dispatch_grad_dtype)."""
+        def hook(module, args):
+            formats = crossing_formats(layer, "dispatch")
+            return (_LinkCrossing.apply(args[0], self, "dispatch", formats),) + tuple(args[1:])
+        return hook
 
-    def _after_experts(self, module, args, output):
-        return _LinkCrossing.apply(output, self)
+    def _after_experts(self, layer):
+        """The combine: the experts' output back, and the gradient of that output to them (combine_grad_dtype)."""
+        def hook(module, args, output):
+            return _LinkCrossing.apply(output, self, "combine", crossing_formats(layer, "combine"))
+        return hook
+
+
+def wire_bytes(tensor: torch.Tensor, fmt: wire.WireFormat) -> int:
+    """Bytes of `tensor`'s rows (..., d) in wire format `fmt` (the model's dtype: the tensor's own bytes)."""
+    d = tensor.shape[-1] if tensor.dim() else 1
+    return fmt.bytes(tensor.numel() // max(d, 1), d, tensor.dtype)
 
 
 class _Unmark:
@@ -220,5 +274,6 @@ class ModelledRuns:
                 f"rank and top-2 both of a token's picks go to that expert, which keeps the E x C x d dispatch "
                 f"buffer and the expert rows of an EP=K rank); the all-to-all of EP=K is a delay of the link "
                 f"model's time (lshmoe_pretrain/link_model.py) on the compute stream where each crossing would be, "
-                f"forward and backward (lshmoe_pretrain/link_standin.py), and the dense gradients' ring all-reduce "
-                f"over K ranks is one more after each backward; {topology}; links: {links}")
+                f"forward and backward, for the bytes that crossing sends in its wire format (the model's dtype, or "
+                f"FP8 values with their float32 scales; lshmoe_pretrain/link_standin.py), and the dense gradients' "
+                f"ring all-reduce over K ranks is one more after each backward; {topology}; links: {links}")

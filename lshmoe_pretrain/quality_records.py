@@ -1,11 +1,11 @@
 """The published quality measurements (docs/quality.md), as records the planning command can look up by layer
-shape: how many of stock's tokens LSH-MoE needed to reach stock's final validation loss, or how far above it it
-ended when it never got there.
+shape and method: how many of stock's tokens LSH-MoE (or another method of lshmoe_plugin.methods) needed to reach
+stock's final validation loss, or how far above it it ended when it never got there.
 
 Every section of docs/quality.md is written by `compare_quality.py report` or `time-to-target` from the runs' own
 records, so reading them back gives the same figures as the records, with the shape they were measured at: the
-preset (d_model, FFN, experts, top-k, capacity factor), the tokens per step of one rank and LSH-MoE's rate. Runs a
-deadline stopped before the end of their schedule (the superseded 2026-11 sections) are left out.
+preset (d_model, FFN, experts, top-k, capacity factor), the tokens per step of one rank, the variant's method and
+its rate. Runs a deadline stopped before the end of their schedule (the superseded 2026-11 sections) are left out.
 """
 from __future__ import annotations
 
@@ -27,11 +27,12 @@ class QualityRecord:
     preset: str
     tokens_per_step: int       # per rank and step, i.e. what one rank's MoE layer sees at EP=1 with one GPU
     trained_tokens: str        # "10M": the schedule both were compared after
-    rate: float
+    rate: Optional[float]      # None for a method without clustering
     variant: str
     seeds: int
     final_gap: Optional[float]  # LSH-MoE's final loss over stock's, minus 1 (gap of the seed means), if given
     token_ratio: Optional[float] = None  # tokens LSH-MoE needed to reach stock's final loss / stock's, if measured
+    method: str = "paper"      # the lshmoe_plugin.methods name of the variant's configuration
 
     @property
     def reached(self) -> bool:
@@ -42,7 +43,8 @@ class QualityRecord:
         seeds = f"{self.seeds} seed{'s' if self.seeds != 1 else ''}"
         return (f"docs/quality.md `{self.section}`: {self.model_kind.upper()}-MoE preset `{self.preset}`, "
                 f"{self.tokens_per_step} tokens per step, {seeds}, compared after {self.trained_tokens} tokens, "
-                f"EP=1, variant `{self.variant}` (rate {self.rate:g})")
+                f"EP=1, variant `{self.variant}` (" + ("" if self.method == "paper" else f"method {self.method}, ")
+                + ("no clustering)" if self.rate is None else f"rate {self.rate:g})"))
 
 
 def read_records(path: str) -> List[QualityRecord]:
@@ -61,27 +63,31 @@ def read_records(path: str) -> List[QualityRecord]:
                                          seeds=_seeds(body), final_gap=ratio[1], token_ratio=ratio[0], **shape))
             continue
         for variant, seeds, gap in _gap_rows(body):
-            rate = _variant_rate(variant, float(default_rate.group(1)) if default_rate else None)
-            if rate is not None:
-                records.append(QualityRecord(rate=rate, variant=variant, seeds=seeds, final_gap=gap, **shape))
+            method = _variant_method(variant, float(default_rate.group(1)) if default_rate else None)
+            if method is not None:
+                records.append(QualityRecord(rate=method[1], variant=variant, seeds=seeds, final_gap=gap,
+                                             method=method[0], **shape))
     return records
 
 
 def find_record(records: Sequence[QualityRecord], d_model: int, ffn: int, experts: int, top_k: int,
-                capacity_factor: float, tokens_per_rank: int, rate: float) -> Tuple[Optional[QualityRecord], int]:
-    """The published record of the layer shape asked about, and how many records match it. A GPT-MoE record of a
-    preset with this d_model, FFN, experts, top-k and capacity factor, these tokens per rank and this rate; a
-    measured token ratio first, then the most seeds, then file order. (Quality at EP=k needs no EP=k run: each
-    sender compresses its own E x C buffer, the same at EP=1 with the same experts and tokens per rank.)"""
+                capacity_factor: float, tokens_per_rank: int, rate: float,
+                method: str = "paper") -> Tuple[Optional[QualityRecord], int]:
+    """The published record of the layer shape and method asked about, and how many records match it. A GPT-MoE
+    record of a preset with this d_model, FFN, experts, top-k and capacity factor, these tokens per rank, this
+    method and (for a clustered method) this rate; a measured token ratio first, then the most seeds, then file
+    order. Another method's record never stands in. (Quality at EP=k needs no EP=k run: each sender compresses its
+    own E x C buffer, the same at EP=1 with the same experts and tokens per rank.)"""
     from .models import PRESETS
     matches = []
     for record in records:
         preset = PRESETS.get(record.preset)
         if record.model_kind != "gpt" or preset is None:
             continue
+        if record.method != method or record.rate not in (None, rate):
+            continue
         if ((preset.d_model, preset.d_ff, preset.num_experts, preset.top_k, preset.capacity_factor,
-             record.tokens_per_step, record.rate) == (d_model, ffn, experts, top_k, capacity_factor,
-                                                      tokens_per_rank, rate)):
+             record.tokens_per_step) == (d_model, ffn, experts, top_k, capacity_factor, tokens_per_rank)):
             matches.append(record)
     if not matches:
         return None, 0
@@ -128,13 +134,30 @@ def _gap_rows(body: str) -> List[Tuple[str, int, float]]:
     return []
 
 
-def _variant_rate(variant: str, default_rate: Optional[float]) -> Optional[float]:
-    """The rate of `lsh` (LSH-MoE's defaults) or of a `rate_<r>` study variant (the defaults but for the rate);
-    None for any other variant (ablations, controls, the study-only diagnostic layers)."""
-    from .quality_study import VARIANTS
+# A study variant is a method's record when it sets nothing but these (and enabled): the method or its stage keys.
+_METHOD_KEYS = {"method", "clustering", "dispatch_dtype", "combine_dtype"}
+
+
+def _variant_method(variant: str, default_rate: Optional[float]) -> Optional[Tuple[str, Optional[float]]]:
+    """(method, rate) of `lsh` (LSH-MoE's defaults: the paper's), of a `rate_<r>` study variant (the defaults but
+    for the rate), or of a variant that names a method by its stage keys alone (the rate: the section's default
+    for a clustered method, None without clustering); None for any other variant (ablations, controls, the
+    study-only diagnostic layers, a method's keys with others beside them)."""
+    from lshmoe_plugin.config import LSHMoEConfig
+    from lshmoe_plugin.methods import CUSTOM
+
+    from .quality_study import DIAGNOSTICS, VARIANTS
     if variant == "lsh":
-        return default_rate
+        return ("paper", default_rate) if default_rate is not None else None
     settings = VARIANTS.get(variant, {})
     if variant.startswith("rate_") and set(settings) == {"enabled", "compression_rate"}:
-        return float(settings["compression_rate"])
-    return None
+        return "paper", float(settings["compression_rate"])
+    keys = set(settings) - {"enabled"}
+    if settings.get("enabled") is not True or not keys or not keys <= _METHOD_KEYS or variant in DIAGNOSTICS:
+        return None
+    config = LSHMoEConfig(**settings)
+    if config.method == CUSTOM:
+        return None
+    if config.clustering == "none":
+        return config.method, None
+    return (config.method, default_rate) if default_rate is not None else None

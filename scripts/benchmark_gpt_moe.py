@@ -7,7 +7,12 @@ first-order Markov source (4 successors per token): learnable, so the losses aft
 Links no machine here has are modelled: with ``--modelled-link 100gbps 200gbps 400gbps nvlink4 --modelled-ep 8 16
 64`` (and ``--experts-per-rank 1``) the run stays one EP=1 process whose model has one rank's shapes, and the link
 stand-in (lshmoe_pretrain/link_standin.py) delays the compute stream by the link model's time for each all-to-all
-an EP=k rank would make; every (EP, link) pair is timed round-robin with the variants. Its figures are modelled.
+an EP=k rank would make, each crossing priced at the bytes of its wire format; every (EP, link) pair is timed
+round-robin with the variants. Its figures are modelled.
+
+Variants: `stock`; `lsh` (the paper's method, lsh_moe defaults), `lsh_eager`, `lsh_decide`; and one per other named
+method of lshmoe_plugin.methods (`paper_fp8`, `fp8`, `fp8_dispatch`: FP8 on the wire alone and stacked under LSH),
+whose rows, labels and section name carry the method's name.
 
     python scripts/benchmark_gpt_moe.py                                          # EP=1
     torchrun --nproc_per_node 2 scripts/benchmark_gpt_moe.py                     # EP=2 (gloo if ranks share a GPU)
@@ -34,10 +39,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchmark_moe_layer import describe_link, setup_distributed  # noqa: E402
 
 import lshmoe_plugin  # noqa: E402
+from lshmoe_plugin.methods import METHODS  # noqa: E402
 from lshmoe_pretrain import benchmarking as bench  # noqa: E402
 from lshmoe_pretrain.link_model import DEFAULT_GPUS_PER_NODE, parse_link  # noqa: E402
 from lshmoe_pretrain.link_standin import ModelledRuns  # noqa: E402
 from lshmoe_pretrain.models import PRESETS, build_gpt_moe  # noqa: E402
+
+# Each named method but the paper's (which `lsh` runs: the lsh_moe defaults) is a variant of its own name.
+METHOD_VARIANTS = tuple(name for name in METHODS if name != "paper")
 
 
 def parse_args() -> argparse.Namespace:
@@ -55,10 +64,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--kernel", default="auto", choices=["auto", "torch", "triton"])
     p.add_argument("--variants", nargs="+", default=["stock", "lsh", "lsh_eager"],
-                   choices=["stock", "lsh", "lsh_eager", "lsh_decide"],
+                   choices=["stock", "lsh", "lsh_eager", "lsh_decide", *METHOD_VARIANTS],
                    help="lsh: lsh_moe defaults (CUDA graphs where possible); lsh_eager: cuda_graphs=false; "
                         "lsh_decide: decide_by_cost=true (with --modelled-link, each layer decides once per link "
-                        "and EP degree)")
+                        f"and EP degree); {', '.join(METHOD_VARIANTS)}: lsh_moe.method of that name "
+                        "(lshmoe_plugin.methods; --rate applies to the clustered ones)")
+    p.add_argument("--fp8-block-size", default="128", metavar="N|row",
+                   help="lsh_moe.fp8_block_size of the variants that send FP8 (default 128; row: one scale per row)")
     p.add_argument("--backend", default=None)
     p.add_argument("--report", default=None, metavar="PATH", help="also write the section into this markdown file "
                    "(docs/benchmarks.md holds the published ones); default: print only")
@@ -78,7 +90,29 @@ def parse_args() -> argparse.Namespace:
                         f"ends in _g<G>")
     args = p.parse_args()
     check_modelled_flags(p, args)
+    args.fp8_block_size = parse_block_size(p, args.fp8_block_size)
     return args
+
+
+def parse_block_size(parser: argparse.ArgumentParser, value: str):
+    if value == "row":
+        return value
+    try:
+        block = int(value)
+    except ValueError:
+        block = 0
+    if block < 1:
+        parser.error(f"--fp8-block-size must be 'row' or an integer >= 1, got {value!r}")
+    return block
+
+
+def clustered(variant: str) -> bool:
+    """Whether the variant's exchange sends LSH centroids (so that --rate applies to it)."""
+    return variant not in METHOD_VARIANTS or METHODS[variant].stages["clustering"] != "none"
+
+
+def sends_fp8(variant: str) -> bool:
+    return variant in METHOD_VARIANTS and "fp8_e4m3" in METHODS[variant].stages.values()
 
 
 def check_modelled_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -125,6 +159,12 @@ def ds_config(args, variant: str) -> dict:
                     "telemetry_interval": 0, "cuda_graphs": False if variant == "lsh_eager" else "auto",
                     "decide_by_cost": variant == "lsh_decide"},
     }
+    if variant in METHOD_VARIANTS:
+        config["lsh_moe"]["method"] = variant
+        if not clustered(variant):  # a method without clustering refuses a rate: it has none
+            del config["lsh_moe"]["compression_rate"]
+        if sends_fp8(variant):
+            config["lsh_moe"]["fp8_block_size"] = args.fp8_block_size
     if args.dtype == "bf16":
         config["bf16"] = {"enabled": True}
     return config
@@ -219,6 +259,26 @@ def modelled_notes(modelled: ModelledRuns) -> str:
                if modelled.device.type == "cuda" else ""))
 
 
+def compared(args) -> str:
+    """What the section's title compares stock with: LSH-MoE at its rate, and each named method's variant."""
+    methods = [v for v in args.variants if v in METHOD_VARIANTS]
+    lsh = [v for v in args.variants if v != "stock" and v not in METHOD_VARIANTS]
+    parts = ([f"LSH-MoE rate {args.rate}"] if lsh or not methods else []) + [
+        f"`{m}`" + (f" (rate {args.rate})" if clustered(m) else "") for m in methods]
+    return ", ".join(parts)
+
+
+def methods_text(args) -> str:
+    """One sentence per method variant: what its stages send (lshmoe_plugin.methods), at which rate and block."""
+    sentences = []
+    for variant in (v for v in args.variants if v in METHOD_VARIANTS):
+        block = "row" if args.fp8_block_size == "row" else f"{args.fp8_block_size} elements"
+        settings = ([f"lsh_moe.method `{variant}`"] + ([f"rate {args.rate}"] if clustered(variant) else [])
+                    + ([f"one FP8 scale per {block}"] if sends_fp8(variant) else []))
+        sentences.append(f"`{variant}` ({', '.join(settings)}): {METHODS[variant].summary}. ")
+    return "".join(sentences)
+
+
 def main() -> None:
     args = parse_args()
     rank, world, device, backend, shared = setup_distributed(args)
@@ -231,6 +291,9 @@ def main() -> None:
         link = modelled.describe(args.experts_per_rank)
         # The topology is in the name: sections without it are the 1-GPU-per-node runs of the old link model.
         key = "modelled_ep" + "-".join(map(str, args.modelled_ep)) + f"_g{args.modelled_gpus_per_node}"
+    methods = [v for v in args.variants if v in METHOD_VARIANTS]
+    if methods:  # sections of stock and the paper's variants keep their names; others name their methods
+        key += "_" + "+".join(methods)
     section = args.section or f"gpt_moe_{args.preset}_{key}"
     preset = PRESETS[args.preset]
     args.vocab = args.vocab or preset.vocab_size
@@ -320,7 +383,7 @@ def main() -> None:
         cfg = engines["stock"].module.config
         params = sum(p.numel() for p in engines["stock"].module.parameters())
         ep_text = f"modelled EP={'/'.join(map(str, args.modelled_ep))}" if modelled else f"EP={world}"
-        text = bench.header(f"GPT-MoE end to end, {ep_text}: stock DeepSpeed vs LSH-MoE rate {args.rate}",
+        text = bench.header(f"GPT-MoE end to end, {ep_text}: stock DeepSpeed vs {compared(args)}",
                             device, link, "run, link modelled" if modelled else "measured") + (
             f"\nPreset `{args.preset}` ({params / 1e6:.0f}M parameters per rank) with d_model {cfg.d_model}, "
             f"{cfg.n_layers} blocks (MoE every "
@@ -328,9 +391,9 @@ def main() -> None:
             f"vocab {cfg.vocab_size}, seq {cfg.seq_len}, micro-batch {args.micro_batch} per rank, {args.dtype}, "
             f"AdamW lr {args.lr}, ZeRO 0, {args.steps} steps (timed from step {args.timed_from}), kernel "
             f"`{args.kernel}`; `lsh` runs the compressor as CUDA graphs where possible (`cuda_graphs` 'auto', "
-            f"the default), `lsh_eager` launches it op by op (`cuda_graphs: false`). "
-            f"Same initial weights, same batches (a fixed sparse Markov source), same gate seeds; "
-            f"the engines' steps alternate in the same processes."
+            f"the default), `lsh_eager` launches it op by op (`cuda_graphs: false`). " + methods_text(args)
+            + "Same initial weights, same batches (a fixed sparse Markov source), same gate seeds; "
+            "the engines' steps alternate in the same processes."
             + ("" if modelled else " Loss = LM loss averaged over ranks.")
             + (modelled_notes(modelled) if modelled else "") + "\n\n"
             + table + "\n")

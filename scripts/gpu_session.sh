@@ -16,6 +16,10 @@
 #         and NVLink 4, one GPU, the link stand-in, on 8-GPU nodes (NVLink inside, one NIC per GPU: EP=8 crosses
 #         no NIC); MODELLED_GPUS_PER_NODE=1 puts every peer behind the NIC, and the section name ends in _g1;
 #         each stage fits one 10-minute call on its own: docs/link_model.md)
+#       | bench-modelled-135m-fp8 | bench-modelled-1.3b-fp8 (the same modelled jobs for FP8 on the wire, alone and under
+#         LSH: the variants stock lsh fp8 fp8_dispatch paper_fp8 (1.3b: without lsh, whose engine would not fit beside
+#         four others), over 100/200/400 Gb/s only; each crossing is priced at its wire format's bytes; the section
+#         name ends in _g<G>_<methods>)
 #       | check-link-nvlink | check-link-socket (2 GPUs, nvidia-h200-x2: the link model against NCCL over NVLink
 #         and over the emulated socket link, scripts/check_link_model.py)
 #       | quality-bg:<study>:<seconds> (in the background, alongside what follows; waited for at the end)
@@ -196,6 +200,17 @@ for stage in "$@"; do
                 else model=(--preset gpt-moe-1.3b --micro-batch 8 --steps 10 --timed-from 3); fi
                 timeout "${MODELLED_TIMEOUT:-540}" python3 scripts/benchmark_gpt_moe.py "${model[@]}" --variants stock lsh lsh_decide \
                     --experts-per-rank 1 --modelled-ep 8 16 64 --modelled-link 100gbps 200gbps 400gbps nvlink4 \
+                    --modelled-gpus-per-node "${MODELLED_GPUS_PER_NODE:-8}" --report "$OUT/benchmarks.md" 2>&1 \
+                    | tee -a "$OUT/logs/bench_modelled.log" | tail -30 ;;
+        bench-modelled-135m-fp8|bench-modelled-1.3b-fp8)
+                # FP8 alone (fp8, fp8_dispatch) and stacked under LSH (paper_fp8), beside stock and the paper's lsh.
+                # Five 1.3b engines (about 21 GB of weights and Adam state each) leave too little of the H200 for
+                # activations: its run drops lsh, whose rows are in bench-modelled-1.3b's section.
+                if [ "$stage" = bench-modelled-135m-fp8 ]; then
+                    model=(--preset gpt-moe-135m --micro-batch 32 --steps 30 --timed-from 10); variants=(stock lsh fp8 fp8_dispatch paper_fp8)
+                else model=(--preset gpt-moe-1.3b --micro-batch 8 --steps 10 --timed-from 3); variants=(stock fp8 fp8_dispatch paper_fp8); fi
+                timeout "${MODELLED_TIMEOUT:-540}" python3 scripts/benchmark_gpt_moe.py "${model[@]}" --variants "${variants[@]}" \
+                    --experts-per-rank 1 --modelled-ep 8 16 64 --modelled-link 100gbps 200gbps 400gbps \
                     --modelled-gpus-per-node "${MODELLED_GPUS_PER_NODE:-8}" --report "$OUT/benchmarks.md" 2>&1 \
                     | tee -a "$OUT/logs/bench_modelled.log" | tail -30 ;;
         check-link-nvlink) torchrun --nproc_per_node 2 scripts/check_link_model.py --report "$OUT/link_model.md" \

@@ -224,3 +224,31 @@ def test_the_documented_tables_are_what_the_model_gives():
     doc = open(os.path.join(ROOT, "docs", "link_model.md")).read()
     rows = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line]
     assert len(rows) > 20 and all(row in doc for row in rows), [row for row in rows if row not in doc]
+
+
+def test_method_tables_worked_by_hand():
+    """scripts/link_model_tables.py's method tables: gpt-moe-135m's MoE layer (d_model 512, 40960 capacity slots
+    of one expert, bf16) sends 1024 bytes a row stock and 512 + 4 x 4 in FP8 with a scale per 128 elements; the
+    paper's 8192 centroid slots. Per step: 6 MoE layers x 4 crossings, each its own all-to-all."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("tables", os.path.join(ROOT, "scripts", "link_model_tables.py"))
+    tables = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tables)
+    ratios = {(job, method): ratio for job, method, *_, ratio in tables.method_bytes_rows()}
+    assert ratios[("gpt-moe-135m", "fp8")] == 528 / 1024
+    assert ratios[("gpt-moe-135m", "fp8_dispatch")] == (528 + 1024) / 2048
+    assert ratios[("gpt-moe-135m", "paper_fp8")] == 8192 * 528 / (40960 * 1024)
+    assert ratios[("gpt-moe-1.3b", "fp8")] == (2048 + 64) / 4096
+    rows = {(job, ep, link): row for job, ep, link, *row in tables.method_time_rows()}
+    model = LinkModel(LINKS["200gbps"], gpus_per_node=8)
+    row = rows[("gpt-moe-135m", 16, "200gbps")]
+    stock = 6 * 4 * model.all_to_all_s(40960 * 1024, 16) * 1e3
+    fp8_dispatch = 6 * 2 * (model.all_to_all_s(40960 * 528, 16) + model.all_to_all_s(40960 * 1024, 16)) * 1e3
+    assert row[0] == "7 / 8" and row[1] == pytest.approx(stock, rel=1e-12)
+    assert row[6] == pytest.approx(fp8_dispatch, rel=1e-12) and row[7] == pytest.approx(fp8_dispatch / stock)
+    # at EP=8 on 8-GPU nodes nothing crosses a NIC: the three links give one row
+    assert rows[("gpt-moe-1.3b", 8, "100gbps")] == rows[("gpt-moe-1.3b", 8, "400gbps")]
+    # the fixed and per-peer costs weigh more on smaller messages: no method's time falls as far as its bytes
+    for (job, ep, link), row in rows.items():
+        for i, method in enumerate(tables.METHODS):
+            assert row[3 + 2 * i] >= ratios[(job, method)] - 1e-12, (job, ep, link, method)

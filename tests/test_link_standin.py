@@ -1,5 +1,6 @@
 """The EP=1 link stand-in on DeepSpeed's real MoE layer (one real gloo process): values and gradients stay bit for
 bit those of the layer without it, for stock and LSH-MoE; forward and backward each take the modelled time longer;
+each of the four crossings is priced at its wire format's bytes (FP8 values and scales, or the model's dtype);
 `decide_by_cost` meets the modelled exchange; bad installs are refused by name."""
 import statistics
 import time
@@ -10,6 +11,7 @@ from distributed import run_distributed
 from test_deepspeed_patch import D_MODEL, build_moe, fwd_bwd, same
 
 import lshmoe_plugin
+from lshmoe_plugin import wire
 from lshmoe_plugin.compressor import fixed_slots
 from lshmoe_pretrain.link_model import LINKS, LinkModel, parse_link
 from lshmoe_pretrain.link_standin import ModelledAllToAll, dense_gradient_bytes
@@ -65,7 +67,7 @@ def check_standin(rank, world_size):
 def check_all(rank, world_size):
     """Every check in one process: each spawned DeepSpeed rank costs tens of seconds on a loaded 2-core machine."""
     return {"standin": check_standin(rank, world_size), "decide": check_decide_by_cost(rank, world_size),
-            "refusals": check_refusals(rank, world_size)}
+            "wire": check_wire_pricing(rank, world_size), "refusals": check_refusals(rank, world_size)}
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +88,89 @@ def test_standin_keeps_values_and_adds_the_modelled_time_forward_and_backward(re
         for added in (fwd - plain_fwd, bwd - plain_bwd):
             assert per_pass * 0.9 - 0.01 < added < per_pass * 1.15 + 0.03, (name, added, per_pass)
     assert report["lsh_modelled_s"] < 0.3 * report["stock_modelled_s"]  # 4 of 15 slots per expert cross
+
+
+# FP8 e4m3 with 8-element blocks: a row of 16 sends 16 one-byte values and 2 float32 scales; fp32 sends 64 bytes.
+FP8_ROW, FP32_ROW = D_MODEL + 4 * 2, D_MODEL * 4
+ROWS, CENTROID_ROWS = EXPERTS * CAPACITY, EXPERTS * fixed_slots(CAPACITY, 0.25)
+WIRE_CASES = {  # name: (lsh_moe block, rows that cross, bytes of each crossing worked by hand)
+    "stock": (None, ROWS, dict(dispatch=(FP32_ROW, FP32_ROW), combine=(FP32_ROW, FP32_ROW))),
+    "fp8": ({"method": "fp8", "fp8_block_size": 8}, ROWS, dict(dispatch=(FP8_ROW, FP8_ROW),
+                                                               combine=(FP8_ROW, FP8_ROW))),
+    "fp8_dispatch": ({"method": "fp8_dispatch", "fp8_block_size": 8}, ROWS,
+                     dict(dispatch=(FP8_ROW, FP8_ROW), combine=(FP32_ROW, FP32_ROW))),
+    # FP8 to the experts both ways, the model's dtype away from them (forward and backward crossings differ)
+    "fp8_to_experts": ({"clustering": "none", "dispatch_dtype": "fp8_e4m3", "dispatch_grad_dtype": "model",
+                        "combine_dtype": "model", "combine_grad_dtype": "fp8_e4m3", "fp8_block_size": 8}, ROWS,
+                       dict(dispatch=(FP8_ROW, FP32_ROW), combine=(FP32_ROW, FP8_ROW))),
+    "paper_fp8": ({"method": "paper_fp8", "compression_rate": 0.25, "fp8_block_size": 8}, CENTROID_ROWS,
+                  dict(dispatch=(FP8_ROW, FP8_ROW), combine=(FP8_ROW, FP8_ROW))),
+}
+
+
+def check_wire_pricing(rank, world_size):
+    """One training step per wire case with the stand-in: the bytes it priced per crossing and direction, the
+    plugin's own per-crossing count for the same rows, and whether values and gradients stayed as without it."""
+    x = torch.randn(2, TOKENS // 2, D_MODEL, generator=torch.Generator().manual_seed(5))
+    report = {}
+    for name, (block, rows, _) in WIRE_CASES.items():
+        moe = build_moe(1, 1)
+        config = None
+        if block is not None:
+            config = lshmoe_plugin.enable({"lsh_moe": dict(block, enabled=True, telemetry_interval=0)}, moe)
+        plain = fwd_bwd(moe, x)
+        standin = ModelledAllToAll(SLOW, EP, torch.device("cpu"))
+        standin.delay = lambda seconds: None  # the bytes are under test here, not the waiting
+        standin.install(moe)
+        with_link = fwd_bwd(moe, x)
+        report[name] = {"priced": dict(standin.priced_bytes), "crossings": standin.crossings,
+                        "modelled_s": standin.modelled_s, "identical": same(plain, with_link),
+                        "plugin_mean": None if config is None else
+                        wire.bytes_per_crossing(config, rows, D_MODEL, torch.float32)}
+        if name == "fp8":  # eval runs DeepSpeed's own forward: the model's dtype crosses, whatever the config
+            moe.eval()
+            standin.priced_bytes.clear()
+            with torch.no_grad():
+                moe(x)
+            report["fp8_eval"] = dict(standin.priced_bytes)
+        standin.remove()
+        lshmoe_plugin.disable()
+    for key, extra in (("decide_by_cost", True), ("output_error_interval", 1)):
+        moe = build_moe(1, 1)
+        ModelledAllToAll(SLOW, EP, torch.device("cpu")).install(moe)
+        method = "fp8_dispatch" if key == "decide_by_cost" else "paper_fp8"  # output errors need clustering
+        lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "method": method, key: extra}}, moe)
+        try:
+            fwd_bwd(moe, x)
+        except ValueError as error:
+            report[f"refused_{key}"] = str(error)
+        lshmoe_plugin.disable()
+    return report
+
+
+def test_each_crossing_is_priced_at_its_wire_format(reports):
+    """The four delays' bytes are the crossings' own (FP8 values and block scales, or the model's dtype), forward
+    and backward apart, and average to what the plugin counts per crossing (wire.bytes_per_crossing)."""
+    report = reports["wire"]
+    for name, (_, rows, per_row) in WIRE_CASES.items():
+        case = report[name]
+        expected = {(crossing, direction): rows * per_row[crossing][i] for crossing in ("dispatch", "combine")
+                    for i, direction in enumerate(("forward", "backward"))}
+        assert case["priced"] == expected, name
+        assert case["crossings"] == 4 and case["identical"], name
+        assert case["modelled_s"] == pytest.approx(sum(SLOW.all_to_all_s(b, EP) for b in expected.values()),
+                                                   rel=1e-12), name
+        if case["plugin_mean"] is not None:
+            assert case["plugin_mean"] == sum(expected.values()) / 4, name
+    # FP8 sends 24 of fp32's 64 bytes per row; the stock buffer is priced as before (its tensor's own bytes)
+    assert report["fp8"]["modelled_s"] < 0.5 * report["stock"]["modelled_s"]
+    assert report["stock"]["priced"][("dispatch", "forward")] == STOCK_BYTES
+    eval_rows = EXPERTS * 12  # DeepSpeed's eval capacity: ceil(48 tokens / 4 experts x 1.0)
+    assert report["fp8_eval"] == {("dispatch", "forward"): eval_rows * FP32_ROW,
+                                  ("combine", "forward"): eval_rows * FP32_ROW}
+    for key, value in (("decide_by_cost", "True"), ("output_error_interval", "1")):
+        assert f"cannot price lsh_moe.{key}={value}" in report[f"refused_{key}"]
+        assert "allowed with the stand-in" in report[f"refused_{key}"]
 
 
 def check_decide_by_cost(rank, world_size):

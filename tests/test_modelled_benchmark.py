@@ -1,6 +1,7 @@
 """benchmark_gpt_moe.py --modelled-link/--modelled-ep on this CPU: one EP=1 process times every (EP, link) pair
-with the link stand-in, labels the section modelled with its topology (8 GPUs per node unless told otherwise), and
-refuses bad flags by name before building anything."""
+with the link stand-in, labels the section modelled with its topology (8 GPUs per node unless told otherwise) and
+its methods, prices each method's crossings at its wire bytes, and refuses bad flags by name before building
+anything."""
 import os
 import subprocess
 import sys
@@ -85,11 +86,36 @@ def test_one_gpu_per_node_is_named_in_the_section(tmp_path):
         pytest.approx((7 / 8) / (1 / 2), rel=0.02)
 
 
+def test_methods_are_priced_at_their_wire_bytes(tmp_path):
+    """FP8 alone (`fp8`) and stacked under LSH (`paper_fp8`): rows, section and title name the methods and the
+    topology, and over a link that is all bandwidth (2 MB/s, no fixed or per-peer cost) each method's modelled
+    all-to-all is stock's times its bytes ratio: tiny's d_model 128 in fp32 sends 512 bytes a row, FP8 with one
+    float32 scale per 128 elements 132; `paper_fp8` sends them for 64 of 320 capacity slots."""
+    build_deepspeed_cpu_comm_op()
+    report = str(tmp_path / "bench.md")
+    result = run_benchmark("--preset", "tiny", "--dtype", "fp32", "--micro-batch", "2", "--steps", "2",
+                           "--timed-from", "1", "--variants", "stock", "fp8", "paper_fp8", "--modelled-ep", "16",
+                           "--modelled-link", "custom:0.002:0", "--report", report)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = bench.read_section_table(report, "gpt_moe_tiny_modelled_ep16_g8_fp8+paper_fp8")
+    assert sorted(rows) == sorted(f"{v} @ custom:0.002:0 EP16" for v in ("stock", "fp8", "paper_fp8"))
+    a2a = {v: float(rows[f"{v} @ custom:0.002:0 EP16"]["modelled all-to-all ms per step"])
+           for v in ("stock", "fp8", "paper_fp8")}
+    assert a2a["fp8"] / a2a["stock"] == pytest.approx(132 / 512, rel=0.01)
+    assert a2a["paper_fp8"] / a2a["stock"] == pytest.approx(64 / 320 * 132 / 512, rel=0.01)
+    text = open(report).read()
+    assert "stock DeepSpeed vs `fp8`, `paper_fp8` (rate 0.2)" in text and "**8 GPU(s) per node**" in text
+    assert "`fp8` (lsh_moe.method `fp8`, one FP8 scale per 128 elements): every token crosses as itself" in text
+    assert "`paper_fp8` (lsh_moe.method `paper_fp8`, rate 0.2, one FP8 scale per 128 elements)" in text
+    assert "in its wire format" in text
+
+
 @pytest.mark.parametrize("flags,env,message", [
     (["--modelled-link", "200gbps"], {}, "--modelled-link and --modelled-ep go together"),
     (["--modelled-link", "10gbps", "--modelled-ep", "8"], {}, "--modelled-link: unknown link '10gbps'; allowed:"),
     (["--modelled-link", "200gbps", "--modelled-ep", "8", "0"], {}, "--modelled-ep must be >= 1, got 8 0"),
     (["--modelled-link", "200gbps", "--modelled-ep", "8"], {"WORLD_SIZE": "2"}, "launch one process"),
+    (["--fp8-block-size", "0"], {}, "--fp8-block-size must be 'row' or an integer >= 1, got '0'"),
 ])
 def test_bad_modelled_flags_are_refused_by_name(flags, env, message):
     result = run_benchmark(*flags, env=env)

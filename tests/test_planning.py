@@ -1,14 +1,18 @@
-"""The planning arithmetic (per-rank bytes, predicted layer and step times, break-even bandwidth, time to stock's
-loss) on numbers worked by hand; the published quality records looked up by layer shape; and scripts/plan_lsh_moe.py
-on this CPU: it refuses CPU timings unless asked, and then marks every figure as such."""
+"""The planning arithmetic (per-rank bytes per crossing and method, predicted layer and step times, break-even
+bandwidth, time to stock's loss) on numbers worked by hand; the published quality records looked up by layer shape
+and method; and scripts/plan_lsh_moe.py on this CPU: it refuses CPU timings unless asked, and then marks every figure
+as such; another method than the paper's is priced at its wire bytes and never shown the paper's record."""
 import os
 import re
 import subprocess
 import sys
 
 import pytest
+import torch
 from distributed import build_deepspeed_cpu_comm_op
 
+from lshmoe_plugin import wire
+from lshmoe_plugin.config import LSHMoEConfig
 from lshmoe_pretrain import planning, quality_records
 from lshmoe_pretrain.link_model import GB, LINKS, LinkModel, parse_link
 
@@ -23,6 +27,55 @@ def test_per_rank_bytes():
     assert SHAPE.lsh_bytes == 8 * 32 * 64 * 4  # ceil(0.2 x 160) centroid slots
     tiny = planning.LayerShape(d_model=8, tokens_per_rank=4, experts=4, top_k=1, ep=1)
     assert tiny.capacity == 4  # DeepSpeed's min_capacity
+
+
+def test_bytes_per_crossing_of_each_method_worked_by_hand():
+    """SHAPE: 8 experts x 160 slots of d 64 in fp32 (256 bytes a row); FP8 with a float32 scale per 128 elements
+    sends 64 + 4 bytes a row, per 32 elements 64 + 8; the paper's centroids 32 slots per expert."""
+    def shape(method, **kw):
+        return planning.LayerShape(d_model=64, tokens_per_rank=512, experts=8, top_k=2, ep=4, element_size=4,
+                                   method=method, **kw)
+    rows, centroids = 8 * 160, 8 * 32
+    assert shape("paper").crossing_bytes("lsh") == (centroids * 256,) * 4 == (SHAPE.lsh_bytes,) * 4
+    assert shape("paper").crossing_bytes("stock") == (rows * 256,) * 4 == (SHAPE.stock_bytes,) * 4
+    assert shape("fp8").crossing_bytes("lsh") == (rows * 68,) * 4
+    assert shape("fp8", fp8_block_size=32).crossing_bytes("lsh") == (rows * 72,) * 4
+    assert shape("fp8_dispatch").crossing_bytes("lsh") == (rows * 68, rows * 68, rows * 256, rows * 256)
+    assert shape("paper_fp8", rate=0.5).crossing_bytes("lsh") == (8 * 80 * 68,) * 4
+    for method in ("paper", "fp8", "fp8_dispatch", "paper_fp8"):  # the plugin's own count, the four's mean
+        s = shape(method)
+        assert s.method_bytes == wire.bytes_per_crossing(s.config(), s.method_rows, 64, torch.float32)
+        assert s.method_bytes == sum(s.crossing_bytes("lsh")) / 4
+        assert s.config().method == method
+    assert shape("fp8_dispatch").method_bytes == rows * (68 + 256) / 2
+
+
+def test_each_crossing_is_priced_at_its_own_bytes():
+    """fp8_dispatch: FP8 to the experts, fp32 back: the layer's 4 all-to-alls are the sum of each crossing's own
+    time, at its own message size."""
+    shape = planning.LayerShape(d_model=64, tokens_per_rank=512, experts=8, top_k=2, ep=4, element_size=4,
+                                method="fp8_dispatch")
+    link = LinkModel(parse_link("custom:0.1:100:64"))  # 100 MB/s, 100 us, half the bandwidth at 64 KiB per peer
+    p = planning.predict(shape, {"stock": 10.0, "lsh": 11.0}, link)
+    fp8, fp32 = 1280 * 68, 1280 * 256
+    per_crossing = [1e3 * link.all_to_all_s(b, 4) for b in (fp8, fp8, fp32, fp32)]
+    assert p.layer_ms["lsh"] == pytest.approx(11.0 + sum(per_crossing), rel=1e-12)
+    assert 4 * p.a2a_ms["lsh"] == pytest.approx(sum(per_crossing), rel=1e-12)
+    # break-even: 1 ms more compute against the bytes saved over the 3 peers behind the link
+    assert p.break_even_gbps == pytest.approx(2 * (fp32 - fp8) * 3 / 4 / 1e-3 / GB, rel=1e-12)
+
+
+def test_methods_settings_are_refused_by_name():
+    base = dict(d_model=64, tokens_per_rank=512, experts=8, top_k=2, ep=4)
+    for change, message in (({"method": "lsh"}, r"method must be one of \['paper', "),
+                            ({"method": "fp8", "rate": 0.5}, "rate=0.5 is LSH clustering's compression rate, which "
+                                                             "method 'fp8' does not use"),
+                            ({"fp8_block_size": 64}, "lsh_moe.fp8_block_size=64 sets the scales of fp8_e4m3"),
+                            ({"element_size": 3}, r"element_size must be one of \[2, 4\]")):
+        with pytest.raises(ValueError, match=message):
+            planning.LayerShape(**dict(base, **change))
+    # a method without clustering at the default rate is what the config takes
+    assert planning.LayerShape(**dict(base, method="fp8", rate=LSHMoEConfig.compression_rate)).clustered is False
 
 
 def test_predicted_times_worked_by_hand():
@@ -86,6 +139,34 @@ def test_published_quality_records_by_layer_shape():
     assert quality_records.find_record(records, 512, 2048, 8, 2, 1.25, 8192, 0.2) == (None, 0)
     # no study-only diagnostic layer or ablation passes for LSH-MoE
     assert {r.variant for r in records} <= {"lsh", "rate_0.3", "rate_0.5", "rate_1.0"}
+    # only the paper's configuration has records today: no other method is given one of them
+    assert {r.method for r in records} == {"paper"}
+    for method in ("fp8", "fp8_dispatch", "paper_fp8"):
+        assert quality_records.find_record(records, 128, 512, 8, 2, 1.25, 4096, 0.2, method) == (None, 0)
+
+
+def test_a_methods_record_is_its_own(tmp_path):
+    """A section with the study's FP8 variants: `fp8_both` is method fp8's record and `lsh_fp8` paper_fp8's; the
+    paper's (`lsh`) stands in for neither, nor they for it; `fp8_to_experts` (its own gradient formats) is no
+    method's."""
+    text = ("<!-- BEGIN fp8 -->\n## fp8\n\n- GPT-MoE preset `mini-moe` (3.2M parameters), 4096 tokens per step, "
+            "compared after 1M training tokens, never repeated; LSH defaults unless the variant says otherwise: "
+            "rate 0.2, 6 hashes.\n\n| variant | seeds | valid loss (mean ± std) | gap vs stock (means) |\n"
+            "| --- | --- | --- | --- |\n| stock | 1 | 5.0000 | – |\n| lsh | 1 | 5.5000 | +10.00% |\n"
+            "| fp8_both | 1 | 5.0100 | +0.20% |\n| lsh_fp8 | 1 | 5.6000 | +12.00% |\n"
+            "| fp8_to_experts | 1 | 5.0000 | +0.00% |\n<!-- END fp8 -->\n")
+    path = tmp_path / "quality.md"
+    path.write_text(text)
+    records = quality_records.read_records(str(path))
+    assert [(r.variant, r.method, r.rate) for r in records] == [("lsh", "paper", 0.2), ("fp8_both", "fp8", None),
+                                                                ("lsh_fp8", "paper_fp8", 0.2)]
+    found = {m: quality_records.find_record(records, 128, 512, 8, 2, 1.25, 4096, 0.2, m)[0]
+             for m in ("paper", "fp8", "fp8_dispatch", "paper_fp8")}
+    assert found["paper"].variant == "lsh" and found["paper_fp8"].variant == "lsh_fp8"
+    assert found["fp8"].variant == "fp8_both" and found["fp8"].final_gap == pytest.approx(0.002)
+    assert found["fp8_dispatch"] is None
+    assert "method fp8, no clustering" in found["fp8"].where()
+    assert "not reached: final gap +0.20% (method `fp8` ended above" in planning.quality_text(found["fp8"], 1, "fp8")
 
 
 def test_runs_a_deadline_stopped_and_t5_runs_are_not_records(tmp_path):
@@ -119,6 +200,10 @@ def test_time_to_target_text_worked_by_hand():
     assert planning.time_to_target_text(None, 2.0) == ("time to stock's loss: no quality measurement for this "
                                                        "configuration")
     assert "no quality measurement for this configuration" in planning.quality_text(None, 0)
+    assert planning.quality_text(None, 0, "fp8", recorded=False).startswith(
+        "quality: no long-schedule record exists for method `fp8` yet")
+    assert planning.time_to_target_text(None, 2.0, "fp8", recorded=False) == (
+        "time to stock's loss: unknown until method `fp8` has a long-schedule record")
 
 
 def test_bad_shapes_are_refused_by_name():
@@ -197,6 +282,54 @@ def test_plan_command_on_8_gpu_nodes_with_a_published_quality_record():
     time_ratio, step = float(found.group(1)), float(found.group(2))
     assert step == pytest.approx(float(rows["100gbps"][11]), abs=0.006)  # the table's step speed-up, rounded
     assert time_ratio == pytest.approx(1.105 / step, abs=0.006)
+
+
+def test_plan_command_with_fp8_prices_its_bytes_and_shows_no_papers_record():
+    """--method fp8 on the mini-moe layer shape, whose paper's records docs/quality.md holds: the bytes are FP8's
+    (d_model 128 in fp32 sends 512 bytes a row, FP8 with one float32 scale per 128 elements 132), the table names
+    the method, and the quality line says no record of this method exists instead of showing the paper's."""
+    build_deepspeed_cpu_comm_op()
+    result = run_plan("--d-model", "128", "--tokens-per-rank", "4096", "--experts", "8", "--top-k", "2", "--ep",
+                      "8", "--link", "custom:1:0", "--gpus-per-node", "1", "--method", "fp8", "--reps", "2",
+                      "--warmup", "1", "--cpu-timings")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert f"{132 / 512:.3f} of stock's bytes, the mean of the four crossings, scales included" in out
+    assert "all 8 x 1280 slots, no clustering; dispatch fp8_e4m3 forward / fp8_e4m3 backward" in out
+    assert "quality: no long-schedule record exists for method `fp8` yet" in out
+    assert "time to stock's loss: unknown until method `fp8` has a long-schedule record" in out
+    assert "1.105" not in out and "cpu_gpt_tokens" not in out  # the paper's record is not substituted
+    assert "| fp8 EP=1 ms (measured on CPU) |" in out and "method `fp8` predicted" in out
+    # a link that is all bandwidth (1 GB/s, no fixed or per-peer cost): the all-to-alls scale with the bytes
+    stock_a2a, fp8_a2a = (float(cell) for cell in table_rows(out)["custom:1:0"][3:5])
+    assert fp8_a2a / stock_a2a == pytest.approx(132 / 512, rel=0.01)
+
+
+def test_plan_command_refuses_method_flags_by_name():
+    base = ["--d-model", "64", "--tokens-per-rank", "512", "--experts", "8", "--ep", "4", "--cpu-timings"]
+    for args, message in ((["--method", "fp8", "--rate", "0.5"], "--rate 0.5 sets lsh_moe.compression_rate, which "
+                                                                 "--method fp8 does not use"),
+                          (["--fp8-block-size", "64"], "--fp8-block-size 64 sets the scales of FP8, which --method "
+                                                       "paper does not send"),
+                          (["--method", "fp8", "--fp8-block-size", "0"], "--fp8-block-size must be 'row' or an "
+                                                                         "integer >= 1, got '0'"),
+                          (["--method", "fp9"], "argument --method: invalid choice: 'fp9'")):
+        result = run_plan(*base, *args)
+        assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+
+
+def test_plan_flags_left_at_their_defaults_pass_for_every_method():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("plan_lsh_moe", os.path.join(ROOT, "scripts", "plan_lsh_moe.py"))
+    plan = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plan)
+    base = ["--d-model", "64", "--tokens-per-rank", "512", "--experts", "8", "--ep", "4", "--cpu-timings"]
+    args = plan.parse_args(base + ["--method", "fp8", "--rate", "0.2", "--fp8-block-size", "row"])
+    assert (args.shape.method, args.shape.fp8_block_size, args.shape.rate) == ("fp8", "row", 0.2)
+    assert args.shape.crossing_bytes("lsh") == (8 * 160 * (64 + 4),) * 4  # one scale per row
+    args = plan.parse_args(base + ["--method", "paper_fp8", "--rate", "0.5", "--fp8-block-size", "32"])
+    assert args.shape.method_rows == 8 * 80 and args.shape.crossing_bytes("lsh") == (8 * 80 * (64 + 8),) * 4
+    assert plan.parse_args(base).shape.method == "paper"
 
 
 def test_plan_command_refuses_bad_flags_by_name():
