@@ -42,7 +42,7 @@ class BoundedClusters:
     local: (N,) int64 cluster of every token within its group, numbered in order of first token; -1 if invalid.
     clusters_per_group: (G,) int64 clusters (non-empty, at most the group's budget).
     needed: (G,) int64 slots the group needs so that every token stays within the tolerance (finest level).
-    over_budget: (G,) int64 outliers that found no slot of their own and stay merged.
+    over_budget: (G,) int64 outliers that found no slot of their own (they go through the merging with the rest).
     """
     local: torch.Tensor
     clusters_per_group: torch.Tensor

@@ -32,8 +32,8 @@ class LayerStats:
     output_error_uncompensated: Optional[torch.Tensor] = None
     # clustering "bounded" (lshmoe_plugin.bounded): slots per expert the fixed layout sent (None: variable layout);
     # the most slots one expert needed to keep every token within the tolerance; outliers that found no slot of
-    # their own and stay merged; the tokens that share their centroid with others, and those of them whose residual
-    # exceeds the tolerance (on the steps the residual statistic is taken)
+    # their own (and went through the merging with the rest); the tokens that share their centroid with others,
+    # and those of them whose residual exceeds the tolerance (on the steps the residual statistic is taken)
     slots_per_expert: Optional[int] = None
     slots_needed: Optional[torch.Tensor] = None
     over_budget_tokens: Optional[torch.Tensor] = None
