@@ -270,3 +270,141 @@ def test_variable_layout_sends_exactly_what_each_expert_needs():
     exact = make_compressor(merge_tolerance=1e-9)
     centroids, clusters, state = exact.compress_variable(tokens, per_expert)
     assert torch.equal(centroids, tokens) and torch.equal(clusters, per_expert)
+
+
+# -- DeepSpeed's real MoE layer -----------------------------------------------------------------------------------
+class KeptStates:
+    """The state of every `compress_fixed` while inside (the real call runs): the slots the compressor chose."""
+
+    def __enter__(self):
+        self.original, self.states = LSHCompressor.compress_fixed, []
+
+        def keeping(compressor, *args, **kwargs):
+            centroids, state = self.original(compressor, *args, **kwargs)
+            self.states.append(state)
+            return centroids, state
+        LSHCompressor.compress_fixed = keeping
+        return self
+
+    def __exit__(self, *exc):
+        LSHCompressor.compress_fixed = self.original
+
+
+def reference_from_slots(moe, x, slot, slots_per_expert, dispatch=(None, None), combine=(None, None)):
+    """`fwd_bwd` of DeepSpeed's MOELayer rebuilt from its own stages around the given slots (N,) of the dispatch
+    buffer: centroids the float32 means of their members, through DeepSpeed's all-to-all and experts (each crossing
+    coded as `RoundTrip` says), then E(c) for a token alone in its slot and x + (E(c) - c) for a merged one."""
+    from deepspeed.moe import sharded_moe as sm
+    from test_deepspeed_patch import D_MODEL
+    from test_deepspeed_wire import RoundTrip
+    layer = moe.deepspeed_moe
+    moe.zero_grad(set_to_none=True)
+    x = x.detach().requires_grad_(True)
+    torch.manual_seed(1234)
+    tokens = x.reshape(-1, D_MODEL)
+    l_aux, C, E, indices, locations, gates, _ = layer.gate(tokens, None, True, False)
+    C, num = int(C), E * slots_per_expert
+    routes = sm._route_slots(indices, locations, E, C)
+    flat = sm._sparse_encode(tokens, routes, E, C).reshape(-1, D_MODEL)
+    counts = torch.zeros(num + 1).index_add(0, slot, torch.ones(slot.shape[0]))
+    centroids = torch.zeros(num + 1, D_MODEL).index_add(0, slot, flat)[:num] / counts[:num].clamp(min=1)[:, None]
+
+    def all_to_all(t):
+        return sm._AllToAll.apply(layer.ep_group, t) if layer.ep_size > 1 else t.contiguous()
+    received = all_to_all(RoundTrip.apply(centroids.view(E, slots_per_expert, D_MODEL), *dispatch))
+    out = layer.experts(received.reshape(layer.ep_size, layer.num_local_experts, -1, D_MODEL))
+    out = all_to_all(RoundTrip.apply(out.reshape(E, -1, D_MODEL), *combine)).reshape(num, D_MODEL)
+    zero = torch.zeros(1, D_MODEL)
+    own = torch.cat([out, zero])[slot]
+    shared = flat + torch.cat([out - centroids, zero])[slot]
+    expanded = torch.where((counts[slot] <= 1)[:, None], own, shared) * (slot < num)[:, None]
+    y = sm._sparse_decode(expanded.view(E * C, D_MODEL), routes, gates, tokens.shape[0]).reshape(x.shape)
+    (y.float().square().mean() + l_aux).backward()
+    grads = [p.grad.clone() if p.grad is not None else None for p in moe.parameters()]
+    return (y.detach(), x.grad.detach(), grads), C
+
+
+def build_distinct_experts(rank, ep_size, k):
+    """DeepSpeed's MoE with MLP experts that differ from one another (DeepSpeed copies one expert into every slot):
+    a centroid sent to the wrong expert would change the output."""
+    from test_deepspeed_patch import build_moe
+    moe = build_moe(ep_size, k)
+    local = moe.deepspeed_moe.experts.deepspeed_experts
+    with torch.no_grad():
+        for i, expert in enumerate(local):
+            gen = torch.Generator().manual_seed(1000 + rank * len(local) + i)
+            for p in expert.parameters():
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+    return moe
+
+
+def rank_tokens(rank):
+    """Tokens made of a few base tokens with a little noise: 3 bases on rank 0, 16 on rank 1 (which needs more
+    slots)."""
+    gen = torch.Generator().manual_seed(100 + rank)
+    base = torch.randn(3 + 13 * rank, 16, generator=gen)
+    x = base[torch.randint(0, base.shape[0], (48,), generator=gen)]
+    noise = 0.001 if rank == 0 else 0.01
+    return (x + noise * torch.randn(x.shape, generator=gen) * x.norm(dim=-1, keepdim=True) / 4).view(2, 24, 16)
+
+
+def check_bounded_layer(rank, world_size):
+    from test_deepspeed_patch import build_moe, fwd_bwd, same
+    from test_deepspeed_wire import BLOCK, FP8_ROW_BYTES, AllToAlls, crossing_bytes
+
+    import lshmoe_plugin
+    x = rank_tokens(rank)
+    report, sizes = {}, {}
+    bounded = {"enabled": True, "clustering": "bounded", "telemetry_interval": 1}
+    for k in (1, 2):
+        moe = build_moe(world_size, k)
+        stock = fwd_bwd(moe, x)
+        # a tiny tolerance on the first step: every token has its own slot, S = C, and the layer is stock's
+        lshmoe_plugin.enable({"lsh_moe": {**bounded, "merge_tolerance": 1e-9}}, moe)
+        report[f"top{k}_tiny_tolerance_is_stock"] = same(stock, fwd_bwd(moe, x))
+
+        moe = build_distinct_experts(rank, world_size, k)
+        for name, keys, coding in (("model", {}, (None, None)),
+                                   ("fp8", {"dispatch_dtype": "fp8_e4m3", "combine_dtype": "fp8_e4m3",
+                                            "fp8_block_size": BLOCK}, (BLOCK, BLOCK))):
+            lshmoe_plugin.enable({"lsh_moe": {**bounded, **keys}}, moe)
+            for step in (0, 1):
+                lshmoe_plugin.set_training_step(step)
+                with KeptStates() as kept, AllToAlls() as calls:
+                    got = fwd_bwd(moe, x)
+                state, stats = kept.states[-1], lshmoe_plugin.TELEMETRY.latest[0]
+                slots_per_expert = state.centroids.shape[0] // 4
+                expected, capacity = reference_from_slots(moe, x, state.slot, slots_per_expert, coding, coding)
+                case = f"top{k}_{name}_step{step}"
+                report[f"{case}_equals_the_reference_from_its_slots"] = same(expected, got)
+                rows = 4 * slots_per_expert
+                crossings = crossing_bytes(("fp8",) * 4 if name == "fp8" else ("model",) * 4, rows)
+                report[f"{case}_all_to_alls"] = calls.calls == (crossings if world_size > 1 else [])
+                report[f"{case}_telemetry_bytes"] = stats.bytes_sent == rows * (
+                    FP8_ROW_BYTES if name == "fp8" else 16 * 4)
+                if step == 0:
+                    report[f"{case}_sends_every_capacity_row"] = slots_per_expert == capacity
+                    sizes[f"top{k}_{name}"] = (int(stats.slots_needed), capacity)
+                else:
+                    report[f"{case}_merges"] = int(stats.clusters) < int(stats.valid_tokens)
+                    sizes[f"top{k}_{name}"] += (slots_per_expert,)
+        lshmoe_plugin.disable()
+        lshmoe_plugin.set_training_step(0)
+    return report, sizes
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_bounded_layer_against_stock_and_the_reference_from_its_slots(world_size):
+    from distributed import run_distributed
+    from test_deepspeed_patch import failed
+    results = run_distributed(check_bounded_layer, world_size)
+    for rank, (report, _) in enumerate(results):
+        assert all(report.values()), (rank, failed(report))
+    for case in results[0][1]:
+        needs = [sizes[case][0] for _, sizes in results]
+        capacity = results[0][1][case][1]
+        budget = SlotBudget(0.2)
+        budget.need = max(needs)  # the ranks agree on the largest need
+        assert [sizes[case][2] for _, sizes in results] == [budget.slots_for(capacity)] * world_size, case
+    if world_size == 2:  # rank 1's tokens need more slots than rank 0's: rank 0 sent rank 1's count
+        assert all(results[1][1][case][0] > results[0][1][case][0] for case in results[0][1])
