@@ -408,3 +408,54 @@ def test_bounded_layer_against_stock_and_the_reference_from_its_slots(world_size
         assert [sizes[case][2] for _, sizes in results] == [budget.slots_for(capacity)] * world_size, case
     if world_size == 2:  # rank 1's tokens need more slots than rank 0's: rank 0 sent rank 1's count
         assert all(results[1][1][case][0] > results[0][1][case][0] for case in results[0][1])
+
+
+# -- Megatron-core's all-to-all dispatcher (the variable layout) --------------------------------------------------
+def check_bounded_megatron(rank, world_size):
+    import megatron_helpers as helpers
+    from megatron.core import parallel_state
+
+    from lshmoe_plugin.patches import megatron_compat, megatron_dispatcher
+    from lshmoe_plugin.telemetry import TELEMETRY
+    megatron_compat.apply()
+    parallel_state.initialize_model_parallel(expert_model_parallel_size=world_size)
+    bounded = {"clustering": "bounded", "telemetry_interval": 1}
+    try:
+        x = rank_tokens(rank).view(helpers.SEQ, -1, helpers.HIDDEN)
+        out = {}
+        layer = helpers.build_layer(world_size)
+        stock = helpers.fwd_bwd(layer, x)
+        megatron_dispatcher.apply(helpers.enabled(merge_tolerance=1e-9, **bounded), layer)
+        out["tiny_tolerance_diff"] = helpers.max_diff(stock, helpers.fwd_bwd(layer, x))
+        # Experts that output only their own bias, no error compensation: p * E(c) = p * b_e whatever the centroid,
+        # so the layer matches stock only if every centroid reached its own expert and came back to its tokens.
+        megatron_dispatcher.revert()
+        layer = helpers.build_layer(world_size, add_bias_linear=True)
+        helpers.set_expert_biases(layer, zero_weights=True)
+        stock = helpers.fwd_bwd(layer, x)
+        megatron_dispatcher.apply(helpers.enabled(error_compensation=False, **bounded))
+        TELEMETRY.clear()
+        with helpers.TokenBytes() as sent:
+            got = helpers.fwd_bwd(layer, x)
+        [stats] = TELEMETRY.latest.values()
+        out["bias_only_diff"] = helpers.max_diff(stock, got)
+        out["merged"] = int(stats.clusters) < int(stats.valid_tokens)
+        out["bound"] = stats.as_floats()["merged_over_tolerance"] <= 0.1 and int(stats.over_budget_tokens) == 0
+        out["telemetry_rows"] = stats.bytes_sent == int(stats.clusters) * helpers.HIDDEN * 4
+        # what this rank sent to the experts; the backward returns what it received, so the four crossings add
+        # up over the ranks
+        out["dispatch_rows"] = sum(sent.splits[0]) == int(stats.clusters)
+        out["wire_bytes"], out["telemetry_bytes"] = sum(sent.sent), stats.bytes_sent
+        return out
+    finally:
+        megatron_dispatcher.revert()
+        parallel_state.destroy_model_parallel()
+
+
+def test_bounded_megatron_dispatcher_sends_what_each_expert_needs():
+    from distributed import run_distributed
+    results = run_distributed(check_bounded_megatron, 2)
+    for rank, out in enumerate(results):
+        assert out["tiny_tolerance_diff"] < 1e-5 and out["bias_only_diff"] < 1e-5, (rank, out)
+        assert out["merged"] and out["bound"] and out["telemetry_rows"] and out["dispatch_rows"], (rank, out)
+    assert sum(out["wire_bytes"] for out in results) == 4 * sum(out["telemetry_bytes"] for out in results)
