@@ -47,7 +47,8 @@ class LSHMoEConfig:
     enabled: turn compression on; the environment variable ``LSHMOE_ENABLED`` (1/0, true/false) overrides it.
     compression_rate: centroids sent per token routed, in (0, 1]. A fixed-capacity dispatcher (DeepSpeed's
         GShard layer) sends ``ceil(rate * capacity)`` centroid slots per expert; a variable-size one (Megatron-core,
-        AutoEP) sends at most ``ceil(rate * tokens)`` non-empty clusters per expert.
+        AutoEP) sends at most ``ceil(rate * tokens)`` non-empty clusters per expert. Under clustering ``bounded``
+        it is the floor of the fixed layout's slots per expert, and the variable layout does not use it.
     num_hashes: LSH functions combined into one bucket (more hashes, finer buckets).
     hash_type: ``cross_polytope`` (random rotation, nearest signed basis vector) or ``spherical`` (nearest of
         2*hash_dim random points on the sphere).
@@ -103,13 +104,14 @@ class LSHMoEConfig:
         token, S = capacity); there ``compression_rate`` is the floor of S, ``ceil(rate * capacity)``. Megatron-core
         and AutoEP send each expert exactly the clusters its tokens need, and ``compression_rate`` plays no part.
         With ``bounded``, refine_iterations, residual_map, exact_token_stride and decide_by_cost (which times the
-        first step, where every token crosses) must stay off, and cuda_graphs true is refused (the merging runs
-        eagerly). With ``none`` the keys that configure clustering (CLUSTERING_KEYS) must keep their defaults.
+        first step, where every token crosses) must stay off; the merging runs eagerly (cuda_graphs ``auto``
+        captures nothing, true is refused). With ``none`` the keys that configure clustering (CLUSTERING_KEYS)
+        must keep their defaults.
     merge_tolerance: the bound on a merged token's relative residual ||x - c|| / ||x|| under clustering
         ``bounded``, in (0, 1) (default 0.1); refused with any other clustering unless left at its default. The
         bound holds for the clusters the merging forms; recomputing a centroid over its members can push a member
-        slightly past it, and tokens that find no slot in a full budget stay merged: the telemetry counts both
-        (``merged_over_tolerance``, ``over_budget_tokens``).
+        slightly past it, and outliers that find no slot in a full budget are merged with the rest: the telemetry
+        counts both (``merged_over_tolerance``, ``over_budget_tokens``).
     dispatch_dtype, combine_dtype: the wire format of the all-to-all to the experts and back (lshmoe_plugin.wire):
         ``model`` (the model's dtype, as the framework sends it) or ``fp8_e4m3`` (float8 values with float32 scales,
         values and scales in one uint8 all-to-all). They apply to whatever crosses: centroids, or every token with

@@ -388,6 +388,19 @@ def check_bounded_layer(rank, world_size):
                 else:
                     report[f"{case}_merges"] = int(stats.clusters) < int(stats.valid_tokens)
                     sizes[f"top{k}_{name}"] += (slots_per_expert,)
+        # the output-error sample measures the bounded layer: next to nothing while every token crosses
+        lshmoe_plugin.enable({"lsh_moe": {**bounded, "output_error_interval": 1}}, moe)
+        errors = []
+        for step in (0, 1):
+            lshmoe_plugin.set_training_step(step)
+            fwd_bwd(moe, x)
+            errors.append(lshmoe_plugin.TELEMETRY.latest[0].as_floats())
+        report[f"top{k}_output_error_exact_first"] = errors[0]["output_error"] < 1e-6
+        # what the layer returned is the paper's compensation, up to the order of the sum (the expand forms
+        # x + (E(c) - c), the sample x + E(c) - c)
+        report[f"top{k}_output_error_measured"] = (
+            math.isclose(errors[1]["output_error"], errors[1]["output_error_compensated"], rel_tol=1e-4)
+            and errors[1]["output_error_uncompensated"] > 1e-4)
         lshmoe_plugin.disable()
         lshmoe_plugin.set_training_step(0)
     return report, sizes
