@@ -59,10 +59,17 @@ def cluster_variable(tokens: torch.Tensor, tokens_per_group: torch.Tensor, valid
     codes = lsh_codes(tokens, projections, config, groups, valid, num_groups)
     local, clusters = assign_clusters(codes, groups, valid, budget, num_groups, config.code_bits_per_hash,
                                       config.num_hashes)
-    offsets = torch.cumsum(clusters, 0) - clusters
-    num_slots = int(clusters.sum())
+    return pack_clusters(local, clusters, groups, valid)
+
+
+def pack_clusters(local: torch.Tensor, clusters_per_group: torch.Tensor, groups: torch.Tensor,
+                  valid: torch.Tensor) -> Clusters:
+    """The variable layout's slots: each group's clusters (`local` (N,) indices, `clusters_per_group` (G,)) packed
+    group after group. One host sync: the slot count."""
+    offsets = torch.cumsum(clusters_per_group, 0) - clusters_per_group
+    num_slots = int(clusters_per_group.sum())
     slot = torch.where(valid, offsets[groups] + local, torch.full_like(local, num_slots))
-    return Clusters(slot, num_slots, clusters)
+    return Clusters(slot, num_slots, clusters_per_group)
 
 
 def assign_clusters(codes: torch.Tensor, groups: torch.Tensor, valid: torch.Tensor, budget: torch.Tensor,
@@ -125,14 +132,14 @@ def assign_clusters(codes: torch.Tensor, groups: torch.Tensor, valid: torch.Tens
     valid_count = torch.zeros(num_groups + 1, dtype=torch.long, device=device).index_add_(
         0, groups.where(valid, num_groups), torch.ones_like(groups))[:num_groups]
     uncompressed = valid_count <= budget
-    position_local = _position_in_group(groups, valid, num_groups)
+    position_local = position_in_group(groups, valid, num_groups)
     local = torch.where(torch.cat([uncompressed, pad.bool()])[groups], position_local, bucket_local)
     local = torch.where(valid, local, torch.full_like(local, -1))
     clusters_per_group = torch.where(uncompressed, valid_count, merged_clusters)
     return local, clusters_per_group
 
 
-def _position_in_group(groups: torch.Tensor, valid: torch.Tensor, num_groups: int) -> torch.Tensor:
+def position_in_group(groups: torch.Tensor, valid: torch.Tensor, num_groups: int) -> torch.Tensor:
     """Rank of each valid token among the valid tokens of its group, in input order."""
     one_hot_free = valid.long()
     order = torch.argsort(groups, stable=True)

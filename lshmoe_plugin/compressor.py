@@ -8,18 +8,19 @@ Framework-independent. Two layouts share one pipeline:
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
 from . import ops, residual_map, wire
-from .clustering import refine_fixed
+from .bounded import BoundedClusters, bounded_clusters
+from .clustering import pack_clusters, refine_fixed
 from .config import LSHMoEConfig, LSHMoEConfigError
 from .hashing import hash_projections
 from .schedule import training_step
-from .telemetry import TELEMETRY, LayerStats, Telemetry, relative_residual_norm
+from .slot_budget import SlotBudget, fixed_slots
+from .telemetry import TELEMETRY, LayerStats, Telemetry, mean_over, relative_residuals
 
 
 @dataclass
@@ -32,13 +33,6 @@ class ClusterState:
     out_shape: torch.Size
     segments: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # CSR of `slot` from the fused assignment
     graphed: Optional[object] = None  # the CUDA-graph instance that compressed (kernels.graphed), if any
-
-
-def fixed_slots(capacity: int, rate: float) -> int:
-    """Centroid slots per expert for a fixed-capacity dispatcher: at least one, none for an empty capacity."""
-    if capacity <= 0:  # an empty batch: stock sends nothing either
-        return 0
-    return max(1, math.ceil(rate * capacity - 1e-9))
 
 
 # `cuda_graphs: "auto"` replays a layer only up to this many bytes of token rows (N x d x element size): above
@@ -91,6 +85,7 @@ class LSHCompressor:
         self._projections: Dict[Tuple[int, torch.device], torch.Tensor] = {}
         self._ops = None
         self._graphs = None  # kernels.graphed.GraphedFixedLayout, built on the first graphed forward
+        self.slot_budget = SlotBudget(config.compression_rate)  # S of the fixed layout under clustering "bounded"
 
     def projections(self, d_model: int, device: torch.device) -> torch.Tensor:
         """This layer's hash directions for the current draw (one draw per run unless `redraw_interval`).
@@ -126,13 +121,17 @@ class LSHCompressor:
         return self._ops
 
     # -- fixed layout -------------------------------------------------------------------------------------------
-    def compress_fixed(self, dispatched: torch.Tensor, valid: torch.Tensor,
-                       record: bool = True) -> Tuple[torch.Tensor, ClusterState]:
+    def compress_fixed(self, dispatched: torch.Tensor, valid: torch.Tensor, record: bool = True,
+                       agree: Optional[Callable[[torch.Tensor], None]] = None) -> Tuple[torch.Tensor, ClusterState]:
         """dispatched (E, C, d), valid bool (E, C) -> centroids (E, S, d) and the state to decompress with.
 
-        record=False leaves telemetry and the step count alone (for trial runs such as cost measurements).
+        record=False leaves telemetry, the step count and the slot budget alone (for evaluations and trial runs
+        such as cost measurements). `agree`: all-reduces a tensor in place with MAX over the expert-parallel group,
+        so that under clustering "bounded" every rank sends the same S (`slot_budget`); None for one rank.
         """
         with torch.profiler.record_function("lsh_moe.compress"):  # names the stage in torch.profiler and nsys
+            if self.config.clustering == "bounded":
+                return self._compress_bounded_fixed(dispatched, valid, record, agree)
             return self._compress_fixed(dispatched, valid, record)
 
     def _compress_fixed(self, dispatched: torch.Tensor, valid: torch.Tensor,
@@ -170,6 +169,36 @@ class LSHCompressor:
                          tokens.numel() * dispatched.element_size())
         return centroids.view(num_experts, slots_per_expert, d_model), state
 
+    def _compress_bounded_fixed(self, dispatched: torch.Tensor, valid: torch.Tensor, record: bool,
+                                agree: Optional[Callable[[torch.Tensor], None]]) -> Tuple[torch.Tensor, ClusterState]:
+        """Error-bounded merging into S slots per expert, S from the slot budget (eager: S moves between steps)."""
+        num_experts, capacity, d_model = dispatched.shape
+        self.check_experts(num_experts)
+        slots_per_expert = self.slot_budget.slots(capacity, training_step() if record else None)
+        tokens, valid = dispatched.reshape(-1, d_model), valid.reshape(-1)
+        groups = torch.arange(num_experts, device=tokens.device).repeat_interleave(capacity)
+        budget = torch.full((num_experts,), slots_per_expert, dtype=torch.long, device=tokens.device)
+        clusters = self._bounded_clusters(tokens, groups, valid, budget, num_experts)
+        num_slots = num_experts * slots_per_expert
+        slot = torch.where(valid, groups * slots_per_expert + clusters.local, torch.full_like(groups, num_slots))
+        centroids, counts = self._ops_for(tokens.device).centroids_by_slot(tokens, slot, num_slots)
+        state = ClusterState(tokens, slot, centroids, counts, dispatched.shape)
+        if record:
+            self.slot_budget.record(clusters.needed.max(), agree)
+            self._record(state, valid, clusters.clusters_per_group.sum(),
+                         wire.bytes_per_crossing(self.config, num_slots, d_model, dispatched.dtype),
+                         tokens.numel() * dispatched.element_size(), (clusters, slots_per_expert))
+        return centroids.view(num_experts, slots_per_expert, d_model), state
+
+    def _bounded_clusters(self, tokens: torch.Tensor, groups: torch.Tensor, valid: torch.Tensor,
+                          budget: Optional[torch.Tensor], num_groups: int) -> BoundedClusters:
+        impl = self._ops_for(tokens.device)
+        detached = tokens.detach()
+        codes = impl.lsh_codes(detached, self.projections(tokens.shape[1], tokens.device), self.config, groups,
+                               valid, num_groups)
+        return bounded_clusters(detached, codes, groups, valid, budget, num_groups, self.config.merge_tolerance,
+                                self.config.code_bits_per_hash, self.config.num_hashes, impl.centroids_by_slot)
+
     def decompress_fixed(self, centroid_outputs: torch.Tensor, state: ClusterState) -> torch.Tensor:
         """centroid_outputs (E, S, d) -> token outputs (E, C, d)."""
         flat = centroid_outputs.reshape(-1, centroid_outputs.shape[-1])
@@ -184,22 +213,29 @@ class LSHCompressor:
 
         Only non-empty clusters are kept, packed group after group, so clusters_per_group gives the split sizes
         of the all-to-all. K is read back to the host once (the split sizes need it anyway). record=False as in
-        `compress_fixed`.
+        `compress_fixed`. Under clustering "bounded" each group gets exactly the clusters it needs.
         """
         self.check_experts(tokens_per_group.numel())
         tokens_per_group = tokens_per_group.to(device=tokens.device, dtype=torch.long)
         if valid is None:
             valid = torch.ones(tokens.shape[0], dtype=torch.bool, device=tokens.device)
-        budget = torch.ceil(tokens_per_group.double() * self.config.compression_rate - 1e-9).long().clamp(min=1)
         impl = self._ops_for(tokens.device)
-        clusters = impl.cluster_variable(tokens.detach(), tokens_per_group, valid,
-                                         self.projections(tokens.shape[1], tokens.device), self.config, budget)
+        bounded = None
+        if self.config.clustering == "bounded":
+            groups = torch.repeat_interleave(torch.arange(tokens_per_group.numel(), device=tokens.device),
+                                             tokens_per_group, output_size=tokens.shape[0])
+            bounded = self._bounded_clusters(tokens, groups, valid, None, tokens_per_group.numel())
+            clusters = pack_clusters(bounded.local, bounded.clusters_per_group, groups, valid)
+        else:
+            budget = torch.ceil(tokens_per_group.double() * self.config.compression_rate - 1e-9).long().clamp(min=1)
+            clusters = impl.cluster_variable(tokens.detach(), tokens_per_group, valid,
+                                             self.projections(tokens.shape[1], tokens.device), self.config, budget)
         centroids, counts = impl.centroids_by_slot(tokens, clusters.slot, clusters.num_slots, clusters.segments)
         state = ClusterState(tokens, clusters.slot, centroids, counts, tokens.shape, clusters.segments)
         if record:
             self._record(state, valid, clusters.clusters_per_group.sum(),
                          wire.bytes_per_crossing(self.config, clusters.num_slots, tokens.shape[1], tokens.dtype),
-                         tokens.numel() * tokens.element_size())
+                         tokens.numel() * tokens.element_size(), None if bounded is None else (bounded, None))
         return centroids, clusters.clusters_per_group, state
 
     def decompress_variable(self, centroid_outputs: torch.Tensor, state: ClusterState) -> torch.Tensor:
@@ -287,12 +323,24 @@ class LSHCompressor:
         out_dtype = torch.promote_types(state.tokens.dtype, centroid_outputs.dtype)
         return (outputs.float() + residual_map.apply(kind, residuals, fitted).view(-1, d)).to(out_dtype)
 
-    def _record(self, state: ClusterState, valid: torch.Tensor, clusters: torch.Tensor, sent: int, full: int) -> None:
+    def _record(self, state: ClusterState, valid: torch.Tensor, clusters: torch.Tensor, sent: int, full: int,
+                bounded: Optional[Tuple[BoundedClusters, Optional[int]]] = None) -> None:
+        """Count this forward in the telemetry; `bounded`: the merging's clusters and slots per expert (fixed
+        layout) under clustering "bounded"."""
         self.step += 1
         interval = self.config.telemetry_interval
-        residual = None
+        ratio = None
         if interval and (self.step - 1) % interval == 0:
             zero = state.centroids.new_zeros(1, state.centroids.shape[1])
-            per_token = torch.cat([state.centroids.detach(), zero])[state.slot]
-            residual = relative_residual_norm(state.tokens, per_token, valid)
-        self.telemetry.record(LayerStats(self.layer_index, self.step, valid.sum(), clusters, sent, full, residual))
+            ratio = relative_residuals(state.tokens, torch.cat([state.centroids.detach(), zero])[state.slot])
+        stats = LayerStats(self.layer_index, self.step, valid.sum(), clusters, sent, full,
+                           None if ratio is None else mean_over(ratio, valid))
+        if bounded is not None:
+            merging, stats.slots_per_expert = bounded
+            stats.slots_needed, stats.over_budget_tokens = merging.needed.max(), merging.over_budget.sum()
+            if ratio is not None:  # the bound, measured on the final centroids
+                members = torch.cat([state.counts, state.counts.new_zeros(1)])[state.slot]
+                merged = valid & (members > 1)
+                stats.merged_tokens = merged.sum()
+                stats.merged_over_tolerance = (merged & (ratio > self.config.merge_tolerance)).sum()
+        self.telemetry.record(stats)

@@ -19,11 +19,15 @@ CONFIG_BLOCK = "lsh_moe"
 ENABLED_ENV_VAR = "LSHMOE_ENABLED"
 HASH_TYPES = tuple(HASH_FAMILIES)
 KERNELS = ("auto", "torch", "triton")
-CLUSTERINGS = ("lsh", "none")
+CLUSTERINGS = ("lsh", "none", "bounded")
 # Keys of LSH clustering (or of measurements only the clustered layer makes), which `clustering: "none"` turns off:
 # refused there unless left at their defaults, so that no setting is silently ignored.
 CLUSTERING_KEYS = ("compression_rate", "num_hashes", "hash_type", "hash_dim", "error_compensation", "residual_map",
                    "refine_iterations", "redraw_interval", "exact_token_stride", "output_error_interval")
+# Keys of LSH clustering that error-bounded merging (`clustering: "bounded"`) has no use for, with the value that
+# turns each off: refused there unless off, by name.
+UNBOUNDED_KEYS = (("refine_iterations", 0), ("residual_map", "identity"), ("exact_token_stride", 0),
+                  ("decide_by_cost", False))
 
 _TRUE_WORDS = ("1", "true", "yes", "on")
 _FALSE_WORDS = ("0", "false", "no", "off")
@@ -48,7 +52,8 @@ class LSHMoEConfig:
         method its stages match, or ``custom``. The other keys keep their defaults under every method.
     compression_rate: centroids sent per token routed, in (0, 1]. A fixed-capacity dispatcher (DeepSpeed's
         GShard layer) sends ``ceil(rate * capacity)`` centroid slots per expert; a variable-size one (Megatron-core,
-        AutoEP) sends at most ``ceil(rate * tokens)`` non-empty clusters per expert.
+        AutoEP) sends at most ``ceil(rate * tokens)`` non-empty clusters per expert. Under clustering ``bounded``
+        it is the floor of the fixed layout's slots per expert, and the variable layout does not use it.
     num_hashes: LSH functions combined into one bucket (more hashes, finer buckets).
     hash_type: ``cross_polytope`` (random rotation, nearest signed basis vector) or ``spherical`` (nearest of
         2*hash_dim random points on the sphere).
@@ -94,9 +99,24 @@ class LSHMoEConfig:
         layer's token rows, above which eager was measured faster (compressor.AUTO_MAX_TOKEN_BYTES);
         ``true``: wherever possible at any size, and an error where it is not; ``false``: eager. The variable
         layout (Megatron-core, AutoEP) syncs with the host once per layer and always runs eagerly.
-    clustering: ``lsh`` (the paper: only centroids cross) or ``none``: every token crosses as itself, and only the
-        wire dtypes below change the all-to-all (FP8 with no clustering). With ``none`` the keys that configure
-        clustering (CLUSTERING_KEYS) must keep their defaults.
+    clustering: ``lsh`` (the paper: only centroids cross), ``none``: every token crosses as itself, and only the
+        wire dtypes below change the all-to-all (FP8 with no clustering), or ``bounded``: error-bounded merging
+        (lshmoe_plugin.bounded): a token shares a centroid only while its relative residual ||x - c|| / ||x|| stays
+        within ``merge_tolerance``; every other token crosses as itself, so the rate is the data's. The hashing keys
+        (num_hashes, hash_type, hash_dim, seed, redraw_interval) pick the candidate merges as for ``lsh``, and
+        error_compensation applies to the merged tokens. DeepSpeed's fixed layout sends S slots per expert, S set
+        between optimizer steps from the previous step's need (lshmoe_plugin.slot_budget: the first step sends every
+        token, S = capacity); there ``compression_rate`` is the floor of S, ``ceil(rate * capacity)``. Megatron-core
+        and AutoEP send each expert exactly the clusters its tokens need, and ``compression_rate`` plays no part.
+        With ``bounded``, refine_iterations, residual_map, exact_token_stride and decide_by_cost (which times the
+        first step, where every token crosses) must stay off; the merging runs eagerly (cuda_graphs ``auto``
+        captures nothing, true is refused). With ``none`` the keys that configure clustering (CLUSTERING_KEYS)
+        must keep their defaults.
+    merge_tolerance: the bound on a merged token's relative residual ||x - c|| / ||x|| under clustering
+        ``bounded``, in (0, 1) (default 0.1); refused with any other clustering unless left at its default. The
+        bound holds for the clusters the merging forms; recomputing a centroid over its members can push a member
+        slightly past it, and outliers that find no slot in a full budget are merged with the rest: the telemetry
+        counts both (``merged_over_tolerance``, ``over_budget_tokens``).
     dispatch_dtype, combine_dtype: the wire format of the all-to-all to the experts and back (lshmoe_plugin.wire):
         ``model`` (the model's dtype, as the framework sends it), ``fp8_e4m3`` (float8 values with a scale per block)
         or ``fp4_e2m1`` (OCP FP4 values, two per byte, with a scale per block); values and scales in one uint8
@@ -134,6 +154,7 @@ class LSHMoEConfig:
     output_error_interval: int = 0
     # the stage keys: None until resolved from `method` (see lshmoe_plugin.methods)
     clustering: Optional[str] = None
+    merge_tolerance: float = 0.1
     dispatch_dtype: Optional[str] = None
     combine_dtype: Optional[str] = None
     dispatch_grad_dtype: Optional[str] = None
@@ -209,6 +230,7 @@ class LSHMoEConfig:
                                         f"got {getattr(self, key)!r}")
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         self._check_format_keys(defaults)
+        self._check_bounded(defaults)
         if self.clustering == "none":
             for key in CLUSTERING_KEYS:
                 if getattr(self, key) != defaults[key]:
@@ -232,6 +254,25 @@ class LSHMoEConfig:
                         f"lsh_moe.{key}={getattr(self, key)!r} sets the scales of {fmt}, which no crossing uses "
                         f"(dispatch/combine dtypes and their grad dtypes: {list(self.wire_dtypes)}); set one of them "
                         f"to {fmt!r}, or leave {key} out")
+
+    def _check_bounded(self, defaults: dict) -> None:
+        tolerance = self.merge_tolerance
+        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not (0.0 < tolerance < 1.0):
+            raise LSHMoEConfigError(f"lsh_moe.merge_tolerance must be a number in (0, 1), got {tolerance!r}")
+        object.__setattr__(self, "merge_tolerance", float(tolerance))
+        if self.clustering != "bounded":
+            if self.merge_tolerance != defaults["merge_tolerance"]:
+                raise LSHMoEConfigError(f"lsh_moe.merge_tolerance={self.merge_tolerance!r} belongs to clustering "
+                                        f"'bounded', got clustering {self.clustering!r}; set clustering 'bounded', "
+                                        f"or leave merge_tolerance out")
+            return
+        for key, off in UNBOUNDED_KEYS:
+            if getattr(self, key) != off:
+                raise LSHMoEConfigError(f"lsh_moe.{key}={getattr(self, key)!r} is not supported with clustering "
+                                        f"'bounded'; allowed there: {key} {off!r} (or leave it out)")
+        if self.cuda_graphs is True:
+            raise LSHMoEConfigError("lsh_moe.cuda_graphs=true is not supported with clustering 'bounded' (its "
+                                    "merging runs eagerly); allowed there: cuda_graphs 'auto' or false")
 
     @property
     def wire_dtypes(self) -> Tuple[str, ...]:

@@ -35,6 +35,11 @@ METHODS: Dict[str, Method] = {m.name: m for m in (
            "residual; 0.2 of stock's bytes at the default rate"),
     Method("paper_fp8", {"clustering": "lsh", "dispatch_dtype": "fp8_e4m3", "combine_dtype": "fp8_e4m3"},
            "the paper's centroids, in FP8 e4m3 on the wire both ways"),
+    Method("bounded", {"clustering": "bounded", "dispatch_dtype": "model", "combine_dtype": "model"},
+           "error-bounded merging: a token shares a centroid only within merge_tolerance of relative residual, "
+           "the others cross as themselves; the rate is the data's"),
+    Method("bounded_fp8", {"clustering": "bounded", "dispatch_dtype": "fp8_e4m3", "combine_dtype": "fp8_e4m3"},
+           "error-bounded merging, in FP8 e4m3 on the wire both ways"),
     Method("fp8", {"clustering": "none", "dispatch_dtype": "fp8_e4m3", "combine_dtype": "fp8_e4m3"},
            "every token crosses as itself, in FP8 e4m3 with float32 block scales both ways (0.52 of stock's bf16 "
            "bytes at d_model 256, block 128)"),

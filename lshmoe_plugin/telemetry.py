@@ -30,6 +30,15 @@ class LayerStats:
     output_error: Optional[torch.Tensor] = None
     output_error_compensated: Optional[torch.Tensor] = None
     output_error_uncompensated: Optional[torch.Tensor] = None
+    # clustering "bounded" (lshmoe_plugin.bounded): slots per expert the fixed layout sent (None: variable layout);
+    # the most slots one expert needed to keep every token within the tolerance; outliers that found no slot of
+    # their own (and went through the merging with the rest); the tokens that share their centroid with others,
+    # and those of them whose residual exceeds the tolerance (on the steps the residual statistic is taken)
+    slots_per_expert: Optional[int] = None
+    slots_needed: Optional[torch.Tensor] = None
+    over_budget_tokens: Optional[torch.Tensor] = None
+    merged_tokens: Optional[torch.Tensor] = None
+    merged_over_tolerance: Optional[torch.Tensor] = None
 
     def as_floats(self) -> Dict[str, float]:
         valid = float(self.valid_tokens)
@@ -45,6 +54,13 @@ class LayerStats:
             value = getattr(self, name)
             if value is not None:
                 out[name] = float(value)
+        for name in ("slots_per_expert", "slots_needed", "over_budget_tokens"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = float(value)
+        if self.merged_over_tolerance is not None:  # a fraction of the merged tokens
+            merged = float(self.merged_tokens)
+            out["merged_over_tolerance"] = float(self.merged_over_tolerance) / merged if merged else 0.0
         return out
 
 
@@ -137,14 +153,17 @@ def write_to_monitor(engine, telemetry: Telemetry = TELEMETRY) -> None:
     monitor.write_events(telemetry.monitor_events(engine.global_samples))
 
 
-def relative_residual_norm(tokens: torch.Tensor, centroids_per_token: torch.Tensor,
-                           valid: torch.Tensor) -> torch.Tensor:
-    """Mean over valid tokens of ||token - centroid|| / ||token|| (float32 scalar tensor)."""
+def relative_residuals(tokens: torch.Tensor, centroids_per_token: torch.Tensor) -> torch.Tensor:
+    """||token - centroid|| / ||token|| of every row (float32 (N,); rows (N, d), no gradient)."""
     t = tokens.detach().float()
     residual = (t - centroids_per_token.detach().float()).norm(dim=-1)
-    ratio = residual / t.norm(dim=-1).clamp(min=1e-12)
+    return residual / t.norm(dim=-1).clamp(min=1e-12)
+
+
+def mean_over(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean of `values` (N,) over the valid rows (float32 scalar tensor; 0 when none is)."""
     valid = valid.float()
-    return (ratio * valid).sum() / valid.sum().clamp(min=1)
+    return (values * valid).sum() / valid.sum().clamp(min=1)
 
 
 def relative_error(approx: torch.Tensor, exact: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -82,6 +82,13 @@ VARIANTS: Dict[str, dict] = {
     "fp8_fwd_fp4_grad": {"enabled": True, "clustering": "none", "dispatch_dtype": "fp8_e4m3",
                          "combine_dtype": "fp8_e4m3", "dispatch_grad_dtype": "fp4_e2m1",
                          "combine_grad_dtype": "fp4_e2m1"},
+    # Error-bounded merging: a token shares a centroid only within a relative residual of merge_tolerance, the
+    # others cross as themselves (the rate becomes the data's); alone and with FP8 on the wire.
+    "bounded_0.05": {"enabled": True, "clustering": "bounded", "merge_tolerance": 0.05},
+    "bounded_0.1": {"enabled": True, "clustering": "bounded", "merge_tolerance": 0.1},
+    "bounded_0.2": {"enabled": True, "clustering": "bounded", "merge_tolerance": 0.2},
+    "bounded_0.1_fp8": {"enabled": True, "clustering": "bounded", "merge_tolerance": 0.1,
+                        "dispatch_dtype": "fp8_e4m3", "combine_dtype": "fp8_e4m3"},
 }
 # Study-only layer variants (lshmoe_pretrain.diagnostics) of the variants above; every variant that clusters also
 # runs the output-error probe, which measures without changing what is trained.
@@ -175,9 +182,10 @@ def diagnostic(variant: str) -> str:
 
 
 def clusters(variant: str) -> bool:
-    """Whether the variant compresses with LSH, and so measures its output error (clustering 'none' has none)."""
+    """Whether the variant merges tokens (LSH or error-bounded), and so measures its output error (clustering
+    'none' has none)."""
     settings = VARIANTS[variant]
-    return settings["enabled"] and settings.get("clustering", "lsh") == "lsh"
+    return settings["enabled"] and settings.get("clustering", "lsh") in ("lsh", "bounded")
 
 
 def finished(run_dir: str, steps: int) -> bool:

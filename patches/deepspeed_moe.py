@@ -3,7 +3,8 @@
 The patched forward follows the stock 0.19.x forward stage by stage and only wraps the communication seam:
 gate -> encode (E, C, d) -> compress to centroids (E, S, d) -> all-to-all -> experts -> all-to-all
 -> expand + residual (E, C, d) -> decode. Layers that are not selected, and eval mode, run the stock forward.
-With ``clustering: "none"`` every token crosses (no compress, no expand); either way the all-to-alls carry
+With ``clustering: "none"`` every token crosses (no compress, no expand); with ``"bounded"`` the compressor merges
+only tokens within the tolerance, into a slot count the ranks agree on; either way the all-to-alls carry
 what crosses in the configured wire format (lshmoe_plugin.wire), or through DeepSpeed's own ``_AllToAll`` when
 that is the model's dtype both ways.
 """
@@ -128,7 +129,7 @@ def _compressed_forward(self, compressor: LSHCompressor, *input: torch.Tensor) -
         combined = sm._sparse_decode(expert_output.view(E * C, d_model), slots, gates_, num_tokens)
         return _finish(self, combined, input[0].shape)
     valid = occupied_slots(slots, E, C)
-    centroids, state = compressor.compress_fixed(dispatched, valid, record=record)
+    centroids, state = compressor.compress_fixed(dispatched, valid, record=record, agree=_group_max(self))
 
     centroid_outputs = _exchange(self, centroids, d_model, timed=True)
     expert_output = compressor.decompress_fixed(centroid_outputs, state)
@@ -257,6 +258,14 @@ def _group_sum(self):
         return None
     import deepspeed.comm as dist
     return lambda times: dist.all_reduce(times, group=self.ep_group)
+
+
+def _group_max(self):
+    """In-place MAX over the expert-parallel group (every rank must send the same slot count); None at EP=1."""
+    if self.ep_size == 1:
+        return None
+    import deepspeed.comm as dist
+    return lambda tensor: dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.ep_group)
 
 
 def _all_to_all(self, tensor: torch.Tensor) -> torch.Tensor:

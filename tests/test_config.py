@@ -130,7 +130,7 @@ def test_each_scaled_format_has_its_own_block_and_scale_keys():
 
 
 @pytest.mark.parametrize("block, message", [
-    ({"clustering": "kmeans"}, r"clustering must be one of \['lsh', 'none'\], got 'kmeans'"),
+    ({"clustering": "kmeans"}, r"clustering must be one of \['lsh', 'none', 'bounded'\], got 'kmeans'"),
     ({"dispatch_dtype": "fp8"}, r"dispatch_dtype must be one of \['model', 'fp8_e4m3', 'fp4_e2m1'\], got 'fp8'"),
     ({"combine_dtype": "bf16"}, r"combine_dtype must be one of \['model', 'fp8_e4m3', 'fp4_e2m1'\], got 'bf16'"),
     ({"dispatch_grad_dtype": "e5m2"}, r"dispatch_grad_dtype must be null \(as the forward\) or one of \['model', "
@@ -161,5 +161,39 @@ def test_each_scaled_format_has_its_own_block_and_scale_keys():
     ({"clustering": "none", "output_error_interval": 10}, r"output_error_interval=10 belongs to LSH clustering"),
 ])
 def test_bad_wire_values_name_the_key_and_what_is_allowed(block, message):
+    with pytest.raises(LSHMoEConfigError, match=message):
+        LSHMoEConfig.from_dict(block, env={})
+
+
+def test_bounded_merging_keys():
+    cfg = LSHMoEConfig.from_dict({"enabled": True, "clustering": "bounded"}, env={})
+    assert (cfg.clustering, cfg.merge_tolerance) == ("bounded", 0.1)
+    cfg = LSHMoEConfig.from_dict({"clustering": "bounded", "merge_tolerance": 0.05, "num_hashes": 4, "hash_dim": 4,
+                                  "hash_type": "spherical", "seed": 3, "compression_rate": 0.1,
+                                  "error_compensation": False, "dispatch_dtype": "fp8_e4m3",
+                                  "output_error_interval": 10, "redraw_interval": 5}, env={})
+    assert cfg.merge_tolerance == 0.05 and LSHMoEConfig.from_dict(cfg.to_dict(), env={}) == cfg
+    assert LSHMoEConfig.from_dict({"clustering": "bounded", "merge_tolerance": 1e-9}, env={}).merge_tolerance == 1e-9
+
+
+@pytest.mark.parametrize("block, message", [
+    ({"clustering": "bounded", "merge_tolerance": 0}, r"merge_tolerance must be a number in \(0, 1\), got 0"),
+    ({"clustering": "bounded", "merge_tolerance": 1.0}, r"merge_tolerance must be a number in \(0, 1\), got 1.0"),
+    ({"clustering": "bounded", "merge_tolerance": "0.1"}, r"merge_tolerance must be a number in \(0, 1\)"),
+    ({"clustering": "bounded", "merge_tolerance": True}, r"merge_tolerance must be a number in \(0, 1\)"),
+    ({"merge_tolerance": 0.2}, r"merge_tolerance=0.2 belongs to clustering 'bounded', got clustering 'lsh'"),
+    ({"clustering": "none", "merge_tolerance": 0.2}, r"merge_tolerance=0.2 belongs to clustering 'bounded', got "
+                                                     r"clustering 'none'"),
+    ({"clustering": "bounded", "refine_iterations": 2},
+     r"refine_iterations=2 is not supported with clustering 'bounded'; allowed there: refine_iterations 0"),
+    ({"clustering": "bounded", "residual_map": "linear"},
+     r"residual_map='linear' is not supported with clustering 'bounded'; allowed there: residual_map 'identity'"),
+    ({"clustering": "bounded", "exact_token_stride": 8}, r"exact_token_stride=8 is not supported with clustering "
+                                                         r"'bounded'"),
+    ({"clustering": "bounded", "decide_by_cost": True}, r"decide_by_cost=True is not supported with clustering "
+                                                        r"'bounded'; allowed there: decide_by_cost False"),
+    ({"clustering": "bounded", "cuda_graphs": True}, r"cuda_graphs=true is not supported with clustering 'bounded'"),
+])
+def test_bounded_merging_refuses_by_name(block, message):
     with pytest.raises(LSHMoEConfigError, match=message):
         LSHMoEConfig.from_dict(block, env={})

@@ -71,7 +71,11 @@ def check_method_trains_as_its_keys(rank, world_size):
         report[f"{name}_same_bytes"] = named_bytes == lshmoe_plugin.TELEMETRY.latest[0].bytes_sent
         lshmoe_plugin.disable()
         stock = fwd_bwd(moe, x)
-        report[f"{name}_differs_from_stock"] = not same(stock, named)  # every method changes what crosses
+        if method.stages["clustering"] == "bounded" and method.stages["dispatch_dtype"] == "model":
+            # random rows are never within 10% of one another: every token crosses as itself, as in stock
+            report[f"{name}_is_stock_on_distinct_tokens"] = same(stock, named)
+        else:
+            report[f"{name}_differs_from_stock"] = not same(stock, named)  # the others change what crosses
     return report
 
 
