@@ -10,6 +10,7 @@
 #   bash scripts/gpu_session.sh tests-bg bench-gpt-small quality:gpt-main:400 wait-tests
 #
 # Stages: corpus (in the background) | tests | tests-bg (in the background, alongside what follows) | wait-tests
+#       (GPU_TESTS="<files or node ids>" runs a subset of tests/gpu)
 #       | bench-compressor | bench-wire (fp8_e4m3 encode + decode vs the bandwidth floor) | bench-layer | bench-gpt
 #       | bench-gpt-small | profile-gpt-135m | quality:<study>:<seconds>
 #       | bench-modelled-135m | bench-modelled-1.3b (GPT-MoE step times at modelled EP 8/16/64 over 100/200/400 Gb/s
@@ -170,8 +171,10 @@ for stage in "$@"; do
     case "$stage" in
         # pytest's entry point, not `python -m pytest`: that would put the checkout's lshmoe_plugin (which has no
         # patches subpackage until installed) ahead of the installed one.
-        tests) pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/logs/tests.log" | tail -25 ;;
-        tests-bg) timeout "${TESTS_TIMEOUT:-300}" pytest -q -p no:cacheprovider tests/gpu >"$OUT/logs/tests.log" 2>&1 &
+        # GPU_TESTS: the test files or node ids to run (default: all of tests/gpu)
+        tests) timeout "${TESTS_TIMEOUT:-540}" pytest -q -p no:cacheprovider ${GPU_TESTS:-tests/gpu} 2>&1 \
+                | tee "$OUT/logs/tests.log" | tail -25 ;;
+        tests-bg) timeout "${TESTS_TIMEOUT:-300}" pytest -q -p no:cacheprovider ${GPU_TESTS:-tests/gpu} >"$OUT/logs/tests.log" 2>&1 &
                 TESTS_PID=$! ;;
         wait-tests) [ -n "${TESTS_PID:-}" ] && wait "$TESTS_PID"; echo "gpu tests exit $?"; tail -25 "$OUT/logs/tests.log" ;;
         bench-gpt-small) python3 scripts/benchmark_gpt_moe.py --preset small --micro-batch 16 --steps 80 \
