@@ -151,15 +151,15 @@ def verdicts(candidate: Candidate, spread: Optional[float]) -> Dict[str, Verdict
     band = (Verdict(YES, f"{gap:+.2f}%") if abs(gap) <= GAP_BAND else
             Verdict(NO, f"{gap:+.2f}%", f"ends {gap:+.2f}% from stock's final loss, outside ±{GAP_BAND:g}%"))
     if spread is None:
-        within = Verdict(UNMEASURED, "stock has 1 seed", "stock's seed spread is not measured (1 stock seed)")
+        within = Verdict(UNMEASURED, "stock has 1 seed", "cannot be held to stock's seed spread (1 stock seed)")
     elif abs(gap) <= spread:
         within = Verdict(YES, f"{gap:+.2f}% vs ±{spread:.2f}%")
     else:
-        within = Verdict(NO, f"{gap:+.2f}% vs ±{spread:.2f}%", f"outside stock's seed spread (±{spread:.2f}%)")
+        within = Verdict(NO, f"{gap:+.2f}% vs ±{spread:.2f}%", f"is outside stock's seed spread (±{spread:.2f}%)")
     sends = (Verdict(YES, f"{bytes_ratio:.3f}") if bytes_ratio <= BYTES_LIMIT else
              Verdict(NO, f"{bytes_ratio:.3f}", f"sends {bytes_ratio:.3f} of stock's bytes (> {BYTES_LIMIT:g})"))
     enough = (Verdict(YES, str(seeds)) if seeds >= SEEDS_NEEDED else
-              Verdict(NO, str(seeds), f"{seeds} seed{'s' if seeds > 1 else ''} (the rule needs {SEEDS_NEEDED})"))
+              Verdict(NO, str(seeds), f"has {seeds} seed{'s' if seeds > 1 else ''} (the rule needs {SEEDS_NEEDED})"))
     return dict(zip(CRITERIA, (band, within, sends, enough, growth(candidate.length_gaps))))
 
 
