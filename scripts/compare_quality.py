@@ -4,12 +4,18 @@
 device with --concurrency), skipping finished runs and resuming interrupted ones, so a study can be spread over
 several calls. `report` aggregates finished runs into tables and plots (mean and seed spread of the validation
 loss at each evaluated token count, gap to stock, compressed vs exact evaluation) and writes docs/quality.md.
+`frontier` puts every candidate of a testbed's long schedule on the curve of final gap against all-to-all bytes,
+checks each against issue 24's rule for the default, and says which one the rule chooses (lshmoe_pretrain.frontier).
 
     # GPU: 3 seeds x (stock, LSH, LSH without error compensation), ~135M-parameter GPT-MoE, 20M tokens each
     python scripts/compare_quality.py run --model gpt --preset gpt-moe-135m --seeds 1 2 3 \\
         --variants stock lsh lsh_no_ec --tokens 20e6 --concurrency 3 --root runs/quality
     python scripts/compare_quality.py report --model gpt --root runs/quality --section gpt_main \\
         --variants stock lsh lsh_no_ec
+
+    # issue 24: every candidate at the long schedule against the rule, and the default it chooses
+    python scripts/compare_quality.py frontier --testbed gpt-25m-long --root runs/testbed \\
+        --section testbed_gpt_25m_frontier --report docs/quality.md
 
     # CPU smoke run (tiny model, default corpus)
     DS_ACCELERATOR=cpu python scripts/compare_quality.py run --model gpt --preset tiny --data python-docs \\
