@@ -368,6 +368,7 @@ def plot(frontier: Frontier, path: str, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     fig, ax = plt.subplots(figsize=(7, 4.5))
     spread = frontier.long.stock_spread()
     if spread is not None:
@@ -383,9 +384,12 @@ def plot(frontier: Frontier, path: str, title: str) -> None:
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xscale("log")
     ax.set_xlim(min(xs) / 2, 1.5)
+    ticks = [t for t in (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0) if min(xs) / 2 <= t <= 1.5]
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("all-to-all bytes vs stock (all four crossings, log scale)")
     ax.set_ylabel("final validation loss vs stock (%)")
-    ax.set_title(title)
+    ax.set_title(title.replace(": ", ":\n", 1), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
