@@ -89,6 +89,7 @@ class Frontier:
     bed: Testbed
     rows: List[length_study.LengthRow]   # every schedule length with finished stock runs, shortest first
     candidates: List[Candidate]
+    unfinished: List[str] = dataclasses.field(default_factory=list)  # asked for, no finished run at the long one
 
     @property
     def long(self) -> length_study.LengthRow:
@@ -122,7 +123,7 @@ def collect(root: str, bed: Testbed, variants: Optional[Sequence[str]] = None) -
     rows = length_study.collect(root, bed, variants)
     if rows[-1].length != 1.0:
         raise study.StudyError(f"no finished stock runs at the long schedule ({long_root}/stock/seed*)")
-    frontier = Frontier(bed, rows, [])
+    frontier = Frontier(bed, rows, [], [v for v in variants if v not in rows[-1].variants])
     for name in (v for v in variants if v in rows[-1].variants):
         gaps = rows[-1].gap(name)
         if gaps is None:
@@ -415,7 +416,11 @@ def body(frontier: Frontier, choice: Choice, speedups: Dict[str, Speedup], plot_
         "before the last on 2^18 held-out tokens, the last on the whole split) reaches stock's final loss on the "
         f"same seeds ({frontier.target:.4f} over all {len(frontier.stock.seeds)}), against where stock's own curve "
         "on those seeds does.", "",
-        table(frontier), "", f"**The choice:** {choice.text}", ""]
+        table(frontier), ""]
+    if frontier.unfinished:
+        lines += [f"Not on the frontier (no finished run at the long schedule): "
+                  f"{', '.join(f'`{v}`' for v in frontier.unfinished)}.", ""]
+    lines += [f"**The choice:** {choice.text}", ""]
     if choice.by != "rule":
         lines += ["The fallback's figures:", "", fallback_table(frontier, speedups), ""]
     lines += [f"![final gap against all-to-all bytes]({plot_name})", ""]

@@ -218,7 +218,8 @@ def test_not_reached_in_the_table_and_the_section_written_only_when_asked(tmp_pa
     report.write_text("# Quality\n\n<!-- BEGIN other -->\nkept\n<!-- END other -->\n")
     benchmarks = str(tmp_path / "benchmarks.md")
     open(benchmarks, "w").write(OLD)
-    argv = ["frontier", "--testbed", BED.name, "--root", root, "--section", "edge", "--benchmarks", benchmarks]
+    argv = ["frontier", "--testbed", BED.name, "--root", root, "--section", "edge", "--benchmarks", benchmarks,
+            "--variants", "lsh", "fp8_both"]
     module, args = parse(argv)
     module.frontier(args)
     assert report.read_text().count("BEGIN") == 1 and not os.path.exists(tmp_path / "docs" / "quality_edge.png")
@@ -228,5 +229,6 @@ def test_not_reached_in_the_table_and_the_section_written_only_when_asked(tmp_pa
     assert "<!-- BEGIN other -->\nkept\n<!-- END other -->" in text and "<!-- BEGIN edge -->" in text
     assert "| lsh | `paper` | 3 | " in text and "| not reached in 0.02M (final gap +10.00%) |" in text
     assert "| stock | plugin off | 3 | 3.0000 ± 0.0090 | – | ±0.30% | 1.000 |" in text
+    assert "Not on the frontier (no finished run at the long schedule): `fp8_both`." in text
     assert "![final gap against all-to-all bytes](quality_edge.png)" in text
     assert os.path.getsize(tmp_path / "docs" / "quality_edge.png") > 0
