@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 _SECTION = re.compile(r"<!-- BEGIN (\S+) -->\n(.*?)<!-- END \1 -->", re.S)
 _DESCRIPTION = re.compile(r"(GPT|T5)-MoE preset `([^`]+)` \([\d.]+M parameters\), (\d+) tokens per step, compared "
@@ -161,3 +161,30 @@ def _variant_method(variant: str, default_rate: Optional[float]) -> Optional[Tup
     if config.clustering == "none":
         return config.method, None
     return (config.method, default_rate) if default_rate is not None else None
+
+
+def variant_configuration(variant: str) -> Tuple[str, Dict[str, object]]:
+    """(method, knobs) of any study variant, as the plugin resolves its lsh_moe block: ``stock`` with the plugin
+    off; else the method its stage keys name (lshmoe_plugin.methods; ``custom`` when none does) and every setting
+    that differs from that method's own configuration (merge_tolerance, the rate, an FP4 gradient, ...), with the
+    study-only ones (``exact_tail``, a diagnostic layer) beside them. Unlike `_variant_method`, which admits only a
+    method's exact configuration as its record, this names every candidate, knobs and all (the frontier's table)."""
+    import dataclasses
+
+    from lshmoe_plugin.config import LSHMoEConfig
+    from lshmoe_plugin.methods import CUSTOM, DEFAULT_METHOD
+
+    from .quality_study import DIAGNOSTICS, VARIANTS
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; allowed: {sorted(VARIANTS)}")
+    settings = dict(VARIANTS[variant])
+    study_only = {key: settings.pop(key) for key in ("exact_tail",) if key in settings}
+    if variant in DIAGNOSTICS:
+        study_only["diagnostic"] = DIAGNOSTICS[variant]
+    config = LSHMoEConfig(**settings)
+    if not config.enabled:
+        return "stock", study_only
+    own = LSHMoEConfig(enabled=True, method=DEFAULT_METHOD if config.method == CUSTOM else config.method)
+    knobs = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+             if f.name != "method" and getattr(config, f.name) != getattr(own, f.name)}
+    return config.method, {**knobs, **study_only}

@@ -4,12 +4,18 @@
 device with --concurrency), skipping finished runs and resuming interrupted ones, so a study can be spread over
 several calls. `report` aggregates finished runs into tables and plots (mean and seed spread of the validation
 loss at each evaluated token count, gap to stock, compressed vs exact evaluation) and writes docs/quality.md.
+`frontier` puts every candidate of a testbed's long schedule on the curve of final gap against all-to-all bytes,
+checks each against issue 24's rule for the default, and says which one the rule chooses (lshmoe_pretrain.frontier).
 
     # GPU: 3 seeds x (stock, LSH, LSH without error compensation), ~135M-parameter GPT-MoE, 20M tokens each
     python scripts/compare_quality.py run --model gpt --preset gpt-moe-135m --seeds 1 2 3 \\
         --variants stock lsh lsh_no_ec --tokens 20e6 --concurrency 3 --root runs/quality
     python scripts/compare_quality.py report --model gpt --root runs/quality --section gpt_main \\
         --variants stock lsh lsh_no_ec
+
+    # issue 24: every candidate at the long schedule against the rule, and the default it chooses
+    python scripts/compare_quality.py frontier --testbed gpt-25m-long --root runs/testbed \\
+        --section testbed_gpt_25m_frontier --report docs/quality.md
 
     # CPU smoke run (tiny model, default corpus)
     DS_ACCELERATOR=cpu python scripts/compare_quality.py run --model gpt --preset tiny --data python-docs \\
@@ -25,6 +31,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from lshmoe_pretrain import benchmarking as bench  # noqa: E402
+from lshmoe_pretrain import frontier as frontiers  # noqa: E402
 from lshmoe_pretrain import (
     length_study,  # noqa: E402
     study_throughput,  # noqa: E402
@@ -123,6 +130,22 @@ def parse_args() -> argparse.Namespace:
     lengths.add_argument("--title", default=None)
     lengths.add_argument("--run_command", default=None, help="the command that trained the runs, for the record")
     lengths.add_argument("--output", default="docs/quality.md")
+    edge = sub.add_parser("frontier", help="final gap against all-to-all bytes for every candidate at a testbed's "
+                                           "long schedule, each against issue 24's rule, and the default it chooses")
+    edge.add_argument("--testbed", required=True, help=f"one of {', '.join(beds.TESTBEDS)}")
+    edge.add_argument("--root", default="runs/testbed")
+    edge.add_argument("--variants", nargs="+", default=None,
+                      help="the candidates (default: every variant with runs under ROOT/TESTBED/x1)")
+    edge.add_argument("--section", required=True)
+    edge.add_argument("--title", default=None)
+    edge.add_argument("--run_command", default=None, help="the command that trained the runs, for the record")
+    edge.add_argument("--report", default=None,
+                      help="write the section into this file (docs/quality.md) and its plot beside it; default: "
+                           "print only")
+    edge.add_argument("--benchmarks", default="docs/benchmarks.md",
+                      help="where the fallback reads modelled step speed-ups (benchmark_gpt_moe.py sections)")
+    edge.add_argument("--modelled_section", nargs="+", default=[],
+                      help="only these sections of --benchmarks (default: every one of 8 GPUs per node, `_g8`)")
     target = sub.add_parser("time-to-target", help="combine a study with measured step times into docs/benchmarks.md")
     target.add_argument("--model", choices=("gpt", "t5"), default="gpt")
     target.add_argument("--root", default="runs/quality")
@@ -274,6 +297,24 @@ def lengths(args: argparse.Namespace) -> None:
     print(text)
 
 
+def frontier(args: argparse.Namespace) -> None:
+    bed = beds.testbed(args.testbed)
+    found = frontiers.collect(args.root, bed, args.variants)
+    speedups = frontiers.speedups_for(found, args.benchmarks, args.modelled_section)
+    choice = frontiers.choose(found, speedups)
+    title = (args.title or
+             f"Testbed `{bed.name}`: final gap against all-to-all bytes, and the default by issue 24's rule")
+    plot_name = f"quality_{args.section}.png"
+    text = "\n".join([*section_head(title, args.run_command), frontiers.body(found, choice, speedups, plot_name)])
+    print(text)
+    if args.report:
+        frontiers.plot(found, os.path.join(os.path.dirname(args.report) or ".", plot_name), title)
+        bench.write_section(args.report, args.section, text)
+        print(f"wrote {args.report} [{args.section}] and {plot_name} beside it")
+    else:
+        print(f"section '{args.section}' not written (pass --report docs/quality.md to write it and its plot)")
+
+
 def time_to_target(args: argparse.Namespace) -> None:
     results = study.aggregate(args.root, args.model, ["stock", "lsh"], partial=args.partial, seeds=args.seeds)
     longer = [r for root in args.lsh_root for r in study.aggregate(root, args.model, ["lsh"], seeds=args.seeds)]
@@ -301,7 +342,7 @@ def time_to_target(args: argparse.Namespace) -> None:
 def main() -> None:
     args = parse_args()
     {"run": run, "throughput": throughput, "report": report, "lengths": lengths,
-     "time-to-target": time_to_target}[args.command](args)
+     "frontier": frontier, "time-to-target": time_to_target}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,435 @@
+"""Issue 24's frontier: every candidate's final gap against its all-to-all bytes at a testbed's long schedule, each
+checked against the rule for the plugin's default, and the default that rule chooses.
+
+The rule: the default ends within ±0.5% of stock's final validation loss and within stock's seed spread, over 3
+seeds, its gap does not grow across the testbed's three schedule lengths (lshmoe_pretrain.testbed.LENGTHS), and it
+sends at most 0.5 of stock's all-to-all bytes, all four crossings counted. If no candidate passes, the default is
+the one that reaches stock's final loss soonest on a modelled 200 Gb/s link with 8 GPUs per node at EP=16: the
+measured tokens to that loss over stock's, divided by the modelled step speed-up of the candidate's method (a
+``benchmark_gpt_moe.py --modelled-link`` section of docs/benchmarks.md). Every figure comes from a record: the
+losses and bytes from the runs, the speed-ups from the benchmark sections; one without a source is named missing,
+with the command that would measure it, and never stands in for another.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import statistics
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from . import length_study
+from . import quality_study as study
+from .quality_records import variant_configuration
+from .testbed import LENGTHS, TESTBEDS, Testbed
+
+GAP_BAND = 0.5          # % of stock's final loss, either side; also the rise across lengths that counts as growth
+BYTES_LIMIT = 0.5       # of stock's all-to-all bytes
+SEEDS_NEEDED = 3
+LINK, EP, GPUS_PER_NODE = "200gbps", 16, 8   # the fallback's modelled cluster
+YES, NO, UNMEASURED = "yes", "no", "not measured"
+CRITERIA = ("within ±0.5%", "within stock's spread", "bytes ≤ 0.5", "≥ 3 seeds", "gap not growing across lengths")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One criterion of the rule for one candidate: its state, the numbers behind it (for the table's cell) and,
+    when it does not pass, why in words (for the choice's sentences)."""
+    state: str      # YES, NO or UNMEASURED
+    detail: str
+    reason: str = ""
+
+    def cell(self) -> str:
+        return f"{self.state} ({self.detail})" if self.detail else self.state
+
+
+@dataclass
+class Candidate:
+    """One variant at the long schedule, paired with stock's runs of the same seeds."""
+    name: str
+    method: str                                 # lshmoe_plugin.methods name ("custom" when none)
+    knobs: Dict[str, object]                    # what it sets beside the method's own configuration
+    result: study.VariantResult
+    gaps: List[float]                           # per seed, % of stock's final loss of the same seed
+    length_gaps: List[Tuple[float, List[float]]]  # (schedule length, per-seed gaps) at every length both ran
+    target: float                               # stock's final loss, mean over the seeds both ran
+    tokens: Optional[float]                     # tokens to `target` (seed-mean curve); None: not reached
+    stock_tokens: float                         # stock's tokens to `target`, on the same seeds' curve
+    verdicts: Dict[str, Verdict]
+
+    @property
+    def token_ratio(self) -> Optional[float]:
+        return None if self.tokens is None else self.tokens / self.stock_tokens
+
+    @property
+    def gap(self) -> float:
+        return statistics.fmean(self.gaps)
+
+    @property
+    def passes(self) -> bool:
+        return all(v.state == YES for v in self.verdicts.values())
+
+    @property
+    def seeds(self) -> int:
+        return len(self.gaps)
+
+    def configuration(self) -> str:
+        """'method `bounded`, merge_tolerance 0.2': the method and the knobs beside it."""
+        knobs = "".join(f", {key} {value}" for key, value in self.knobs.items())
+        return f"method `{self.method}`{knobs}"
+
+    def gap_text(self) -> str:
+        return (f"{self.gaps[0]:+.2f}% (1 seed)" if self.seeds == 1 else
+                f"{self.gap:+.2f}% ± {statistics.stdev(self.gaps):.2f}% ({self.seeds} seeds)")
+
+
+@dataclass
+class Frontier:
+    bed: Testbed
+    rows: List[length_study.LengthRow]   # every schedule length with finished stock runs, shortest first
+    candidates: List[Candidate]
+    unfinished: List[str] = dataclasses.field(default_factory=list)  # asked for, no finished run at the long one
+
+    @property
+    def long(self) -> length_study.LengthRow:
+        return self.rows[-1]
+
+    @property
+    def stock(self) -> study.VariantResult:
+        return self.long.stock
+
+    @property
+    def target(self) -> float:
+        """Stock's final validation loss at the long schedule, mean over its seeds."""
+        return self.stock.mean_at(len(self.stock.tokens) - 1)
+
+    @property
+    def stock_tokens(self) -> float:
+        return study.tokens_to_reach(self.stock, self.target)
+
+
+def collect(root: str, bed: Testbed, variants: Optional[Sequence[str]] = None) -> Frontier:
+    """Every candidate with finished runs at the long schedule (``<root>/<testbed>/x1``), each checked against the
+    rule. `variants`: those only (default: every study variant with a run directory there)."""
+    long_root = os.path.join(root, bed.name, "x1", bed.model_kind)
+    if variants is None:
+        variants = sorted(v for v in (os.listdir(long_root) if os.path.isdir(long_root) else [])
+                          if v in study.VARIANTS and v != "stock")
+    unknown = [v for v in variants if v not in study.VARIANTS]
+    if unknown:
+        raise study.StudyError(f"--variants {unknown}: allowed {sorted(study.VARIANTS)}")
+    variants = [v for v in variants if v != "stock"]
+    rows = length_study.collect(root, bed, variants)
+    if rows[-1].length != 1.0:
+        raise study.StudyError(f"no finished stock runs at the long schedule ({long_root}/stock/seed*)")
+    frontier = Frontier(bed, rows, [], [v for v in variants if v not in rows[-1].variants])
+    for name in (v for v in variants if v in rows[-1].variants):
+        gaps = rows[-1].gap(name)
+        if gaps is None:
+            raise study.StudyError(f"{long_root}/{name}: seeds {rows[-1].variants[name].seeds} share none with "
+                                   f"stock's ({rows[-1].stock.seeds}); its gap pairs each seed with stock's")
+        method, knobs = variant_configuration(name)
+        result = rows[-1].variants[name]
+        # Paired like the gap: stock on the candidate's seeds, so that a one-seed control identical to stock's run
+        # of that seed reads 1.000x, not the difference between that seed and stock's mean over all of its seeds.
+        stock = dataclasses.replace(rows[-1].stock, seeds=[s for s in result.seeds if s in rows[-1].stock.seeds])
+        target = stock.mean_at(len(stock.tokens) - 1)
+        candidate = Candidate(name, method, knobs, result, gaps,
+                              [(row.length, row.gap(name)) for row in rows if row.gap(name)], target,
+                              study.tokens_to_reach(result, target), study.tokens_to_reach(stock, target), {})
+        candidate.verdicts = verdicts(candidate, rows[-1].stock_spread())
+        frontier.candidates.append(candidate)
+    if not frontier.candidates:
+        raise study.StudyError(f"no finished runs of {list(variants) or 'any candidate'} under {long_root}")
+    return frontier
+
+
+def verdicts(candidate: Candidate, spread: Optional[float]) -> Dict[str, Verdict]:
+    """The rule's criteria, in CRITERIA's order. The gap is the mean of the per-seed gaps; stock's spread is its
+    sample standard deviation over seeds as % of its mean (the band the gap must stay within)."""
+    gap, bytes_ratio, seeds = candidate.gap, candidate.result.bytes_ratio, candidate.seeds
+    band = (Verdict(YES, f"{gap:+.2f}%") if abs(gap) <= GAP_BAND else
+            Verdict(NO, f"{gap:+.2f}%", f"ends {gap:+.2f}% from stock's final loss, outside ±{GAP_BAND:g}%"))
+    if spread is None:
+        within = Verdict(UNMEASURED, "stock has 1 seed", "cannot be held to stock's seed spread (1 stock seed)")
+    elif abs(gap) <= spread:
+        within = Verdict(YES, f"{gap:+.2f}% vs ±{spread:.2f}%")
+    else:
+        within = Verdict(NO, f"{gap:+.2f}% vs ±{spread:.2f}%", f"is outside stock's seed spread (±{spread:.2f}%)")
+    sends = (Verdict(YES, f"{bytes_ratio:.3f}") if bytes_ratio <= BYTES_LIMIT else
+             Verdict(NO, f"{bytes_ratio:.3f}", f"sends {bytes_ratio:.3f} of stock's bytes (> {BYTES_LIMIT:g})"))
+    enough = (Verdict(YES, str(seeds)) if seeds >= SEEDS_NEEDED else
+              Verdict(NO, str(seeds), f"has {seeds} seed{'s' if seeds > 1 else ''} (the rule needs {SEEDS_NEEDED})"))
+    return dict(zip(CRITERIA, (band, within, sends, enough, growth(candidate.length_gaps))))
+
+
+def growth(length_gaps: Sequence[Tuple[float, List[float]]]) -> Verdict:
+    """Whether the gap grows with the schedule: it does when the mean gap of a longer schedule exceeds that of a
+    shorter one by more than GAP_BAND points (less cannot be told from the rule's own band). It passes only over
+    all three lengths; with fewer, a rise already fails, and no rise is 'not measured'."""
+    means = [(length, statistics.fmean(gaps)) for length, gaps in sorted(length_gaps)]
+    series = " → ".join(f"{gap:+.2f}%" for _, gap in means)
+    lengths = ", ".join(f"{length:g}x" for length, _ in means)
+    rise = max((later - earlier for i, (_, earlier) in enumerate(means) for _, later in means[i + 1:]), default=None)
+    if rise is not None and rise > GAP_BAND:
+        return Verdict(NO, f"{series} over {lengths}", f"its gap grows with the schedule ({series} over {lengths})")
+    missing = [length for length in LENGTHS if length not in {length for length, _ in means}]
+    if missing:
+        detail = (f"{series} over {lengths}; " if len(means) > 1 else "") + "no run at " + ", ".join(
+            f"{length:g}x" for length in missing)
+        return Verdict(UNMEASURED, detail, f"its gap across lengths is not measured ({detail})")
+    return Verdict(YES, f"{series} over {lengths}")
+
+
+# -- the fallback's step speed-ups -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Speedup:
+    """A candidate's modelled step speed-up against stock at LINK, EP, GPUS_PER_NODE, or why there is none."""
+    value: Optional[float]
+    section: Optional[str]
+    note: str
+
+
+_BEGIN = re.compile(r"<!-- BEGIN (\S+) -->")
+_TOPOLOGY = re.compile(rf"_modelled_ep[\d-]+_g{GPUS_PER_NODE}(?:_|$)")
+_SPEEDUP = "speed-up vs stock (modelled)"
+
+
+def modelled_sections(benchmarks: str, names: Sequence[str] = ()) -> List[str]:
+    """The sections of `benchmarks` that model GPUS_PER_NODE GPUs per node (``..._modelled_ep<K>_g8[_methods]``,
+    the current link model), or `names` as given, each checked to exist."""
+    if not os.path.isfile(benchmarks):
+        raise study.StudyError(f"--benchmarks {benchmarks!r}: no such file")
+    found = _BEGIN.findall(open(benchmarks).read())
+    missing = [name for name in names if name not in found]
+    if missing:
+        raise study.StudyError(f"--modelled_section {missing}: {benchmarks} has no such section")
+    return list(names) or [name for name in found if _TOPOLOGY.search(name)]
+
+
+def speedup(candidate: Candidate, bed: Testbed, benchmarks: str, sections: Sequence[str]) -> Speedup:
+    """The modelled step speed-up of the candidate's method at LINK and EP from the first of `sections` with its
+    row (a section of the quality runs' preset first): ``lsh @ <link> EP<k>`` for the paper's method, the method's
+    own name for the others, at the candidate's rate for a clustered method. A custom configuration, or knobs the
+    modelled runs do not set, has none: the note says so."""
+    from lshmoe_plugin.config import LSHMoEConfig
+    from lshmoe_plugin.methods import CUSTOM, METHODS
+
+    from . import benchmarking as bench
+    from .step_sources import modelled_note, section_model
+    if candidate.method == CUSTOM:
+        return Speedup(None, None, f"no modelled step time for `{candidate.name}`: its stages "
+                                   f"({_knob_text(candidate.knobs)}) are no named method, and benchmark_gpt_moe.py "
+                                   f"times named methods only")
+    others = {k: v for k, v in candidate.knobs.items() if k != "compression_rate"}
+    if others:
+        return Speedup(None, None, f"no modelled step time for {candidate.configuration()} yet: the modelled runs "
+                                   f"time each method at its defaults, and benchmark_gpt_moe.py sets none of "
+                                   f"{', '.join(others)}")
+    clustered = METHODS[candidate.method].stages["clustering"] != "none"
+    rate = float(candidate.knobs.get("compression_rate", LSHMoEConfig().compression_rate))
+    label = "lsh" if candidate.method == "paper" else candidate.method
+    where = f"{LINK} EP{EP}"
+    texts = {name: bench.read_section_text(benchmarks, name) for name in sections}
+    ordered = sorted(sections, key=lambda name: (getattr(section_model(texts[name]), "preset", None) != bed.preset))
+    for name in ordered:
+        rows = bench.read_section_table(benchmarks, name)
+        if f"{label} @ {where}" not in rows or f"stock @ {where}" not in rows:
+            continue
+        if clustered and _section_rate(texts[name], label) != rate:
+            continue
+        info = candidate.result.info
+        return Speedup(float(rows[f"{label} @ {where}"][_SPEEDUP]), name, modelled_note(info, name, texts[name], EP))
+    at_rate = f" at rate {rate:g}" if clustered else ""
+    command = (f"python scripts/benchmark_gpt_moe.py --preset {bed.preset} --micro-batch {bed.micro_batch} --steps 30 "
+               f"--timed-from 10 --variants stock {label} --experts-per-rank 1 --modelled-ep {EP} --modelled-link "
+               f"{LINK} --modelled-gpus-per-node {GPUS_PER_NODE}"
+               + (f" --rate {rate:g}" if clustered else "") + " --report docs/benchmarks.md")
+    return Speedup(None, None, f"no modelled step time for method `{candidate.method}`{at_rate} at {LINK}, EP={EP}, "
+                               f"{GPUS_PER_NODE} GPUs per node yet (command: `{command}`)")
+
+
+def _section_rate(text: str, label: str) -> Optional[float]:
+    """The rate a benchmark_gpt_moe.py section ran a clustered variant at, from its title: 'LSH-MoE rate 0.2' for
+    lsh, '`paper_fp8` (rate 0.2)' for a method."""
+    title = next((line for line in text.splitlines() if line.startswith("## ")), "")
+    pattern = r"LSH-MoE rate ([\d.]+)" if label == "lsh" else rf"`{re.escape(label)}` \(rate ([\d.]+)\)"
+    found = re.search(pattern, title)
+    return float(found.group(1)) if found else None
+
+
+def _knob_text(knobs: Dict[str, object]) -> str:
+    return ", ".join(f"{key} {value}" for key, value in knobs.items())
+
+
+# -- the choice ---------------------------------------------------------------------------------------------------
+@dataclass
+class Choice:
+    chosen: Optional[Candidate]
+    by: str            # "rule", "fallback" or "none"
+    text: str
+
+
+def choose(frontier: Frontier, speedups: Dict[str, Speedup]) -> Choice:
+    """The rule applied: of the candidates that pass every criterion, the one that sends the fewest bytes (then the
+    smallest gap); if none passes, the one with the shortest modelled time to stock's final loss; else none, and
+    why. `speedups` by candidate name: only the fallback reads them."""
+    passing = [c for c in frontier.candidates if c.passes]
+    others = [b.name for b in TESTBEDS.values() if b.name != frontier.bed.name]
+    shapes = (f" The rule asks this of every shape: `{frontier.bed.name}` is one; {', '.join(f'`{n}`' for n in others)}"
+              f" {'are' if len(others) > 1 else 'is'} still to measure.") if others else ""
+    if passing:
+        best = min(passing, key=lambda c: (c.result.bytes_ratio, abs(c.gap)))
+        lengths = best.verdicts[CRITERIA[4]].detail
+        return Choice(best, "rule", (
+            f"The rule chooses `{best.name}` ({best.configuration()}){_provisional(best)}: it ends "
+            f"{best.gap_text()} from stock's final loss (stock's seed spread "
+            f"±{frontier.long.stock_spread():.2f}%), its gap does not grow ({lengths}), and it sends "
+            f"{best.result.bytes_ratio:.3f} of stock's all-to-all bytes; of the {len(passing)} candidate"
+            f"{'s' if len(passing) > 1 else ''} that pass, it sends the fewest." + shapes))
+    failing = "; ".join(f"`{c.name}` ({c.configuration()}) " + ", ".join(
+        v.reason for v in c.verdicts.values() if v.state != YES) for c in frontier.candidates)
+    text = f"No candidate passes the rule on `{frontier.bed.name}` yet: {failing}."
+    timed, untimed = [], []
+    for c in frontier.candidates:
+        ratio, step = c.token_ratio, speedups[c.name]
+        if ratio is None:
+            untimed.append(f"`{c.name}` never reaches stock's final loss (ends {c.gap:+.2f}%)")
+        elif step.value is None:
+            untimed.append(f"`{c.name}` reaches it at {ratio:.3f}x stock's tokens, but has {step.note}")
+        else:
+            timed.append((ratio / step.value, ratio, step, c))
+    cluster = f"{LINK}, EP={EP}, {GPUS_PER_NODE} GPUs per node"
+    if not timed:
+        return Choice(None, "none", text + f" The fallback (the shortest time to stock's final loss at {cluster}) "
+                                           f"has no candidate to choose: {'; '.join(untimed)}." + shapes)
+    time, ratio, step, best = min(timed, key=lambda t: t[0])
+    slower = (" — slower than stock itself, so no configuration reaches stock's loss sooner there"
+              if time >= 1 else "")
+    rest = f" The others: {'; '.join(untimed)}." if untimed else ""
+    return Choice(best, "fallback", text + (
+        f" By the fallback the default is `{best.name}` ({best.configuration()}){_provisional(best)}: it needs "
+        f"{ratio:.3f}x stock's tokens to stock's final loss (measured) at a step speed-up of {step.value:.3f} "
+        f"(modelled at {cluster}, `{step.section}`), {time:.3f}x stock's time{slower}.") + rest + shapes)
+
+
+def _provisional(candidate: Candidate) -> str:
+    return (f" (provisional: {candidate.seeds} seed{'s' if candidate.seeds > 1 else ''})"
+            if candidate.seeds < 2 else "")
+
+
+# -- the section ----------------------------------------------------------------------------------------------------
+def table(frontier: Frontier) -> str:
+    """One row per candidate (stock first, as the reference): seeds, final loss, gap, stock's spread, bytes, each
+    criterion of the rule, whether it passes all of them, tokens to stock's final loss."""
+    headers = ["variant", "method", "seeds", "final loss (mean ± std)", "gap vs stock per seed (mean ± std)",
+               "stock's seed spread (std)", "all-to-all bytes vs stock", *CRITERIA, "passes the rule",
+               "tokens to stock's final loss"]
+    stock, spread = frontier.stock, frontier.long.stock_spread()
+    spread_cell = f"±{spread:.2f}%" if spread is not None else "– (1 seed)"
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |",
+             "| " + " | ".join(["stock", "plugin off", str(len(stock.seeds)),
+                                study.mean_and_spread([stock.final(s) for s in stock.seeds]), "–", spread_cell,
+                                f"{stock.bytes_ratio:.3f}", *("–" for _ in CRITERIA), "–",
+                                f"{study.millions(frontier.stock_tokens)} (1.000x)"]) + " |"]
+    for c in frontier.candidates:
+        ratio = c.token_ratio
+        tokens = (f"{study.millions(c.tokens)} ({ratio:.3f}x)" if ratio is not None else
+                  f"not reached in {study.millions(c.result.tokens[-1])} (final gap {c.gap:+.2f}%)")
+        lines.append("| " + " | ".join([
+            c.name, c.configuration()[len("method "):], str(c.seeds),
+            study.mean_and_spread([c.result.final(s) for s in c.result.seeds]), c.gap_text(), spread_cell,
+            f"{c.result.bytes_ratio:.3f}", *(c.verdicts[name].cell() for name in CRITERIA),
+            YES if c.passes else NO, tokens]) + " |")
+    return "\n".join(lines)
+
+
+def fallback_table(frontier: Frontier, speedups: Dict[str, Speedup]) -> str:
+    """Per candidate: measured token ratio, modelled step speed-up and their quotient, the time to stock's final
+    loss against stock's, each labelled measured or modelled."""
+    headers = ["variant", "tokens to stock's final loss / stock's (measured)",
+               f"step speed-up at {LINK}, EP={EP}, {GPUS_PER_NODE} GPUs per node (modelled)",
+               "time to stock's final loss / stock's", "step time from"]
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
+    for c in frontier.candidates:
+        ratio, step = c.token_ratio, speedups[c.name]
+        tokens = f"{ratio:.3f}" if ratio is not None else f"not reached (final gap {c.gap:+.2f}%)"
+        time = (f"{ratio / step.value:.3f} (measured / modelled)" if ratio is not None and step.value is not None
+                else "–")
+        lines.append("| " + " | ".join([c.name, tokens, f"{step.value:.3f}" if step.value is not None else "–",
+                                         time, step.note]) + " |")
+    return "\n".join(lines)
+
+
+def plot(frontier: Frontier, path: str, title: str) -> None:
+    """Final gap (%) against all-to-all bytes as a fraction of stock's (log x), one point per candidate (mean of
+    the per-seed gaps, the seeds' range as error bars), stock's seed spread (± one std) as a grey band, and the
+    rule's box (bytes ≤ 0.5, gap within ±0.5%) outlined."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    spread = frontier.long.stock_spread()
+    if spread is not None:
+        ax.axhspan(-spread, spread, color="grey", alpha=0.25, label="stock's seed spread (± std)")
+    xs = [c.result.bytes_ratio for c in frontier.candidates] + [1.0]
+    ax.add_patch(plt.Rectangle((min(xs) / 2, -GAP_BAND), BYTES_LIMIT - min(xs) / 2, 2 * GAP_BAND, fill=False,
+                               edgecolor="green", linestyle="--", label="the rule: bytes ≤ 0.5, gap within ±0.5%"))
+    ax.plot([1.0], [0.0], "ks", label="stock")
+    for c in frontier.candidates:
+        low, high = c.gap - min(c.gaps), max(c.gaps) - c.gap
+        ax.errorbar([c.result.bytes_ratio], [c.gap], yerr=[[low], [high]], marker="o", capsize=3,
+                    label=f"{c.name} ({c.seeds} seed{'s' if c.seeds > 1 else ''})")
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_xlim(min(xs) / 2, 1.5)
+    ticks = [t for t in (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0) if min(xs) / 2 <= t <= 1.5]
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("all-to-all bytes vs stock (all four crossings, log scale)")
+    ax.set_ylabel("final validation loss vs stock (%)")
+    ax.set_title(title.replace(": ", ":\n", 1), fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def body(frontier: Frontier, choice: Choice, speedups: Dict[str, Speedup], plot_name: str) -> str:
+    """The section after its title and command lines: what the columns mean, the table, the choice, the fallback's
+    figures when the rule passed none, the plot."""
+    lines = [
+        f"- testbed: {frontier.bed.purpose}. Longest schedule: {study.describe([frontier.stock])}",
+        f"- the rule (issue 24): the default ends within ±{GAP_BAND:g}% of stock's final validation loss and within "
+        f"stock's seed spread, over {SEEDS_NEEDED} seeds, its gap does not grow across the schedule lengths "
+        f"({', '.join(f'{length:g}x' for length in LENGTHS)}: a rise of more than {GAP_BAND:g} points from a shorter "
+        f"to a longer one is growth), and it sends ≤ {BYTES_LIMIT:g} of stock's all-to-all bytes. Of the candidates "
+        f"that pass, the one with the fewest bytes; if none passes, the shortest time to stock's final loss at "
+        f"{LINK}, EP={EP}, {GPUS_PER_NODE} GPUs per node (measured tokens / modelled step speed-up).",
+        "- gap: each seed's final loss against stock's run of the same seed (same initial weights, data order and "
+        "gate draws), mean ± std over seeds; stock's seed spread: its std over seeds as % of its mean; bytes: every "
+        "step's telemetry (the mean of the four crossings, exact steps as stock's), mean over seeds; tokens to "
+        "stock's final loss: where the candidate's seed-mean validation curve (linear between evaluations; points "
+        "before the last on 2^18 held-out tokens, the last on the whole split) reaches stock's final loss on the "
+        f"same seeds ({frontier.target:.4f} over all {len(frontier.stock.seeds)}), against where stock's own curve "
+        "on those seeds does.", "",
+        table(frontier), ""]
+    if frontier.unfinished:
+        lines += [f"Not on the frontier (no finished run at the long schedule): "
+                  f"{', '.join(f'`{v}`' for v in frontier.unfinished)}.", ""]
+    lines += [f"**The choice:** {choice.text}", ""]
+    if choice.by != "rule":
+        lines += ["The fallback's figures:", "", fallback_table(frontier, speedups), ""]
+    lines += [f"![final gap against all-to-all bytes]({plot_name})", ""]
+    return "\n".join(lines)
+
+
+def speedups_for(frontier: Frontier, benchmarks: str, names: Sequence[str] = ()) -> Dict[str, Speedup]:
+    """Every candidate's modelled step speed-up when the fallback needs them (no candidate passes), else none."""
+    if any(c.passes for c in frontier.candidates):
+        return {}
+    sections = modelled_sections(benchmarks, names)
+    return {c.name: speedup(c, frontier.bed, benchmarks, sections) for c in frontier.candidates}

@@ -1,0 +1,234 @@
+"""Issue 24's frontier on run records written the way training.py writes them (run.json, one metrics.jsonl record
+per step with the telemetry's bytes ratio, validation at the evaluation steps), at the three schedule lengths of
+the testbed: each criterion of the rule, the choice by the rule, and the fallback by modelled time to stock's
+loss, with the modelled step speed-ups read from benchmark sections or named missing."""
+import json
+import os
+
+import pytest
+from test_testbed import parse
+
+from lshmoe_pretrain import frontier as frontiers
+from lshmoe_pretrain import testbed as beds
+
+BED = beds.TESTBEDS["gpt-25m-long"]
+TOKENS_PER_STEP, STEPS = 1000, 20
+STOCK = {1: 3.009, 2: 3.0, 3: 2.991}            # mean 3.0, std 0.009: a seed spread of 0.30%
+STOCK_SHORT = {0.125: 4.0, 0.5: 3.5}             # seed 1 at the shorter schedules
+
+
+def write_run(root, length, variant, seed, final, bytes_ratio):
+    """One finished run of `STEPS` steps: validation 5.0 at step 10 and `final` at the last step, and the
+    telemetry's mean bytes ratio on every step (none for stock, whose plugin is off)."""
+    run_dir = os.path.join(beds.length_root(root, BED, length), "gpt", variant, f"seed{seed}")
+    os.makedirs(run_dir)
+    info = {"model_kind": "gpt", "preset": "tiny", "seed": seed, "train_steps": STEPS,
+            "tokens_per_step": TOKENS_PER_STEP, "parameters": 3e6, "train_tokens": 10**6, "valid_tokens": 10**4,
+            "data": "synthetic", "vocab_size": 64, "ep_size": 1, "world_size": 1, "device": "cpu", "torch": "x",
+            "lsh_moe": {"enabled": variant != "stock", "compression_rate": 0.2, "num_hashes": 6,
+                        "hash_type": "cross_polytope", "hash_dim": 8, "error_compensation": True,
+                        "exact_from_step": None}}
+    with open(os.path.join(run_dir, "run.json"), "w") as f:
+        json.dump(info, f)
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+        for step in range(1, STEPS + 1):
+            record = {"step": step, "loss": 5.0, "step_time_s": 0.1}
+            if variant != "stock":
+                record["lsh_moe/mean/bytes_ratio"] = bytes_ratio
+            if step in (10, STEPS):
+                record["valid_loss"] = 5.0 if step == 10 else final
+            f.write(json.dumps(record) + "\n")
+
+
+def write_study(root, candidates):
+    """Stock (3 seeds at 1x, seed 1 at 0.5x and 0.125x) and each candidate: name -> (gap % at 1x per seed,
+    seeds, bytes ratio, {shorter length: gap % of seed 1})."""
+    for seed, final in STOCK.items():
+        write_run(root, 1.0, "stock", seed, final, 1.0)
+    for length, final in STOCK_SHORT.items():
+        write_run(root, length, "stock", 1, final, 1.0)
+    for name, (gap, seeds, bytes_ratio, shorter) in candidates.items():
+        for seed in seeds:
+            write_run(root, 1.0, name, seed, STOCK[seed] * (1 + gap / 100), bytes_ratio)
+        for length, short_gap in shorter.items():
+            write_run(root, length, name, 1, STOCK_SHORT[length] * (1 + short_gap / 100), bytes_ratio)
+
+
+FLAT = {0.125: 0.1, 0.5: 0.1}
+# Each candidate but the first fails exactly one criterion; the first passes them all.
+ONE_FAILURE_EACH = {
+    "fp8_fwd_fp4_grad": (0.1, [1, 2, 3], 0.39, FLAT),
+    "fp8_both": (0.1, [1, 2, 3], 0.52, FLAT),             # bytes > 0.5
+    "bounded_0.1": (0.4, [1, 2, 3], 0.3, FLAT),           # within ±0.5%, outside stock's 0.30% spread
+    "bounded_0.2": (0.25, [1, 2, 3], 0.3, {0.125: -0.3, 0.5: 0.0}),  # rises 0.55 points over the lengths
+    "fp8_dispatch": (0.1, [1, 2], 0.4, FLAT),             # 2 seeds
+    "lsh_fp8": (0.1, [1, 2, 3], 0.1, {}),                 # no shorter schedule: growth not measured
+}
+
+
+@pytest.fixture(scope="module")
+def one_failure_each(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("runs"))
+    write_study(root, ONE_FAILURE_EACH)
+    return root, frontiers.collect(root, BED)
+
+
+def states(candidate):
+    return [candidate.verdicts[name].state for name in frontiers.CRITERIA]
+
+
+def test_each_criterion_fails_on_its_own(one_failure_each):
+    _, found = one_failure_each
+    by_name = {c.name: c for c in found.candidates}
+    assert sorted(by_name) == sorted(ONE_FAILURE_EACH)  # every variant found under x1, stock not a candidate
+    assert found.long.stock_spread() == pytest.approx(0.3)
+    yes, no, unmeasured = frontiers.YES, frontiers.NO, frontiers.UNMEASURED
+    expected = {"fp8_fwd_fp4_grad": [yes] * 5,
+                "fp8_both": [yes, yes, no, yes, yes],
+                "bounded_0.1": [yes, no, yes, yes, yes],
+                "bounded_0.2": [yes, yes, yes, yes, no],
+                "fp8_dispatch": [yes, yes, yes, no, yes],
+                "lsh_fp8": [yes, yes, yes, yes, unmeasured]}
+    assert {name: states(c) for name, c in by_name.items()} == expected
+    assert [c.name for c in found.candidates if c.passes] == ["fp8_fwd_fp4_grad"]
+    assert by_name["bounded_0.1"].verdicts["within stock's spread"].cell() == "no (+0.40% vs ±0.30%)"
+    assert by_name["fp8_both"].verdicts["bytes ≤ 0.5"].cell() == "no (0.520)"
+    assert by_name["fp8_dispatch"].verdicts["≥ 3 seeds"].cell() == "no (2)"
+    assert by_name["bounded_0.2"].verdicts["gap not growing across lengths"].cell() == \
+        "no (-0.30% → +0.00% → +0.25% over 0.125x, 0.5x, 1x)"
+    assert by_name["lsh_fp8"].verdicts["gap not growing across lengths"].cell() == \
+        "not measured (no run at 0.125x, 0.5x)"
+    # the method each variant runs, with the knobs beside it
+    assert by_name["bounded_0.2"].configuration() == "method `bounded`, merge_tolerance 0.2"
+    assert by_name["fp8_both"].configuration() == "method `fp8`"
+
+
+def test_the_rule_chooses_the_passing_candidate_without_any_step_time(one_failure_each):
+    root, found = one_failure_each
+    speedups = frontiers.speedups_for(found, os.path.join(root, "no_benchmarks.md"))  # not read: one passes
+    choice = frontiers.choose(found, speedups)
+    assert speedups == {} and choice.by == "rule" and choice.chosen.name == "fp8_fwd_fp4_grad"
+    assert choice.text.startswith(
+        "The rule chooses `fp8_fwd_fp4_grad` (method `fp8`, dispatch_grad_dtype fp4_e2m1, combine_grad_dtype "
+        "fp4_e2m1): it ends +0.10% ± 0.00% (3 seeds) from stock's final loss (stock's seed spread ±0.30%), its gap "
+        "does not grow (+0.10% → +0.10% → +0.10% over 0.125x, 0.5x, 1x), and it sends 0.390 of stock's all-to-all "
+        "bytes; of the 1 candidate that pass")
+    assert "`gpt-72m-long`, `t5-26m-long` are still to measure" in choice.text
+    assert "provisional" not in choice.text
+
+
+def test_of_several_passing_the_fewest_bytes_is_chosen(tmp_path):
+    root = str(tmp_path)
+    write_study(root, {"fp8_both": (0.0, [1, 2, 3], 0.45, FLAT), "fp8_fwd_fp4_grad": (0.2, [1, 2, 3], 0.39, FLAT)})
+    found = frontiers.collect(root, BED)
+    choice = frontiers.choose(found, frontiers.speedups_for(found, "unused.md"))
+    assert choice.chosen.name == "fp8_fwd_fp4_grad" and "of the 2 candidates that pass, it sends the fewest" in \
+        choice.text
+
+
+def bench_section(name, title, rows, preset="tiny", gpus=8):
+    """A benchmark_gpt_moe.py --modelled-link section: its title, model sentence and (label, speed-up) rows."""
+    lines = [f"<!-- BEGIN {name} -->", f"## {title}", "",
+             f"Preset `{preset}` (1M parameters per rank) with d_model 128, 4 blocks (MoE every 2), 1 experts "
+             f"(top-2, capacity factor 1.25). **{gpus} GPU(s) per node** (NVLink inside a node); links: 200gbps: "
+             "half of it at 128 KiB", "",
+             "| variant | step ms (modelled) | speed-up vs stock (modelled) |", "| --- | --- | --- |"]
+    lines += [f"| {label} | 100 | {speedup} |" for label, speedup in rows]
+    return "\n".join(lines + [f"<!-- END {name} -->", ""])
+
+
+# None passes: each has too few seeds or ends too far from stock; the fallback reads step speed-ups.
+FALLBACK = {
+    "fp8_both": (-0.2, [1], 0.52, {}),         # method fp8; reaches stock's loss
+    "lsh": (10.0, [1, 2, 3], 0.2, {0.125: 2.0, 0.5: 5.0}),  # never reaches it
+    "rate_0.5": (-0.5, [1], 0.5, {}),          # the paper's at rate 0.5: only a rate-0.2 row is modelled
+    "fp4_both": (-0.2, [1], 0.27, {}),         # no named method
+    "bounded_0.2": (-0.2, [1], 0.3, {}),       # merge_tolerance: no flag of the benchmark
+}
+OLD = bench_section("gpt_moe_tiny_modelled_ep16", "modelled EP=16: stock DeepSpeed vs `fp8`",
+                    [("stock @ 200gbps EP16", 1), ("fp8 @ 200gbps EP16", 9.0)], gpus=1)
+
+
+def test_the_fallback_takes_the_shortest_modelled_time_and_marks_one_seed_provisional(tmp_path):
+    root = str(tmp_path)
+    write_study(root, FALLBACK)
+    benchmarks = str(tmp_path / "benchmarks.md")
+    with open(benchmarks, "w") as f:
+        f.write(OLD)  # one GPU per node, the old link model: never read
+        f.write(bench_section("gpt_moe_tiny_modelled_ep8-16_g8", "modelled EP=8/16: stock DeepSpeed vs LSH-MoE "
+                              "rate 0.2", [("stock @ 200gbps EP16", 1), ("lsh @ 200gbps EP16", 1.5),
+                                           ("stock @ 200gbps EP8", 1), ("lsh @ 200gbps EP8", 1.1)]))
+        f.write(bench_section("gpt_moe_tiny_modelled_ep16_g8_fp8", "modelled EP=16: stock DeepSpeed vs `fp8`",
+                              [("stock @ 200gbps EP16", 1), ("fp8 @ 200gbps EP16", 1.25)]))
+    found = frontiers.collect(root, BED)
+    assert not any(c.passes for c in found.candidates)
+    speedups = frontiers.speedups_for(found, benchmarks)
+    assert speedups["fp8_both"].value == 1.25 and speedups["fp8_both"].section == "gpt_moe_tiny_modelled_ep16_g8_fp8"
+    assert speedups["lsh"].value == 1.5
+    assert speedups["rate_0.5"].value is None and "--variants stock lsh" in speedups["rate_0.5"].note and \
+        "--rate 0.5" in speedups["rate_0.5"].note
+    assert "are no named method" in speedups["fp4_both"].note
+    assert "sets none of merge_tolerance" in speedups["bounded_0.2"].note
+    choice = frontiers.choose(found, speedups)
+    # fp8_both: 5.0 at 10k tokens, 3.009 x 0.998 at 20k; stock's seed 1 reaches its 3.009 at 20k
+    final = 3.009 * 0.998
+    ratio = (10000 + 10000 * (5.0 - 3.009) / (5.0 - final)) / 20000
+    assert choice.by == "fallback" and choice.chosen.name == "fp8_both"
+    assert (f"By the fallback the default is `fp8_both` (method `fp8`) (provisional: 1 seed): it needs {ratio:.3f}x "
+            f"stock's tokens to stock's final loss (measured) at a step speed-up of 1.250 (modelled at 200gbps, "
+            f"EP=16, 8 GPUs per node, `gpt_moe_tiny_modelled_ep16_g8_fp8`), {ratio / 1.25:.3f}x stock's time.") in \
+        choice.text
+    assert "`lsh` never reaches stock's final loss (ends +10.00%)" in choice.text
+    assert choice.text.startswith("No candidate passes the rule on `gpt-25m-long` yet: `bounded_0.2` (method "
+                                  "`bounded`, merge_tolerance 0.2) has 1 seed (the rule needs 3), ")
+    assert ("; `fp8_both` (method `fp8`) sends 0.520 of stock's bytes (> 0.5), has 1 seed (the rule needs 3), its "
+            "gap across lengths is not measured (no run at 0.125x, 0.5x);") in choice.text
+    assert ("; `lsh` (method `paper`) ends +10.00% from stock's final loss, outside ±0.5%, is outside stock's seed "
+            "spread (±0.30%), its gap grows with the schedule (+2.00% → +5.00% → +10.00% over 0.125x, 0.5x, 1x);") \
+        in choice.text
+    table = frontiers.fallback_table(found, speedups)
+    assert f"| fp8_both | {ratio:.3f} | 1.250 | {ratio / 1.25:.3f} (measured / modelled) |" in table
+    assert "| lsh | not reached (final gap +10.00%) | 1.500 | – |" in table
+
+
+def test_the_fallback_without_modelled_step_times_says_so(tmp_path):
+    root = str(tmp_path)
+    write_study(root, {"fp8_both": FALLBACK["fp8_both"], "lsh": FALLBACK["lsh"]})
+    benchmarks = str(tmp_path / "benchmarks.md")
+    with open(benchmarks, "w") as f:
+        f.write(OLD)
+    found = frontiers.collect(root, BED)
+    choice = frontiers.choose(found, frontiers.speedups_for(found, benchmarks))
+    assert choice.by == "none" and choice.chosen is None
+    assert ("The fallback (the shortest time to stock's final loss at 200gbps, EP=16, 8 GPUs per node) has no "
+            "candidate to choose: `fp8_both` reaches it at") in choice.text
+    assert ("but has no modelled step time for method `fp8` at 200gbps, EP=16, 8 GPUs per node yet (command: "
+            "`python scripts/benchmark_gpt_moe.py --preset gpt-moe-25m --micro-batch 32 --steps 30 --timed-from 10 "
+            "--variants stock fp8 --experts-per-rank 1 --modelled-ep 16 --modelled-link 200gbps "
+            "--modelled-gpus-per-node 8 --report docs/benchmarks.md`)") in choice.text
+    with pytest.raises(frontiers.study.StudyError, match="--modelled_section"):
+        frontiers.speedups_for(found, benchmarks, ["gpt_moe_tiny_modelled_ep16_g8_fp8"])
+
+
+def test_not_reached_in_the_table_and_the_section_written_only_when_asked(tmp_path):
+    root = str(tmp_path / "runs")
+    write_study(root, {"lsh": FALLBACK["lsh"]})
+    report = tmp_path / "docs" / "quality.md"
+    report.parent.mkdir()
+    report.write_text("# Quality\n\n<!-- BEGIN other -->\nkept\n<!-- END other -->\n")
+    benchmarks = str(tmp_path / "benchmarks.md")
+    open(benchmarks, "w").write(OLD)
+    argv = ["frontier", "--testbed", BED.name, "--root", root, "--section", "edge", "--benchmarks", benchmarks,
+            "--variants", "lsh", "fp8_both"]
+    module, args = parse(argv)
+    module.frontier(args)
+    assert report.read_text().count("BEGIN") == 1 and not os.path.exists(tmp_path / "docs" / "quality_edge.png")
+    module, args = parse(argv + ["--report", str(report)])
+    module.frontier(args)
+    text = report.read_text()
+    assert "<!-- BEGIN other -->\nkept\n<!-- END other -->" in text and "<!-- BEGIN edge -->" in text
+    assert "| lsh | `paper` | 3 | " in text and "| not reached in 0.02M (final gap +10.00%) |" in text
+    assert "| stock | plugin off | 3 | 3.0000 ± 0.0090 | – | ±0.30% | 1.000 |" in text
+    assert "Not on the frontier (no finished run at the long schedule): `fp8_both`." in text
+    assert "![final gap against all-to-all bytes](quality_edge.png)" in text
+    assert os.path.getsize(tmp_path / "docs" / "quality_edge.png") > 0
