@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -99,13 +99,24 @@ def crossing_formats(layer, crossing: str) -> Tuple[wire.WireFormat, wire.WireFo
     index = getattr(layer, INDEX_ATTRIBUTE, None)
     if index is None or not patch.LIFECYCLE.active(index, layer.training):
         return wire.MODEL, wire.MODEL
+    refusal = unpriceable(config)
+    if refusal is not None:
+        raise ValueError(refusal)
+    return wire.formats(config, crossing)
+
+
+def unpriceable(config) -> Optional[str]:
+    """Why the stand-in cannot price the exchange of an LSHMoEConfig, or None when it can (what `crossing_formats`
+    refuses in the step, asked before one: a benchmark checks its variants with it before building a model)."""
+    if not config.enabled or all(dtype == "model" for dtype in config.wire_dtypes):
+        return None
     for key, off in (("decide_by_cost", False), ("output_error_interval", 0)):
         if getattr(config, key) != off:
-            raise ValueError(f"the link stand-in cannot price lsh_moe.{key}={getattr(config, key)!r} with wire "
-                             f"formats other than the model's ({list(config.wire_dtypes)}): its extra exchange sends "
-                             f"the model's dtype through the same experts; allowed with the stand-in: {key} {off!r}, "
-                             f"or every wire dtype 'model'")
-    return wire.formats(config, crossing)
+            return (f"the link stand-in cannot price lsh_moe.{key}={getattr(config, key)!r} with wire formats other "
+                    f"than the model's ({list(config.wire_dtypes)}): its extra exchange sends the model's dtype "
+                    f"through the same experts; allowed with the stand-in: {key} {off!r}, or every wire dtype "
+                    f"'model'")
+    return None
 
 
 class _LinkCrossing(torch.autograd.Function):

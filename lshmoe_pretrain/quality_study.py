@@ -163,14 +163,29 @@ def deepspeed_config(plan: StudyPlan, variant: str) -> dict:
         "total_num_steps": steps, "warmup_min_lr": 0.0, "warmup_max_lr": plan.lr,
         "warmup_num_steps": max(1, int(plan.warmup_fraction * steps)), "warmup_type": "linear"}}
     config.pop("tensorboard", None)  # the csv monitor and metrics.jsonl carry everything the report reads
-    overrides = dict(VARIANTS[variant])
-    tail = overrides.pop("exact_tail", None)
-    if tail is not None:
-        overrides["exact_from_step"] = int(round((1 - tail) * steps))
+    overrides = lsh_moe_block(variant, steps)
     if clusters(variant):
         overrides.setdefault("output_error_interval", OUTPUT_ERROR_INTERVAL)
     config["lsh_moe"] = {**config.get("lsh_moe", {}), **overrides}
     return config
+
+
+def lsh_moe_block(variant: str, steps: Optional[int] = None) -> dict:
+    """The lsh_moe settings `variant` trains with, as a user would set them (the base config's block holds only the
+    defaults): its VARIANTS entry, with `exact_tail` turned into `exact_from_step` for a schedule of `steps`
+    optimizer steps. `steps` None: the settings of its compressed steps, the schedule left out (`exact_tail` says
+    what share of a schedule runs exact). The study's runs add their output-error probe on top (`deepspeed_config`):
+    it measures and changes nothing trained, and a user's run would not pay for it."""
+    overrides = dict(VARIANTS[variant])
+    tail = overrides.pop("exact_tail", None)
+    if tail is not None and steps is not None:
+        overrides["exact_from_step"] = int(round((1 - tail) * steps))
+    return overrides
+
+
+def exact_tail(variant: str) -> Optional[float]:
+    """The share of its schedule a variant runs with exact dispatch (None: compressed throughout)."""
+    return VARIANTS[variant].get("exact_tail")
 
 
 def diagnostic(variant: str) -> str:

@@ -10,9 +10,12 @@ stand-in (lshmoe_pretrain/link_standin.py) delays the compute stream by the link
 an EP=k rank would make, each crossing priced at the bytes of its wire format; every (EP, link) pair is timed
 round-robin with the variants. Its figures are modelled.
 
-Variants: `stock`; `lsh` (the paper's method, lsh_moe defaults), `lsh_eager`, `lsh_decide`; and one per other named
-method of lshmoe_plugin.methods (`paper_fp8`, `fp8`, `fp8_dispatch`: FP8 on the wire alone and stacked under LSH),
-whose rows, labels and section name carry the method's name.
+Variants: `stock`; `lsh` (the paper's method, lsh_moe defaults), `lsh_eager`, `lsh_decide`; one per other named
+method of lshmoe_plugin.methods (`paper_fp8`, `fp8`, `fp8_dispatch`: FP8 on the wire alone and stacked under LSH);
+and any variant of the quality study a user could train (`fp8_both`, `fp4_both`, `bounded_0.1`, `rate_0.5`,
+`exact_tail_0.15`, ...: lshmoe_pretrain/quality_study.py VARIANTS), with the lsh_moe block the study trains it with
+(lshmoe_pretrain/bench_variants.py: what is refused, and how a schedule's rows are computed). Rows, labels and the
+section name carry the variants' names.
 
     python scripts/benchmark_gpt_moe.py                                          # EP=1
     torchrun --nproc_per_node 2 scripts/benchmark_gpt_moe.py                     # EP=2 (gloo if ranks share a GPU)
@@ -40,13 +43,12 @@ from benchmark_moe_layer import describe_link, setup_distributed  # noqa: E402
 
 import lshmoe_plugin  # noqa: E402
 from lshmoe_plugin.methods import METHODS  # noqa: E402
+from lshmoe_pretrain import bench_variants  # noqa: E402
 from lshmoe_pretrain import benchmarking as bench  # noqa: E402
+from lshmoe_pretrain.bench_variants import METHOD_VARIANTS, PAPER_VARIANTS  # noqa: E402
 from lshmoe_pretrain.link_model import DEFAULT_GPUS_PER_NODE, parse_link  # noqa: E402
 from lshmoe_pretrain.link_standin import ModelledRuns  # noqa: E402
 from lshmoe_pretrain.models import PRESETS, build_gpt_moe  # noqa: E402
-
-# Each named method but the paper's (which `lsh` runs: the lsh_moe defaults) is a variant of its own name.
-METHOD_VARIANTS = tuple(name for name in METHODS if name != "paper")
 
 
 def parse_args() -> argparse.Namespace:
@@ -63,12 +65,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--kernel", default="auto", choices=["auto", "torch", "triton"])
-    p.add_argument("--variants", nargs="+", default=["stock", "lsh", "lsh_eager"],
-                   choices=["stock", "lsh", "lsh_eager", "lsh_decide", *METHOD_VARIANTS],
+    p.add_argument("--variants", nargs="+", default=["stock", "lsh", "lsh_eager"], metavar="VARIANT",
                    help="lsh: lsh_moe defaults (CUDA graphs where possible); lsh_eager: cuda_graphs=false; "
                         "lsh_decide: decide_by_cost=true (with --modelled-link, each layer decides once per link "
                         f"and EP degree); {', '.join(METHOD_VARIANTS)}: lsh_moe.method of that name "
-                        "(lshmoe_plugin.methods; --rate applies to the clustered ones)")
+                        "(lshmoe_plugin.methods; --rate applies to the clustered ones); any other name of "
+                        "lshmoe_pretrain/quality_study.py VARIANTS: the lsh_moe block the study trains it with "
+                        "(--rate and --fp8-block-size do not apply; diagnostic layers are refused)")
     p.add_argument("--fp8-block-size", default="128", metavar="N|row",
                    help="lsh_moe.fp8_block_size of the variants that send FP8 (default 128; row: one scale per row)")
     p.add_argument("--backend", default=None)
@@ -91,7 +94,32 @@ def parse_args() -> argparse.Namespace:
     args = p.parse_args()
     check_modelled_flags(p, args)
     args.fp8_block_size = parse_block_size(p, args.fp8_block_size)
+    check_variants(p, args)
     return args
+
+
+def check_variants(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every variant is the benchmark's own or a study variant it can time (with a modelled link: whose exchange
+    the stand-in can price); a refusal names the variant, before any model is built. Sets `args.timed`: the study
+    variants by the name of the engine that times them."""
+    args.timed = {}
+    try:
+        for name in dict.fromkeys(args.variants):
+            if name not in bench_variants.BENCHMARK_VARIANTS:
+                variant = bench_variants.study_variant(name)
+                args.timed[variant.timed] = variant
+        if args.modelled_link:
+            for name in engine_names(args):
+                if name != "stock":
+                    bench_variants.check_priceable(name, ds_config(args, name)["lsh_moe"])
+    except bench_variants.VariantError as error:
+        parser.error(str(error))
+
+
+def engine_names(args) -> list:
+    """One engine per variant; a schedule's engine times its compressed steps, under their own name."""
+    schedules = {variant.name: timed for timed, variant in args.timed.items()}
+    return [schedules.get(name, name) for name in dict.fromkeys(args.variants)]
 
 
 def parse_block_size(parser: argparse.ArgumentParser, value: str):
@@ -159,7 +187,9 @@ def ds_config(args, variant: str) -> dict:
                     "telemetry_interval": 0, "cuda_graphs": False if variant == "lsh_eager" else "auto",
                     "decide_by_cost": variant == "lsh_decide"},
     }
-    if variant in METHOD_VARIANTS:
+    if variant in args.timed:  # the study's block as it trains it; the kernel flag and no telemetry, as every row
+        config["lsh_moe"] = {"kernel": args.kernel, **args.timed[variant].block, "telemetry_interval": 0}
+    elif variant in METHOD_VARIANTS:
         config["lsh_moe"]["method"] = variant
         if not clustered(variant):  # a method without clustering refuses a rate: it has none
             del config["lsh_moe"]["compression_rate"]
@@ -260,23 +290,56 @@ def modelled_notes(modelled: ModelledRuns) -> str:
 
 
 def compared(args) -> str:
-    """What the section's title compares stock with: LSH-MoE at its rate, and each named method's variant."""
-    methods = [v for v in args.variants if v in METHOD_VARIANTS]
-    lsh = [v for v in args.variants if v != "stock" and v not in METHOD_VARIANTS]
-    parts = ([f"LSH-MoE rate {args.rate}"] if lsh or not methods else []) + [
-        f"`{m}`" + (f" (rate {args.rate})" if clustered(m) else "") for m in methods]
+    """What the section's title compares stock with: LSH-MoE at its rate, each named method's variant, and each
+    study variant."""
+    named = named_variants(args)
+    lsh = [v for v in args.variants if v in PAPER_VARIANTS]
+    parts = ([f"LSH-MoE rate {args.rate}"] if lsh or not named else []) + [
+        f"`{v}`" + (f" (rate {args.rate})" if v in METHOD_VARIANTS and clustered(v) else "") for v in named]
     return ", ".join(parts)
+
+
+def named_variants(args) -> list:
+    """The variants the section's name and title name: all but stock and the paper's at --rate."""
+    return [v for v in dict.fromkeys(args.variants) if v != "stock" and v not in PAPER_VARIANTS]
 
 
 def methods_text(args) -> str:
     """One sentence per method variant: what its stages send (lshmoe_plugin.methods), at which rate and block."""
     sentences = []
-    for variant in (v for v in args.variants if v in METHOD_VARIANTS):
+    for variant in (v for v in dict.fromkeys(args.variants) if v in METHOD_VARIANTS):
         block = "row" if args.fp8_block_size == "row" else f"{args.fp8_block_size} elements"
         settings = ([f"lsh_moe.method `{variant}`"] + ([f"rate {args.rate}"] if clustered(variant) else [])
                     + ([f"one FP8 scale per {block}"] if sends_fp8(variant) else []))
         sentences.append(f"`{variant}` ({', '.join(settings)}): {METHODS[variant].summary}. ")
+    if args.timed:
+        sentences.append("The quality-study variants run the lsh_moe block the study trains them with "
+                         "(lshmoe_pretrain/quality_study.py `lsh_moe_block`, without the study's output-error probe, "
+                         "which measures and changes nothing trained), beside this run's kernel and no telemetry "
+                         "(as every row); --rate and --fp8-block-size do not apply to them. ")
+        sentences += [variant.describe() + " " for variant in args.timed.values()]
     return "".join(sentences)
+
+
+def with_schedules(args, rows: list, runs: list, tokens_per_step: int, modelled: bool) -> list:
+    """`rows` with, after each schedule's compressed-steps row, the schedule's own row at that link and EP: every
+    per-step figure the step-weighted mix of that row's and stock's (bench_variants.schedule_mix), its speed-up
+    stock's step over the mix; computed, not timed, as the section's text says. No loss of its own."""
+    by_label = {row[0]: row for row in rows}
+    out = []
+    for row, (variant, pair) in zip(rows, runs):
+        out.append(row)
+        schedule = args.timed.get(variant)
+        if schedule is None or schedule.exact_tail is None:
+            continue
+        stock = by_label[ModelledRuns.label("stock", pair)]
+
+        def mix(column: int) -> float:
+            return bench_variants.schedule_mix(schedule.exact_tail, row[column], stock[column])
+        ms = mix(1)
+        mixed = (ModelledRuns.label(schedule.name, pair), ms, tokens_per_step / ms * 1e3, stock[1] / ms)
+        out.append(mixed + ((mix(4), mix(5), row[6]) if modelled else ("–", "–", "–")))
+    return out
 
 
 def main() -> None:
@@ -291,9 +354,9 @@ def main() -> None:
         link = modelled.describe(args.experts_per_rank)
         # The topology is in the name: sections without it are the 1-GPU-per-node runs of the old link model.
         key = "modelled_ep" + "-".join(map(str, args.modelled_ep)) + f"_g{args.modelled_gpus_per_node}"
-    methods = [v for v in args.variants if v in METHOD_VARIANTS]
-    if methods:  # sections of stock and the paper's variants keep their names; others name their methods
-        key += "_" + "+".join(methods)
+    named = named_variants(args)
+    if named:  # sections of stock and the paper's variants keep their names; others name their variants
+        key += "_" + "+".join(named)
     section = args.section or f"gpt_moe_{args.preset}_{key}"
     preset = PRESETS[args.preset]
     args.vocab = args.vocab or preset.vocab_size
@@ -303,7 +366,7 @@ def main() -> None:
     engines = {}
     if "stock" not in args.variants:
         args.variants = ["stock"] + args.variants  # every ratio is against stock measured in the same run
-    for variant in args.variants:
+    for variant in engine_names(args):
         torch.manual_seed(1234)
         model = build_gpt_moe(args.preset, ep_size=world, **overrides)
         config = ds_config(args, variant)
@@ -312,7 +375,7 @@ def main() -> None:
             grad_bytes = torch.empty((), dtype=engines[variant].communication_data_type).element_size()
             modelled.install(variant, engines[variant].module, grad_bytes)
     # Parsed once, outside the timed loop; the patch keeps each layer's compressor while the config is unchanged.
-    lsh_configs = {v: lshmoe_plugin.load_config(ds_config(args, v)) for v in args.variants if v != "stock"}
+    lsh_configs = {v: lshmoe_plugin.load_config(ds_config(args, v)) for v in engines if v != "stock"}
     runs = [(v, pair) for pair in (modelled.pairs if modelled else [None]) for v in engines]
     times = {ModelledRuns.label(*run): [] for run in runs}
     losses = {label: [] for label in times}
@@ -374,6 +437,7 @@ def main() -> None:
             rows = [row[:4] + tuple(statistics.median(ms) for ms in zip(*modelled_ms[row[0]]))
                     + ("{} / {}".format(*modelled.links[pair[1]].peers(pair[0])),)
                     for row, (_, pair) in zip(rows, runs)]
+        rows = with_schedules(args, rows, runs, tokens_per_step, bool(modelled))
         if "lsh_decide" in args.variants:  # what each layer's cost decision chose (under that row's link)
             chosen = {ModelledRuns.label("lsh_decide", pair): decisions.compressing(pair) for _, pair in runs}
             headers = headers + ["layers compressing (decide_by_cost)"]
