@@ -21,6 +21,10 @@
 #         LSH: the variants stock lsh fp8 fp8_dispatch paper_fp8 (1.3b: without lsh, whose engine would not fit beside
 #         four others), over 100/200/400 Gb/s only; each crossing is priced at its wire format's bytes; the section
 #         name ends in _g<G>_<methods>)
+#       | bench-modelled-135m-candidates (the frontier's fallback, lshmoe_pretrain/frontier.py: stock and the
+#         candidates VARIANTS="..." (any benchmark_gpt_moe.py variant, quality-study names included; default the
+#         screen's: lsh fp8_both fp8_both_e8m0 fp8_dispatch fp4_both fp8_fwd_fp4_grad bounded_0.1 bounded_0.1_fp8)
+#         at modelled EP=16 over 100/200/400 Gb/s, 8 GPUs per node; the section name ends in _g<G>_<variants>)
 #       | check-link-nvlink | check-link-socket (2 GPUs, nvidia-h200-x2: the link model against NCCL over NVLink
 #         and over the emulated socket link, scripts/check_link_model.py)
 #       | quality-bg:<study>:<seconds> (in the background, alongside what follows; waited for at the end)
@@ -216,6 +220,16 @@ for stage in "$@"; do
                     --experts-per-rank 1 --modelled-ep 8 16 64 --modelled-link 100gbps 200gbps 400gbps \
                     --modelled-gpus-per-node "${MODELLED_GPUS_PER_NODE:-8}" --report "$OUT/benchmarks.md" 2>&1 \
                     | tee -a "$OUT/logs/bench_modelled.log" | tail -30 ;;
+        bench-modelled-135m-candidates)
+                # 3 rows (links) per variant at one EP degree, round-robin: with the default 9 engines 27 rows x 24
+                # steps = 648 engine steps, half of bench-modelled-135m-fp8's 45 x 30 (not timed yet: bounded runs
+                # eagerly and e8m0/FP4 encode in PyTorch, so a step of those costs more than lsh's; 16 timed steps
+                # per row keep the call well inside its 10 minutes).
+                timeout "${MODELLED_TIMEOUT:-540}" python3 scripts/benchmark_gpt_moe.py --preset gpt-moe-135m --micro-batch 32 \
+                    --steps 24 --timed-from 8 --experts-per-rank 1 --modelled-ep 16 --modelled-link 100gbps 200gbps 400gbps \
+                    --modelled-gpus-per-node "${MODELLED_GPUS_PER_NODE:-8}" --variants stock \
+                    ${VARIANTS:-lsh fp8_both fp8_both_e8m0 fp8_dispatch fp4_both fp8_fwd_fp4_grad bounded_0.1 bounded_0.1_fp8} \
+                    --report "$OUT/benchmarks.md" 2>&1 | tee -a "$OUT/logs/bench_modelled.log" | tail -30 ;;
         check-link-nvlink) torchrun --nproc_per_node 2 scripts/check_link_model.py --report "$OUT/link_model.md" \
                 --section nccl_check_nvlink 2>&1 | tee -a "$OUT/logs/check_link.log" | tail -30 ;;
         check-link-socket) NCCL_P2P_DISABLE=1 NCCL_SHM_DISABLE=1 NCCL_IB_DISABLE=1 NCCL_SOCKET_IFNAME=lo \
