@@ -5,8 +5,9 @@ The rule: the default ends within ±0.5% of stock's final validation loss and wi
 seeds, its gap does not grow across the testbed's three schedule lengths (lshmoe_pretrain.testbed.LENGTHS), and it
 sends at most 0.5 of stock's all-to-all bytes, all four crossings counted. If no candidate passes, the default is
 the one that reaches stock's final loss soonest on a modelled 200 Gb/s link with 8 GPUs per node at EP=16: the
-measured tokens to that loss over stock's, divided by the modelled step speed-up of the candidate's method (a
-``benchmark_gpt_moe.py --modelled-link`` section of docs/benchmarks.md). Every figure comes from a record: the
+measured tokens to that loss over stock's, divided by the modelled step speed-up of the candidate's configuration
+(its own row or its method's in a ``benchmark_gpt_moe.py --modelled-link`` section of docs/benchmarks.md; gpu_session
+stage `bench-modelled-135m-candidates` times the candidates). Every figure comes from a record: the
 losses and bytes from the runs, the speed-ups from the benchmark sections; one without a source is named missing,
 with the command that would measure it, and never stands in for another.
 """
@@ -19,9 +20,10 @@ import statistics
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from . import length_study
+from . import bench_variants, length_study
 from . import quality_study as study
 from .quality_records import variant_configuration
+from .step_sources import modelled_note
 from .testbed import LENGTHS, TESTBEDS, Testbed
 
 GAP_BAND = 0.5          # % of stock's final loss, either side; also the rise across lengths that counts as growth
@@ -189,15 +191,19 @@ class Speedup:
     value: Optional[float]
     section: Optional[str]
     note: str
+    preset: Optional[str] = None    # the model whose step time it is (the section's), when the section states it
 
 
 _BEGIN = re.compile(r"<!-- BEGIN (\S+) -->")
 _TOPOLOGY = re.compile(rf"_modelled_ep[\d-]+_g{GPUS_PER_NODE}(?:_|$)")
 _SPEEDUP = "speed-up vs stock (modelled)"
+# The gpu_session.sh stage that times candidates at LINK, EP and GPUS_PER_NODE (VARIANTS="..." names them), and the
+# model it times: one rank's shapes of STAGE_PRESET with 1 expert per rank.
+STAGE, STAGE_PRESET = "bench-modelled-135m-candidates", "gpt-moe-135m"
 
 
 def modelled_sections(benchmarks: str, names: Sequence[str] = ()) -> List[str]:
-    """The sections of `benchmarks` that model GPUS_PER_NODE GPUs per node (``..._modelled_ep<K>_g8[_methods]``,
+    """The sections of `benchmarks` that model GPUS_PER_NODE GPUs per node (``..._modelled_ep<K>_g8[_variants]``,
     the current link model), or `names` as given, each checked to exist."""
     if not os.path.isfile(benchmarks):
         raise study.StudyError(f"--benchmarks {benchmarks!r}: no such file")
@@ -209,54 +215,96 @@ def modelled_sections(benchmarks: str, names: Sequence[str] = ()) -> List[str]:
 
 
 def speedup(candidate: Candidate, bed: Testbed, benchmarks: str, sections: Sequence[str]) -> Speedup:
-    """The modelled step speed-up of the candidate's method at LINK and EP from the first of `sections` with its
-    row (a section of the quality runs' preset first): ``lsh @ <link> EP<k>`` for the paper's method, the method's
-    own name for the others, at the candidate's rate for a clustered method. A custom configuration, or knobs the
-    modelled runs do not set, has none: the note says so."""
+    """The modelled step speed-up of the candidate's configuration at LINK and EP from a row of exactly that
+    configuration: first by the candidate's own name, ``<name> @ <link> EP<k>`` of a section that records the study's
+    lsh_moe block of that name as it is now (lshmoe_pretrain/bench_variants.py); then, for a named method with
+    nothing set beside it but the rate, the benchmark's row of that method (``lsh`` for the paper's, the method's
+    name for the others) at the candidate's rate and, for FP8, the default block size. Either in the first of
+    `sections` that has it, those of the quality runs' preset first, then in file order. A row of another
+    configuration is never taken; without one, the note names the stage that would time the candidate."""
+    from . import benchmarking as bench
+    from .step_sources import section_model
+    where = f"{LINK} EP{EP}"
+    own, refusal = _own_block(candidate.name)
+    if refusal is not None:
+        return Speedup(None, None, f"no modelled step time for `{candidate.name}`: {refusal}")
+    method = _method_row(candidate)
+    texts = {name: bench.read_section_text(benchmarks, name) for name in sections}
+    models = {name: section_model(texts[name]) for name in sections}
+    ordered = sorted(sections, key=lambda name: getattr(models[name], "preset", None) != bed.preset)
+    tables = {name: bench.read_section_table(benchmarks, name) for name in ordered}
+    found = [(name, candidate.name) for name in ordered if own is not None
+             and bench_variants.recorded_study_variants(texts[name]).get(candidate.name) == own]
+    found += [(name, method[0]) for name in ordered
+              if method is not None and _section_runs_method(texts[name], *method)]
+    for name, label in found:
+        rows = tables[name]
+        if f"{label} @ {where}" in rows and f"stock @ {where}" in rows:
+            preset = getattr(models[name], "preset", None)
+            note = modelled_note(candidate.result.info, name, texts[name], EP)
+            return Speedup(float(rows[f"{label} @ {where}"][_SPEEDUP]), name,
+                           (f"step time of preset `{preset}`: " if preset else "") + note, preset)
+    rows_sought = f"`{candidate.name} @ {where}`" + (f" nor `{method[0]} @ {where}` (method `{candidate.method}`"
+                                                      + (f" at rate {method[1]:g}" if method[1] is not None else "")
+                                                      + ", the same lsh_moe block)" if method else "")
+    return Speedup(None, None, f"no modelled step time for `{candidate.name}` at {LINK}, EP={EP}, {GPUS_PER_NODE} "
+                               f"GPUs per node yet: no section has a row {rows_sought} (command: "
+                               f"`{stage_command([candidate.name])}`, {stage_words()})")
+
+
+def stage_command(variants: Sequence[str]) -> str:
+    return f"VARIANTS=\"{' '.join(variants)}\" bash scripts/gpu_session.sh {STAGE}"
+
+
+def stage_words() -> str:
+    return (f"the step time of preset `{STAGE_PRESET}` with 1 expert per rank, a {EP}-expert job at EP={EP}, "
+            f"timed with stock at 100/200/400 Gb/s")
+
+
+def _own_block(name: str) -> Tuple[Optional[Tuple[dict, Optional[float]]], Optional[str]]:
+    """(the study's lsh_moe block and exact tail of variant `name` as the benchmark times it, None) for a study
+    variant the benchmark times under its own name; (None, None) for one of the benchmark's own names (found by
+    method); (None, why) for a variant no benchmark times (a diagnostic layer, say)."""
+    if name in bench_variants.BENCHMARK_VARIANTS:
+        return None, None
+    try:
+        variant = bench_variants.study_variant(name)
+    except bench_variants.VariantError as error:
+        return None, str(error).split(": ", 1)[1]
+    return (variant.block, variant.exact_tail), None
+
+
+def _method_row(candidate: Candidate) -> Optional[Tuple[str, Optional[float]]]:
+    """(the benchmark's variant of the candidate's method, its rate or None) when the candidate is that method with
+    nothing set beside it but the rate; else None (a custom configuration, another knob, a schedule)."""
     from lshmoe_plugin.config import LSHMoEConfig
     from lshmoe_plugin.methods import CUSTOM, METHODS
-
-    from . import benchmarking as bench
-    from .step_sources import modelled_note, section_model
-    if candidate.method == CUSTOM:
-        return Speedup(None, None, f"no modelled step time for `{candidate.name}`: its stages "
-                                   f"({_knob_text(candidate.knobs)}) are no named method, and benchmark_gpt_moe.py "
-                                   f"times named methods only")
-    others = {k: v for k, v in candidate.knobs.items() if k != "compression_rate"}
-    if others:
-        return Speedup(None, None, f"no modelled step time for {candidate.configuration()} yet: the modelled runs "
-                                   f"time each method at its defaults, and benchmark_gpt_moe.py sets none of "
-                                   f"{', '.join(others)}")
-    clustered = METHODS[candidate.method].stages["clustering"] != "none"
+    if candidate.method == CUSTOM or any(k != "compression_rate" for k in candidate.knobs):
+        return None
+    if METHODS[candidate.method].stages["clustering"] == "none":
+        return candidate.method, None
     rate = float(candidate.knobs.get("compression_rate", LSHMoEConfig().compression_rate))
-    label = "lsh" if candidate.method == "paper" else candidate.method
-    where = f"{LINK} EP{EP}"
-    texts = {name: bench.read_section_text(benchmarks, name) for name in sections}
-    ordered = sorted(sections, key=lambda name: (getattr(section_model(texts[name]), "preset", None) != bed.preset))
-    for name in ordered:
-        rows = bench.read_section_table(benchmarks, name)
-        if f"{label} @ {where}" not in rows or f"stock @ {where}" not in rows:
-            continue
-        if clustered and _section_rate(texts[name], label) != rate:
-            continue
-        info = candidate.result.info
-        return Speedup(float(rows[f"{label} @ {where}"][_SPEEDUP]), name, modelled_note(info, name, texts[name], EP))
-    at_rate = f" at rate {rate:g}" if clustered else ""
-    command = (f"python scripts/benchmark_gpt_moe.py --preset {bed.preset} --micro-batch {bed.micro_batch} --steps 30 "
-               f"--timed-from 10 --variants stock {label} --experts-per-rank 1 --modelled-ep {EP} --modelled-link "
-               f"{LINK} --modelled-gpus-per-node {GPUS_PER_NODE}"
-               + (f" --rate {rate:g}" if clustered else "") + " --report docs/benchmarks.md")
-    return Speedup(None, None, f"no modelled step time for method `{candidate.method}`{at_rate} at {LINK}, EP={EP}, "
-                               f"{GPUS_PER_NODE} GPUs per node yet (command: `{command}`)")
+    return ("lsh" if candidate.method == "paper" else candidate.method), rate
 
 
-def _section_rate(text: str, label: str) -> Optional[float]:
-    """The rate a benchmark_gpt_moe.py section ran a clustered variant at, from its title: 'LSH-MoE rate 0.2' for
-    lsh, '`paper_fp8` (rate 0.2)' for a method."""
+def _section_runs_method(text: str, label: str, rate: Optional[float]) -> bool:
+    """Whether a benchmark_gpt_moe.py section ran the benchmark's variant `label` as the method's own
+    configuration: at `rate` (from the title: 'LSH-MoE rate 0.2' for lsh, '`paper_fp8` (rate 0.2)' for a method),
+    and, for a method that sends FP8, at the default block size (the method's sentence: 'one FP8 scale per 128
+    elements')."""
+    from lshmoe_plugin.config import LSHMoEConfig
+    from lshmoe_plugin.methods import METHODS
     title = next((line for line in text.splitlines() if line.startswith("## ")), "")
-    pattern = r"LSH-MoE rate ([\d.]+)" if label == "lsh" else rf"`{re.escape(label)}` \(rate ([\d.]+)\)"
-    found = re.search(pattern, title)
-    return float(found.group(1)) if found else None
+    if rate is not None:
+        pattern = r"LSH-MoE rate ([\d.]+)" if label == "lsh" else rf"`{re.escape(label)}` \(rate ([\d.]+)\)"
+        found = re.search(pattern, title)
+        if found is None or float(found.group(1)) != rate:
+            return False
+    if label in METHODS and "fp8_e4m3" in METHODS[label].stages.values():
+        block = re.search(rf"`{re.escape(label)}` \(lsh_moe\.method `{re.escape(label)}`[^)]*one FP8 scale per "
+                          rf"(\d+) elements", text)
+        return block is not None and int(block.group(1)) == LSHMoEConfig().fp8_block_size
+    return True
 
 
 def _knob_text(knobs: Dict[str, object]) -> str:
@@ -311,7 +359,8 @@ def choose(frontier: Frontier, speedups: Dict[str, Speedup]) -> Choice:
     return Choice(best, "fallback", text + (
         f" By the fallback the default is `{best.name}` ({best.configuration()}){_provisional(best)}: it needs "
         f"{ratio:.3f}x stock's tokens to stock's final loss (measured) at a step speed-up of {step.value:.3f} "
-        f"(modelled at {cluster}, `{step.section}`), {time:.3f}x stock's time{slower}.") + rest + shapes)
+        f"(modelled at {cluster}" + (f" for preset `{step.preset}`" if step.preset else "") + f", `{step.section}`), "
+        f"{time:.3f}x stock's time{slower}.") + rest + shapes)
 
 
 def _provisional(candidate: Candidate) -> str:
@@ -422,7 +471,13 @@ def body(frontier: Frontier, choice: Choice, speedups: Dict[str, Speedup], plot_
                   f"{', '.join(f'`{v}`' for v in frontier.unfinished)}.", ""]
     lines += [f"**The choice:** {choice.text}", ""]
     if choice.by != "rule":
-        lines += ["The fallback's figures:", "", fallback_table(frontier, speedups), ""]
+        lines += [f"The fallback's figures (each step speed-up is of the preset its last column names: a modelled job "
+                  f"of one rank's shapes of that preset, not the quality runs' model; `{STAGE}` times the missing "
+                  f"ones, {stage_words()}):", "", fallback_table(frontier, speedups), ""]
+        untimed = [c.name for c in frontier.candidates if speedups[c.name].value is None
+                   and _own_block(c.name)[1] is None]
+        if untimed:
+            lines += [f"Timing every candidate without a step speed-up: `{stage_command(untimed)}`.", ""]
     lines += [f"![final gap against all-to-all bytes]({plot_name})", ""]
     return "\n".join(lines)
 

@@ -8,6 +8,7 @@ import os
 import pytest
 from test_testbed import parse
 
+from lshmoe_pretrain import bench_variants
 from lshmoe_pretrain import frontier as frontiers
 from lshmoe_pretrain import testbed as beds
 
@@ -126,12 +127,13 @@ def test_of_several_passing_the_fewest_bytes_is_chosen(tmp_path):
         choice.text
 
 
-def bench_section(name, title, rows, preset="tiny", gpus=8):
-    """A benchmark_gpt_moe.py --modelled-link section: its title, model sentence and (label, speed-up) rows."""
+def bench_section(name, title, rows, preset="tiny", gpus=8, variants=""):
+    """A benchmark_gpt_moe.py --modelled-link section: its title, model sentence, what it says of its variants
+    (`variants`: the methods' and study variants' sentences) and (label, speed-up) rows."""
     lines = [f"<!-- BEGIN {name} -->", f"## {title}", "",
              f"Preset `{preset}` (1M parameters per rank) with d_model 128, 4 blocks (MoE every 2), 1 experts "
-             f"(top-2, capacity factor 1.25). **{gpus} GPU(s) per node** (NVLink inside a node); links: 200gbps: "
-             "half of it at 128 KiB", "",
+             f"(top-2, capacity factor 1.25). {variants} **{gpus} GPU(s) per node** (NVLink inside a node); links: "
+             "200gbps: half of it at 128 KiB", "",
              "| variant | step ms (modelled) | speed-up vs stock (modelled) |", "| --- | --- | --- |"]
     lines += [f"| {label} | 100 | {speedup} |" for label, speedup in rows]
     return "\n".join(lines + [f"<!-- END {name} -->", ""])
@@ -145,6 +147,8 @@ FALLBACK = {
     "fp4_both": (-0.2, [1], 0.27, {}),         # no named method
     "bounded_0.2": (-0.2, [1], 0.3, {}),       # merge_tolerance: no flag of the benchmark
 }
+FP8_SENTENCE = ("`fp8` (lsh_moe.method `fp8`, one FP8 scale per 128 elements): every token crosses as itself, in "
+                "FP8 e4m3 with float32 block scales both ways.")
 OLD = bench_section("gpt_moe_tiny_modelled_ep16", "modelled EP=16: stock DeepSpeed vs `fp8`",
                     [("stock @ 200gbps EP16", 1), ("fp8 @ 200gbps EP16", 9.0)], gpus=1)
 
@@ -159,16 +163,22 @@ def test_the_fallback_takes_the_shortest_modelled_time_and_marks_one_seed_provis
                               "rate 0.2", [("stock @ 200gbps EP16", 1), ("lsh @ 200gbps EP16", 1.5),
                                            ("stock @ 200gbps EP8", 1), ("lsh @ 200gbps EP8", 1.1)]))
         f.write(bench_section("gpt_moe_tiny_modelled_ep16_g8_fp8", "modelled EP=16: stock DeepSpeed vs `fp8`",
-                              [("stock @ 200gbps EP16", 1), ("fp8 @ 200gbps EP16", 1.25)]))
+                              [("stock @ 200gbps EP16", 1), ("fp8 @ 200gbps EP16", 1.25)], variants=FP8_SENTENCE))
     found = frontiers.collect(root, BED)
     assert not any(c.passes for c in found.candidates)
     speedups = frontiers.speedups_for(found, benchmarks)
     assert speedups["fp8_both"].value == 1.25 and speedups["fp8_both"].section == "gpt_moe_tiny_modelled_ep16_g8_fp8"
     assert speedups["lsh"].value == 1.5
-    assert speedups["rate_0.5"].value is None and "--variants stock lsh" in speedups["rate_0.5"].note and \
-        "--rate 0.5" in speedups["rate_0.5"].note
-    assert "are no named method" in speedups["fp4_both"].note
-    assert "sets none of merge_tolerance" in speedups["bounded_0.2"].note
+    # the paper's method at rate 0.5 is not the lsh row's rate 0.2; merge_tolerance and FP4 are no method's own:
+    # none of them takes a row of another configuration, and each is named with the stage that would time it
+    assert speedups["rate_0.5"].value is None and ("no section has a row `rate_0.5 @ 200gbps EP16` nor `lsh @ "
+                                                   "200gbps EP16` (method `paper` at rate 0.5, the same lsh_moe "
+                                                   "block)") in speedups["rate_0.5"].note
+    for name in ("fp4_both", "bounded_0.2"):
+        assert speedups[name].value is None and speedups[name].note.endswith(
+            f"no section has a row `{name} @ 200gbps EP16` (command: `VARIANTS=\"{name}\" bash scripts/gpu_session.sh "
+            "bench-modelled-135m-candidates`, the step time of preset `gpt-moe-135m` with 1 expert per rank, a "
+            "16-expert job at EP=16, timed with stock at 100/200/400 Gb/s)")
     choice = frontiers.choose(found, speedups)
     # fp8_both: 5.0 at 10k tokens, 3.009 x 0.998 at 20k; stock's seed 1 reaches its 3.009 at 20k
     final = 3.009 * 0.998
@@ -176,8 +186,8 @@ def test_the_fallback_takes_the_shortest_modelled_time_and_marks_one_seed_provis
     assert choice.by == "fallback" and choice.chosen.name == "fp8_both"
     assert (f"By the fallback the default is `fp8_both` (method `fp8`) (provisional: 1 seed): it needs {ratio:.3f}x "
             f"stock's tokens to stock's final loss (measured) at a step speed-up of 1.250 (modelled at 200gbps, "
-            f"EP=16, 8 GPUs per node, `gpt_moe_tiny_modelled_ep16_g8_fp8`), {ratio / 1.25:.3f}x stock's time.") in \
-        choice.text
+            f"EP=16, 8 GPUs per node for preset `tiny`, `gpt_moe_tiny_modelled_ep16_g8_fp8`), "
+            f"{ratio / 1.25:.3f}x stock's time.") in choice.text
     assert "`lsh` never reaches stock's final loss (ends +10.00%)" in choice.text
     assert choice.text.startswith("No candidate passes the rule on `gpt-25m-long` yet: `bounded_0.2` (method "
                                   "`bounded`, merge_tolerance 0.2) has 1 seed (the rule needs 3), ")
@@ -202,10 +212,10 @@ def test_the_fallback_without_modelled_step_times_says_so(tmp_path):
     assert choice.by == "none" and choice.chosen is None
     assert ("The fallback (the shortest time to stock's final loss at 200gbps, EP=16, 8 GPUs per node) has no "
             "candidate to choose: `fp8_both` reaches it at") in choice.text
-    assert ("but has no modelled step time for method `fp8` at 200gbps, EP=16, 8 GPUs per node yet (command: "
-            "`python scripts/benchmark_gpt_moe.py --preset gpt-moe-25m --micro-batch 32 --steps 30 --timed-from 10 "
-            "--variants stock fp8 --experts-per-rank 1 --modelled-ep 16 --modelled-link 200gbps "
-            "--modelled-gpus-per-node 8 --report docs/benchmarks.md`)") in choice.text
+    assert ("but has no modelled step time for `fp8_both` at 200gbps, EP=16, 8 GPUs per node yet: no section has a "
+            "row `fp8_both @ 200gbps EP16` nor `fp8 @ 200gbps EP16` (method `fp8`, the same lsh_moe block) (command: "
+            "`VARIANTS=\"fp8_both\" bash scripts/gpu_session.sh bench-modelled-135m-candidates`, the step time of "
+            "preset `gpt-moe-135m`") in choice.text
     with pytest.raises(frontiers.study.StudyError, match="--modelled_section"):
         frontiers.speedups_for(found, benchmarks, ["gpt_moe_tiny_modelled_ep16_g8_fp8"])
 
@@ -232,3 +242,83 @@ def test_not_reached_in_the_table_and_the_section_written_only_when_asked(tmp_pa
     assert "Not on the frontier (no finished run at the long schedule): `fp8_both`." in text
     assert "![final gap against all-to-all bytes](quality_edge.png)" in text
     assert os.path.getsize(tmp_path / "docs" / "quality_edge.png") > 0
+
+
+def recorded(name, block=None):
+    """A section's record of a study variant it timed, as benchmark_gpt_moe.py writes it (`block`: another one)."""
+    variant = bench_variants.study_variant(name)
+    return (variant if block is None else bench_variants.StudyVariant(name, block, variant.exact_tail)).describe()
+
+
+ONE_SEED = (-0.2, [1], 0.5, {})   # reaches stock's loss; fails the rule on its seeds alone
+LOOKUP = {name: ONE_SEED for name in ("fp8_both", "fp4_both", "bounded_0.2", "rate_0.5", "exact_tail_0.15", "lsh",
+                                      "fp8_dispatch", "diag_forward")}
+
+
+def test_each_candidate_takes_its_own_row_or_its_methods_and_never_another_configurations(tmp_path):
+    """By name first: a row of the candidate's name counts only where the section records the study's block of
+    that name as it is now; then by method, at the candidate's rate and FP8 block size. Rows of the same name but
+    another block, of another rate, tolerance or block size, a schedule's compressed steps and a diagnostic layer's
+    name are never taken."""
+    root = str(tmp_path)
+    write_study(root, LOOKUP)
+    by_method = bench_section(
+        "gpt_moe_tiny_modelled_ep16_g8_fp8+bounded+fp8_dispatch",
+        "modelled EP=16: stock DeepSpeed vs `fp8`, `bounded` (rate 0.2), `fp8_dispatch`",
+        [("stock @ 200gbps EP16", 1), ("fp8 @ 200gbps EP16", 1.25), ("bounded @ 200gbps EP16", 9.0),
+         ("fp8_dispatch @ 200gbps EP16", 1.15)],
+        variants=FP8_SENTENCE + " `bounded` (lsh_moe.method `bounded`, rate 0.2): error-bounded merging. "
+        "`fp8_dispatch` (lsh_moe.method `fp8_dispatch`, one FP8 scale per 128 elements): FP8 to the experts.")
+    row_scales = bench_section(   # --fp8-block-size row: another configuration than the study's (128 elements)
+        "gpt_moe_tiny_modelled_ep16_g8_fp8_dispatch", "modelled EP=16: stock DeepSpeed vs `fp8_dispatch`",
+        [("stock @ 200gbps EP16", 1), ("fp8_dispatch @ 200gbps EP16", 9.0)],
+        variants="`fp8_dispatch` (lsh_moe.method `fp8_dispatch`, one FP8 scale per row): FP8 to the experts.")
+    own = bench_section(
+        "gpt_moe_tiny_modelled_ep16_g8_fp8_both+fp4_both+bounded_0.2+exact_tail_0.15",
+        "modelled EP=16: stock DeepSpeed vs `fp8_both`, `fp4_both`, `bounded_0.2`, `exact_tail_0.15`",
+        [("stock @ 200gbps EP16", 1), ("fp8_both @ 200gbps EP16", 1.3), ("fp4_both @ 200gbps EP16", 9.0),
+         ("bounded_0.2 @ 200gbps EP16", 1.1), ("exact_tail_0.15 (compressed steps) @ 200gbps EP16", 9.0),
+         ("exact_tail_0.15 @ 200gbps EP16", 1.2)],
+        variants=" ".join([recorded("fp8_both"), recorded("bounded_0.2"), recorded("exact_tail_0.15"),
+                           # fp4_both as it once was, one way only: not the study's fp4_both now
+                           recorded("fp4_both", {"enabled": True, "clustering": "none",
+                                                 "dispatch_dtype": "fp4_e2m1"})]))
+    paper = bench_section(   # `rate_0.5` and `diag_forward` rows that no record says are theirs
+        "gpt_moe_tiny_modelled_ep16_g8", "modelled EP=16: stock DeepSpeed vs LSH-MoE rate 0.2",
+        [("stock @ 200gbps EP16", 1), ("lsh @ 200gbps EP16", 1.6), ("rate_0.5 @ 200gbps EP16", 9.0),
+         ("diag_forward @ 200gbps EP16", 9.0)])
+    benchmarks = str(tmp_path / "benchmarks.md")
+    with open(benchmarks, "w") as f:
+        f.write(row_scales + by_method + own + paper)  # the methods' rows come first in the file
+    found = frontiers.collect(root, BED, list(LOOKUP))
+    speedups = frontiers.speedups_for(found, benchmarks)
+    assert {name: (s.value, s.section) for name, s in speedups.items()} == {
+        "fp8_both": (1.3, "gpt_moe_tiny_modelled_ep16_g8_fp8_both+fp4_both+bounded_0.2+exact_tail_0.15"),
+        "bounded_0.2": (1.1, "gpt_moe_tiny_modelled_ep16_g8_fp8_both+fp4_both+bounded_0.2+exact_tail_0.15"),
+        "exact_tail_0.15": (1.2, "gpt_moe_tiny_modelled_ep16_g8_fp8_both+fp4_both+bounded_0.2+exact_tail_0.15"),
+        "lsh": (1.6, "gpt_moe_tiny_modelled_ep16_g8"),
+        "fp8_dispatch": (1.15, "gpt_moe_tiny_modelled_ep16_g8_fp8+bounded+fp8_dispatch"),
+        "fp4_both": (None, None), "rate_0.5": (None, None), "diag_forward": (None, None)}
+    assert speedups["fp8_both"].preset == "tiny" and speedups["fp8_both"].note.startswith(
+        "step time of preset `tiny`: `gpt_moe_tiny_modelled_ep16_g8_fp8_both+fp4_both+bounded_0.2+exact_tail_0.15`, "
+        "8 GPUs per node: a job of 16 experts (1 per rank)")
+    assert "no section has a row `fp4_both @ 200gbps EP16` (command: `VARIANTS=\"fp4_both\"" in \
+        speedups["fp4_both"].note
+    assert speedups["diag_forward"].note.startswith(
+        "no modelled step time for `diag_forward`: a study-only diagnostic layer (lshmoe_pretrain.diagnostics "
+        "'forward')")
+    # without the study variant's own rows, fp8_both takes its method's (the same lsh_moe block)
+    with open(benchmarks, "w") as f:
+        f.write(row_scales + by_method + paper)
+    assert frontiers.speedups_for(found, benchmarks)["fp8_both"].value == 1.25
+
+
+def test_the_suggested_stage_times_the_preset_it_names():
+    """The frontier's command is a gpu_session.sh stage that times the 135M preset at EP=16 over 200 Gb/s with
+    8 GPUs per node, and takes its variants from VARIANTS."""
+    script = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts",
+                               "gpu_session.sh")).read()
+    stage = script.split(f"        {frontiers.STAGE})", 1)[1].split(";;", 1)[0]
+    assert f"--preset {frontiers.STAGE_PRESET} " in stage and "--experts-per-rank 1" in stage
+    assert "--modelled-ep 16 " in stage and "200gbps" in stage and '"${MODELLED_GPUS_PER_NODE:-8}"' in stage
+    assert "${VARIANTS:-" in stage and "--variants stock" in stage
