@@ -1,7 +1,7 @@
 """benchmark_gpt_moe.py --modelled-link/--modelled-ep on this CPU: one EP=1 process times every (EP, link) pair
 with the link stand-in, labels the section modelled with its topology (8 GPUs per node unless told otherwise) and
-its methods, prices each method's crossings at its wire bytes, and refuses bad flags by name before building
-anything."""
+its methods and study variants, prices each one's crossings at its wire bytes, and refuses bad flags and variants by
+name before building anything."""
 import os
 import subprocess
 import sys
@@ -9,6 +9,7 @@ import sys
 import pytest
 from distributed import build_deepspeed_cpu_comm_op
 
+from lshmoe_pretrain import bench_variants, quality_study
 from lshmoe_pretrain import benchmarking as bench
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
@@ -110,7 +111,38 @@ def test_methods_are_priced_at_their_wire_bytes(tmp_path):
     assert "in its wire format" in text
 
 
+def test_study_variants_and_a_schedule_are_timed_as_the_study_trains_them(tmp_path):
+    """Quality-study variants by their own names: `fp8_both` (every token in FP8 both ways, priced at its 132 bytes
+    a row against fp32's 512) and the schedule `exact_tail_0.15`, whose compressed steps (the paper's, 64 of 320
+    slots) are timed and whose own row is the step-weighted mix with stock's; the section records each study block
+    as the study trains it, which reads back as written."""
+    build_deepspeed_cpu_comm_op()
+    report = str(tmp_path / "bench.md")
+    result = run_benchmark("--preset", "tiny", "--dtype", "fp32", "--micro-batch", "2", "--steps", "2",
+                           "--timed-from", "1", "--variants", "stock", "fp8_both", "exact_tail_0.15",
+                           "--modelled-ep", "16", "--modelled-link", "custom:0.002:0", "--report", report)
+    assert result.returncode == 0, result.stderr[-3000:]
+    section = "gpt_moe_tiny_modelled_ep16_g8_fp8_both+exact_tail_0.15"
+    rows = {label.replace(" @ custom:0.002:0 EP16", ""): row
+            for label, row in bench.read_section_table(report, section).items()}
+    assert list(rows) == ["stock", "fp8_both", "exact_tail_0.15 (compressed steps)", "exact_tail_0.15"]
+    a2a, ms, speedup = "modelled all-to-all ms per step", "step ms (modelled)", "speed-up vs stock (modelled)"
+    figure = {(name, column): float(row[column]) for name, row in rows.items() for column in (a2a, ms, speedup)}
+    assert figure["fp8_both", a2a] / figure["stock", a2a] == pytest.approx(132 / 512, rel=0.01)
+    assert figure["exact_tail_0.15 (compressed steps)", a2a] / figure["stock", a2a] == pytest.approx(64 / 320, rel=0.01)
+    for column in (a2a, ms):  # 0.85 of the steps compressed, 0.15 exact
+        assert figure["exact_tail_0.15", column] == pytest.approx(
+            0.85 * figure["exact_tail_0.15 (compressed steps)", column] + 0.15 * figure["stock", column], rel=0.01)
+    assert figure["exact_tail_0.15", speedup] == pytest.approx(
+        figure["stock", ms] / figure["exact_tail_0.15", ms], rel=0.01)
+    text = bench.read_section_text(report, section)
+    assert "stock DeepSpeed vs `fp8_both`, `exact_tail_0.15`" in text
+    assert bench_variants.recorded_study_variants(text) == {
+        "fp8_both": (quality_study.lsh_moe_block("fp8_both"), None), "exact_tail_0.15": ({"enabled": True}, 0.15)}
+
+
 @pytest.mark.parametrize("flags,env,message", [
+    (["--variants", "stock", "diag_forward"], {}, "--variants diag_forward: a study-only diagnostic layer"),
     (["--modelled-link", "200gbps"], {}, "--modelled-link and --modelled-ep go together"),
     (["--modelled-link", "10gbps", "--modelled-ep", "8"], {}, "--modelled-link: unknown link '10gbps'; allowed:"),
     (["--modelled-link", "200gbps", "--modelled-ep", "8", "0"], {}, "--modelled-ep must be >= 1, got 8 0"),
