@@ -244,9 +244,11 @@ def speedup(candidate: Candidate, bed: Testbed, benchmarks: str, sections: Seque
             note = modelled_note(candidate.result.info, name, texts[name], EP)
             return Speedup(float(rows[f"{label} @ {where}"][_SPEEDUP]), name,
                            (f"step time of preset `{preset}`: " if preset else "") + note, preset)
-    rows_sought = f"`{candidate.name} @ {where}`" + (f" nor `{method[0]} @ {where}` (method `{candidate.method}`"
-                                                      + (f" at rate {method[1]:g}" if method[1] is not None else "")
-                                                      + ", the same lsh_moe block)" if method else "")
+    rows_sought = f"`{candidate.name} @ {where}`"
+    if method is not None:
+        at_rate = f" at rate {method[1]:g}" if method[1] is not None else ""
+        rows_sought += (f" (method `{candidate.method}`{at_rate})" if method[0] == candidate.name else
+                        f" nor `{method[0]} @ {where}` (method `{candidate.method}`{at_rate}, the same lsh_moe block)")
     return Speedup(None, None, f"no modelled step time for `{candidate.name}` at {LINK}, EP={EP}, {GPUS_PER_NODE} "
                                f"GPUs per node yet: no section has a row {rows_sought} (command: "
                                f"`{stage_command([candidate.name])}`, {stage_words()})")
