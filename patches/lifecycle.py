@@ -177,11 +177,13 @@ class PatchLifecycle:
         return restore
 
     def _current(self, model: Any) -> Dict[int, LSHCompressor]:
-        """The compressors of the current config by layer index: those held in `model`, or those that ran last."""
+        """The compressors of the current config by layer index: those held in `model` (a module or a list of model
+        chunks), or those that ran last."""
         if model is None:
             return dict(self._compressors.items())
         found = {}
-        for module in model.modules():
+        chunks = model if isinstance(model, (list, tuple)) else [model]  # Megatron's model chunks
+        for module in (m for chunk in chunks for m in chunk.modules()):
             for holder in (module, *vars(module).values()):  # a layer, or what it holds (Megatron's dispatcher)
                 compressor = getattr(holder, COMPRESSOR_ATTRIBUTE, None)
                 if isinstance(compressor, LSHCompressor) and compresses_alike(compressor.config, self.config):

@@ -93,6 +93,19 @@ def test_compressor_round_trip_continues_its_samples_and_slots():
     assert stats["fresh"].relative_residual is not None
 
 
+def test_a_checkpoint_of_another_world_size_gives_its_state_only_where_every_rank_saved_the_same():
+    """(This process has no process group: a world of one.)"""
+    from lshmoe_plugin.patches.engine_checkpoint import ENGINE_FORMAT, _this_ranks_state
+    same = {"deepspeed": {"layers": {0: {"forwards": 3}}}}
+    other = {"deepspeed": {"layers": {0: {"forwards": 3, "need": 7}}}}
+    assert _this_ranks_state({"format": ENGINE_FORMAT, "world_size": 2, "ranks": [same, same]}) == same
+    fresh = _this_ranks_state({"format": ENGINE_FORMAT, "world_size": 2, "ranks": [same, other]})
+    assert fresh.fresh and "saved by 2 ranks whose plugin states differ, and this run has 1" in fresh.message
+    assert _this_ranks_state(None).fresh
+    with pytest.raises(LSHMoEStateError, match="format 7"):
+        _this_ranks_state({"format": 7, "world_size": 1, "ranks": [same]})
+
+
 # -- by hand, with DeepSpeed's real MoE layer -------------------------------------------------------------------
 class Net(torch.nn.Module):
     """`num_layers` DeepSpeed MoE layers in a residual stack, and a head for a scalar loss."""
