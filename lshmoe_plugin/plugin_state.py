@@ -11,7 +11,7 @@ What a load does (docs/faults.md):
 - no state in the checkpoint (saved without the plugin, or by an older version): every layer starts fresh;
 - a state saved under other lsh_moe settings: a resume with changed settings is allowed and is another run from
   there on, so every layer starts fresh; the line names the settings that changed;
-- a state of another model (another number of MoE layers) under the same settings: refused (`LSHMoEStateError`).
+- a state of another model (other MoE layer indices) under the same settings: refused (`LSHMoEStateError`).
 """
 from __future__ import annotations
 
@@ -47,8 +47,10 @@ def layer_states(framework: str, config, moe_layers: Sequence[int], layers: Mapp
 
 
 def changed_settings(saved: Mapping[str, Any], config) -> Dict[str, Tuple[Any, Any]]:
-    """key: (saved, current) for every lsh_moe key that differs; ``compress_in_eval`` changes no training forward."""
+    """key: (saved, current) for every lsh_moe key that differs; ``compress_in_eval`` changes no training forward.
+    A key the saving version did not have counts as its default (a newer version's key left at it changes nothing)."""
     current = config.to_dict()
+    saved = {**type(config)(enabled=True).to_dict(), **saved}
     return {key: (saved.get(key), current.get(key)) for key in sorted(set(saved) | set(current))
             if key != "compress_in_eval" and saved.get(key) != current.get(key)}
 

@@ -93,6 +93,20 @@ def test_compressor_round_trip_continues_its_samples_and_slots():
     assert stats["fresh"].relative_residual is not None
 
 
+def test_settings_compare_key_by_key_and_a_key_the_saving_version_lacked_as_its_default():
+    from lshmoe_plugin.config import LSHMoEConfig
+    from lshmoe_plugin.plugin_state import changed_settings
+    config = LSHMoEConfig(**BOUNDED)
+    saved = config.to_dict()
+    assert changed_settings(saved, config) == {}
+    assert changed_settings({**saved, "compress_in_eval": True}, config) == {}  # no training forward changes
+    older = {key: value for key, value in saved.items() if key != "fp4_scale"}  # left at its default
+    assert changed_settings(older, config) == {}
+    assert changed_settings({**older, "seed": 1}, config) == {"seed": (1, 1234)}
+    assert changed_settings({k: v for k, v in saved.items() if k != "clustering"}, config) == {
+        "clustering": ("lsh", "bounded")}
+
+
 def test_a_checkpoint_of_another_world_size_gives_its_state_only_where_every_rank_saved_the_same():
     """(This process has no process group: a world of one.)"""
     from lshmoe_plugin.patches.engine_checkpoint import ENGINE_FORMAT, _this_ranks_state
