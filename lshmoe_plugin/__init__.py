@@ -15,6 +15,7 @@ from typing import Any, Iterator, Mapping, Optional, Union
 
 from .compressor import ClusterState, LSHCompressor, fixed_slots
 from .config import ENABLED_ENV_VAR, LSHMoEConfig, LSHMoEConfigError
+from .plugin_state import STATE_KEY, LSHMoEStateError, log_restore
 from .schedule import set_training_step, training_step
 from .telemetry import TELEMETRY, CostDecision, LayerStats, Telemetry, write_to_monitor
 
@@ -90,6 +91,26 @@ def compressed_eval(framework: str = "deepspeed") -> Iterator[None]:
         yield
 
 
+def state_dict(model=None, framework: str = "deepspeed") -> Optional[dict]:
+    """This rank's plugin state, for a training loop that checkpoints by hand (Megatron-core's): each compressing
+    layer's forward count, slot budget and ``decide_by_cost`` decision, with the settings they were made under
+    (plain Python values; save it per rank). `model`: the model whose layers to take (None: the layers that ran
+    last, the same unless several models train in one process). None while the patch is off. The DeepSpeed
+    engine's ``save_checkpoint`` already saves it in its client_state under ``"lsh_moe_state"``."""
+    return _patch_module(framework).LIFECYCLE.state_dict(model)
+
+
+def load_state_dict(state: Optional[dict], model=None, framework: str = "deepspeed") -> None:
+    """Continue every layer from `state` (this rank's `state_dict` of an earlier run), after `enable` (with the
+    model, so its MoE layers are numbered) and before the next training forward; logs one line. None (a checkpoint
+    without it): every layer starts fresh. A state saved under other lsh_moe settings starts fresh too (a run that
+    changes its settings is another run); one of another model raises `LSHMoEStateError`. `model` as in
+    `state_dict`. While the patch is off there is nothing to restore: it does nothing."""
+    lifecycle = _patch_module(framework).LIFECYCLE
+    if lifecycle.is_applied():
+        log_restore(lifecycle.load_state_dict(state, model))
+
+
 def _patch_module(framework: str):
     if framework == "deepspeed":
         from .patches import deepspeed_moe
@@ -104,5 +125,6 @@ def _patch_module(framework: str):
 
 
 __all__ = ["ClusterState", "CostDecision", "ENABLED_ENV_VAR", "LSHCompressor", "LSHMoEConfig", "LSHMoEConfigError",
-           "LayerStats", "TELEMETRY", "Telemetry", "compressed_eval", "disable", "enable", "fixed_slots",
-           "load_config", "set_training_step", "training_step", "write_to_monitor"]
+           "LSHMoEStateError", "LayerStats", "STATE_KEY", "TELEMETRY", "Telemetry", "compressed_eval", "disable",
+           "enable", "fixed_slots", "load_config", "load_state_dict", "set_training_step", "state_dict",
+           "training_step", "write_to_monitor"]

@@ -8,6 +8,7 @@ Framework-independent. Two layouts share one pipeline:
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
@@ -20,7 +21,7 @@ from .config import LSHMoEConfig, LSHMoEConfigError
 from .hashing import hash_projections
 from .schedule import training_step
 from .slot_budget import SlotBudget, fixed_slots
-from .telemetry import TELEMETRY, LayerStats, Telemetry, mean_over, relative_residuals
+from .telemetry import TELEMETRY, CostDecision, LayerStats, Telemetry, mean_over, relative_residuals
 
 
 @dataclass
@@ -82,6 +83,7 @@ class LSHCompressor:
         self.telemetry = telemetry
         self.step = 0
         self.pays: Optional[bool] = None  # set by a patch's cost decision (decide_by_cost), None until measured
+        self.decision: Optional[CostDecision] = None  # what that decision measured
         self._projections: Dict[Tuple[int, torch.device], torch.Tensor] = {}
         self._ops = None
         self._graphs = None  # kernels.graphed.GraphedFixedLayout, built on the first graphed forward
@@ -103,6 +105,25 @@ class LSHCompressor:
         elif held.draw != draw:
             held.redraw(hash_projections(self.config, d_model, self.layer_index, draw), draw)
         return held.tensor
+
+    # -- state a checkpoint carries (lshmoe_plugin.plugin_state) ---------------------------------------------------
+    def state_dict(self) -> dict:
+        """What this layer's next forwards depend on besides the config and the training clock: its forward count
+        (which forwards sample the residual norm and the output error), the slot budget of clustering "bounded",
+        and the `decide_by_cost` decision with what it measured. Plain Python values."""
+        return {"forwards": self.step, "slot_budget": self.slot_budget.state_dict(), "pays": self.pays,
+                "decision": None if self.decision is None else dataclasses.asdict(self.decision)}
+
+    def load_state_dict(self, state: Optional[dict]) -> None:
+        """Continue from `state_dict`'s values; None: start as a new compressor does. A restored decision goes back
+        into the telemetry without being logged again (the run that made it logged it)."""
+        state = state or {"forwards": 0, "slot_budget": None, "pays": None, "decision": None}
+        self.step, self.pays = int(state["forwards"]), state["pays"]
+        self.slot_budget.load_state_dict(state["slot_budget"])
+        self.decision = None if state["decision"] is None else CostDecision(**state["decision"])
+        self.telemetry.decisions.pop(self.layer_index, None)
+        if self.decision is not None:
+            self.telemetry.decisions[self.layer_index] = self.decision
 
     def check_experts(self, num_experts: int) -> None:
         """Refuse a layer whose expert ids would overflow the int64 bucket key, instead of mis-sorting its tokens."""

@@ -59,8 +59,8 @@ def decide(compressor: LSHCompressor, stock: Callable[[], None], compressed: Cal
         sum_over_group(times)
     stock_ms, compressed_ms = times.tolist()
     compressor.pays = compressed_ms < stock_ms
-    compressor.telemetry.record_decision(CostDecision(compressor.layer_index, compressor.pays, stock_ms,
-                                                      compressed_ms, ranks))
+    compressor.decision = CostDecision(compressor.layer_index, compressor.pays, stock_ms, compressed_ms, ranks)
+    compressor.telemetry.record_decision(compressor.decision)
     logger.info(f"lsh_moe: layer {compressor.layer_index} compression {'on' if compressor.pays else 'off'} "
                 f"(exchange fwd+bwd: stock {stock_ms:.2f} ms vs compressed {compressed_ms:.2f} ms, summed over "
                 f"{ranks} rank(s))")

@@ -44,6 +44,8 @@ class SlotBudget:
     - Until a step has recorded a need (a layer's first step) S is the capacity: every token may have its own
       slot, and none is over budget.
     - Evaluation forwards and trial runs (`slots` without a step, no `record`) read S and change nothing.
+    - `state_dict` / `load_state_dict` carry the need, the step and that step's need so far through a checkpoint:
+      a resumed run's first step then sends the S the uninterrupted run sends, not the capacity.
     """
 
     def __init__(self, rate: float) -> None:
@@ -78,13 +80,26 @@ class SlotBudget:
         need = need.detach().reshape(1).to(torch.long).clone()
         if agree is not None:
             agree(need)
-        self._pending = need if self._pending is None else torch.maximum(self._pending, need)
+        # .to: a need restored from a checkpoint waits on the host until its step's next forward
+        self._pending = need if self._pending is None else torch.maximum(self._pending.to(need.device), need)
         if need.device.type == "cuda":
             if self._host is None:
                 self._host = torch.empty(1, dtype=torch.long, pin_memory=True)
                 self._copied = torch.cuda.Event()
             self._host.copy_(self._pending, non_blocking=True)
             self._copied.record()
+
+    def state_dict(self) -> dict:
+        """The need S follows, the step recording now and its need so far, as ints (a checkpoint; reading the
+        pending need back waits for the device, once per checkpoint)."""
+        pending = None if self._pending is None else int(self._pending[0])
+        return {"need": self.need, "step": self._step, "pending": pending}
+
+    def load_state_dict(self, state: Optional[dict]) -> None:
+        """Take `state_dict`'s values; None: as new (no need recorded, S = capacity)."""
+        state = state or {"need": None, "step": None, "pending": None}
+        self.need, self._step = state["need"], state["step"]
+        self._pending = None if state["pending"] is None else torch.tensor([state["pending"]], dtype=torch.long)
 
     def _take_pending(self) -> None:
         if self._pending is None:

@@ -62,12 +62,12 @@ def apply(config: LSHMoEConfig, model: Optional[torch.nn.Module] = None) -> None
     if is_applied():
         return
     LIFECYCLE.install([(auto_ep_layer.AutoEPMoELayer, "_forward", _patched_forward)])
-    engine_monitor.attach(__name__)
+    engine_monitor.attach(LIFECYCLE)
 
 
 def revert() -> None:
     LIFECYCLE.restore()
-    engine_monitor.detach(__name__)
+    engine_monitor.detach(LIFECYCLE)
 
 
 def number_moe_layers(model: torch.nn.Module) -> int:

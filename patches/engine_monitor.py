@@ -1,31 +1,40 @@
 """The DeepSpeed engine's side of the plugin: before every engine forward and after every ``engine.step()`` it sets
 the plugin's training clock to the engine's position (optimizer step and micro-batch); after every step it writes
 the plugin's telemetry through DeepSpeed's monitor and logs the layers' ``decide_by_cost`` decisions once after
-the step that made them.
+the step that made them; ``save_checkpoint`` and ``load_checkpoint`` carry the plugin's per-layer state
+(engine_checkpoint.py).
 
 Shared by the DeepSpeed patches (GShard layer and AutoEP): the hooks are installed while at least one of them is
-applied and removed with the last, so reverting one patch never strips the other's telemetry.
+applied and removed with the last, so reverting one patch never strips the other's telemetry or state.
 """
 from __future__ import annotations
+
+from typing import Dict
 
 from lshmoe_plugin.schedule import set_training_step
 from lshmoe_plugin.telemetry import TELEMETRY, write_to_monitor
 
+from . import engine_checkpoint
 from .lifecycle import PatchLifecycle
 
-_OWNERS: set = set()
+_OWNERS: Dict[str, PatchLifecycle] = {}  # the applied DeepSpeed patches, by name; their states go in checkpoints
 LIFECYCLE = PatchLifecycle("engine_monitor")
 
 
-def attach(owner: str) -> None:
+def attach(owner: PatchLifecycle) -> None:
     from deepspeed.runtime.engine import DeepSpeedEngine
+    _OWNERS[owner.name] = owner
+    if LIFECYCLE.is_applied():
+        return
+    save, load = DeepSpeedEngine.save_checkpoint, DeepSpeedEngine.load_checkpoint
     LIFECYCLE.install([(DeepSpeedEngine, "forward", _sync_clock_then_forward),
-                       (DeepSpeedEngine, "step", _step_then_write_telemetry)])
-    _OWNERS.add(owner)
+                       (DeepSpeedEngine, "step", _step_then_write_telemetry),
+                       (DeepSpeedEngine, "save_checkpoint", engine_checkpoint.save_with_plugin_state(save, _OWNERS)),
+                       (DeepSpeedEngine, "load_checkpoint", engine_checkpoint.load_with_plugin_state(load, _OWNERS))])
 
 
-def detach(owner: str) -> None:
-    _OWNERS.discard(owner)
+def detach(owner: PatchLifecycle) -> None:
+    _OWNERS.pop(owner.name, None)
     if not _OWNERS:
         LIFECYCLE.restore()
 

@@ -1,5 +1,6 @@
 """The lifecycle every framework patch shares: install and restore the seams, hold the current config, number the
-MoE layers, keep one compressor per layer, decide whether a layer compresses now, and the telemetry policy.
+MoE layers, keep one compressor per layer (and its state through a checkpoint), decide whether a layer compresses
+now, and the telemetry policy.
 
 A framework patch keeps only its seam (what it replaces and the replacement's body) and calls this for the rest,
 so the three patches cannot drift apart in how they number layers, rebuild compressors or clear telemetry.
@@ -8,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import weakref
 from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple
 
 from lshmoe_plugin.compressor import LSHCompressor
 from lshmoe_plugin.config import LSHMoEConfig, LSHMoEConfigError
+from lshmoe_plugin.plugin_state import Restore, layer_states, layers_to_restore
 from lshmoe_plugin.schedule import TRAINING_CLOCK, training_step
 from lshmoe_plugin.telemetry import TELEMETRY, Telemetry
 
@@ -33,7 +36,12 @@ class PatchLifecycle:
         self.telemetry = telemetry
         self.config: Optional[LSHMoEConfig] = None
         self.next_index = 0
+        self.model_layers: Tuple[int, ...] = ()  # the MoE layer indices of the model `number_layers` saw last
         self._originals: Dict[Tuple[Any, str], Tuple[Any, Any]] = {}  # (owner, name) -> (own value, callable)
+        # The compressor each layer index ran last (weakly: a model dropped takes its compressors with it), and the
+        # states a load restored for layers whose compressor is built at their first forward after it.
+        self._compressors: "weakref.WeakValueDictionary[int, LSHCompressor]" = weakref.WeakValueDictionary()
+        self._restored: Dict[int, dict] = {}
 
     # -- seams ----------------------------------------------------------------------------------------------------
     def is_applied(self) -> bool:
@@ -69,12 +77,15 @@ class PatchLifecycle:
                 setattr(owner, attribute, own)
         self._originals.clear()
         self.config = None
+        self.model_layers = ()
         self.telemetry.clear()
+        self._forget_layer_states()
 
     # -- config ---------------------------------------------------------------------------------------------------
     def use(self, config: LSHMoEConfig) -> None:
         if not compresses_alike(self.config, config):
             self.telemetry.clear()
+            self._forget_layer_states()  # the compressors are rebuilt for the new config, from scratch
         self.config = config
 
     @contextlib.contextmanager
@@ -110,14 +121,15 @@ class PatchLifecycle:
                       index_of: Optional[Callable[[Any, int], int]] = None) -> int:
         """Check every layer and give it its index (`index_of(layer, position)`, default: its position in module
         order); layers first seen later are numbered after all of these."""
-        count = 0
+        indices = []
         for layer in layers:
             check(layer)
-            index = index_of(layer, count) if index_of else count
+            index = index_of(layer, len(indices)) if index_of else len(indices)
             setattr(layer, INDEX_ATTRIBUTE, index)
             self.next_index = max(self.next_index, index + 1)
-            count += 1
-        return count
+            indices.append(index)
+        self.model_layers = tuple(sorted(indices))
+        return len(indices)
 
     def layer_index(self, layer: Any) -> int:
         """The layer's index; a layer `number_layers` never saw gets the next free one, in order of first use."""
@@ -136,9 +148,51 @@ class PatchLifecycle:
         if compressor is None or compressor.layer_index != layer_index \
                 or not compresses_alike(compressor.config, self.config):
             compressor = LSHCompressor(self.config, layer_index, self.telemetry)
+            compressor.load_state_dict(self._restored.pop(layer_index, None))
             setattr(holder, COMPRESSOR_ATTRIBUTE, compressor)
         compressor.config = self.config  # the same compression; saves the comparison on the next forward
+        self._compressors[layer_index] = compressor
         return compressor
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+    def state_dict(self, model: Any = None) -> Optional[dict]:
+        """Every layer's compressor state (`plugin_state.layer_states`), a restored one not yet applied included;
+        None while the patch is not applied. `model`: take the compressors of its layers (None: those that ran
+        last, which is the same unless several models train in one process)."""
+        if not self.is_applied() or self.config is None:
+            return None
+        layers = dict(self._restored)
+        layers.update((index, compressor.state_dict()) for index, compressor in self._current(model).items())
+        return layer_states(self.name, self.config, self.model_layers, layers)
+
+    def load_state_dict(self, state: Optional[dict], model: Any = None, restore: Optional[Restore] = None) -> Restore:
+        """Continue every layer from `state` (a `state_dict`; None: fresh), or as `restore` says; returns what was
+        done, for the log line. The compressors of `model` (as in `state_dict`) take it now; layers whose compressor
+        is built later (a new model's, at its first forward) take it then."""
+        if restore is None:
+            restore = layers_to_restore(state, self.name, self.config, self.model_layers)
+        self._restored = dict(restore.layers)
+        for index, compressor in self._current(model).items():
+            compressor.load_state_dict(self._restored.pop(index, None))
+        return restore
+
+    def _current(self, model: Any) -> Dict[int, LSHCompressor]:
+        """The compressors of the current config by layer index: those held in `model` (a module or a list of model
+        chunks), or those that ran last."""
+        if model is None:
+            return dict(self._compressors.items())
+        found = {}
+        chunks = model if isinstance(model, (list, tuple)) else [model]  # Megatron's model chunks
+        for module in (m for chunk in chunks for m in chunk.modules()):
+            for holder in (module, *vars(module).values()):  # a layer, or what it holds (Megatron's dispatcher)
+                compressor = getattr(holder, COMPRESSOR_ATTRIBUTE, None)
+                if isinstance(compressor, LSHCompressor) and compresses_alike(compressor.config, self.config):
+                    found[compressor.layer_index] = compressor
+        return found
+
+    def _forget_layer_states(self) -> None:
+        self._compressors.clear()
+        self._restored.clear()
 
 
 def compresses_alike(a: Optional[LSHMoEConfig], b: Optional[LSHMoEConfig]) -> bool:

@@ -457,17 +457,21 @@ def test_monitor_hook_stays_while_any_deepspeed_patch_is_applied():
     from deepspeed.runtime.engine import DeepSpeedEngine
 
     from lshmoe_plugin.patches import deepspeed_autoep
-    stock_step, stock_forward = DeepSpeedEngine.step, DeepSpeedEngine.forward
+    names = ("step", "forward", "save_checkpoint", "load_checkpoint")
+    stock = [getattr(DeepSpeedEngine, name) for name in names]
+
+    def hooked():
+        return [getattr(DeepSpeedEngine, name) is not original for name, original in zip(names, stock)]
     config = lshmoe_plugin.LSHMoEConfig(enabled=True)
     try:
         lshmoe_plugin.enable(config)
         lshmoe_plugin.enable(config, framework="autoep")
-        assert DeepSpeedEngine.step is not stock_step and DeepSpeedEngine.forward is not stock_forward
+        assert all(hooked())
         lshmoe_plugin.disable()
-        # AutoEP still writes its telemetry and keeps the clock
-        assert DeepSpeedEngine.step is not stock_step and DeepSpeedEngine.forward is not stock_forward
+        # AutoEP still writes its telemetry, keeps the clock and checkpoints its state
+        assert all(hooked())
         assert deepspeed_autoep.is_applied() and not deepspeed_moe.is_applied()
     finally:
         lshmoe_plugin.disable()
         lshmoe_plugin.disable("autoep")
-    assert DeepSpeedEngine.step is stock_step and DeepSpeedEngine.forward is stock_forward
+    assert not any(hooked())

@@ -244,6 +244,10 @@ def test_resume_with_another_hash_seed_takes_its_projections_from_the_config(tmp
     result = pretrain(run, cache_dir, "--train_steps", "5", "--resume", config=tmp_path / "seed99.json")
     assert "lsh_moe settings changed: seed 1234 -> 99 (old" in result.stdout
     assert "the hash projections come from the new settings" in result.stdout
+    # the plugin's per-layer state was saved under seed 1234: this is another run, whose state starts fresh
+    assert ("lsh_moe: the checkpoint's plugin state was saved under other lsh_moe settings (seed 1234 -> 99), and a "
+            "run that changes its settings goes on as another run; the plugin's per-layer state starts fresh") \
+        in result.stderr, result.stderr[-3000:]
     # The same step from the same weights with seed 1234 gives the straight run's loss (the kill test shows a
     # resume replays exactly): another loss here means the compressor hashed with seed 99's projections.
     assert metrics(run)[4]["loss"] != pytest.approx(metrics(straight)[4]["loss"], rel=1e-5, abs=1e-6)
@@ -260,6 +264,8 @@ def test_resume_with_lsh_switched_on_at_another_rate_after_a_failed_save(tmp_pat
     result = pretrain(run, cache_dir, "--train_steps", "8", "--resume", config=tmp_path / "rate05.json")
     assert (f"resume from {run / 'checkpoints' / 'step4'}: lsh_moe settings changed: enabled false -> true, "
             f"compression_rate 0.2 -> 0.5 (old") in result.stdout
+    # saved with LSH-MoE off: no plugin state in the checkpoint, one line from rank 0 says so
+    assert result.stderr.count("lsh_moe: the checkpoint holds no lsh_moe plugin state") == 1, result.stderr[-3000:]
     records = metrics(run)
     assert [r["step"] for r in records] == list(range(1, 9))
     assert not any(k.startswith("lsh_moe/") for k in records[3])

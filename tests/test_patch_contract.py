@@ -25,6 +25,10 @@ def max_diff(a, b):
     return max((p.double() - q.double()).abs().max().item() for p, q in zip(a, b))
 
 
+def engine_seams(engine):
+    return [(engine, name) for name in ("forward", "step", "save_checkpoint", "load_checkpoint")]
+
+
 class DeepSpeedSubject:
     framework = "deepspeed"
     rate1_tolerance = 0.0  # the fixed layout at rate 1.0 sends every slot as its own centroid: bit for bit
@@ -36,7 +40,7 @@ class DeepSpeedSubject:
         self.ds, self.model = ds, ds.build_moe(world_size, k=2)
         torch.manual_seed(100 + rank)
         self.x = torch.randn(2, 24, ds.D_MODEL)
-        self.seam_owners = [(MOELayer, "forward"), (DeepSpeedEngine, "forward"), (DeepSpeedEngine, "step")]
+        self.seam_owners = [(MOELayer, "forward")] + engine_seams(DeepSpeedEngine)
 
     def fwd_bwd(self):
         out, gx, grads = self.ds.fwd_bwd(self.model, self.x)
@@ -56,7 +60,7 @@ class AutoEPSubject:
         from deepspeed.runtime.engine import DeepSpeedEngine
         self.autoep, self.model = autoep, autoep.build_model(world_size)
         self.ids = torch.randint(0, 64, (autoep.BATCH, autoep.SEQ), generator=torch.Generator().manual_seed(rank))
-        self.seam_owners = [(AutoEPMoELayer, "_forward"), (DeepSpeedEngine, "forward"), (DeepSpeedEngine, "step")]
+        self.seam_owners = [(AutoEPMoELayer, "_forward")] + engine_seams(DeepSpeedEngine)
 
     def fwd_bwd(self):
         logits, grads = self.autoep.fwd_bwd(self.model, self.ids)

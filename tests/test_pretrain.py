@@ -114,30 +114,61 @@ def checkpoint_tensors(run_dir):
     return tensors
 
 
-def test_resume_continues_the_uninterrupted_run_bit_for_bit(tmp_path, cache_dir):
+# What a resume must carry besides DeepSpeed's own state (the plugin's per-layer state, in the checkpoint's
+# client_state): each layer's forward count places the output-error and residual-norm samples (every 2nd and 4th
+# forward from the first: 1, 3, 5 and 1, 5, where counts restarted at the resume after step 3 would sample at 4, 6
+# and 4); under clustering "bounded" the slots each step sends follow the last step's need (coarse hashes and a
+# loose tolerance merge enough of the tiny model's tokens that the need is below the capacity).
+RESUMED_SETTINGS = {
+    "paper": {"output_error_interval": 2, "telemetry_interval": 4},
+    "bounded": {"output_error_interval": 2, "telemetry_interval": 4, "clustering": "bounded", "merge_tolerance": 0.9,
+                "num_hashes": 1, "hash_dim": 2},
+}
+
+
+@pytest.mark.parametrize("settings", sorted(RESUMED_SETTINGS))
+def test_resume_continues_the_uninterrupted_run_bit_for_bit(tmp_path, cache_dir, settings):
     """Straight to step 6 vs 3 steps, checkpoint, resume to 6, with LSH-MoE on at EP=2 and the testbed's
-    output-error sample and probe (their extra exchanges run outside training's random draws): every loss, LR and
-    checkpointed tensor identical. (A resumed run's output-error samples fall on other steps: each layer counts
-    its forwards from the resume, docs/quality.md.)"""
+    output-error sample and probe (their extra exchanges run outside training's random draws): every loss, LR,
+    telemetry value (which steps sample, the slots sent) and checkpointed tensor identical."""
     with open(os.path.join(ROOT, "configs", "gpt_moe_cpu_lsh.json")) as f:
         config = json.load(f)
-    config["lsh_moe"]["output_error_interval"] = 2
-    path = tmp_path / "lsh_output_error.json"
+    config["lsh_moe"].update(RESUMED_SETTINGS[settings])
+    path = tmp_path / "lsh_resumed.json"
     path.write_text(json.dumps(config))
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     common = ("--eval_interval", "0", "--diagnostic", "probe")
     pretrain("pretrain_gpt_moe.py", straight, cache_dir, "--train_steps", "6", *common, config=str(path))
     pretrain("pretrain_gpt_moe.py", resumed, cache_dir, "--train_steps", "3", *common, config=str(path))
-    pretrain("pretrain_gpt_moe.py", resumed, cache_dir, "--train_steps", "6", "--resume", *common, config=str(path))
+    result = pretrain("pretrain_gpt_moe.py", resumed, cache_dir, "--train_steps", "6", "--resume", *common,
+                      config=str(path))
+    assert "starts fresh" not in result.stdout + result.stderr
     expected, got = metrics(straight), metrics(resumed)
     assert [r["step"] for r in got] == list(range(1, 7))
     for a, b in zip(expected, got):
         assert (b["loss"], b["aux_loss"], b["lr"]) == (a["loss"], a["aux_loss"], a["lr"]), a["step"]
-    assert any("lsh_moe/layer0/output_error" in r for r in got[3:])  # the sample ran after the resume too
+        assert telemetry(b) == telemetry(a), a["step"]
+    assert [r["step"] for r in got if "lsh_moe/layer0/output_error" in r] == [1, 3, 5]
+    assert [r["step"] for r in got if "lsh_moe/layer0/relative_residual_norm" in r] == [1, 5]
+    if settings == "bounded":
+        slots = [r["lsh_moe/layer1/slots_per_expert"] for r in got]
+        assert max(slots[1:]) < slots[0], slots  # the first step sends every token, the later ones what was needed
     want, have = checkpoint_tensors(straight), checkpoint_tensors(resumed)
     assert sorted(have) == sorted(want) and len(want) > 40
     differ = [key for key in want if not torch_equal(want[key], have[key])]
     assert not differ, differ[:5]
+    assert plugin_state(resumed) == plugin_state(straight) is not None
+
+
+def plugin_state(run_dir):
+    import torch
+    tag_dir = os.path.join(run_dir, "checkpoints", (run_dir / "checkpoints" / "latest").read_text().strip())
+    states = torch.load(os.path.join(tag_dir, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
+    return states.get("lsh_moe_state")
+
+
+def telemetry(record):
+    return {key: value for key, value in record.items() if key.startswith(("lsh_moe/", "probe/"))}
 
 
 def torch_equal(a, b) -> bool:

@@ -1,0 +1,97 @@
+"""The plugin's per-layer state in a checkpoint: what a resumed run needs to continue as the uninterrupted one.
+
+The framework's checkpoint restores the weights, the optimizer and the step, from which the plugin derives its hash
+projections and schedules. Three things a layer's forwards depend on live in the plugin alone
+(`LSHCompressor.state_dict`): its forward count, which places the residual-norm and output-error samples
+(`telemetry_interval`, `output_error_interval`); the slot budget of clustering "bounded", which sends the slots
+the previous step needed; and the `decide_by_cost` decision of its first step. This module checks a saved state
+against the running settings and model and words the one log line a load gives; `patches.lifecycle` applies it.
+
+What a load does (docs/faults.md):
+- no state in the checkpoint (saved without the plugin, or by an older version): every layer starts fresh;
+- a state saved under other lsh_moe settings: a resume with changed settings is allowed and is another run from
+  there on, so every layer starts fresh; the line names the settings that changed;
+- a state of another model (other MoE layer indices) under the same settings: refused (`LSHMoEStateError`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
+
+STATE_KEY = "lsh_moe_state"  # the key of DeepSpeed's client_state the engine hooks use
+FORMAT = 1
+NO_STATE = "the checkpoint holds no lsh_moe plugin state (saved without the plugin, or by a version before it kept one)"
+_FRESH = ("the plugin's per-layer state starts fresh (forward counts from 0, no slot need recorded, decide_by_cost "
+          "measures again)")
+
+logger = logging.getLogger("lshmoe_plugin")
+
+
+class LSHMoEStateError(ValueError):
+    """Plugin state that cannot belong to this run; the message says what differs."""
+
+
+class Restore(NamedTuple):
+    """What a load restores: each layer's state by index (empty when fresh), and the line to log."""
+    layers: Dict[int, dict]
+    message: str
+    fresh: bool
+
+
+def layer_states(framework: str, config, moe_layers: Sequence[int], layers: Mapping[int, dict]) -> dict:
+    """One patch's state: the settings it was made under, the indices of the model's MoE layers on this rank (empty:
+    the model was not given to `enable`), and each compressing layer's `LSHCompressor.state_dict`."""
+    return {"format": FORMAT, "framework": framework, "settings": config.to_dict(), "moe_layers": list(moe_layers),
+            "layers": {int(index): layers[index] for index in sorted(layers)}}
+
+
+def changed_settings(saved: Mapping[str, Any], config) -> Dict[str, Tuple[Any, Any]]:
+    """key: (saved, current) for every lsh_moe key that differs; ``compress_in_eval`` changes no training forward.
+    A key the saving version did not have counts as its default (a newer version's key left at it changes nothing)."""
+    current = config.to_dict()
+    saved = {**type(config)(enabled=True).to_dict(), **saved}
+    return {key: (saved.get(key), current.get(key)) for key in sorted(set(saved) | set(current))
+            if key != "compress_in_eval" and saved.get(key) != current.get(key)}
+
+
+def fresh(why: str = NO_STATE) -> Restore:
+    return Restore({}, f"lsh_moe: {why}; {_FRESH}", True)
+
+
+def layers_to_restore(state: Optional[Mapping[str, Any]], framework: str, config,
+                      moe_layers: Sequence[int]) -> Restore:
+    """Check a saved `layer_states` against the running patch (`framework`, `config`, the indices of the model's MoE
+    layers, empty if unknown); raises `LSHMoEStateError` for a state of another format, framework or model."""
+    if state is None:
+        return fresh()
+    if not isinstance(state, Mapping) or state.get("format") != FORMAT:
+        found = state.get("format") if isinstance(state, Mapping) else type(state).__name__
+        raise LSHMoEStateError(f"{STATE_KEY}: format {found!r} is not one this version reads (allowed: {FORMAT}); "
+                               f"a checkpoint of a newer lshmoe-plugin needs that version")
+    if state["framework"] != framework:
+        raise LSHMoEStateError(f"{STATE_KEY}: the state was saved by the {state['framework']!r} patch, this is the "
+                               f"{framework!r} one; load it with framework={state['framework']!r}")
+    changed = changed_settings(state["settings"], config)
+    if changed:
+        diff = ", ".join(f"{key} {json.dumps(old)} -> {json.dumps(new)}" for key, (old, new) in changed.items())
+        return fresh(f"the checkpoint's plugin state was saved under other lsh_moe settings ({diff}), and a run that "
+                     f"changes its settings goes on as another run")
+    layers = {int(index): layer for index, layer in state["layers"].items()}
+    saved_layers, moe_layers = list(state["moe_layers"]), list(moe_layers)
+    if moe_layers and (saved_layers and saved_layers != moe_layers or not set(layers) <= set(moe_layers)):
+        raise LSHMoEStateError(f"{STATE_KEY}: the state is of a model with MoE layers {saved_layers or 'unknown'} "
+                               f"(state of layers {sorted(layers)}), this model has MoE layers {moe_layers}: it "
+                               f"belongs to another model. Allowed: the state saved by a run of this model, or none "
+                               f"(then {_FRESH})")
+    return Restore(layers, f"lsh_moe: restored the plugin's state of MoE layer(s) {sorted(layers)} from the "
+                           f"checkpoint (forward counts, slot budgets, decide_by_cost decisions)", False)
+
+
+def log_restore(restore: Restore) -> None:
+    """The load's line, from rank 0 only (the ranks load alike): WARNING when the state starts fresh, since the run
+    then samples and sizes otherwise than the uninterrupted one would, INFO when restored."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return
+    logger.log(logging.WARNING if restore.fresh else logging.INFO, restore.message)
