@@ -25,9 +25,10 @@ def test_cuda_codec_gives_the_cpus_bits(block, dtype):
     assert torch.equal(fmt.decode(on_gpu, 1024, dtype).cpu(), fmt.decode(on_cpu, 1024, dtype))
 
 
-def test_codec_never_synchronises_and_replays_from_a_cuda_graph():
-    fmt = wire.FP8E4M3(128)
-    static = heavy_tailed(8, 64, 1024, seed=5).to(torch.bfloat16).cuda()
+def check_sync_free_and_replayable(fmt, static, fresh, expected_format=None):
+    """`fmt` sends `static` (CUDA rows) without a device-to-host synchronisation, and a CUDA graph captured on it
+    returns what eager sending gives, then, after `fresh` is copied in and the graph replayed, what
+    `expected_format` (default `fmt`) gives for `fresh`."""
     torch.cuda.set_sync_debug_mode("error")  # any device-to-host synchronisation raises
     try:
         eager = wire.send(fmt, static, lambda buffer: buffer)
@@ -43,10 +44,15 @@ def test_codec_never_synchronises_and_replays_from_a_cuda_graph():
         captured = wire.send(fmt, static, lambda buffer: buffer)
     graph.replay()
     assert torch.equal(captured, eager)
-    fresh = heavy_tailed(8, 64, 1024, seed=6).to(torch.bfloat16).cuda()
     static.copy_(fresh)
     graph.replay()
-    assert torch.equal(captured, wire.send(fmt, fresh, lambda buffer: buffer))
+    assert torch.equal(captured, wire.send(expected_format or fmt, fresh, lambda buffer: buffer))
+
+
+def test_codec_never_synchronises_and_replays_from_a_cuda_graph():
+    static = heavy_tailed(8, 64, 1024, seed=5).to(torch.bfloat16).cuda()
+    fresh = heavy_tailed(8, 64, 1024, seed=6).to(torch.bfloat16).cuda()
+    check_sync_free_and_replayable(wire.FP8E4M3(128), static, fresh)
 
 
 @pytest.mark.parametrize("check", [ds_wire.check_wire_formats, ds_wire.check_lsh_with_fp8,

@@ -136,27 +136,10 @@ def test_the_format_runs_the_fused_kernels_unless_kernel_is_torch(kernel, fused,
 
 @on_cuda
 def test_fused_codec_never_synchronises_and_replays_from_a_cuda_graph():
-    fmt = wire.wire_format("fp8_e4m3", 128, kernel="triton")
-    static = edge_rows(1024, torch.bfloat16)[8:]  # finite rows: NaN != NaN would fail the equality below
-    torch.cuda.set_sync_debug_mode("error")  # any device-to-host synchronisation raises
-    try:
-        eager = wire.send(fmt, static, lambda buffer: buffer)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up off the default stream, as capture requires
-        wire.send(fmt, static, lambda buffer: buffer)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = wire.send(fmt, static, lambda buffer: buffer)
-    graph.replay()
-    assert torch.equal(captured, eager)
+    from test_wire_cuda import check_sync_free_and_replayable
+    static = edge_rows(1024, torch.bfloat16)[8:]  # finite rows: NaN != NaN would fail the equalities
     fresh = (heavy_tailed(29, 1024, seed=9) / 64).to(torch.bfloat16).to(DEVICE)
-    static.copy_(fresh)
-    graph.replay()
-    assert torch.equal(captured, wire.send(reference(128), fresh, lambda buffer: buffer))
+    check_sync_free_and_replayable(wire.wire_format("fp8_e4m3", 128, kernel="triton"), static, fresh, reference(128))
 
 
 def test_a_buffer_of_the_wrong_width_is_refused():
