@@ -326,9 +326,7 @@ def choose(frontier: Frontier, speedups: Dict[str, Speedup]) -> Choice:
     smallest gap); if none passes, the one with the shortest modelled time to stock's final loss; else none, and
     why. `speedups` by candidate name: only the fallback reads them."""
     passing = [c for c in frontier.candidates if c.passes]
-    others = [b.name for b in TESTBEDS.values() if b.name != frontier.bed.name]
-    shapes = (f" The rule asks this of every shape: `{frontier.bed.name}` is one; {', '.join(f'`{n}`' for n in others)}"
-              f" {'are' if len(others) > 1 else 'is'} still to measure.") if others else ""
+    shapes = _scope(frontier.bed)
     if passing:
         best = min(passing, key=lambda c: (c.result.bytes_ratio, abs(c.gap)))
         lengths = best.verdicts[CRITERIA[4]].detail
@@ -363,6 +361,17 @@ def choose(frontier: Frontier, speedups: Dict[str, Speedup]) -> Choice:
         f"{ratio:.3f}x stock's tokens to stock's final loss (measured) at a step speed-up of {step.value:.3f} "
         f"(modelled at {cluster}" + (f" for preset `{step.preset}`" if step.preset else "") + f", `{step.section}`), "
         f"{time:.3f}x stock's time{slower}.") + rest + shapes)
+
+
+def _scope(bed: Testbed) -> str:
+    """What the verdict on one testbed is worth: a GPU shape is one of the shapes the rule asks about; a CPU proxy
+    only orders what the testbed it stands in for screens, and never sets the default."""
+    if bed.proxy_of:
+        return (f" `{bed.name}` is a CPU proxy of `{bed.proxy_of}`: this verdict orders what `{bed.proxy_of}` "
+                f"screens first and sets no default.")
+    others = [b.name for b in TESTBEDS.values() if b.name != bed.name and not b.proxy_of]
+    return (f" The rule asks this of every shape: `{bed.name}` is one; {', '.join(f'`{n}`' for n in others)}"
+            f" {'are' if len(others) > 1 else 'is'} still to measure.") if others else ""
 
 
 def _provisional(candidate: Candidate) -> str:

@@ -120,7 +120,7 @@ def measure(bed: Testbed, concurrencies: Sequence[int], steps: int, root: str, d
     schedule shrunk to those steps, which does not change the step time), evaluation at the end only."""
     base = study.StudyPlan(model_kind=bed.model_kind, preset=bed.preset, variants=["stock"], seeds=[1],
                            train_tokens=steps * bed.micro_batch * bed.seq_len(), output_root=root,
-                           base_config=base_config or f"configs/{bed.model_kind}_moe_gpu.json", data=data,
+                           base_config=base_config or bed.config(), data=data,
                            data_prefix=data_prefix, vocab_size=vocab_size, micro_batch=bed.micro_batch,
                            lr=bed.lr, evals=1, eval_tokens=2**16, final_eval_tokens=2**16, eval_compressed="off",
                            save_every=10**9)

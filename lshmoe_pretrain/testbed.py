@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 # The three schedule lengths of the gap-against-length study, as fractions of the long schedule.
 LENGTHS: Tuple[float, ...] = (0.125, 0.5, 1.0)
@@ -32,6 +32,13 @@ class Testbed:
     evals: int = 12          # validation points per run, plus the whole split after the last step
     eval_tokens: int = 2**18
     concurrency: int = 6     # runs trained at once on one H200 (docs/benchmarks.md `testbed_throughput`)
+    base_config: Optional[str] = None   # the DeepSpeed JSON; default configs/{model_kind}_moe_gpu.json
+    # A CPU stand-in names the testbed it stands in for: its runs order what that testbed screens first and say
+    # whether a finding reproduces at another size; they are never a quality claim and set no default.
+    proxy_of: Optional[str] = None
+
+    def config(self) -> str:
+        return self.base_config or f"configs/{self.model_kind}_moe_gpu.json"
 
     def seq_len(self) -> int:
         from .models.config import PRESETS
@@ -60,6 +67,13 @@ TESTBEDS: Dict[str, Testbed] = {t.name: t for t in (
             "T5-MoE (span corruption, d_model 256, MoE in encoder and decoder): T5's 'below stock' has never been "
             "checked past 600 steps",
             "t5", "t5-moe-26m", micro_batch=32, steps=3663),
+    Testbed("gpt-mini-long-cpu",
+            "CPU proxy of gpt-25m-long: GPT-MoE `mini-moe` (d_model 128, 2 MoE layers of 8 experts, top-2, 3.2M "
+            "parameters) in bf16 on 1,024 tokens per step over the same 3,663 steps, 3.75M tokens, about as many "
+            "per parameter as gpt-25m-long's 30M are for its 25M; two runs at once finish in about 10 minutes on a "
+            "2-core CPU. It orders what the GPU testbed screens; it is not a quality claim",
+            "gpt", "mini-moe", micro_batch=4, steps=3663, lr=1e-3, eval_tokens=2**16, concurrency=2,
+            base_config="configs/gpt_moe_cpu_bf16.json", proxy_of="gpt-25m-long"),
 )}
 
 

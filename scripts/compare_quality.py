@@ -199,7 +199,7 @@ def study_plans(args: argparse.Namespace) -> list:
     return [study.StudyPlan(model_kind=bed.model_kind, preset=bed.preset, train_tokens=bed.tokens_at(length),
                             output_root=beds.length_root(args.root, bed, length), micro_batch=bed.micro_batch,
                             lr=bed.lr, evals=bed.evals, eval_tokens=bed.eval_tokens,
-                            base_config=args.base_config or f"configs/{bed.model_kind}_moe_gpu.json",
+                            base_config=args.base_config or bed.config(),
                             concurrency=args.concurrency or bed.concurrency, **common)
             for length in args.lengths]
 

@@ -18,10 +18,10 @@ STOCK = {1: 3.009, 2: 3.0, 3: 2.991}            # mean 3.0, std 0.009: a seed sp
 STOCK_SHORT = {0.125: 4.0, 0.5: 3.5}             # seed 1 at the shorter schedules
 
 
-def write_run(root, length, variant, seed, final, bytes_ratio):
+def write_run(root, length, variant, seed, final, bytes_ratio, bed=BED):
     """One finished run of `STEPS` steps: validation 5.0 at step 10 and `final` at the last step, and the
     telemetry's mean bytes ratio on every step (none for stock, whose plugin is off)."""
-    run_dir = os.path.join(beds.length_root(root, BED, length), "gpt", variant, f"seed{seed}")
+    run_dir = os.path.join(beds.length_root(root, bed, length), "gpt", variant, f"seed{seed}")
     os.makedirs(run_dir)
     info = {"model_kind": "gpt", "preset": "tiny", "seed": seed, "train_steps": STEPS,
             "tokens_per_step": TOKENS_PER_STEP, "parameters": 3e6, "train_tokens": 10**6, "valid_tokens": 10**4,
@@ -41,18 +41,18 @@ def write_run(root, length, variant, seed, final, bytes_ratio):
             f.write(json.dumps(record) + "\n")
 
 
-def write_study(root, candidates):
+def write_study(root, candidates, bed=BED):
     """Stock (3 seeds at 1x, seed 1 at 0.5x and 0.125x) and each candidate: name -> (gap % at 1x per seed,
     seeds, bytes ratio, {shorter length: gap % of seed 1})."""
     for seed, final in STOCK.items():
-        write_run(root, 1.0, "stock", seed, final, 1.0)
+        write_run(root, 1.0, "stock", seed, final, 1.0, bed)
     for length, final in STOCK_SHORT.items():
-        write_run(root, length, "stock", 1, final, 1.0)
+        write_run(root, length, "stock", 1, final, 1.0, bed)
     for name, (gap, seeds, bytes_ratio, shorter) in candidates.items():
         for seed in seeds:
-            write_run(root, 1.0, name, seed, STOCK[seed] * (1 + gap / 100), bytes_ratio)
+            write_run(root, 1.0, name, seed, STOCK[seed] * (1 + gap / 100), bytes_ratio, bed)
         for length, short_gap in shorter.items():
-            write_run(root, length, name, 1, STOCK_SHORT[length] * (1 + short_gap / 100), bytes_ratio)
+            write_run(root, length, name, 1, STOCK_SHORT[length] * (1 + short_gap / 100), bytes_ratio, bed)
 
 
 FLAT = {0.125: 0.1, 0.5: 0.1}
@@ -116,6 +116,18 @@ def test_the_rule_chooses_the_passing_candidate_without_any_step_time(one_failur
         "bytes; of the 1 candidate that pass")
     assert "`gpt-72m-long`, `t5-26m-long` are still to measure" in choice.text
     assert "provisional" not in choice.text
+
+
+def test_a_cpu_proxy_orders_the_screen_and_sets_no_default(tmp_path):
+    proxy = beds.TESTBEDS["gpt-mini-long-cpu"]
+    root = str(tmp_path)
+    write_study(root, ONE_FAILURE_EACH, bed=proxy)
+    found = frontiers.collect(root, proxy)
+    choice = frontiers.choose(found, frontiers.speedups_for(found, "unused.md"))
+    assert choice.chosen.name == "fp8_fwd_fp4_grad"
+    assert choice.text.endswith("`gpt-mini-long-cpu` is a CPU proxy of `gpt-25m-long`: this verdict orders what "
+                                "`gpt-25m-long` screens first and sets no default.")
+    assert "still to measure" not in choice.text
 
 
 def test_of_several_passing_the_fewest_bytes_is_chosen(tmp_path):

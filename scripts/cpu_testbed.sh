@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The CPU proxy of the long-schedule testbed (`gpt-mini-long-cpu` in lshmoe_pretrain/testbed.py): GPT-MoE
+# `mini-moe` in bf16, 1,024 tokens per step over gpt-25m-long's 3,663 steps, two runs at once, EP=1. About 10
+# minutes per pair of runs on a quiet 2-core machine. What it finds orders what the GPU testbed screens first; it
+# is not a quality claim (docs/quality.md says which sections are the proxy's).
+#
+#   bash scripts/cpu_testbed.sh [BATCH ...]      # batches below; default: paper candidates seeds lengths
+#
+# Runs found finished are skipped, so the script can be stopped and run again. The corpus is built first if it is
+# missing (~30 s).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1
+# Its own JIT build of DeepSpeed's CPU comm op: other checkouts' environments rebuild (and lock) the default one.
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/runs/torch_extensions}
+DATA=.device_data/python_code_4k
+[ -f "$DATA.bin" ] || python scripts/preprocess_data.py --input python-code --max_tokens 12e6 --vocab_size 4096 \
+    --output_prefix "$DATA"
+ROOT=${ROOT:-runs/cpu_testbed}
+bed() { python scripts/compare_quality.py run --testbed gpt-mini-long-cpu --data_prefix "$DATA" --vocab_size 4096 \
+            --root "$ROOT" "$@"; }
+
+batch() {
+    case "$1" in
+        paper) bed --seeds 1 --variants stock lsh ;;
+        candidates) bed --seeds 1 --variants fp8_both_e8m0 fp8_fwd_fp4_grad fp4_both bounded_0.1 ;;
+        seeds) bed --seeds 2 3 --variants stock ;;
+        lengths) bed --lengths 0.125 0.5 --seeds 1 --variants stock lsh ;;
+        controls) bed --seeds 1 --variants rate_1.0 lsh_no_ec ;;
+        more) bed --seeds 1 --variants fp8_dispatch fp4_dispatch bounded_0.2 bounded_0.1_fp8 ;;
+        *) echo "unknown batch $1; allowed: paper candidates seeds lengths controls more"; return 2 ;;
+    esac
+}
+
+for name in "${@:-paper candidates seeds lengths}"; do
+    for b in $name; do batch "$b"; done
+done
