@@ -57,6 +57,8 @@ def collect(root: str, bed: Testbed, variants: Sequence[str]) -> List[LengthRow]
                               {v: r for v, r in found.items() if r is not None}))
     if not rows:
         raise study.StudyError(f"no finished stock runs under {os.path.join(root, bed.name)}/x*")
+    study.check_one_corpus({f"x{row.length:g}/{result.name}": result.info.get("data_sha256")
+                            for row in rows for result in (row.stock, *row.variants.values())})
     return rows
 
 

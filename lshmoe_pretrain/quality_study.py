@@ -457,11 +457,26 @@ def load_variant(root: str, model_kind: str, variant: str, partial: bool = False
                            if "lsh_moe/mean/relative_residual_norm" in r]
         if residual_values:
             residuals.append(statistics.fmean(residual_values))
+    check_one_corpus({f"{variant}/seed{seed}": run_info.get("data_sha256")
+                      for seed, (_, run_info, _, _) in curves.items()})
     errors = output_errors([records for _, _, _, records in curves.values()])
     return VariantResult(variant, seeds, token_axis, valid, compressed,
                          statistics.fmean(rates) if rates else None, statistics.fmean(byte_ratios),
                          statistics.fmean(residuals) if residuals else None, statistics.median(steps_ms), info,
                          errors)
+
+
+def check_one_corpus(digests: Dict[str, Optional[str]]) -> None:
+    """Refuse to compare runs trained on two corpora: `digests` maps a run's name to its run.json data_sha256 (None
+    for runs from before 2026-12-05, which did not record it: their corpus is unknown, so they compare only with
+    each other)."""
+    found = set(digests.values())
+    if len(found) > 1:
+        by_corpus = {}
+        for name, digest in digests.items():
+            by_corpus.setdefault(digest[:12] if digest else "not recorded", []).append(name)
+        raise StudyError("these runs trained on different corpora (run.json data_sha256) and cannot be compared: "
+                         + "; ".join(f"{digest}: {', '.join(names)}" for digest, names in by_corpus.items()))
 
 
 def bytes_ratio(records: List[dict], run_info: dict) -> float:
@@ -522,6 +537,7 @@ def aggregate(root: str, model_kind: str, variants: Sequence[str], partial: bool
     if not results:
         raise StudyError(f"no {'evaluated' if partial else 'finished'} runs under {os.path.join(root, model_kind)} "
                          f"for variants {list(variants)}")
+    check_one_corpus({r.name: r.info.get("data_sha256") for r in results})
     length = min(len(r.tokens) for r in results)
     for r in results:
         if r.tokens[:length] != results[0].tokens[:length]:

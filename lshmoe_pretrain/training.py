@@ -31,6 +31,7 @@ from .data import (
     T5Samples,
     cached_preprocess,
     check_vocabulary,
+    corpus_digest,
     load_tokenizer,
     special_ids,
     train_valid_split,
@@ -210,6 +211,7 @@ class PretrainData:
     valid: object
     vocab_size: int
     pad_id: int
+    digest: str            # corpus_digest of the tokenized corpus: run.json's data_sha256
 
 
 def load_data(args: argparse.Namespace) -> PretrainData:
@@ -234,7 +236,8 @@ def load_data(args: argparse.Namespace) -> PretrainData:
         samples = (GPTSamples(train, seq_len), GPTSamples(valid, seq_len))
     else:
         samples = tuple(T5Samples(s, seq_len, special["sentinels"], special["eos"], args.seed) for s in (train, valid))
-    return PretrainData(samples[0], samples[1], tokenizer.get_vocab_size(), special["pad"])
+    return PretrainData(samples[0], samples[1], tokenizer.get_vocab_size(), special["pad"],
+                        corpus_digest(prefix, tokenizer_path))
 
 
 def train(engine, data: PretrainData, args: argparse.Namespace) -> Dict[str, float]:
@@ -361,7 +364,8 @@ def write_run_info(engine, data: PretrainData, args: argparse.Namespace, world: 
     info = {"model_kind": args.model_kind, "preset": args.preset, "seed": args.seed, "world_size": world,
             "ep_size": args.ep_size, "train_steps": args.train_steps, "tokens_per_step": tokens_per_step,
             "parameters": sum(p.numel() for p in engine.module.parameters()), "device": device,
-            "data": args.data_prefix or args.data, "train_tokens": int(len(data.train.stream)),
+            "data": args.data_prefix or args.data, "data_sha256": data.digest,
+            "train_tokens": int(len(data.train.stream)),
             "valid_tokens": int(len(data.valid.stream)), "vocab_size": data.vocab_size,
             "lsh_moe": args.lsh.to_dict(), "diagnostic": args.diagnostic,
             "eval_samples": {"point": args.eval_points_samples, "final": args.final_eval_samples},

@@ -4,18 +4,21 @@
 # minutes per pair of runs on a quiet 2-core machine. What it finds orders what the GPU testbed screens first; it
 # is not a quality claim (docs/quality.md says which sections are the proxy's).
 #
-#   bash scripts/cpu_testbed.sh [BATCH ...]      # batches below; default: paper candidates seeds lengths
+#   bash scripts/cpu_testbed.sh [BATCH ...]      # batches below; default: all, in this order
 #
 # Runs found finished are skipped, so the script can be stopped and run again. The corpus is built first if it is
-# missing (~30 s).
+# missing (~1 minute).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1
 # Its own JIT build of DeepSpeed's CPU comm op: other checkouts' environments rebuild (and lock) the default one.
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/runs/torch_extensions}
-DATA=.device_data/python_code_4k
-[ -f "$DATA.bin" ] || python scripts/preprocess_data.py --input python-code --max_tokens 12e6 --vocab_size 4096 \
-    --output_prefix "$DATA"
+# The pinned corpus (lshmoe_pretrain/data/corpus.py): the same bytes in every session, checked against its hashes.
+DATA=.device_data/python_code_pinned_4k
+[ -f "$DATA.bin" ] || python scripts/preprocess_data.py --input python-code-pinned --max_tokens 12e6 \
+    --vocab_size 4096 --output_prefix "$DATA"
+(cd "$(dirname "$DATA")" && sha256sum --quiet -c ../docs/records/corpus_python_code_pinned_4k.sha256) \
+    || { echo "$DATA is not the proxy's corpus (docs/records/corpus_python_code_pinned_4k.sha256)"; exit 1; }
 ROOT=${ROOT:-runs/cpu_testbed}
 bed() { python scripts/compare_quality.py run --testbed gpt-mini-long-cpu --data_prefix "$DATA" --vocab_size 4096 \
             --root "$ROOT" "$@"; }
@@ -28,10 +31,13 @@ batch() {
         lengths) bed --lengths 0.125 0.5 --seeds 1 --variants stock lsh ;;
         controls) bed --seeds 1 --variants rate_1.0 lsh_no_ec ;;
         more) bed --seeds 1 --variants fp8_dispatch fp4_dispatch bounded_0.2 bounded_0.1_fp8 ;;
-        *) echo "unknown batch $1; allowed: paper candidates seeds lengths controls more"; return 2 ;;
+        # a stock run of its own that saves its MoE layers' dispatched tokens and experts at 10%, 50% and the
+        # end, for scripts/compressibility.py (docs/compressibility.md)
+        captures) bed --seeds 4 --variants stock --capture_at 0.1 0.5 1 --capture_run stock/4 ;;
+        *) echo "unknown batch $1; allowed: paper candidates seeds lengths controls more captures"; return 2 ;;
     esac
 }
 
-for name in "${@:-paper candidates seeds lengths}"; do
+for name in "${@:-paper seeds candidates lengths captures controls more}"; do
     for b in $name; do batch "$b"; done
 done

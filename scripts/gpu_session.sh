@@ -35,10 +35,9 @@
 #         TESTBED_SEEDS, CONCURRENCY, CAPTURE_AT ("0.1 0.5 1": the CAPTURE_RUN run, default stock/1, saves captures),
 #         TESTBED_ROOT)
 #       | poll:<seconds> (wait while a testbed-bg study runs, at most that long; its records come back each time)
-# The quality studies read a corpus carried as .device_data/python_code.{bin,idx,tokenizer.json} (or .device_corpus,
-# the testbed's compressed copy: below) when there is one
-# (scripts/preprocess_data.py --input python-code --max_tokens 25e6 --vocab_size 16384 --output_prefix
-# .device_data/python_code, built on the CPU machine); otherwise they tokenize the python-code corpus here.
+# The quality studies read the pinned corpus carried as .device_corpus (scripts/prepare_gpu_carry.sh builds it on the
+# CPU machine: python-code-pinned, the same bytes in every session); otherwise they tokenize the python-code corpus
+# here, whose runs compare with no other machine's.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_session_out}
 mkdir -p "$OUT/logs"
@@ -70,26 +69,22 @@ BACKGROUND_PIDS=()
 if [ ! -d "$QUALITY_ROOT" ] && [ -f .device_state/quality_runs.tgz ]; then
     tar xzf .device_state/quality_runs.tgz -C /root
 fi
-# The study corpus: .device_data/python_code.* as built, or the testbed's compressed copy (.device_corpus: the .bin
-# as xz, 16 MB instead of 48, so that it travels beside the wheels and a study's records within the carry limit),
-# unpacked once per machine into /root/data. Either is checked against the testbed's hashes
-# (docs/records/corpus_python_code.sha256): runs on two corpora are not comparable.
+# The study corpus: the pinned corpus's compressed copy (.device_corpus: the .bin as xz, so that it travels beside
+# the wheels and a study's records within the carry limit), unpacked once per machine into /root/data and checked
+# against its hashes (docs/records/corpus_python_code_pinned.sha256): runs on two corpora are not comparable, and
+# every run records its corpus's digest (run.json data_sha256), which the reports check.
 DATA=()
-if [ -f .device_data/python_code.bin ]; then
-    DATA=(--data_prefix .device_data/python_code)
-elif [ -f .device_corpus/python_code.bin.xz ]; then
-    if [ ! -f /root/data/python_code.bin ]; then
-        mkdir -p /root/data && cp .device_corpus/python_code.idx .device_corpus/python_code.tokenizer.json /root/data/ \
+if [ -f .device_corpus/python_code_pinned.bin.xz ]; then
+    if [ ! -f /root/data/python_code_pinned.bin ]; then
+        mkdir -p /root/data && cp .device_corpus/python_code_pinned.idx .device_corpus/python_code_pinned.tokenizer.json \
+                /root/data/ \
             && python3 -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" \
-                .device_corpus/python_code.bin.xz /root/data/python_code.bin.part \
-            && mv /root/data/python_code.bin.part /root/data/python_code.bin || exit 1
+                .device_corpus/python_code_pinned.bin.xz /root/data/python_code_pinned.bin.part \
+            && mv /root/data/python_code_pinned.bin.part /root/data/python_code_pinned.bin || exit 1
     fi
-    DATA=(--data_prefix /root/data/python_code)
-fi
-if [ ${#DATA[@]} -gt 0 ]; then
-    hashes=$PWD/docs/records/corpus_python_code.sha256
-    (cd "$(dirname "${DATA[1]}")" && sha256sum --quiet -c "$hashes") \
-        || { echo "the corpus at ${DATA[1]} is not the testbed's (docs/records/corpus_python_code.sha256)"; exit 1; }
+    DATA=(--data_prefix /root/data/python_code_pinned)
+    (cd /root/data && sha256sum --quiet -c "$PWD/docs/records/corpus_python_code_pinned.sha256") \
+        || { echo "the corpus in /root/data is not the pinned one (docs/records/corpus_python_code_pinned.sha256)"; exit 1; }
 fi
 quality() {  # quality:<study>:<seconds>
     local study=$1 seconds=$2 common=(--root "$QUALITY_ROOT" --deadline_s "$seconds" "${DATA[@]}")

@@ -131,3 +131,28 @@ def test_unreadable_tokenizer_file_names_the_file(tmp_path, tokenizer_file):
     truncated.write_bytes(open(tokenizer_file, "rb").read()[:500])
     with pytest.raises(CorpusError, match=rf"tokenizer file '{truncated}' is not a readable tokenizers JSON file"):
         load_tokenizer(str(truncated))
+
+
+def test_the_pinned_code_corpus_reads_only_the_stdlib_and_torch_and_refuses_other_versions(monkeypatch):
+    import sys
+    import sysconfig
+
+    import torch
+
+    from lshmoe_pretrain.data import corpus
+    if corpus.pinned_versions_found() != corpus.PINNED_VERSIONS:
+        pytest.skip(f"not the pinned versions: {corpus.pinned_versions_found()}")
+    files = corpus.python_source_files(pinned=True)
+    paths = [path for _, path in files]
+    torch_root = os.path.dirname(torch.__file__)
+    stdlib = sysconfig.get_paths()["stdlib"]
+    assert all(p.startswith(torch_root + os.sep) or p.startswith(stdlib + os.sep) for p in paths)
+    assert not any(f"{os.sep}site-packages{os.sep}" in p for p in paths if not p.startswith(torch_root + os.sep))
+    assert any(p.startswith(torch_root + os.sep) for p in paths) and os.path.join(stdlib, "os.py") in paths
+    assert [digest for digest, _ in files] == sorted(digest for digest, _ in files)
+    # the unpinned corpus also reads every other installed package: this one is a strict part of it
+    assert {digest for digest, _ in files} < {digest for digest, _ in corpus.python_source_files()}
+    monkeypatch.setattr(sys, "version_info", (3, 12, 1, "final", 0))
+    with pytest.raises(CorpusError, match="python-code-pinned is read from Python 3.11.7 and torch 2.13.0; "
+                                          "found Python 3.12.1"):
+        list(corpus.documents("python-code-pinned"))

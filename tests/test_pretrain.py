@@ -1,6 +1,7 @@
 """The pretraining scripts end to end, through the real `deepspeed` launcher with 2 CPU ranks (gloo, EP=2):
 loss falls on real text, metrics reach metrics.jsonl and DeepSpeed's csv monitor, a resumed run continues
 exactly, and bad inputs fail with messages that name the problem."""
+import glob
 import json
 import math
 import os
@@ -90,7 +91,18 @@ def test_t5_pretraining_with_lsh_switched_off_from_the_command_line(tmp_path, ca
     with open(os.path.join(ROOT, "configs", "t5_moe_cpu_lsh.json")) as f:
         assert json.load(f)["lsh_moe"]["enabled"] is True
     with open(tmp_path / "run.json") as f:
-        assert json.load(f)["lsh_moe"]["enabled"] is False  # the override won over the JSON
+        info = json.load(f)
+    assert info["lsh_moe"]["enabled"] is False  # the override won over the JSON
+    # the corpus the run read, by content: the digest of one of the tokenized corpora in the cache
+    from lshmoe_pretrain.data import corpus_digest
+    cached = []
+    for entry in glob.glob(os.path.join(str(cache_dir), "*.json")):
+        if entry.endswith(".tokenizer.json"):
+            continue
+        with open(entry) as f:
+            prepared = json.load(f)
+        cached.append(corpus_digest(prepared["prefix"], prepared["tokenizer_path"]))
+    assert info["data_sha256"] in cached, (info["data_sha256"], cached)
 
 
 def checkpoint_tensors(run_dir):

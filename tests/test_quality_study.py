@@ -11,7 +11,7 @@ from lshmoe_pretrain import quality_study as study
 TOKENS_PER_STEP = 1000
 
 
-def write_run(root, variant, seed, losses, train_steps, eval_every=10):
+def write_run(root, variant, seed, losses, train_steps, eval_every=10, data_sha256=None):
     run_dir = os.path.join(root, "gpt", variant, f"seed{seed}")
     os.makedirs(run_dir)
     info = {"model_kind": "gpt", "preset": "tiny", "train_steps": train_steps, "tokens_per_step": TOKENS_PER_STEP,
@@ -19,6 +19,8 @@ def write_run(root, variant, seed, losses, train_steps, eval_every=10):
             "ep_size": 1, "world_size": 1, "device": "cpu", "torch": "x",
             "lsh_moe": {"compression_rate": 0.2, "num_hashes": 6, "hash_type": "cross_polytope", "hash_dim": 8,
                         "error_compensation": True}}
+    if data_sha256 is not None:
+        info["data_sha256"] = data_sha256
     with open(os.path.join(run_dir, "run.json"), "w") as f:
         json.dump(info, f)
     with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
@@ -45,6 +47,24 @@ def test_partial_runs_are_compared_at_the_evaluations_all_of_them_reached(tmp_pa
     # means 4.1 vs 4.0: -2.44%; per seed -2.5% and -2.38%
     assert "| lsh | 2 | 4.0000 ± 0.1414 | -2.44% | -2.44% ± 0.08% |" in table
     assert study.tokens_to_reach(lsh, 4.1) == pytest.approx(10000 + 10000 * (5.05 - 4.1) / (5.05 - 4.0))
+
+
+def test_runs_of_two_corpora_are_never_compared(tmp_path):
+    root = str(tmp_path)
+    write_run(root, "stock", 1, [5.0, 4.0], train_steps=20, data_sha256="a" * 64)
+    write_run(root, "lsh", 1, [5.0, 4.1], train_steps=20, data_sha256="a" * 64)
+    assert [r.name for r in study.aggregate(root, "gpt", ["stock", "lsh"])] == ["stock", "lsh"]
+    write_run(root, "fp8_both", 1, [5.0, 4.0], train_steps=20, data_sha256="b" * 64)
+    write_run(root, "rate_1.0", 1, [5.0, 4.0], train_steps=20)  # from before runs recorded their corpus
+    with pytest.raises(study.StudyError, match="different corpora .* aaaaaaaaaaaa: stock, lsh; bbbbbbbbbbbb: "
+                                               "fp8_both"):
+        study.aggregate(root, "gpt", ["stock", "lsh", "fp8_both"])
+    with pytest.raises(study.StudyError, match="aaaaaaaaaaaa: stock; not recorded: rate_1.0"):
+        study.aggregate(root, "gpt", ["stock", "rate_1.0"])
+    write_run(root, "lsh_no_ec", 1, [5.0, 4.0], train_steps=20, data_sha256="a" * 64)
+    write_run(root, "lsh_no_ec", 2, [5.0, 4.0], train_steps=20, data_sha256="b" * 64)
+    with pytest.raises(study.StudyError, match="lsh_no_ec/seed1.*bbbbbbbbbbbb: lsh_no_ec/seed2"):
+        study.load_variant(root, "gpt", "lsh_no_ec")
 
 
 def test_time_to_target_combines_measured_token_and_step_rates(tmp_path):

@@ -3,8 +3,13 @@
 Every source yields documents (strings). Two corpora need nothing beyond the Python installation itself:
 - ``python-docs`` (default, small): the Python Language Reference topics that ship in the stdlib for ``help()``
   (``pydoc_data.topics``, ~800 KB of English prose and code), optionally followed by stdlib module docstrings;
-- ``python-code`` (large, for quality studies): the source files of the running interpreter's stdlib and
-  site-packages, code with its docstrings and comments, deduplicated by content (see `python_sources`).
+- ``python-code`` (large): the source files of the running interpreter's stdlib and site-packages, code with its
+  docstrings and comments, deduplicated by content (see `python_sources`). What it holds drifts with every package
+  installed or upgraded, so a corpus built from it cannot be built again later;
+- ``python-code-pinned`` (large, for quality studies): the same kind of text from sources fixed by version: the
+  interpreter's own standard library (no site-packages) and torch's Python sources, refused unless both are the
+  versions in `PINNED_VERSIONS`. Built again on another day it is the same corpus, byte for byte, so studies of
+  several sessions share one (docs/records/corpus_*.sha256 hold its hashes).
 """
 from __future__ import annotations
 
@@ -19,6 +24,9 @@ from typing import Iterator, List, Sequence, Tuple
 
 DEFAULT_CORPUS = "python-docs"
 CODE_CORPUS = "python-code"
+PINNED_CODE_CORPUS = "python-code-pinned"
+# The versions the pinned corpus is read from: the CPU machine's interpreter and the README's torch pin.
+PINNED_VERSIONS = {"python": "3.11.7", "torch": "2.13.0"}
 HF_PREFIX = "hf:"
 # The code corpus takes files in content-hash order up to this many bytes: a fixed size on every machine (a GPU
 # image holds far more packages than a plugin install) that tokenizes in minutes and gives ~60M+ tokens.
@@ -52,17 +60,19 @@ def _stdlib_docstrings() -> Iterator[str]:
             yield doc
 
 
-def python_source_files(max_file_bytes: int = CODE_FILE_MAX_BYTES) -> List[Tuple[str, str]]:
-    """(sha256, path) of every distinct .py file under the stdlib and site-packages, sorted by hash.
+def python_source_files(max_file_bytes: int = CODE_FILE_MAX_BYTES, pinned: bool = False) -> List[Tuple[str, str]]:
+    """(sha256, path) of every distinct .py file under the stdlib and site-packages (`pinned`: under the stdlib
+    without its site-packages, and torch), sorted by hash.
 
     Identical files (vendored copies, the same package in two places) count once. Sorting by content hash gives a
     fixed pseudo-random order that mixes packages, so any prefix of it, and the validation tail, is a sample of all
     of them rather than a few packages.
     """
     by_hash = {}
-    for root in _source_roots():
+    skipped = {"__pycache__", "site-packages", "dist-packages"} if pinned else {"__pycache__"}
+    for root in (_pinned_source_roots() if pinned else _source_roots()):
         for folder, subfolders, files in os.walk(root):
-            subfolders[:] = sorted(d for d in subfolders if d != "__pycache__")
+            subfolders[:] = sorted(d for d in subfolders if d not in skipped)
             for name in files:
                 if not name.endswith(".py"):
                     continue
@@ -82,14 +92,33 @@ def _source_roots() -> List[str]:
     return sorted({sysconfig.get_paths()[key] for key in ("stdlib", "purelib", "platlib")})
 
 
-def python_sources(max_bytes: int = CODE_CORPUS_BYTES) -> Iterator[str]:
-    """The ``python-code`` corpus: distinct .py files of this interpreter, one document each, up to `max_bytes`.
+def pinned_versions_found() -> dict:
+    """The versions of what the pinned corpus reads, as `PINNED_VERSIONS` names them (torch without its local
+    build tag: the CPU and CUDA builds ship the same Python sources)."""
+    import torch
+    return {"python": ".".join(str(part) for part in sys.version_info[:3]),
+            "torch": torch.__version__.split("+")[0]}
 
-    Files that are not valid UTF-8 or are empty are skipped. The result depends on the installed packages: a run
-    prints its size, and docs/quality.md gives the size on the machines it was measured on.
+
+def _pinned_source_roots() -> List[str]:
+    found = pinned_versions_found()
+    if found != PINNED_VERSIONS:
+        raise CorpusError(f"{PINNED_CODE_CORPUS} is read from Python {PINNED_VERSIONS['python']} and torch "
+                          f"{PINNED_VERSIONS['torch']}; found Python {found['python']} and torch {found['torch']}, "
+                          f"whose sources would make another corpus (use {CODE_CORPUS}, or those versions)")
+    import torch
+    return [sysconfig.get_paths()["stdlib"], os.path.dirname(torch.__file__)]
+
+
+def python_sources(max_bytes: int = CODE_CORPUS_BYTES, pinned: bool = False) -> Iterator[str]:
+    """The ``python-code`` corpus (`pinned`: ``python-code-pinned``): distinct .py files, one document each, up to
+    `max_bytes`.
+
+    Files that are not valid UTF-8 or are empty are skipped. Unpinned, the result depends on the installed
+    packages: a run prints its size, and docs/quality.md gives the size on the machines it was measured on.
     """
     total = 0
-    for _, path in python_source_files():
+    for _, path in python_source_files(pinned=pinned):
         with open(path, "rb") as f:
             raw = f.read()
         try:
@@ -170,11 +199,13 @@ def huggingface(name: str, split: str = "train", text_key: str = "text") -> Iter
 
 def documents(source: str, text_key: str = "text") -> Iterator[str]:
     """Documents of `source`: ``python-docs`` (default), ``python-docs+modules``, ``python-code``,
-    ``hf:NAME[:CONFIG]``, or comma-separated local paths."""
+    ``python-code-pinned``, ``hf:NAME[:CONFIG]``, or comma-separated local paths."""
     if source in (DEFAULT_CORPUS, DEFAULT_CORPUS + "+modules"):
         return python_docs(with_module_docstrings=source.endswith("+modules"))
     if source == CODE_CORPUS:
         return python_sources()
+    if source == PINNED_CODE_CORPUS:
+        return python_sources(pinned=True)
     if source.startswith(HF_PREFIX):
         return huggingface(source[len(HF_PREFIX):], text_key=text_key)
     return local_files([p for p in source.split(",") if p], text_key=text_key)

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 from typing import Iterable, List, Tuple
@@ -172,3 +173,14 @@ def check_vocabulary(dataset: IndexedDataset, vocab_size: int, tokenizer_path: s
             f"tokens (ids 0..{vocab_size - 1}): the data was not made with this tokenizer. Pass the tokenizer it "
             f"was built with (--tokenizer), or rebuild the data with scripts/preprocess_data.py --tokenizer "
             f"{tokenizer_path}")
+
+
+def corpus_digest(prefix: str, tokenizer_path: str) -> str:
+    """sha256 over PREFIX.bin, PREFIX.idx and the tokenizer, in that order: which corpus a run trained on, so that
+    runs of two corpora are never compared (their losses are not comparable), whatever the files were called."""
+    digest = hashlib.sha256()
+    for path in (prefix + ".bin", prefix + ".idx", tokenizer_path):
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()
