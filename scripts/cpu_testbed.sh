@@ -20,6 +20,8 @@ DATA=.device_data/python_code_pinned_4k
 (cd "$(dirname "$DATA")" && sha256sum --quiet -c ../docs/records/corpus_python_code_pinned_4k.sha256) \
     || { echo "$DATA is not the proxy's corpus (docs/records/corpus_python_code_pinned_4k.sha256)"; exit 1; }
 ROOT=${ROOT:-runs/cpu_testbed}
+# The candidates within reach of stock after seed 1 (docs/quality.md, section proxy_gpt_mini_x1)
+CANDIDATES=${CANDIDATES:-fp4_both fp8_fwd_fp4_grad}
 bed() { python scripts/compare_quality.py run --testbed gpt-mini-long-cpu --data_prefix "$DATA" --vocab_size 4096 \
             --root "$ROOT" "$@"; }
 
@@ -30,14 +32,17 @@ batch() {
         seeds) bed --seeds 2 3 --variants stock ;;
         lengths) bed --lengths 0.125 0.5 --seeds 1 --variants stock lsh ;;
         controls) bed --seeds 1 --variants rate_1.0 lsh_no_ec ;;
-        more) bed --seeds 1 --variants fp8_dispatch fp4_dispatch bounded_0.2 bounded_0.1_fp8 ;;
+        more) bed --seeds 1 --variants fp8_dispatch fp4_dispatch bounded_0.2 bounded_0.1_fp8 fp8_both ;;
+        # what the frontier's rule asks of a candidate beyond seed 1: seeds 2 and 3, and the shorter schedules
+        candidate-seeds) bed --seeds 2 3 --variants $CANDIDATES ;;
+        candidate-lengths) bed --lengths 0.125 0.5 --seeds 1 --variants $CANDIDATES ;;
         # a stock run of its own that saves its MoE layers' dispatched tokens and experts at 10%, 50% and the
         # end, for scripts/compressibility.py (docs/compressibility.md)
         captures) bed --seeds 4 --variants stock --capture_at 0.1 0.5 1 --capture_run stock/4 ;;
-        *) echo "unknown batch $1; allowed: paper candidates seeds lengths controls more captures"; return 2 ;;
+        *) echo "unknown batch $1; allowed: paper seeds candidates lengths captures controls more candidate-seeds candidate-lengths"; return 2 ;;
     esac
 }
 
-for name in "${@:-paper seeds candidates lengths captures controls more}"; do
+for name in "${@:-paper seeds candidates lengths captures controls more candidate-seeds candidate-lengths}"; do
     for b in $name; do batch "$b"; done
 done
