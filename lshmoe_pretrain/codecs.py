@@ -22,6 +22,7 @@ import torch
 from lshmoe_plugin.compressor import LSHCompressor, fixed_slots
 from lshmoe_plugin.config import LSHMoEConfig
 from lshmoe_plugin.telemetry import Telemetry
+from lshmoe_plugin.wire import wire_format
 
 BF16_BYTES = 2
 SCALE_BYTES = 4          # every scale is one float32
@@ -71,13 +72,26 @@ def fp8_blocks(rows: torch.Tensor, block: int = 128) -> Tuple[torch.Tensor, int]
     return hat, n * (d + SCALE_BYTES * blocks)
 
 
+def wire_rows(rows: torch.Tensor, name: str, block: int, scale: str) -> Tuple[torch.Tensor, int]:
+    """The plugin's own wire format (`lshmoe_plugin.wire`, its PyTorch reference), as training with
+    ``dispatch_dtype: name`` sends a bf16 model's rows: encoded from bf16, decoded back to bf16. rows (N, d) -> (N, d)
+    and the format's bytes, scales included."""
+    fmt = wire_format(name, block, scale, kernel="torch")
+    model_rows = rows.to(torch.bfloat16)
+    hat = fmt.decode(fmt.encode(model_rows), rows.shape[1], torch.bfloat16).float()
+    return hat, fmt.bytes(rows.shape[0], rows.shape[1], torch.bfloat16)
+
+
 def _scale(amax: torch.Tensor, top: float) -> torch.Tensor:
     # An all-zero row (or block) has nothing to scale; any non-zero scale maps it to zeros.
     return torch.where(amax > 0, amax / top, torch.ones_like(amax)).float()
 
 
 ROW_QUANTISERS = {"fp8": fp8_rows, "fp8_block128": fp8_blocks, "int8": lambda r: int_rows(r, 8),
-                  "int4": lambda r: int_rows(r, 4), "int2": lambda r: int_rows(r, 2)}
+                  "int4": lambda r: int_rows(r, 4), "int2": lambda r: int_rows(r, 2),
+                  # the plugin's wire formats as the study's candidates train with them (fp8_both_e8m0, fp4_both)
+                  "fp8_e8m0": lambda r: wire_rows(r, "fp8_e4m3", 128, "e8m0"),
+                  "fp4": lambda r: wire_rows(r, "fp4_e2m1", 32, "e8m0")}
 
 
 def per_token(tokens: torch.Tensor, valid: torch.Tensor, quantiser: str) -> Tuple[torch.Tensor, int]:

@@ -49,6 +49,23 @@ def test_fp8_blocks_scale_each_block_and_count_a_short_last_block():
     assert torch.equal(whole[0, 128:], torch.zeros(2))                 # one scale per row flushes it to zero
 
 
+def test_the_plugins_wire_formats_keep_their_bounds_and_count_their_scales():
+    torch.manual_seed(3)
+    rows = torch.randn(5, 96).to(torch.bfloat16).float()  # what a bf16 model's wire is given
+    for name, fraction, block, bound in (("fp4", (48 + 3) / 192, 32, 2.0 ** -2), ("fp8_e8m0", (96 + 1) / 192, 128,
+                                                                               2.0 ** -4)):
+        hat, nbytes = codecs.ROW_QUANTISERS[name](rows)
+        assert nbytes == round(5 * 192 * fraction), name  # e2m1 two per byte + an e8m0 byte per 32; e4m3 + one byte
+        # each element within `bound` of its block's largest magnitude (plus bf16's rounding of the result)
+        blocks = rows.view(5, -1, min(block, 96))
+        amax = blocks.abs().amax(dim=2, keepdim=True)
+        error = (hat.view_as(blocks) - blocks).abs()
+        assert bool((error <= bound * amax * (1 + 2.0 ** -7) + 1e-30).all()), name
+        assert bool((error > 0).any()), name  # it does round: these are not the rows sent back untouched
+    assert codecs.ROW_QUANTISERS["fp4"](torch.tensor([[6.0, -0.5, 1.5, 0.0] * 8]))[0].tolist() == \
+        [[6.0, -0.5, 1.5, 0.0] * 8]  # E2M1's own values at scale 1 come back exactly
+
+
 def test_per_token_sends_only_real_tokens():
     tokens, valid = dispatch()
     hat, nbytes = codecs.per_token(tokens, valid, "int8")
