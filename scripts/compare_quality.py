@@ -280,10 +280,15 @@ def report(args: argparse.Namespace) -> None:
     print(text)
 
 
+def bed_label(bed) -> str:
+    """How a section names its testbed: a CPU proxy says so in the title, so no one reads it as the testbed."""
+    return f"CPU proxy `{bed.name}` (of `{bed.proxy_of}`, not the testbed)" if bed.proxy_of else f"Testbed `{bed.name}`"
+
+
 def lengths(args: argparse.Namespace) -> None:
     bed = beds.testbed(args.testbed)
     rows = length_study.collect(args.root, bed, args.variants)
-    title = args.title or f"Testbed `{bed.name}`: the final gap as the schedule grows"
+    title = args.title or f"{bed_label(bed)}: the final gap as the schedule grows"
     plot_path = os.path.join(os.path.dirname(args.output) or ".", f"quality_{args.section}.png")
     length_study.plot(rows, args.variants, plot_path, title)
     longest = next(iter(rows[-1].variants.values()), rows[-1].stock)
@@ -305,7 +310,7 @@ def frontier(args: argparse.Namespace) -> None:
     speedups = frontiers.speedups_for(found, args.benchmarks, args.modelled_section)
     choice = frontiers.choose(found, speedups)
     title = (args.title or
-             f"Testbed `{bed.name}`: final gap against all-to-all bytes, and the default by issue 24's rule")
+             f"{bed_label(bed)}: final gap against all-to-all bytes, and the default by issue 24's rule")
     plot_name = f"quality_{args.section}.png"
     text = "\n".join([*section_head(title, args.run_command), frontiers.body(found, choice, speedups, plot_name)])
     print(text)
