@@ -20,9 +20,11 @@ magnitude, with either scale coding (unless amax is so small that the scale clam
 inf poison their block (a loss scaler still sees the overflow).
 
 Gradients (`cross`): straight-through for the rounding; the backward crossing carries the gradient in its own
-format with scales of its own. Shape-static, no host synchronisation (CUDA-graph capturable). ``fp8_e4m3`` with
-float32 scales encodes and decodes on CUDA with the fused kernels of kernels/wire_triton.py (one pass each, the
-reference's bytes), unless ``lsh_moe.kernel`` is ``torch``; PyTorch's reference runs everything else.
+format with scales of its own. Shape-static, no host synchronisation (CUDA-graph capturable). On CUDA both formats,
+with either scale coding, encode and decode with fused kernels (one pass each, the reference's bytes and rows):
+kernels/wire_triton.py for ``fp8_e4m3`` (on GPUs that cast to e4m3, compute capability 8.9 and later) and
+kernels/wire_fp4_triton.py for ``fp4_e2m1`` (any CUDA GPU), for bf16, fp16 and fp32 rows, unless
+``lsh_moe.kernel`` is ``torch``; PyTorch's reference runs everything else.
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
 E2M1_MAX = 6.0  # the largest FP4 E2M1 value
 # The lsh_moe keys of each scaled format: (elements per scale, scale coding).
 FORMAT_KEYS = {"fp8_e4m3": ("fp8_block_size", "fp8_scale"), "fp4_e2m1": ("fp4_block_size", "fp4_scale")}
-FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what kernels/wire_triton.py reads and writes
+FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what the fused kernels (kernels/wire_*triton.py) read
 
 Exchange = Callable[[torch.Tensor], torch.Tensor]  # a plain all-to-all of one buffer along dim 0 (no autograd)
 
@@ -122,10 +124,22 @@ class BlockScaled:
     """What the scaled formats share: one scale per block of `block` elements of a row (None: per row), coded as
     `scale` (a name in SCALES)."""
 
+    kernel = "auto"  # lsh_moe.kernel, set by wire_format: where encode and decode run the fused kernels (ops)
+    KERNELS = ""  # the module of kernels/ with the format's fused encode and decode
+
     def __init__(self, block: Optional[int] = None, scale: str = "float32") -> None:
         if scale not in SCALES:
             raise ValueError(f"scale coding {scale!r}: allowed {list(SCALES)}")
         self.block, self.scale = block, SCALES[scale]
+
+    def _fused(self, tensor: torch.Tensor, dtype: torch.dtype):
+        """The fused kernels' module if they encode or decode `tensor` (model dtype `dtype`), else None: on CUDA
+        unless the kernel is 'torch', for the dtypes they read and write (the reference takes any other dtype and
+        empty tensors), on GPUs the module runs on (its `runs_on`)."""
+        if not (ops.runs_fused(self.kernel, tensor.device) and tensor.numel() > 0 and dtype in FUSED_DTYPES):
+            return None
+        kernels = ops.fused_module(self.KERNELS, self.kernel)
+        return kernels if kernels.runs_on(tensor.device, self.kernel) else None
 
     def blocks(self, d: int) -> int:
         return 1 if self.block is None else math.ceil(d / self.block)
@@ -156,8 +170,7 @@ class FP8E4M3(BlockScaled):
     the bound in its absolute form.
     """
 
-    name = "fp8_e4m3"
-    kernel = "auto"  # lsh_moe.kernel, set by wire_format: where encode and decode run the fused kernels (ops)
+    name, KERNELS = "fp8_e4m3", "wire_triton"
 
     def quantize(self, rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """rows (..., d) -> values float8_e4m3fn (..., d), scales float32 (..., blocks)."""
@@ -174,14 +187,16 @@ class FP8E4M3(BlockScaled):
         return (blocked * scales.unsqueeze(-1)).flatten(-2)[..., :d].to(dtype)
 
     def encode(self, rows: torch.Tensor) -> torch.Tensor:
-        if self._fused(rows, rows.dtype):
-            return ops.fused_module("wire_triton", self.kernel).encode(rows, self.block)
+        fused = self._fused(rows, rows.dtype)
+        if fused:
+            return fused.encode(rows, self.block, self.scale.name)
         values, scales = self.quantize(rows)
         return torch.cat([values.view(torch.uint8), self.scale.pack(scales)], dim=-1)
 
     def decode(self, buffer: torch.Tensor, d: int, dtype: torch.dtype) -> torch.Tensor:
-        if self._fused(buffer, dtype):
-            return ops.fused_module("wire_triton", self.kernel).decode(buffer, d, self.block, dtype)
+        fused = self._fused(buffer, dtype)
+        if fused:
+            return fused.decode(buffer, d, self.block, dtype, self.scale.name)
         values = buffer[..., :d].view(torch.float8_e4m3fn)
         scales = self.scale.unpack(buffer[..., d:])
         return self.dequantize(values, scales, dtype)
@@ -189,17 +204,9 @@ class FP8E4M3(BlockScaled):
     def bytes(self, rows: int, d: int, dtype: torch.dtype) -> int:
         return rows * (d + self.scale.bytes * self.blocks(d))
 
-    def _fused(self, tensor: torch.Tensor, dtype: torch.dtype) -> bool:
-        """Whether the fused kernels encode or decode `tensor` (model dtype `dtype`): on CUDA unless the kernel is
-        'torch', with float32 scales, for the dtypes they read and write (the reference takes e8m0 scales, any other
-        dtype and empty tensors), on GPUs that cast to e4m3 (`wire_triton.runs_on`)."""
-        return (ops.runs_fused(self.kernel, tensor.device) and self.scale.name == "float32" and tensor.numel() > 0
-                and dtype in FUSED_DTYPES
-                and ops.fused_module("wire_triton", self.kernel).runs_on(tensor.device, self.kernel))
-
 
 # Midpoints between neighbouring E2M1 magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6 (codes 0 to 7, in order).
-_E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 
 
 class FP4E2M1(BlockScaled):
@@ -219,7 +226,7 @@ class FP4E2M1(BlockScaled):
     at the midpoint of a binade's first interval: at most 2^-2 / (1 + 2^-2) = 1/5 of |x| for |y| >= 1.
     """
 
-    name = "fp4_e2m1"
+    name, KERNELS = "fp4_e2m1", "wire_fp4_triton"
 
     def __init__(self, block: Optional[int] = 32, scale: str = "e8m0") -> None:
         super().__init__(block, scale)
@@ -231,7 +238,7 @@ class FP4E2M1(BlockScaled):
         scaled = (blocked / scales.unsqueeze(-1)).flatten(-2)[..., :d]
         magnitude = scaled.abs()
         codes = torch.zeros_like(magnitude, dtype=torch.uint8)
-        for i, midpoint in enumerate(_E2M1_MIDPOINTS):
+        for i, midpoint in enumerate(E2M1_MIDPOINTS):
             # the code is how many midpoints lie below; a tie goes to the even one of codes i and i + 1
             codes += (magnitude >= midpoint if i % 2 else magnitude > midpoint).to(torch.uint8)
         return codes | ((scaled < 0).to(torch.uint8) << 3), scales
@@ -245,6 +252,9 @@ class FP4E2M1(BlockScaled):
         return (blocked * scales.unsqueeze(-1)).flatten(-2)[..., :d].to(dtype)
 
     def encode(self, rows: torch.Tensor) -> torch.Tensor:
+        fused = self._fused(rows, rows.dtype)
+        if fused:
+            return fused.encode(rows, self.block, self.scale.name)
         codes, scales = self.quantize(rows)
         if codes.shape[-1] % 2:
             codes = torch.nn.functional.pad(codes, (0, 1))
@@ -252,6 +262,9 @@ class FP4E2M1(BlockScaled):
         return torch.cat([pairs[..., 0] | (pairs[..., 1] << 4), self.scale.pack(scales)], dim=-1)
 
     def decode(self, buffer: torch.Tensor, d: int, dtype: torch.dtype) -> torch.Tensor:
+        fused = self._fused(buffer, dtype)
+        if fused:
+            return fused.decode(buffer, d, self.block, dtype, self.scale.name)
         packed = buffer[..., :math.ceil(d / 2)]
         codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(-2)[..., :d]
         return self.dequantize(codes, self.scale.unpack(buffer[..., math.ceil(d / 2):]), dtype)
@@ -275,11 +288,12 @@ def wire_format(name: str, block: Union[str, int] = "row", scale: Optional[str] 
     size = None if block == "row" else block
     if name == "fp8_e4m3":
         fmt = FP8E4M3(size, scale or "float32")
-        fmt.kernel = kernel
-        return fmt
-    if name == "fp4_e2m1":
-        return FP4E2M1(size, scale or "e8m0")
-    raise ValueError(f"wire dtype {name!r}: allowed {list(WIRE_DTYPES)}")
+    elif name == "fp4_e2m1":
+        fmt = FP4E2M1(size, scale or "e8m0")
+    else:
+        raise ValueError(f"wire dtype {name!r}: allowed {list(WIRE_DTYPES)}")
+    fmt.kernel = kernel
+    return fmt
 
 
 def configured_format(config, name: str) -> WireFormat:

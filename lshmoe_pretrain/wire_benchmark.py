@@ -1,11 +1,11 @@
-"""The fp8_e4m3 wire format's encode and decode on one GPU against the memory-bandwidth floor
-(scripts/benchmark_wire.py).
+"""The wire formats' encode and decode on one GPU against the memory-bandwidth floor (scripts/benchmark_wire.py).
 
 Per layer and crossing the sender encodes its N rows once and the receiver decodes them once. Each pass reads and
-writes N·d·b bytes of rows (b bytes per element of the model dtype) and N·(d + 4·blocks) bytes of buffer, so the
-fewest bytes either can move is their sum, and its floor is those bytes over the copy bandwidth measured in the
-same run (`benchmarking.copy_bandwidth_gbs`, the compressor benchmark's ceiling). Nothing crosses a link: the codec
-alone is timed.
+writes N·d·b bytes of rows (b bytes per element of the model dtype) and the format's buffer, N·(v + c·blocks)
+bytes: v = d (fp8_e4m3) or ceil(d / 2) (fp4_e2m1) bytes of values, c = 4 (float32) or 1 (e8m0) bytes per scale. The
+fewest bytes either pass can move is their sum, and its floor is those bytes over the copy bandwidth measured in
+the same run (`benchmarking.copy_bandwidth_gbs`, the compressor benchmark's ceiling). Nothing crosses a link: the
+codec alone is timed.
 """
 from __future__ import annotations
 
@@ -20,19 +20,24 @@ from lshmoe_plugin import wire
 from . import benchmarking as bench
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Every (wire dtype, scale coding) with a fused codec, as "<dtype>/<scale>", each format's default scale first.
+FORMATS = ("fp8_e4m3/float32", "fp8_e4m3/e8m0", "fp4_e2m1/e8m0", "fp4_e2m1/float32")
+# Scale blocks timed unless --blocks names others: each format's default block (LSHMoEConfig) and one per row.
+DEFAULT_BLOCKS = {"fp8_e4m3": (128, None), "fp4_e2m1": (32, None)}
 SECTION = "wire_codec"
 TARGET = 1.5  # issue 23: encode + decode within 1.5x of the floor
-HEADERS = ["d_model", "tokens", "scales", "kernel", "MiB read + written", "floor µs", "encode µs", "encode / floor",
-           "decode µs", "decode / floor", "encode + decode µs", "per layer / floor", f"within {TARGET}x",
-           "eager encode + decode µs", "eager / floor"]
+HEADERS = ["d_model", "tokens", "format", "block", "kernel", "MiB read + written", "floor µs", "encode µs",
+           "encode / floor", "decode µs", "decode / floor", "encode + decode µs", "per layer / floor",
+           f"within {TARGET}x", "eager encode + decode µs", "eager / floor"]
 
 
 @dataclass(frozen=True)
 class Timing:
-    """One (d_model, tokens, scale block, kernel): ms per call, as GPU time (CUDA graph replay) and eagerly
+    """One (d_model, tokens, format, scale block, kernel): ms per call, as GPU time (CUDA graph replay) and eagerly
     launched from Python (what a training step sees)."""
     d: int
     tokens: int
+    fmt: str  # one of FORMATS
     block: Optional[int]  # None: one scale per row
     kernel: str  # lsh_moe.kernel: "torch" (reference) or "triton" (fused)
     encode_ms: float
@@ -41,40 +46,57 @@ class Timing:
     eager_decode_ms: float
 
 
-def pass_bytes(tokens: int, d: int, dtype: torch.dtype, block: Optional[int]) -> int:
+def codec(fmt: str, block: Optional[int], kernel: str = "torch") -> wire.WireFormat:
+    """The wire format named "<dtype>/<scale>" (one of FORMATS) with `block` elements per scale (None: per row)."""
+    name, scale = fmt.split("/")
+    return wire.wire_format(name, "row" if block is None else block, scale, kernel=kernel)
+
+
+def plan(formats: Sequence[str], blocks: Optional[Sequence[Optional[int]]]) -> List[Tuple[str, Optional[int]]]:
+    """(format, block) pairs to time: `blocks` for every format, or each format's DEFAULT_BLOCKS when None."""
+    unknown = sorted(set(formats) - set(FORMATS))
+    if unknown:
+        raise ValueError(f"wire formats {unknown}: allowed {list(FORMATS)}")
+    return [(fmt, block) for fmt in formats
+            for block in (DEFAULT_BLOCKS[fmt.split("/")[0]] if blocks is None else blocks)]
+
+
+def pass_bytes(tokens: int, d: int, dtype: torch.dtype, fmt: str, block: Optional[int]) -> int:
     """Fewest bytes one encode (or one decode) moves: the rows once and the buffer once."""
-    return tokens * d * dtype.itemsize + wire.FP8E4M3(block).bytes(tokens, d, dtype)
+    return tokens * d * dtype.itemsize + codec(fmt, block).bytes(tokens, d, dtype)
 
 
 def table_rows(timings: Sequence[Timing], bandwidth_gbs: float, dtype: torch.dtype) -> List[Tuple]:
     """The table's rows (HEADERS) from measured timings and the copy bandwidth (GB/s, read + write)."""
     rows = []
     for t in timings:
-        moved = pass_bytes(t.tokens, t.d, dtype, t.block)
+        moved = pass_bytes(t.tokens, t.d, dtype, t.fmt, t.block)
         floor_us = moved / (bandwidth_gbs * 1e9) * 1e6  # one pass; encode + decode is twice this
         encode_us, decode_us = t.encode_ms * 1e3, t.decode_ms * 1e3
         eager_us = (t.eager_encode_ms + t.eager_decode_ms) * 1e3
         per_layer = (encode_us + decode_us) / (2 * floor_us)
-        rows.append((t.d, t.tokens, "row" if t.block is None else t.block, t.kernel, 2 * moved / 2**20,
-                     2 * floor_us, encode_us, encode_us / floor_us, decode_us, decode_us / floor_us,
-                     encode_us + decode_us, per_layer, "yes" if per_layer <= TARGET else "no", eager_us,
-                     eager_us / (2 * floor_us)))
+        rows.append((t.d, t.tokens, t.fmt.replace("/", " "), "row" if t.block is None else t.block, t.kernel,
+                     2 * moved / 2**20, 2 * floor_us, encode_us, encode_us / floor_us, decode_us,
+                     decode_us / floor_us, encode_us + decode_us, per_layer, "yes" if per_layer <= TARGET else "no",
+                     eager_us, eager_us / (2 * floor_us)))
     return rows
 
 
 def section_text(table: str, bandwidth_gbs: float, dtype_name: str, device: torch.device, reps: int) -> str:
-    return bench.header("FP8 wire format: encode + decode vs the memory-bandwidth floor", device) + (
+    return bench.header("Wire formats: encode + decode vs the memory-bandwidth floor", device) + (
         f"\nNothing crosses a link: each buffer is encoded and decoded on this one GPU, and only the codec is "
         f"timed. Copy bandwidth measured in this run: {bandwidth_gbs:.0f} GB/s (bytes read + written). "
-        f"{dtype_name} rows, `fp8_e4m3` with one float32 scale per row or per block of elements (column "
-        f"'scales'). An encode reads N·d·b bytes of rows and writes N·(d + 4·blocks) bytes of buffer, a decode "
-        f"the reverse; floor = those bytes / copy bandwidth, per pass, and 'per layer' is one encode + one decode "
-        f"(a crossing: the sender encodes, the receiver decodes) over twice the floor. µs columns are GPU time: "
-        f"many calls on distinct inputs, more bytes in all than the L2 cache holds, captured as one CUDA graph, "
-        f"divided by the calls (median of {reps} replays, CUDA events); 'eager' launches the same calls from "
-        f"Python, as a training step does. Kernels: `torch` the PyTorch reference (`lsh_moe.kernel: torch`), "
-        f"`triton` the fused kernels (lshmoe_plugin/kernels/wire_triton.py, the default on CUDA); both give the "
-        f"same bytes.\n\n" + table + "\n")
+        f"{dtype_name} rows in each wire format (column 'format': `fp8_e4m3` or `fp4_e2m1`, with float32 or e8m0 "
+        f"scales), one scale per row or per block of elements (column 'block'). An encode reads N·d·b bytes of "
+        f"rows and writes the buffer, N·(v + c·blocks) bytes (v = d for fp8_e4m3, ceil(d / 2) for fp4_e2m1; c = 4 "
+        f"for float32 scales, 1 for e8m0), a decode the reverse; floor = those bytes / copy bandwidth, per pass, "
+        f"and 'per layer' is one encode + one decode (a crossing: the sender encodes, the receiver decodes) over "
+        f"twice the floor. µs columns are GPU time: many calls on distinct inputs, more bytes in all than the L2 "
+        f"cache holds, captured as one CUDA graph, divided by the calls (median of {reps} replays, CUDA events); "
+        f"'eager' launches the same calls from Python, as a training step does. Kernels: `torch` the PyTorch "
+        f"reference (`lsh_moe.kernel: torch`), `triton` the fused kernels (lshmoe_plugin/kernels/wire_triton.py "
+        f"for fp8_e4m3, wire_fp4_triton.py for fp4_e2m1; the default on CUDA); both give the same bytes.\n\n"
+        + table + "\n")
 
 
 def _distinct_inputs(make: Callable[[int], torch.Tensor], call_bytes: int, l2_bytes: int) -> List[torch.Tensor]:
@@ -82,16 +104,17 @@ def _distinct_inputs(make: Callable[[int], torch.Tensor], call_bytes: int, l2_by
     return [make(seed) for seed in range(max(2, math.ceil(4 * l2_bytes / call_bytes)))]
 
 
-def time_codec(fmt: wire.FP8E4M3, tokens: int, d: int, dtype: torch.dtype, device: torch.device,
-               reps: int) -> Tuple[float, float, float, float]:
-    """(encode, decode, eager encode, eager decode) ms per call of `fmt` on (tokens, d) rows of `dtype`."""
+def time_codec(fmt: wire.WireFormat, tokens: int, d: int, dtype: torch.dtype, device: torch.device, reps: int,
+               call_bytes: int) -> Tuple[float, float, float, float]:
+    """(encode, decode, eager encode, eager decode) ms per call of `fmt` on (tokens, d) rows of `dtype`; one call
+    moves `call_bytes`."""
     l2_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20)
 
     def rows(seed: int) -> torch.Tensor:
         gen = torch.Generator(device=device).manual_seed(seed)
         return torch.randn(tokens, d, generator=gen, device=device).mul_(3).to(dtype)
 
-    inputs = _distinct_inputs(rows, pass_bytes(tokens, d, dtype, fmt.block), l2_bytes)
+    inputs = _distinct_inputs(rows, call_bytes, l2_bytes)
     buffers = [fmt.encode(x) for x in inputs]
     kept: List[torch.Tensor] = []  # every output kept alive, so none reuses another's (cached) memory
 
@@ -109,12 +132,14 @@ def time_codec(fmt: wire.FP8E4M3, tokens: int, d: int, dtype: torch.dtype, devic
     return tuple(per_call)
 
 
-def run(d_models: Sequence[int], tokens: Sequence[int], blocks: Sequence[Optional[int]], kernels: Sequence[str],
-        dtype_name: str, reps: int, report: Optional[str]) -> str:
-    """Measure every (d_model, tokens, scale block, kernel) on CUDA, print the table, write the section to
-    `report` when given; returns the table."""
+def run(d_models: Sequence[int], tokens: Sequence[int], formats: Sequence[str],
+        blocks: Optional[Sequence[Optional[int]]], kernels: Sequence[str], dtype_name: str, reps: int,
+        report: Optional[str]) -> str:
+    """Measure every (d_model, tokens, format, scale block, kernel) on CUDA (blocks None: each format's
+    DEFAULT_BLOCKS), print the table, write the section to `report` when given; returns the table."""
+    pairs = plan(formats, blocks)
     if not torch.cuda.is_available():
-        raise SystemExit("benchmark_wire.py times the fp8_e4m3 codec against a GPU's memory bandwidth and needs a "
+        raise SystemExit("benchmark_wire.py times the wire codecs against a GPU's memory bandwidth and needs a "
                          "CUDA device; there is none here (torch.cuda.is_available() is False). Nothing was "
                          "measured or written: run it on a GPU machine.")
     device, dtype = torch.device("cuda"), DTYPES[dtype_name]
@@ -123,10 +148,11 @@ def run(d_models: Sequence[int], tokens: Sequence[int], blocks: Sequence[Optiona
     timings = []
     for d in d_models:
         for n in tokens:
-            for block in blocks:
+            for fmt, block in pairs:
                 for kernel in kernels:
-                    fmt = wire.wire_format("fp8_e4m3", "row" if block is None else block, kernel=kernel)
-                    timings.append(Timing(d, n, block, kernel, *time_codec(fmt, n, d, dtype, device, reps)))
+                    measured = time_codec(codec(fmt, block, kernel), n, d, dtype, device, reps,
+                                          pass_bytes(n, d, dtype, fmt, block))
+                    timings.append(Timing(d, n, fmt, block, kernel, *measured))
                     print(bench.markdown_table(HEADERS, table_rows(timings[-1:], bandwidth, dtype)).splitlines()[-1],
                           flush=True)
                 torch.cuda.empty_cache()

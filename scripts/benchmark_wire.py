@@ -1,10 +1,12 @@
-"""FP8 wire format microbenchmark: encode + decode of `fp8_e4m3` on one GPU against the memory-bandwidth floor.
+"""Wire format microbenchmark: encode + decode of `fp8_e4m3` and `fp4_e2m1`, with float32 or e8m0 scales, on one GPU
+against the memory-bandwidth floor.
 
-For every (d_model, tokens per layer, scale block) it times the PyTorch reference and the fused Triton kernels
-(lshmoe_plugin/kernels/wire_triton.py) and divides by the floor computed from the copy bandwidth measured in the
-same run. Nothing crosses a link. CUDA only: on a CPU it refuses and writes nothing.
+For every (d_model, tokens per layer, format, scale block) it times the PyTorch reference and the fused Triton
+kernels (lshmoe_plugin/kernels/wire_triton.py, wire_fp4_triton.py) and divides by the floor computed from the copy
+bandwidth measured in the same run. Nothing crosses a link. CUDA only: on a CPU it refuses and writes nothing.
 
     python scripts/benchmark_wire.py                               # on a GPU, prints the table
+    python scripts/benchmark_wire.py --formats fp4_e2m1/e8m0 --blocks 32 16
     python scripts/benchmark_wire.py --report docs/benchmarks.md   # ... and (re)writes its section there
 
 Nothing is written unless --report names where.
@@ -29,25 +31,29 @@ def scale_block(value: str):
     raise argparse.ArgumentTypeError(f"a scale block is 'row' or an integer >= 1, got {value!r}")
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--d-models", type=int, nargs="+", default=[1024, 2048, 4096])
     p.add_argument("--tokens", type=int, nargs="+", default=[8192, 16384, 32768],
                    help="rows per layer and crossing (E * C per rank, as benchmark_compressor.py's --tokens)")
-    p.add_argument("--blocks", type=scale_block, nargs="+", default=[128, None], metavar="{row,N}",
-                   help="elements per float32 scale (lsh_moe.fp8_block_size)")
+    p.add_argument("--formats", nargs="+", default=list(wire_benchmark.FORMATS), choices=wire_benchmark.FORMATS,
+                   help="wire dtype / scale coding (default: all)")
+    p.add_argument("--blocks", type=scale_block, nargs="+", default=None, metavar="{row,N}",
+                   help="elements per scale (lsh_moe.fp8_block_size, fp4_block_size), for every format; default: "
+                   "each format's default block and 'row' (fp8_e4m3: 128 row, fp4_e2m1: 32 row)")
     p.add_argument("--kernels", nargs="+", default=["torch", "triton"], choices=["torch", "triton"])
     p.add_argument("--dtype", choices=sorted(wire_benchmark.DTYPES), default="bf16")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--report", default=None, metavar="PATH", help=f"also write the section "
                    f"'{wire_benchmark.SECTION}' into this markdown file (docs/benchmarks.md holds the published "
                    f"one); default: print only")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def main() -> None:
     args = parse_args()
-    wire_benchmark.run(args.d_models, args.tokens, args.blocks, args.kernels, args.dtype, args.reps, args.report)
+    wire_benchmark.run(args.d_models, args.tokens, args.formats, args.blocks, args.kernels, args.dtype, args.reps,
+                       args.report)
 
 
 if __name__ == "__main__":

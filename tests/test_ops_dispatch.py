@@ -64,17 +64,18 @@ def test_compressor_on_cpu_uses_the_reference():
     assert compressor._ops is ops.REFERENCE
 
 
-def test_the_wire_format_takes_the_kernel_key_and_the_cpu_runs_its_reference(monkeypatch):
-    """lsh_moe.kernel reaches fp8_e4m3 through wire_format's cache key: 'torch' is the reference everywhere, 'auto'
-    the reference off CUDA (without importing the fused kernels), 'triton' off CUDA an error; the fused kernels
-    on CUDA are tests/gpu/test_wire_triton.py's."""
-    assert [f.kernel for f in wire.formats(LSHMoEConfig(dispatch_dtype="fp8_e4m3", kernel="torch"), "dispatch")] == [
+@pytest.mark.parametrize("name, kernels", [("fp8_e4m3", "wire_triton"), ("fp4_e2m1", "wire_fp4_triton")])
+def test_the_wire_format_takes_the_kernel_key_and_the_cpu_runs_its_reference(name, kernels, monkeypatch):
+    """lsh_moe.kernel reaches each scaled format through wire_format's cache key: 'torch' is the reference
+    everywhere, 'auto' the reference off CUDA (without importing the fused kernels), 'triton' off CUDA an error; the
+    fused kernels on CUDA are tests/gpu/test_wire_triton.py's and test_wire_fp4_triton.py's."""
+    assert [f.kernel for f in wire.formats(LSHMoEConfig(dispatch_dtype=name, kernel="torch"), "dispatch")] == [
         "torch", "torch"]
-    assert wire.wire_format("fp8_e4m3", 16).kernel == "auto"
-    monkeypatch.setitem(sys.modules, "lshmoe_plugin.kernels.wire_triton", None)  # importing it would raise
+    assert wire.wire_format(name, 16).kernel == "auto"
+    monkeypatch.setitem(sys.modules, f"lshmoe_plugin.kernels.{kernels}", None)  # importing it would raise
     x = torch.randn(3, 32)
-    auto, reference = (wire.wire_format("fp8_e4m3", 16, kernel=kernel) for kernel in ("auto", "torch"))
+    auto, reference = (wire.wire_format(name, 16, kernel=kernel) for kernel in ("auto", "torch"))
     assert torch.equal(auto.encode(x), reference.encode(x))
     assert torch.equal(auto.decode(auto.encode(x), 32, x.dtype), reference.decode(reference.encode(x), 32, x.dtype))
     with pytest.raises(RuntimeError, match="kernel='triton' needs a CUDA device.*'auto' or 'torch'"):
-        wire.wire_format("fp8_e4m3", 16, kernel="triton").encode(x)
+        wire.wire_format(name, 16, kernel="triton").encode(x)

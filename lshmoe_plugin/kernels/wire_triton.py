@@ -1,14 +1,16 @@
-"""Fused Triton kernels of the ``fp8_e4m3`` wire format with float32 scales (`lshmoe_plugin.wire.FP8E4M3`): rows to
-the packed buffer and back, one pass each (every input byte read once, every output byte written once).
+"""Fused Triton kernels of the ``fp8_e4m3`` wire format (`lshmoe_plugin.wire.FP8E4M3`), with float32 or e8m0 scales:
+rows to the packed buffer and back, one pass each (every input byte read once, every output byte written once).
 
-The buffer is the reference's, byte for byte: (..., d + 4 * blocks) uint8, each row's e4m3 values and then its
-float32 scales, little-endian. The bits are the reference's too, because every step is the same IEEE operation:
+The buffer is the reference's, byte for byte: (..., d + scale bytes * blocks) uint8, each row's e4m3 values and
+then its scales (4 bytes little-endian, or one e8m0 byte, each). The bits are the reference's too, because every
+step is the same IEEE operation:
 
-- encode: x widened to float32 (exact); amax = max |x| over the block, NaN kept (`tl.max` would drop it, and a
-  NaN must poison its block as in the reference); s = amax / 448 correctly rounded (`div_rn`: Triton's ``/`` is
-  ``div.full.f32``, up to 2 ulp off), at least float32's smallest normal; x / s correctly rounded, clamped to
-  ±448 with NaN kept; cast to e4m3 rounding to nearest even (``cvt.rn.satfinite``, which the clamp makes exact).
-- decode: e4m3 to float32 (exact), times s (one rounding), cast to the model's dtype rounding to nearest even.
+- encode: x widened to float32 (exact); amax and the scale s as the reference computes them
+  (kernels/wire_blocks_triton.py says why its bits match, in either coding); x / s correctly rounded (`div_rn`;
+  exact for a power of two barring underflow, which rounds as the reference's division does), clamped to ±448
+  with NaN kept; cast to e4m3 rounding to nearest even (``cvt.rn.satfinite``, which the clamp makes exact).
+- decode: e4m3 to float32 (exact), times s (one rounding; none for a power of two unless the product is
+  subnormal), cast to the model's dtype rounding to nearest even.
 
 A program holds a tile of (segment, element) where a segment is one block of one row (one row when the scale is
 per row), so short blocks and narrow rows still give every program ~4K elements. Shape-static, no host
@@ -23,16 +25,22 @@ import torch
 import triton
 import triton.language as tl
 
-from ..wire import E4M3_MAX, FUSED_DTYPES
+from ..wire import E4M3_MAX
+from .wire_blocks_triton import (
+    check_dtype,
+    e8m0_top,
+    encode_scale,
+    launch,
+    load_scale,
+    max_keeping_nan,
+    rows_of,
+    scale_bytes,
+    segment_size,
+    store_scale,
+)
 
 _MAX = tl.constexpr(E4M3_MAX)
-_TINY = tl.constexpr(torch.finfo(torch.float32).tiny)  # 2^-126: the scale of an all-zero block, as in the reference
-_TILE = 4096  # elements per program: bytes enough in flight per SM, registers few enough per thread
-
-
-@triton.jit
-def _max_keeping_nan(a, b):
-    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+_TOP_EXPONENT, _TOP_FRACTION = (tl.constexpr(v) for v in e8m0_top(E4M3_MAX))
 
 
 @triton.jit
@@ -50,30 +58,25 @@ def _segments(n_segments, D: tl.constexpr, SIZE: tl.constexpr, BLOCKS: tl.conste
 
 @triton.jit
 def _encode_kernel(rows_ptr, out_ptr, n_segments, stride_rows, stride_out, D: tl.constexpr, SIZE: tl.constexpr,
-                   BLOCKS: tl.constexpr, SEGS: tl.constexpr, WIDTH: tl.constexpr):
+                   BLOCKS: tl.constexpr, SEGS: tl.constexpr, WIDTH: tl.constexpr, E8M0: tl.constexpr,
+                   SCALE_BYTES: tl.constexpr):
     row, block, col, live, mask = _segments(n_segments, D, SIZE, BLOCKS, SEGS, WIDTH)
     x = tl.load(rows_ptr + row[:, None] * stride_rows + col, mask=mask, other=0.0).to(tl.float32)
-    amax = tl.reduce(tl.abs(x), 1, _max_keeping_nan)
-    scale = tl.maximum(tl.math.div_rn(amax, _MAX), _TINY, propagate_nan=tl.PropagateNan.ALL)
+    amax = tl.reduce(tl.abs(x), 1, max_keeping_nan)
+    scale, code = encode_scale(amax, _MAX, E8M0, _TOP_EXPONENT, _TOP_FRACTION)
     y = tl.clamp(tl.math.div_rn(x, scale[:, None]), -_MAX, _MAX, propagate_nan=tl.PropagateNan.ALL)
     out_row = out_ptr + row * stride_out
     tl.store(out_row[:, None] + col, y.to(tl.float8e4nv).to(tl.uint8, bitcast=True), mask=mask)
-    bits = scale.to(tl.uint32, bitcast=True)
-    scale_at = out_row + D + 4 * block
-    for k in tl.static_range(4):
-        tl.store(scale_at + k, ((bits >> (8 * k)) & 0xFF).to(tl.uint8), mask=live)
+    store_scale(out_row + D + SCALE_BYTES * block, code, live, E8M0)
 
 
 @triton.jit
 def _decode_kernel(buffer_ptr, out_ptr, n_segments, stride_buffer, stride_out, D: tl.constexpr,
-                   SIZE: tl.constexpr, BLOCKS: tl.constexpr, SEGS: tl.constexpr, WIDTH: tl.constexpr):
+                   SIZE: tl.constexpr, BLOCKS: tl.constexpr, SEGS: tl.constexpr, WIDTH: tl.constexpr,
+                   E8M0: tl.constexpr, SCALE_BYTES: tl.constexpr):
     row, block, col, live, mask = _segments(n_segments, D, SIZE, BLOCKS, SEGS, WIDTH)
     buffer_row = buffer_ptr + row * stride_buffer
-    scale_at = buffer_row + D + 4 * block
-    bits = tl.zeros([SEGS], dtype=tl.uint32)
-    for k in tl.static_range(4):
-        bits |= tl.load(scale_at + k, mask=live, other=0).to(tl.uint32) << (8 * k)
-    scale = bits.to(tl.float32, bitcast=True)
+    scale = load_scale(buffer_row + D + SCALE_BYTES * block, live, E8M0)
     q = tl.load(buffer_row[:, None] + col, mask=mask, other=0).to(tl.float8e4nv, bitcast=True).to(tl.float32)
     x = q * scale[:, None]
     tl.store(out_ptr + row[:, None] * stride_out + col, x.to(out_ptr.dtype.element_ty), mask=mask)
@@ -97,53 +100,38 @@ def runs_on(device: torch.device, kernel: str) -> bool:
     return False
 
 
-def _launch(kernel, src: torch.Tensor, out: torch.Tensor, d: int, block: Optional[int]) -> None:
-    """kernel over the (row, block) segments of src (M, w_in) into out (M, w_out), both with unit column stride.
-
-    Shapes are compile-time constants (one compilation per width and scale block, as a model has few); a program
-    holds ~_TILE elements: whole segments, several of them when they are short.
-    """
-    size = d if block is None else block
+def _launch(kernel, src: torch.Tensor, out: torch.Tensor, d: int, block: Optional[int], scale: str) -> None:
+    """kernel over the (row, block) segments of src (M, w_in) into out (M, w_out)."""
+    size = segment_size(d, block)
     blocks, width = triton.cdiv(d, size), triton.next_power_of_2(size)
-    segs = max(1, _TILE // width)
-    n_segments = src.shape[0] * blocks
-    if n_segments >= 2**31:
-        raise ValueError(f"fp8_e4m3 kernels index (row, block) segments in int32: {n_segments} is too many; "
-                         f"split the rows")
-    if n_segments:
-        kernel[(triton.cdiv(n_segments, segs),)](
-            src, out, n_segments, src.stride(0), out.stride(0), D=d, SIZE=size, BLOCKS=blocks, SEGS=segs,
-            WIDTH=width, num_warps=min(16, max(4, segs * width // 512)))
+    launch(kernel, src, out, src.shape[0] * blocks, width, "fp8_e4m3", D=d, SIZE=size, BLOCKS=blocks, WIDTH=width,
+           E8M0=scale == "e8m0", SCALE_BYTES=scale_bytes(scale))
 
 
-def _rows_of(t: torch.Tensor) -> torch.Tensor:
-    """t (..., w) as (M, w) with unit column stride (a view when the layout allows it)."""
-    flat = t.reshape(-1, t.shape[-1])
-    return flat if flat.stride(-1) == 1 else flat.contiguous()
+def _width(d: int, block: Optional[int], scale: str) -> int:
+    """Bytes of one row's buffer: its d e4m3 values and its scales."""
+    return d + scale_bytes(scale) * (1 if block is None else triton.cdiv(d, block))
 
 
-def _width(d: int, block: Optional[int]) -> int:
-    """Bytes of one row's buffer: its d e4m3 values and 4 per float32 scale."""
-    return d + 4 * (1 if block is None else triton.cdiv(d, block))
-
-
-def encode(rows: torch.Tensor, block: Optional[int]) -> torch.Tensor:
-    """rows (..., d) in bf16/fp16/fp32 -> uint8 (..., d + 4 * blocks): what ``FP8E4M3(block).encode`` returns."""
-    if rows.dtype not in FUSED_DTYPES:
-        raise TypeError(f"fp8_e4m3 kernels read {list(FUSED_DTYPES)}, got {rows.dtype}")
+def encode(rows: torch.Tensor, block: Optional[int], scale: str = "float32") -> torch.Tensor:
+    """rows (..., d) in bf16/fp16/fp32 -> uint8 (..., d + scale bytes * blocks): what
+    ``FP8E4M3(block, scale).encode`` returns."""
+    check_dtype(rows.dtype, "fp8_e4m3")
     d = rows.shape[-1]
-    out = torch.empty(rows.shape[:-1] + (_width(d, block),), dtype=torch.uint8, device=rows.device)
-    _launch(_encode_kernel, _rows_of(rows), out.view(-1, out.shape[-1]), d, block)
+    out = torch.empty(rows.shape[:-1] + (_width(d, block, scale),), dtype=torch.uint8, device=rows.device)
+    _launch(_encode_kernel, rows_of(rows), out.view(-1, out.shape[-1]), d, block, scale)
     return out
 
 
-def decode(buffer: torch.Tensor, d: int, block: Optional[int], dtype: torch.dtype) -> torch.Tensor:
-    """uint8 (..., d + 4 * blocks) -> rows (..., d) in `dtype`: what ``FP8E4M3(block).decode`` returns."""
-    if dtype not in FUSED_DTYPES:
-        raise TypeError(f"fp8_e4m3 kernels write {list(FUSED_DTYPES)}, got {dtype}")
-    if buffer.dtype != torch.uint8 or buffer.shape[-1] != _width(d, block):
-        raise ValueError(f"an fp8_e4m3 buffer of rows {d} wide is uint8 (..., {_width(d, block)}), "
+def decode(buffer: torch.Tensor, d: int, block: Optional[int], dtype: torch.dtype,
+           scale: str = "float32") -> torch.Tensor:
+    """uint8 (..., d + scale bytes * blocks) -> rows (..., d) in `dtype`: what ``FP8E4M3(block, scale).decode``
+    returns."""
+    check_dtype(dtype, "fp8_e4m3")
+    width = _width(d, block, scale)
+    if buffer.dtype != torch.uint8 or buffer.shape[-1] != width:
+        raise ValueError(f"an fp8_e4m3 buffer of rows {d} wide is uint8 (..., {width}), "
                          f"got {buffer.dtype} {tuple(buffer.shape)}")
     out = torch.empty(buffer.shape[:-1] + (d,), dtype=dtype, device=buffer.device)
-    _launch(_decode_kernel, _rows_of(buffer), out.view(-1, d), d, block)
+    _launch(_decode_kernel, rows_of(buffer), out.view(-1, d), d, block, scale)
     return out

@@ -1,0 +1,133 @@
+"""What the fused wire-format kernels share (kernels/wire_triton.py for ``fp8_e4m3``, kernels/wire_fp4_triton.py for
+``fp4_e2m1``): a block's scale from its largest magnitude in either coding of `lshmoe_plugin.wire.SCALES`, written
+into a row's buffer and read back; and the launch of a kernel over tiles of (row, segment) pairs.
+
+The scales have the reference's bits because every step is the same IEEE operation or an exact integer one:
+
+- amax = max |x| over the block, NaN kept (`tl.max` would drop it; a NaN must poison its block).
+- ``float32`` (`wire.Float32Scale`): s = amax / largest correctly rounded (`div_rn`: Triton's ``/`` is
+  ``div.full.f32``, up to 2 ulp off), at least float32's smallest normal, NaN kept; stored as its 4 bytes,
+  little-endian, one at a time (a row's scales start at any byte).
+- ``e8m0`` (`wire.E8M0Scale`): the reference takes k = e - e_top + (m > m_top) from frexp, amax = m 2^e and
+  largest = m_top 2^e_top with m, m_top in [0.5, 1). For a normal float32 amax with exponent field E and fraction
+  bits f, frexp gives e = E - 126 and m = (1 + f 2^-23) / 2, so m > m_top exactly when f > (2 m_top - 1) 2^23, an
+  integer F_top for any largest float32 holds (448: 0x600000, 6: 0x400000); the kernel reads E and f from amax's
+  bits (`e8m0_top` works out e_top and F_top on the host). A zero or subnormal amax has E = 0, and its k from the
+  bits, -126 - e_top + (0 or 1), is at most -127 as the reference's is (e <= -126 from frexp, or the -127 it sets
+  for zero), so both clamp to the same -127. E = 255 (inf, NaN) is the reference's not-finite: byte 0xFF. The byte
+  decodes as `wire.E8M0Scale.unpack` builds it, from bits: 2^(b - 127), 2^-127 the subnormal 1 << 22, 0xFF NaN.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..wire import FUSED_DTYPES, SCALES
+
+TINY = tl.constexpr(torch.finfo(torch.float32).tiny)  # 2^-126: the float32 scale of an all-zero block
+TILE = 4096  # elements per program: bytes enough in flight per SM, registers few enough per thread
+
+
+def e8m0_top(largest: float) -> Tuple[int, int]:
+    """(e_top, F_top) of the format's largest value: its frexp exponent and the fraction bits that a block's amax
+    must exceed to need one more power of two (the module docstring derives it)."""
+    mantissa, exponent = math.frexp(largest)
+    fraction = (2 * mantissa - 1) * 2**23
+    if exponent < 0 or not fraction.is_integer():
+        raise ValueError(f"{largest} is no float32 value >= 0.5: the e8m0 scale's bits would not be the reference's")
+    return exponent, int(fraction)
+
+
+@triton.jit
+def max_keeping_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def e8m0_value(code):
+    """Biased exponents b in [0, 255] (any integer type) -> float32 2^(b - 127), as wire.E8M0Scale.unpack."""
+    biased = code.to(tl.uint32)
+    bits = tl.where(biased == 0, tl.full(biased.shape, 1 << 22, tl.uint32), biased << 23)
+    bits = tl.where(biased == 0xFF, tl.full(biased.shape, 0x7FC00000, tl.uint32), bits)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def encode_scale(amax, LARGEST: tl.constexpr, E8M0: tl.constexpr, TOP_EXPONENT: tl.constexpr,
+                 TOP_FRACTION: tl.constexpr):
+    """amax (float32, >= 0 or NaN) -> (s, the bits stored for it: float32's, or the e8m0 byte, as uint32)."""
+    if E8M0:
+        bits = amax.to(tl.uint32, bitcast=True)
+        field = ((bits >> 23) & 0xFF).to(tl.int32)
+        k = field - 126 - TOP_EXPONENT + ((bits & 0x7FFFFF) > TOP_FRACTION).to(tl.int32)
+        code = tl.where(field == 0xFF, 0xFF, tl.minimum(tl.maximum(k, -127), 127) + 127).to(tl.uint32)
+        scale = e8m0_value(code)
+    else:
+        scale = tl.maximum(tl.math.div_rn(amax, LARGEST), TINY, propagate_nan=tl.PropagateNan.ALL)
+        code = scale.to(tl.uint32, bitcast=True)
+    return scale, code
+
+
+@triton.jit
+def store_scale(at, code, mask, E8M0: tl.constexpr):
+    """The scale's bits (uint32) at byte address `at`: one byte (e8m0) or four, little-endian (float32)."""
+    if E8M0:
+        tl.store(at, code.to(tl.uint8), mask=mask)
+    else:
+        for k in tl.static_range(4):
+            tl.store(at + k, ((code >> (8 * k)) & 0xFF).to(tl.uint8), mask=mask)
+
+
+@triton.jit
+def load_scale(at, mask, E8M0: tl.constexpr):
+    """The float32 scale stored at byte address `at` (what store_scale wrote)."""
+    if E8M0:
+        scale = e8m0_value(tl.load(at, mask=mask, other=0))
+    else:
+        bits = tl.load(at, mask=mask, other=0).to(tl.uint32)
+        for k in tl.static_range(1, 4):
+            bits |= tl.load(at + k, mask=mask, other=0).to(tl.uint32) << (8 * k)
+        scale = bits.to(tl.float32, bitcast=True)
+    return scale
+
+
+def scale_bytes(scale: str) -> int:
+    return SCALES[scale].bytes
+
+
+def segment_size(d: int, block: Optional[int]) -> int:
+    """Elements under one scale: the row's d when one block covers it (per row, or a block of d or more)."""
+    return d if block is None or block >= d else block
+
+
+def check_dtype(dtype: torch.dtype, name: str) -> None:
+    if dtype not in FUSED_DTYPES:
+        raise TypeError(f"the fused {name} kernels read and write {list(FUSED_DTYPES)}, got {dtype}")
+
+
+def rows_of(t: torch.Tensor) -> torch.Tensor:
+    """t (..., w) as (M, w) with unit column stride (a view when the layout allows it)."""
+    flat = t.reshape(-1, t.shape[-1])
+    return flat if flat.stride(-1) == 1 else flat.contiguous()
+
+
+def launch(kernel, src: torch.Tensor, out: torch.Tensor, n_segments: int, segment_elements: int, name: str,
+           **constants) -> None:
+    """kernel over `n_segments` segments of src (M, w_in) into out (M, w_out), both with unit column stride, each
+    segment a tile of `segment_elements` (a power of two) elements; a program holds ~TILE elements, several
+    segments when they are short.
+
+    Shapes are compile-time constants (one compilation per width and scale block, as a model has few).
+    """
+    if n_segments >= 2**31:
+        raise ValueError(f"{name} kernels index (row, block) segments in int32: {n_segments} is too many; "
+                         f"split the rows")
+    segs = max(1, TILE // segment_elements)
+    if n_segments:
+        kernel[(triton.cdiv(n_segments, segs),)](
+            src, out, n_segments, src.stride(0), out.stride(0), SEGS=segs,
+            num_warps=min(16, max(4, segs * segment_elements // 512)), **constants)

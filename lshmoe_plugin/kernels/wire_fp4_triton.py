@@ -1,0 +1,169 @@
+"""Fused Triton kernels of the ``fp4_e2m1`` wire format (`lshmoe_plugin.wire.FP4E2M1`), with e8m0 or float32 scales:
+rows to the packed buffer and back, one pass each.
+
+The buffer is the reference's, byte for byte: (..., ceil(d / 2) + scale bytes * blocks) uint8, each row's codes two
+to a byte (element 2i in the low nibble, an odd row's last high nibble 0), then its scales (one e8m0 byte, or 4
+bytes little-endian, each). The bits are the reference's too, because every step is the same IEEE operation or an
+exact integer one:
+
+- encode: x widened to float32 (exact); amax and the scale s as the reference computes them
+  (kernels/wire_blocks_triton.py says why its bits match, in either coding); y = x / s correctly rounded
+  (`div_rn`). The code counts the midpoints `wire.E2M1_MIDPOINTS` below |y| with the reference's comparisons
+  (> for the even midpoints, >= for the odd ones: a tie goes to the even code), all of them exact (the midpoints
+  are float32 values, NaN compares false: code 0, as in the reference), and takes the sign bit from y < 0 (so -0.0
+  is code 0, a tiny negative value code 8, as there).
+- decode: a code's magnitude in quarters, (2 + m) << e or 2 m, an exact integer; times ±0.25 (exact, and -0.25
+  times 0 is the reference's -0.0: Triton's unary minus is 0 - x, which would give +0.0); times s (one
+  rounding); cast to the model's dtype rounding to nearest even.
+
+A program holds a tile of (segment, pair of elements, element of the pair), where a segment is one block of one
+row (one row when the scale is per row), or two blocks when the block size is odd (a byte then holds the last
+element of one block and the first of the next; two odd blocks fill whole bytes). Each byte is written, or read,
+once. Shape-static, no host synchronisation: capturable in a CUDA graph. Nothing here needs FP8 hardware: integer
+arithmetic, float32 and the model dtype's casts.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..wire import E2M1_MAX, E2M1_MIDPOINTS
+from .wire_blocks_triton import (
+    check_dtype,
+    e8m0_top,
+    encode_scale,
+    launch,
+    load_scale,
+    max_keeping_nan,
+    rows_of,
+    scale_bytes,
+    segment_size,
+    store_scale,
+)
+
+_MAX = tl.constexpr(E2M1_MAX)
+_TOP_EXPONENT, _TOP_FRACTION = (tl.constexpr(v) for v in e8m0_top(E2M1_MAX))
+_M0, _M1, _M2, _M3, _M4, _M5, _M6 = (tl.constexpr(m) for m in E2M1_MIDPOINTS)
+
+
+@triton.jit
+def _segments(n_segments, D: tl.constexpr, SIZE: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr,
+              SEGS: tl.constexpr, PAIRS: tl.constexpr):
+    """This program's segments (SEGS,): rows (int64), groups of GROUP blocks, and for each (segment, pair, half):
+    the column, the mask and which block of the group; for each (segment, pair): the byte's column and mask."""
+    seg = tl.program_id(0) * SEGS + tl.arange(0, SEGS)
+    row, group = (seg // GROUPS).to(tl.int64), seg % GROUPS
+    live = seg < n_segments
+    pair = tl.arange(0, PAIRS)
+    within = 2 * pair[:, None] + tl.arange(0, 2)[None, :]  # (PAIRS, 2): the element within the group
+    col = group[:, None, None] * (GROUP * SIZE) + within[None, :, :]
+    mask = live[:, None, None] & (within < GROUP * SIZE)[None, :, :] & (col < D)
+    # A group's elements start at an even column (GROUP * SIZE is even unless the row is one group), so its bytes
+    # start at byte GROUP * SIZE // 2 of the row; a byte is live where its low element is.
+    byte_col = group[:, None] * (GROUP * SIZE // 2) + pair[None, :]
+    byte_mask = live[:, None] & (2 * pair < GROUP * SIZE)[None, :] & (2 * byte_col < D)
+    return row, group, col, mask, within // SIZE, live, byte_col, byte_mask
+
+
+@triton.jit
+def _code(y):
+    """float32 y -> its E2M1 code (int32 in [0, 16)), rounding |y| to the nearest magnitude, ties to even."""
+    m = tl.abs(y)
+    code = ((m > _M0).to(tl.int32) + (m >= _M1).to(tl.int32) + (m > _M2).to(tl.int32) + (m >= _M3).to(tl.int32)
+            + (m > _M4).to(tl.int32) + (m >= _M5).to(tl.int32) + (m > _M6).to(tl.int32))
+    return code | ((y < 0).to(tl.int32) << 3)
+
+
+@triton.jit
+def _value(code):
+    """E2M1 codes (int32) -> float32 values: ±magnitude, -0.0 for code 8."""
+    exponent, mantissa = (code >> 1) & 3, code & 1
+    quarters = tl.where(exponent > 0, (2 + mantissa) << exponent, 2 * mantissa)
+    return quarters.to(tl.float32) * tl.where(code >= 8, -0.25, 0.25)
+
+
+@triton.jit
+def _encode_kernel(rows_ptr, out_ptr, n_segments, stride_rows, stride_out, D: tl.constexpr, SIZE: tl.constexpr,
+                   GROUP: tl.constexpr, GROUPS: tl.constexpr, BLOCKS: tl.constexpr, SEGS: tl.constexpr,
+                   PAIRS: tl.constexpr, E8M0: tl.constexpr, SCALE_BYTES: tl.constexpr):
+    row, group, col, mask, sub, live, byte_col, byte_mask = _segments(n_segments, D, SIZE, GROUP, GROUPS, SEGS,
+                                                                      PAIRS)
+    x = tl.load(rows_ptr + row[:, None, None] * stride_rows + col, mask=mask, other=0.0).to(tl.float32)
+    out_row = out_ptr + row * stride_out
+    scale = tl.full(x.shape, 1.0, tl.float32)  # elements past the row divide 0 by 1: code 0, the reference's pad
+    for g in tl.static_range(GROUP):
+        in_block = (sub == g)[None, :, :]
+        magnitude = tl.where(in_block, tl.abs(x), 0.0)
+        amax = tl.reduce(tl.reduce(magnitude, 2, max_keeping_nan), 1, max_keeping_nan)
+        block_scale, code = encode_scale(amax, _MAX, E8M0, _TOP_EXPONENT, _TOP_FRACTION)
+        scale = tl.where(in_block & mask, block_scale[:, None, None], scale)
+        block = group * GROUP + g
+        store_scale(out_row + (D + 1) // 2 + SCALE_BYTES * block, code, live & (block < BLOCKS), E8M0)
+    codes = _code(tl.math.div_rn(x, scale))
+    packed = tl.sum(codes << (4 * tl.arange(0, 2))[None, None, :], 2)
+    tl.store(out_row[:, None] + byte_col, packed.to(tl.uint8), mask=byte_mask)
+
+
+@triton.jit
+def _decode_kernel(buffer_ptr, out_ptr, n_segments, stride_buffer, stride_out, D: tl.constexpr,
+                   SIZE: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, BLOCKS: tl.constexpr,
+                   SEGS: tl.constexpr, PAIRS: tl.constexpr, E8M0: tl.constexpr, SCALE_BYTES: tl.constexpr):
+    row, group, col, mask, sub, live, byte_col, byte_mask = _segments(n_segments, D, SIZE, GROUP, GROUPS, SEGS,
+                                                                      PAIRS)
+    buffer_row = buffer_ptr + row * stride_buffer
+    packed = tl.load(buffer_row[:, None] + byte_col, mask=byte_mask, other=0).to(tl.int32)
+    codes = (packed[:, :, None] >> (4 * tl.arange(0, 2))[None, None, :]) & 0xF
+    scale = tl.full(codes.shape, 1.0, tl.float32)
+    for g in tl.static_range(GROUP):
+        block = group * GROUP + g
+        block_scale = load_scale(buffer_row + (D + 1) // 2 + SCALE_BYTES * block, live & (block < BLOCKS), E8M0)
+        scale = tl.where((sub == g)[None, :, :], block_scale[:, None, None], scale)
+    x = _value(codes) * scale
+    tl.store(out_ptr + row[:, None, None] * stride_out + col, x.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def runs_on(device: torch.device, kernel: str) -> bool:
+    """Every CUDA device Triton runs on: FP4 packing needs no FP8 instruction (unlike kernels/wire_triton.py)."""
+    return True
+
+
+def _launch(kernel, src: torch.Tensor, out: torch.Tensor, d: int, block: Optional[int], scale: str) -> None:
+    """kernel over the (row, group of blocks) segments of src (M, w_in) into out (M, w_out)."""
+    size = segment_size(d, block)
+    blocks = triton.cdiv(d, size)
+    group = 2 if size % 2 and blocks > 1 else 1  # odd blocks pair up into whole bytes
+    groups = triton.cdiv(blocks, group)
+    pairs = triton.next_power_of_2(triton.cdiv(group * size, 2))
+    launch(kernel, src, out, src.shape[0] * groups, 2 * pairs, "fp4_e2m1", D=d, SIZE=size, GROUP=group,
+           GROUPS=groups, BLOCKS=blocks, PAIRS=pairs, E8M0=scale == "e8m0", SCALE_BYTES=scale_bytes(scale))
+
+
+def _width(d: int, block: Optional[int], scale: str) -> int:
+    """Bytes of one row's buffer: its codes two to a byte and its scales."""
+    return triton.cdiv(d, 2) + scale_bytes(scale) * (1 if block is None else triton.cdiv(d, block))
+
+
+def encode(rows: torch.Tensor, block: Optional[int], scale: str = "e8m0") -> torch.Tensor:
+    """rows (..., d) in bf16/fp16/fp32 -> uint8 (..., ceil(d / 2) + scale bytes * blocks): what
+    ``FP4E2M1(block, scale).encode`` returns."""
+    check_dtype(rows.dtype, "fp4_e2m1")
+    d = rows.shape[-1]
+    out = torch.empty(rows.shape[:-1] + (_width(d, block, scale),), dtype=torch.uint8, device=rows.device)
+    _launch(_encode_kernel, rows_of(rows), out.view(-1, out.shape[-1]), d, block, scale)
+    return out
+
+
+def decode(buffer: torch.Tensor, d: int, block: Optional[int], dtype: torch.dtype, scale: str = "e8m0") -> torch.Tensor:
+    """uint8 (..., ceil(d / 2) + scale bytes * blocks) -> rows (..., d) in `dtype`: what
+    ``FP4E2M1(block, scale).decode`` returns."""
+    check_dtype(dtype, "fp4_e2m1")
+    width = _width(d, block, scale)
+    if buffer.dtype != torch.uint8 or buffer.shape[-1] != width:
+        raise ValueError(f"an fp4_e2m1 buffer of rows {d} wide is uint8 (..., {width}), "
+                         f"got {buffer.dtype} {tuple(buffer.shape)}")
+    out = torch.empty(buffer.shape[:-1] + (d,), dtype=dtype, device=buffer.device)
+    _launch(_decode_kernel, rows_of(buffer), out.view(-1, d), d, block, scale)
+    return out
