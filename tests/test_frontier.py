@@ -156,7 +156,8 @@ FALLBACK = {
     "fp8_both": (-0.2, [1], 0.52, {}),         # method fp8; reaches stock's loss
     "lsh": (10.0, [1, 2, 3], 0.2, {0.125: 2.0, 0.5: 5.0}),  # never reaches it
     "rate_0.5": (-0.5, [1], 0.5, {}),          # the paper's at rate 0.5: only a rate-0.2 row is modelled
-    "fp4_both": (-0.2, [1], 0.27, {}),         # no named method
+    "fp4_dispatch": (-0.2, [1], 0.64, {}),     # no named method
+    "fp4_both": (-0.2, [1], 0.27, {}),         # method fp4: no section has its row either
     "bounded_0.2": (-0.2, [1], 0.3, {}),       # merge_tolerance: no flag of the benchmark
 }
 FP8_SENTENCE = ("`fp8` (lsh_moe.method `fp8`, one FP8 scale per 128 elements): every token crosses as itself, in "
@@ -181,16 +182,17 @@ def test_the_fallback_takes_the_shortest_modelled_time_and_marks_one_seed_provis
     speedups = frontiers.speedups_for(found, benchmarks)
     assert speedups["fp8_both"].value == 1.25 and speedups["fp8_both"].section == "gpt_moe_tiny_modelled_ep16_g8_fp8"
     assert speedups["lsh"].value == 1.5
-    # the paper's method at rate 0.5 is not the lsh row's rate 0.2; merge_tolerance and FP4 are no method's own:
+    # the paper's method at rate 0.5 is not the lsh row's rate 0.2; merge_tolerance and FP4 one way are no method's own:
     # none of them takes a row of another configuration, and each is named with the stage that would time it
     assert speedups["rate_0.5"].value is None and ("no section has a row `rate_0.5 @ 200gbps EP16` nor `lsh @ "
                                                    "200gbps EP16` (method `paper` at rate 0.5, the same lsh_moe "
                                                    "block)") in speedups["rate_0.5"].note
-    for name in ("fp4_both", "bounded_0.2"):
+    for name, method in (("fp4_dispatch", ""), ("bounded_0.2", ""),
+                         ("fp4_both", " nor `fp4 @ 200gbps EP16` (method `fp4`, the same lsh_moe block)")):
         assert speedups[name].value is None and speedups[name].note.endswith(
-            f"no section has a row `{name} @ 200gbps EP16` (command: `VARIANTS=\"{name}\" bash scripts/gpu_session.sh "
-            "bench-modelled-135m-candidates`, the step time of preset `gpt-moe-135m` with 1 expert per rank, a "
-            "16-expert job at EP=16, timed with stock at 100/200/400 Gb/s)")
+            f"no section has a row `{name} @ 200gbps EP16`{method} (command: `VARIANTS=\"{name}\" bash "
+            "scripts/gpu_session.sh bench-modelled-135m-candidates`, the step time of preset `gpt-moe-135m` with 1 "
+            "expert per rank, a 16-expert job at EP=16, timed with stock at 100/200/400 Gb/s)")
     choice = frontiers.choose(found, speedups)
     # fp8_both: 5.0 at 10k tokens, 3.009 x 0.998 at 20k; stock's seed 1 reaches its 3.009 at 20k
     final = 3.009 * 0.998
@@ -314,7 +316,8 @@ def test_each_candidate_takes_its_own_row_or_its_methods_and_never_another_confi
     assert speedups["fp8_both"].preset == "tiny" and speedups["fp8_both"].note.startswith(
         "step time of preset `tiny`: `gpt_moe_tiny_modelled_ep16_g8_fp8_both+fp4_both+bounded_0.2+exact_tail_0.15`, "
         "8 GPUs per node: a job of 16 experts (1 per rank)")
-    assert "no section has a row `fp4_both @ 200gbps EP16` (command: `VARIANTS=\"fp4_both\"" in \
+    assert ("no section has a row `fp4_both @ 200gbps EP16` nor `fp4 @ 200gbps EP16` (method `fp4`, the same lsh_moe "
+            "block) (command: `VARIANTS=\"fp4_both\"") in \
         speedups["fp4_both"].note
     assert speedups["diag_forward"].note.startswith(
         "no modelled step time for `diag_forward`: a study-only diagnostic layer (lshmoe_pretrain.diagnostics "
