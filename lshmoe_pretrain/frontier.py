@@ -473,7 +473,8 @@ def body(frontier: Frontier, choice: Choice, speedups: Dict[str, Speedup], plot_
         "gate draws), mean ± std over seeds; stock's seed spread: its std over seeds as % of its mean; bytes: every "
         "step's telemetry (the mean of the four crossings, exact steps as stock's), mean over seeds; tokens to "
         "stock's final loss: where the candidate's seed-mean validation curve (linear between evaluations; points "
-        "before the last on 2^18 held-out tokens, the last on the whole split) reaches stock's final loss on the "
+        f"before the last on 2^{frontier.bed.eval_tokens.bit_length() - 1} held-out tokens, the last on the whole "
+        "split) reaches stock's final loss on the "
         f"same seeds ({frontier.target:.4f} over all {len(frontier.stock.seeds)}), against where stock's own curve "
         "on those seeds does.", "",
         table(frontier), ""]

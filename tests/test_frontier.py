@@ -128,6 +128,8 @@ def test_a_cpu_proxy_orders_the_screen_and_sets_no_default(tmp_path):
     assert choice.text.endswith("`gpt-mini-long-cpu` is a CPU proxy of `gpt-25m-long`: this verdict orders what "
                                 "`gpt-25m-long` screens first and sets no default.")
     assert "still to measure" not in choice.text
+    # the section says what the proxy evaluated on: 2^16 held-out tokens per point, not the GPU testbed's 2^18
+    assert "points before the last on 2^16 held-out tokens" in frontiers.body(found, choice, {}, "plot.png")
 
 
 def test_of_several_passing_the_fewest_bytes_is_chosen(tmp_path):
