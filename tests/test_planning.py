@@ -137,10 +137,16 @@ def test_published_quality_records_by_layer_shape():
     # the example shape (16 experts, 4096 tokens per rank) was never measured; nor other tokens per rank
     assert quality_records.find_record(records, 512, 2048, 16, 2, 1.25, 4096, 0.2) == (None, 0)
     assert quality_records.find_record(records, 512, 2048, 8, 2, 1.25, 8192, 0.2) == (None, 0)
-    # no study-only diagnostic layer or ablation passes for LSH-MoE
-    assert {r.variant for r in records} <= {"lsh", "rate_0.3", "rate_0.5", "rate_1.0"}
-    # only the paper's configuration has records today: no other method is given one of them
-    assert {r.method for r in records} == {"paper"}
+    # no study-only diagnostic layer or ablation passes for LSH-MoE; of the other methods only FP4 both ways, whose
+    # study variant is method fp4 with nothing set beside it (the CPU proxy's)
+    assert {r.variant for r in records} <= {"lsh", "rate_0.3", "rate_0.5", "rate_1.0", "fp4_both"}
+    assert {r.method for r in records} == {"paper", "fp4"}
+    record, matches = quality_records.find_record(records, 128, 512, 8, 2, 1.25, 1024, 0.2, "fp4")
+    assert (record.section, record.variant, record.seeds, record.reached, matches) == \
+        ("proxy_gpt_mini_x1", "fp4_both", 3, False, 1)
+    assert record.final_gap == pytest.approx(0.0013)
+    # its record is of 1,024 tokens per rank only; and no other method is given one
+    assert quality_records.find_record(records, 128, 512, 8, 2, 1.25, 4096, 0.2, "fp4") == (None, 0)
     for method in ("fp8", "fp8_dispatch", "paper_fp8"):
         assert quality_records.find_record(records, 128, 512, 8, 2, 1.25, 4096, 0.2, method) == (None, 0)
 
