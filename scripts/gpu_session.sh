@@ -84,7 +84,9 @@ if [ -f .device_corpus/python_code_pinned.bin.xz ]; then
             && mv /root/data/python_code_pinned.bin.part /root/data/python_code_pinned.bin || exit 1
     fi
     DATA=(--data_prefix /root/data/python_code_pinned)
-    (cd /root/data && sha256sum --quiet -c "$PWD/docs/records/corpus_python_code_pinned.sha256") \
+    # (the hash file's path is taken before the cd: $PWD inside the subshell would be /root/data)
+    hashes="$PWD/docs/records/corpus_python_code_pinned.sha256"
+    (cd /root/data && sha256sum --quiet -c "$hashes") \
         || { echo "the corpus in /root/data is not the pinned one (docs/records/corpus_python_code_pinned.sha256)"; exit 1; }
 fi
 quality() {  # quality:<study>:<seconds>
