@@ -7,6 +7,7 @@ rank's result: a rank that computed something wrong while rank 0 was right must 
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import queue as queue_module
@@ -152,10 +153,28 @@ def in_rank_order(results: dict) -> list:
     return [results[rank] for rank in range(len(results))]
 
 
+@contextlib.contextmanager
+def accelerator_for_spawned_ranks(name: str):
+    """DS_ACCELERATOR=`name` in the environment the spawned ranks start with. A rank unpickles `fn` first, which
+    imports fn's test module: one that imports deepspeed at module level fixes DeepSpeed's accelerator there,
+    before `_deepspeed_worker` can set it (tests/conftest.py sets "cpu" for the whole session), and its engine
+    would then keep the model on the CPU under NCCL."""
+    before = os.environ.get("DS_ACCELERATOR")
+    os.environ["DS_ACCELERATOR"] = name
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("DS_ACCELERATOR")
+        else:
+            os.environ["DS_ACCELERATOR"] = before
+
+
 def run_deepspeed_nccl(fn: Callable, world_size: int, *args: Any, timeout: float = 600) -> list:
     """Run ``fn(rank, world_size, *args)`` in `world_size` spawned processes on CUDA with NCCL; every rank's
     result, in rank order."""
-    return in_rank_order(spawn_ranks(_deepspeed_worker, world_size, "nccl", fn, args, timeout=timeout))
+    with accelerator_for_spawned_ranks("cuda"):
+        return in_rank_order(spawn_ranks(_deepspeed_worker, world_size, "nccl", fn, args, timeout=timeout))
 
 
 def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 600) -> list:

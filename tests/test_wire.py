@@ -38,7 +38,9 @@ def reference_scales(amax: torch.Tensor, fmt: str = "fp8_e4m3", scale: str = "fl
     exponent clamped to [-127, 127] (a zero block's -inf to -127), computed in float64."""
     largest = GRIDS[fmt].max().item()
     if scale == "float32":
-        return (amax / largest).clamp(min=torch.finfo(torch.float32).tiny)
+        # Divided by a tensor, not by the Python float: CUDA divides a tensor by a CPU scalar as a product with its
+        # reciprocal, one ulp off for some blocks, where the plugin (and the CPU) divide correctly rounded.
+        return (amax / amax.new_full((), largest)).clamp(min=torch.finfo(torch.float32).tiny)
     return torch.pow(2.0, torch.ceil(torch.log2(amax.double() / largest)).clamp(-127, 127)).float()
 
 

@@ -16,7 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def train(output_dir, cache_dir, *args):
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    # The checkout first, then whatever the machine installed the frameworks into (the GPU machine's /root/site)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
     env.pop("DS_ACCELERATOR", None)
     env.pop("LSHMOE_ENABLED", None)
     command = [sys.executable, "scripts/pretrain_gpt_moe.py", "--deepspeed_config", "configs/gpt_moe_gpu.json",
