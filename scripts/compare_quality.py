@@ -53,8 +53,9 @@ TITLES = {
                               "path is worth",
     "testbed_gpt_25m_x1": "Testbed `gpt-25m-long` (H200), the long schedule: stock (3 seeds), LSH-MoE (3 seeds) and "
                           "the control rate 1.0",
-    "testbed_gpt_25m_pinned_x1": "Testbed `gpt-25m-long` (H200, the pinned corpus), the long schedule: stock (3 seeds), "
-                                 "the paper's configuration, the control rate 1.0 and the per-token wire formats",
+    "testbed_gpt_25m_pinned_x1": "Testbed `gpt-25m-long` (H200, the pinned corpus), the long schedule: stock "
+                                 "(3 seeds), the paper's configuration, the control rate 1.0 and the per-token "
+                                 "wire formats",
     "proxy_gpt_mini_x1": "CPU proxy `gpt-mini-long-cpu` (not the testbed), the long schedule: stock, the paper's "
                          "configuration, the candidates and the controls",
 }
