@@ -13,7 +13,7 @@
 #       (GPU_TESTS="<files or node ids>" runs a subset of tests/gpu)
 #       | bench-compressor | bench-wire (the wire formats' encode + decode vs the bandwidth floor: fp8_e4m3 and
 #         fp4_e2m1, float32 and e8m0 scales, reference and fused, 16K tokens) | bench-layer | bench-gpt
-#       | bench-gpt-small | profile-gpt-135m | quality:<study>:<seconds>
+#       | bench-gpt-small | profile-gpt-135m (VARIANTS="...": those beside stock) | quality:<study>:<seconds>
 #       | bench-modelled-135m | bench-modelled-1.3b (GPT-MoE step times at modelled EP 8/16/64 over 100/200/400 Gb/s
 #         and NVLink 4, one GPU, the link stand-in, on 8-GPU nodes (NVLink inside, one NIC per GPU: EP=8 crosses
 #         no NIC); MODELLED_GPUS_PER_NODE=1 puts every peer behind the NIC, and the section name ends in _g1;
@@ -183,7 +183,9 @@ for stage in "$@"; do
                 --timed-from 20 --report "$OUT/benchmarks.md" 2>&1 | tee -a "$OUT/logs/bench_gpt.log" | tail -5 ;;
         bench-gpt-135m) python3 scripts/benchmark_gpt_moe.py --preset gpt-moe-135m --micro-batch 32 --steps 50 \
                 --timed-from 15 --report "$OUT/benchmarks.md" 2>&1 | tee -a "$OUT/logs/bench_gpt.log" | tail -5 ;;
+        # VARIANTS="..." profiles those beside stock (default: stock and lsh), e.g. the wire formats' step overhead
         profile-gpt-135m) python3 scripts/benchmark_gpt_moe.py --preset gpt-moe-135m --micro-batch 32 --steps 30 \
+                ${VARIANTS:+--variants stock $VARIANTS} \
                 --timed-from 10 --report "$OUT/profile_run.md" --profile "$OUT/profile_gpt_135m.txt" 2>&1 \
                 | tee -a "$OUT/logs/profile.log" | tail -5 ;;
         bench-compressor) python3 scripts/benchmark_compressor.py --breakdown --rates 0.2 --kernels triton triton+graphs \
