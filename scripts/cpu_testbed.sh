@@ -33,16 +33,24 @@ batch() {
         lengths) bed --lengths 0.125 0.5 --seeds 1 --variants stock lsh ;;
         controls) bed --seeds 1 --variants rate_1.0 lsh_no_ec ;;
         more) bed --seeds 1 --variants fp8_dispatch fp4_dispatch bounded_0.2 bounded_0.1_fp8 fp8_both ;;
+        # the formats the GPU screen runs, beyond the candidates: seeds 1-3 of FP8 both ways (float32 and e8m0
+        # scales), seeds 1-2 of FP8 to the experts only, FP4 to the experts only
+        formats) bed --seeds 1 --variants fp8_dispatch fp4_dispatch
+                 bed --seeds 2 --variants fp8_dispatch fp8_both_e8m0
+                 bed --seeds 1 3 --variants fp8_both fp8_both_e8m0 ;;
+        # issue 24's other candidates: compensation without its identity backward (none at all, or the fitted
+        # linear map) and schedules that compress only the first half or 85% of the steps
+        compensation) bed --seeds 1 --variants lsh_no_ec exact_tail_0.5 linear_map exact_tail_0.15 ;;
         # what the frontier's rule asks of a candidate beyond seed 1: seeds 2 and 3, and the shorter schedules
         candidate-seeds) bed --seeds 2 3 --variants $CANDIDATES ;;
         candidate-lengths) bed --lengths 0.125 0.5 --seeds 1 --variants $CANDIDATES ;;
         # a stock run of its own that saves its MoE layers' dispatched tokens and experts at 10%, 50% and the
         # end, for scripts/compressibility.py (docs/compressibility.md)
         captures) bed --seeds 4 --variants stock --capture_at 0.1 0.5 1 --capture_run stock/4 ;;
-        *) echo "unknown batch $1; allowed: paper seeds candidates lengths captures controls more candidate-seeds candidate-lengths"; return 2 ;;
+        *) echo "unknown batch $1; allowed: paper seeds candidates lengths captures controls more formats compensation candidate-seeds candidate-lengths"; return 2 ;;
     esac
 }
 
-for name in "${@:-paper seeds candidates lengths captures controls more candidate-seeds candidate-lengths}"; do
+for name in "${@:-paper seeds candidates lengths captures controls more formats compensation candidate-seeds candidate-lengths}"; do
     for b in $name; do batch "$b"; done
 done
