@@ -137,15 +137,23 @@ def test_published_quality_records_by_layer_shape():
     # the issue's example shape (16 experts, 4096 tokens per rank) was never measured; nor other tokens per rank
     assert quality_records.find_record(records, 512, 2048, 16, 2, 1.25, 4096, 0.2) == (None, 0)
     assert quality_records.find_record(records, 512, 2048, 8, 2, 1.25, 8192, 0.2) == (None, 0)
-    # no study-only diagnostic layer or ablation passes for LSH-MoE; of the other methods only FP4 both ways, whose
-    # study variant is method fp4 with nothing set beside it (the CPU proxy's)
-    assert {r.variant for r in records} <= {"lsh", "rate_0.3", "rate_0.5", "rate_1.0", "fp4_both"}
-    assert {r.method for r in records} == {"paper", "fp4"}
+    # no study-only diagnostic layer or ablation passes for LSH-MoE; of the other methods only the study variants
+    # that are a method with nothing set beside it: FP4 both ways (fp4), FP8 both ways (fp8), FP8 to the experts
+    # (fp8_dispatch); fp8_both_e8m0 (fp8 with e8m0 scales) and fp8_fwd_fp4_grad are no method's own
+    assert {r.variant for r in records} <= {"lsh", "rate_0.3", "rate_0.5", "rate_1.0", "fp4_both", "fp8_both",
+                                            "fp8_dispatch"}
+    assert {r.method for r in records} == {"paper", "fp4", "fp8", "fp8_dispatch"}
     record, matches = quality_records.find_record(records, 128, 512, 8, 2, 1.25, 1024, 0.2, "fp4")
     assert (record.section, record.variant, record.seeds, record.reached, matches) == \
         ("proxy_gpt_mini_x1", "fp4_both", 3, False, 1)
     assert record.final_gap == pytest.approx(0.0013)
-    # its record is of 1,024 tokens per rank only; and no other method is given one
+    record, _ = quality_records.find_record(records, 128, 512, 8, 2, 1.25, 1024, 0.2, "fp8")
+    assert (record.section, record.variant, record.seeds) == ("proxy_gpt_mini_x1", "fp8_both", 2)
+    # the H200 testbed's shape (gpt-moe-25m: d_model 256, FFN 1024, 8 experts top-2, 8,192 tokens per rank)
+    record, _ = quality_records.find_record(records, 256, 1024, 8, 2, 1.25, 8192, 0.2, "fp4")
+    assert (record.section, record.variant, record.seeds) == ("testbed_gpt_25m_pinned_x1", "fp4_both", 1)
+    assert record.final_gap == pytest.approx(0.0022)
+    # those records are of their tokens per rank only; and no other method is given one
     assert quality_records.find_record(records, 128, 512, 8, 2, 1.25, 4096, 0.2, "fp4") == (None, 0)
     for method in ("fp8", "fp8_dispatch", "paper_fp8"):
         assert quality_records.find_record(records, 128, 512, 8, 2, 1.25, 4096, 0.2, method) == (None, 0)
@@ -291,9 +299,10 @@ def test_plan_command_on_8_gpu_nodes_with_a_published_quality_record():
 
 
 def test_plan_command_with_fp8_prices_its_bytes_and_shows_no_papers_record():
-    """--method fp8 on the mini-moe layer shape, whose paper's records docs/quality.md holds: the bytes are FP8's
+    """--method fp8 on the mini-moe layer shape at 4,096 tokens per rank, where docs/quality.md holds the paper's
+    records and none of FP8's (its are at 1,024 tokens per rank and on the testbed's shape): the bytes are FP8's
     (d_model 128 in fp32 sends 512 bytes a row, FP8 with one float32 scale per 128 elements 132), the table names
-    the method, and the quality line says no record of this method exists instead of showing the paper's."""
+    the method, and the quality line says no record of this configuration exists instead of showing the paper's."""
     build_deepspeed_cpu_comm_op()
     result = run_plan("--d-model", "128", "--tokens-per-rank", "4096", "--experts", "8", "--top-k", "2", "--ep",
                       "8", "--link", "custom:1:0", "--gpus-per-node", "1", "--method", "fp8", "--reps", "2",
@@ -302,8 +311,9 @@ def test_plan_command_with_fp8_prices_its_bytes_and_shows_no_papers_record():
     out = result.stdout
     assert f"{132 / 512:.3f} of stock's bytes, the mean of the four crossings, scales included" in out
     assert "all 8 x 1280 slots, no clustering; dispatch fp8_e4m3 forward / fp8_e4m3 backward" in out
-    assert "quality: no long-schedule record exists for method `fp8` yet" in out
-    assert "time to stock's loss: unknown until method `fp8` has a long-schedule record" in out
+    assert ("quality: no quality measurement for this configuration (docs/quality.md holds none at this d_model, "
+            "FFN, experts, top-k, capacity factor, tokens per rank, method and rate)") in out
+    assert "time to stock's loss: no quality measurement for this configuration" in out
     assert "1.105" not in out and "cpu_gpt_tokens" not in out  # the paper's record is not substituted
     assert "| fp8 EP=1 ms (measured on CPU) |" in out and "method `fp8` predicted" in out
     # a link that is all bandwidth (1 GB/s, no fixed or per-peer cost): the all-to-alls scale with the bytes
