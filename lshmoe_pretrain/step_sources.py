@@ -35,14 +35,19 @@ class SectionModel:
         return f"preset `{self.preset}`: d_model {self.d_model}, {self.blocks} blocks, {self.experts} experts"
 
 
+def gpus_per_node(text: Optional[str]) -> Optional[int]:
+    """The GPUs per node a modelled benchmark_gpt_moe.py section states, or None."""
+    gpus = _GPUS.search(text or "") or _GPUS_FLAG.search(text or "")
+    return int(gpus.group(1)) if gpus else None
+
+
 def section_model(text: Optional[str]) -> Optional[SectionModel]:
     """The model of a benchmark_gpt_moe.py section, or None when the text does not state it."""
     found = _MODEL.search(text or "")
     if found is None:
         return None
-    gpus = _GPUS.search(text) or _GPUS_FLAG.search(text)
     return SectionModel(found.group(1), int(found.group(2)), int(found.group(3)), int(found.group(4)),
-                        int(gpus.group(1)) if gpus else None, "half of it at" not in text)
+                        gpus_per_node(text), "half of it at" not in text)
 
 
 def quality_model(info: dict) -> SectionModel:

@@ -18,10 +18,10 @@ from typing import Dict, List, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lshmoe_pretrain import benchmarking as bench  # noqa: E402
+from lshmoe_pretrain import step_sources  # noqa: E402
 
 SPEEDUP = "speed-up vs stock (modelled)"
 _ROW = re.compile(r"^(?P<variant>\S+) @ (?P<link>\S+) EP(?P<ep>\d+)$")
-_GPUS_PER_NODE = re.compile(r"\*\*(\d+) GPU\(s\) per node\*\*")
 
 
 class TableError(ValueError):
@@ -29,11 +29,11 @@ class TableError(ValueError):
 
 
 def gpus_per_node(text: str, section: str) -> int:
-    found = set(_GPUS_PER_NODE.findall(text))
-    if len(found) != 1:
+    gpus = step_sources.gpus_per_node(text)
+    if gpus is None:
         raise TableError(f"section {section!r} does not state one topology ('**N GPU(s) per node**'): it is not a "
                          f"--modelled-link section of benchmark_gpt_moe.py, or predates the topology")
-    return int(found.pop())
+    return gpus
 
 
 def speedups(benchmarks: str, sections: Sequence[str], ep: int) -> Dict[str, Dict[str, List[str]]]:
