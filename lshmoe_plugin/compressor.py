@@ -325,10 +325,15 @@ class LSHCompressor:
     def _expand(self, centroid_outputs: torch.Tensor, state: ClusterState) -> torch.Tensor:
         mapped = self.config.error_compensation and self.config.residual_map != "identity"
         compensate = self.config.error_compensation and not mapped
+        tokens, centroids = state.tokens, state.centroids
+        if compensate and self.config.residual_grad == "stop":
+            # The residual's operands, detached: the same arithmetic (so the forward is bit for bit the
+            # compensated one), with the gradient flowing only into the centroids' expert outputs.
+            tokens, centroids = tokens.detach(), centroids.detach()
         if state.graphed is not None:
-            out = self._graphs.expand(state.graphed, state.tokens, state.centroids, centroid_outputs, compensate)
+            out = self._graphs.expand(state.graphed, tokens, centroids, centroid_outputs, compensate)
         else:
-            out = self._ops.expand_with_residual(state.tokens, state.slot, state.centroids, centroid_outputs,
+            out = self._ops.expand_with_residual(tokens, state.slot, centroids, centroid_outputs,
                                                  state.counts, compensate, state.segments)
         return self._add_mapped_residuals(out, centroid_outputs, state) if mapped else out
 
@@ -341,6 +346,8 @@ class LSHCompressor:
         fitted = residual_map.fit(kind, state.centroids.view(groups, -1, d), centroid_outputs.view(groups, -1, d),
                                   state.counts.view(groups, -1))
         residuals = (state.tokens - self.per_token(state.centroids, state)).view(groups, -1, d)
+        if self.config.residual_grad == "stop":
+            residuals = residuals.detach()
         out_dtype = torch.promote_types(state.tokens.dtype, centroid_outputs.dtype)
         return (outputs.float() + residual_map.apply(kind, residuals, fitted).view(-1, d)).to(out_dtype)
 

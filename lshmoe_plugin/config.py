@@ -12,7 +12,7 @@ from typing import Any, Mapping, Optional, Tuple, Union
 
 from .hash_families import HASH_FAMILIES, HashFamily
 from .methods import STAGE_KEYS, MethodError, resolve
-from .residual_map import RESIDUAL_MAPS
+from .residual_map import RESIDUAL_GRADS, RESIDUAL_MAPS
 from .wire import FORMAT_KEYS, SCALES, WIRE_DTYPES
 
 CONFIG_BLOCK = "lsh_moe"
@@ -23,7 +23,7 @@ CLUSTERINGS = ("lsh", "none", "bounded")
 # Keys of LSH clustering (or of measurements only the clustered layer makes), which `clustering: "none"` turns off:
 # refused there unless left at their defaults, so that no setting is silently ignored.
 CLUSTERING_KEYS = ("compression_rate", "num_hashes", "hash_type", "hash_dim", "error_compensation", "residual_map",
-                   "refine_iterations", "redraw_interval", "exact_token_stride", "output_error_interval")
+                   "residual_grad", "refine_iterations", "redraw_interval", "exact_token_stride", "output_error_interval")
 # Keys of LSH clustering that error-bounded merging (`clustering: "bounded"`) has no use for, with the value that
 # turns each off: refused there unless off, by name.
 UNBOUNDED_KEYS = (("refine_iterations", 0), ("residual_map", "identity"), ("exact_token_stride", 0),
@@ -63,6 +63,12 @@ class LSHMoEConfig:
         ``identity`` (the paper: E(c) + x - c), or ``diagonal`` / ``linear``: E(c) + M(x - c) with M fitted per
         expert and step to the (centroid, expert output) pairs the sender holds (lshmoe_plugin.residual_map).
         Needs error_compensation; DeepSpeed's fixed-capacity layer only (refused by name elsewhere).
+    residual_grad: whether the residual that error compensation adds carries a gradient: ``pass`` (the paper: a
+        token's gradient is its own output gradient minus its cluster's mean, plus its share through the
+        centroid's expert output) or ``stop``: the residual enters the output as a constant, so the forward is the
+        compensated one, bit for bit, and a token learns only through its centroid's expert output, as without
+        compensation. Separates what compensation does to the forward from what its backward path does (issue
+        24). Needs error_compensation; every framework.
     seed: seeds the random projections; each MoE layer derives its own from (seed, layer index).
     layers: ``"all"`` or a list of MoE layer indices (0-based, in model order) to compress.
     compress_in_eval: also compress in ``eval()`` mode (default: exact dispatch in eval).
@@ -147,6 +153,7 @@ class LSHMoEConfig:
     decide_by_cost: bool = False
     cuda_graphs: Union[str, bool] = "auto"
     residual_map: str = "identity"
+    residual_grad: str = "pass"
     refine_iterations: int = 0
     redraw_interval: int = 0
     exact_from_step: Optional[int] = None
@@ -191,6 +198,13 @@ class LSHMoEConfig:
         if self.residual_map != "identity" and not self.error_compensation:
             raise LSHMoEConfigError(f"lsh_moe.residual_map={self.residual_map!r} maps the residual that error "
                                     f"compensation adds; with error_compensation false allowed: 'identity'")
+        if self.residual_grad not in RESIDUAL_GRADS:
+            raise LSHMoEConfigError(f"lsh_moe.residual_grad must be one of {list(RESIDUAL_GRADS)}, got "
+                                    f"{self.residual_grad!r}")
+        if self.residual_grad != "pass" and not self.error_compensation:
+            raise LSHMoEConfigError(f"lsh_moe.residual_grad={self.residual_grad!r} stops the gradient of the "
+                                    f"residual that error compensation adds; with error_compensation false "
+                                    f"allowed: 'pass'")
         if self.kernel not in KERNELS:
             raise LSHMoEConfigError(f"lsh_moe.kernel must be one of {list(KERNELS)}, got {self.kernel!r}")
         if not (isinstance(self.cuda_graphs, bool) or self.cuda_graphs == "auto"):

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 
 RESIDUAL_MAPS = ("identity", "diagonal", "linear")
+# Whether the compensated residual carries a gradient (lsh_moe.residual_grad): "stop" makes it a constant.
+RESIDUAL_GRADS = ("pass", "stop")
 # Ridge term of the linear fit, relative to the mean variance of a centroid coordinate: with fewer occupied
 # slots than dimensions the plain normal equations are singular.
 RIDGE = 1e-2

@@ -47,6 +47,11 @@ VARIANTS: Dict[str, dict] = {
     "refine_2_redraw": {"enabled": True, "refine_iterations": 2, "redraw_interval": 1},
     "lsh_no_ec_refine_2": {"enabled": True, "error_compensation": False, "refine_iterations": 2},
     "linear_map": {"enabled": True, "residual_map": "linear"},
+    # The compensated forward with the residual's gradient stopped (lsh_moe.residual_grad): a token learns only
+    # through its centroid's expert output, as in lsh_no_ec, while its output keeps its residual. Beside lsh,
+    # lsh_no_ec and linear_map it says whether compensation's forward or its backward path moves the final loss.
+    "lsh_stop_grad": {"enabled": True, "residual_grad": "stop"},
+    "linear_map_stop_grad": {"enabled": True, "residual_map": "linear", "residual_grad": "stop"},
     "diagonal_map": {"enabled": True, "residual_map": "diagonal"},
     "linear_map_refine_2": {"enabled": True, "residual_map": "linear", "refine_iterations": 2},
     "exact_tail_0.15": {"enabled": True, "exact_tail": 0.15},

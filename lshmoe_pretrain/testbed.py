@@ -74,6 +74,13 @@ TESTBEDS: Dict[str, Testbed] = {t.name: t for t in (
             "2-core CPU. It orders what the GPU testbed screens; it is not a quality claim",
             "gpt", "mini-moe", micro_batch=4, steps=3663, lr=1e-3, eval_tokens=2**16, concurrency=2,
             base_config="configs/gpt_moe_cpu_bf16.json", proxy_of="gpt-25m-long"),
+    Testbed("t5-mini-long-cpu",
+            "CPU proxy of t5-26m-long: T5-MoE `mini-moe` (d_model 128, MoE in encoder and decoder, 8 experts, "
+            "top-2) in bf16 on 1,024 input tokens per step over the same 3,663 steps; T5's 'below stock' at 600 "
+            "steps, checked over a long schedule where no GPU is lent. It orders what the GPU testbed screens; "
+            "it is not a quality claim",
+            "t5", "mini-moe", micro_batch=4, steps=3663, lr=1e-3, eval_tokens=2**16, concurrency=2,
+            base_config="configs/t5_moe_cpu_bf16.json", proxy_of="t5-26m-long"),
 )}
 
 

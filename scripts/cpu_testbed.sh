@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The CPU proxy of the long-schedule testbed (`gpt-mini-long-cpu` in lshmoe_pretrain/testbed.py): GPT-MoE
-# `mini-moe` in bf16, 1,024 tokens per step over gpt-25m-long's 3,663 steps, two runs at once, EP=1. About 10
-# minutes per pair of runs on a quiet 2-core machine. What it finds orders what the GPU testbed screens first; it
-# is not a quality claim (docs/quality.md says which sections are the proxy's).
+# The CPU proxies of the long-schedule testbed (lshmoe_pretrain/testbed.py): `gpt-mini-long-cpu` (GPT-MoE
+# `mini-moe` in bf16, 1,024 tokens per step over gpt-25m-long's 3,663 steps) and `t5-mini-long-cpu` (T5-MoE
+# `mini-moe`, 1,024 input tokens per step over t5-26m-long's 3,663 steps); two runs at once, EP=1. About 10-15
+# minutes per pair of runs on a quiet 2-core machine. What they find orders what the GPU testbed screens first;
+# they are not a quality claim (docs/quality.md says which sections are the proxies').
 #
-#   bash scripts/cpu_testbed.sh [BATCH ...]      # batches below; default: all, in this order
+#   bash scripts/cpu_testbed.sh [BATCH ...]                             # GPT proxy; default: all, in this order
+#   TESTBED=t5-mini-long-cpu bash scripts/cpu_testbed.sh [BATCH ...]    # the same batches on the T5 proxy
 #
 # Runs found finished are skipped, so the script can be stopped and run again. The corpus is built first if it is
 # missing (~1 minute).
@@ -22,7 +24,8 @@ DATA=.device_data/python_code_pinned_4k
 ROOT=${ROOT:-runs/cpu_testbed}
 # The candidates within reach of stock after seed 1 (docs/quality.md, section proxy_gpt_mini_x1)
 CANDIDATES=${CANDIDATES:-fp4_both fp8_fwd_fp4_grad}
-bed() { python scripts/compare_quality.py run --testbed gpt-mini-long-cpu --data_prefix "$DATA" --vocab_size 4096 \
+TESTBED=${TESTBED:-gpt-mini-long-cpu}
+bed() { python scripts/compare_quality.py run --testbed "$TESTBED" --data_prefix "$DATA" --vocab_size 4096 \
             --root "$ROOT" "$@"; }
 
 batch() {
@@ -41,16 +44,19 @@ batch() {
         # issue 24's other candidates: compensation without its identity backward (none at all, or the fitted
         # linear map) and schedules that compress only the first half or 85% of the steps
         compensation) bed --seeds 1 --variants lsh_no_ec exact_tail_0.5 linear_map exact_tail_0.15 ;;
+        # compensation's forward with its backward path cut (lsh_moe.residual_grad "stop"), the paper's and the
+        # fitted map's: beside lsh, lsh_no_ec and linear_map, which half of compensation moves the final loss
+        residual-grad) bed --seeds 1 --variants lsh_stop_grad linear_map_stop_grad ;;
         # what the frontier's rule asks of a candidate beyond seed 1: seeds 2 and 3, and the shorter schedules
         candidate-seeds) bed --seeds 2 3 --variants $CANDIDATES ;;
         candidate-lengths) bed --lengths 0.125 0.5 --seeds 1 --variants $CANDIDATES ;;
         # a stock run of its own that saves its MoE layers' dispatched tokens and experts at 10%, 50% and the
         # end, for scripts/compressibility.py (docs/compressibility.md)
         captures) bed --seeds 4 --variants stock --capture_at 0.1 0.5 1 --capture_run stock/4 ;;
-        *) echo "unknown batch $1; allowed: paper seeds candidates lengths captures controls more formats compensation candidate-seeds candidate-lengths"; return 2 ;;
+        *) echo "unknown batch $1; allowed: paper seeds candidates lengths captures controls more formats compensation candidate-seeds candidate-lengths residual-grad"; return 2 ;;
     esac
 }
 
-for name in "${@:-paper seeds candidates lengths captures controls more formats compensation candidate-seeds candidate-lengths}"; do
+for name in "${@:-paper seeds candidates lengths captures controls more formats compensation candidate-seeds candidate-lengths residual-grad}"; do
     for b in $name; do batch "$b"; done
 done

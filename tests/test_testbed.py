@@ -57,14 +57,17 @@ def test_testbed_plans_one_complete_schedule_per_length(tmp_path):
     assert config["scheduler"]["params"]["warmup_num_steps"] == int(0.05 * 458)
 
 
-def test_the_cpu_proxy_trains_in_bf16_from_its_own_config_and_names_a_gpu_testbed(tmp_path):
-    proxy = beds.TESTBEDS["gpt-mini-long-cpu"]
+@pytest.mark.parametrize("name, kind", [("gpt-mini-long-cpu", "gpt"), ("t5-mini-long-cpu", "t5")])
+def test_the_cpu_proxy_trains_in_bf16_from_its_own_config_and_names_a_gpu_testbed(tmp_path, name, kind):
+    proxy = beds.TESTBEDS[name]
     assert proxy.proxy_of in beds.TESTBEDS and beds.TESTBEDS[proxy.proxy_of].proxy_of is None
     assert proxy.steps == beds.TESTBEDS[proxy.proxy_of].steps
-    module, args = parse(["run", "--testbed", "gpt-mini-long-cpu", "--variants", "stock", "--seeds", "1",
+    assert proxy.model_kind == beds.TESTBEDS[proxy.proxy_of].model_kind == kind
+    module, args = parse(["run", "--testbed", name, "--variants", "stock", "--seeds", "1",
                           "--root", str(tmp_path)])
     (plan,) = module.study_plans(args)
-    assert plan.base_config == "configs/gpt_moe_cpu_bf16.json" and plan.concurrency == 2
+    assert plan.base_config == f"configs/{kind}_moe_cpu_bf16.json" and plan.concurrency == 2
+    assert plan.model_kind == kind
     config = study.deepspeed_config(plan, "stock")
     assert config["bf16"] == {"enabled": True} and config["scheduler"]["params"]["total_num_steps"] == 3663
     # a GPU testbed keeps the GPU config, and --base_config still overrides either

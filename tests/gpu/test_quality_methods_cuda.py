@@ -20,7 +20,8 @@ def compressor(**settings):
 
 
 @pytest.mark.parametrize("settings", [dict(refine_iterations=2), dict(residual_map="linear"),
-                                      dict(residual_map="diagonal"), dict(refine_iterations=2, redraw_interval=1)])
+                                      dict(residual_map="diagonal"), dict(refine_iterations=2, redraw_interval=1),
+                                      dict(residual_grad="stop"), dict(residual_map="linear", residual_grad="stop")])
 def test_graphed_steps_match_eager_steps_with_the_quality_methods(settings):
     graphed, eager = compressor(cuda_graphs=True, **settings), compressor(cuda_graphs=False, **settings)
     for step in range(3):
@@ -32,7 +33,8 @@ def test_graphed_steps_match_eager_steps_with_the_quality_methods(settings):
     set_training_step(0)
 
 
-@pytest.mark.parametrize("settings", [dict(refine_iterations=2), dict(residual_map="linear")])
+@pytest.mark.parametrize("settings", [dict(refine_iterations=2), dict(residual_map="linear"),
+                                      dict(residual_grad="stop")])
 def test_fused_kernels_match_the_reference_with_the_quality_methods(settings):
     fused, reference = compressor(cuda_graphs=False, **settings), compressor(kernel="torch", **settings)
     data = batch(11, torch.float32)
