@@ -23,7 +23,8 @@ CLUSTERINGS = ("lsh", "none", "bounded")
 # Keys of LSH clustering (or of measurements only the clustered layer makes), which `clustering: "none"` turns off:
 # refused there unless left at their defaults, so that no setting is silently ignored.
 CLUSTERING_KEYS = ("compression_rate", "num_hashes", "hash_type", "hash_dim", "error_compensation", "residual_map",
-                   "residual_grad", "refine_iterations", "redraw_interval", "exact_token_stride", "output_error_interval")
+                   "residual_grad", "refine_iterations", "redraw_interval", "exact_token_stride",
+                   "output_error_interval")
 # Keys of LSH clustering that error-bounded merging (`clustering: "bounded"`) has no use for, with the value that
 # turns each off: refused there unless off, by name.
 UNBOUNDED_KEYS = (("refine_iterations", 0), ("residual_map", "identity"), ("exact_token_stride", 0),
