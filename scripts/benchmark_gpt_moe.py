@@ -78,6 +78,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--report", default=None, metavar="PATH", help="also write the section into this markdown file "
                    "(docs/benchmarks.md holds the published ones); default: print only")
     p.add_argument("--section", default=None)
+    p.add_argument("--section-suffix", default="", help="appended to the section's name (e.g. '_mb64' for a run "
+                   "whose micro-batch differs from the stage's usual one, so that it does not replace that section)")
     p.add_argument("--profile", default=None, metavar="PATH",
                    help="after the timed steps, profile 3 more steps of each variant (torch.profiler) and write "
                         "the op tables (by self CPU time and by device time) to PATH")
@@ -357,7 +359,7 @@ def main() -> None:
     named = named_variants(args)
     if named:  # sections of stock and the paper's variants keep their names; others name their variants
         key += "_" + "+".join(named)
-    section = args.section or f"gpt_moe_{args.preset}_{key}"
+    section = (args.section or f"gpt_moe_{args.preset}_{key}") + args.section_suffix
     preset = PRESETS[args.preset]
     args.vocab = args.vocab or preset.vocab_size
     args.seq_len = args.seq_len or preset.seq_len

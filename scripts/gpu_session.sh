@@ -25,7 +25,8 @@
 #       | bench-modelled-135m-candidates (the frontier's fallback, lshmoe_pretrain/frontier.py: stock and the
 #         candidates VARIANTS="..." (any benchmark_gpt_moe.py variant, quality-study names included; default the
 #         screen's: lsh fp8_both fp8_both_e8m0 fp8_dispatch fp4_both fp8_fwd_fp4_grad bounded_0.1 bounded_0.1_fp8)
-#         at modelled EP=16 over 100/200/400 Gb/s, 8 GPUs per node; the section name ends in _g<G>_<variants>)
+#         at modelled EP=16 over 100/200/400 Gb/s, 8 GPUs per node, MICRO_BATCH sequences per rank (default 32);
+#         the section name ends in _g<G>_<variants>)
 #       | check-link-nvlink | check-link-socket (2 GPUs, nvidia-h200-x2: the link model against NCCL over NVLink
 #         and over the emulated socket link, scripts/check_link_model.py)
 #       | quality-bg:<study>:<seconds> (in the background, alongside what follows; waited for at the end)
@@ -225,8 +226,10 @@ for stage in "$@"; do
                 # steps = 648 engine steps, half of bench-modelled-135m-fp8's 45 x 30 (not timed yet: bounded runs
                 # eagerly and e8m0/FP4 encode in PyTorch, so a step of those costs more than lsh's; 16 timed steps
                 # per row keep the call well inside its 10 minutes).
-                timeout "${MODELLED_TIMEOUT:-540}" python3 scripts/benchmark_gpt_moe.py --preset gpt-moe-135m --micro-batch 32 \
-                    --steps 24 --timed-from 8 --experts-per-rank 1 --modelled-ep 16 --modelled-link 100gbps 200gbps 400gbps \
+                # MICRO_BATCH (default 32): more rows per step, so that the device, not the host, paces the step
+                # (docs/benchmarks.md step_overlap: at 32 the host does).
+                timeout "${MODELLED_TIMEOUT:-540}" python3 scripts/benchmark_gpt_moe.py --preset gpt-moe-135m \
+                    --micro-batch "${MICRO_BATCH:-32}" ${MICRO_BATCH:+--section-suffix _mb$MICRO_BATCH} --steps 24 --timed-from 8 --experts-per-rank 1 --modelled-ep 16 --modelled-link 100gbps 200gbps 400gbps \
                     --modelled-gpus-per-node "${MODELLED_GPUS_PER_NODE:-8}" --variants stock \
                     ${VARIANTS:-lsh fp8_both fp8_both_e8m0 fp8_dispatch fp4_both fp8_fwd_fp4_grad bounded_0.1 bounded_0.1_fp8} \
                     --report "$OUT/benchmarks.md" 2>&1 | tee -a "$OUT/logs/bench_modelled.log" | tail -30 ;;

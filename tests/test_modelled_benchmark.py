@@ -29,9 +29,10 @@ def test_modelled_links_on_the_cpu(tmp_path):
     report = str(tmp_path / "bench.md")
     result = run_benchmark("--preset", "tiny", "--dtype", "fp32", "--micro-batch", "2", "--steps", "3",
                            "--timed-from", "1", "--variants", "stock", "lsh", "lsh_decide", "--modelled-ep", "2",
-                           "16", "--modelled-link", "infinite", "custom:0.002:0", "--report", report)
+                           "16", "--modelled-link", "infinite", "custom:0.002:0", "--report", report,
+                           "--section-suffix", "_mb2")
     assert result.returncode == 0, result.stderr[-3000:]
-    section = "gpt_moe_tiny_modelled_ep2-16_g8"  # the topology is in the name
+    section = "gpt_moe_tiny_modelled_ep2-16_g8_mb2"  # the topology is in the name, and the suffix asked for
     rows = bench.read_section_table(report, section)
     links = ("infinite", "custom:0.002:0")
     labels = [f"{v} @ {link} EP{k}" for k in (2, 16) for link in links for v in ("stock", "lsh", "lsh_decide")]
