@@ -47,13 +47,18 @@ batch() {
         # compensation's forward with its backward path cut (lsh_moe.residual_grad "stop"), the paper's and the
         # fitted map's: beside lsh, lsh_no_ec and linear_map, which half of compensation moves the final loss
         residual-grad) bed --seeds 1 --variants lsh_stop_grad linear_map_stop_grad ;;
+        # the same question where compression ended below stock (the T5 proxy): no compensation, and compensation's
+        # forward without its backward path
+        compensation-halves) bed --seeds 1 --variants lsh_no_ec lsh_stop_grad ;;
+        # seed 1 of the candidates alone (a new shape's first screen)
+        screen) bed --seeds 1 --variants $CANDIDATES ;;
         # what the frontier's rule asks of a candidate beyond seed 1: seeds 2 and 3, and the shorter schedules
         candidate-seeds) bed --seeds 2 3 --variants $CANDIDATES ;;
         candidate-lengths) bed --lengths 0.125 0.5 --seeds 1 --variants $CANDIDATES ;;
         # a stock run of its own that saves its MoE layers' dispatched tokens and experts at 10%, 50% and the
         # end, for scripts/compressibility.py (docs/compressibility.md)
         captures) bed --seeds 4 --variants stock --capture_at 0.1 0.5 1 --capture_run stock/4 ;;
-        *) echo "unknown batch $1; allowed: paper seeds candidates lengths captures controls more formats compensation candidate-seeds candidate-lengths residual-grad"; return 2 ;;
+        *) echo "unknown batch $1; allowed: paper seeds candidates lengths captures controls more formats compensation candidate-seeds candidate-lengths residual-grad compensation-halves screen"; return 2 ;;
     esac
 }
 
