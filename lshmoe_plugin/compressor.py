@@ -344,12 +344,14 @@ class LSHCompressor:
         d = state.tokens.shape[1]
         kind = self.config.residual_map
         fitted = residual_map.fit(kind, state.centroids.view(groups, -1, d), centroid_outputs.view(groups, -1, d),
-                                  state.counts.view(groups, -1))
+                                  state.counts.view(groups, -1),
+                                  differentiable=self.config.residual_grad == "through_map")
         residuals = (state.tokens - self.per_token(state.centroids, state)).view(groups, -1, d)
         if self.config.residual_grad == "stop":
             residuals = residuals.detach()
         out_dtype = torch.promote_types(state.tokens.dtype, centroid_outputs.dtype)
-        return (outputs.float() + residual_map.apply(kind, residuals, fitted).view(-1, d)).to(out_dtype)
+        mapped = residual_map.apply(kind, residuals, fitted).view(-1, d)
+        return (outputs.to(mapped.dtype) + mapped).to(out_dtype)
 
     def _record(self, state: ClusterState, valid: torch.Tensor, clusters: torch.Tensor, sent: int, full: int,
                 bounded: Optional[Tuple[BoundedClusters, Optional[int]]] = None) -> None:

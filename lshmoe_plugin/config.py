@@ -69,7 +69,10 @@ class LSHMoEConfig:
         centroid's expert output) or ``stop``: the residual enters the output as a constant, so the forward is the
         compensated one, bit for bit, and a token learns only through its centroid's expert output, as without
         compensation. Separates what compensation does to the forward from what its backward path does (issue
-        24). Needs error_compensation; every framework.
+        24). ``through_map`` (with residual_map ``diagonal`` or ``linear``): the residual's gradient passes and the
+        fitted map is differentiated too, into the centroids and their expert outputs, instead of being a
+        constant of the step. Needs error_compensation; every framework (the fitted maps: where residual_map
+        runs).
     seed: seeds the random projections; each MoE layer derives its own from (seed, layer index).
     layers: ``"all"`` or a list of MoE layer indices (0-based, in model order) to compress.
     compress_in_eval: also compress in ``eval()`` mode (default: exact dispatch in eval).
@@ -202,6 +205,10 @@ class LSHMoEConfig:
         if self.residual_grad not in RESIDUAL_GRADS:
             raise LSHMoEConfigError(f"lsh_moe.residual_grad must be one of {list(RESIDUAL_GRADS)}, got "
                                     f"{self.residual_grad!r}")
+        if self.residual_grad == "through_map" and self.residual_map == "identity":
+            raise LSHMoEConfigError("lsh_moe.residual_grad='through_map' differentiates the fitted residual map, "
+                                    "and residual_map 'identity' fits none; allowed with it: residual_map "
+                                    "'diagonal' or 'linear'")
         if self.residual_grad != "pass" and not self.error_compensation:
             raise LSHMoEConfigError(f"lsh_moe.residual_grad={self.residual_grad!r} stops the gradient of the "
                                     f"residual that error compensation adds; with error_compensation false "

@@ -52,6 +52,8 @@ VARIANTS: Dict[str, dict] = {
     # lsh_no_ec and linear_map it says whether compensation's forward or its backward path moves the final loss.
     "lsh_stop_grad": {"enabled": True, "residual_grad": "stop"},
     "linear_map_stop_grad": {"enabled": True, "residual_map": "linear", "residual_grad": "stop"},
+    # the fitted map differentiated (residual_grad "through_map"): the output and the gradient of one function
+    "linear_map_through": {"enabled": True, "residual_map": "linear", "residual_grad": "through_map"},
     "diagonal_map": {"enabled": True, "residual_map": "diagonal"},
     "linear_map_refine_2": {"enabled": True, "residual_map": "linear", "refine_iterations": 2},
     "exact_tail_0.15": {"enabled": True, "exact_tail": 0.15},

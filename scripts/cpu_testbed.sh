@@ -47,6 +47,8 @@ batch() {
         # compensation's forward with its backward path cut (lsh_moe.residual_grad "stop"), the paper's and the
         # fitted map's: beside lsh, lsh_no_ec and linear_map, which half of compensation moves the final loss
         residual-grad) bed --seeds 1 --variants lsh_stop_grad linear_map_stop_grad ;;
+        # the fitted map differentiated (residual_grad "through_map"): forward and backward of one function
+        through-map) bed --seeds 1 --variants linear_map_through ;;
         # the same question where compression ended below stock (the T5 proxy): no compensation, and compensation's
         # forward without its backward path
         compensation-halves) bed --seeds 1 --variants lsh_no_ec lsh_stop_grad ;;
@@ -58,7 +60,7 @@ batch() {
         # a stock run of its own that saves its MoE layers' dispatched tokens and experts at 10%, 50% and the
         # end, for scripts/compressibility.py (docs/compressibility.md)
         captures) bed --seeds 4 --variants stock --capture_at 0.1 0.5 1 --capture_run stock/4 ;;
-        *) echo "unknown batch $1; allowed: paper seeds candidates lengths captures controls more formats compensation candidate-seeds candidate-lengths residual-grad compensation-halves screen"; return 2 ;;
+        *) echo "unknown batch $1; allowed: paper seeds candidates lengths captures controls more formats compensation candidate-seeds candidate-lengths residual-grad through-map compensation-halves screen"; return 2 ;;
     esac
 }
 

@@ -74,14 +74,56 @@ def test_the_token_gradient_is_the_clusters_mean_through_the_experts_jacobian():
 
 
 def test_residual_grad_is_validated_by_name():
-    with pytest.raises(LSHMoEConfigError, match=r"lsh_moe.residual_grad must be one of \['pass', 'stop'\], got "
-                                                r"'half'"):
+    with pytest.raises(LSHMoEConfigError, match=r"lsh_moe.residual_grad must be one of \['pass', 'stop', "
+                                                r"'through_map'\], got 'half'"):
         LSHMoEConfig(enabled=True, residual_grad="half")
     with pytest.raises(LSHMoEConfigError, match="with error_compensation false allowed: 'pass'"):
         LSHMoEConfig(enabled=True, residual_grad="stop", error_compensation=False)
     with pytest.raises(LSHMoEConfigError, match="lsh_moe.residual_grad='stop' belongs to LSH clustering"):
         LSHMoEConfig(enabled=True, method="fp8", residual_grad="stop")
+    with pytest.raises(LSHMoEConfigError, match="residual_map 'identity' fits none; allowed with it: residual_map "
+                                                "'diagonal' or 'linear'"):
+        LSHMoEConfig(enabled=True, residual_grad="through_map")
     assert LSHMoEConfig(enabled=True).residual_grad == "pass"
+
+
+def layer_function(**settings):
+    """The compressed layer's output as a function of its tokens x and the centroids' expert outputs y (clusters
+    fixed by the first call's hashing), in float64."""
+    x0, valid = clustered_batch(num_experts=2, capacity=32, d=8, clusters=6, seed=4)
+    comp = make_compressor(compression_rate=0.25, **settings)
+    _, state = comp.compress_fixed(x0.double(), valid)
+
+    def f(x, y):
+        centroids, again = comp.compress_fixed(x, valid)
+        assert torch.equal(again.slot, state.slot)  # a finite-difference step must not move a token's cluster
+        return comp.decompress_fixed(y, again)
+    y0 = torch.tanh(state.centroids.double().view(2, -1, 8) * 1.5)
+    return f, x0.double().requires_grad_(True), y0.clone().requires_grad_(True)
+
+
+@pytest.mark.parametrize("residual_map", ["diagonal", "linear"])
+def test_through_map_gives_the_outputs_true_derivative(residual_map):
+    """With the fitted map differentiated, the gradient is the derivative of the function the forward computes
+    (finite differences agree); with the map a constant of the step (`pass`) it is not: the check can fail."""
+    f, x, y = layer_function(residual_map=residual_map, residual_grad="through_map")
+    assert torch.autograd.gradcheck(f, (x, y), eps=1e-6, atol=1e-5, rtol=1e-4)
+    f, x, y = layer_function(residual_map=residual_map)
+    assert not torch.autograd.gradcheck(f, (x, y), eps=1e-6, atol=1e-5, rtol=1e-4, raise_exception=False)
+
+
+def test_the_paper_compensation_gives_its_true_derivative_and_a_stopped_one_does_not():
+    f, x, y = layer_function()
+    assert torch.autograd.gradcheck(f, (x, y), eps=1e-6, atol=1e-5, rtol=1e-4)
+    f, x, y = layer_function(residual_grad="stop")
+    assert not torch.autograd.gradcheck(f, (x, y), eps=1e-6, atol=1e-5, rtol=1e-4, raise_exception=False)
+
+
+def test_through_map_keeps_the_forward():
+    passing = expert_step(torch.float32, residual_map="linear")
+    through = expert_step(torch.float32, residual_map="linear", residual_grad="through_map")
+    assert torch.equal(through[0], passing[0])
+    assert (through[3] - passing[3]).abs().max() > 1e-3, "the expert outputs' gradient now includes the fit's"
 
 
 def layer_step(moe, x):

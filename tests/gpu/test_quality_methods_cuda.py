@@ -21,7 +21,8 @@ def compressor(**settings):
 
 @pytest.mark.parametrize("settings", [dict(refine_iterations=2), dict(residual_map="linear"),
                                       dict(residual_map="diagonal"), dict(refine_iterations=2, redraw_interval=1),
-                                      dict(residual_grad="stop"), dict(residual_map="linear", residual_grad="stop")])
+                                      dict(residual_grad="stop"), dict(residual_map="linear", residual_grad="stop"),
+                                      dict(residual_map="linear", residual_grad="through_map")])
 def test_graphed_steps_match_eager_steps_with_the_quality_methods(settings):
     graphed, eager = compressor(cuda_graphs=True, **settings), compressor(cuda_graphs=False, **settings)
     for step in range(3):
