@@ -90,6 +90,9 @@ def study_variant(name: str) -> StudyVariant:
         raise VariantError(f"--variants {name}: a study-only diagnostic layer (lshmoe_pretrain.diagnostics "
                            f"'{study.DIAGNOSTICS[name]}') that locates a quality gap; it is no configuration a user "
                            f"trains, so it has no step time to compare")
+    if study.lr_scale(name) != 1.0:
+        raise VariantError(f"--variants {name}: a learning-rate control of the quality study (lr_scale "
+                           f"{study.lr_scale(name)}); its step time is that of the same block at the study's rate")
     block = study.lsh_moe_block(name)
     if "exact_from_step" in block:
         raise VariantError(f"--variants {name}: a schedule at an absolute step (lsh_moe.exact_from_step "
@@ -102,7 +105,7 @@ def timeable_study_variants() -> Sequence[str]:
     """The study's variants the benchmark times as the study's (not its own names, not the diagnostic layers)."""
     return [name for name in study.VARIANTS
             if name not in BENCHMARK_VARIANTS and name not in study.DIAGNOSTICS
-            and "exact_from_step" not in study.VARIANTS[name]]
+            and "exact_from_step" not in study.VARIANTS[name] and study.lr_scale(name) == 1.0]
 
 
 def check_priceable(name: str, lsh_moe: dict) -> None:

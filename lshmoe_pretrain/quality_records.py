@@ -174,11 +174,11 @@ def variant_configuration(variant: str) -> Tuple[str, Dict[str, object]]:
     from lshmoe_plugin.config import LSHMoEConfig
     from lshmoe_plugin.methods import CUSTOM, DEFAULT_METHOD
 
-    from .quality_study import DIAGNOSTICS, VARIANTS
+    from .quality_study import DIAGNOSTICS, STUDY_ONLY_KEYS, VARIANTS
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; allowed: {sorted(VARIANTS)}")
     settings = dict(VARIANTS[variant])
-    study_only = {key: settings.pop(key) for key in ("exact_tail",) if key in settings}
+    study_only = {key: settings.pop(key) for key in STUDY_ONLY_KEYS if key in settings}
     if variant in DIAGNOSTICS:
         study_only["diagnostic"] = DIAGNOSTICS[variant]
     config = LSHMoEConfig(**settings)

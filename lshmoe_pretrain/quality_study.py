@@ -28,8 +28,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # lsh_moe overrides per named variant; every other key keeps the config's defaults (rate 0.2, 6 cross-polytope
-# hashes of 8 dims, error compensation on). `exact_tail` is the fraction of the schedule run with exact dispatch
-# (it becomes `exact_from_step` for the study's step count).
+# hashes of 8 dims, error compensation on). Two keys are the study's, not lsh_moe's (STUDY_ONLY_KEYS): `exact_tail`
+# is the fraction of the schedule run with exact dispatch (it becomes `exact_from_step` for the study's step
+# count); `lr_scale` multiplies the study's peak learning rate (its warm-up and decay keep their shape).
 VARIANTS: Dict[str, dict] = {
     "stock": {"enabled": False},
     "lsh": {"enabled": True},
@@ -55,6 +56,11 @@ VARIANTS: Dict[str, dict] = {
     # the fitted map differentiated (residual_grad "through_map"): the output and the gradient of one function
     "linear_map_through": {"enabled": True, "residual_map": "linear", "residual_grad": "through_map"},
     "diagonal_map": {"enabled": True, "residual_map": "diagonal"},
+    # Stock at a higher peak learning rate: where a compressed variant ends *below* stock (T5), does stock get there
+    # too with a larger step size? If so, the variant's gain is an optimisation effect stock can have by tuning.
+    "stock_lr1.5x": {"enabled": False, "lr_scale": 1.5},
+    "stock_lr2x": {"enabled": False, "lr_scale": 2.0},
+    "lsh_lr1.5x": {"enabled": True, "lr_scale": 1.5},
     "linear_map_refine_2": {"enabled": True, "residual_map": "linear", "refine_iterations": 2},
     "exact_tail_0.15": {"enabled": True, "exact_tail": 0.15},
     "exact_tail_0.5": {"enabled": True, "exact_tail": 0.5},
@@ -106,6 +112,7 @@ DIAGNOSTICS: Dict[str, str] = {"random_clusters": "random_clusters", "diag_forwa
                                "diag_skip": "skip", "diag_forward_random": "forward,random_clusters",
                                "diag_backward_random": "backward,random_clusters"}
 OUTPUT_ERROR_INTERVAL = 50
+STUDY_ONLY_KEYS = ("exact_tail", "lr_scale")  # VARIANTS keys that set the study's schedule, not the lsh_moe block
 
 
 class StudyError(ValueError):
@@ -165,9 +172,10 @@ def deepspeed_config(plan: StudyPlan, variant: str) -> dict:
     steps = plan.train_steps()
     config["train_micro_batch_size_per_gpu"] = plan.micro_batch
     config["gradient_accumulation_steps"] = 1
-    config["optimizer"]["params"]["lr"] = plan.lr
+    lr = plan.lr * lr_scale(variant)
+    config["optimizer"]["params"]["lr"] = lr
     config["scheduler"] = {"type": "WarmupDecayLR", "params": {
-        "total_num_steps": steps, "warmup_min_lr": 0.0, "warmup_max_lr": plan.lr,
+        "total_num_steps": steps, "warmup_min_lr": 0.0, "warmup_max_lr": lr,
         "warmup_num_steps": max(1, int(plan.warmup_fraction * steps)), "warmup_type": "linear"}}
     config.pop("tensorboard", None)  # the csv monitor and metrics.jsonl carry everything the report reads
     overrides = lsh_moe_block(variant, steps)
@@ -185,9 +193,15 @@ def lsh_moe_block(variant: str, steps: Optional[int] = None) -> dict:
     it measures and changes nothing trained, and a user's run would not pay for it."""
     overrides = dict(VARIANTS[variant])
     tail = overrides.pop("exact_tail", None)
+    overrides.pop("lr_scale", None)
     if tail is not None and steps is not None:
         overrides["exact_from_step"] = int(round((1 - tail) * steps))
     return overrides
+
+
+def lr_scale(variant: str) -> float:
+    """The factor on the study's peak learning rate a variant trains with (1.0 for all but the lr controls)."""
+    return float(VARIANTS[variant].get("lr_scale", 1.0))
 
 
 def exact_tail(variant: str) -> Optional[float]:

@@ -214,6 +214,24 @@ def test_every_variant_has_a_valid_config_and_diagnostic():
             assert config.kernel == "torch" and config.cuda_graphs is False, name
 
 
+def test_a_learning_rate_control_scales_the_peak_and_keeps_its_base_block():
+    """stock_lr2x trains stock's lsh_moe block (the plugin off) at twice the study's peak rate, warm-up and decay
+    scaled with it; lr_scale never reaches the plugin, and every other variant keeps the study's rate."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    plan = study.StudyPlan("gpt", "tiny", ["stock", "stock_lr2x", "lsh_lr1.5x"], [1], 10**5, "unused",
+                           os.path.join(root, "configs", "gpt_moe_cpu.json"), lr=1e-3)
+    base, doubled = study.deepspeed_config(plan, "stock"), study.deepspeed_config(plan, "stock_lr2x")
+    assert base["optimizer"]["params"]["lr"] == 1e-3 and base["scheduler"]["params"]["warmup_max_lr"] == 1e-3
+    assert doubled["optimizer"]["params"]["lr"] == 2e-3 and doubled["scheduler"]["params"]["warmup_max_lr"] == 2e-3
+    assert doubled["lsh_moe"] == base["lsh_moe"]
+    assert {k: v for k, v in doubled["scheduler"]["params"].items() if k != "warmup_max_lr"} == \
+        {k: v for k, v in base["scheduler"]["params"].items() if k != "warmup_max_lr"}
+    scaled = study.deepspeed_config(plan, "lsh_lr1.5x")
+    assert "lr_scale" not in scaled["lsh_moe"] and scaled["lsh_moe"] == study.deepspeed_config(plan, "lsh")["lsh_moe"]
+    assert scaled["optimizer"]["params"]["lr"] == pytest.approx(1.5e-3)
+    assert [n for n in study.VARIANTS if study.lr_scale(n) != 1.0] == ["stock_lr1.5x", "stock_lr2x", "lsh_lr1.5x"]
+
+
 def bench_text(preset, d_model, blocks, experts, modelled_gpus=None):
     """The model sentence benchmark_gpt_moe.py writes, and the topology of a modelled section."""
     text = (f"Preset `{preset}` (1M parameters per rank) with d_model {d_model}, {blocks} blocks (MoE every 2), "
