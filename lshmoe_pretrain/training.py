@@ -369,7 +369,9 @@ def write_run_info(engine, data: PretrainData, args: argparse.Namespace, world: 
             "valid_tokens": int(len(data.valid.stream)), "vocab_size": data.vocab_size,
             "lsh_moe": args.lsh.to_dict(), "diagnostic": args.diagnostic,
             "eval_samples": {"point": args.eval_points_samples, "final": args.final_eval_samples},
-            "torch": torch.__version__}
+            "torch": torch.__version__,
+            # Intra-op threads change a CPU run's reduction order: same-seed pairs are bitwise only at equal counts.
+            "cpu_threads": torch.get_num_threads()}
     with open(os.path.join(args.output_dir, "run.json"), "w") as f:
         json.dump(info, f, indent=1)
 

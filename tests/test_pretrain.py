@@ -93,6 +93,7 @@ def test_t5_pretraining_with_lsh_switched_off_from_the_command_line(tmp_path, ca
     with open(tmp_path / "run.json") as f:
         info = json.load(f)
     assert info["lsh_moe"]["enabled"] is False  # the override won over the JSON
+    assert isinstance(info["cpu_threads"], int) and info["cpu_threads"] >= 1  # a CPU pair is bitwise at equal counts
     # the corpus the run read, by content: the digest of one of the tokenized corpora in the cache
     from lshmoe_pretrain.data import corpus_digest
     cached = []
