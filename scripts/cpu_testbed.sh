@@ -52,6 +52,12 @@ batch() {
         # the same question where compression ended below stock (the T5 proxy): no compensation, and compensation's
         # forward without its backward path
         compensation-halves) bed --seeds 1 --variants lsh_no_ec lsh_stop_grad ;;
+        # seed 2 of the compensation rows (their seed 1 ordered them: no compensation, the differentiated map, the
+        # paper's, the stopped residual)
+        compensation-seed2) bed --seeds 2 --variants lsh_no_ec linear_map_through lsh_stop_grad ;;
+        # where a compressed variant ends below stock (T5): stock at 1.5x and 2x the peak learning rate, and the
+        # paper's at 1.5x, beside the control rate 1.0 (= stock bit for bit)
+        lr-controls) bed --seeds 1 --variants rate_1.0 stock_lr1.5x stock_lr2x lsh_lr1.5x ;;
         # seed 1 of the candidates alone (a new shape's first screen)
         screen) bed --seeds 1 --variants $CANDIDATES ;;
         # what the frontier's rule asks of a candidate beyond seed 1: seeds 2 and 3, and the shorter schedules
@@ -60,7 +66,7 @@ batch() {
         # a stock run of its own that saves its MoE layers' dispatched tokens and experts at 10%, 50% and the
         # end, for scripts/compressibility.py (docs/compressibility.md)
         captures) bed --seeds 4 --variants stock --capture_at 0.1 0.5 1 --capture_run stock/4 ;;
-        *) echo "unknown batch $1; allowed: paper seeds candidates lengths captures controls more formats compensation candidate-seeds candidate-lengths residual-grad through-map compensation-halves screen"; return 2 ;;
+        *) echo "unknown batch $1; allowed: paper seeds candidates lengths captures controls more formats compensation candidate-seeds candidate-lengths residual-grad through-map compensation-halves compensation-seed2 lr-controls screen"; return 2 ;;
     esac
 }
 
