@@ -58,6 +58,10 @@ batch() {
         # where a compressed variant ends below stock (T5): stock at 1.5x and 2x the peak learning rate, and the
         # paper's at 1.5x, beside the control rate 1.0 (= stock bit for bit)
         lr-controls) bed --seeds 1 --variants rate_1.0 stock_lr1.5x stock_lr2x lsh_lr1.5x ;;
+        # where the paper's configuration ends below stock (T5): stock plus compensation's backward path alone (no
+        # compression: each token's output gradient minus its LSH cluster's mean, added in the backward), and stock
+        # with a residual connection around every expert (x + E(x), value and gradient)
+        backward-path) bed --seeds 1 --variants diag_residual_grad diag_skip ;;
         # seed 1 of the candidates alone (a new shape's first screen)
         screen) bed --seeds 1 --variants $CANDIDATES ;;
         # what the frontier's rule asks of a candidate beyond seed 1: seeds 2 and 3, and the shorter schedules
@@ -66,7 +70,7 @@ batch() {
         # a stock run of its own that saves its MoE layers' dispatched tokens and experts at 10%, 50% and the
         # end, for scripts/compressibility.py (docs/compressibility.md)
         captures) bed --seeds 4 --variants stock --capture_at 0.1 0.5 1 --capture_run stock/4 ;;
-        *) echo "unknown batch $1; allowed: paper seeds candidates lengths captures controls more formats compensation candidate-seeds candidate-lengths residual-grad through-map compensation-halves compensation-seed2 lr-controls screen"; return 2 ;;
+        *) echo "unknown batch $1; allowed: paper seeds candidates lengths captures controls more formats compensation candidate-seeds candidate-lengths residual-grad through-map compensation-halves compensation-seed2 lr-controls backward-path screen"; return 2 ;;
     esac
 }
 
