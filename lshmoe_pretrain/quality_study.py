@@ -604,8 +604,18 @@ def gap_table(results: List[VariantResult], baseline: str = "stock") -> str:
         rate = f"{r.compression_rate:.3f}" if r.compression_rate is not None else "1 (no compression)"
         residual = f"{r.residual:.3f}" if r.residual is not None else "–"
         lines.append(f"| {r.name} | {len(r.seeds)} | {mean_and_spread(finals)} | {gap} | {paired} | {compressed} "
-                     f"| {r.bytes_ratio:.3f} | {rate} | {residual} | {r.step_ms:.1f} |")
+                     f"| {bytes_cell(r)} | {rate} | {residual} | {r.step_ms:.1f} |")
     return "\n".join(lines)
+
+
+def bytes_cell(result: VariantResult) -> str:
+    """The bytes column of one variant. A study-only hybrid layer (DIAGNOSTICS, random clusters aside) computes
+    stock's and the compressed layer's paths side by side at EP=1 and takes a value from one and gradients from
+    the other: no configuration a user could run sends what it does, so its telemetry's ratio (the clusters it
+    formed) is no bytes figure. Random clusters alone are a real compressed layer and keep theirs."""
+    if result.name in DIAGNOSTICS and DIAGNOSTICS[result.name] != "random_clusters":
+        return "– (study layer)"
+    return f"{result.bytes_ratio:.3f}"
 
 
 def curve_table(results: List[VariantResult]) -> str:

@@ -59,7 +59,8 @@ TITLES = {
     "proxy_gpt_mini_x1": "CPU proxy `gpt-mini-long-cpu` (not the testbed), the long schedule: stock, the paper's "
                          "configuration, the candidates and the controls",
     "proxy_t5_mini_x1": "CPU proxy `t5-mini-long-cpu` (of `t5-26m-long`, not the testbed), the long schedule: "
-                        "stock, the paper's configuration, what its compensation's two halves do, and the formats",
+                        "stock, the paper's configuration, what its compensation's two halves do, its backward path "
+                        "without compression, stock at higher learning rates, and the formats",
 }
 
 

@@ -199,6 +199,23 @@ def test_gap_of_the_means_uses_the_seeds_both_ran(tmp_path):
     assert "| rate_1.0 | 1 | 5.0000 | +0.00% | +0.00% |" in table
 
 
+def test_a_study_layer_shows_no_bytes_figure(tmp_path):
+    """A hybrid's telemetry holds the ratio of the clusters it formed (0.2 here), but it sends nothing a user's
+    configuration would: the table says so instead of printing the ratio; random clusters keep theirs."""
+    root = str(tmp_path)
+    for variant in ("stock", "diag_residual_grad", "random_clusters"):
+        write_run(root, variant, 1, [6.0, 5.0], train_steps=20)
+        if variant != "stock":
+            with open(os.path.join(root, "gpt", variant, "seed1", "metrics.jsonl"), "a") as f:
+                f.write(json.dumps({"step": 20, "step_time_s": 0.1, "valid_loss": 5.0,
+                                    "lsh_moe/mean/bytes_ratio": 0.2}) + "\n")
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")
+            for line in study.gap_table(study.aggregate(root, "gpt", ["stock", "diag_residual_grad",
+                                                                      "random_clusters"])).splitlines()[2:]}
+    assert rows["diag_residual_grad"][6] == "– (study layer)"
+    assert rows["random_clusters"][6] == "0.600" and rows["stock"][6] == "1.000"  # (1 + 0.2) / 2 steps
+
+
 def test_every_variant_has_a_valid_config_and_diagnostic():
     """Each study variant's lsh_moe block loads, and its --diagnostic parses (a typo would only show on a GPU)."""
     import lshmoe_plugin
