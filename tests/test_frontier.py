@@ -141,6 +141,17 @@ def test_of_several_passing_the_fewest_bytes_is_chosen(tmp_path):
         choice.text
 
 
+def test_a_study_layer_is_no_candidate(tmp_path):
+    """A diagnostic layer's runs lie beside the candidates' (the study trains them the same way): found only when
+    named, and never chosen even where its numbers pass every criterion."""
+    root = str(tmp_path)
+    write_study(root, {"diag_residual_grad": (0.0, [1, 2, 3], 0.2, FLAT), "fp8_both": (0.1, [1, 2, 3], 0.45, FLAT)})
+    assert [c.name for c in frontiers.collect(root, BED).candidates] == ["fp8_both"]
+    named = frontiers.collect(root, BED, ["diag_residual_grad", "fp8_both"])
+    assert {c.name: c.passes for c in named.candidates} == {"diag_residual_grad": True, "fp8_both": True}
+    assert frontiers.choose(named, frontiers.speedups_for(named, "unused.md")).chosen.name == "fp8_both"
+
+
 def bench_section(name, title, rows, preset="tiny", gpus=8, variants=""):
     """A benchmark_gpt_moe.py --modelled-link section: its title, model sentence, what it says of its variants
     (`variants`: the methods' and study variants' sentences) and (label, speed-up) rows."""
