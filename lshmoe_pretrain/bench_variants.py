@@ -104,8 +104,8 @@ def study_variant(name: str) -> StudyVariant:
 def timeable_study_variants() -> Sequence[str]:
     """The study's variants the benchmark times as the study's (not its own names, not the diagnostic layers)."""
     return [name for name in study.VARIANTS
-            if name not in BENCHMARK_VARIANTS and name not in study.DIAGNOSTICS
-            and "exact_from_step" not in study.VARIANTS[name] and study.lr_scale(name) == 1.0]
+            if name not in BENCHMARK_VARIANTS and not study.is_study_only(name)
+            and "exact_from_step" not in study.VARIANTS[name]]
 
 
 def check_priceable(name: str, lsh_moe: dict) -> None:

@@ -114,11 +114,11 @@ class Frontier:
 def collect(root: str, bed: Testbed, variants: Optional[Sequence[str]] = None) -> Frontier:
     """Every candidate with finished runs at the long schedule (``<root>/<testbed>/x1``), each checked against the
     rule. `variants`: those only (default: every study variant with a run directory there, the study-only
-    diagnostic layers left out: no user configuration trains what they do)."""
+    diagnostic layers and learning-rate controls left out: no lsh_moe block trains what they do)."""
     long_root = os.path.join(root, bed.name, "x1", bed.model_kind)
     if variants is None:
         variants = sorted(v for v in (os.listdir(long_root) if os.path.isdir(long_root) else [])
-                          if v in study.VARIANTS and v != "stock" and v not in study.DIAGNOSTICS)
+                          if v in study.VARIANTS and v != "stock" and not study.is_study_only(v))
     unknown = [v for v in variants if v not in study.VARIANTS]
     if unknown:
         raise study.StudyError(f"--variants {unknown}: allowed {sorted(study.VARIANTS)}")
@@ -326,8 +326,9 @@ def choose(frontier: Frontier, speedups: Dict[str, Speedup]) -> Choice:
     """The rule applied: of the candidates that pass every criterion, the one that sends the fewest bytes (then the
     smallest gap); if none passes, the one with the shortest modelled time to stock's final loss; else none, and
     why. `speedups` by candidate name: only the fallback reads them."""
-    # A diagnostic layer named on purpose keeps its row, but is never a default: no configuration trains it.
-    passing = [c for c in frontier.candidates if c.passes and c.name not in study.DIAGNOSTICS]
+    # A diagnostic layer or learning-rate control named on purpose keeps its row, but is never a default: no
+    # lsh_moe block trains what it does.
+    passing = [c for c in frontier.candidates if c.passes and not study.is_study_only(c.name)]
     shapes = _scope(frontier.bed)
     if passing:
         best = min(passing, key=lambda c: (c.result.bytes_ratio, abs(c.gap)))

@@ -204,6 +204,18 @@ def lr_scale(variant: str) -> float:
     return float(VARIANTS[variant].get("lr_scale", 1.0))
 
 
+def is_study_only(variant: str) -> bool:
+    """A variant no user configuration trains: a diagnostic layer (DIAGNOSTICS) or a learning-rate control (the
+    study's schedule changed, not the lsh_moe block). It is never a frontier candidate nor timed by the benchmark."""
+    return variant in DIAGNOSTICS or lr_scale(variant) != 1.0
+
+
+def is_study_layer(variant: str) -> bool:
+    """A hybrid layer that computes stock's and the compressed layer's paths side by side and takes a value from
+    one and gradients from the other (DIAGNOSTICS, random clusters aside: those are a real compressed layer)."""
+    return variant in DIAGNOSTICS and DIAGNOSTICS[variant] != "random_clusters"
+
+
 def exact_tail(variant: str) -> Optional[float]:
     """The share of its schedule a variant runs with exact dispatch (None: compressed throughout)."""
     return VARIANTS[variant].get("exact_tail")
@@ -613,7 +625,7 @@ def bytes_cell(result: VariantResult) -> str:
     stock's and the compressed layer's paths side by side at EP=1 and takes a value from one and gradients from
     the other: no configuration a user could run sends what it does, so its telemetry's ratio (the clusters it
     formed) is no bytes figure. Random clusters alone are a real compressed layer and keep theirs."""
-    if result.name in DIAGNOSTICS and DIAGNOSTICS[result.name] != "random_clusters":
+    if is_study_layer(result.name):
         return "– (study layer)"
     return f"{result.bytes_ratio:.3f}"
 

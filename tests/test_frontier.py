@@ -152,6 +152,17 @@ def test_a_study_layer_is_no_candidate(tmp_path):
     assert frontiers.choose(named, frontiers.speedups_for(named, "unused.md")).chosen.name == "fp8_both"
 
 
+def test_a_learning_rate_control_is_no_candidate(tmp_path):
+    """`lsh_lr1.5x` is the paper's lsh_moe block trained at 1.5x the study's learning rate: a control of the
+    study, not a configuration. Left out unless named, and never chosen even where it passes with fewer bytes."""
+    root = str(tmp_path)
+    write_study(root, {"lsh_lr1.5x": (0.0, [1, 2, 3], 0.2, FLAT), "fp8_both": (0.1, [1, 2, 3], 0.45, FLAT)})
+    assert [c.name for c in frontiers.collect(root, BED).candidates] == ["fp8_both"]
+    named = frontiers.collect(root, BED, ["lsh_lr1.5x", "fp8_both"])
+    assert {c.name: c.passes for c in named.candidates} == {"lsh_lr1.5x": True, "fp8_both": True}
+    assert frontiers.choose(named, frontiers.speedups_for(named, "unused.md")).chosen.name == "fp8_both"
+
+
 def bench_section(name, title, rows, preset="tiny", gpus=8, variants=""):
     """A benchmark_gpt_moe.py --modelled-link section: its title, model sentence, what it says of its variants
     (`variants`: the methods' and study variants' sentences) and (label, speed-up) rows."""
