@@ -59,6 +59,7 @@ class Candidate:
     tokens: Optional[float]                     # tokens to `target` (seed-mean curve); None: not reached
     stock_tokens: float                         # stock's tokens to `target`, on the same seeds' curve
     verdicts: Dict[str, Verdict]
+    crossing: List[int] = dataclasses.field(default_factory=list)  # seeds paired with stock's on another card
 
     @property
     def token_ratio(self) -> Optional[float]:
@@ -82,8 +83,9 @@ class Candidate:
         return f"method `{self.method}`{knobs}"
 
     def gap_text(self) -> str:
-        return (f"{self.gaps[0]:+.2f}% (1 seed)" if self.seeds == 1 else
-                f"{self.gap:+.2f}% ± {statistics.stdev(self.gaps):.2f}% ({self.seeds} seeds)")
+        across = f", {study.seed_list(self.crossing)} across cards" if self.crossing else ""
+        return (f"{self.gaps[0]:+.2f}% (1 seed{across})" if self.seeds == 1 else
+                f"{self.gap:+.2f}% ± {statistics.stdev(self.gaps):.2f}% ({self.seeds} seeds{across})")
 
 
 @dataclass
@@ -140,7 +142,8 @@ def collect(root: str, bed: Testbed, variants: Optional[Sequence[str]] = None) -
         target = stock.mean_at(len(stock.tokens) - 1)
         candidate = Candidate(name, method, knobs, result, gaps,
                               [(row.length, row.gap(name)) for row in rows if row.gap(name)], target,
-                              study.tokens_to_reach(result, target), study.tokens_to_reach(stock, target), {})
+                              study.tokens_to_reach(result, target), study.tokens_to_reach(stock, target), {},
+                              study.cross_card_seeds(result, rows[-1].stock))
         candidate.verdicts = verdicts(candidate, rows[-1].stock_spread())
         frontier.candidates.append(candidate)
     if not frontier.candidates:
@@ -482,8 +485,9 @@ def body(frontier: Frontier, choice: Choice, speedups: Dict[str, Speedup], plot_
         f"before the last on 2^{frontier.bed.eval_tokens.bit_length() - 1} held-out tokens, the last on the whole "
         "split) reaches stock's final loss on the "
         f"same seeds ({frontier.target:.4f} over all {len(frontier.stock.seeds)}), against where stock's own curve "
-        "on those seeds does.", "",
-        table(frontier), ""]
+        "on those seeds does.",
+        *([note] if (note := study.cards_note([frontier.stock] + [c.result for c in frontier.candidates])) else []),
+        "", table(frontier), ""]
     if frontier.unfinished:
         lines += [f"Not on the frontier (no finished run at the long schedule): "
                   f"{', '.join(f'`{v}`' for v in frontier.unfinished)}.", ""]

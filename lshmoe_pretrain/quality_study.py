@@ -434,6 +434,7 @@ class VariantResult:
     step_ms: float                          # median step time over seeds (after the first 10% of steps)
     info: dict                              # run.json of the first seed
     errors: Dict[str, float] = field(default_factory=dict)  # output-error telemetry, second half of the runs
+    devices: Dict[int, str] = field(default_factory=dict)   # seed -> the device its run trained on (run.json)
 
     def final(self, seed: int) -> float:
         return self.valid[seed][-1]
@@ -496,7 +497,50 @@ def load_variant(root: str, model_kind: str, variant: str, partial: bool = False
     return VariantResult(variant, seeds, token_axis, valid, compressed,
                          statistics.fmean(rates) if rates else None, statistics.fmean(byte_ratios),
                          statistics.fmean(residuals) if residuals else None, statistics.median(steps_ms), info,
-                         errors)
+                         errors, {seed: run_info.get("device", "?") for seed, (_, run_info, _, _) in curves.items()})
+
+
+def cross_card_seeds(result: VariantResult, base: VariantResult) -> List[int]:
+    """The seeds `result` shares with `base` whose two runs trained on different devices. Such a pair starts from
+    the same weights, data order and gate draws but is not bitwise: the two cards' kernels round differently from
+    the first step on, so its gap carries that difference as well as the variant's."""
+    return [s for s in result.seeds if s in base.seeds and result.devices.get(s) != base.devices.get(s)]
+
+
+def seed_list(seeds: Sequence[int]) -> str:
+    return ("seed " if len(seeds) == 1 else "seeds ") + ", ".join(str(s) for s in seeds)
+
+
+def cards_note(results: Sequence[VariantResult], baseline: str = "stock", control: str = "rate_1.0") -> str:
+    """'' when every run trained on one device; else which seeds of which variant trained where, the pairs with
+    the baseline that cross cards, and what the control (`control`, which is the baseline's arithmetic on one
+    card) measured across cards: the size of that difference on its seeds."""
+    devices = sorted({d for r in results for d in r.devices.values()})
+    if len(devices) <= 1:
+        return ""
+    where = []
+    for r in results:
+        by_device: Dict[str, List[int]] = {}
+        for seed in r.seeds:
+            by_device.setdefault(r.devices.get(seed, "?"), []).append(seed)
+        where.append(f"{r.name} " + ", ".join(f"{seed_list(seeds)} on {device}" for device, seeds in by_device.items()))
+    text = (f"- cards: these runs trained on {len(devices)} kinds of device ({'; '.join(where)}). A pair with "
+            f"{baseline}'s run of the same seed on another card is not bitwise (the cards' kernels round differently "
+            f"from the first step on), so its gap carries that difference too")
+    base = next((r for r in results if r.name == baseline), None)
+    if base is None:
+        return text + "."
+    crossing = [(r.name, cross_card_seeds(r, base)) for r in results if r is not base]
+    crossing = [(name, seeds) for name, seeds in crossing if seeds]
+    if crossing:
+        text += ": " + "; ".join(f"{name} {seed_list(seeds)}" for name, seeds in crossing)
+    ctrl = next((r for r in results if r.name == control), None)
+    ctrl_seeds = cross_card_seeds(ctrl, base) if ctrl is not None else []
+    if ctrl_seeds:
+        gaps = ", ".join(f"{100 * (ctrl.final(s) / base.final(s) - 1):+.2f}% ({seed_list([s])})" for s in ctrl_seeds)
+        text += (f". The control {control}, {baseline}'s arithmetic on the wire, ends across cards at {gaps} from "
+                 f"{baseline}'s run of the same seed: the size of the card's own difference")
+    return text + "."
 
 
 def check_one_corpus(digests: Dict[str, Optional[str]]) -> None:
@@ -611,6 +655,9 @@ def gap_table(results: List[VariantResult], baseline: str = "stock") -> str:
             if per_seed:
                 paired = (f"{per_seed[0]:+.2f}%" if len(per_seed) == 1 else
                           f"{statistics.fmean(per_seed):+.2f}% ± {statistics.stdev(per_seed):.2f}%")
+                crossing = cross_card_seeds(r, base)
+                if crossing:
+                    paired += f" ({seed_list(crossing)} across cards)"
         compressed = (mean_and_spread([r.valid_compressed[s][-1] for s in r.seeds])
                       if r.valid_compressed and len(r.valid_compressed) == len(r.seeds) else "–")
         rate = f"{r.compression_rate:.3f}" if r.compression_rate is not None else "1 (no compression)"

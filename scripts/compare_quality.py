@@ -53,9 +53,9 @@ TITLES = {
                               "path is worth",
     "testbed_gpt_25m_x1": "Testbed `gpt-25m-long` (H200), the long schedule: stock (3 seeds), LSH-MoE (3 seeds) and "
                           "the control rate 1.0",
-    "testbed_gpt_25m_pinned_x1": "Testbed `gpt-25m-long` (H200, the pinned corpus), the long schedule: stock "
-                                 "(3 seeds), the paper's configuration, the control rate 1.0 and the per-token "
-                                 "wire formats",
+    "testbed_gpt_25m_pinned_x1": "Testbed `gpt-25m-long` (H200 and H100, the pinned corpus), the long schedule: "
+                                 "stock (3 seeds), the paper's configuration, the control rate 1.0 and the "
+                                 "per-token wire formats",
     "proxy_gpt_mini_x1": "CPU proxy `gpt-mini-long-cpu` (not the testbed), the long schedule: stock, the paper's "
                          "configuration, the candidates and the controls",
     "proxy_t5_mini_x1": "CPU proxy `t5-mini-long-cpu` (of `t5-26m-long`, not the testbed), the long schedule: "
@@ -273,7 +273,8 @@ def report(args: argparse.Namespace) -> None:
         "default); 'compressed eval' is the same model evaluated with `compress_in_eval`. Gap per seed pairs each "
         "run with the stock run of the same seed (same initial weights, data order and gate draws).",
         "- step ms: median training step time of these runs. Several runs shared the device at once, and at EP=1 "
-        "no all-to-all crosses a link, so it is not a speed figure: docs/benchmarks.md has those.", "",
+        "no all-to-all crosses a link, so it is not a speed figure: docs/benchmarks.md has those.",
+        *([note] if (note := study.cards_note(results)) else []), "",
         study.gap_table(results), "",
         "Validation loss (mean over seeds) along the run:", "",
         study.curve_table(results), "",
@@ -303,11 +304,26 @@ def lengths(args: argparse.Namespace) -> None:
         f"- testbed: {bed.purpose}. Longest schedule: {study.describe([longest])}",
         "- each row is a complete schedule of its own (5% warm-up, linear decay to zero at its last step), final "
         "point on the whole validation split, exact dispatch in evaluation; a gap per seed pairs a run with stock's "
-        "run of the same seed (same initial weights, data order and gate draws).", "",
+        "run of the same seed (same initial weights, data order and gate draws).",
+        *([note] if (note := study.cards_note([rows[-1].stock, *rows[-1].variants.values()])) else []),
+        *([note] if (note := shorter_cards(rows)) else []), "",
         length_study.table(rows, args.variants), "",
         f"![final gap against schedule length]({os.path.basename(plot_path)})", ""])
     bench.write_section(args.output, args.section, text)
     print(text)
+
+
+def shorter_cards(rows) -> str:
+    """Where the shorter schedules trained, when that is not the device the section's model sentence names (the
+    longest schedule's first stock run): '' if every run of every row trained there."""
+    named = rows[-1].stock.info.get("device")
+    cells = []
+    for row in rows[:-1]:
+        found = sorted({d for r in (row.stock, *row.variants.values()) for d in r.devices.values()})
+        if found != [named]:
+            cells.append(f"{row.length:g}x on {' and '.join(found)}")
+    return (f"- the shorter schedules trained elsewhere than {named}: {'; '.join(cells)} (each row's pairs on one "
+            f"card unless it names two)." if cells else "")
 
 
 def frontier(args: argparse.Namespace) -> None:

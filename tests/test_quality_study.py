@@ -11,12 +11,12 @@ from lshmoe_pretrain import quality_study as study
 TOKENS_PER_STEP = 1000
 
 
-def write_run(root, variant, seed, losses, train_steps, eval_every=10, data_sha256=None):
+def write_run(root, variant, seed, losses, train_steps, eval_every=10, data_sha256=None, device="cpu"):
     run_dir = os.path.join(root, "gpt", variant, f"seed{seed}")
     os.makedirs(run_dir)
     info = {"model_kind": "gpt", "preset": "tiny", "train_steps": train_steps, "tokens_per_step": TOKENS_PER_STEP,
             "parameters": 3e6, "train_tokens": 10**6, "valid_tokens": 10**4, "data": "synthetic", "vocab_size": 64,
-            "ep_size": 1, "world_size": 1, "device": "cpu", "torch": "x",
+            "ep_size": 1, "world_size": 1, "device": device, "torch": "x",
             "lsh_moe": {"compression_rate": 0.2, "num_hashes": 6, "hash_type": "cross_polytope", "hash_dim": 8,
                         "error_compensation": True}}
     if data_sha256 is not None:
@@ -197,6 +197,27 @@ def test_gap_of_the_means_uses_the_seeds_both_ran(tmp_path):
     write_run(root, "rate_1.0", 1, [6.0, 5.0], train_steps=20)
     table = study.gap_table(study.aggregate(root, "gpt", ["stock", "rate_1.0"]))
     assert "| rate_1.0 | 1 | 5.0000 | +0.00% | +0.00% |" in table
+
+
+def test_pairs_across_cards_are_named_with_the_controls_difference(tmp_path):
+    """Seeds of a variant that trained on another card than stock's run of the same seed are named in the gap
+    cell and in the cards note, with what the rate 1.0 control measured across cards; one card: no note."""
+    root = str(tmp_path)
+    for seed, loss in ((1, 4.0), (2, 4.1)):
+        write_run(root, "stock", seed, [6.0, loss], train_steps=20, device="H200")
+    write_run(root, "fp4_both", 1, [6.0, 4.0], train_steps=20, device="H200")
+    write_run(root, "fp4_both", 2, [6.0, 4.1], train_steps=20, device="H100")
+    write_run(root, "rate_1.0", 2, [6.0, 4.141], train_steps=20, device="H100")
+    results = study.aggregate(root, "gpt", ["stock", "fp4_both", "rate_1.0"])
+    stock, fp4, control = results
+    assert study.cross_card_seeds(fp4, stock) == [2] and study.cross_card_seeds(stock, stock) == []
+    table = study.gap_table(results)
+    assert "| fp4_both | 2 | 4.0500 ± 0.0707 | +0.00% | +0.00% ± 0.00% (seed 2 across cards) |" in table
+    note = study.cards_note(results)
+    assert "stock seeds 1, 2 on H200; fp4_both seed 1 on H200, seed 2 on H100; rate_1.0 seed 2 on H100" in note
+    assert "carries that difference too: fp4_both seed 2; rate_1.0 seed 2." in note
+    assert "ends across cards at +1.00% (seed 2) from stock's run of the same seed" in note
+    assert study.cards_note(study.aggregate(root, "gpt", ["stock"])) == ""
 
 
 def test_a_study_layer_shows_no_bytes_figure(tmp_path):
