@@ -54,8 +54,12 @@ def load_config(config: ConfigLike, enabled: Optional[bool] = None) -> LSHMoECon
 
     `enabled` (a command-line switch, say) overrides the block and ``LSHMOE_ENABLED`` when not None.
     """
-    parsed = config if isinstance(config, LSHMoEConfig) else LSHMoEConfig.from_deepspeed_config(config)
-    return parsed if enabled is None else dataclasses.replace(parsed, enabled=enabled)
+    if isinstance(config, LSHMoEConfig):
+        return config if enabled is None else dataclasses.replace(config, enabled=enabled)
+    # The switch goes in before the block is read, as LSHMOE_ENABLED does, so that the block is checked as the
+    # configuration that will train (a block written for the paper's layer, say, once turned on).
+    env = None if enabled is None else {ENABLED_ENV_VAR: "1" if enabled else "0"}
+    return LSHMoEConfig.from_deepspeed_config(config, env=env)
 
 
 def enable(config: ConfigLike, model=None, framework: str = "deepspeed") -> LSHMoEConfig:

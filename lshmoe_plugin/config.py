@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Tuple, Union
 
 from .hash_families import HASH_FAMILIES, HashFamily
-from .methods import STAGE_KEYS, MethodError, resolve
+from .methods import CUSTOM, DEFAULT_METHOD, STAGE_KEYS, MethodError, resolve
 from .residual_map import RESIDUAL_GRADS, RESIDUAL_MAPS
 from .wire import FORMAT_KEYS, SCALES, WIRE_DTYPES
 
@@ -30,6 +30,8 @@ CLUSTERING_KEYS = ("compression_rate", "num_hashes", "hash_type", "hash_dim", "e
 UNBOUNDED_KEYS = (("refine_iterations", 0), ("residual_map", "identity"), ("exact_token_stride", 0),
                   ("decide_by_cost", False))
 
+# Said where a block that names no method meets a rule of the default's: what it asked for is not the paper's.
+DEFAULT_NOTE = " (the default when the block names no method and no stage key)"
 _TRUE_WORDS = ("1", "true", "yes", "on")
 _FALSE_WORDS = ("0", "false", "no", "off")
 # Every hash contributes the bits of its digit (log2(2 * hash_dim) for both families) to a bucket key that also
@@ -48,9 +50,12 @@ class LSHMoEConfig:
 
     enabled: turn compression on; the environment variable ``LSHMOE_ENABLED`` (1/0, true/false) overrides it.
     method: a named configuration (lshmoe_plugin.methods.METHODS): it sets the stage keys ``clustering``,
-        ``dispatch_dtype`` and ``combine_dtype``; a stage key set to anything else beside it is refused. Left out,
-        the stage keys left out take the paper's values (``paper``, DEFAULT_METHOD) and the config reports the
-        method its stages match, or ``custom``. The other keys keep their defaults under every method.
+        ``dispatch_dtype`` and ``combine_dtype``; a stage key set to anything else beside it is refused. Left out
+        with no stage key given: DEFAULT_METHOD (``fp4``: every token in FP4 both ways, the long-schedule
+        testbed's choice; lshmoe_plugin.methods says why). Left out with some stage key given: the stage keys left
+        out take the paper's values (COMPOSITION_BASE) and the config reports the method its stages match, or
+        ``custom``. The other keys keep their defaults under every method; under ``fp4`` and ``fp8`` the keys of
+        LSH clustering must stay at theirs (write ``"method": "paper"`` for the paper's LSH-MoE).
     compression_rate: centroids sent per token routed, in (0, 1]. A fixed-capacity dispatcher (DeepSpeed's
         GShard layer) sends ``ceil(rate * capacity)`` centroid slots per expert; a variable-size one (Megatron-core,
         AutoEP) sends at most ``ceil(rate * tokens)`` non-empty clusters per expert. Under clustering ``bounded``
@@ -231,6 +236,11 @@ class LSHMoEConfig:
         object.__setattr__(self, "layers", _parse_layers(self.layers))
 
     def _resolve_method(self) -> None:
+        # Whether the default method filled the stages in: a disabled block that names no method may still carry
+        # the LSH knobs of a block written for the paper's layer (the default until 2026-12-05); off, it trains
+        # nothing, so those are not refused until it is turned on (from_dict, load_config or a replace).
+        by_default = self.method in (None, CUSTOM) and all(getattr(self, key) is None for key in STAGE_KEYS)
+        object.__setattr__(self, "_stages_by_default", by_default)
         try:
             name, stages = resolve(self.method, {key: getattr(self, key) for key in STAGE_KEYS})
         except MethodError as error:
@@ -253,12 +263,14 @@ class LSHMoEConfig:
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         self._check_format_keys(defaults)
         self._check_bounded(defaults)
-        if self.clustering == "none":
+        if self.clustering == "none" and (self.enabled or not self._stages_by_default):
             for key in CLUSTERING_KEYS:
                 if getattr(self, key) != defaults[key]:
                     raise LSHMoEConfigError(f"lsh_moe.{key}={getattr(self, key)!r} belongs to LSH clustering, which "
                                             f"clustering 'none' turns off; allowed with clustering 'none': {key} "
-                                            f"{defaults[key]!r} (or leave it out)")
+                                            f"{defaults[key]!r} (or leave it out). Method {self.method!r} sends "
+                                            f"every token{DEFAULT_NOTE if self.method == DEFAULT_METHOD else ''}; "
+                                            f"for the paper's LSH clustering set method 'paper'")
 
     def _check_format_keys(self, defaults: Mapping[str, Any]) -> None:
         """Each scaled format's block and scale keys: valid values, and left at their defaults unless a crossing
@@ -331,6 +343,7 @@ class LSHMoEConfig:
         override = _enabled_from_env(os.environ if env is None else env)
         if override is not None:
             block["enabled"] = override
+        _refuse_unnamed_lsh(block)
         return cls(**block)
 
     @classmethod
@@ -353,6 +366,24 @@ class LSHMoEConfig:
         out = dataclasses.asdict(self)
         out["layers"] = self.layers if self.layers == "all" else list(self.layers)
         return out
+
+
+def _refuse_unnamed_lsh(block: Mapping[str, Any]) -> None:
+    """A user's block that turns compression on, names neither a method nor a stage key, and lists keys of LSH
+    clustering was written for the paper's layer (the default until 2026-12-05): refused by name, rather than
+    trained as the default method with those keys ignored. Only the block as read: a resolved config written back
+    (run.json, a checkpoint's settings, `to_dict`) always names its method."""
+    if block.get("enabled") is not True or block.get("method") is not None:
+        return
+    if any(block.get(key) is not None for key in STAGE_KEYS):
+        return
+    listed = [key for key in CLUSTERING_KEYS if key in block]
+    if listed:
+        raise LSHMoEConfigError(
+            f"lsh_moe.{listed[0]} configures LSH clustering, but the block names no method, and without one it "
+            f"trains the default method {DEFAULT_METHOD!r}{DEFAULT_NOTE}, which sends every token and clusters "
+            f"nothing; allowed: add \"method\": \"paper\" for the paper's LSH-MoE (the default until 2026-12-05), "
+            f"or leave out {', '.join(listed)}")
 
 
 def _check_type(key: str, value: Any, kind: type) -> None:

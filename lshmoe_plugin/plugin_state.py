@@ -19,6 +19,8 @@ import json
 import logging
 from typing import Any, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
+from .methods import STAGE_KEYS
+
 STATE_KEY = "lsh_moe_state"  # the key of DeepSpeed's client_state the engine hooks use
 FORMAT = 1
 NO_STATE = "the checkpoint holds no lsh_moe plugin state (saved without the plugin, or by a version before it kept one)"
@@ -50,9 +52,18 @@ def changed_settings(saved: Mapping[str, Any], config) -> Dict[str, Tuple[Any, A
     """key: (saved, current) for every lsh_moe key that differs; ``compress_in_eval`` changes no training forward.
     A key the saving version did not have counts as its default (a newer version's key left at it changes nothing)."""
     current = config.to_dict()
-    saved = {**type(config)(enabled=True).to_dict(), **saved}
+    # A save from before the stage keys existed meant the paper's layer, whatever the default is now.
+    saved = {**type(config)(enabled=True, method="paper").to_dict(), **saved}
+    idle = idle_keys(saved, current)
     return {key: (saved.get(key), current.get(key)) for key in sorted(set(saved) | set(current))
-            if key != "compress_in_eval" and saved.get(key) != current.get(key)}
+            if key != "compress_in_eval" and key not in idle and saved.get(key) != current.get(key)}
+
+
+def idle_keys(saved: Mapping[str, Any], current: Mapping[str, Any]) -> set:
+    """The keys whose change means nothing between two settings: with the plugin off on either side, its method
+    and stages trained nothing there (a stock run's block resolves to the default method, which says nothing
+    about the run)."""
+    return {"method", *STAGE_KEYS} if not (saved.get("enabled") and current.get("enabled")) else set()
 
 
 def fresh(why: str = NO_STATE) -> Restore:

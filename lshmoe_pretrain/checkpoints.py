@@ -14,6 +14,8 @@ import os
 import shutil
 from typing import Dict, List, Optional, Tuple
 
+from lshmoe_plugin.plugin_state import idle_keys
+
 MANIFEST = "manifest.json"
 LATEST = "latest"
 
@@ -119,7 +121,9 @@ def lsh_moe_resume_line(tag_dir: str, saved: Optional[dict], current: dict) -> s
     where = f"resume from {tag_dir}"
     if saved is None:
         return f"{where}: the checkpoint records no lsh_moe settings; now lsh_moe {json.dumps(current)}"
-    changed = {key: (saved.get(key), value) for key, value in current.items() if saved.get(key) != value}
+    idle = idle_keys(saved, current)
+    changed = {key: (saved.get(key), value) for key, value in current.items()
+               if key not in idle and saved.get(key) != value}
     if not changed:
         return f"{where}: lsh_moe settings unchanged"
     diff = ", ".join(f"{key} {json.dumps(old)} -> {json.dumps(new)}" for key, (old, new) in changed.items())

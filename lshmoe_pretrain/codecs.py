@@ -112,8 +112,8 @@ def lsh_centroids(tokens: torch.Tensor, valid: torch.Tensor, rate: float, num_ha
     """LSH-MoE as shipped on DeepSpeed's fixed layout: the plugin's own compressor (`LSHCompressor.compress_fixed`,
     reference kernels), W as the capacity. tokens (E, W, d), valid (E, W) -> each token's bf16 centroid
     (E, W, d); E * ceil(rate * W) * d * 2 bytes. At rate 1.0 every token is its own centroid: exact."""
-    config = LSHMoEConfig(enabled=True, compression_rate=rate, num_hashes=num_hashes, hash_dim=hash_dim, seed=seed,
-                          kernel="torch", cuda_graphs=False, telemetry_interval=0)
+    config = LSHMoEConfig(enabled=True, method="paper", compression_rate=rate, num_hashes=num_hashes,
+                          hash_dim=hash_dim, seed=seed, kernel="torch", cuda_graphs=False, telemetry_interval=0)
     compressor = LSHCompressor(config, layer_index, telemetry=Telemetry())
     experts, width, d_model = tokens.shape
     _, state = compressor.compress_fixed(tokens.to(torch.bfloat16), valid, record=False)

@@ -150,7 +150,7 @@ def _variant_method(variant: str, default_rate: Optional[float]) -> Optional[Tup
     if variant == "lsh":
         return ("paper", default_rate) if default_rate is not None else None
     settings = VARIANTS.get(variant, {})
-    if variant.startswith("rate_") and set(settings) == {"enabled", "compression_rate"}:
+    if variant.startswith("rate_") and set(settings) - {"method"} == {"enabled", "compression_rate"}:
         return "paper", float(settings["compression_rate"])
     keys = set(settings) - {"enabled"}
     if settings.get("enabled") is not True or not keys or not keys <= _METHOD_KEYS or variant in DIAGNOSTICS:
@@ -172,7 +172,7 @@ def variant_configuration(variant: str) -> Tuple[str, Dict[str, object]]:
     import dataclasses
 
     from lshmoe_plugin.config import LSHMoEConfig
-    from lshmoe_plugin.methods import CUSTOM, DEFAULT_METHOD
+    from lshmoe_plugin.methods import COMPOSITION_BASE, CUSTOM
 
     from .quality_study import DIAGNOSTICS, STUDY_ONLY_KEYS, VARIANTS
     if variant not in VARIANTS:
@@ -184,7 +184,8 @@ def variant_configuration(variant: str) -> Tuple[str, Dict[str, object]]:
     config = LSHMoEConfig(**settings)
     if not config.enabled:
         return "stock", study_only
-    own = LSHMoEConfig(enabled=True, method=DEFAULT_METHOD if config.method == CUSTOM else config.method)
+    # a custom composition's keys are read against the base its stage keys left out took (the paper's)
+    own = LSHMoEConfig(enabled=True, method=COMPOSITION_BASE if config.method == CUSTOM else config.method)
     knobs = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
              if f.name != "method" and getattr(config, f.name) != getattr(own, f.name)}
     return config.method, {**knobs, **study_only}

@@ -102,7 +102,8 @@ def main() -> None:
                     args.experts * capacity, slots, d, data[0][0].element_size()))
                 times = {}
                 for kernel in args.kernels:
-                    config = LSHMoEConfig(enabled=True, compression_rate=rate, telemetry_interval=0, **VARIANTS[kernel])
+                    config = LSHMoEConfig(enabled=True, method="paper", compression_rate=rate, telemetry_interval=0,
+                                          **VARIANTS[kernel])
                     compressor = LSHCompressor(config, layer_index=0)
                     times[kernel] = time_round_trip(compressor, data, device, args.reps) + (
                         chained_round_trips_ms(config, data[0], device, args.reps),)

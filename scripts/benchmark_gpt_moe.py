@@ -185,7 +185,8 @@ def ds_config(args, variant: str) -> dict:
         "optimizer": {"type": "AdamW", "params": {"lr": args.lr, "betas": [0.9, 0.95], "weight_decay": 0.1,
                                                   "torch_adam": True}},
         "zero_optimization": {"stage": 0},
-        "lsh_moe": {"enabled": variant != "stock", "compression_rate": args.rate, "kernel": args.kernel,
+        "lsh_moe": {"enabled": variant != "stock", "method": "paper", "compression_rate": args.rate,
+                    "kernel": args.kernel,
                     "telemetry_interval": 0, "cuda_graphs": False if variant == "lsh_eager" else "auto",
                     "decide_by_cost": variant == "lsh_decide"},
     }

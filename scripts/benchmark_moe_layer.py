@@ -129,17 +129,19 @@ def main() -> None:
     from lshmoe_plugin.compressor import fixed_slots
 
     variants = ["stock"] + [f"lsh {r}" for r in args.rates]
-    configs = {f"lsh {r}": lshmoe_plugin.LSHMoEConfig(enabled=True, compression_rate=r, kernel=args.kernel,
-                                                      telemetry_interval=0) for r in args.rates}
+    configs = {f"lsh {r}": lshmoe_plugin.LSHMoEConfig(enabled=True, method="paper", compression_rate=r,
+                                                      kernel=args.kernel, telemetry_interval=0) for r in args.rates}
     if args.eager_too:  # the same rates with the compressor launched op by op (lsh_moe.cuda_graphs=false)
         variants += [f"lsh {r} eager" for r in args.rates]
         configs.update({f"lsh {r} eager": lshmoe_plugin.LSHMoEConfig(
-            enabled=True, compression_rate=r, kernel=args.kernel, telemetry_interval=0, cuda_graphs=False)
+            enabled=True, method="paper", compression_rate=r, kernel=args.kernel, telemetry_interval=0,
+            cuda_graphs=False)
             for r in args.rates})
     if args.decide_by_cost:
         variants += [f"lsh {r} decide_by_cost" for r in args.rates]
         configs.update({f"lsh {r} decide_by_cost": lshmoe_plugin.LSHMoEConfig(
-            enabled=True, compression_rate=r, kernel=args.kernel, telemetry_interval=0, decide_by_cost=True)
+            enabled=True, method="paper", compression_rate=r, kernel=args.kernel, telemetry_interval=0,
+            decide_by_cost=True)
             for r in args.rates})
     rows, points = [], []
     for d in args.d_models:

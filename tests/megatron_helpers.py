@@ -2,6 +2,7 @@
 import math
 
 import torch
+from lsh_blocks import paper_block
 
 from lshmoe_plugin.config import LSHMoEConfig
 from lshmoe_plugin.patches import megatron_dispatcher
@@ -77,7 +78,7 @@ class TokenBytes:
 
 
 def enabled(**overrides):
-    return LSHMoEConfig(enabled=True, **{"seed": 7, **overrides})
+    return LSHMoEConfig(**paper_block({"enabled": True, "seed": 7, **overrides}))
 
 
 def set_expert_biases(layer, zero_weights=False):

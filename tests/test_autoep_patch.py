@@ -9,6 +9,7 @@ import pytest
 import torch
 import transformers  # noqa: E402,F401  (installed by the README's [test] extra)
 from distributed import run_distributed  # noqa: E402
+from lsh_blocks import paper_block
 
 import lshmoe_plugin  # noqa: E402
 from lshmoe_plugin.config import LSHMoEConfig  # noqa: E402
@@ -27,7 +28,8 @@ def build_model(world_size):
                            num_experts_per_tok=TOP_K, max_position_embeddings=64)
     model = MixtralForCausalLM(config)
     ds_config = {"train_micro_batch_size_per_gpu": BATCH, "optimizer": {"type": "SGD", "params": {"lr": 0.0}},
-                 "expert_parallel": {"enabled": True, "autoep_size": world_size, "preset_model": "mixtral"}}
+                 "expert_parallel": {"enabled": True, "method": "paper", "autoep_size": world_size,
+                                     "preset_model": "mixtral"}}
     engine, *_ = deepspeed.initialize(model=model, config=ds_config, model_parameters=model.parameters())
     return engine.module
 
@@ -78,7 +80,7 @@ class TokenBytes:
 
 
 def enabled(**overrides):
-    return LSHMoEConfig(enabled=True, **{"seed": 7, **overrides})
+    return LSHMoEConfig(**paper_block({"enabled": True, "seed": 7, **overrides}))
 
 
 def scenarios(rank, world_size):

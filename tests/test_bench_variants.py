@@ -81,7 +81,7 @@ def test_what_is_no_trained_configuration_is_refused_by_name(monkeypatch, capsys
 
 
 def test_an_absolute_step_schedule_is_refused_by_name(monkeypatch, capsys):
-    monkeypatch.setitem(study.VARIANTS, "exact_from_100", {"enabled": True, "exact_from_step": 100})
+    monkeypatch.setitem(study.VARIANTS, "exact_from_100", {"enabled": True, "method": "paper", "exact_from_step": 100})
     assert ("--variants exact_from_100: a schedule at an absolute step (lsh_moe.exact_from_step 100); what share of "
             "a schedule runs compressed depends on the schedule's length") in \
         refusal(monkeypatch, capsys, "--variants", "exact_from_100")
@@ -90,7 +90,7 @@ def test_an_absolute_step_schedule_is_refused_by_name(monkeypatch, capsys):
 def test_what_the_stand_in_cannot_price_is_refused_by_name_under_a_modelled_link_only(monkeypatch, capsys):
     monkeypatch.setitem(study.VARIANTS, "fp8_probed", {"enabled": True, "dispatch_dtype": "fp8_e4m3",
                                                         "output_error_interval": 8})
-    monkeypatch.setitem(study.VARIANTS, "lsh_probed", {"enabled": True, "output_error_interval": 8})
+    monkeypatch.setitem(study.VARIANTS, "lsh_probed", {"enabled": True, "method": "paper", "output_error_interval": 8})
     modelled = ("--modelled-ep", "16", "--modelled-link", "200gbps")
     assert ("--variants fp8_probed with --modelled-link: the link stand-in cannot price "
             "lsh_moe.output_error_interval=8 with wire formats other than the model's") in \

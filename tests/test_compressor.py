@@ -1,6 +1,7 @@
 
 import pytest
 import torch
+from lsh_blocks import paper_block
 
 from lshmoe_plugin.compressor import LSHCompressor, fixed_slots
 from lshmoe_plugin.config import LSHMoEConfig, LSHMoEConfigError
@@ -10,7 +11,8 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def make_compressor(**overrides):
-    return LSHCompressor(LSHMoEConfig(enabled=True, **overrides), layer_index=0, telemetry=Telemetry())
+    return LSHCompressor(LSHMoEConfig(**paper_block({"enabled": True, **overrides})), layer_index=0,
+                         telemetry=Telemetry())
 
 
 def capacity_batch(num_experts=4, capacity=32, d=24, fill=(32, 20, 3, 0), dtype=torch.float32, seed=0):
@@ -137,7 +139,8 @@ def test_variable_layout_at_rate_one_is_exact():
 
 def test_telemetry_reports_rate_bytes_and_residual():
     telemetry = Telemetry()
-    comp = LSHCompressor(LSHMoEConfig(enabled=True, compression_rate=0.25, telemetry_interval=1), 5, telemetry)
+    comp = LSHCompressor(LSHMoEConfig(enabled=True, method="paper", compression_rate=0.25, telemetry_interval=1), 5,
+                         telemetry)
     x, valid = capacity_batch(dtype=torch.bfloat16)
     comp.compress_fixed(x, valid)
     stats = telemetry.summary()

@@ -7,7 +7,7 @@ from lshmoe_plugin.config import ENABLED_ENV_VAR, LSHMoEConfig, LSHMoEConfigErro
 
 
 def test_defaults_everything_but_enabled():
-    cfg = LSHMoEConfig.from_dict({"enabled": True}, env={})
+    cfg = LSHMoEConfig.from_dict({"enabled": True, "method": "paper"}, env={})
     assert cfg.enabled and cfg.compression_rate == 0.2 and cfg.num_hashes == 6
     assert cfg.hash_type == "cross_polytope" and cfg.error_compensation and cfg.layers == "all"
 
@@ -15,7 +15,7 @@ def test_defaults_everything_but_enabled():
 def test_reads_block_from_deepspeed_json_path(tmp_path):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"train_batch_size": 8, "lsh_moe": {
-        "enabled": True, "compression_rate": 0.1, "num_hashes": 4, "hash_type": "spherical",
+        "enabled": True, "method": "paper", "compression_rate": 0.1, "num_hashes": 4, "hash_type": "spherical",
         "error_compensation": False, "seed": 7, "layers": [2, 0]}}))
     cfg = LSHMoEConfig.from_deepspeed_config(str(path), env={})
     assert (cfg.compression_rate, cfg.num_hashes, cfg.hash_type, cfg.seed) == (0.1, 4, "spherical", 7)
@@ -33,12 +33,12 @@ def test_cuda_graphs_true_without_cuda_is_an_error_naming_the_key():
     import torch
 
     from lshmoe_plugin.compressor import LSHCompressor
-    compressor = LSHCompressor(LSHMoEConfig(enabled=True, cuda_graphs=True), 0)
+    compressor = LSHCompressor(LSHMoEConfig(enabled=True, method="paper", cuda_graphs=True), 0)
     with pytest.raises(RuntimeError, match=r"cuda_graphs=true needs the fused kernels on a CUDA device.*'auto' or "
                                            r"false"):
         compressor.compress_fixed(torch.randn(2, 8, 16), torch.ones(2, 8, dtype=torch.bool))
     # 'auto' runs the reference there, eagerly
-    auto = LSHCompressor(LSHMoEConfig(enabled=True), 0)
+    auto = LSHCompressor(LSHMoEConfig(enabled=True, method="paper"), 0)
     assert auto.compress_fixed(torch.randn(2, 8, 16), torch.ones(2, 8, dtype=torch.bool))[1].graphed is None
 
 
@@ -71,7 +71,8 @@ def test_bad_env_value_names_allowed_values():
 
 
 @pytest.mark.parametrize("block, message", [
-    ({"enabled": True, "compresion_rate": 0.2}, r"unknown lsh_moe key\(s\) \['compresion_rate'\]; allowed keys"),
+    ({"enabled": True, "method": "paper", "compresion_rate": 0.2},
+     r"unknown lsh_moe key\(s\) \['compresion_rate'\]; allowed keys"),
     ({"compression_rate": 0.0}, r"compression_rate must be a number in \(0, 1\], got 0.0"),
     ({"compression_rate": 1.5}, r"compression_rate must be a number in \(0, 1\], got 1.5"),
     ({"compression_rate": -0.1}, r"compression_rate must be a number in \(0, 1\]"),
@@ -86,7 +87,7 @@ def test_bad_env_value_names_allowed_values():
     ({"enabled": "yes"}, r"enabled must be a bool"),
     ({"error_compensation": 1}, r"error_compensation must be a bool"),
     ({"decide_by_cost": "auto"}, r"decide_by_cost must be a bool"),
-    ({"num_hashes": 20}, r"num_hashes=20 with hash_dim=8 needs 80 bits"),
+    ({"method": "paper", "num_hashes": 20}, r"num_hashes=20 with hash_dim=8 needs 80 bits"),
     ({"telemetry_interval": -1}, r"telemetry_interval must be an integer >= 0"),
     ({"cuda_graphs": "on"}, r"cuda_graphs must be one of \['auto', true, false\], got 'on'"),
     ({"cuda_graphs": 1}, r"cuda_graphs must be one of \['auto', true, false\], got 1"),
@@ -103,7 +104,7 @@ def test_block_must_be_an_object():
 
 
 def test_wire_keys_default_to_todays_exchange_and_grads_follow_their_forward():
-    cfg = LSHMoEConfig.from_dict({"enabled": True}, env={})
+    cfg = LSHMoEConfig.from_dict({"enabled": True, "method": "paper"}, env={})
     assert (cfg.clustering, cfg.dispatch_dtype, cfg.combine_dtype, cfg.fp8_block_size) == ("lsh", "model", "model",
                                                                                           128)
     assert cfg.wire_dtypes == ("model",) * 4
@@ -117,7 +118,7 @@ def test_wire_keys_default_to_todays_exchange_and_grads_follow_their_forward():
 
 
 def test_each_scaled_format_has_its_own_block_and_scale_keys():
-    cfg = LSHMoEConfig.from_dict({"enabled": True}, env={})
+    cfg = LSHMoEConfig.from_dict({"enabled": True, "method": "paper"}, env={})
     assert (cfg.fp8_scale, cfg.fp4_block_size, cfg.fp4_scale) == ("float32", 32, "e8m0")
     mixed = LSHMoEConfig.from_dict({"dispatch_dtype": "fp8_e4m3", "fp8_scale": "e8m0", "fp8_block_size": 64,
                                     "dispatch_grad_dtype": "fp4_e2m1", "fp4_block_size": "row",
@@ -151,8 +152,8 @@ def test_each_scaled_format_has_its_own_block_and_scale_keys():
                                                            r"'ue8m0'"),
     ({"dispatch_dtype": "fp8_e4m3", "fp4_block_size": 16}, r"fp4_block_size=16 sets the scales of fp4_e2m1, which "
                                                            r"no crossing uses"),
-    ({"combine_grad_dtype": "fp8_e4m3", "fp4_scale": "float32"}, r"fp4_scale='float32' sets the scales of fp4_e2m1, "
-                                                                 r"which no crossing uses"),
+    ({"method": "paper", "combine_grad_dtype": "fp8_e4m3", "fp4_scale": "float32"},
+     r"fp4_scale='float32' sets the scales of fp4_e2m1, which no crossing uses"),
     ({"clustering": "none", "compression_rate": 0.5},
      r"compression_rate=0.5 belongs to LSH clustering, which clustering 'none' turns off; allowed with clustering "
      r"'none': compression_rate 0.2"),
@@ -181,7 +182,8 @@ def test_bounded_merging_keys():
     ({"clustering": "bounded", "merge_tolerance": 1.0}, r"merge_tolerance must be a number in \(0, 1\), got 1.0"),
     ({"clustering": "bounded", "merge_tolerance": "0.1"}, r"merge_tolerance must be a number in \(0, 1\)"),
     ({"clustering": "bounded", "merge_tolerance": True}, r"merge_tolerance must be a number in \(0, 1\)"),
-    ({"merge_tolerance": 0.2}, r"merge_tolerance=0.2 belongs to clustering 'bounded', got clustering 'lsh'"),
+    ({"method": "paper", "merge_tolerance": 0.2}, r"merge_tolerance=0.2 belongs to clustering 'bounded', got "
+                                                  r"clustering 'lsh'"),
     ({"clustering": "none", "merge_tolerance": 0.2}, r"merge_tolerance=0.2 belongs to clustering 'bounded', got "
                                                      r"clustering 'none'"),
     ({"clustering": "bounded", "refine_iterations": 2},

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 from distributed import run_distributed
+from lsh_blocks import paper_block
 
 import lshmoe_plugin
 from lshmoe_plugin.patches import deepspeed_moe
@@ -102,10 +103,10 @@ def check_patch_against_stock(rank, world_size, k):
         with AllToAllBytes() as stock_bytes:
             fwd_bwd(moe, x)
 
-        lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "compression_rate": 1.0}}, moe)
+        lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "method": "paper", "compression_rate": 1.0}}, moe)
         report[f"rate1_exact_identity={identity}"] = same(stock, fwd_bwd(moe, x))
 
-        lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "compression_rate": 0.25}}, moe)
+        lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "method": "paper", "compression_rate": 0.25}}, moe)
         with AllToAllBytes() as lsh_bytes:
             compressed = fwd_bwd(moe, x)
         if identity:  # identity expert + error compensation: every token comes back exactly
@@ -138,7 +139,7 @@ def check_experts_that_differ(rank, world_size, k, x):
     own tokens."""
     moe = build_distinct_shift_experts(rank, world_size, k)
     stock = fwd_bwd(moe, x)
-    lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "compression_rate": 0.25}}, moe)
+    lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "method": "paper", "compression_rate": 0.25}}, moe)
     compressed = fwd_bwd(moe, x)
     stats = lshmoe_plugin.TELEMETRY.latest[0]
     lshmoe_plugin.disable()
@@ -173,7 +174,7 @@ def check_dtypes_and_layers(rank, world_size):
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for k in (1, 2):
             moe = build_moe(world_size, k).to(dtype)
-            lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "compression_rate": 0.2}}, moe)
+            lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "method": "paper", "compression_rate": 0.2}}, moe)
             out, gx, grads = fwd_bwd(moe, torch.randn(2, 24, D_MODEL), dtype)
             results[f"{dtype}-top{k}"] = (out.dtype == dtype and torch.isfinite(gx.float()).all().item()
                                          and gx.abs().sum().item() > 0
@@ -183,7 +184,8 @@ def check_dtypes_and_layers(rank, world_size):
     model = torch.nn.ModuleList([build_moe(world_size, 2, seed=s) for s in (0, 1)])
     x = torch.randn(2, 24, D_MODEL)
     stock = [fwd_bwd(m, x) for m in model]
-    lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "compression_rate": 0.2, "layers": [1]}}, model)
+    lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "method": "paper", "compression_rate": 0.2, "layers": [1]}},
+                         model)
     results["layer0_untouched"] = same(stock[0], fwd_bwd(model[0], x))
     results["layer1_compressed"] = not torch.equal(stock[1][0], fwd_bwd(model[1], x)[0])
     results["telemetry_only_layer1"] = sorted(lshmoe_plugin.TELEMETRY.latest) == [1]
@@ -202,7 +204,7 @@ def check_unsupported(rank, world_size):
     messages = []
     moe = MoE(D_MODEL, torch.nn.Linear(D_MODEL, D_MODEL), num_experts=2, ep_size=1, use_tutel=True)
     moe.deepspeed_moe.use_tutel = True  # as if Tutel were installed
-    for attempt in (lambda: lshmoe_plugin.enable({"lsh_moe": {"enabled": True}}, moe),):
+    for attempt in (lambda: lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "method": "paper"}}, moe),):
         try:
             attempt()
         except Exception as err:  # noqa: BLE001
@@ -210,7 +212,7 @@ def check_unsupported(rank, world_size):
     real_version = deepspeed.__version__
     deepspeed.__version__ = "0.18.4"
     try:
-        lshmoe_plugin.enable({"lsh_moe": {"enabled": True}})
+        lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "method": "paper"}})
     except Exception as err:  # noqa: BLE001
         messages.append(str(err))
     finally:
@@ -243,7 +245,7 @@ def train_with_csv_monitor(world_size, out_dir, lsh_moe, steps=3):
     config = {"train_micro_batch_size_per_gpu": 2,
               "optimizer": {"type": "Adam", "params": {"lr": 1e-3, "torch_adam": True}},
               "csv_monitor": {"enabled": True, "output_path": out_dir, "job_name": "lsh"},
-              "lsh_moe": {"enabled": True, "compression_rate": 0.25, **lsh_moe}}
+              "lsh_moe": paper_block({"enabled": True, "compression_rate": 0.25, **lsh_moe})}
     net = MoENet(world_size)
     lshmoe_plugin.enable(config, net)
     engine, *_ = deepspeed.initialize(model=net, model_parameters=net.parameters(), config=config)
@@ -320,7 +322,7 @@ def check_decide_by_cost(rank, world_size):
     x = torch.randn(2, 24, D_MODEL)
     moe = build_moe(world_size, 2)
     stock = fwd_bwd(moe, x)
-    config = {"lsh_moe": {"enabled": True, "compression_rate": 0.25, "decide_by_cost": True}}
+    config = {"lsh_moe": {"enabled": True, "method": "paper", "compression_rate": 0.25, "decide_by_cost": True}}
     lshmoe_plugin.enable(config, moe)
     calls = []
     measure = cost.measure
@@ -388,7 +390,8 @@ def check_compressed_eval(rank, world_size):
         for name, times in variants.items():
             moe = build_moe(world_size, 2)
             stock_eval = eval_output(moe, x)
-            config = lshmoe_plugin.LSHMoEConfig(enabled=True, compression_rate=0.25, decide_by_cost=times is not None)
+            config = lshmoe_plugin.LSHMoEConfig(enabled=True, method="paper", compression_rate=0.25,
+                                                decide_by_cost=times is not None)
             lshmoe_plugin.enable(config, moe)
             calls.clear()
             cost.measure = lambda *a, times=times, **k: calls.append(1) or times
@@ -430,7 +433,8 @@ def check_training_forward_without_grad_decides(world_size, x):
     autograd on for the trial, so its recomputation with gradients takes the same branch."""
     from lshmoe_plugin import cost
     moe = build_moe(world_size, 2)
-    lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "compression_rate": 0.25, "decide_by_cost": True}}, moe)
+    lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "method": "paper", "compression_rate": 0.25,
+                                      "decide_by_cost": True}}, moe)
     measure, calls = cost.measure, []
     cost.measure = lambda *a, **k: calls.append(1) or measure(*a, **k)
     try:
@@ -462,7 +466,7 @@ def test_monitor_hook_stays_while_any_deepspeed_patch_is_applied():
 
     def hooked():
         return [getattr(DeepSpeedEngine, name) is not original for name, original in zip(names, stock)]
-    config = lshmoe_plugin.LSHMoEConfig(enabled=True)
+    config = lshmoe_plugin.LSHMoEConfig(enabled=True, method="paper")
     try:
         lshmoe_plugin.enable(config)
         lshmoe_plugin.enable(config, framework="autoep")

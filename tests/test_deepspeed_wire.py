@@ -84,7 +84,7 @@ def check_wire_formats(rank, world_size, device="cpu"):
             report[f"top{k}_none_model_is_stock"] = same(stock, fwd_bwd(moe, x))
         report[f"top{k}_none_model_same_all_to_alls"] = calls.calls == stock_calls.calls
         # the model's dtype spelled out changes nothing in the compressed layer either
-        lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "compression_rate": 0.25}}, moe)
+        lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "method": "paper", "compression_rate": 0.25}}, moe)
         lsh = fwd_bwd(moe, x)
         lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "compression_rate": 0.25, "dispatch_dtype": "model",
                                           "combine_dtype": "model", "dispatch_grad_dtype": "model",
@@ -127,8 +127,9 @@ def check_lsh_with_fp8(rank, world_size, device="cpu"):
     report = {}
     for k in (1, 2):
         moe = build_distinct_shift_experts(rank, world_size, k).to(device)
+        # spread beside a stage key below, so no method: the stage keys left out take the paper's values
         lsh_keys = {"enabled": True, "compression_rate": 0.25, "fp8_block_size": BLOCK}
-        lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "compression_rate": 0.25}}, moe)
+        lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "method": "paper", "compression_rate": 0.25}}, moe)
         exact = fwd_bwd(moe, x)
         lshmoe_plugin.enable({"lsh_moe": {**lsh_keys, "dispatch_dtype": "fp8_e4m3"}}, moe)
         with AllToAlls() as calls:

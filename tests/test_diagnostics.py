@@ -17,7 +17,7 @@ from lshmoe_plugin.patches import deepspeed_moe
 from lshmoe_plugin.telemetry import TELEMETRY, Telemetry
 from lshmoe_pretrain import diagnostics
 
-LSH = {"lsh_moe": {"enabled": True, "compression_rate": 0.25}}
+LSH = {"lsh_moe": {"enabled": True, "method": "paper", "compression_rate": 0.25}}
 GATE_SEED = 1234  # DeepSpeed's top-2 gate draws its second expert from the global generator
 
 
@@ -235,7 +235,7 @@ def check_hybrids(rank, world_size):
         "experts": any(far(stock_by_hand.experts[n], compressed_by_hand.experts[n]) for n in stock_by_hand.experts)}
     original = deepspeed_moe._compressed_forward
     for mode in diagnostics.HYBRIDS:
-        diagnostics.install([mode], LSHMoEConfig(enabled=True))
+        diagnostics.install([mode], LSHMoEConfig(enabled=True, method="paper"))
         try:
             got = run_layer(moe, x, weight)
         finally:
@@ -266,7 +266,7 @@ def check_hybrids_refuse_two_ranks(rank, world_size):
     moe = build_moe(world_size, 2)
     lshmoe_plugin.enable(LSH, moe)
     original = deepspeed_moe._compressed_forward
-    diagnostics.install(["forward"], LSHMoEConfig(enabled=True))
+    diagnostics.install(["forward"], LSHMoEConfig(enabled=True, method="paper"))
     try:
         moe(torch.randn(2, 8, D_MODEL))
     except diagnostics.DiagnosticError as error:
@@ -292,16 +292,16 @@ def test_bad_diagnostics_are_refused_by_name(value, message):
 
 def test_random_clusters_probe_and_residual_grad_need_their_settings():
     with pytest.raises(diagnostics.DiagnosticError, match="kernel 'torch'"):
-        diagnostics.install(["random_clusters"], LSHMoEConfig(enabled=True))
+        diagnostics.install(["random_clusters"], LSHMoEConfig(enabled=True, method="paper"))
     with pytest.raises(diagnostics.DiagnosticError, match="output_error_interval >= 1"):
-        diagnostics.install(["probe"], LSHMoEConfig(enabled=True))
-    for config in (LSHMoEConfig(enabled=True, error_compensation=False),
-                   LSHMoEConfig(enabled=True, residual_map="linear")):
+        diagnostics.install(["probe"], LSHMoEConfig(enabled=True, method="paper"))
+    for config in (LSHMoEConfig(enabled=True, method="paper", error_compensation=False),
+                   LSHMoEConfig(enabled=True, method="paper", residual_map="linear")):
         with pytest.raises(diagnostics.DiagnosticError, match="residual_map 'identity'"):
             diagnostics.install(["residual_grad"], config)
 
 
-PROBE = {"lsh_moe": {"enabled": True, "compression_rate": 0.25, "output_error_interval": 1}}
+PROBE = {"lsh_moe": {"enabled": True, "method": "paper", "compression_rate": 0.25, "output_error_interval": 1}}
 
 
 def check_probe(rank, world_size):

@@ -13,6 +13,7 @@ from typing import Optional, Tuple
 import pytest
 import torch
 from distributed import run_distributed
+from lsh_blocks import paper_block
 
 import lshmoe_plugin
 from lshmoe_plugin import LSHCompressor, LSHMoEConfig, LSHMoEConfigError
@@ -120,7 +121,7 @@ def finite(result):
 
 
 def lsh_config(case, rate):
-    return {"lsh_moe": {"enabled": True, "compression_rate": rate, **case.lsh}}
+    return {"lsh_moe": paper_block({"enabled": True, "compression_rate": rate, **case.lsh})}
 
 
 class AllToAllCalls:
@@ -358,6 +359,6 @@ def empty_dispatch_checks(compressor, device):
 
 
 def test_empty_dispatch_in_both_layouts():
-    compressor = LSHCompressor(LSHMoEConfig(enabled=True, compression_rate=0.2, kernel="torch"), 0)
+    compressor = LSHCompressor(LSHMoEConfig(enabled=True, method="paper", compression_rate=0.2, kernel="torch"), 0)
     results = empty_dispatch_checks(compressor, torch.device("cpu"))
     assert all(results.values()), results

@@ -38,7 +38,7 @@ def _one_cluster(compressor, tokens, expert):
 
 
 def overflow_compressor():
-    return LSHCompressor(LSHMoEConfig(enabled=True, compression_rate=0.01, telemetry_interval=0), 0)
+    return LSHCompressor(LSHMoEConfig(enabled=True, method="paper", compression_rate=0.01, telemetry_interval=0), 0)
 
 
 def compressor_overflow_checks(device, compressor=None):
@@ -84,7 +84,7 @@ FP16_CONFIG = {
     "fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 8, "loss_scale_window": 1000,
              "hysteresis": 1, "min_loss_scale": 1},
     "optimizer": {"type": "Adam", "params": {"lr": 1e-3, "torch_adam": True}},
-    "lsh_moe": {"enabled": True, "compression_rate": 0.01, "telemetry_interval": 0},
+    "lsh_moe": {"enabled": True, "method": "paper", "compression_rate": 0.01, "telemetry_interval": 0},
 }
 
 

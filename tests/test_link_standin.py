@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 from distributed import run_distributed
+from lsh_blocks import paper_block
 from test_deepspeed_patch import D_MODEL, build_moe, fwd_bwd, same
 
 import lshmoe_plugin
@@ -22,7 +23,7 @@ STOCK_BYTES = EXPERTS * CAPACITY * D_MODEL * 4  # fp32 dispatch buffer
 LSH_BYTES = EXPERTS * fixed_slots(CAPACITY, 0.25) * D_MODEL * 4
 # Slow enough that one crossing of the stock buffer lasts 0.1 s: far above the tiny layer's compute noise.
 SLOW = LinkModel(parse_link(f"custom:{STOCK_BYTES * (EP - 1) / EP / 0.1 / 1e9:.12f}:0"))
-LSH = {"lsh_moe": {"enabled": True, "compression_rate": 0.25, "telemetry_interval": 0}}
+LSH = {"lsh_moe": {"enabled": True, "method": "paper", "compression_rate": 0.25, "telemetry_interval": 0}}
 
 
 def timed_fwd_bwd(moe, x, reps=3):
@@ -117,7 +118,8 @@ def check_wire_pricing(rank, world_size):
         moe = build_moe(1, 1)
         config = None
         if block is not None:
-            config = lshmoe_plugin.enable({"lsh_moe": dict(block, enabled=True, telemetry_interval=0)}, moe)
+            config = lshmoe_plugin.enable({"lsh_moe": paper_block(dict(block, enabled=True, telemetry_interval=0))},
+                                          moe)
         plain = fwd_bwd(moe, x)
         standin = ModelledAllToAll(SLOW, EP, torch.device("cpu"))
         standin.delay = lambda seconds: None  # the bytes are under test here, not the waiting

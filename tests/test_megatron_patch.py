@@ -86,7 +86,8 @@ def test_apply_and_revert_are_idempotent_and_restore_the_originals(clean_patch):
 
 
 def test_enable_reads_the_deepspeed_style_block(clean_patch):
-    lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "compression_rate": 0.1}}, framework="megatron")
+    lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "method": "paper", "compression_rate": 0.1}},
+                         framework="megatron")
     assert megatron_dispatcher.is_applied()
     lshmoe_plugin.enable({"lsh_moe": {"enabled": False}}, framework="megatron")
     assert not megatron_dispatcher.is_applied()

@@ -23,12 +23,44 @@ def test_a_method_sets_its_stages_and_is_what_its_keys_spelled_out_give(name):
     assert LSHMoEConfig.from_dict(named.to_dict()) == named
 
 
-def test_nothing_named_is_the_default_method_and_the_paper():
-    assert DEFAULT_METHOD == "paper"
-    config = LSHMoEConfig.from_dict({"enabled": True})
+def test_the_paper_by_name():
+    config = LSHMoEConfig.from_dict({"enabled": True, "method": "paper"})
     assert (config.method, config.clustering, config.dispatch_dtype, config.combine_dtype) == (
         "paper", "lsh", "model", "model")
     assert (config.compression_rate, config.num_hashes, config.error_compensation) == (0.2, 6, True)
+
+
+def test_nothing_named_is_the_default_method_fp4():
+    """`"enabled": true` and nothing else trains the long-schedule testbed's choice: every token in FP4 both ways."""
+    assert DEFAULT_METHOD == "fp4"
+    for config in (LSHMoEConfig.from_dict({"enabled": True}), LSHMoEConfig(enabled=True),
+                   LSHMoEConfig.from_dict({"enabled": True, "seed": 3, "layers": [0], "method": "custom"})):
+        assert (config.method, config.clustering, config.dispatch_dtype, config.combine_dtype) == (
+            "fp4", "none", "fp4_e2m1", "fp4_e2m1")
+
+
+def test_a_stage_key_alone_composes_on_the_papers_stages():
+    """With no method named, the stage keys left out beside one given keep the paper's values, not the default's:
+    FP8 dispatch alone is the paper's centroids sent in FP8 to the experts and returned in the model's dtype."""
+    config = LSHMoEConfig.from_dict({"enabled": True, "dispatch_dtype": "fp8_e4m3"})
+    assert (config.method, config.clustering, config.dispatch_dtype, config.combine_dtype) == (
+        "custom", "lsh", "fp8_e4m3", "model")
+    both = LSHMoEConfig.from_dict({"enabled": True, "dispatch_dtype": "fp8_e4m3", "combine_dtype": "fp8_e4m3"})
+    assert both.method == "paper_fp8"
+    assert LSHMoEConfig.from_dict({"enabled": True, "clustering": "none", "dispatch_dtype": "fp4_e2m1",
+                                   "combine_dtype": "fp4_e2m1"}).method == "fp4"
+
+
+def test_a_clustering_knob_under_the_default_says_to_name_the_paper():
+    """An old block that tunes LSH (a rate, no compensation) and names no method is refused by name, not trained as
+    FP4 with the knob ignored."""
+    for block in ({"enabled": True, "compression_rate": 0.3}, {"enabled": True, "error_compensation": False}):
+        with pytest.raises(LSHMoEConfigError, match=r"belongs to LSH clustering, which clustering 'none' turns off.*"
+                                                    r"Method 'fp4' sends every token \(the default when the block "
+                                                    r"names no method and no stage key\); for the paper's LSH "
+                                                    r"clustering set method 'paper'"):
+            LSHMoEConfig(**block)  # the constructor: from_dict refuses such a block earlier (below)
+        assert LSHMoEConfig.from_dict({**block, "method": "paper"}, env={}).clustering == "lsh"
 
 
 def test_stage_keys_without_a_method_are_taken_as_given_and_named_custom_when_no_method_matches():
@@ -83,3 +115,22 @@ def check_method_trains_as_its_keys(rank, world_size):
 def test_a_layer_under_a_methods_name_trains_as_under_its_keys(world_size):
     for rank, report in enumerate(run_distributed(check_method_trains_as_its_keys, world_size)):
         assert not failed(report), (rank, failed(report))
+
+
+def test_an_old_lsh_block_that_names_no_method_is_refused_by_name():
+    """A block written for the paper's layer before the default changed lists LSH keys at their defaults and names
+    no method: refused by name, not trained as FP4 with the keys ignored. Naming the paper, a stage key, or the
+    block being off lets it through; a resolved config written back (which names its method) always does."""
+    old = {"enabled": True, "compression_rate": 0.2, "num_hashes": 6, "hash_type": "cross_polytope",
+           "error_compensation": True, "seed": 1234, "layers": "all"}
+    with pytest.raises(LSHMoEConfigError, match=r"lsh_moe.compression_rate configures LSH clustering, but the block "
+                                                r"names no method.*'fp4'.*add \"method\": \"paper\".*or leave out "
+                                                r"compression_rate, num_hashes, hash_type, error_compensation"):
+        LSHMoEConfig.from_dict(old, env={})
+    with pytest.raises(LSHMoEConfigError, match="names no method"):  # turned on by the environment
+        LSHMoEConfig.from_dict({**old, "enabled": False}, env={"LSHMOE_ENABLED": "1"})
+    assert not LSHMoEConfig.from_dict({**old, "enabled": False}, env={}).enabled
+    assert LSHMoEConfig.from_dict({**old, "method": "paper"}, env={}).clustering == "lsh"
+    assert LSHMoEConfig.from_dict({**old, "dispatch_dtype": "fp8_e4m3"}, env={}).method == "custom"
+    for config in (LSHMoEConfig(enabled=True), LSHMoEConfig(enabled=True, method="paper")):
+        assert LSHMoEConfig.from_dict(config.to_dict(), env={}) == config

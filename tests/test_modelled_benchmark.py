@@ -139,7 +139,8 @@ def test_study_variants_and_a_schedule_are_timed_as_the_study_trains_them(tmp_pa
     text = bench.read_section_text(report, section)
     assert "stock DeepSpeed vs `fp8_both`, `exact_tail_0.15`" in text
     assert bench_variants.recorded_study_variants(text) == {
-        "fp8_both": (quality_study.lsh_moe_block("fp8_both"), None), "exact_tail_0.15": ({"enabled": True}, 0.15)}
+        "fp8_both": (quality_study.lsh_moe_block("fp8_both"), None), "exact_tail_0.15": ({"enabled": True,
+                                                                                          "method": "paper"}, 0.15)}
 
 
 @pytest.mark.parametrize("flags,env,message", [

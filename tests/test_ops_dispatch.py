@@ -59,7 +59,7 @@ def test_cuda_without_triton_raises_instead_of_falling_back(kernel, monkeypatch)
 
 
 def test_compressor_on_cpu_uses_the_reference():
-    compressor = LSHCompressor(LSHMoEConfig(enabled=True, compression_rate=0.5), layer_index=0)
+    compressor = LSHCompressor(LSHMoEConfig(enabled=True, method="paper", compression_rate=0.5), layer_index=0)
     compressor.compress_fixed(torch.randn(2, 8, 16), torch.ones(2, 8, dtype=torch.bool))
     assert compressor._ops is ops.REFERENCE
 

@@ -68,7 +68,8 @@ def check_output_error(rank, world_size):
         alike = all(torch.equal(p, q) for e in local for p, q in zip(e.parameters(), local[0].parameters()))
         for rate in (1.0, 0.25):
             for compensate in (True, False):
-                lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "compression_rate": rate, "telemetry_interval": 1,
+                lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "method": "paper", "compression_rate": rate,
+                                                  "telemetry_interval": 1,
                                                   "output_error_interval": 2, "error_compensation": compensate}}, moe)
                 with Spy() as spy:
                     fwd_bwd(moe, x)
@@ -106,7 +107,8 @@ def check_sampled_error_matches_a_direct_computation(rank, world_size):
     torch.manual_seed(3)
     x = torch.randn(2, 64, D_MODEL)
     moe = build_moe(world_size, 1)
-    lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "compression_rate": 0.25, "output_error_interval": 1}}, moe)
+    lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "method": "paper", "compression_rate": 0.25,
+                                      "output_error_interval": 1}}, moe)
     with Spy() as spy:
         fwd_bwd(moe, x)
     seen = spy.seen
@@ -131,7 +133,7 @@ def test_the_sampled_error_is_the_relative_error_of_the_returned_rows():
 def test_fixed_layout_only_keys_are_refused_by_name_elsewhere(framework, key, value):
     with pytest.raises(LSHMoEConfigError, match=f"lsh_moe.{key}={value} is not supported with "
                                                 f"framework='{framework}'"):
-        lshmoe_plugin.enable({"lsh_moe": {"enabled": True, key: value}}, framework=framework)
+        lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "method": "paper", key: value}}, framework=framework)
 
 
 def check_every_byte_sent_is_counted(rank, world_size):
@@ -143,7 +145,8 @@ def check_every_byte_sent_is_counted(rank, world_size):
     torch.manual_seed(40 + rank)
     x = torch.randn(2, 48, D_MODEL)
     moe = build_moe(world_size, 2)
-    lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "compression_rate": 0.25, "output_error_interval": 2,
+    lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "method": "paper", "compression_rate": 0.25,
+                                      "output_error_interval": 2,
                                       "exact_token_stride": 4}}, moe)
     forwards = []
     for _ in range(2):

@@ -6,6 +6,7 @@ restores the framework's own attributes, and ``decide_by_cost`` either works bot
 import pytest
 import torch
 from distributed import run_distributed
+from lsh_blocks import paper_block
 
 import lshmoe_plugin
 from lshmoe_plugin import cost
@@ -13,7 +14,7 @@ from lshmoe_plugin.config import LSHMoEConfig, LSHMoEConfigError
 
 
 def config(**overrides):
-    return LSHMoEConfig(enabled=True, **{"seed": 7, **overrides})
+    return LSHMoEConfig(**paper_block({"enabled": True, "seed": 7, **overrides}))
 
 
 def identical(a, b):
@@ -240,7 +241,7 @@ def test_cuda_graphs_true_is_refused_by_name_for_the_variable_layout(framework):
     """Megatron and AutoEP size their all-to-all from a host read-back every layer: not capturable."""
     import lshmoe_plugin
     from lshmoe_plugin.patches import deepspeed_autoep, megatron_dispatcher
-    config = {"lsh_moe": {"enabled": True, "cuda_graphs": True}}
+    config = {"lsh_moe": {"enabled": True, "method": "paper", "cuda_graphs": True}}
     with pytest.raises(lshmoe_plugin.LSHMoEConfigError,
                        match=rf"cuda_graphs=true is not supported with framework='{framework}'.*allowed there: "
                              r"'auto' or false"):
@@ -248,7 +249,8 @@ def test_cuda_graphs_true_is_refused_by_name_for_the_variable_layout(framework):
     assert not megatron_dispatcher.is_applied() and not deepspeed_autoep.is_applied()
     patch = megatron_dispatcher if framework == "megatron" else deepspeed_autoep
     try:
-        lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "cuda_graphs": "auto"}}, framework=framework)
+        lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "method": "paper", "cuda_graphs": "auto"}},
+                             framework=framework)
         assert patch.is_applied()  # 'auto' is accepted there, and runs eagerly
     finally:
         lshmoe_plugin.disable(framework)

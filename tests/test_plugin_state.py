@@ -214,7 +214,7 @@ def check_by_hand(rank, world_size):
 
 def check_decision_by_hand(rank, world_size):
     """decide_by_cost: a restored layer keeps its decision (and its telemetry) and measures nothing again."""
-    config = {"lsh_moe": {"enabled": True, "compression_rate": 0.25, "decide_by_cost": True}}
+    config = {"lsh_moe": {"enabled": True, "method": "paper", "compression_rate": 0.25, "decide_by_cost": True}}
     first, second = Net(1, make_groups=True), Net(1, make_groups=True)
     lshmoe_plugin.enable(config, first)
     measure, calls = cost.measure, []

@@ -134,7 +134,7 @@ def checkpoint_tensors(run_dir):
 # loose tolerance merge enough of the tiny model's tokens that the need is below the capacity).
 RESUMED_SETTINGS = {
     "paper": {"output_error_interval": 2, "telemetry_interval": 4},
-    "bounded": {"output_error_interval": 2, "telemetry_interval": 4, "clustering": "bounded", "merge_tolerance": 0.9,
+    "bounded": {"output_error_interval": 2, "telemetry_interval": 4, "method": "bounded", "merge_tolerance": 0.9,
                 "num_hashes": 1, "hash_dim": 2},
 }
 

@@ -130,9 +130,10 @@ def test_time_to_target_per_modelled_link(tmp_path):
 
 def test_bytes_ratio_counts_stock_steps_as_one():
     records = [{"step": s, "lsh_moe/mean/bytes_ratio": 0.2} for s in range(1, 11)]
-    assert study.bytes_ratio(records, {"lsh_moe": {"enabled": True}}) == pytest.approx(0.2)
+    assert study.bytes_ratio(records, {"lsh_moe": {"enabled": True, "method": "paper"}}) == pytest.approx(0.2)
     # the exact tail from step 8 on: steps 9 and 10 ran stock, whatever their (stale) record says
-    assert study.bytes_ratio(records, {"lsh_moe": {"enabled": True, "exact_from_step": 8}}) == pytest.approx(0.36)
+    assert study.bytes_ratio(records, {"lsh_moe": {"enabled": True, "method": "paper",
+                                                   "exact_from_step": 8}}) == pytest.approx(0.36)
     assert study.bytes_ratio(records, {"lsh_moe": {"enabled": False}}) == 1.0
 
 

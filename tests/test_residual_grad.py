@@ -4,6 +4,7 @@ references, and in DeepSpeed's real MoE layer on 1 and 2 gloo ranks."""
 import pytest
 import torch
 from distributed import run_distributed
+from lsh_blocks import paper_block
 from test_compressor import make_compressor
 from test_deepspeed_patch import D_MODEL, build_moe, failed
 from test_refine import clustered_batch
@@ -76,15 +77,15 @@ def test_the_token_gradient_is_the_clusters_mean_through_the_experts_jacobian():
 def test_residual_grad_is_validated_by_name():
     with pytest.raises(LSHMoEConfigError, match=r"lsh_moe.residual_grad must be one of \['pass', 'stop', "
                                                 r"'through_map'\], got 'half'"):
-        LSHMoEConfig(enabled=True, residual_grad="half")
+        LSHMoEConfig(enabled=True, method="paper", residual_grad="half")
     with pytest.raises(LSHMoEConfigError, match="with error_compensation false allowed: 'pass'"):
-        LSHMoEConfig(enabled=True, residual_grad="stop", error_compensation=False)
+        LSHMoEConfig(enabled=True, method="paper", residual_grad="stop", error_compensation=False)
     with pytest.raises(LSHMoEConfigError, match="lsh_moe.residual_grad='stop' belongs to LSH clustering"):
         LSHMoEConfig(enabled=True, method="fp8", residual_grad="stop")
     with pytest.raises(LSHMoEConfigError, match="residual_map 'identity' fits none; allowed with it: residual_map "
                                                 "'diagonal' or 'linear'"):
-        LSHMoEConfig(enabled=True, residual_grad="through_map")
-    assert LSHMoEConfig(enabled=True).residual_grad == "pass"
+        LSHMoEConfig(enabled=True, method="paper", residual_grad="through_map")
+    assert LSHMoEConfig(enabled=True, method="paper").residual_grad == "pass"
 
 
 def layer_function(**settings):
@@ -146,10 +147,11 @@ def check_stopped_residual_in_deepspeed(rank, world_size):
     stock = layer_step(moe, x)
     runs = {}
     for name, extra in (("pass", {}), ("stop", {"residual_grad": "stop"})):
-        lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "compression_rate": 0.25, **extra}}, moe)
+        lshmoe_plugin.enable({"lsh_moe": paper_block({"enabled": True, "compression_rate": 0.25, **extra})}, moe)
         runs[name] = layer_step(moe, x)
         lshmoe_plugin.disable()
-    lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "compression_rate": 1.0, "residual_grad": "stop"}}, moe)
+    lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "method": "paper", "compression_rate": 1.0,
+                                      "residual_grad": "stop"}}, moe)
     exact = layer_step(moe, x)
     lshmoe_plugin.disable()
     (out_p, gx_p, gp_p), (out_s, gx_s, gp_s) = runs["pass"], runs["stop"]

@@ -80,6 +80,6 @@ def test_gradients_are_those_of_a_fixed_map(kind, dtype):
 def test_residual_map_is_validated_by_name():
     with pytest.raises(LSHMoEConfigError, match=r"lsh_moe.residual_map must be one of \['identity', 'diagonal', "
                                                 r"'linear'\], got 'quadratic'"):
-        LSHMoEConfig(enabled=True, residual_map="quadratic")
+        LSHMoEConfig(enabled=True, method="paper", residual_map="quadratic")
     with pytest.raises(LSHMoEConfigError, match="with error_compensation false allowed: 'identity'"):
-        LSHMoEConfig(enabled=True, residual_map="linear", error_compensation=False)
+        LSHMoEConfig(enabled=True, method="paper", residual_map="linear", error_compensation=False)

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from distributed import run_distributed
+from lsh_blocks import paper_block
 from test_deepspeed_patch import D_MODEL, build_moe, fwd_bwd, same
 
 import lshmoe_plugin
@@ -17,7 +18,8 @@ from lshmoe_plugin.telemetry import Telemetry
 
 def test_projections_are_redrawn_in_place_at_each_interval():
     set_training_step(0)
-    comp = LSHCompressor(LSHMoEConfig(enabled=True, redraw_interval=3), layer_index=2, telemetry=Telemetry())
+    comp = LSHCompressor(LSHMoEConfig(enabled=True, method="paper", redraw_interval=3), layer_index=2,
+                         telemetry=Telemetry())
     first = comp.projections(32, torch.device("cpu"))
     kept = first.clone()
     set_training_step(2)
@@ -35,7 +37,7 @@ def test_projections_are_redrawn_in_place_at_each_interval():
 
 def test_without_redraw_the_projections_are_the_runs_one_draw():
     set_training_step(7)
-    comp = LSHCompressor(LSHMoEConfig(enabled=True), layer_index=1, telemetry=Telemetry())
+    comp = LSHCompressor(LSHMoEConfig(enabled=True, method="paper"), layer_index=1, telemetry=Telemetry())
     assert torch.equal(comp.projections(16, torch.device("cpu")), hash_projections(comp.config, 16, 1))
     set_training_step(0)
 
@@ -63,7 +65,7 @@ def test_the_rotation_moves_with_steps_and_micro_batches_only():
 
 def test_a_new_enable_starts_the_clock_from_zero():
     """The clock is process-global: a second run in the same process must not start from the first one's step."""
-    config = LSHMoEConfig(enabled=True, exact_from_step=2)
+    config = LSHMoEConfig(enabled=True, method="paper", exact_from_step=2)
     try:
         lshmoe_plugin.enable(config)
         set_training_step(5, 1)
@@ -86,7 +88,7 @@ def test_a_new_enable_starts_the_clock_from_zero():
 ])
 def test_schedule_keys_are_validated_by_name(block, message):
     with pytest.raises(LSHMoEConfigError, match=message):
-        LSHMoEConfig.from_dict({"enabled": True, **block})
+        LSHMoEConfig.from_dict(paper_block({"enabled": True, **block}))
 
 
 def layer_and_stock(seed, tokens, world_size):
@@ -100,14 +102,16 @@ def layer_and_stock(seed, tokens, world_size):
 def check_schedules_on_the_layer(rank, world_size):
     x, moe, stock = layer_and_stock(50 + rank, 32, world_size)
     report = {}
-    lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "compression_rate": 0.25, "exact_from_step": 4}}, moe)
+    lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "method": "paper", "compression_rate": 0.25,
+                                      "exact_from_step": 4}}, moe)
     set_training_step(3)
     report["compressed_before_the_step"] = not torch.equal(fwd_bwd(moe, x)[0], stock[0])
     set_training_step(4)
     report["stock_from_the_step"] = same(fwd_bwd(moe, x), stock)
     report["no_stale_stats_once_stock"] = 0 not in lshmoe_plugin.TELEMETRY.latest
     set_training_step(0)
-    lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "compression_rate": 0.25, "redraw_interval": 1}}, moe)
+    lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "method": "paper", "compression_rate": 0.25,
+                                      "redraw_interval": 1}}, moe)
     first = fwd_bwd(moe, x)
     report["same_draw_same_result"] = same(first, fwd_bwd(moe, x))
     set_training_step(1)
@@ -144,7 +148,7 @@ def check_engine_sets_the_clock(rank, world_size):
         lshmoe_plugin.enable(config, net)
         return deepspeed.initialize(model=net, model_parameters=net.parameters(), config=config)[0], net
 
-    engine, net = engine_for({"enabled": True, "compression_rate": 0.25})
+    engine, net = engine_for({"enabled": True, "method": "paper", "compression_rate": 0.25})
     after_step = []
     for _ in range(4):  # two optimizer steps of two micro-batches each
         engine.backward(engine(torch.randn(2, 16, D_MODEL)))
@@ -154,7 +158,7 @@ def check_engine_sets_the_clock(rank, world_size):
     # A second engine in the same process (the patch stays applied) starts at its own step 0, not at the first
     # engine's 2, where exact_from_step=2 would already run stock; one resumed at step 5 (global_steps is what
     # load_checkpoint restores) runs stock from its first forward.
-    second, net = engine_for({"enabled": True, "compression_rate": 0.25, "exact_from_step": 2})
+    second, net = engine_for({"enabled": True, "method": "paper", "compression_rate": 0.25, "exact_from_step": 2})
     for resumed_at in (None, 5):
         if resumed_at is not None:
             second.global_steps = resumed_at
@@ -177,11 +181,13 @@ def test_the_deepspeed_engine_sets_the_training_clock_to_its_optimizer_step_and_
 def check_exact_tokens(rank, world_size):
     x, moe, stock = layer_and_stock(70 + rank, 40, world_size)
     report = {}
-    lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "compression_rate": 0.25, "exact_token_stride": 1}}, moe)
+    lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "method": "paper", "compression_rate": 0.25,
+                                      "exact_token_stride": 1}}, moe)
     report["stride_1_is_stock"] = same(fwd_bwd(moe, x), stock)
-    lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "compression_rate": 0.25, "exact_token_stride": 4,
+    lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "method": "paper", "compression_rate": 0.25,
+                                      "exact_token_stride": 4,
                                       "telemetry_interval": 1}}, moe)
-    plain = {"lsh_moe": {"enabled": True, "compression_rate": 0.25}}
+    plain = {"lsh_moe": {"enabled": True, "method": "paper", "compression_rate": 0.25}}
     strided = fwd_bwd(moe, x)
     stats = lshmoe_plugin.TELEMETRY.latest[0]
     capacity = stats.bytes_uncompressed // (4 * D_MODEL * 4)  # 4 experts of fp32 rows
@@ -216,10 +222,11 @@ def checkpointed_fwd_bwd(moe, x, reentrant):
 def check_exact_tokens_under_recomputation(rank, world_size):
     x, moe, stock = layer_and_stock(90 + rank, 40, world_size)
     report = {}
-    lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "compression_rate": 0.25}}, moe)
+    lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "method": "paper", "compression_rate": 0.25}}, moe)
     set_training_step(3)
     without_stride = fwd_bwd(moe, x)
-    lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "compression_rate": 0.25, "exact_token_stride": 2}}, moe)
+    lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "method": "paper", "compression_rate": 0.25,
+                                      "exact_token_stride": 2}}, moe)
     plain = fwd_bwd(moe, x)
     for reentrant in (True, False):
         # the recomputation must send the slots the forward sent: the same outputs and gradients, bit for bit
@@ -244,7 +251,8 @@ def check_evaluation_between_steps(rank, world_size):
     x, moe, _ = layer_and_stock(110 + rank, 40, world_size)
     x_eval = torch.randn(2, 24, D_MODEL)  # another size: its stats would differ from training's
     stock_eval = eval_output(moe, x_eval)
-    block = {"enabled": True, "compression_rate": 0.25, "exact_token_stride": 3, "telemetry_interval": 1,
+    block = {"enabled": True, "method": "paper", "compression_rate": 0.25, "exact_token_stride": 3,
+             "telemetry_interval": 1,
              "output_error_interval": 1}
     runs = {}
     for evaluate in (False, True):

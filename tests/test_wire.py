@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from lsh_blocks import paper_block
 
 from lshmoe_plugin import wire
 from lshmoe_plugin.config import LSHMoEConfig
@@ -262,13 +263,13 @@ def test_bytes_per_crossing_is_the_mean_of_the_four_crossings():
                "combine_grad_dtype": "fp4_e2m1", "fp4_block_size": 16},
               (2 * fp8 + 2 * rows * (d // 2 + 16)) / 4)]
     for keys, expected in cases:
-        assert wire.bytes_per_crossing(LSHMoEConfig(**keys), rows, d, torch.bfloat16) == expected, keys
+        assert wire.bytes_per_crossing(LSHMoEConfig(**paper_block(keys)), rows, d, torch.bfloat16) == expected, keys
 
 
 def test_model_format_is_the_identity_and_needs_no_crossing_of_its_own():
     config = LSHMoEConfig(dispatch_dtype="fp8_e4m3")
     assert not wire.changes_crossing(config, "combine") and wire.changes_crossing(config, "dispatch")
-    assert wire.changes_crossing(LSHMoEConfig(combine_grad_dtype="fp8_e4m3"), "combine")
+    assert wire.changes_crossing(LSHMoEConfig(method="paper", combine_grad_dtype="fp8_e4m3"), "combine")
     assert wire.formats(LSHMoEConfig(fp8_block_size="row", combine_dtype="fp8_e4m3"), "combine")[1].block is None
     x = torch.randn(3, 4, 8)
     assert wire.send(wire.MODEL, x, lambda b: b).data_ptr() == x.data_ptr()  # nothing copied

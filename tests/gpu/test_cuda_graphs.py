@@ -6,6 +6,7 @@ real MoE layer and engine.
 """
 import pytest
 import torch
+from lsh_blocks import paper_block
 
 from lshmoe_plugin.compressor import LSHCompressor
 from lshmoe_plugin.config import LSHMoEConfig
@@ -18,7 +19,7 @@ E, C, D = 8, 512, 256
 
 
 def compressors(**settings):
-    base = dict(enabled=True, compression_rate=0.2, telemetry_interval=1, **settings)
+    base = paper_block(dict(enabled=True, compression_rate=0.2, telemetry_interval=1, **settings))
     # Own telemetry each: the graphed compressor's stats must come from its own buffers.
     graphed = LSHCompressor(LSHMoEConfig(cuda_graphs=True, **base), layer_index=3, telemetry=Telemetry())
     eager = LSHCompressor(LSHMoEConfig(cuda_graphs=False, **base), layer_index=3, telemetry=Telemetry())
@@ -176,7 +177,7 @@ def _train_both_ways(rank, world_size):
     for graphs in (True, False):
         config = {"train_micro_batch_size_per_gpu": 4, "bf16": {"enabled": True},
                   "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
-                  "lsh_moe": {"enabled": True, "cuda_graphs": graphs, "telemetry_interval": 2}}
+                  "lsh_moe": {"enabled": True, "method": "paper", "cuda_graphs": graphs, "telemetry_interval": 2}}
         torch.manual_seed(0)
         model = build_gpt_moe("tiny", ep_size=world_size, num_experts=4 * world_size)
         lshmoe_plugin.enable(config, model)
@@ -209,8 +210,10 @@ def test_deepspeed_training_with_graphs_matches_eager_training():
 
 def test_auto_replays_small_layers_and_runs_large_ones_eagerly():
     from lshmoe_plugin.compressor import AUTO_MAX_TOKEN_BYTES
-    auto = LSHCompressor(LSHMoEConfig(enabled=True, cuda_graphs="auto"), layer_index=0, telemetry=Telemetry())
-    forced = LSHCompressor(LSHMoEConfig(enabled=True, cuda_graphs=True), layer_index=0, telemetry=Telemetry())
+    auto = LSHCompressor(LSHMoEConfig(enabled=True, method="paper", cuda_graphs="auto"), layer_index=0,
+                         telemetry=Telemetry())
+    forced = LSHCompressor(LSHMoEConfig(enabled=True, method="paper", cuda_graphs=True), layer_index=0,
+                           telemetry=Telemetry())
     small = torch.randn(E, C, D, device="cuda", dtype=torch.bfloat16)
     large = torch.randn(8, 5120, 4096, device="cuda", dtype=torch.bfloat16)  # 336 MB of token rows
     assert small.numel() * 2 <= AUTO_MAX_TOKEN_BYTES < large.numel() * 2

@@ -70,7 +70,7 @@ def reference_digits_and_margins(tokens, projections, valid, config):
 
 def test_fused_codes_differ_from_the_exact_ones_only_at_ties_within_the_reordering_bound():
     from lshmoe_plugin.kernels import triton_ops
-    config = LSHMoEConfig(enabled=True)  # the paper's defaults: cross-polytope, 6 hashes of hash_dim 8
+    config = LSHMoEConfig(enabled=True, method="paper")  # the paper's defaults: cross-polytope, 6 hashes of hash_dim 8
     gen = torch.Generator().manual_seed(7)
     # Every expert's tokens share a component of their own (what the gate picked them for: what centring removes),
     # then fall near one of 64 shared centres.
@@ -97,7 +97,8 @@ def test_fused_codes_differ_from_the_exact_ones_only_at_ties_within_the_reorderi
 
 # -- two identical training runs through DeepSpeed's engine -----------------------------------------------------------
 STEPS = 3
-PAPER_DEFAULTS = {"enabled": True, "compression_rate": 0.2, "num_hashes": 6, "hash_type": "cross_polytope",
+PAPER_DEFAULTS = {"enabled": True, "method": "paper", "compression_rate": 0.2, "num_hashes": 6,
+                  "hash_type": "cross_polytope",
                   "error_compensation": True, "seed": 1234}
 
 

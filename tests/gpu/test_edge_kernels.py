@@ -23,6 +23,6 @@ def test_compressor_fp16_edges_through_the_fused_kernels():
 
 
 def test_empty_dispatch_through_the_fused_kernels():
-    compressor = _fused(LSHCompressor(LSHMoEConfig(enabled=True, compression_rate=0.2), 0))
+    compressor = _fused(LSHCompressor(LSHMoEConfig(enabled=True, method="paper", compression_rate=0.2), 0))
     results = edges.empty_dispatch_checks(compressor, DEVICE)
     assert all(results.values()), results

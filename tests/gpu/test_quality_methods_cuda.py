@@ -2,6 +2,7 @@
 kernels, eagerly and replayed from CUDA graphs, against the PyTorch reference on the same tokens."""
 import pytest
 import torch
+from lsh_blocks import paper_block
 from test_cuda_graphs import D, batch, run_step
 
 from lshmoe_plugin.compressor import LSHCompressor
@@ -15,7 +16,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def compressor(**settings):
-    config = LSHMoEConfig(enabled=True, compression_rate=0.2, telemetry_interval=1, **settings)
+    config = LSHMoEConfig(**paper_block(dict(enabled=True, compression_rate=0.2, telemetry_interval=1, **settings)))
     return LSHCompressor(config, layer_index=3, telemetry=Telemetry())
 
 

@@ -124,7 +124,8 @@ def test_compressor_fixed_round_trip_matches_reference(dtype):
     gen = torch.Generator().manual_seed(7)
     dispatched = torch.randn(experts, capacity, d, generator=gen).to(DEVICE, dtype).requires_grad_()
     valid = (torch.rand(experts, capacity, generator=gen) < 0.8).to(DEVICE)
-    config = LSHMoEConfig(enabled=True, compression_rate=0.2, kernel="triton" if DEVICE == "cuda" else "torch")
+    config = LSHMoEConfig(enabled=True, method="paper", compression_rate=0.2,
+                          kernel="triton" if DEVICE == "cuda" else "torch")
     compressor = LSHCompressor(config, layer_index=0)
     if DEVICE != "cuda":
         compressor._ops = triton_ops.OPS
