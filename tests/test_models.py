@@ -55,7 +55,8 @@ def _train_few_steps(rank, world_size, kind, lsh_enabled, prefix, tokenizer_path
         samples = T5Samples(stream, 64, special["sentinels"], special["eos"])
     ds_config = {"train_micro_batch_size_per_gpu": 4, "steps_per_print": 10 ** 6,
                  "optimizer": {"type": "AdamW", "params": {"lr": 2e-3, "torch_adam": True}},
-                 "lsh_moe": {"enabled": lsh_enabled, "compression_rate": 0.2, "num_hashes": 6}}
+                 "lsh_moe": {"enabled": lsh_enabled, "method": "paper", "compression_rate": 0.2,
+                             "num_hashes": 6}}
     lshmoe_plugin.enable(ds_config, model)
     assert deepspeed_moe.is_applied() == lsh_enabled
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
