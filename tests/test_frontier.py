@@ -141,25 +141,17 @@ def test_of_several_passing_the_fewest_bytes_is_chosen(tmp_path):
         choice.text
 
 
-def test_a_study_layer_is_no_candidate(tmp_path):
-    """A diagnostic layer's runs lie beside the candidates' (the study trains them the same way): found only when
-    named, and never chosen even where its numbers pass every criterion."""
+@pytest.mark.parametrize("study_only", ["diag_residual_grad", "lsh_lr1.5x"])
+def test_a_study_only_variant_is_no_candidate(tmp_path, study_only):
+    """A diagnostic layer (stock plus compensation's backward path) or a learning-rate control (the paper's block at
+    1.5x the study's rate) lies beside the candidates' runs, trained the same way, but no lsh_moe block trains what
+    it does: found only when named, and never chosen even where its numbers pass every criterion with fewer
+    bytes."""
     root = str(tmp_path)
-    write_study(root, {"diag_residual_grad": (0.0, [1, 2, 3], 0.2, FLAT), "fp8_both": (0.1, [1, 2, 3], 0.45, FLAT)})
+    write_study(root, {study_only: (0.0, [1, 2, 3], 0.2, FLAT), "fp8_both": (0.1, [1, 2, 3], 0.45, FLAT)})
     assert [c.name for c in frontiers.collect(root, BED).candidates] == ["fp8_both"]
-    named = frontiers.collect(root, BED, ["diag_residual_grad", "fp8_both"])
-    assert {c.name: c.passes for c in named.candidates} == {"diag_residual_grad": True, "fp8_both": True}
-    assert frontiers.choose(named, frontiers.speedups_for(named, "unused.md")).chosen.name == "fp8_both"
-
-
-def test_a_learning_rate_control_is_no_candidate(tmp_path):
-    """`lsh_lr1.5x` is the paper's lsh_moe block trained at 1.5x the study's learning rate: a control of the
-    study, not a configuration. Left out unless named, and never chosen even where it passes with fewer bytes."""
-    root = str(tmp_path)
-    write_study(root, {"lsh_lr1.5x": (0.0, [1, 2, 3], 0.2, FLAT), "fp8_both": (0.1, [1, 2, 3], 0.45, FLAT)})
-    assert [c.name for c in frontiers.collect(root, BED).candidates] == ["fp8_both"]
-    named = frontiers.collect(root, BED, ["lsh_lr1.5x", "fp8_both"])
-    assert {c.name: c.passes for c in named.candidates} == {"lsh_lr1.5x": True, "fp8_both": True}
+    named = frontiers.collect(root, BED, [study_only, "fp8_both"])
+    assert {c.name: c.passes for c in named.candidates} == {study_only: True, "fp8_both": True}
     assert frontiers.choose(named, frontiers.speedups_for(named, "unused.md")).chosen.name == "fp8_both"
 
 
