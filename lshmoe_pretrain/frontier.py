@@ -94,6 +94,7 @@ class Frontier:
     rows: List[length_study.LengthRow]   # every schedule length with finished stock runs, shortest first
     candidates: List[Candidate]
     unfinished: List[str] = dataclasses.field(default_factory=list)  # asked for, no finished run at the long one
+    root: Optional[str] = None           # where the records were read: the other shapes' verdicts are read there too
 
     @property
     def long(self) -> length_study.LengthRow:
@@ -128,7 +129,7 @@ def collect(root: str, bed: Testbed, variants: Optional[Sequence[str]] = None) -
     rows = length_study.collect(root, bed, variants)
     if rows[-1].length != 1.0:
         raise study.StudyError(f"no finished stock runs at the long schedule ({long_root}/stock/seed*)")
-    frontier = Frontier(bed, rows, [], [v for v in variants if v not in rows[-1].variants])
+    frontier = Frontier(bed, rows, [], [v for v in variants if v not in rows[-1].variants], root)
     for name in (v for v in variants if v in rows[-1].variants):
         gaps = rows[-1].gap(name)
         if gaps is None:
@@ -329,12 +330,10 @@ def choose(frontier: Frontier, speedups: Dict[str, Speedup]) -> Choice:
     """The rule applied: of the candidates that pass every criterion, the one that sends the fewest bytes (then the
     smallest gap); if none passes, the one with the shortest modelled time to stock's final loss; else none, and
     why. `speedups` by candidate name: only the fallback reads them."""
-    # A diagnostic layer or learning-rate control named on purpose keeps its row, but is never a default: no
-    # lsh_moe block trains what it does.
-    passing = [c for c in frontier.candidates if c.passes and not study.is_study_only(c.name)]
-    shapes = _scope(frontier.bed)
+    passing = _passing(frontier)
     if passing:
-        best = min(passing, key=lambda c: (c.result.bytes_ratio, abs(c.gap)))
+        best = passing[0]
+        shapes = _scope(frontier, best.name)
         lengths = best.verdicts[CRITERIA[4]].detail
         return Choice(best, "rule", (
             f"The rule chooses `{best.name}` ({best.configuration()}): it ends "
@@ -342,6 +341,7 @@ def choose(frontier: Frontier, speedups: Dict[str, Speedup]) -> Choice:
             f"±{frontier.long.stock_spread():.2f}%), its gap does not grow ({lengths}), and it sends "
             f"{best.result.bytes_ratio:.3f} of stock's all-to-all bytes; of the {len(passing)} candidate"
             f"{'s' if len(passing) > 1 else ''} that pass, it sends the fewest." + shapes))
+    shapes = _scope(frontier, None)
     failing = "; ".join(f"`{c.name}` ({c.configuration()}) " + ", ".join(
         v.reason for v in c.verdicts.values() if v.state != YES) for c in frontier.candidates)
     text = f"No candidate passes the rule on `{frontier.bed.name}` yet: {failing}."
@@ -377,15 +377,52 @@ def choose(frontier: Frontier, speedups: Dict[str, Speedup]) -> Choice:
         f"{time:.3f}x stock's time{slower}.") + rest + shapes)
 
 
-def _scope(bed: Testbed) -> str:
-    """What the verdict on one testbed is worth: a GPU shape is one of the shapes the rule asks about; a CPU proxy
-    only orders what the testbed it stands in for screens, and never sets the default."""
+def _passing(frontier: Frontier) -> List[Candidate]:
+    """The candidates that pass every criterion, the one the rule chooses first (fewest bytes, then smallest gap).
+    A diagnostic layer or learning-rate control named on purpose keeps its row, but is never a default: no lsh_moe
+    block trains what it does."""
+    passing = [c for c in frontier.candidates if c.passes and not study.is_study_only(c.name)]
+    return sorted(passing, key=lambda c: (c.result.bytes_ratio, abs(c.gap)))
+
+
+def _scope(frontier: Frontier, chosen: Optional[str]) -> str:
+    """What the verdict on one testbed is worth: a GPU shape is one of the shapes the rule asks about, so the
+    sentence says what the rule chose on each other GPU shape with records under the same root (and whether
+    `chosen` passes there), and which shapes are still to measure; a CPU proxy only orders what the testbed it
+    stands in for screens, and never sets the default."""
+    bed = frontier.bed
     if bed.proxy_of:
         return (f" `{bed.name}` is a CPU proxy of `{bed.proxy_of}`: this verdict orders what `{bed.proxy_of}` "
                 f"screens first and sets no default.")
-    others = [b.name for b in TESTBEDS.values() if b.name != bed.name and not b.proxy_of]
-    return (f" The rule asks this of every shape: `{bed.name}` is one; {', '.join(f'`{n}`' for n in others)}"
-            f" {'are' if len(others) > 1 else 'is'} still to measure.") if others else ""
+    others = [b for b in TESTBEDS.values() if b.name != bed.name and not b.proxy_of]
+    if not others:
+        return ""
+    measured, unmeasured = [], []
+    for other in others:
+        try:
+            found = collect(frontier.root, other) if frontier.root else None
+        except study.StudyError:   # no finished stock or candidate at that shape's long schedule
+            found = None
+        if found is None:
+            unmeasured.append(f"`{other.name}`")
+            continue
+        passing = [c.name for c in _passing(found)]
+        if chosen is not None and chosen in passing:
+            verdict = (f"chooses `{chosen}` too" if passing[0] == chosen else
+                       f"passes `{chosen}` too, and chooses `{passing[0]}`")
+        elif passing:
+            trained = chosen in {c.name for c in found.candidates}
+            verdict = f"chooses `{passing[0]}`" + (
+                f" (`{chosen}` {'does not pass' if trained else 'has not trained'} there)" if chosen else "")
+        else:
+            verdict = "passes no candidate"
+        measured.append(f"`{other.name}` {verdict}")
+    text = f" The rule asks this of every shape: on the same records, {'; '.join(measured)}" if measured else \
+        " The rule asks this of every shape"
+    if unmeasured:
+        text += (f"{'; ' if measured else ': '}{', '.join(unmeasured)} "
+                 f"{'are' if len(unmeasured) > 1 else 'is'} still to measure")
+    return text + "."
 
 
 # -- the section ----------------------------------------------------------------------------------------------------

@@ -542,6 +542,18 @@ def cards_note(results: Sequence[VariantResult], baseline: str = "stock", contro
         gaps = ", ".join(f"{100 * (ctrl.final(s) / base.final(s) - 1):+.2f}% ({seed_list([s])})" for s in ctrl_seeds)
         text += (f". The control {control}, {baseline}'s arithmetic on the wire, ends across cards at {gaps} from "
                  f"{baseline}'s run of the same seed: the size of the card's own difference")
+        # Where the control trained a crossing seed on the candidate's own card, it stands in for the baseline on
+        # that card: the same pair with no card difference in it.
+        same_card = []
+        for name, seeds in crossing:
+            r = next(r for r in results if r.name == name)
+            pairs = [s for s in seeds if r is not ctrl and s in ctrl.seeds and ctrl.devices.get(s) == r.devices.get(s)]
+            if pairs:
+                same_card.append(f"{name} " + ", ".join(
+                    f"{100 * (r.final(s) / ctrl.final(s) - 1):+.2f}% ({seed_list([s])})" for s in pairs))
+        if same_card:
+            text += (f". Against {control} of the same seed on the same card, in {baseline}'s place: "
+                     + "; ".join(same_card))
     return text + "."
 
 

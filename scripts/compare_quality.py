@@ -56,8 +56,9 @@ TITLES = {
     "testbed_gpt_25m_pinned_x1": "Testbed `gpt-25m-long` (H200 and H100, the pinned corpus), the long schedule: "
                                  "stock (3 seeds), the paper's configuration, the control rate 1.0 and the "
                                  "per-token wire formats",
-    "testbed_t5_26m_pinned_x1": "Testbed `t5-26m-long` (the pinned corpus), the long schedule: stock (3 seeds), "
-                                "FP4 both ways, the paper's configuration and the control rate 1.0",
+    "testbed_t5_26m_pinned_x1": "Testbed `t5-26m-long` (H100, the pinned corpus), the long schedule: stock (3 "
+                                "seeds), the per-token wire formats (3 seeds), the paper's configuration and the "
+                                "control rate 1.0",
     "proxy_gpt_mini_x1": "CPU proxy `gpt-mini-long-cpu` (not the testbed), the long schedule: stock, the paper's "
                          "configuration, the candidates and the controls",
     "proxy_t5_mini_x1": "CPU proxy `t5-mini-long-cpu` (of `t5-26m-long`, not the testbed), the long schedule: "

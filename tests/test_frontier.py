@@ -118,6 +118,28 @@ def test_the_rule_chooses_the_passing_candidate_without_any_step_time(one_failur
     assert "provisional" not in choice.text
 
 
+def test_the_choice_says_what_the_rule_chose_on_the_other_shapes_of_the_same_records(tmp_path):
+    root, wider = str(tmp_path), beds.TESTBEDS["gpt-72m-long"]
+    write_study(root, {"fp8_fwd_fp4_grad": (0.1, [1, 2, 3], 0.39, FLAT)})
+    write_study(root, {"fp8_fwd_fp4_grad": (0.1, [1, 2, 3], 0.39, FLAT)}, bed=wider)
+    found = frontiers.collect(root, BED)
+    assert frontiers.choose(found, {}).text.endswith(
+        "The rule asks this of every shape: on the same records, `gpt-72m-long` chooses `fp8_fwd_fp4_grad` too; "
+        "`t5-26m-long` is still to measure.")
+    # a cheaper candidate, on the wider shape only: chosen there, and the sentence says the narrow shape's choice
+    # passes there too; read from the wider shape, the narrow one chose another (it has no run of the cheaper one)
+    root = str(tmp_path / "second")
+    write_study(root, {"fp8_fwd_fp4_grad": (0.1, [1, 2, 3], 0.39, FLAT)})
+    write_study(root, {"fp8_fwd_fp4_grad": (0.1, [1, 2, 3], 0.39, FLAT), "fp4_both": (0.0, [1, 2, 3], 0.27, FLAT)},
+                bed=wider)
+    assert frontiers.choose(frontiers.collect(root, BED), {}).text.endswith(
+        "on the same records, `gpt-72m-long` passes `fp8_fwd_fp4_grad` too, and chooses `fp4_both`; `t5-26m-long` "
+        "is still to measure.")
+    assert frontiers.choose(frontiers.collect(root, wider), {}).text.endswith(
+        "on the same records, `gpt-25m-long` chooses `fp8_fwd_fp4_grad` (`fp4_both` has not trained there); "
+        "`t5-26m-long` is still to measure.")
+
+
 def test_a_cpu_proxy_orders_the_screen_and_sets_no_default(tmp_path):
     proxy = beds.TESTBEDS["gpt-mini-long-cpu"]
     root = str(tmp_path)

@@ -202,7 +202,8 @@ def test_gap_of_the_means_uses_the_seeds_both_ran(tmp_path):
 
 def test_pairs_across_cards_are_named_with_the_controls_difference(tmp_path):
     """Seeds of a variant that trained on another card than stock's run of the same seed are named in the gap
-    cell and in the cards note, with what the rate 1.0 control measured across cards; one card: no note."""
+    cell and in the cards note, with what the rate 1.0 control measured across cards and each crossing pair's gap
+    against that control on its own card; one card: no note."""
     root = str(tmp_path)
     for seed, loss in ((1, 4.0), (2, 4.1)):
         write_run(root, "stock", seed, [6.0, loss], train_steps=20, device="H200")
@@ -218,6 +219,9 @@ def test_pairs_across_cards_are_named_with_the_controls_difference(tmp_path):
     assert "stock seeds 1, 2 on H200; fp4_both seed 1 on H200, seed 2 on H100; rate_1.0 seed 2 on H100" in note
     assert "carries that difference too: fp4_both seed 2; rate_1.0 seed 2." in note
     assert "ends across cards at +1.00% (seed 2) from stock's run of the same seed" in note
+    # the control on the candidate's own card stands in for stock there: the pair with no card difference in it
+    assert note.endswith("Against rate_1.0 of the same seed on the same card, in stock's place: fp4_both -0.99% "
+                         "(seed 2).")
     assert study.cards_note(study.aggregate(root, "gpt", ["stock"])) == ""
 
 
