@@ -56,6 +56,8 @@ TITLES = {
     "testbed_gpt_25m_pinned_x1": "Testbed `gpt-25m-long` (H200 and H100, the pinned corpus), the long schedule: "
                                  "stock (3 seeds), the paper's configuration, the control rate 1.0 and the "
                                  "per-token wire formats",
+    "testbed_gpt_72m_pinned_x1": "Testbed `gpt-72m-long` (the pinned corpus), the long schedule: stock (3 seeds) "
+                                 "and FP4 both ways (3 seeds)",
     "testbed_t5_26m_pinned_x1": "Testbed `t5-26m-long` (H100, the pinned corpus), the long schedule: stock (3 "
                                 "seeds), the per-token wire formats (3 seeds), the paper's configuration and the "
                                 "control rate 1.0",
