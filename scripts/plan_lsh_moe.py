@@ -213,6 +213,10 @@ def report(args, shape: planning.LayerShape, ep1, predictions, step: planning.St
     return "\n".join(lines + ["", table, "", "\n".join(summary)])
 
 
+def _per(block) -> str:
+    return "row" if block == "row" else f"{block} elements"
+
+
 def modelled_bytes_line(shape: planning.LayerShape, dtype: str) -> str:
     """What one rank sends per crossing, stock and under the method, and in which wire format each crossing goes."""
     mib = 2 ** 20
@@ -222,10 +226,16 @@ def modelled_bytes_line(shape: planning.LayerShape, dtype: str) -> str:
     if set(formats) == {"model"}:
         wire_text = f"in {dtype}"
     else:
-        block = "row" if shape.fp8_block_size == "row" else f"{shape.fp8_block_size} elements"
+        config = shape.config()
         named = [dtype if f == "model" else f for f in formats]
+        # Only the scale layouts of the formats this method sends (an FP4 plan names no FP8 block).
+        scales = []
+        if "fp8_e4m3" in formats:
+            scales.append(f"fp8_e4m3 with one {config.fp8_scale} scale per {_per(config.fp8_block_size)}")
+        if "fp4_e2m1" in formats:
+            scales.append(f"fp4_e2m1 with one {config.fp4_scale} scale per {_per(config.fp4_block_size)}")
         wire_text = (f"dispatch {named[0]} forward / {named[1]} backward, combine {named[2]} / {named[3]}; "
-                     f"fp8_e4m3 with one float32 scale per {block}")
+                     + ", ".join(scales))
     crossings = shape.crossing_bytes("lsh")
     per_crossing = ("" if len(set(crossings)) == 1 else
                     "; per crossing " + ", ".join(f"{b / mib:.2f}" for b in crossings) + " MiB")

@@ -321,6 +321,22 @@ def test_plan_command_with_fp8_prices_its_bytes_and_shows_no_papers_record():
     assert fp8_a2a / stock_a2a == pytest.approx(132 / 512, rel=0.01)
 
 
+def test_the_bytes_line_names_the_scales_of_the_formats_the_method_sends():
+    """FP4 both ways names its e8m0 scale per 32 elements and no FP8 block; FP8 names its float32 scale per 128
+    elements and no FP4 one; the paper's, in the model's dtype, names none."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("plan_lsh_moe", os.path.join(ROOT, "scripts", "plan_lsh_moe.py"))
+    plan = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plan)
+    base = dict(d_model=64, tokens_per_rank=512, experts=8, top_k=2, ep=4, element_size=4)
+    fp4 = plan.modelled_bytes_line(planning.LayerShape(**base, method="fp4"), "fp32")
+    assert "combine fp4_e2m1 / fp4_e2m1; fp4_e2m1 with one e8m0 scale per 32 elements):" in fp4 and "fp8" not in fp4
+    fp8 = plan.modelled_bytes_line(planning.LayerShape(**base, method="fp8"), "fp32")
+    assert "combine fp8_e4m3 / fp8_e4m3; fp8_e4m3 with one float32 scale per 128 elements):" in fp8
+    assert "fp4" not in fp8
+    assert "scale per" not in plan.modelled_bytes_line(planning.LayerShape(**base), "fp32")
+
+
 def test_plan_command_refuses_method_flags_by_name():
     base = ["--d-model", "64", "--tokens-per-rank", "512", "--experts", "8", "--ep", "4", "--cpu-timings"]
     for args, message in ((["--method", "fp8", "--rate", "0.5"], "--rate 0.5 sets lsh_moe.compression_rate, which "
