@@ -32,7 +32,8 @@ class SectionModel:
         return self.preset, self.d_model, self.blocks, self.experts
 
     def words(self) -> str:
-        return f"preset `{self.preset}`: d_model {self.d_model}, {self.blocks} blocks, {self.experts} experts"
+        experts = "1 expert" if self.experts == 1 else f"{self.experts} experts"
+        return f"preset `{self.preset}`: d_model {self.d_model}, {self.blocks} blocks, {experts}"
 
 
 def gpus_per_node(text: Optional[str]) -> Optional[int]:
