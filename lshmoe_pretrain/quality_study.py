@@ -557,6 +557,37 @@ def cards_note(results: Sequence[VariantResult], baseline: str = "stock", contro
     return text + "."
 
 
+# Study layers that change the model itself rather than the exchange: evaluated through stock's layer (the report's
+# 'valid loss', exact dispatch in eval) their weights run without the part they trained with, so the model as
+# trained is the 'compressed eval' column (the study layer on in evaluation too).
+MODEL_CHANGING_MODES = ("skip",)
+
+
+def as_trained_note(results: Sequence[VariantResult], baseline: str = "stock") -> str:
+    """'' unless a variant is a study layer that changes the model (``diag_skip``); else, for each, its gap as
+    trained (its 'compressed eval' final loss against the baseline's run of the same seed), which is the figure to
+    read, since its 'valid loss' and gap columns evaluate its weights without its own layer."""
+    base = next((r for r in results if r.name == baseline), None)
+    changed = [r for r in results if any(mode in DIAGNOSTICS.get(r.name, "").split(",")
+                                         for mode in MODEL_CHANGING_MODES)]
+    if base is None or not changed:
+        return ""
+    parts = []
+    for r in changed:
+        seeds = [s for s in r.seeds if s in base.seeds and r.valid_compressed.get(s)]
+        if not seeds:
+            continue
+        gaps = [100 * (r.valid_compressed[s][-1] / base.final(s) - 1) for s in seeds]
+        spread = f" ± {statistics.stdev(gaps):.2f}%" if len(gaps) > 1 else ""
+        parts.append(f"{r.name} {statistics.fmean(gaps):+.2f}%{spread} ({seed_list(seeds)})")
+    if not parts:
+        return ""
+    return ("- as trained: a study layer that changes the model (x + E(x) around every expert) is read in its "
+            "'compressed eval' column, the layer on in evaluation as in training; its 'valid loss' and gap columns "
+            "evaluate its weights through stock's layer, without the skip it trained with. Gap as trained against "
+            f"{baseline}'s run of the same seed: " + "; ".join(parts) + ".")
+
+
 def check_one_corpus(digests: Dict[str, Optional[str]]) -> None:
     """Refuse to compare runs trained on two corpora: `digests` maps a run's name to its run.json data_sha256 (None
     for runs from before 2026-12-05, which did not record it: their corpus is unknown, so they compare only with

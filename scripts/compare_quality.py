@@ -279,7 +279,8 @@ def report(args: argparse.Namespace) -> None:
         "run with the stock run of the same seed (same initial weights, data order and gate draws).",
         "- step ms: median training step time of these runs. Several runs shared the device at once, and at EP=1 "
         "no all-to-all crosses a link, so it is not a speed figure: docs/benchmarks.md has those.",
-        *([note] if (note := study.cards_note(results)) else []), "",
+        *([note] if (note := study.cards_note(results)) else []),
+        *([note] if (note := study.as_trained_note(results)) else []), "",
         study.gap_table(results), "",
         "Validation loss (mean over seeds) along the run:", "",
         study.curve_table(results), "",

@@ -225,6 +225,26 @@ def test_pairs_across_cards_are_named_with_the_controls_difference(tmp_path):
     assert study.cards_note(study.aggregate(root, "gpt", ["stock"])) == ""
 
 
+def test_a_layer_that_changes_the_model_is_read_as_trained(tmp_path):
+    """diag_skip (x + E(x) around every expert) evaluated through stock's layer loses the skip it trained with: the
+    note gives its gap in the 'compressed eval' column (the layer on, as trained), per seed against stock's; a
+    study layer that keeps stock's forward (diag_residual_grad) gets no such note."""
+    root = str(tmp_path)
+    for seed, loss in ((1, 4.0), (2, 4.2)):
+        write_run(root, "stock", seed, [6.0, loss], train_steps=20)
+        write_run(root, "diag_skip", seed, [6.0, 4.6], train_steps=20)
+        path = os.path.join(root, "gpt", "diag_skip", f"seed{seed}", "metrics.jsonl")
+        records = [json.loads(line) for line in open(path)]
+        records[-1]["valid_loss_compressed"] = loss * (0.97 if seed == 1 else 0.99)
+        with open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+    note = study.as_trained_note(study.aggregate(root, "gpt", ["stock", "diag_skip"]))
+    assert note.endswith("Gap as trained against stock's run of the same seed: diag_skip -2.00% ± 1.41% (seeds 1, "
+                         "2).")
+    write_run(root, "diag_residual_grad", 1, [6.0, 3.9], train_steps=20)
+    assert study.as_trained_note(study.aggregate(root, "gpt", ["stock", "diag_residual_grad"])) == ""
+
+
 def test_a_study_layer_shows_no_bytes_figure(tmp_path):
     """A hybrid's telemetry holds the ratio of the clusters it formed (0.2 here), but it sends nothing a user's
     configuration would: the table says so instead of printing the ratio; random clusters keep theirs."""
