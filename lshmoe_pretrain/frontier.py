@@ -339,8 +339,9 @@ def choose(frontier: Frontier, speedups: Dict[str, Speedup]) -> Choice:
             f"The rule chooses `{best.name}` ({best.configuration()}): it ends "
             f"{best.gap_text()} from stock's final loss (stock's seed spread "
             f"±{frontier.long.stock_spread():.2f}%), its gap does not grow ({lengths}), and it sends "
-            f"{best.result.bytes_ratio:.3f} of stock's all-to-all bytes; of the {len(passing)} candidate"
-            f"{'s' if len(passing) > 1 else ''} that pass, it sends the fewest." + shapes))
+            f"{best.result.bytes_ratio:.3f} of stock's all-to-all bytes"
+            + (f"; of the {len(passing)} candidates that pass, it sends the fewest." if len(passing) > 1
+               else "; it is the only candidate that passes.") + shapes))
     shapes = _scope(frontier, None)
     failing = "; ".join(f"`{c.name}` ({c.configuration()}) " + ", ".join(
         v.reason for v in c.verdicts.values() if v.state != YES) for c in frontier.candidates)

@@ -640,7 +640,10 @@ def output_errors(runs: Sequence[List[dict]]) -> Dict[str, float]:
 
 def error_table(results: List[VariantResult]) -> str:
     """Relative output error of the layer's expert outputs against stock's on the sampled tokens, per variant:
-    as trained and, for the same clusters, under each compensation (second half of the runs)."""
+    as trained and, for the same clusters, under each compensation (second half of the runs). Empty where no
+    variant clustered (the probe only measures clusters), so a report of wire formats alone has no empty table."""
+    if not any(r.errors for r in results):
+        return ""
     columns = [(key, name) for key, name in ERROR_COLUMNS if any(key in r.errors for r in results)]
     lines = ["| variant | " + " | ".join(name for _, name in columns) + " |",
              "| --- | " + " | ".join("---" for _ in columns) + " |"]

@@ -56,11 +56,11 @@ TITLES = {
     "testbed_gpt_25m_pinned_x1": "Testbed `gpt-25m-long` (H200 and H100, the pinned corpus), the long schedule: "
                                  "stock (3 seeds), the paper's configuration, the control rate 1.0 and the "
                                  "per-token wire formats",
-    "testbed_gpt_72m_pinned_x1": "Testbed `gpt-72m-long` (the pinned corpus), the long schedule: stock (3 seeds) "
-                                 "and FP4 both ways (3 seeds)",
+    "testbed_gpt_72m_pinned_x1": "Testbed `gpt-72m-long` (H100, the pinned corpus), the long schedule: stock (3 "
+                                 "seeds), FP4 both ways (3 seeds) and FP8 forward with FP4 gradients",
     "testbed_t5_26m_pinned_x1": "Testbed `t5-26m-long` (H100, the pinned corpus), the long schedule: stock (3 "
-                                "seeds), the per-token wire formats (3 seeds), the paper's configuration and the "
-                                "control rate 1.0",
+                                "seeds), the per-token wire formats (3 seeds), the paper's configuration, its "
+                                "compensation's halves and the control rate 1.0",
     "proxy_gpt_mini_x1": "CPU proxy `gpt-mini-long-cpu` (not the testbed), the long schedule: stock, the paper's "
                          "configuration, the candidates and the controls",
     "proxy_t5_mini_x1": "CPU proxy `t5-mini-long-cpu` (of `t5-26m-long`, not the testbed), the long schedule: "
@@ -284,10 +284,10 @@ def report(args: argparse.Namespace) -> None:
         study.gap_table(results), "",
         "Validation loss (mean over seeds) along the run:", "",
         study.curve_table(results), "",
-        "Relative error of the expert outputs against stock's on a sample of the tokens (1/16 of the capacity "
-        "slots every 50 steps, second half of the runs; the columns after the first compensate the same clusters "
-        "differently, measured by the study's probe):", "",
-        study.error_table(results), "",
+        *([("Relative error of the expert outputs against stock's on a sample of the tokens (1/16 of the capacity "
+            "slots every 50 steps, second half of the runs; the columns after the first compensate the same "
+            "clusters differently, measured by the study's probe):"), "", errors, ""]
+          if (errors := study.error_table(results)) else []),
         f"![validation loss vs tokens]({os.path.basename(plot_path)})", ""])
     bench.write_section(args.output, args.section, text)
     print(text)

@@ -101,6 +101,9 @@ def test_output_errors_average_the_second_half_over_layers_and_runs():
     result = study.VariantResult("lsh", [1], [10], {1: [1.0]}, {}, 0.2, 0.2, 0.1, 1.0, {}, errors)
     table = study.error_table([result])
     assert "| variant | as trained | E(c) + J(c)(x - c) |" in table and "| lsh | 0.300 | 0.200 |" in table
+    formats_only = study.VariantResult("fp4_both", [1], [10], {1: [1.0]}, {}, 1.0, 0.27, None, 1.0, {}, {})
+    assert study.error_table([formats_only]) == ""
+    assert "| fp4_both |" not in study.error_table([result, formats_only])
 
 
 def test_time_to_target_per_modelled_link(tmp_path):
