@@ -33,6 +33,15 @@ class LengthRow:
         common = [s for s in result.seeds if s in self.stock.seeds]
         return [100 * (result.final(s) / self.stock.final(s) - 1) for s in common] or None
 
+    def train_gap(self, name: str) -> Optional[List[float]]:
+        """Per-seed gaps (%) of `name`'s mean training loss over the last 10% of steps against stock's, on the seeds
+        both finished (the same data order: a paired difference); None if there are none."""
+        result = self.variants.get(name)
+        if result is None:
+            return None
+        common = [s for s in result.seeds if s in self.stock.train_tail and s in result.train_tail]
+        return [100 * (result.train_tail[s] / self.stock.train_tail[s] - 1) for s in common] or None
+
     def stock_spread(self) -> Optional[float]:
         """Stock's sample standard deviation over seeds, as % of its mean (None with one seed)."""
         finals = [self.stock.final(s) for s in self.stock.seeds]
@@ -81,6 +90,31 @@ def table(rows: Sequence[LengthRow], variants: Sequence[str]) -> str:
             cells.append(f"{study.mean_and_spread([result.final(s) for s in result.seeds])} ({len(result.seeds)})")
             cells.append(f"{gaps[0]:+.2f}%" if len(gaps) == 1 else
                          f"{statistics.fmean(gaps):+.2f}% ± {statistics.stdev(gaps):.2f}% ({len(gaps)} seeds)")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _mean_text(gaps: Optional[List[float]]) -> str:
+    if not gaps:
+        return "–"
+    return f"{gaps[0]:+.2f}%" if len(gaps) == 1 else f"{statistics.fmean(gaps):+.2f}% ({len(gaps)} seeds)"
+
+
+def train_against_valid_table(rows: Sequence[LengthRow], variants: Sequence[str]) -> str:
+    """Per schedule: how many passes over the train split it makes, and each variant's gap in final validation loss
+    beside its gap in training loss over the last 10% of steps (seed-paired means). While a schedule sees each
+    token once the two measure the same thing and agree; once it repeats the corpus, a validation gap below the
+    training gap means the variant memorised the repeats less than stock, not that it lost nothing (users train
+    on one pass)."""
+    names = [v for v in variants if v != "stock"]
+    headers = ["schedule", "passes over the train split"]
+    for name in names:
+        headers += [f"{name}: validation gap", f"{name}: training-loss gap (last 10% of steps)"]
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
+    for row in rows:
+        cells = [f"{row.length:g}x", f"{study.passes_over_data(row.stock):.2f}"]
+        for name in names:
+            cells += [_mean_text(row.gap(name)), _mean_text(row.train_gap(name))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

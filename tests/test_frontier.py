@@ -138,6 +138,11 @@ def test_the_choice_says_what_the_rule_chose_on_the_other_shapes_of_the_same_rec
     assert frontiers.choose(frontiers.collect(root, wider), {}).text.endswith(
         "on the same records, `gpt-25m-long` chooses `fp8_fwd_fp4_grad` (`fp4_both` has not trained there); "
         "`t5-26m-long` is still to measure.")
+    # a single-pass shape answers for the single-pass shapes only: the long shapes' records are not its evidence
+    single = beds.TESTBEDS["gpt-25m-1pass"]
+    write_study(root, {"fp4_both": (0.0, [1, 2, 3], 0.27, FLAT)}, bed=single)
+    assert frontiers.choose(frontiers.collect(root, single), {}).text.endswith(
+        "The rule asks this of every shape: `gpt-72m-1pass`, `t5-26m-1pass` are still to measure.")
 
 
 def test_a_cpu_proxy_orders_the_screen_and_sets_no_default(tmp_path):
@@ -161,6 +166,42 @@ def test_of_several_passing_the_fewest_bytes_is_chosen(tmp_path):
     choice = frontiers.choose(found, frontiers.speedups_for(found, "unused.md"))
     assert choice.chosen.name == "fp8_fwd_fp4_grad" and "of the 2 candidates that pass, it sends the fewest" in \
         choice.text
+
+
+def repeat_the_corpus(root, variant, seed, training_loss, split_tokens=10**4):
+    """Makes a written long-schedule run go twice over a smaller train split (20 steps of 1,000 tokens over 10,000)
+    and sets the training loss of its last two steps (the last 10% of 20)."""
+    run_dir = os.path.join(beds.length_root(root, BED, 1.0), "gpt", variant, f"seed{seed}")
+    with open(os.path.join(run_dir, "run.json")) as f:
+        info = json.load(f)
+    with open(os.path.join(run_dir, "run.json"), "w") as f:
+        json.dump({**info, "train_tokens": split_tokens}, f)
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+        for record in records:
+            f.write(json.dumps({**record, "loss": training_loss if record["step"] > 18 else 5.0}) + "\n")
+
+
+@pytest.mark.parametrize("training_gap, caveat", [(0.6, True), (0.35, False)])
+def test_a_pass_that_rests_on_the_repeats_says_so(tmp_path, training_gap, caveat):
+    """The candidate passes on validation (+0.1%); on a corpus seen twice its training loss is `training_gap`% above
+    stock's: 0.5 points more than its validation gap is the repeats, 0.25 is within the tolerance."""
+    root = str(tmp_path)
+    write_study(root, {"fp4_both": (0.1, [1, 2, 3], 0.27, FLAT)})
+    for seed in (1, 2, 3):
+        repeat_the_corpus(root, "stock", seed, 2.0)
+        repeat_the_corpus(root, "fp4_both", seed, 2.0 * (1 + training_gap / 100))
+    found = frontiers.collect(root, BED)
+    choice = frontiers.choose(found, {})
+    assert choice.by == "rule" and choice.chosen.name == "fp4_both"
+    expected = (f"But its pass rests on the repeats: the long schedule goes 2.00 times over the train split, and "
+                f"there `fp4_both`'s training loss over the last 10% of steps ends +{training_gap:.2f}% from stock's "
+                f"against +0.10% in validation. The longest schedule within one pass (0.5x, 0.02 passes) has it at "
+                f"+0.10% in validation and +0.00% in training: that, not the long schedule's validation figure, is "
+                f"what a user who trains on one pass gets. `gpt-25m-1pass` reads the rule within one pass.")
+    assert (expected in choice.text) is caveat
+    assert ("rests on the repeats" in choice.text) is caveat
 
 
 @pytest.mark.parametrize("study_only", ["diag_residual_grad", "lsh_lr1.5x"])

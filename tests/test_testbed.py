@@ -2,6 +2,7 @@
 the runs start in, the guard against two study calls training one run, the gap-against-length report and the
 throughput table's arithmetic."""
 import importlib.util
+import json
 import os
 import socket
 import subprocess
@@ -41,6 +42,20 @@ def test_every_testbed_trains_a_long_schedule_of_a_real_preset(name):
     assert bed.steps >= 3500 and bed.preset in PRESETS and bed.name == name
     assert bed.tokens_at(1.0) == bed.steps * bed.micro_batch * PRESETS[bed.preset].seq_len
     assert bed.steps_at(0.125) == round(bed.steps / 8)
+
+
+@pytest.mark.parametrize("name", [n for n, b in sorted(beds.TESTBEDS.items()) if b.single_pass_of])
+def test_a_single_pass_shape_halves_its_long_shapes_batch_and_stays_within_one_pass(name):
+    """The same model and steps as the long shape it names, half the batch: its long schedule reads fewer tokens
+    than the pinned train split holds (T5 counts its targets too: 284 tokens of text a sequence), where the long
+    shape goes over it more than once."""
+    bed = beds.TESTBEDS[name]
+    long = beds.TESTBEDS[bed.single_pass_of]
+    assert (bed.model_kind, bed.preset, bed.steps, bed.lr) == (long.model_kind, long.preset, long.steps, long.lr)
+    assert bed.micro_batch * 2 == long.micro_batch and long.single_pass_of is None and not bed.proxy_of
+    text_per_sequence = 284 if bed.model_kind == "t5" else PRESETS[bed.preset].seq_len
+    read = bed.steps * bed.micro_batch * text_per_sequence
+    assert read < beds.PINNED_TRAIN_TOKENS < 2 * read
 
 
 def test_testbed_plans_one_complete_schedule_per_length(tmp_path):
@@ -155,6 +170,38 @@ def test_the_gap_against_length_pairs_seeds_and_shows_stocks_spread(tmp_path):
     length_study.plot(rows, ["stock", "lsh"], os.path.join(root, "gap.png"), "gap")
     assert os.path.getsize(os.path.join(root, "gap.png")) > 0
     assert rows[0].tokens == 20 * TOKENS_PER_STEP
+
+
+def with_training_loss(root, variant, seed, losses):
+    """Adds a training loss to each record of a written run, in step order."""
+    path = os.path.join(root, "gpt", variant, f"seed{seed}", "metrics.jsonl")
+    with open(path) as f:
+        records = [json.loads(line) for line in f]
+    with open(path, "w") as f:
+        for record, loss in zip(records, losses):
+            f.write(json.dumps({**record, "loss": loss}) + "\n")
+
+
+def test_training_and_validation_gaps_stand_side_by_side_with_the_passes(tmp_path):
+    """A variant whose validation gap is below its training gap on a repeated corpus shows it: the training loss
+    of the last 10% of steps only (step 20 of 20; step 10's is not in it), paired by seed."""
+    bed = beds.TESTBEDS["gpt-25m-long"]
+    root = str(tmp_path)
+    long = os.path.join(root, bed.name, "x1")
+    for seed, stock_train, fp4_train in ((1, 2.0, 2.02), (2, 2.5, 2.55)):
+        write_run(long, "stock", seed, [5.0, 3.0], train_steps=20)
+        write_run(long, "fp4_both", seed, [5.0, 3.0], train_steps=20)
+        with_training_loss(long, "stock", seed, [9.0, stock_train])
+        with_training_loss(long, "fp4_both", seed, [1.0, fp4_train])
+    write_run(long, "lsh", 1, [5.0, 3.3], train_steps=20)  # no training loss recorded: no training gap
+    rows = length_study.collect(root, bed, ["stock", "fp4_both", "lsh"])
+    assert rows[0].gap("fp4_both") == pytest.approx([0.0, 0.0])
+    assert rows[0].train_gap("fp4_both") == pytest.approx([1.0, 2.0])
+    assert rows[0].train_gap("lsh") is None
+    # write_run's split holds 10**6 tokens; 20 steps of TOKENS_PER_STEP each
+    passes = 20 * TOKENS_PER_STEP / 10**6
+    table = length_study.train_against_valid_table(rows, ["stock", "fp4_both", "lsh"])
+    assert f"| 1x | {passes:.2f} | +0.00% (2 seeds) | +1.50% (2 seeds) | +10.00% | – |" in table
 
 
 def test_active_parameters_count_the_top_k_experts_and_the_head():
