@@ -61,6 +61,12 @@ TITLES = {
     "testbed_t5_26m_pinned_x1": "Testbed `t5-26m-long` (H100, the pinned corpus), the long schedule: stock (3 "
                                 "seeds), the per-token wire formats (3 seeds), the paper's configuration, its "
                                 "compensation's halves and the control rate 1.0",
+    "testbed_gpt_25m_1pass_x1": "Testbed `gpt-25m-1pass` (within one pass over the pinned corpus), the long "
+                                "schedule: stock (3 seeds) and the candidates",
+    "testbed_gpt_72m_1pass_x1": "Testbed `gpt-72m-1pass` (within one pass over the pinned corpus), the long "
+                                "schedule: stock (3 seeds) and the candidates",
+    "testbed_t5_26m_1pass_x1": "Testbed `t5-26m-1pass` (within one pass over the pinned corpus), the long "
+                               "schedule: stock (3 seeds) and the candidates",
     "proxy_gpt_mini_x1": "CPU proxy `gpt-mini-long-cpu` (not the testbed), the long schedule: stock, the paper's "
                          "configuration, the candidates and the controls",
     "proxy_t5_mini_x1": "CPU proxy `t5-mini-long-cpu` (of `t5-26m-long`, not the testbed), the long schedule: "
