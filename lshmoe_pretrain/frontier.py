@@ -406,7 +406,7 @@ def _repeats_caveat(frontier: Frontier, candidate: Candidate) -> str:
         text += (f" The longest schedule within one pass ({row.length:g}x, {study.passes_over_data(row.stock):.2f} "
                  f"passes) has it at {statistics.fmean(row.gap(candidate.name)):+.2f}% in validation"
                  + (f" and {statistics.fmean(train_within):+.2f}% in training" if train_within else "")
-                 + ": that, not the long schedule's validation figure, is what a user who trains on one pass gets.")
+                 + ": the nearest measurement of what a user who trains on one pass gets.")
     single = [b.name for b in TESTBEDS.values() if b.single_pass_of == frontier.bed.name]
     if single:
         text += f" `{single[0]}` reads the rule within one pass."

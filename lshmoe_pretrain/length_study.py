@@ -11,7 +11,7 @@ import glob
 import os
 import statistics
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import quality_study as study
 from .testbed import Testbed
@@ -41,6 +41,37 @@ class LengthRow:
             return None
         common = [s for s in result.seeds if s in self.stock.train_tail and s in result.train_tail]
         return [100 * (result.train_tail[s] / self.stock.train_tail[s] - 1) for s in common] or None
+
+    def first_repeat_step(self) -> Optional[int]:
+        """The last step before the schedule reads a training token for the second time; None within one pass."""
+        info = self.stock.info
+        steps_per_pass = int(info["train_tokens"] // info["tokens_per_step"])
+        return steps_per_pass if steps_per_pass < info["train_steps"] else None
+
+    def train_gap_between(self, name: str, first: int, last: int) -> Optional[List[float]]:
+        """Per-seed gaps (%) of `name`'s mean training loss over steps first < step <= last against stock's."""
+        result = self.variants.get(name)
+        if result is None:
+            return None
+        gaps = []
+        for seed in (s for s in result.seeds if s in self.stock.train_curve and s in result.train_curve):
+            ours = [loss for step, loss in result.train_curve[seed].items() if first < step <= last]
+            theirs = [loss for step, loss in self.stock.train_curve[seed].items() if first < step <= last]
+            if ours and theirs:
+                gaps.append(100 * (statistics.fmean(ours) / statistics.fmean(theirs) - 1))
+        return gaps or None
+
+    def valid_gap_at(self, name: str, step: int) -> Optional[Tuple[int, List[float]]]:
+        """The last evaluation at or before `step` (its step) and `name`'s per-seed validation gaps there."""
+        result = self.variants.get(name)
+        per_step = self.stock.info["tokens_per_step"]
+        points = [i for i, tokens in enumerate(self.stock.tokens) if tokens <= step * per_step]
+        if result is None or not points:
+            return None
+        i = points[-1]
+        common = [s for s in result.seeds if s in self.stock.seeds]
+        gaps = [100 * (result.valid[s][i] / self.stock.valid[s][i] - 1) for s in common]
+        return (self.stock.tokens[i] // per_step, gaps) if gaps else None
 
     def stock_spread(self) -> Optional[float]:
         """Stock's sample standard deviation over seeds, as % of its mean (None with one seed)."""
@@ -116,6 +147,31 @@ def train_against_valid_table(rows: Sequence[LengthRow], variants: Sequence[str]
         for name in names:
             cells += [_mean_text(row.gap(name)), _mean_text(row.train_gap(name))]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def repeats_table(rows: Sequence[LengthRow], variants: Sequence[str]) -> str:
+    """Within the longest schedule, where it reads the corpus more than once: each variant's validation and
+    training-loss gaps at the end of the first pass (the last evaluation before the first repeated token; the
+    training loss over the last 10% of the first pass's steps) and at the end of the schedule (final point; last
+    10% of its steps). What the second pass changes, in one set of runs. '' within one pass."""
+    row = rows[-1]
+    repeat = row.first_repeat_step()
+    if repeat is None:
+        return ""
+    names = [v for v in variants if v != "stock" and v in row.variants]
+    last = row.stock.info["train_steps"]
+    first_eval = next((found[0] for found in (row.valid_gap_at(n, repeat) for n in names) if found), None)
+    headers = ["variant", f"validation gap, step {first_eval:,} (first pass)" if first_eval else "validation gap, "
+               "first pass", "validation gap, final", f"training-loss gap, steps {int(0.9 * repeat):,}-{repeat:,}",
+               f"training-loss gap, steps {int(0.9 * last):,}-{last:,}"]
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
+    for name in names:
+        at_repeat = row.valid_gap_at(name, repeat)
+        lines.append("| " + " | ".join([
+            name, _mean_text(at_repeat[1] if at_repeat else None), _mean_text(row.gap(name)),
+            _mean_text(row.train_gap_between(name, int(0.9 * repeat), repeat)),
+            _mean_text(row.train_gap_between(name, int(0.9 * last), last))]) + " |")
     return "\n".join(lines)
 
 

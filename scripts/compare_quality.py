@@ -326,6 +326,10 @@ def lengths(args: argparse.Namespace) -> None:
         "validation gap below the training gap is the variant memorising the repeats less than stock, which a "
         "user training on one pass would not get.", "",
         length_study.train_against_valid_table(rows, args.variants), "",
+        *([f"Within the longest schedule, which reads the corpus {study.passes_over_data(rows[-1].stock):.2f} "
+           "times: each variant's gaps at the end of its first pass and at the end, in the same runs (what the "
+           "second pass changes):", "", repeats, ""]
+          if (repeats := length_study.repeats_table(rows, args.variants)) else []),
         f"![final gap against schedule length]({os.path.basename(plot_path)})", ""])
     bench.write_section(args.output, args.section, text)
     print(text)

@@ -198,8 +198,8 @@ def test_a_pass_that_rests_on_the_repeats_says_so(tmp_path, training_gap, caveat
     expected = (f"But its pass rests on the repeats: the long schedule goes 2.00 times over the train split, and "
                 f"there `fp4_both`'s training loss over the last 10% of steps ends +{training_gap:.2f}% from stock's "
                 f"against +0.10% in validation. The longest schedule within one pass (0.5x, 0.02 passes) has it at "
-                f"+0.10% in validation and +0.00% in training: that, not the long schedule's validation figure, is "
-                f"what a user who trains on one pass gets. `gpt-25m-1pass` reads the rule within one pass.")
+                f"+0.10% in validation and +0.00% in training: the nearest measurement of what a user who trains "
+                f"on one pass gets. `gpt-25m-1pass` reads the rule within one pass.")
     assert (expected in choice.text) is caveat
     assert ("rests on the repeats" in choice.text) is caveat
 

@@ -204,6 +204,32 @@ def test_training_and_validation_gaps_stand_side_by_side_with_the_passes(tmp_pat
     assert f"| 1x | {passes:.2f} | +0.00% (2 seeds) | +1.50% (2 seeds) | +10.00% | – |" in table
 
 
+def test_what_the_second_pass_changes_within_the_long_schedule(tmp_path):
+    """20 steps of 1,000 tokens over a 10,000-token split: the first pass ends at step 10. The table reads the
+    validation gap at the evaluation of step 10 and at the end, and the training gap over steps 10 (the last 10% of
+    the first pass) and 19-20 (of the schedule); within one pass it is empty."""
+    bed = beds.TESTBEDS["gpt-25m-long"]
+    root = str(tmp_path)
+    long = os.path.join(root, bed.name, "x1")
+    for variant, valid, training in (("stock", [5.0, 3.0], [4.0, 2.0]), ("fp4_both", [5.05, 3.0], [4.04, 2.04])):
+        write_run(long, variant, 1, valid, train_steps=20)
+        with_training_loss(long, variant, 1, training)
+    rows = length_study.collect(root, bed, ["stock", "fp4_both"])
+    assert length_study.repeats_table(rows, ["stock", "fp4_both"]) == ""  # 10**6 tokens in the split: one pass
+    for variant in ("stock", "fp4_both"):
+        info_path = os.path.join(long, "gpt", variant, "seed1", "run.json")
+        with open(info_path) as f:
+            info = json.load(f)
+        with open(info_path, "w") as f:
+            json.dump({**info, "train_tokens": 10 * TOKENS_PER_STEP}, f)
+    rows = length_study.collect(root, bed, ["stock", "fp4_both"])
+    assert rows[0].first_repeat_step() == 10
+    table = length_study.repeats_table(rows, ["stock", "fp4_both"])
+    assert ("| variant | validation gap, step 10 (first pass) | validation gap, final | training-loss gap, steps 9-10 "
+            "| training-loss gap, steps 18-20 |") in table
+    assert "| fp4_both | +1.00% | +0.00% | +1.00% | +2.00% |" in table
+
+
 def test_active_parameters_count_the_top_k_experts_and_the_head():
     config = ModelConfig(vocab_size=100, seq_len=8, d_model=4, n_heads=2, n_layers=2, d_ff=8, num_experts=4,
                          top_k=2, moe_every=2)
