@@ -30,7 +30,9 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from lshmoe_plugin.methods import DEFAULT_METHOD  # noqa: E402
 from lshmoe_pretrain import benchmarking as bench  # noqa: E402
+from lshmoe_pretrain import default_choice as choice  # noqa: E402
 from lshmoe_pretrain import frontier as frontiers  # noqa: E402
 from lshmoe_pretrain import (
     length_study,  # noqa: E402
@@ -165,6 +167,16 @@ def parse_args() -> argparse.Namespace:
                       help="where the fallback reads modelled step speed-ups (benchmark_gpt_moe.py sections)")
     edge.add_argument("--modelled_section", nargs="+", default=[],
                       help="only these sections of --benchmarks (default: every one of 8 GPUs per node, `_g8`)")
+    pick = sub.add_parser("default", help="the plugin's default across a family of testbed shapes, from each "
+                                          "shape's verdicts by issue 24's rule (lshmoe_pretrain/default_choice.py)")
+    pick.add_argument("--shapes", choices=choice.FAMILIES, default="single-pass",
+                      help="the long shapes, or the single-pass ones (half the batch: each token read once)")
+    pick.add_argument("--root", default="runs/testbed")
+    pick.add_argument("--section", required=True)
+    pick.add_argument("--title", default=None)
+    pick.add_argument("--run_command", default=None, help="the command that trained the runs, for the record")
+    pick.add_argument("--report", default=None,
+                      help="write the section into this file (docs/quality.md); default: print only")
     target = sub.add_parser("time-to-target", help="combine a study with measured step times into docs/benchmarks.md")
     target.add_argument("--model", choices=("gpt", "t5"), default="gpt")
     target.add_argument("--root", default="runs/quality")
@@ -366,6 +378,27 @@ def frontier(args: argparse.Namespace) -> None:
         print(f"section '{args.section}' not written (pass --report docs/quality.md to write it and its plot)")
 
 
+def default(args: argparse.Namespace) -> None:
+    beds_of_family = choice.shapes(args.shapes)
+    found = choice.collect(args.root, beds_of_family)
+    decision = choice.decide(found, DEFAULT_METHOD)
+    title = args.title or f"The default across the {args.shapes} shapes ({', '.join(b.name for b in beds_of_family)})"
+    text = "\n".join([
+        *section_head(title, args.run_command),
+        "- each shape's verdicts are its frontier section's (issue 24's rule at its long schedule); the default is "
+        "the candidate that passes on every shape with the fewest bytes, else the one whose worst shape has the "
+        "smallest gap among those with 3 seeds everywhere and at most 0.5 of the bytes (written down before the "
+        "single-pass shapes trained: docs/quality.md, 2026-12-05 night).", "",
+        choice.table(found), "",
+        f"**The default:** {decision.text}", ""])
+    print(text)
+    if args.report:
+        bench.write_section(args.report, args.section, text)
+        print(f"wrote {args.report} [{args.section}]")
+    else:
+        print(f"section '{args.section}' not written (pass --report docs/quality.md to write it)")
+
+
 def time_to_target(args: argparse.Namespace) -> None:
     results = study.aggregate(args.root, args.model, ["stock", "lsh"], partial=args.partial, seeds=args.seeds)
     longer = [r for root in args.lsh_root for r in study.aggregate(root, args.model, ["lsh"], seeds=args.seeds)]
@@ -393,7 +426,7 @@ def time_to_target(args: argparse.Namespace) -> None:
 def main() -> None:
     args = parse_args()
     {"run": run, "throughput": throughput, "report": report, "lengths": lengths,
-     "frontier": frontier, "time-to-target": time_to_target}[args.command](args)
+     "frontier": frontier, "default": default, "time-to-target": time_to_target}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,148 @@
+"""The plugin's default across the testbed's shapes. Issue 24 asks its rule of every shape, so the default is chosen
+from each shape's verdicts (lshmoe_pretrain.frontier), by a decision written down before the single-pass shapes
+trained (docs/quality.md, "Next on a GPU", 2026-12-05 night):
+
+1. of the candidates that pass the rule on every shape, the one that sends the fewest bytes;
+2. else, of the candidates with at least 3 seeds at every shape's long schedule and at most 0.5 of stock's bytes,
+   the one whose worst shape (its largest mean gap) has the smallest gap, said plainly to fail the rule and by how
+   much;
+3. else none: which shapes are still to measure, or which candidates lack seeds.
+
+The long shapes answer for each other and the single-pass shapes for each other (a single-pass shape halves its
+long shape's batch so that the long schedule reads each training token once); CPU proxies never set a default.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+from . import frontier as frontiers
+from . import quality_study as study
+from .testbed import TESTBEDS, Testbed
+
+FAMILIES = ("long", "single-pass")
+
+
+def shapes(family: str) -> List[Testbed]:
+    """The GPU shapes that answer for each other: the long ones, or the single-pass ones."""
+    if family not in FAMILIES:
+        raise study.StudyError(f"--shapes {family!r}: allowed {list(FAMILIES)}")
+    return [bed for bed in TESTBEDS.values()
+            if not bed.proxy_of and (bed.single_pass_of is not None) == (family == "single-pass")]
+
+
+def collect(root: str, beds: Sequence[Testbed]) -> Dict[str, Optional[frontiers.Frontier]]:
+    """Each shape's frontier under `root`, None where its long schedule has no finished stock or candidate."""
+    found = {}
+    for bed in beds:
+        try:
+            found[bed.name] = frontiers.collect(root, bed)
+        except study.StudyError:
+            found[bed.name] = None
+    return found
+
+
+@dataclass
+class Decision:
+    chosen: Optional[frontiers.Candidate]   # its record on the shape where it is worst
+    by: str                                 # "rule", "worst shape" or "none"
+    text: str
+
+
+def _candidates(found: Dict[str, Optional[frontiers.Frontier]]) -> Dict[str, Dict[str, frontiers.Candidate]]:
+    """name -> {shape: its candidate there}, defaults only (no study-only layer), in first-seen order."""
+    names: Dict[str, Dict[str, frontiers.Candidate]] = {}
+    for shape, frontier in found.items():
+        for candidate in (frontier.candidates if frontier else []):
+            if not study.is_study_only(candidate.name):
+                names.setdefault(candidate.name, {})[shape] = candidate
+    return names
+
+
+def _bytes(per_shape: Dict[str, frontiers.Candidate]) -> float:
+    return max(c.result.bytes_ratio for c in per_shape.values())
+
+
+def _worst(per_shape: Dict[str, frontiers.Candidate]) -> frontiers.Candidate:
+    return per_shape[_worst_shape(per_shape)]
+
+
+def _worst_shape(per_shape: Dict[str, frontiers.Candidate]) -> str:
+    """The shape where the candidate's mean gap is largest."""
+    return max(per_shape, key=lambda shape: per_shape[shape].gap)
+
+
+def _method_line(candidate: frontiers.Candidate, default_method: str) -> str:
+    """What lshmoe_plugin.methods.DEFAULT_METHOD needs to become the decision."""
+    if candidate.knobs:
+        return (f" Its configuration ({candidate.configuration()}) is not a named method: name it in "
+                f"lshmoe_plugin/methods.py, then set `DEFAULT_METHOD` to it (now `{default_method}`).")
+    if candidate.method == default_method:
+        return f" `DEFAULT_METHOD` is `{default_method}` already."
+    return f" Set `DEFAULT_METHOD` to `{candidate.method}` (now `{default_method}`)."
+
+
+def decide(found: Dict[str, Optional[frontiers.Frontier]], default_method: str) -> Decision:
+    """The decision of the module docstring over the shapes in `found` (every shape of one family)."""
+    missing = [shape for shape, frontier in found.items() if frontier is None]
+    if missing:
+        return Decision(None, "none", f"No default yet: {', '.join(f'`{s}`' for s in missing)} "
+                                      f"{'have' if len(missing) > 1 else 'has'} no finished stock and candidate runs "
+                                      f"at the long schedule.")
+    every = list(found)
+    names = _candidates(found)
+    everywhere = {n: per for n, per in names.items() if set(per) == set(every)}
+    passing = [(n, per) for n, per in everywhere.items() if all(c.passes for c in per.values())]
+    if passing:
+        name, per = min(passing, key=lambda item: (_bytes(item[1]), _worst(item[1]).gap))
+        worst = _worst(per)
+        gaps = "; ".join(f"`{shape}` {per[shape].gap_text()}" for shape in every)
+        return Decision(worst, "rule", (
+            f"`{name}` ({worst.configuration()}) passes the rule on every shape ({gaps}) and sends at most "
+            f"{_bytes(per):.3f} of stock's bytes" + (f"; of the {len(passing)} that pass everywhere, the fewest."
+                                                    if len(passing) > 1 else "; it is the only one that passes "
+                                                                             "everywhere.")
+            + _method_line(worst, default_method)))
+    eligible = [(n, per) for n, per in everywhere.items()
+                if all(c.seeds >= frontiers.SEEDS_NEEDED for c in per.values())
+                and _bytes(per) <= frontiers.BYTES_LIMIT]
+    if not eligible:
+        short = [f"`{n}` ({', '.join(f'{s} {c.seeds}' for s, c in per.items())}"
+                 + (f"; not trained on {', '.join(s for s in every if s not in per)}" if set(per) != set(every)
+                    else "") + ")" for n, per in names.items() if _bytes(per) <= frontiers.BYTES_LIMIT]
+        return Decision(None, "none", "No candidate passes the rule on every shape, and none within the bytes "
+                                      f"limit has {frontiers.SEEDS_NEEDED} seeds on every shape to be chosen by "
+                                      f"its worst shape: " + ("; ".join(short) or "no candidate within the bytes "
+                                                                                 "limit") + ".")
+    name, per = min(eligible, key=lambda item: (_worst(item[1]).gap, _bytes(item[1])))
+    worst = _worst(per)
+    failing = "; ".join(f"`{shape}`: " + ", ".join(v.reason for v in c.verdicts.values()
+                                                   if v.state != frontiers.YES)
+                        for shape, c in per.items() if not c.passes)
+    others = [f"`{n}` {_worst(p).gap:+.2f}% on `{_worst_shape(p)}`" for n, p in eligible if n != name]
+    return Decision(worst, "worst shape", (
+        f"No candidate passes the rule on every shape. By its worst shape the default is `{name}` "
+        f"({worst.configuration()}): it ends at most {worst.gap:+.2f}% from stock's final loss (on "
+        f"`{_worst_shape(per)}`), and fails the rule on {failing}."
+        + (f" The others within the bytes limit with {frontiers.SEEDS_NEEDED} seeds everywhere, at their worst: "
+           f"{'; '.join(others)}." if others else "") + _method_line(worst, default_method)))
+
+
+def table(found: Dict[str, Optional[frontiers.Frontier]]) -> str:
+    """One row per candidate: its mean gap and seeds on each shape, whether it passes there, its bytes and its
+    worst gap."""
+    every = list(found)
+    headers = ["candidate", *[f"`{shape}`" for shape in every], "passes on every shape", "bytes vs stock (max)",
+               "worst gap"]
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
+    for name, per in _candidates(found).items():
+        cells = [f"`{name}`"]
+        for shape in every:
+            c = per.get(shape)
+            cells.append(("not measured" if found[shape] is None else "not trained") if c is None else
+                         f"{c.gap:+.2f}% ({c.seeds} seed{'s' if c.seeds > 1 else ''}), "
+                         f"{'passes' if c.passes else 'fails'}")
+        cells += ["yes" if set(per) == set(every) and all(c.passes for c in per.values()) else "no",
+                  f"{_bytes(per):.3f}", f"{_worst(per).gap:+.2f}% (`{_worst_shape(per)}`)"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
