@@ -380,7 +380,7 @@ def choose(frontier: Frontier, speedups: Dict[str, Speedup]) -> Choice:
 
 # How far (percentage points) a candidate's training-loss gap may sit above its validation gap on a schedule that
 # repeats the corpus before the choice says its pass rests on the repeats. Within one pass the two gaps of every
-# testbed candidate agree to 0.2 points (docs/quality.md, the lengths sections' second table).
+# per-token format on every testbed shape agree to 0.2 points (docs/quality.md, the lengths sections' second table).
 REPEATS_TOLERANCE = 0.3
 
 
