@@ -118,12 +118,21 @@ quality() {  # quality:<study>:<seconds>
 }
 
 TESTBED_ROOT=${TESTBED_ROOT:-/root/testbed}
-testbed_snapshot() {  # the testbed's records (not checkpoints) and its captures, each in one file under $OUT
+# Set once per lease, when the study folder is first filled (from the records or empty): a snapshot holds only the
+# files written after it, so what comes back stays small however many runs the records hold (a file that comes
+# back is at most 16 MB); land_device_results.py merges the snapshots into the records.
+TESTBED_SINCE=/root/.testbed_since
+TESTBED_RECORD=docs/records/testbed_pinned_runs.tar.xz
+testbed_snapshot() {  # the testbed's new records (not checkpoints) and its captures, each in one file under $OUT
     [ -d "$TESTBED_ROOT" ] || return 0
     # The study logs travel inside it: what comes back from a call is at most 8 files.
     mkdir -p "$TESTBED_ROOT/study_logs" && cp /root/testbed_logs/*.log "$TESTBED_ROOT/study_logs/" 2>/dev/null
-    tar czf "$OUT/.testbed_runs.tgz" --exclude=checkpoints --exclude=monitor --exclude=captures \
-        -C "$(dirname "$TESTBED_ROOT")" "$(basename "$TESTBED_ROOT")" && mv "$OUT/.testbed_runs.tgz" "$OUT/testbed_runs.tgz"
+    local since=(); [ -f "$TESTBED_SINCE" ] && since=(--newer-mtime="@$(stat -c %Y "$TESTBED_SINCE")")
+    # Exit status 1 is GNU tar's "a file changed as we read it" (a running study appends to its metrics): the
+    # archive is whole, with that file as far as it had got, and it replaces the last one; 2 is a failure.
+    tar czf "$OUT/.testbed_runs.tgz" --warning=no-file-changed "${since[@]}" --exclude=checkpoints \
+        --exclude=monitor --exclude=captures -C "$(dirname "$TESTBED_ROOT")" "$(basename "$TESTBED_ROOT")"
+    if [ $? -le 1 ]; then mv "$OUT/.testbed_runs.tgz" "$OUT/testbed_runs.tgz"; else rm -f "$OUT/.testbed_runs.tgz"; fi
     # Captures: one tar per captured step (its layers' files, under 16 MB together for the default layout of a
     # d_model-256 shape), since a file that comes back is at most 16 MB.
     local file step
@@ -134,14 +143,15 @@ testbed_snapshot() {  # the testbed's records (not checkpoints) and its captures
     done
 }
 testbed_bg() {  # testbed-bg:<testbed>:<lengths>:<seconds>
-    # A fresh machine continues the testbed from the records an earlier lease brought back (carry
-    # .device_state/testbed_runs.tgz; without it, the published archive in docs/records, which is the same file
-    # once land_device_results.py has run, and carrying both can pass the 64 MiB a call may carry): finished runs
-    # are skipped.
-    local state=.device_state/testbed_runs.tgz
-    [ -f "$state" ] || state=docs/records/testbed_gpt-25m-long_pinned_h200.tgz
-    if [ ! -d "$TESTBED_ROOT" ] && [ -f "$state" ]; then
-        mkdir -p "$(dirname "$TESTBED_ROOT")" && tar xzf "$state" -C "$(dirname "$TESTBED_ROOT")"
+    # A fresh machine continues the testbed from its records (docs/records, tracked, so every call carries them):
+    # finished runs are skipped. Python reads the xz: the machine's tar may lack xz.
+    if [ ! -d "$TESTBED_ROOT" ]; then
+        mkdir -p "$(dirname "$TESTBED_ROOT")"
+        if [ -f "$TESTBED_RECORD" ]; then
+            python3 -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter='data')" \
+                "$TESTBED_RECORD" "$(dirname "$TESTBED_ROOT")" || return 1
+        fi
+        mkdir -p "$TESTBED_ROOT" && sleep 1 && touch "$TESTBED_SINCE"
     fi
     local bed=$1 lengths=${2//,/ } seconds=$3 tag; tag=$1_$(date +%s%N); local frozen=/root/frozen/$tag
     # The study runs from its own copy of the checkout and of the plugin install: a later call re-syncs this
@@ -276,7 +286,14 @@ done
 for pid in "${BACKGROUND_PIDS[@]}"; do wait "$pid"; echo "background study exit $?"; done
 [ -n "${SNAPSHOT_PID:-}" ] && kill "$SNAPSHOT_PID" 2>/dev/null
 snapshot_records
-logs_archive="$OUT/logs.tgz"; n=1
-while [ -e "$logs_archive" ]; do logs_archive="$OUT/logs.$n.tgz"; n=$((n + 1)); done
-tar czf "$logs_archive" -C "$OUT" logs && rm -rf "$OUT/logs"
+# At most 8 files come back from a call: every invocation's logs go into one archive (logs/, then logs.1/, ...), and
+# the docs copies go unless a stage wrote into them.
+if [ -f "$OUT/logs.tgz" ]; then
+    merged=$(mktemp -d) && tar xzf "$OUT/logs.tgz" -C "$merged"
+    n=1; while [ -e "$merged/logs.$n" ]; do n=$((n + 1)); done
+    mv "$OUT/logs" "$merged/logs.$n" && tar czf "$OUT/logs.tgz" -C "$merged" . && rm -rf "$merged"
+else
+    tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$OUT/logs"
+fi
+for doc in benchmarks.md link_model.md; do cmp -s "$OUT/$doc" "docs/$doc" && rm -f "$OUT/$doc"; done
 echo "=== done ($(date -u +%H:%M:%S))"

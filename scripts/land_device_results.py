@@ -2,9 +2,12 @@
 
     python scripts/land_device_results.py /work/.device/7 /work/.device/8 ...
 
-- `testbed_runs.tgz` (gpu_session.sh's testbed snapshot, the whole study folder `testbed/`): the latest one
-  replaces `--runs` (default runs/testbed_pinned) and is copied to `--record` (the archive docs/ keeps) and to
-  `.device_state/testbed_runs.tgz` (what the next fresh machine starts from);
+- `testbed_runs.tgz` (gpu_session.sh's testbed snapshot: the files under `testbed/` that the lease wrote, not the
+  runs it started from): each is merged into `--runs` (default runs/testbed_pinned), a later call's file replacing
+  an earlier one's; `--runs` starts from `--record` when this checkout has none (a fresh clone). Then `--record`
+  (docs/records/testbed_pinned_runs.tar.xz: every testbed run on the pinned corpus, whatever the shape and card) is
+  written again from `--runs`, in xz: it is tracked, and everything tracked travels with each GPU call, whose
+  carry limit is 64 MiB;
 - `benchmarks.md` and `link_model.md` (a copy of docs/'s with the call's sections written in): every section that
   is new there or differs from docs/'s before anything landed is written into docs/ (a call's copy starts from
   the checkout it was sent, so its other sections are the checkout's own and must not undo an earlier call's).
@@ -48,28 +51,48 @@ def land_sections(source: str, target: str, before: Dict[str, str]) -> List[str]
     return written
 
 
-def land_testbed(archive: str, runs: str, record: str, state: str) -> None:
-    with tarfile.open(archive) as tar:
-        names = tar.getnames()
-        if not names or any(n.split("/")[0] != "testbed" for n in names):
-            raise SystemExit(f"{archive}: not a testbed snapshot (every member under testbed/)")
+def _members_under_testbed(tar: tarfile.TarFile, archive: str) -> None:
+    names = tar.getnames()
+    if not names or any(n.split("/")[0] != "testbed" for n in names):
+        raise SystemExit(f"{archive}: not a testbed snapshot (every member under testbed/)")
+
+
+def extract_into(archive: str, runs: str) -> None:
+    """The files of `archive` (members under testbed/) into `runs`, over what is there."""
+    with tarfile.open(archive) as tar:   # gzip or xz, told by the file
+        _members_under_testbed(tar, archive)
         with tempfile.TemporaryDirectory() as tmp:
             tar.extractall(tmp, filter="data")
-            if os.path.exists(runs):
-                shutil.rmtree(runs)
-            os.makedirs(os.path.dirname(runs) or ".", exist_ok=True)
-            shutil.move(os.path.join(tmp, "testbed"), runs)
-    for path in (record, state):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        shutil.copyfile(archive, path)
+            shutil.copytree(os.path.join(tmp, "testbed"), runs, dirs_exist_ok=True)
+
+
+def write_record(runs: str, record: str) -> None:
+    """`runs` as the archive docs/ keeps: members under testbed/, xz (a third smaller than gzip on these records),
+    written beside and then moved, so that a failure leaves the old record."""
+    os.makedirs(os.path.dirname(record) or ".", exist_ok=True)
+    with tarfile.open(record + ".part", "w:xz", preset=6) as tar:
+        tar.add(runs, arcname="testbed")
+    os.replace(record + ".part", record)
+
+
+def land_testbed(archives: Sequence[str], runs: str, record: str) -> None:
+    """Merge each call's snapshot, in order, into `runs` (started from `record` where `runs` does not exist), then
+    write `record` from `runs`."""
+    for archive in archives:   # every snapshot is checked before anything is written
+        with tarfile.open(archive) as tar:
+            _members_under_testbed(tar, archive)
+    if not os.path.exists(runs) and os.path.exists(record):
+        extract_into(record, runs)
+    for archive in archives:
+        extract_into(archive, runs)
+    write_record(runs, record)
 
 
 def main(argv: Sequence[str] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folders", nargs="+", help="the calls' files_at folders, in call order")
     parser.add_argument("--runs", default="runs/testbed_pinned", help="where the testbed's runs go")
-    parser.add_argument("--record", default="docs/records/testbed_gpt-25m-long_pinned_h200.tgz")
-    parser.add_argument("--state", default=".device_state/testbed_runs.tgz")
+    parser.add_argument("--record", default="docs/records/testbed_pinned_runs.tar.xz")
     parser.add_argument("--docs", default="docs")
     args = parser.parse_args(argv)
     missing = [f for f in args.folders if not os.path.isdir(f)]
@@ -78,8 +101,8 @@ def main(argv: Sequence[str] = None) -> None:
     archives = [os.path.join(f, "testbed_runs.tgz") for f in args.folders
                 if os.path.exists(os.path.join(f, "testbed_runs.tgz"))]
     if archives:
-        land_testbed(archives[-1], args.runs, args.record, args.state)
-        print(f"{archives[-1]} -> {args.runs}, {args.record}, {args.state}")
+        land_testbed(archives, args.runs, args.record)
+        print(f"{', '.join(archives)} -> {args.runs} (merged, in call order) -> {args.record}")
     for doc in DOCS:
         target = os.path.join(args.docs, doc)
         before = sections(target)

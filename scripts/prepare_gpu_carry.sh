@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Build, on this CPU machine, the three ignored folders a GPU call carries (scripts/gpu_session.sh; a fresh checkout
-# has none of them): `run` with carry [".whl", ".device_corpus", ".device_state"].
+# Build, on this CPU machine, the two ignored folders a GPU call carries (scripts/gpu_session.sh; a fresh checkout
+# has neither): `run` with carry [".whl", ".device_corpus"]. The testbed's finished runs travel as a tracked file,
+# docs/records/testbed_pinned_runs.tar.xz, which a fresh GPU machine starts from (scripts/land_device_results.py
+# writes it).
 #   .whl            the wheels the GPU machine lacks (it has Python 3.12, torch and triton, and no network):
 #                   DeepSpeed 0.19.8 built from its sdist, and pure or 3.12 binary wheels of what it and
 #                   megatron-core 0.16.1 (tests/gpu/test_megatron_cuda.py) need
 #   .device_corpus  the pinned corpus (python-code-pinned, 19.9M tokens, BPE of 16,384), its .idx and tokenizer and
 #                   the .bin as xz, checked against docs/records/corpus_python_code_pinned.sha256: runs on two
 #                   corpora are not comparable
-#   .device_state   testbed_runs.tgz: finished testbed runs on that corpus, which a fresh GPU machine skips (none yet)
 # Each part is skipped when already there. About 3 minutes on a 2-core machine; 64 MiB is the carry limit.
 #
 #   bash scripts/prepare_gpu_carry.sh
@@ -34,9 +35,4 @@ if [ ! -f .device_corpus/python_code_pinned.bin.xz ]; then
     mv .device_corpus/python_code_pinned.bin.xz.part .device_corpus/python_code_pinned.bin.xz
 fi
 
-# Records of finished runs on the pinned corpus, so that a fresh GPU machine skips them: none yet (the testbed's
-# records before 2026-12-05, docs/records/testbed_gpt-25m-long_h200.tgz, are on a corpus that cannot be built again,
-# and a study must not skip its runs as if they were this corpus's). Put the latest testbed_*.tgz of the pinned
-# corpus here once there is one.
-[ -d .device_state ] && ls .device_state
 du -sh .whl .device_corpus

@@ -1,5 +1,6 @@
-"""scripts/land_device_results.py: what a GPU call brings back lands in the checkout: the latest testbed snapshot
-replaces the runs and the archives, and only the benchmark sections a call wrote or changed reach docs/."""
+"""scripts/land_device_results.py: what a GPU call brings back lands in the checkout: each call's testbed snapshot
+(the files its lease wrote) is merged into the runs, in call order, the record is written again from them in xz,
+and only the benchmark sections a call wrote or changed reach docs/."""
 import os
 import sys
 import tarfile
@@ -12,14 +13,19 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import land_device_results as land  # noqa: E402
 
 
-def snapshot(folder, runs):
-    """A testbed_runs.tgz as gpu_session.sh writes it: the study folder `testbed/` with finished runs."""
+def snapshot(folder, runs, text="{}"):
+    """A testbed_runs.tgz as gpu_session.sh writes it: the files under `testbed/` that the lease wrote."""
     src = folder / "src" / "testbed"
     for run in runs:
-        (src / run).mkdir(parents=True)
-        (src / run / "run.json").write_text("{}")
+        (src / run).mkdir(parents=True, exist_ok=True)
+        (src / run / "run.json").write_text(text)
     with tarfile.open(folder / "testbed_runs.tgz", "w:gz") as tar:
         tar.add(src, arcname="testbed")
+
+
+def record_files(record):
+    with tarfile.open(record) as tar:
+        return {m.name: tar.extractfile(m).read().decode() for m in tar.getmembers() if m.isfile()}
 
 
 def test_latest_snapshot_and_changed_sections_land(tmp_path):
@@ -33,13 +39,25 @@ def test_latest_snapshot_and_changed_sections_land(tmp_path):
         (call / "benchmarks.md").write_text(open(docs / "benchmarks.md").read())
     write_section(str(first / "benchmarks.md"), "rerun", "## rerun\n\nnew figures")
     write_section(str(second / "benchmarks.md"), "added", "## added\n\na new stage")
-    snapshot(first, ["gpt/stock/seed1"])
-    snapshot(second, ["gpt/stock/seed1", "gpt/fp4_both/seed1"])
-    runs, record, state = tmp_path / "runs" / "tb", tmp_path / "rec.tgz", tmp_path / "state" / "tb.tgz"
-    land.main([str(first), str(second), "--runs", str(runs), "--record", str(record), "--state", str(state),
-               "--docs", str(docs)])
-    assert (runs / "gpt" / "fp4_both" / "seed1" / "run.json").exists()  # the later call's snapshot
-    assert open(record, "rb").read() == open(state, "rb").read() == open(second / "testbed_runs.tgz", "rb").read()
+    # the record holds a run from an earlier session; this checkout has no runs folder (a fresh clone)
+    record = tmp_path / "records" / "runs.tar.xz"
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    snapshot(earlier, ["t5/stock/seed1"], "earlier session")
+    land.land_testbed([str(earlier / "testbed_runs.tgz")], str(tmp_path / "scratch"), str(record))
+    # call 1 writes seed 1 of stock; call 2 (a later snapshot of the same lease) rewrites it and adds FP4
+    snapshot(first, ["gpt/stock/seed1"], "call 1")
+    snapshot(second, ["gpt/stock/seed1", "gpt/fp4_both/seed1"], "call 2")
+    runs = tmp_path / "runs" / "tb"
+    land.main([str(first), str(second), "--runs", str(runs), "--record", str(record), "--docs", str(docs)])
+    assert (runs / "t5" / "stock" / "seed1" / "run.json").read_text() == "earlier session"  # from the record
+    assert (runs / "gpt" / "stock" / "seed1" / "run.json").read_text() == "call 2"  # the later call wins
+    assert (runs / "gpt" / "fp4_both" / "seed1" / "run.json").exists()
+    with open(record, "rb") as f:
+        assert f.read(6) == b"\xfd7zXZ\x00"  # xz
+    assert record_files(record) == {"testbed/t5/stock/seed1/run.json": "earlier session",
+                                    "testbed/gpt/stock/seed1/run.json": "call 2",
+                                    "testbed/gpt/fp4_both/seed1/run.json": "call 2"}
     target = str(docs / "benchmarks.md")
     assert "new figures" in read_section_text(target, "rerun")
     assert "a new stage" in read_section_text(target, "added")
@@ -54,7 +72,9 @@ def test_refuses_what_is_not_a_snapshot_or_a_folder(tmp_path):
     (bad / "other").write_text("x")
     with tarfile.open(bad / "testbed_runs.tgz", "w:gz") as tar:
         tar.add(bad / "other", arcname="other")
+    record = tmp_path / "rec.tar.xz"
     with pytest.raises(SystemExit, match="not a testbed snapshot"):
-        land.main([str(bad), "--runs", str(tmp_path / "r"), "--docs", str(tmp_path)])
+        land.main([str(bad), "--runs", str(tmp_path / "r"), "--record", str(record), "--docs", str(tmp_path)])
+    assert not record.exists() and not (tmp_path / "r").exists()  # nothing written
     with pytest.raises(SystemExit):
         land.main([str(tmp_path / "missing")])
