@@ -36,11 +36,8 @@ class LengthRow:
     def train_gap(self, name: str) -> Optional[List[float]]:
         """Per-seed gaps (%) of `name`'s mean training loss over the last 10% of steps against stock's, on the seeds
         both finished (the same data order: a paired difference); None if there are none."""
-        result = self.variants.get(name)
-        if result is None:
-            return None
-        common = [s for s in result.seeds if s in self.stock.train_tail and s in result.train_tail]
-        return [100 * (result.train_tail[s] / self.stock.train_tail[s] - 1) for s in common] or None
+        last = self.stock.info["train_steps"]
+        return self.train_gap_between(name, int(0.9 * last), last)
 
     def first_repeat_step(self) -> Optional[int]:
         """The last step before the schedule reads a training token for the second time; None within one pass."""

@@ -437,10 +437,9 @@ class VariantResult:
     info: dict                              # run.json of the first seed
     errors: Dict[str, float] = field(default_factory=dict)  # output-error telemetry, second half of the runs
     devices: Dict[int, str] = field(default_factory=dict)   # seed -> the device its run trained on (run.json)
-    # seed -> mean training loss over the last 10% of the steps: on a corpus the run sees more than once, set
-    # beside the validation gap, it tells a variant that trains worse from one that memorises the repeats less
-    train_tail: Dict[int, float] = field(default_factory=dict)
-    train_curve: Dict[int, Dict[int, float]] = field(default_factory=dict)  # seed -> {step: training loss}
+    # seed -> {step: training loss}: on a corpus the run sees more than once, its gap set beside the validation
+    # gap tells a variant that trains worse from one that memorises the repeats less (lshmoe_pretrain.length_study)
+    train_curve: Dict[int, Dict[int, float]] = field(default_factory=dict)
 
     def final(self, seed: int) -> float:
         return self.valid[seed][-1]
@@ -475,7 +474,7 @@ def load_variant(root: str, model_kind: str, variant: str, partial: bool = False
         return None
     length = min(len(evaluated) for evaluated, _, _, _ in curves.values())
     seeds, valid, compressed, rates, residuals, steps_ms, token_axis, info = [], {}, {}, [], [], [], None, {}
-    byte_ratios, train_tail, train_curve = [], {}, {}
+    byte_ratios, train_curve = [], {}
     for seed, (evaluated, run_info, tail, records) in sorted(curves.items()):
         evaluated = evaluated[:length]
         tokens = [r["step"] * run_info["tokens_per_step"] for r in evaluated]
@@ -490,9 +489,6 @@ def load_variant(root: str, model_kind: str, variant: str, partial: bool = False
             compressed[seed] = [r.get("valid_loss_compressed") for r in evaluated]
         steps_ms.append(1000 * statistics.median(r["step_time_s"] for r in tail))
         train_curve[seed] = {r["step"]: r["loss"] for r in records if "loss" in r}
-        last_tenth = [loss for step, loss in train_curve[seed].items() if step > 0.9 * run_info["train_steps"]]
-        if last_tenth:
-            train_tail[seed] = statistics.fmean(last_tenth)
         byte_ratios.append(bytes_ratio(records, run_info))
         rate_values = [r["lsh_moe/mean/compression_rate"] for r in tail if "lsh_moe/mean/compression_rate" in r]
         if rate_values:
@@ -508,7 +504,7 @@ def load_variant(root: str, model_kind: str, variant: str, partial: bool = False
                          statistics.fmean(rates) if rates else None, statistics.fmean(byte_ratios),
                          statistics.fmean(residuals) if residuals else None, statistics.median(steps_ms), info,
                          errors, {seed: run_info.get("device", "?") for seed, (_, run_info, _, _) in curves.items()},
-                         train_tail, train_curve)
+                         train_curve)
 
 
 def cross_card_seeds(result: VariantResult, base: VariantResult) -> List[int]:
