@@ -18,17 +18,18 @@ from typing import Dict, List, Optional, Sequence
 
 from . import frontier as frontiers
 from . import quality_study as study
-from .testbed import TESTBEDS, Testbed
+from . import testbed as beds
+from .testbed import Testbed
 
-FAMILIES = ("long", "single-pass")
+FAMILIES = beds.FAMILIES
 
 
 def shapes(family: str) -> List[Testbed]:
     """The GPU shapes that answer for each other: the long ones, or the single-pass ones."""
-    if family not in FAMILIES:
-        raise study.StudyError(f"--shapes {family!r}: allowed {list(FAMILIES)}")
-    return [bed for bed in TESTBEDS.values()
-            if not bed.proxy_of and (bed.single_pass_of is not None) == (family == "single-pass")]
+    try:
+        return beds.shapes(family)
+    except beds.TestbedError as error:
+        raise study.StudyError(str(error)) from None
 
 
 def collect(root: str, beds: Sequence[Testbed]) -> Dict[str, Optional[frontiers.Frontier]]:

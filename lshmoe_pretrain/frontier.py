@@ -24,7 +24,7 @@ from . import bench_variants, length_study
 from . import quality_study as study
 from .quality_records import variant_configuration
 from .step_sources import modelled_note
-from .testbed import LENGTHS, TESTBEDS, Testbed
+from .testbed import LENGTHS, TESTBEDS, Testbed, family, shapes
 
 GAP_BAND = 0.5          # % of stock's final loss, either side; also the rise across lengths that counts as growth
 BYTES_LIMIT = 0.5       # of stock's all-to-all bytes
@@ -431,8 +431,7 @@ def _scope(frontier: Frontier, chosen: Optional[str]) -> str:
         return (f" `{bed.name}` is a CPU proxy of `{bed.proxy_of}`: this verdict orders what `{bed.proxy_of}` "
                 f"screens first and sets no default.")
     # the long shapes answer for each other, and the single-pass shapes for each other
-    others = [b for b in TESTBEDS.values() if b.name != bed.name and not b.proxy_of
-              and (b.single_pass_of is None) == (bed.single_pass_of is None)]
+    others = [b for b in shapes(family(bed)) if b.name != bed.name]
     if not others:
         return ""
     measured, unmeasured = [], []

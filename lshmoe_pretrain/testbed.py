@@ -107,6 +107,21 @@ TESTBEDS: Dict[str, Testbed] = {t.name: t for t in (
 )}
 
 
+FAMILIES = ("long", "single-pass")
+
+
+def family(bed: Testbed) -> str:
+    """Which GPU shapes a shape answers with for the default: the long ones, or the single-pass ones."""
+    return "long" if bed.single_pass_of is None else "single-pass"
+
+
+def shapes(name: str) -> list:
+    """The GPU shapes of one family (no CPU proxy: proxies never set a default)."""
+    if name not in FAMILIES:
+        raise TestbedError(f"--shapes {name!r}: allowed {list(FAMILIES)}")
+    return [bed for bed in TESTBEDS.values() if not bed.proxy_of and family(bed) == name]
+
+
 class TestbedError(ValueError):
     """A bad testbed request; the message names the flag and what is allowed."""
 
