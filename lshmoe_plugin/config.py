@@ -13,7 +13,7 @@ from typing import Any, Mapping, Optional, Tuple, Union
 from .hash_families import HASH_FAMILIES, HashFamily
 from .methods import CUSTOM, DEFAULT_METHOD, STAGE_KEYS, MethodError, resolve
 from .residual_map import RESIDUAL_GRADS, RESIDUAL_MAPS
-from .wire import FORMAT_KEYS, SCALES, WIRE_DTYPES
+from .wire import FORMAT_KEYS, SCALES, UNFUSED, WIRE_DTYPES
 
 CONFIG_BLOCK = "lsh_moe"
 ENABLED_ENV_VAR = "LSHMOE_ENABLED"
@@ -133,8 +133,9 @@ class LSHMoEConfig:
         slightly past it, and outliers that find no slot in a full budget are merged with the rest: the telemetry
         counts both (``merged_over_tolerance``, ``over_budget_tokens``).
     dispatch_dtype, combine_dtype: the wire format of the all-to-all to the experts and back (lshmoe_plugin.wire):
-        ``model`` (the model's dtype, as the framework sends it), ``fp8_e4m3`` (float8 values with a scale per block)
-        or ``fp4_e2m1`` (OCP FP4 values, two per byte, with a scale per block); values and scales in one uint8
+        ``model`` (the model's dtype, as the framework sends it), ``fp8_e4m3`` (float8 values with a scale per block),
+        ``fp4_e2m1`` (OCP FP4 values, two per byte, with a scale per block) or ``fp6_e2m3`` (OCP FP6 values, four in
+        three bytes, with a scale per block); values and scales in one uint8
         all-to-all. They apply to whatever crosses: centroids, or every token with clustering ``none``. DeepSpeed,
         Megatron-core and AutoEP.
     dispatch_grad_dtype, combine_grad_dtype: the format of the gradient that crosses back through the dispatch
@@ -145,6 +146,9 @@ class LSHMoEConfig:
         byte, as OCP MX formats; up to one binade of e4m3's range unused per block).
     fp4_block_size, fp4_scale: the same for ``fp4_e2m1``, defaults 32 and ``e8m0`` (OCP MXFP4). Each format has keys
         of its own because their defaults differ; a block or scale key is refused unless a crossing uses its format.
+    fp6_block_size, fp6_scale: the same for ``fp6_e2m3`` (OCP FP6 E2M3, four values in three bytes), defaults 32 and
+        ``e8m0`` (OCP MXFP6). It has no fused kernel yet: the PyTorch reference runs it on every device, and
+        ``kernel: triton`` with it is refused.
     """
 
     enabled: bool = False
@@ -179,6 +183,8 @@ class LSHMoEConfig:
     fp8_scale: str = "float32"
     fp4_block_size: Union[str, int] = 32
     fp4_scale: str = "e8m0"
+    fp6_block_size: Union[str, int] = 32
+    fp6_scale: str = "e8m0"
 
     def __post_init__(self) -> None:
         _check_type("enabled", self.enabled, bool)
@@ -260,6 +266,11 @@ class LSHMoEConfig:
             if getattr(self, key) is not None and getattr(self, key) not in WIRE_DTYPES:
                 raise LSHMoEConfigError(f"lsh_moe.{key} must be null (as the forward) or one of {list(WIRE_DTYPES)}, "
                                         f"got {getattr(self, key)!r}")
+        unfused = [fmt for fmt in UNFUSED if fmt in self.wire_dtypes]
+        if self.kernel == "triton" and unfused:
+            raise LSHMoEConfigError(f"lsh_moe.kernel='triton' asks for fused kernels, which {unfused[0]} does not have "
+                                    f"yet (its crossings: {list(self.wire_dtypes)}); allowed with {unfused[0]}: kernel "
+                                    f"'auto' or 'torch' (the PyTorch reference runs it on every device)")
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         self._check_format_keys(defaults)
         self._check_bounded(defaults)

@@ -8,23 +8,28 @@
   counted.
 - ``fp4_e2m1``: every row in OCP FP4 E2M1 (sign and the magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6), two values per
   byte, with one scale per block: (E, ..., ceil(d / 2) + scale bytes * blocks).
+- ``fp6_e2m3``: every row in OCP FP6 E2M3 (sign, 2 exponent bits, 3 mantissa bits: e4m3's precision over a range
+  of 0.125 to 7.5 per scale), four values in three bytes, with one scale per block:
+  (E, ..., 3 * ceil(d / 4) + scale bytes * blocks). At the same bytes as FP8 forward with FP4 gradients (0.39 of
+  bf16's with e8m0 scales per 32), every crossing keeps about FP8's error instead of FP4's four times larger one.
 
 A scale is coded (`SCALES`) as ``float32`` (s = amax / largest value of the format, 4 bytes) or ``e8m0`` (a power of
 two, one byte: OCP MX's biased exponent). Each format has its own block and scale keys (`FORMAT_KEYS`), as their
-defaults differ: fp8_e4m3 float32 per 128 (DeepSeek-V3's tile), fp4_e2m1 e8m0 per 32 (OCP MXFP4).
+defaults differ: fp8_e4m3 float32 per 128 (DeepSeek-V3's tile), fp4_e2m1 and fp6_e2m3 e8m0 per 32 (OCP MXFP4, MXFP6).
 
-Rounding error (derived in `FP8E4M3` and `FP4E2M1`, asserted in tests/test_wire.py): every element comes back within
-max(2^-4 |x|, 2^-10 s) of itself for fp8_e4m3, max(2^-2 |x|, 2^-2 s) for fp4_e2m1, s the scale of its block (plus
-the rounding of the result to the model's dtype): at most 2^-4 (fp8) or 2^-2 (fp4) of the block's largest
-magnitude, with either scale coding (unless amax is so small that the scale clamps at its smallest value). NaN and
-inf poison their block (a loss scaler still sees the overflow).
+Rounding error (derived in `FP8E4M3`, `FP4E2M1` and `FP6E2M3`, asserted in tests/test_wire.py): every element comes
+back within max(2^-4 |x|, 2^-10 s) of itself for fp8_e4m3, max(2^-4 |x|, 2^-4 s) for fp6_e2m3, max(2^-2 |x|, 2^-2 s)
+for fp4_e2m1, s the scale of its block (plus the rounding of the result to the model's dtype): at most 2^-4 (fp8,
+fp6) or 2^-2 (fp4) of the block's largest magnitude, with either scale coding (unless amax is so small that the scale
+clamps at its smallest value). NaN and inf poison their block (a loss scaler still sees the overflow).
 
 Gradients (`cross`): straight-through for the rounding; the backward crossing carries the gradient in its own
 format with scales of its own. Shape-static, no host synchronisation (CUDA-graph capturable). On CUDA both formats,
 with either scale coding, encode and decode with fused kernels (one pass each, the reference's bytes and rows):
 kernels/wire_triton.py for ``fp8_e4m3`` (on GPUs that cast to e4m3, compute capability 8.9 and later) and
 kernels/wire_fp4_triton.py for ``fp4_e2m1`` (any CUDA GPU), for bf16, fp16 and fp32 rows, unless
-``lsh_moe.kernel`` is ``torch``; PyTorch's reference runs everything else.
+``lsh_moe.kernel`` is ``torch``; PyTorch's reference runs everything else. ``fp6_e2m3`` has no fused kernel yet: the
+reference runs it on every device, and ``lsh_moe.kernel: triton`` refuses it by name (config).
 """
 from __future__ import annotations
 
@@ -36,12 +41,15 @@ import torch
 
 from . import ops
 
-WIRE_DTYPES = ("model", "fp8_e4m3", "fp4_e2m1")
+WIRE_DTYPES = ("model", "fp8_e4m3", "fp4_e2m1", "fp6_e2m3")
 CROSSINGS = ("dispatch", "combine")
 E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
 E2M1_MAX = 6.0  # the largest FP4 E2M1 value
+E2M3_MAX = 7.5  # the largest FP6 E2M3 value
 # The lsh_moe keys of each scaled format: (elements per scale, scale coding).
-FORMAT_KEYS = {"fp8_e4m3": ("fp8_block_size", "fp8_scale"), "fp4_e2m1": ("fp4_block_size", "fp4_scale")}
+FORMAT_KEYS = {"fp8_e4m3": ("fp8_block_size", "fp8_scale"), "fp4_e2m1": ("fp4_block_size", "fp4_scale"),
+               "fp6_e2m3": ("fp6_block_size", "fp6_scale")}
+UNFUSED = ("fp6_e2m3",)  # the scaled formats without fused kernels: the PyTorch reference runs them everywhere
 FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what the fused kernels (kernels/wire_*triton.py) read
 
 Exchange = Callable[[torch.Tensor], torch.Tensor]  # a plain all-to-all of one buffer along dim 0 (no autograd)
@@ -273,7 +281,78 @@ class FP4E2M1(BlockScaled):
         return rows * (math.ceil(d / 2) + self.scale.bytes * self.blocks(d))
 
 
-WireFormat = Union[ModelDtype, FP8E4M3, FP4E2M1]
+class FP6E2M3(BlockScaled):
+    """OCP FP6 E2M3 values (MXFP6's element format), four codes of 6 bits in three bytes, one scale per block of
+    `block` elements of a row (None: per row), e8m0 (OCP MXFP6 with blocks of 32) or float32.
+
+    A code is the sign (bit 5), 2 exponent bits e (bias 1) and 3 mantissa bits m: the magnitude is m / 8 for e = 0
+    (subnormal) and 2^(e - 1) (1 + m / 8) otherwise, so codes 0 to 31 are 0, 0.125, ..., 0.875, 1, 1.125, ..., 7.5 in
+    order, spaced 1/8 below 2, 1/4 in [2, 4) and 1/2 in [4, 7.5]. Scale s = 2^ceil(log2(amax / 7.5)) (e8m0: amax / s
+    in (3.75, 7.5]) or amax / 7.5 (float32); y = x / s rounds to the nearest magnitude, a tie to the even code. The
+    code is arithmetic: with step the spacing of y's binade, q = round_half_even(|y| / step) is the code up to the
+    binade's offset 8 (e - 1), and q reaching the next binade's first value gives its code by the same sum; a
+    mantissa's parity is the code's, so round-half-even on q is the tie-to-even rule. Codes pack little-endian:
+    element 4i + j takes bits 6j to 6j + 5 of bytes 3i to 3i + 2; a row's last group is padded with zero codes.
+
+    Error bound: 3 mantissa bits, as e4m3: a normal y (|y| >= 1) moves by at most half its binade's spacing, 2^-4 of
+    the binade's first value <= 2^-4 |y|, and below 1 the spacing is 1/8, a move of at most 2^-4. Scaled back,
+    |x_hat - x| <= 2^-4 max(|x|, s) <= 2^-4 amax, up to float32's rounding with float32 scales (none with e8m0).
+    Against e4m3 it gives up the low end of the range (a block's values below s / 16 round to 0 or s / 8), which
+    blocks of 32 rarely use: on a trained model's expert inputs its error is within a fifth of FP8's.
+    """
+
+    name = "fp6_e2m3"
+
+    def __init__(self, block: Optional[int] = 32, scale: str = "e8m0") -> None:
+        super().__init__(block, scale)
+
+    def quantize(self, rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """rows (..., d) -> codes uint8 (..., d) in [0, 64), scales float32 (..., blocks)."""
+        blocked, d = self._blocked(rows.float())
+        scales = self.scale.of(blocked.abs().amax(-1), E2M3_MAX)
+        scaled = (blocked / scales.unsqueeze(-1)).flatten(-2)[..., :d]
+        magnitude = scaled.abs().clamp(max=E2M3_MAX)
+        # the binade's exponent e in [1, 3] from float32's own (|y| = f 2^k, f in [0.5, 1): e = k for |y| >= 1),
+        # 1 for the subnormals, whose spacing 1/8 is the first binade's
+        binade = torch.frexp(magnitude).exponent.clamp(1, 3)
+        step = torch.ldexp(torch.full_like(magnitude, 0.125), binade - 1)
+        codes = torch.round(magnitude / step).to(torch.uint8) + 8 * (binade - 1).to(torch.uint8)
+        return codes | ((scaled < 0).to(torch.uint8) << 5), scales
+
+    def dequantize(self, codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """codes (..., d), scales (..., blocks) -> rows (..., d) in `dtype`."""
+        exponent, mantissa = ((codes >> 3) & 3).int(), (codes & 7).int()
+        eighths = torch.where(exponent > 0, (8 + mantissa) << (exponent - 1).clamp(min=0), mantissa)  # 8 * magnitude
+        values = torch.where(codes >= 32, -eighths.float(), eighths.float()) * 0.125
+        blocked, d = self._blocked(values)
+        return (blocked * scales.unsqueeze(-1)).flatten(-2)[..., :d].to(dtype)
+
+    def encode(self, rows: torch.Tensor) -> torch.Tensor:
+        codes, scales = self.quantize(rows)
+        pad = -codes.shape[-1] % 4
+        if pad:
+            codes = torch.nn.functional.pad(codes, (0, pad))
+        quads = codes.unflatten(-1, (-1, 4)).int()
+        bits = quads[..., 0] | (quads[..., 1] << 6) | (quads[..., 2] << 12) | (quads[..., 3] << 18)
+        packed = torch.stack([bits & 0xFF, (bits >> 8) & 0xFF, bits >> 16], dim=-1).flatten(-2).to(torch.uint8)
+        return torch.cat([packed, self.scale.pack(scales)], dim=-1)
+
+    def decode(self, buffer: torch.Tensor, d: int, dtype: torch.dtype) -> torch.Tensor:
+        width = self.value_bytes(d)
+        triples = buffer[..., :width].unflatten(-1, (-1, 3)).int()
+        bits = triples[..., 0] | (triples[..., 1] << 8) | (triples[..., 2] << 16)
+        codes = torch.stack([(bits >> shift) & 0x3F for shift in (0, 6, 12, 18)], dim=-1).flatten(-2)[..., :d]
+        return self.dequantize(codes.to(torch.uint8), self.scale.unpack(buffer[..., width:]), dtype)
+
+    @staticmethod
+    def value_bytes(d: int) -> int:
+        return 3 * math.ceil(d / 4)
+
+    def bytes(self, rows: int, d: int, dtype: torch.dtype) -> int:
+        return rows * (self.value_bytes(d) + self.scale.bytes * self.blocks(d))
+
+
+WireFormat = Union[ModelDtype, FP8E4M3, FP4E2M1, FP6E2M3]
 MODEL = ModelDtype()
 
 
@@ -290,6 +369,8 @@ def wire_format(name: str, block: Union[str, int] = "row", scale: Optional[str] 
         fmt = FP8E4M3(size, scale or "float32")
     elif name == "fp4_e2m1":
         fmt = FP4E2M1(size, scale or "e8m0")
+    elif name == "fp6_e2m3":
+        fmt = FP6E2M3(size, scale or "e8m0")
     else:
         raise ValueError(f"wire dtype {name!r}: allowed {list(WIRE_DTYPES)}")
     fmt.kernel = kernel

@@ -97,6 +97,13 @@ VARIANTS: Dict[str, dict] = {
     "fp8_fwd_fp4_grad": {"enabled": True, "clustering": "none", "dispatch_dtype": "fp8_e4m3",
                          "combine_dtype": "fp8_e4m3", "dispatch_grad_dtype": "fp4_e2m1",
                          "combine_grad_dtype": "fp4_e2m1"},
+    # FP6 (OCP E2M3, an e8m0 scale per 32 elements: 3 d / 4 + d / 32 bytes, 0.39 of bf16's): e4m3's 3 mantissa
+    # bits, so on the expert inputs of a trained model about FP8's error at FP8/FP4's bytes; both ways (every crossing
+    # near FP8's error), and forward with FP4 gradients (0.33, the stretch target's third).
+    "fp6_both": {"enabled": True, "clustering": "none", "dispatch_dtype": "fp6_e2m3", "combine_dtype": "fp6_e2m3"},
+    "fp6_fwd_fp4_grad": {"enabled": True, "clustering": "none", "dispatch_dtype": "fp6_e2m3",
+                         "combine_dtype": "fp6_e2m3", "dispatch_grad_dtype": "fp4_e2m1",
+                         "combine_grad_dtype": "fp4_e2m1"},
     # Error-bounded merging: a token shares a centroid only within a relative residual of merge_tolerance, the
     # others cross as themselves (the rate becomes the data's); alone and with FP8 on the wire.
     "bounded_0.05": {"enabled": True, "clustering": "bounded", "merge_tolerance": 0.05},

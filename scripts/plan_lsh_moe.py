@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from lshmoe_plugin import wire  # noqa: E402
 from lshmoe_plugin.config import LSHMoEConfig  # noqa: E402
 from lshmoe_plugin.methods import METHODS  # noqa: E402
 from lshmoe_pretrain import benchmarking as bench  # noqa: E402
@@ -229,11 +230,8 @@ def modelled_bytes_line(shape: planning.LayerShape, dtype: str) -> str:
         config = shape.config()
         named = [dtype if f == "model" else f for f in formats]
         # Only the scale layouts of the formats this method sends (an FP4 plan names no FP8 block).
-        scales = []
-        if "fp8_e4m3" in formats:
-            scales.append(f"fp8_e4m3 with one {config.fp8_scale} scale per {_per(config.fp8_block_size)}")
-        if "fp4_e2m1" in formats:
-            scales.append(f"fp4_e2m1 with one {config.fp4_scale} scale per {_per(config.fp4_block_size)}")
+        scales = [f"{fmt} with one {getattr(config, scale_key)} scale per {_per(getattr(config, block_key))}"
+                  for fmt, (block_key, scale_key) in wire.FORMAT_KEYS.items() if fmt in formats]
         wire_text = (f"dispatch {named[0]} forward / {named[1]} backward, combine {named[2]} / {named[3]}; "
                      + ", ".join(scales))
     crossings = shape.crossing_bytes("lsh")

@@ -132,11 +132,19 @@ def test_each_scaled_format_has_its_own_block_and_scale_keys():
 
 @pytest.mark.parametrize("block, message", [
     ({"clustering": "kmeans"}, r"clustering must be one of \['lsh', 'none', 'bounded'\], got 'kmeans'"),
-    ({"dispatch_dtype": "fp8"}, r"dispatch_dtype must be one of \['model', 'fp8_e4m3', 'fp4_e2m1'\], got 'fp8'"),
-    ({"combine_dtype": "bf16"}, r"combine_dtype must be one of \['model', 'fp8_e4m3', 'fp4_e2m1'\], got 'bf16'"),
+    ({"dispatch_dtype": "fp8"}, r"dispatch_dtype must be one of \['model', 'fp8_e4m3', 'fp4_e2m1', 'fp6_e2m3'\], "
+                                r"got 'fp8'"),
+    ({"combine_dtype": "bf16"}, r"combine_dtype must be one of \['model', 'fp8_e4m3', 'fp4_e2m1', 'fp6_e2m3'\], "
+                                r"got 'bf16'"),
     ({"dispatch_grad_dtype": "e5m2"}, r"dispatch_grad_dtype must be null \(as the forward\) or one of \['model', "
-                                      r"'fp8_e4m3', 'fp4_e2m1'\], got 'e5m2'"),
-    ({"combine_dtype": "fp4"}, r"combine_dtype must be one of \['model', 'fp8_e4m3', 'fp4_e2m1'\], got 'fp4'"),
+                                      r"'fp8_e4m3', 'fp4_e2m1', 'fp6_e2m3'\], got 'e5m2'"),
+    ({"combine_dtype": "fp4"}, r"combine_dtype must be one of \['model', 'fp8_e4m3', 'fp4_e2m1', 'fp6_e2m3'\], "
+                               r"got 'fp4'"),
+    ({"dispatch_dtype": "fp6_e2m3", "kernel": "triton"}, r"kernel='triton' asks for fused kernels, which fp6_e2m3 does "
+                                                         r"not have yet .*allowed with fp6_e2m3: kernel 'auto' or "
+                                                         r"'torch'"),
+    ({"dispatch_dtype": "fp6_e2m3", "fp6_block_size": 0}, r'fp6_block_size must be "row" or an integer >= 1, got 0'),
+    ({"fp6_scale": "float32"}, r"fp6_scale='float32' sets the scales of fp6_e2m3, which no crossing uses"),
     ({"dispatch_dtype": "fp8_e4m3", "fp8_block_size": 0}, r'fp8_block_size must be "row" or an integer >= 1, got 0'),
     ({"dispatch_dtype": "fp8_e4m3", "fp8_block_size": "block"}, r'fp8_block_size must be "row" or an integer'),
     ({"dispatch_dtype": "fp8_e4m3", "fp8_block_size": True}, r'fp8_block_size must be "row" or an integer'),

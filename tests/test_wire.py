@@ -1,4 +1,4 @@
-"""The wire formats of lshmoe_plugin.wire against hand-built references: e4m3 and E2M1 rounding to the nearest
+"""The wire formats of lshmoe_plugin.wire against hand-built references: e4m3, E2M1 and E2M3 rounding to the nearest
 representable value (ties to even), float32 and power-of-two (e8m0) scales, the derived error bounds (and that they
 are reached), exact encodings of hand-picked values, bytes, packing, and straight-through gradients that cross back in
 their own format."""
@@ -14,9 +14,13 @@ from lshmoe_plugin.config import LSHMoEConfig
 # Every finite float8_e4m3fn magnitude, codes 0 to 0x7e in order (0x7f is NaN), and every E2M1 one, codes 0 to 7.
 E4M3_MAGNITUDES = torch.arange(0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn).double()
 E2M1_MAGNITUDES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=torch.float64)
-GRIDS = {"fp8_e4m3": E4M3_MAGNITUDES, "fp4_e2m1": E2M1_MAGNITUDES}
+# E2M3 (codes 0 to 31): the subnormals m / 8, then 2^(e - 1) (1 + m / 8) for e = 1, 2, 3, from the definition.
+E2M3_MAGNITUDES = torch.tensor([m / 8 for m in range(8)] + [2.0**(e - 1) * (1 + m / 8) for e in (1, 2, 3)
+                                                             for m in range(8)], dtype=torch.float64)
+GRIDS = {"fp8_e4m3": E4M3_MAGNITUDES, "fp4_e2m1": E2M1_MAGNITUDES, "fp6_e2m3": E2M3_MAGNITUDES}
 # Every (format, scale coding) pair, and the one that is not the format's default scale spelled out.
-FORMATS = [("fp8_e4m3", "float32"), ("fp8_e4m3", "e8m0"), ("fp4_e2m1", "e8m0"), ("fp4_e2m1", "float32")]
+FORMATS = [("fp8_e4m3", "float32"), ("fp8_e4m3", "e8m0"), ("fp4_e2m1", "e8m0"), ("fp4_e2m1", "float32"),
+           ("fp6_e2m3", "e8m0"), ("fp6_e2m3", "float32")]
 
 
 def nearest(y: torch.Tensor, magnitudes: torch.Tensor) -> torch.Tensor:
@@ -71,11 +75,11 @@ def heavy_tailed(*shape, seed=0):
 
 
 def scaled_format(fmt: str, block, scale: str):
-    return wire.FP8E4M3(block, scale) if fmt == "fp8_e4m3" else wire.FP4E2M1(block, scale)
+    return {"fp8_e4m3": wire.FP8E4M3, "fp4_e2m1": wire.FP4E2M1, "fp6_e2m3": wire.FP6E2M3}[fmt](block, scale)
 
 
 def value_bytes(fmt: str, d: int) -> int:
-    return d if fmt == "fp8_e4m3" else math.ceil(d / 2)
+    return {"fp8_e4m3": d, "fp4_e2m1": math.ceil(d / 2), "fp6_e2m3": 3 * math.ceil(d / 4)}[fmt]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -106,12 +110,13 @@ RANGES = [(1.0, torch.float32), (1.0, torch.bfloat16), (1e-36, torch.float32), (
 def test_error_stays_within_the_derived_bound_and_reaches_it(fmt, scale, block, magnitude, dtype):
     """fp8_e4m3: |x_hat - x| <= max(2^-4 |x|, 2^-10 s), half a unit in the last place of 3 mantissa bits for normal
     values (|x| >= 2^-6 s), half the subnormal spacing 2^-9 below; fp4_e2m1: 2^-2 max(|x|, s), one mantissa bit,
-    spacing 0.5 below 1 (derivations in wire.FP8E4M3 and wire.FP4E2M1). Either is at most 2^-4 (resp. 2^-2) of the
+    spacing 0.5 below 1; fp6_e2m3: 2^-4 max(|x|, s), 3 mantissa bits, spacing 1/8 below 1 (derivations in
+    wire.FP8E4M3, wire.FP4E2M1 and wire.FP6E2M3). Either is at most 2^-4 (resp. 2^-2) of the
     block's largest magnitude where the scale is not clamped at its smallest value. float32 scales add float32's
     rounding of x / s and q * s (relative 2^-20 of slack, and 2^-149 where q * s is a float32 subnormal); e8m0
     scales add nothing, a power of two divides and multiplies exactly. A bf16 model adds the rounding of the result
     to bf16 (half a unit in the last place of its 8 significant bits: 2^-8 relative). The bound is reached: the
-    worst relative error of normal values comes near its largest possible value, 2^-4 / (1 + 2^-4) (fp8) or
+    worst relative error of normal values comes near its largest possible value, 2^-4 / (1 + 2^-4) (fp8, fp6) or
     2^-2 / (1 + 2^-2) = 1/5 (fp4), at a binade's first midpoint."""
     codec = scaled_format(fmt, block, scale)
     x = (heavy_tailed(64, 512, seed=1) * magnitude).to(dtype)
@@ -119,7 +124,8 @@ def test_error_stays_within_the_derived_bound_and_reaches_it(fmt, scale, block, 
     assert decoded.dtype == dtype
     xd, error = x.double(), (decoded.double() - x.double()).abs()
     s = element_scales(x, block, fmt, scale).double()
-    fine, coarse, subnormal_below = (2.0**-4, 2.0**-10, 2.0**-6) if fmt == "fp8_e4m3" else (2.0**-2, 2.0**-2, 1.0)
+    fine, coarse, subnormal_below = {"fp8_e4m3": (2.0**-4, 2.0**-10, 2.0**-6), "fp4_e2m1": (2.0**-2, 2.0**-2, 1.0),
+                                     "fp6_e2m3": (2.0**-4, 2.0**-4, 1.0)}[fmt]
     slack = (1 + 2.0**-20, 2.0**-149) if scale == "float32" else (1.0, 0.0)
     output_rounding = 0.0 if dtype == torch.float32 else 2.0**-8 * decoded.double().abs()
     bound = torch.maximum(fine * xd.abs(), coarse * s) * slack[0] + slack[1] + output_rounding
@@ -192,6 +198,30 @@ def test_e2m1_puts_the_largest_magnitude_on_six_times_the_scale_and_never_clips_
     assert codec.encode(above).tolist() == [[0x05, 127 + 6]]
 
 
+def test_e2m3_encodes_hand_picked_values_and_packs_four_codes_in_three_bytes():
+    """One block (the row): amax 7.5 gives s = 1 in both scale codings. Every code's magnitude comes back exactly;
+    midpoints go to the even code; codes pack little-endian, element 4i + j in bits 6j to 6j + 5 of bytes 3i to
+    3i + 2, the last group padded with zero codes."""
+    every = E2M3_MAGNITUDES.float()
+    for scale in ("e8m0", "float32"):
+        codec = wire.FP6E2M3(None, scale)
+        row = torch.cat([every, -every]).unsqueeze(0)
+        assert torch.equal(codec.decode(codec.encode(row), 64, torch.float32), row)
+        codes, scales = codec.quantize(row)
+        # -0 is coded as +0 (the sign bit marks values below zero)
+        assert codes[0].tolist() == list(range(32)) + [0] + [32 | c for c in range(1, 32)] and scales.item() == 1.0
+    codec = wire.FP6E2M3(None, "e8m0")
+    # ties: 0.0625 (0 | 1/8) -> 0, 0.1875 -> 1/4, 1.0625 -> 1, 1.1875 -> 1.25, 2.125 -> 2, 2.375 -> 2.5,
+    # 4.25 -> 4, 4.75 -> 5, 7.25 -> 7; 0.999 and 1.99 and 3.99 round up into the next binade
+    ties = torch.tensor([[7.5, 0.0625, 0.1875, 1.0625, 1.1875, 2.125, 2.375, 4.25, 4.75, 7.25, 0.999, 1.99, 3.99]])
+    expected = torch.tensor([[7.5, 0, 0.25, 1, 1.25, 2, 2.5, 4, 5, 7, 1, 2, 4]])
+    assert torch.equal(codec.decode(codec.encode(ties), 13, torch.float32), expected)
+    buffer = codec.encode(torch.tensor([[7.5, -0.125, 1.0, 2.0, 3.0]]))  # codes 31, 33, 8, 16 | 20, pad
+    first = 31 | 33 << 6 | 8 << 12 | 16 << 18
+    assert buffer[0].tolist() == [first & 0xFF, first >> 8 & 0xFF, first >> 16, 20, 0, 0, 127]
+    assert codec.bytes(1, 5, torch.float32) == buffer.numel() == 3 * 2 + 1
+
+
 @pytest.mark.parametrize("fmt, scale", FORMATS)
 def test_one_row_whose_scales_start_at_any_byte_decodes(fmt, scale):
     """A buffer of one row is contiguous, so its scales slice is too, but starts at byte d (or ceil(d / 2))."""
@@ -227,6 +257,8 @@ def test_bytes_count_values_and_scales(dtype):
     assert wire.FP8E4M3(128, "e8m0").bytes(10, 300, dtype) == 10 * (300 + 3)
     assert wire.FP4E2M1(32).bytes(10, 301, dtype) == 10 * (151 + 10)  # e8m0 by default
     assert wire.FP4E2M1(None, "float32").bytes(10, 300, dtype) == 10 * (150 + 4)
+    assert wire.FP6E2M3(32).bytes(10, 301, dtype) == 10 * (3 * 76 + 10)  # e8m0 by default; 301 pads to 304 codes
+    assert wire.FP6E2M3(None, "float32").bytes(10, 512, dtype) == 10 * (384 + 4)
     for fmt, scale in FORMATS:
         for block in (None, 128, 32):
             codec = scaled_format(fmt, block, scale)
@@ -238,6 +270,7 @@ def test_formats_are_built_from_their_own_keys():
     assert wire.wire_format("fp8_e4m3", 16).scale.name == "float32"  # today's format, as before
     assert wire.wire_format("fp4_e2m1", 32).scale.name == "e8m0"
     assert wire.wire_format("fp4_e2m1", "row", "float32").block is None
+    assert (wire.wire_format("fp6_e2m3", 32).scale.name, wire.wire_format("fp6_e2m3", 32).name) == ("e8m0", "fp6_e2m3")
     assert wire.wire_format("fp8_e4m3", 16, "e8m0") is wire.wire_format("fp8_e4m3", 16, "e8m0")  # cached
     config = LSHMoEConfig(dispatch_dtype="fp8_e4m3", fp8_scale="e8m0", fp8_block_size=64,
                           dispatch_grad_dtype="fp4_e2m1", fp4_block_size=16)
@@ -277,7 +310,8 @@ def test_model_format_is_the_identity_and_needs_no_crossing_of_its_own():
 
 @pytest.mark.parametrize("forward, backward", [("fp8_e4m3", "fp8_e4m3"), ("fp8_e4m3", "model"),
                                                ("model", "fp8_e4m3"), ("fp4_e2m1", "fp4_e2m1"),
-                                               ("fp8_e4m3/e8m0", "fp4_e2m1"), ("model", "fp4_e2m1/float32")])
+                                               ("fp8_e4m3/e8m0", "fp4_e2m1"), ("model", "fp4_e2m1/float32"),
+                                               ("fp6_e2m3", "fp6_e2m3"), ("fp6_e2m3", "fp4_e2m1")])
 def test_gradients_pass_straight_through_and_cross_back_in_their_own_format(forward, backward):
     """d(out)/d(rows) is the identity (straight-through); what reaches `rows` is the gradient as its own format
     sends it: rounded with scales of its own, or exactly."""

@@ -10,7 +10,8 @@ from lshmoe_plugin.wire import FORMAT_KEYS
 
 BLOCK = 8
 # The formats the cases send, as (wire dtype, scale coding); every one with BLOCK elements per scale.
-KINDS = {"fp8": ("fp8_e4m3", "float32"), "fp8_e8m0": ("fp8_e4m3", "e8m0"), "fp4": ("fp4_e2m1", "e8m0")}
+KINDS = {"fp8": ("fp8_e4m3", "float32"), "fp8_e8m0": ("fp8_e4m3", "e8m0"), "fp4": ("fp4_e2m1", "e8m0"),
+         "fp6": ("fp6_e2m3", "e8m0")}
 
 # lsh_moe keys, and what each of the four crossings (dispatch, combine, combine's grad, dispatch's grad) carries:
 # a kind of KINDS, or None for the model's dtype.
@@ -24,7 +25,8 @@ CASES = {"fp8_dispatch": ({"dispatch_dtype": "fp8_e4m3"}, ("fp8", None, None, "f
          "fp4_both": ({"dispatch_dtype": "fp4_e2m1", "combine_dtype": "fp4_e2m1"}, ("fp4",) * 4),
          "fp8_forward_fp4_grads": ({"dispatch_dtype": "fp8_e4m3", "combine_dtype": "fp8_e4m3",
                                     "dispatch_grad_dtype": "fp4_e2m1", "combine_grad_dtype": "fp4_e2m1"},
-                                   ("fp8", "fp8", "fp4", "fp4"))}
+                                   ("fp8", "fp8", "fp4", "fp4")),
+         "fp6_both": ({"dispatch_dtype": "fp6_e2m3", "combine_dtype": "fp6_e2m3"}, ("fp6",) * 4)}
 
 # The dispatch alone in a format (forward, backward): what the identity-expert layers check, values and gradients.
 DISPATCH_CASES = {"fp8": ({"dispatch_dtype": "fp8_e4m3"}, ("fp8", "fp8")),
@@ -46,7 +48,7 @@ def row_bytes(kind, hidden: int) -> int:
     if kind is None:
         return 4 * hidden
     fmt, scale = KINDS[kind]
-    values = hidden if fmt == "fp8_e4m3" else math.ceil(hidden / 2)
+    values = {"fp8_e4m3": hidden, "fp4_e2m1": math.ceil(hidden / 2), "fp6_e2m3": 3 * math.ceil(hidden / 4)}[fmt]
     return values + {"float32": 4, "e8m0": 1}[scale] * math.ceil(hidden / BLOCK)
 
 
