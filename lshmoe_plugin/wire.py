@@ -20,11 +20,13 @@ magnitude, with either scale coding (unless amax is so small that the scale clam
 inf poison their block (a loss scaler still sees the overflow).
 
 Gradients (`cross`): straight-through for the rounding; the backward crossing carries the gradient in its own
-format with scales of its own. Shape-static, no host synchronisation (CUDA-graph capturable). On CUDA both formats,
-with either scale coding, encode and decode with fused kernels (one pass each, the reference's bytes and rows):
-kernels/wire_triton.py for ``fp8_e4m3`` (on GPUs that cast to e4m3, compute capability 8.9 and later) and
-kernels/wire_fp4_triton.py for ``fp4_e2m1`` (any CUDA GPU), for bf16, fp16 and fp32 rows, unless
-``lsh_moe.kernel`` is ``torch``; PyTorch's reference runs everything else.
+format with scales of its own, rounded to nearest or, with ``lsh_moe.grad_rounding: "stochastic"``, stochastically
+(`rounding`: unbiased, E[Q(g)] = g; both scaled formats). The forward always rounds to nearest. Shape-static, no host
+synchronisation (CUDA-graph capturable). On CUDA both formats, with either scale coding, encode and decode with fused
+kernels (one pass each, the reference's bytes and rows): kernels/wire_triton.py for ``fp8_e4m3`` (on GPUs that cast
+to e4m3, compute capability 8.9 and later) and kernels/wire_fp4_triton.py for ``fp4_e2m1`` (any CUDA GPU), for bf16,
+fp16 and fp32 rows, unless ``lsh_moe.kernel`` is ``torch``; PyTorch's reference runs everything else, and every
+stochastic encode (the kernels round to nearest; the buffer is the same, so decoding stays fused).
 """
 from __future__ import annotations
 
@@ -35,9 +37,11 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 
 from . import ops
+from .rounding import DrawCounters, rounds_up
 
 WIRE_DTYPES = ("model", "fp8_e4m3", "fp4_e2m1")
 CROSSINGS = ("dispatch", "combine")
+ROUNDINGS = ("nearest", "stochastic")  # how a scaled format rounds (lsh_moe.grad_rounding, for the gradients)
 E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
 E2M1_MAX = 6.0  # the largest FP4 E2M1 value
 # The lsh_moe keys of each scaled format: (elements per scale, scale coding).
@@ -122,20 +126,29 @@ SCALES = {"float32": Float32Scale(), "e8m0": E8M0Scale()}
 
 class BlockScaled:
     """What the scaled formats share: one scale per block of `block` elements of a row (None: per row), coded as
-    `scale` (a name in SCALES)."""
+    `scale` (a name in SCALES), values rounded to the grid as `rounding` says (ROUNDINGS): ``nearest``, or
+    ``stochastic``: y = x / s goes to one of its two neighbours lo <= |y| <= hi, up with probability
+    (|y| - lo) / (hi - lo) (lshmoe_plugin.rounding), so E[decoded] = x; the scales are nearest's. Its uniforms hash
+    the element's index with a draw counter of the format per device, seeded by a constant of the formats
+    (rounding.SEED) and the rank, advanced on every encode: nothing is drawn from torch's generator."""
 
     kernel = "auto"  # lsh_moe.kernel, set by wire_format: where encode and decode run the fused kernels (ops)
     KERNELS = ""  # the module of kernels/ with the format's fused encode and decode
 
-    def __init__(self, block: Optional[int] = None, scale: str = "float32") -> None:
+    def __init__(self, block: Optional[int] = None, scale: str = "float32", rounding: str = "nearest") -> None:
         if scale not in SCALES:
             raise ValueError(f"scale coding {scale!r}: allowed {list(SCALES)}")
-        self.block, self.scale = block, SCALES[scale]
+        if rounding not in ROUNDINGS:
+            raise ValueError(f"rounding {rounding!r}: allowed {list(ROUNDINGS)}")
+        self.block, self.scale, self.rounding = block, SCALES[scale], rounding
+        self.draws = DrawCounters() if rounding == "stochastic" else None
 
-    def _fused(self, tensor: torch.Tensor, dtype: torch.dtype):
-        """The fused kernels' module if they encode or decode `tensor` (model dtype `dtype`), else None: on CUDA
-        unless the kernel is 'torch', for the dtypes they read and write (the reference takes any other dtype and
-        empty tensors), on GPUs the module runs on (its `runs_on`)."""
+    def _fused(self, tensor: torch.Tensor, dtype: torch.dtype, encode: bool = False):
+        """The fused kernels' module if they encode (`encode`) or decode `tensor` (model dtype `dtype`), else None: on
+        CUDA unless the kernel is 'torch', for the dtypes they read and write (the reference takes any other dtype and
+        empty tensors), on GPUs the module runs on (its `runs_on`). They encode to nearest only."""
+        if encode and self.rounding == "stochastic":
+            return None
         if not (ops.runs_fused(self.kernel, tensor.device) and tensor.numel() > 0 and dtype in FUSED_DTYPES):
             return None
         kernels = ops.fused_module(self.KERNELS, self.kernel)
@@ -152,6 +165,10 @@ class BlockScaled:
         if pad:
             rows = torch.nn.functional.pad(rows, (0, pad))
         return rows.unflatten(-1, (self.blocks(d), size)), d
+
+    def _uniforms(self, like: torch.Tensor) -> torch.Tensor:
+        """A fresh uniform in [0, 1) per element of `like` (float32), from the format's draw counter."""
+        return self.draws.draw(like.shape, like.device)
 
 
 class FP8E4M3(BlockScaled):
@@ -177,9 +194,22 @@ class FP8E4M3(BlockScaled):
         blocked, d = self._blocked(rows.float())
         amax = blocked.abs().amax(-1)
         scales = self.scale.of(amax, E4M3_MAX)
-        scaled = (blocked / scales.unsqueeze(-1)).clamp(-E4M3_MAX, E4M3_MAX)
-        values = scaled.flatten(-2)[..., :d].to(torch.float8_e4m3fn)
-        return values, scales
+        scaled = (blocked / scales.unsqueeze(-1)).clamp(-E4M3_MAX, E4M3_MAX).flatten(-2)[..., :d]
+        if self.rounding == "stochastic":
+            return self._round_stochastically(scaled), scales
+        return scaled.to(torch.float8_e4m3fn), scales
+
+    def _round_stochastically(self, scaled: torch.Tensor) -> torch.Tensor:
+        """y (float32, |y| <= 448) -> float8_e4m3fn: its e4m3 neighbours from the nearest value's code, one step down
+        where the nearest lies above |y|, one up where below (a positive e4m3 code counts up with the value), then
+        `rounds_up` picks one. Every value involved is exact in float32."""
+        magnitude = scaled.abs()
+        nearest = magnitude.to(torch.float8_e4m3fn)
+        code, value = nearest.view(torch.uint8), nearest.float()
+        lo = torch.where(value > magnitude, code - 1, code).view(torch.float8_e4m3fn).float()
+        hi = torch.where(value < magnitude, code + 1, code).view(torch.float8_e4m3fn).float()
+        up = rounds_up(magnitude, lo, hi, self._uniforms(magnitude))
+        return torch.copysign(torch.where(up, hi, lo), scaled).to(torch.float8_e4m3fn)
 
     def dequantize(self, values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """values (..., d), scales (..., blocks) -> rows (..., d) in `dtype`."""
@@ -187,7 +217,7 @@ class FP8E4M3(BlockScaled):
         return (blocked * scales.unsqueeze(-1)).flatten(-2)[..., :d].to(dtype)
 
     def encode(self, rows: torch.Tensor) -> torch.Tensor:
-        fused = self._fused(rows, rows.dtype)
+        fused = self._fused(rows, rows.dtype, encode=True)
         if fused:
             return fused.encode(rows, self.block, self.scale.name)
         values, scales = self.quantize(rows)
@@ -205,8 +235,16 @@ class FP8E4M3(BlockScaled):
         return rows * (d + self.scale.bytes * self.blocks(d))
 
 
-# Midpoints between neighbouring E2M1 magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6 (codes 0 to 7, in order).
+# The E2M1 magnitudes (codes 0 to 7, in order), and the midpoints between neighbours.
+E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+
+
+def e2m1_magnitude(codes: torch.Tensor) -> torch.Tensor:
+    """codes without the sign bit (any integer dtype, in [0, 8)) -> their magnitudes, float32."""
+    exponent, mantissa = (codes >> 1) & 3, codes & 1
+    quarters = torch.where(exponent > 0, (2 + mantissa) << exponent, 2 * mantissa)  # 4 * magnitude
+    return quarters.float() * 0.25
 
 
 class FP4E2M1(BlockScaled):
@@ -228,8 +266,8 @@ class FP4E2M1(BlockScaled):
 
     name, KERNELS = "fp4_e2m1", "wire_fp4_triton"
 
-    def __init__(self, block: Optional[int] = 32, scale: str = "e8m0") -> None:
-        super().__init__(block, scale)
+    def __init__(self, block: Optional[int] = 32, scale: str = "e8m0", rounding: str = "nearest") -> None:
+        super().__init__(block, scale, rounding)
 
     def quantize(self, rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """rows (..., d) -> codes uint8 (..., d) in [0, 16), scales float32 (..., blocks)."""
@@ -237,22 +275,35 @@ class FP4E2M1(BlockScaled):
         scales = self.scale.of(blocked.abs().amax(-1), E2M1_MAX)
         scaled = (blocked / scales.unsqueeze(-1)).flatten(-2)[..., :d]
         magnitude = scaled.abs()
-        codes = torch.zeros_like(magnitude, dtype=torch.uint8)
-        for i, midpoint in enumerate(E2M1_MIDPOINTS):
-            # the code is how many midpoints lie below; a tie goes to the even one of codes i and i + 1
-            codes += (magnitude >= midpoint if i % 2 else magnitude > midpoint).to(torch.uint8)
+        if self.rounding == "stochastic":
+            codes = self._round_stochastically(magnitude)
+        else:
+            codes = torch.zeros_like(magnitude, dtype=torch.uint8)
+            for i, midpoint in enumerate(E2M1_MIDPOINTS):
+                # the code is how many midpoints lie below; a tie goes to the even one of codes i and i + 1
+                codes += (magnitude >= midpoint if i % 2 else magnitude > midpoint).to(torch.uint8)
         return codes | ((scaled < 0).to(torch.uint8) << 3), scales
+
+    def _round_stochastically(self, magnitude: torch.Tensor) -> torch.Tensor:
+        """|y| (float32, at most 6 but for float32's rounding of x / s) -> codes uint8 in [0, 8): the code below
+        (how many nonzero magnitudes are <= |y|) or, by `rounds_up`, the one above."""
+        magnitude = magnitude.clamp(max=E2M1_MAX)
+        below = torch.zeros_like(magnitude, dtype=torch.uint8)
+        for upper in E2M1_MAGNITUDES[1:]:
+            below += (magnitude >= upper).to(torch.uint8)
+        above = (below + 1).clamp(max=7)
+        up = rounds_up(magnitude, e2m1_magnitude(below), e2m1_magnitude(above), self._uniforms(magnitude))
+        return torch.where(up, above, below)
 
     def dequantize(self, codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """codes (..., d), scales (..., blocks) -> rows (..., d) in `dtype`."""
-        exponent, mantissa = (codes >> 1) & 3, codes & 1
-        quarters = torch.where(exponent > 0, (2 + mantissa) << exponent, 2 * mantissa)  # 4 * magnitude
-        values = torch.where(codes >= 8, -quarters.float(), quarters.float()) * 0.25
+        magnitude = e2m1_magnitude(codes & 7)
+        values = torch.where(codes >= 8, -magnitude, magnitude)
         blocked, d = self._blocked(values)
         return (blocked * scales.unsqueeze(-1)).flatten(-2)[..., :d].to(dtype)
 
     def encode(self, rows: torch.Tensor) -> torch.Tensor:
-        fused = self._fused(rows, rows.dtype)
+        fused = self._fused(rows, rows.dtype, encode=True)
         if fused:
             return fused.encode(rows, self.block, self.scale.name)
         codes, scales = self.quantize(rows)
@@ -279,34 +330,39 @@ MODEL = ModelDtype()
 
 @functools.lru_cache(maxsize=None)
 def wire_format(name: str, block: Union[str, int] = "row", scale: Optional[str] = None,
-                kernel: str = "auto") -> WireFormat:
+                kernel: str = "auto", rounding: str = "nearest") -> WireFormat:
     """The format called `name` (one of WIRE_DTYPES); `block` and `scale` are its keys (FORMAT_KEYS: e.g.
     ``lsh_moe.fp8_block_size`` and ``fp8_scale``), scale None the format's own default; `kernel` is
-    ``lsh_moe.kernel`` (``torch``: the PyTorch reference on every device)."""
+    ``lsh_moe.kernel`` (``torch``: the PyTorch reference on every device); `rounding` one of ROUNDINGS (``model``
+    does not round). One instance per set of arguments: a stochastic format's draw counters are shared by every
+    crossing that sends it, so each of their encodes draws fresh bits."""
     if name == "model":
         return MODEL
     size = None if block == "row" else block
     if name == "fp8_e4m3":
-        fmt = FP8E4M3(size, scale or "float32")
+        fmt = FP8E4M3(size, scale or "float32", rounding)
     elif name == "fp4_e2m1":
-        fmt = FP4E2M1(size, scale or "e8m0")
+        fmt = FP4E2M1(size, scale or "e8m0", rounding)
     else:
         raise ValueError(f"wire dtype {name!r}: allowed {list(WIRE_DTYPES)}")
     fmt.kernel = kernel
     return fmt
 
 
-def configured_format(config, name: str) -> WireFormat:
-    """The format called `name` with its block, scale and kernel keys as an LSHMoEConfig sets them."""
-    return wire_format(name, *(getattr(config, key) for key in FORMAT_KEYS.get(name, ())), kernel=config.kernel)
+def configured_format(config, name: str, rounding: str = "nearest") -> WireFormat:
+    """The format called `name` with its block, scale and kernel keys as an LSHMoEConfig sets them, rounding as
+    `rounding` says."""
+    keys = (getattr(config, key) for key in FORMAT_KEYS.get(name, ()))
+    return wire_format(name, *keys, kernel=config.kernel, rounding=rounding)
 
 
 def formats(config, crossing: str) -> Tuple[WireFormat, WireFormat]:
     """(forward, backward) formats of `crossing` ("dispatch" or "combine") under an LSHMoEConfig: the backward
-    follows the forward unless ``<crossing>_grad_dtype`` is set."""
+    follows the forward unless ``<crossing>_grad_dtype`` is set, and rounds as ``grad_rounding`` says; the forward
+    always rounds to nearest."""
     forward = getattr(config, f"{crossing}_dtype")
     backward = getattr(config, f"{crossing}_grad_dtype") or forward
-    return configured_format(config, forward), configured_format(config, backward)
+    return configured_format(config, forward), configured_format(config, backward, config.grad_rounding)
 
 
 def changes_crossing(config, crossing: str) -> bool:
