@@ -47,13 +47,14 @@ def hash32(index: torch.Tensor, counter: torch.Tensor, seed: int = SEED) -> torc
     """32 random-looking bits (int64 in [0, 2^32)) per element of `index` (int64 >= 0), for draw `counter` (an int64
     tensor of one element, >= 0): with lo/hi the low and high 32 bits and + mod 2^32,
 
-        k1 = fmix32(lo(counter) * GOLDEN ^ seed),  k2 = fmix32(k1 ^ hi(counter))
+        k1 = fmix32(lo(counter) * GOLDEN ^ seed),  k2 = fmix32(k1 * GOLDEN ^ hi(counter))
         h  = fmix32(fmix32(lo(index) + k1) ^ (k2 + hi(index)))
 
     Two rounds, not one: with a single fmix32(index ^ key), two draws would be permutations of each other's bits
-    over the indices wherever their keys differ only in low bits."""
+    over the indices wherever their keys differ only in low bits. k2 is not fmix32(k1 ^ hi(counter)): the first
+    round of index 0 would equal it, and every draw's element 0 would hash to fmix32(0) = 0."""
     k1 = fmix32(mul32(counter & MASK32, GOLDEN) ^ (seed & MASK32))
-    k2 = fmix32(k1 ^ (counter >> 32))
+    k2 = fmix32(mul32(k1, GOLDEN) ^ (counter >> 32))
     first = fmix32(((index & MASK32) + k1) & MASK32)
     return fmix32(first ^ ((k2 + (index >> 32)) & MASK32))
 

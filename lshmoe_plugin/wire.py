@@ -328,14 +328,18 @@ WireFormat = Union[ModelDtype, FP8E4M3, FP4E2M1]
 MODEL = ModelDtype()
 
 
-@functools.lru_cache(maxsize=None)
 def wire_format(name: str, block: Union[str, int] = "row", scale: Optional[str] = None,
                 kernel: str = "auto", rounding: str = "nearest") -> WireFormat:
     """The format called `name` (one of WIRE_DTYPES); `block` and `scale` are its keys (FORMAT_KEYS: e.g.
     ``lsh_moe.fp8_block_size`` and ``fp8_scale``), scale None the format's own default; `kernel` is
     ``lsh_moe.kernel`` (``torch``: the PyTorch reference on every device); `rounding` one of ROUNDINGS (``model``
-    does not round). One instance per set of arguments: a stochastic format's draw counters are shared by every
-    crossing that sends it, so each of their encodes draws fresh bits."""
+    does not round). One instance per set of values, however they are passed: a stochastic format's draw counters
+    are shared by every crossing that sends it, so that no two of its encodes draw the same bits."""
+    return _format(name, block, scale, kernel, rounding)
+
+
+@functools.lru_cache(maxsize=None)
+def _format(name: str, block: Union[str, int], scale: Optional[str], kernel: str, rounding: str) -> WireFormat:
     if name == "model":
         return MODEL
     size = None if block == "row" else block
