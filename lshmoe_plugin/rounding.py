@@ -25,38 +25,48 @@ GOLDEN = 0x9E3779B9  # 2^32 / golden ratio: spreads consecutive counters over th
 UNIFORM_BITS = 24  # what a float32 in [0, 1) holds exactly
 
 
-def mul32(a: torch.Tensor, constant: int) -> torch.Tensor:
-    """a * constant mod 2^32, a int64 in [0, 2^32): the constant split into 16-bit halves so that no product
-    exceeds 2^48 (int64 never overflows), as uint32 multiplication wraps in a kernel."""
-    low = a * (constant & 0xFFFF)
-    high = ((a * (constant >> 16)) & 0xFFFF) << 16
-    return (low + high) & MASK32
+def mul32(a: torch.Tensor, factor) -> torch.Tensor:
+    """a * factor mod 2^32, a int64 in [0, 2^32) and factor an int or an int64 tensor in [0, 2^32): the factor split
+    into 16-bit halves so that no product exceeds 2^48 (int64 never overflows), as uint32 multiplication wraps in a
+    kernel."""
+    low = a * (factor & 0xFFFF)
+    high = a * (factor >> 16)
+    high &= 0xFFFF
+    high <<= 16
+    low += high
+    return low.bitwise_and_(MASK32)
 
 
 def fmix32(h: torch.Tensor) -> torch.Tensor:
     """murmur3's 32-bit finaliser, a bijection of [0, 2^32) in which every input bit flips each output bit with
-    probability about 1/2. h int64 in [0, 2^32), returned likewise."""
+    probability about 1/2. h int64 in [0, 2^32), returned likewise (h itself is left as it is)."""
     h = h ^ (h >> 16)
     h = mul32(h, 0x85EBCA6B)
-    h = h ^ (h >> 13)
+    h ^= h >> 13
     h = mul32(h, 0xC2B2AE35)
-    return h ^ (h >> 16)
+    h ^= h >> 16
+    return h
 
 
 def hash32(index: torch.Tensor, counter: torch.Tensor, seed: int = SEED) -> torch.Tensor:
     """32 random-looking bits (int64 in [0, 2^32)) per element of `index` (int64 >= 0), for draw `counter` (an int64
-    tensor of one element, >= 0): with lo/hi the low and high 32 bits and + mod 2^32,
+    tensor of one element, >= 0): with lo/hi the low and high 32 bits, arithmetic mod 2^32,
 
-        k1 = fmix32(lo(counter) * GOLDEN ^ seed),  k2 = fmix32(k1 * GOLDEN ^ hi(counter))
-        h  = fmix32(fmix32(lo(index) + k1) ^ (k2 + hi(index)))
+        k = fmix32(fmix32(hi(counter) ^ seed) ^ lo(counter) * GOLDEN)   the draw's offset
+        m = fmix32(k ^ GOLDEN) | 1                                       the draw's odd multiplier
+        h = fmix32((lo(index) * m + k) ^ hi(index))
 
-    Two rounds, not one: with a single fmix32(index ^ key), two draws would be permutations of each other's bits
-    over the indices wherever their keys differ only in low bits. k2 is not fmix32(k1 ^ hi(counter)): the first
-    round of index 0 would equal it, and every draw's element 0 would hash to fmix32(0) = 0."""
-    k1 = fmix32(mul32(counter & MASK32, GOLDEN) ^ (seed & MASK32))
-    k2 = fmix32(mul32(k1, GOLDEN) ^ (counter >> 32))
-    first = fmix32(((index & MASK32) + k1) & MASK32)
-    return fmix32(first ^ ((k2 + (index >> 32)) & MASK32))
+    One round per element, through an affine map of the index that differs per draw: within a draw it is a bijection
+    of [0, 2^32), so no two elements (fewer than 2^32) share their bits, and two draws share a value about as often
+    as independent random draws would. Not fmix32(index ^ k) or fmix32(index + k): there two draws whose keys differ
+    only in their low bits would send the same inputs, permuted or shifted, through the same bijection."""
+    offset = fmix32(fmix32((counter >> 32) ^ (seed & MASK32)) ^ mul32(counter & MASK32, GOLDEN))
+    multiplier = fmix32(offset ^ GOLDEN) | 1
+    h = mul32(index & MASK32, multiplier)
+    h += offset
+    h &= MASK32
+    h ^= index >> 32
+    return fmix32(h)
 
 
 def uniforms(shape: torch.Size, counter: torch.Tensor) -> torch.Tensor:
@@ -66,13 +76,14 @@ def uniforms(shape: torch.Size, counter: torch.Tensor) -> torch.Tensor:
     return (hash32(index, counter) >> (32 - UNIFORM_BITS)).float() * 2.0**-UNIFORM_BITS
 
 
-def rounds_up(magnitude: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
-    """Whether each |y| (float32, lo <= |y| <= hi, its neighbours on the grid) rounds up to hi: with probability
-    (|y| - lo) / (hi - lo), so that E[Q(y)] = y up to the uniform's granularity (2^-24 of hi - lo). Exact for the
-    grids of e4m3 and E2M1: |y| - lo is exact (Sterbenz: lo <= |y| <= 2 lo, or lo = 0) and hi - lo is a power of two.
-    A value on the grid (lo == hi, or |y| == lo) never moves; NaN never rounds up."""
-    spacing = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
-    return uniform < (magnitude - lo) / spacing
+def steps_of(magnitude: torch.Tensor, spacing: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """|y| / spacing (float32; the grid's spacing where |y| lies, a power of two) rounded to the integer below or the
+    one above, up with probability its fractional part: E[steps] * spacing = |y| up to the uniform's granularity
+    (2^-24 of a spacing). Exact: dividing by a power of two and taking the fraction lose nothing. A value on the grid
+    never moves (its fraction is 0); NaN stays NaN."""
+    scaled = magnitude / spacing
+    steps = scaled.floor()
+    return steps + (uniform < scaled - steps)
 
 
 class DrawCounters:

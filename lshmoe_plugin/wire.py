@@ -37,7 +37,7 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 
 from . import ops
-from .rounding import DrawCounters, rounds_up
+from .rounding import DrawCounters, steps_of
 
 WIRE_DTYPES = ("model", "fp8_e4m3", "fp4_e2m1")
 CROSSINGS = ("dispatch", "combine")
@@ -200,16 +200,14 @@ class FP8E4M3(BlockScaled):
         return scaled.to(torch.float8_e4m3fn), scales
 
     def _round_stochastically(self, scaled: torch.Tensor) -> torch.Tensor:
-        """y (float32, |y| <= 448) -> float8_e4m3fn: its e4m3 neighbours from the nearest value's code, one step down
-        where the nearest lies above |y|, one up where below (a positive e4m3 code counts up with the value), then
-        `rounds_up` picks one. Every value involved is exact in float32."""
+        """y (float32, |y| <= 448) -> float8_e4m3fn, |y| to a multiple of e4m3's spacing where it lies: 2^(e - 3) in
+        the binade [2^e, 2^(e+1)) (3 mantissa bits), 2^-9 below 2^-6 (the subnormals); frexp's exponent is e + 1.
+        448 = 14 * 2^5 is a multiple, so nothing rounds past it. The result is exact in float32 and in e4m3."""
         magnitude = scaled.abs()
-        nearest = magnitude.to(torch.float8_e4m3fn)
-        code, value = nearest.view(torch.uint8), nearest.float()
-        lo = torch.where(value > magnitude, code - 1, code).view(torch.float8_e4m3fn).float()
-        hi = torch.where(value < magnitude, code + 1, code).view(torch.float8_e4m3fn).float()
-        up = rounds_up(magnitude, lo, hi, self._uniforms(magnitude))
-        return torch.copysign(torch.where(up, hi, lo), scaled).to(torch.float8_e4m3fn)
+        exponent = torch.frexp(magnitude).exponent.clamp(min=-5)
+        spacing = ((exponent - 4 + 127) << 23).view(torch.float32)  # 2^(exponent - 4) from its bits: exact anywhere
+        steps = steps_of(magnitude, spacing, self._uniforms(magnitude))
+        return torch.copysign(steps * spacing, scaled).to(torch.float8_e4m3fn)
 
     def dequantize(self, values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """values (..., d), scales (..., blocks) -> rows (..., d) in `dtype`."""
@@ -235,16 +233,9 @@ class FP8E4M3(BlockScaled):
         return rows * (d + self.scale.bytes * self.blocks(d))
 
 
-# The E2M1 magnitudes (codes 0 to 7, in order), and the midpoints between neighbours.
-E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+# Midpoints between neighbouring E2M1 magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6 (codes 0 to 7, in order).
 E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 
-
-def e2m1_magnitude(codes: torch.Tensor) -> torch.Tensor:
-    """codes without the sign bit (any integer dtype, in [0, 8)) -> their magnitudes, float32."""
-    exponent, mantissa = (codes >> 1) & 3, codes & 1
-    quarters = torch.where(exponent > 0, (2 + mantissa) << exponent, 2 * mantissa)  # 4 * magnitude
-    return quarters.float() * 0.25
 
 
 class FP4E2M1(BlockScaled):
@@ -285,20 +276,21 @@ class FP4E2M1(BlockScaled):
         return codes | ((scaled < 0).to(torch.uint8) << 3), scales
 
     def _round_stochastically(self, magnitude: torch.Tensor) -> torch.Tensor:
-        """|y| (float32, at most 6 but for float32's rounding of x / s) -> codes uint8 in [0, 8): the code below
-        (how many nonzero magnitudes are <= |y|) or, by `rounds_up`, the one above."""
-        magnitude = magnitude.clamp(max=E2M1_MAX)
-        below = torch.zeros_like(magnitude, dtype=torch.uint8)
-        for upper in E2M1_MAGNITUDES[1:]:
-            below += (magnitude >= upper).to(torch.uint8)
-        above = (below + 1).clamp(max=7)
-        up = rounds_up(magnitude, e2m1_magnitude(below), e2m1_magnitude(above), self._uniforms(magnitude))
-        return torch.where(up, above, below)
+        """|y| (float32, at most 6 but for float32's rounding of x / s) -> codes uint8 in [0, 8). The grid's spacing
+        is 0.5 below 2, 1 in [2, 4), 2 in [4, 6]; counted in spacings, |y| lies `steps` above 0 (below 2), 2 (below
+        4) or 4, whose codes are 0, 4 and 6 = 2 steps each: the code is steps + 2 per threshold (2, 4) passed. NaN
+        (a NaN block, whose scale decodes it to NaN anyway) takes code 0, as nearest gives it."""
+        magnitude = torch.nan_to_num(magnitude, nan=0.0).clamp(max=E2M1_MAX)
+        past_2, past_4 = (magnitude >= 2).float(), (magnitude >= 4).float()
+        spacing = 0.5 * (1 + past_2) * (1 + past_4)
+        steps = steps_of(magnitude, spacing, self._uniforms(magnitude))
+        return (steps + 2 * (past_2 + past_4)).to(torch.uint8)
 
     def dequantize(self, codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """codes (..., d), scales (..., blocks) -> rows (..., d) in `dtype`."""
-        magnitude = e2m1_magnitude(codes & 7)
-        values = torch.where(codes >= 8, -magnitude, magnitude)
+        exponent, mantissa = (codes >> 1) & 3, codes & 1
+        quarters = torch.where(exponent > 0, (2 + mantissa) << exponent, 2 * mantissa)  # 4 * magnitude
+        values = torch.where(codes >= 8, -quarters.float(), quarters.float()) * 0.25
         blocked, d = self._blocked(values)
         return (blocked * scales.unsqueeze(-1)).flatten(-2)[..., :d].to(dtype)
 

@@ -439,9 +439,9 @@ def test_the_hash_is_murmurs_finaliser_in_int64_and_its_uniforms_look_uniform():
         return h ^ (h >> 16)
 
     def reference(index, counter):
-        k1 = fmix((counter & 0xFFFFFFFF) * rounding.GOLDEN & 0xFFFFFFFF ^ rounding.SEED)
-        k2 = fmix(k1 * rounding.GOLDEN & 0xFFFFFFFF ^ (counter >> 32))
-        return fmix(fmix((index & 0xFFFFFFFF) + k1 & 0xFFFFFFFF) ^ (k2 + (index >> 32) & 0xFFFFFFFF))
+        offset = fmix(fmix((counter >> 32) ^ rounding.SEED) ^ (counter & 0xFFFFFFFF) * rounding.GOLDEN & 0xFFFFFFFF)
+        multiplier = fmix(offset ^ rounding.GOLDEN) | 1
+        return fmix(((index & 0xFFFFFFFF) * multiplier + offset & 0xFFFFFFFF) ^ (index >> 32))
 
     values = [0, 1, 2, 0xFFFFFFFF, 0x12345678, 0x9E3779B9, 2**32 + 5, 3 << 40]
     assert rounding.fmix32(torch.tensor(values[:6])).tolist() == [fmix(v) for v in values[:6]]
