@@ -237,7 +237,6 @@ class FP8E4M3(BlockScaled):
 E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 
 
-
 class FP4E2M1(BlockScaled):
     """OCP FP4 E2M1 values, two per byte (element 2i in the low nibble; an odd row's last high nibble is 0), one
     scale per block of `block` elements of a row (None: per row), e8m0 (OCP MXFP4 with blocks of 32) or float32.
