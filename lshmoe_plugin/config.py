@@ -13,7 +13,7 @@ from typing import Any, Mapping, Optional, Tuple, Union
 from .hash_families import HASH_FAMILIES, HashFamily
 from .methods import CUSTOM, DEFAULT_METHOD, STAGE_KEYS, MethodError, resolve
 from .residual_map import RESIDUAL_GRADS, RESIDUAL_MAPS
-from .wire import FORMAT_KEYS, SCALES, UNFUSED, WIRE_DTYPES
+from .wire import FORMAT_KEYS, ROUNDINGS, SCALES, UNFUSED, WIRE_DTYPES
 
 CONFIG_BLOCK = "lsh_moe"
 ENABLED_ENV_VAR = "LSHMOE_ENABLED"
@@ -140,6 +140,14 @@ class LSHMoEConfig:
         Megatron-core and AutoEP.
     dispatch_grad_dtype, combine_grad_dtype: the format of the gradient that crosses back through the dispatch
         (resp. combine) all-to-all in the backward; None follows the forward's.
+    grad_rounding: how those gradients round to ``fp8_e4m3`` or ``fp4_e2m1``: ``nearest`` (the default, the same
+        bits as before the key existed) or ``stochastic``: up or down to a neighbour on the grid with the
+        probabilities that make the rounding unbiased, E[Q(g)] = g, so that FP4's rounding bias does not accumulate
+        over a long run (lshmoe_plugin.rounding; the uniforms hash each element's index with a per-format draw
+        counter, never torch's generator, so the model's other random draws stay those of a stock run). The
+        forward crossings always round to nearest. Not a stage key: every method leaves it at its default, and it
+        composes with any method whose gradients cross in a scaled format; refused where none does. On CUDA a
+        stochastic encode runs PyTorch's reference (the fused kernels round to nearest); decoding stays fused.
     fp8_block_size: elements per scale of ``fp8_e4m3`` (default 128, DeepSeek-V3's tile), or ``"row"``: one
         scale per row. A row's last block may be shorter.
     fp8_scale: how ``fp8_e4m3`` codes a scale: ``float32`` (amax / 448, 4 bytes) or ``e8m0`` (a power of two, one
@@ -179,6 +187,7 @@ class LSHMoEConfig:
     combine_dtype: Optional[str] = None
     dispatch_grad_dtype: Optional[str] = None
     combine_grad_dtype: Optional[str] = None
+    grad_rounding: str = "nearest"
     fp8_block_size: Union[str, int] = 128
     fp8_scale: str = "float32"
     fp4_block_size: Union[str, int] = 32
@@ -271,6 +280,7 @@ class LSHMoEConfig:
             raise LSHMoEConfigError(f"lsh_moe.kernel='triton' asks for fused kernels, which {unfused[0]} does not have "
                                     f"yet (its crossings: {list(self.wire_dtypes)}); allowed with {unfused[0]}: kernel "
                                     f"'auto' or 'torch' (the PyTorch reference runs it on every device)")
+        self._check_grad_rounding()
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         self._check_format_keys(defaults)
         self._check_bounded(defaults)
@@ -282,6 +292,18 @@ class LSHMoEConfig:
                                             f"{defaults[key]!r} (or leave it out). Method {self.method!r} sends "
                                             f"every token{DEFAULT_NOTE if self.method == DEFAULT_METHOD else ''}; "
                                             f"for the paper's LSH clustering set method 'paper'")
+
+    def _check_grad_rounding(self) -> None:
+        if self.grad_rounding not in ROUNDINGS:
+            raise LSHMoEConfigError(f"lsh_moe.grad_rounding must be one of {list(ROUNDINGS)}, got "
+                                    f"{self.grad_rounding!r}")
+        gradients = (self.wire_dtypes[1], self.wire_dtypes[3])
+        if self.grad_rounding == "stochastic" and all(dtype not in FORMAT_KEYS for dtype in gradients):
+            raise LSHMoEConfigError(
+                f"lsh_moe.grad_rounding='stochastic' rounds gradients that cross in {list(FORMAT_KEYS)}, and no "
+                f"backward crossing uses one: nothing would change (dispatch_grad_dtype and combine_grad_dtype, "
+                f"as their forwards' dispatch_dtype and combine_dtype when null: {list(gradients)}); set one of "
+                f"them to a scaled format, or leave grad_rounding out")
 
     def _check_format_keys(self, defaults: Mapping[str, Any]) -> None:
         """Each scaled format's block and scale keys: valid values, and left at their defaults unless a crossing

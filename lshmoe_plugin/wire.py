@@ -24,12 +24,15 @@ fp6) or 2^-2 (fp4) of the block's largest magnitude, with either scale coding (u
 clamps at its smallest value). NaN and inf poison their block (a loss scaler still sees the overflow).
 
 Gradients (`cross`): straight-through for the rounding; the backward crossing carries the gradient in its own
-format with scales of its own. Shape-static, no host synchronisation (CUDA-graph capturable). On CUDA both formats,
-with either scale coding, encode and decode with fused kernels (one pass each, the reference's bytes and rows):
-kernels/wire_triton.py for ``fp8_e4m3`` (on GPUs that cast to e4m3, compute capability 8.9 and later) and
-kernels/wire_fp4_triton.py for ``fp4_e2m1`` (any CUDA GPU), for bf16, fp16 and fp32 rows, unless
-``lsh_moe.kernel`` is ``torch``; PyTorch's reference runs everything else. ``fp6_e2m3`` has no fused kernel yet: the
-reference runs it on every device, and ``lsh_moe.kernel: triton`` refuses it by name (config).
+format with scales of its own, rounded to nearest or, with ``lsh_moe.grad_rounding: "stochastic"``, stochastically
+(`rounding`: unbiased, E[Q(g)] = g; every scaled format). The forward always rounds to nearest. Shape-static, no host
+synchronisation (CUDA-graph capturable). On CUDA fp8_e4m3 and fp4_e2m1, with either scale coding, encode and decode
+with fused kernels (one pass each, the reference's bytes and rows): kernels/wire_triton.py for ``fp8_e4m3`` (on GPUs
+that cast to e4m3, compute capability 8.9 and later) and kernels/wire_fp4_triton.py for ``fp4_e2m1`` (any CUDA GPU),
+for bf16, fp16 and fp32 rows, unless ``lsh_moe.kernel`` is ``torch``; PyTorch's reference runs everything else, and
+every stochastic encode (the kernels round to nearest; the buffer is the same, so decoding stays fused).
+``fp6_e2m3`` has no fused kernel yet: the reference runs it on every device, and ``lsh_moe.kernel: triton`` refuses
+it by name (config).
 """
 from __future__ import annotations
 
@@ -40,9 +43,11 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 
 from . import ops
+from .rounding import DrawCounters, steps_of
 
 WIRE_DTYPES = ("model", "fp8_e4m3", "fp4_e2m1", "fp6_e2m3")
 CROSSINGS = ("dispatch", "combine")
+ROUNDINGS = ("nearest", "stochastic")  # how a scaled format rounds (lsh_moe.grad_rounding, for the gradients)
 E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
 E2M1_MAX = 6.0  # the largest FP4 E2M1 value
 E2M3_MAX = 7.5  # the largest FP6 E2M3 value
@@ -130,20 +135,29 @@ SCALES = {"float32": Float32Scale(), "e8m0": E8M0Scale()}
 
 class BlockScaled:
     """What the scaled formats share: one scale per block of `block` elements of a row (None: per row), coded as
-    `scale` (a name in SCALES)."""
+    `scale` (a name in SCALES), values rounded to the grid as `rounding` says (ROUNDINGS): ``nearest``, or
+    ``stochastic``: y = x / s goes to one of its two neighbours lo <= |y| <= hi, up with probability
+    (|y| - lo) / (hi - lo) (lshmoe_plugin.rounding), so E[decoded] = x; the scales are nearest's. Its uniforms hash
+    the element's index with a draw counter of the format per device, seeded by a constant of the formats
+    (rounding.SEED) and the rank, advanced on every encode: nothing is drawn from torch's generator."""
 
     kernel = "auto"  # lsh_moe.kernel, set by wire_format: where encode and decode run the fused kernels (ops)
     KERNELS = ""  # the module of kernels/ with the format's fused encode and decode
 
-    def __init__(self, block: Optional[int] = None, scale: str = "float32") -> None:
+    def __init__(self, block: Optional[int] = None, scale: str = "float32", rounding: str = "nearest") -> None:
         if scale not in SCALES:
             raise ValueError(f"scale coding {scale!r}: allowed {list(SCALES)}")
-        self.block, self.scale = block, SCALES[scale]
+        if rounding not in ROUNDINGS:
+            raise ValueError(f"rounding {rounding!r}: allowed {list(ROUNDINGS)}")
+        self.block, self.scale, self.rounding = block, SCALES[scale], rounding
+        self.draws = DrawCounters() if rounding == "stochastic" else None
 
-    def _fused(self, tensor: torch.Tensor, dtype: torch.dtype):
-        """The fused kernels' module if they encode or decode `tensor` (model dtype `dtype`), else None: on CUDA
-        unless the kernel is 'torch', for the dtypes they read and write (the reference takes any other dtype and
-        empty tensors), on GPUs the module runs on (its `runs_on`)."""
+    def _fused(self, tensor: torch.Tensor, dtype: torch.dtype, encode: bool = False):
+        """The fused kernels' module if they encode (`encode`) or decode `tensor` (model dtype `dtype`), else None: on
+        CUDA unless the kernel is 'torch', for the dtypes they read and write (the reference takes any other dtype and
+        empty tensors), on GPUs the module runs on (its `runs_on`). They encode to nearest only."""
+        if encode and self.rounding == "stochastic":
+            return None
         if not (ops.runs_fused(self.kernel, tensor.device) and tensor.numel() > 0 and dtype in FUSED_DTYPES):
             return None
         kernels = ops.fused_module(self.KERNELS, self.kernel)
@@ -160,6 +174,10 @@ class BlockScaled:
         if pad:
             rows = torch.nn.functional.pad(rows, (0, pad))
         return rows.unflatten(-1, (self.blocks(d), size)), d
+
+    def _uniforms(self, like: torch.Tensor) -> torch.Tensor:
+        """A fresh uniform in [0, 1) per element of `like` (float32), from the format's draw counter."""
+        return self.draws.draw(like.shape, like.device)
 
 
 class FP8E4M3(BlockScaled):
@@ -185,9 +203,20 @@ class FP8E4M3(BlockScaled):
         blocked, d = self._blocked(rows.float())
         amax = blocked.abs().amax(-1)
         scales = self.scale.of(amax, E4M3_MAX)
-        scaled = (blocked / scales.unsqueeze(-1)).clamp(-E4M3_MAX, E4M3_MAX)
-        values = scaled.flatten(-2)[..., :d].to(torch.float8_e4m3fn)
-        return values, scales
+        scaled = (blocked / scales.unsqueeze(-1)).clamp(-E4M3_MAX, E4M3_MAX).flatten(-2)[..., :d]
+        if self.rounding == "stochastic":
+            return self._round_stochastically(scaled), scales
+        return scaled.to(torch.float8_e4m3fn), scales
+
+    def _round_stochastically(self, scaled: torch.Tensor) -> torch.Tensor:
+        """y (float32, |y| <= 448) -> float8_e4m3fn, |y| to a multiple of e4m3's spacing where it lies: 2^(e - 3) in
+        the binade [2^e, 2^(e+1)) (3 mantissa bits), 2^-9 below 2^-6 (the subnormals); frexp's exponent is e + 1.
+        448 = 14 * 2^5 is a multiple, so nothing rounds past it. The result is exact in float32 and in e4m3."""
+        magnitude = scaled.abs()
+        exponent = torch.frexp(magnitude).exponent.clamp(min=-5)
+        spacing = ((exponent - 4 + 127) << 23).view(torch.float32)  # 2^(exponent - 4) from its bits: exact anywhere
+        steps = steps_of(magnitude, spacing, self._uniforms(magnitude))
+        return torch.copysign(steps * spacing, scaled).to(torch.float8_e4m3fn)
 
     def dequantize(self, values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """values (..., d), scales (..., blocks) -> rows (..., d) in `dtype`."""
@@ -195,7 +224,7 @@ class FP8E4M3(BlockScaled):
         return (blocked * scales.unsqueeze(-1)).flatten(-2)[..., :d].to(dtype)
 
     def encode(self, rows: torch.Tensor) -> torch.Tensor:
-        fused = self._fused(rows, rows.dtype)
+        fused = self._fused(rows, rows.dtype, encode=True)
         if fused:
             return fused.encode(rows, self.block, self.scale.name)
         values, scales = self.quantize(rows)
@@ -236,8 +265,8 @@ class FP4E2M1(BlockScaled):
 
     name, KERNELS = "fp4_e2m1", "wire_fp4_triton"
 
-    def __init__(self, block: Optional[int] = 32, scale: str = "e8m0") -> None:
-        super().__init__(block, scale)
+    def __init__(self, block: Optional[int] = 32, scale: str = "e8m0", rounding: str = "nearest") -> None:
+        super().__init__(block, scale, rounding)
 
     def quantize(self, rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """rows (..., d) -> codes uint8 (..., d) in [0, 16), scales float32 (..., blocks)."""
@@ -245,11 +274,25 @@ class FP4E2M1(BlockScaled):
         scales = self.scale.of(blocked.abs().amax(-1), E2M1_MAX)
         scaled = (blocked / scales.unsqueeze(-1)).flatten(-2)[..., :d]
         magnitude = scaled.abs()
-        codes = torch.zeros_like(magnitude, dtype=torch.uint8)
-        for i, midpoint in enumerate(E2M1_MIDPOINTS):
-            # the code is how many midpoints lie below; a tie goes to the even one of codes i and i + 1
-            codes += (magnitude >= midpoint if i % 2 else magnitude > midpoint).to(torch.uint8)
+        if self.rounding == "stochastic":
+            codes = self._round_stochastically(magnitude)
+        else:
+            codes = torch.zeros_like(magnitude, dtype=torch.uint8)
+            for i, midpoint in enumerate(E2M1_MIDPOINTS):
+                # the code is how many midpoints lie below; a tie goes to the even one of codes i and i + 1
+                codes += (magnitude >= midpoint if i % 2 else magnitude > midpoint).to(torch.uint8)
         return codes | ((scaled < 0).to(torch.uint8) << 3), scales
+
+    def _round_stochastically(self, magnitude: torch.Tensor) -> torch.Tensor:
+        """|y| (float32, at most 6 but for float32's rounding of x / s) -> codes uint8 in [0, 8). The grid's spacing
+        is 0.5 below 2, 1 in [2, 4), 2 in [4, 6]; counted in spacings, |y| lies `steps` above 0 (below 2), 2 (below
+        4) or 4, whose codes are 0, 4 and 6 = 2 steps each: the code is steps + 2 per threshold (2, 4) passed. NaN
+        (a NaN block, whose scale decodes it to NaN anyway) takes code 0, as nearest gives it."""
+        magnitude = torch.nan_to_num(magnitude, nan=0.0).clamp(max=E2M1_MAX)
+        past_2, past_4 = (magnitude >= 2).float(), (magnitude >= 4).float()
+        spacing = 0.5 * (1 + past_2) * (1 + past_4)
+        steps = steps_of(magnitude, spacing, self._uniforms(magnitude))
+        return (steps + 2 * (past_2 + past_4)).to(torch.uint8)
 
     def dequantize(self, codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """codes (..., d), scales (..., blocks) -> rows (..., d) in `dtype`."""
@@ -260,7 +303,7 @@ class FP4E2M1(BlockScaled):
         return (blocked * scales.unsqueeze(-1)).flatten(-2)[..., :d].to(dtype)
 
     def encode(self, rows: torch.Tensor) -> torch.Tensor:
-        fused = self._fused(rows, rows.dtype)
+        fused = self._fused(rows, rows.dtype, encode=True)
         if fused:
             return fused.encode(rows, self.block, self.scale.name)
         codes, scales = self.quantize(rows)
@@ -303,11 +346,13 @@ class FP6E2M3(BlockScaled):
 
     name = "fp6_e2m3"
 
-    def __init__(self, block: Optional[int] = 32, scale: str = "e8m0") -> None:
-        super().__init__(block, scale)
+    def __init__(self, block: Optional[int] = 32, scale: str = "e8m0", rounding: str = "nearest") -> None:
+        super().__init__(block, scale, rounding)
 
     def quantize(self, rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """rows (..., d) -> codes uint8 (..., d) in [0, 64), scales float32 (..., blocks)."""
+        """rows (..., d) -> codes uint8 (..., d) in [0, 64), scales float32 (..., blocks). Stochastically: q is
+        |y| / step rounded down or up, up with probability its fraction (rounding.steps_of); 7.5 is a multiple of
+        its binade's step, so nothing rounds past it."""
         blocked, d = self._blocked(rows.float())
         scales = self.scale.of(blocked.abs().amax(-1), E2M3_MAX)
         scaled = (blocked / scales.unsqueeze(-1)).flatten(-2)[..., :d]
@@ -316,7 +361,11 @@ class FP6E2M3(BlockScaled):
         # 1 for the subnormals, whose spacing 1/8 is the first binade's
         binade = torch.frexp(magnitude).exponent.clamp(1, 3)
         step = torch.ldexp(torch.full_like(magnitude, 0.125), binade - 1)
-        codes = torch.round(magnitude / step).to(torch.uint8) + 8 * (binade - 1).to(torch.uint8)
+        if self.rounding == "stochastic":
+            steps = steps_of(torch.nan_to_num(magnitude, nan=0.0), step, self._uniforms(magnitude))
+        else:
+            steps = torch.round(magnitude / step)
+        codes = steps.to(torch.uint8) + 8 * (binade - 1).to(torch.uint8)
         return codes | ((scaled < 0).to(torch.uint8) << 5), scales
 
     def dequantize(self, codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -356,38 +405,47 @@ WireFormat = Union[ModelDtype, FP8E4M3, FP4E2M1, FP6E2M3]
 MODEL = ModelDtype()
 
 
-@functools.lru_cache(maxsize=None)
 def wire_format(name: str, block: Union[str, int] = "row", scale: Optional[str] = None,
-                kernel: str = "auto") -> WireFormat:
+                kernel: str = "auto", rounding: str = "nearest") -> WireFormat:
     """The format called `name` (one of WIRE_DTYPES); `block` and `scale` are its keys (FORMAT_KEYS: e.g.
     ``lsh_moe.fp8_block_size`` and ``fp8_scale``), scale None the format's own default; `kernel` is
-    ``lsh_moe.kernel`` (``torch``: the PyTorch reference on every device)."""
+    ``lsh_moe.kernel`` (``torch``: the PyTorch reference on every device); `rounding` one of ROUNDINGS (``model``
+    does not round). One instance per set of values, however they are passed: a stochastic format's draw counters
+    are shared by every crossing that sends it, so that no two of its encodes draw the same bits."""
+    return _format(name, block, scale, kernel, rounding)
+
+
+@functools.lru_cache(maxsize=None)
+def _format(name: str, block: Union[str, int], scale: Optional[str], kernel: str, rounding: str) -> WireFormat:
     if name == "model":
         return MODEL
     size = None if block == "row" else block
     if name == "fp8_e4m3":
-        fmt = FP8E4M3(size, scale or "float32")
+        fmt = FP8E4M3(size, scale or "float32", rounding)
     elif name == "fp4_e2m1":
-        fmt = FP4E2M1(size, scale or "e8m0")
+        fmt = FP4E2M1(size, scale or "e8m0", rounding)
     elif name == "fp6_e2m3":
-        fmt = FP6E2M3(size, scale or "e8m0")
+        fmt = FP6E2M3(size, scale or "e8m0", rounding)
     else:
         raise ValueError(f"wire dtype {name!r}: allowed {list(WIRE_DTYPES)}")
     fmt.kernel = kernel
     return fmt
 
 
-def configured_format(config, name: str) -> WireFormat:
-    """The format called `name` with its block, scale and kernel keys as an LSHMoEConfig sets them."""
-    return wire_format(name, *(getattr(config, key) for key in FORMAT_KEYS.get(name, ())), kernel=config.kernel)
+def configured_format(config, name: str, rounding: str = "nearest") -> WireFormat:
+    """The format called `name` with its block, scale and kernel keys as an LSHMoEConfig sets them, rounding as
+    `rounding` says."""
+    keys = (getattr(config, key) for key in FORMAT_KEYS.get(name, ()))
+    return wire_format(name, *keys, kernel=config.kernel, rounding=rounding)
 
 
 def formats(config, crossing: str) -> Tuple[WireFormat, WireFormat]:
     """(forward, backward) formats of `crossing` ("dispatch" or "combine") under an LSHMoEConfig: the backward
-    follows the forward unless ``<crossing>_grad_dtype`` is set."""
+    follows the forward unless ``<crossing>_grad_dtype`` is set, and rounds as ``grad_rounding`` says; the forward
+    always rounds to nearest."""
     forward = getattr(config, f"{crossing}_dtype")
     backward = getattr(config, f"{crossing}_grad_dtype") or forward
-    return configured_format(config, forward), configured_format(config, backward)
+    return configured_format(config, forward), configured_format(config, backward, config.grad_rounding)
 
 
 def changes_crossing(config, crossing: str) -> bool:

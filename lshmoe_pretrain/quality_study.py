@@ -97,6 +97,19 @@ VARIANTS: Dict[str, dict] = {
     "fp8_fwd_fp4_grad": {"enabled": True, "clustering": "none", "dispatch_dtype": "fp8_e4m3",
                          "combine_dtype": "fp8_e4m3", "dispatch_grad_dtype": "fp4_e2m1",
                          "combine_grad_dtype": "fp4_e2m1"},
+    # The two FP4-gradient candidates with the gradients rounded stochastically (lsh_moe.grad_rounding): unbiased,
+    # E[Q(g)] = g, where round-to-nearest moves an element the same way each time it meets the same value and FP4's
+    # bias can add up over a long schedule (NVIDIA's NVFP4 recipe and Tseng et al. 2025 round gradients so). Same
+    # forward and bytes as the variant each extends: what they change is only the gradients' bias.
+    "fp4_both_sr": {"enabled": True, "clustering": "none", "dispatch_dtype": "fp4_e2m1", "combine_dtype": "fp4_e2m1",
+                    "grad_rounding": "stochastic"},
+    "fp8_fwd_fp4sr_grad": {"enabled": True, "clustering": "none", "dispatch_dtype": "fp8_e4m3",
+                           "combine_dtype": "fp8_e4m3", "dispatch_grad_dtype": "fp4_e2m1",
+                           "combine_grad_dtype": "fp4_e2m1", "grad_rounding": "stochastic"},
+    # FP4 both ways with an e8m0 scale per 16 elements instead of 32: fewer elements share an outlier's scale, for
+    # (d / 2 + d / 16) / 2d = 0.281 of bf16's bytes (fp4_both: 0.266) at d_model 256 or 512.
+    "fp4_both_b16": {"enabled": True, "clustering": "none", "dispatch_dtype": "fp4_e2m1", "combine_dtype": "fp4_e2m1",
+                     "fp4_block_size": 16},
     # FP6 (OCP E2M3, an e8m0 scale per 32 elements: 3 d / 4 + d / 32 bytes, 0.39 of bf16's): e4m3's 3 mantissa
     # bits, so on the expert inputs of a trained model about FP8's error at FP8/FP4's bytes; both ways (every crossing
     # near FP8's error), and forward with FP4 gradients (0.33, the stretch target's third).

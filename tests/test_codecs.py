@@ -52,8 +52,9 @@ def test_fp8_blocks_scale_each_block_and_count_a_short_last_block():
 def test_the_plugins_wire_formats_keep_their_bounds_and_count_their_scales():
     torch.manual_seed(3)
     rows = torch.randn(5, 96).to(torch.bfloat16).float()  # what a bf16 model's wire is given
-    for name, fraction, block, bound in (("fp4", (48 + 3) / 192, 32, 2.0 ** -2), ("fp8_e8m0", (96 + 1) / 192, 128,
-                                                                               2.0 ** -4)):
+    for name, fraction, block, bound in (("fp4", (48 + 3) / 192, 32, 2.0 ** -2), ("fp4_b16", (48 + 6) / 192, 16,
+                                                                                   2.0 ** -2),
+                                         ("fp8_e8m0", (96 + 1) / 192, 128, 2.0 ** -4)):
         hat, nbytes = codecs.ROW_QUANTISERS[name](rows)
         assert nbytes == round(5 * 192 * fraction), name  # e2m1 two per byte + an e8m0 byte per 32; e4m3 + one byte
         # each element within `bound` of its block's largest magnitude (plus bf16's rounding of the result)

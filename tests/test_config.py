@@ -130,6 +130,37 @@ def test_each_scaled_format_has_its_own_block_and_scale_keys():
                             "fp4_scale": "e8m0"}, env={})
 
 
+def test_grad_rounding_defaults_to_nearest_and_composes_with_a_method():
+    """A method leaves grad_rounding at its default; stochastic needs a backward crossing in a scaled format, which
+    the default method (fp4 both ways), fp8, or the paper's with an FP4 gradient of its own all have."""
+    assert LSHMoEConfig.from_dict({"enabled": True}, env={}).grad_rounding == "nearest"
+    for block in ({"enabled": True, "grad_rounding": "stochastic"},
+                  {"enabled": True, "method": "fp8", "grad_rounding": "stochastic"},
+                  {"method": "paper", "combine_grad_dtype": "fp4_e2m1", "grad_rounding": "stochastic"},
+                  {"clustering": "none", "dispatch_dtype": "fp8_e4m3", "combine_dtype": "fp4_e2m1",
+                   "dispatch_grad_dtype": "model", "grad_rounding": "stochastic"}):  # combine's follows its forward
+        cfg = LSHMoEConfig.from_dict(block, env={})
+        assert cfg.grad_rounding == "stochastic" and LSHMoEConfig.from_dict(cfg.to_dict(), env={}) == cfg
+    assert LSHMoEConfig.from_dict({"enabled": True, "method": "fp4", "grad_rounding": "stochastic"},
+                                  env={}).method == "fp4"
+
+
+@pytest.mark.parametrize("block, message", [
+    ({"grad_rounding": "stochastic_fp4"}, r"lsh_moe.grad_rounding must be one of \['nearest', 'stochastic'\], got "
+                                          r"'stochastic_fp4'"),
+    ({"grad_rounding": None}, r"lsh_moe.grad_rounding must be one of \['nearest', 'stochastic'\], got None"),
+    ({"method": "paper", "grad_rounding": "stochastic"},
+     r"lsh_moe.grad_rounding='stochastic' rounds gradients that cross in \['fp8_e4m3', 'fp4_e2m1', 'fp6_e2m3'\], and "
+     r"no backward crossing uses one: nothing would change \(dispatch_grad_dtype and combine_grad_dtype, "
+     r".*\['model', 'model'\]\)"),
+    ({"dispatch_dtype": "fp8_e4m3", "dispatch_grad_dtype": "model", "grad_rounding": "stochastic"},
+     r"grad_rounding='stochastic' .* no backward crossing uses one"),  # the FP8 forward rounds to nearest anyway
+])
+def test_bad_grad_rounding_names_the_key_and_what_is_allowed(block, message):
+    with pytest.raises(LSHMoEConfigError, match=message):
+        LSHMoEConfig.from_dict(block, env={})
+
+
 @pytest.mark.parametrize("block, message", [
     ({"clustering": "kmeans"}, r"clustering must be one of \['lsh', 'none', 'bounded'\], got 'kmeans'"),
     ({"dispatch_dtype": "fp8"}, r"dispatch_dtype must be one of \['model', 'fp8_e4m3', 'fp4_e2m1', 'fp6_e2m3'\], "

@@ -195,3 +195,32 @@ def check_fp8_decides_by_cost_and_evaluates_stock(rank, world_size, device="cpu"
 def test_fp8_alone_decides_by_cost_and_evaluates_stock():
     for rank, report in enumerate(run_distributed(check_fp8_decides_by_cost_and_evaluates_stock, 2)):
         assert all(report.values()), (rank, failed(report))
+
+
+def check_stochastic_grad_rounding(rank, world_size, device="cpu"):
+    """FP4 both ways with grad_rounding stochastic: the forward is nearest's bit for bit, the gradients are finite
+    and differ from nearest's (and from one step to the next: fresh draws), and the same uint8 buffers cross."""
+    torch.manual_seed(100 + rank)
+    x = (torch.randn(2, 24, D_MODEL) * torch.exp(torch.randn(2, 24, 1))).to(device)
+    moe = build_moe(world_size, 2).to(device)
+    keys = {"enabled": True, "clustering": "none", **with_blocks(CASES["fp4_both"][0])}
+    lshmoe_plugin.enable({"lsh_moe": keys}, moe)
+    with AllToAlls() as nearest_calls:
+        nearest = fwd_bwd(moe, x)
+    lshmoe_plugin.enable({"lsh_moe": {**keys, "grad_rounding": "stochastic"}}, moe)
+    with AllToAlls() as calls:
+        first = fwd_bwd(moe, x)
+    second = fwd_bwd(moe, x)
+    lshmoe_plugin.disable()
+    grads = [g for g in first[2] if g is not None]
+    return {"forward_is_nearests": torch.equal(first[0], nearest[0]),
+            "grads_finite": bool(torch.isfinite(first[1]).all()) and all(torch.isfinite(g).all() for g in grads),
+            "input_grad_differs_from_nearests": not torch.equal(first[1], nearest[1]),
+            "expert_grads_differ_from_nearests": not same(nearest, (nearest[0], nearest[1], first[2])),
+            "fresh_draws_each_step": not torch.equal(first[1], second[1]),
+            "same_buffers_cross": calls.calls == nearest_calls.calls}
+
+
+def test_stochastic_grad_rounding_trains_through_deepspeeds_layer():
+    for rank, report in enumerate(run_distributed(check_stochastic_grad_rounding, 2)):
+        assert all(report.values()), (rank, failed(report))

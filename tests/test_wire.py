@@ -324,3 +324,197 @@ def test_gradients_pass_straight_through_and_cross_back_in_their_own_format(forw
     out.backward(grad)
     assert torch.equal(rows.grad, wire.send(b, grad, swap))
     assert torch.equal(rows.grad, grad.flip(0)) == (backward == "model")
+
+
+# -- stochastic rounding (lsh_moe.grad_rounding "stochastic"; lshmoe_plugin.rounding) --------------------------------
+def grid_neighbours(x: torch.Tensor, block, fmt: str, scale: str):
+    """(lo, hi, s) of each element of x (..., d), d a multiple of `block`: s its block's scale (reference_scales),
+    lo <= |x / s| <= hi the format's two magnitudes around it (lo == hi on the grid), by search over the grid."""
+    s = element_scales(x, block, fmt, scale)
+    magnitude = (x.float() / s).abs().double().unsqueeze(-1)
+    grid = GRIDS[fmt]
+    lo = torch.where(grid <= magnitude, grid, -1.0).max(-1).values
+    hi = torch.where(grid >= magnitude, grid, math.inf).min(-1).values
+    return lo, hi, s
+
+
+def round_trip(codec, x: torch.Tensor) -> torch.Tensor:
+    return codec.decode(codec.encode(x), x.shape[-1], torch.float32)
+
+
+def stochastic(fmt: str, block, scale: str):
+    return {"fp8_e4m3": wire.FP8E4M3, "fp4_e2m1": wire.FP4E2M1, "fp6_e2m3": wire.FP6E2M3}[fmt](block, scale,
+                                                                                            "stochastic")
+
+
+def test_grad_rounding_by_default_keeps_the_formats_and_bits_of_nearest():
+    """grad_rounding left out: each backward format is the cached nearest format (the forward's own object where
+    both are one format), and its bits are the reference's; stochastic changes the backward format only."""
+    x = heavy_tailed(8, 64, seed=4)
+    for keys in ({"enabled": True}, {"enabled": True, "method": "fp8"},
+                 {"dispatch_dtype": "fp8_e4m3", "dispatch_grad_dtype": "fp4_e2m1", "fp4_block_size": 16}):
+        config = LSHMoEConfig(**keys)
+        for crossing in wire.CROSSINGS:
+            forward, backward = wire.formats(config, crossing)
+            rounded = wire.formats(LSHMoEConfig(**keys, grad_rounding="stochastic"), crossing)
+            forward_name, name = (config.wire_dtypes[i] for i in ((0, 1) if crossing == "dispatch" else (2, 3)))
+            if name == "model":
+                assert backward is rounded[1] is wire.MODEL
+                continue
+            block, scale = (getattr(config, key) for key in wire.FORMAT_KEYS[name])
+            assert backward is wire.wire_format(name, block, scale, kernel=config.kernel), (keys, crossing)
+            assert (backward is forward) == (name == forward_name)
+            assert backward.rounding == "nearest" and backward.draws is None
+            assert torch.equal(round_trip(backward, x), reference_round_trip(x, block, name, scale))
+            assert rounded[0] is forward and rounded[1] is not backward and rounded[1].rounding == "stochastic"
+    assert wire.wire_format("fp4_e2m1", 32, rounding="stochastic") is wire.wire_format("fp4_e2m1", 32,
+                                                                                        rounding="stochastic")
+    with pytest.raises(ValueError, match=r"rounding 'up': allowed \['nearest', 'stochastic'\]"):
+        wire.FP4E2M1(32, "e8m0", "up")
+
+
+@pytest.mark.parametrize("block", [None, 16])
+@pytest.mark.parametrize("fmt, scale", FORMATS)
+def test_stochastic_rounding_lands_on_a_grid_neighbour_with_nearests_scales(fmt, scale, block):
+    """Every element decodes to lo * s or hi * s (its sign kept), both occur, and the scales are nearest's byte for
+    byte (only the values round differently)."""
+    x = heavy_tailed(16, 64, seed=5)
+    codec, nearest_codec = stochastic(fmt, block, scale), scaled_format(fmt, block, scale)
+    buffer, nearest_buffer = codec.encode(x), nearest_codec.encode(x)
+    values = value_bytes(fmt, 64)
+    assert torch.equal(buffer[..., values:], nearest_buffer[..., values:])
+    decoded = codec.decode(buffer, 64, torch.float32)
+    lo, hi, s = grid_neighbours(x, block, fmt, scale)
+    sign = torch.where(x < 0, -1.0, 1.0)
+    down, up = decoded == sign * lo.float() * s, decoded == sign * hi.float() * s
+    assert (down | up).all()
+    between = lo != hi
+    assert (down & ~up)[between].float().mean() > 0.2 and (up & ~down)[between].float().mean() > 0.2
+
+
+@pytest.mark.parametrize("fmt, scale", FORMATS)
+def test_values_on_the_grid_come_back_exactly(fmt, scale):
+    """A row of every magnitude of the format, both signs, with amax the format's largest (s = 1 in either coding):
+    nothing to round, so every draw returns the row."""
+    grid = GRIDS[fmt].float()
+    row = torch.cat([grid, -grid]).unsqueeze(0)
+    codec = stochastic(fmt, None, scale)
+    for _ in range(20):
+        assert torch.equal(round_trip(codec, row), row)
+
+
+@pytest.mark.parametrize("fmt, scale", FORMATS)
+def test_stochastic_rounding_keeps_zeros_and_lets_nan_or_inf_poison_their_block(fmt, scale):
+    codec = stochastic(fmt, 4, scale)
+    x = torch.tensor([[0.0] * 8, [1.0, 2.0, 3.0, float("inf"), 1.0, 2.0, 3.0, 4.0],
+                      [1.0, float("nan"), 3.0, 4.0, 1.0, 2.0, 3.0, 4.0]])
+    decoded = round_trip(codec, x)
+    assert torch.equal(decoded[0], torch.zeros(8)) and not torch.isfinite(decoded[1:, :4]).any()
+    lo, hi, s = grid_neighbours(x[1:, 4:], 4, fmt, scale)  # the other block rounds as if alone
+    assert ((decoded[1:, 4:] == lo.float() * s) | (decoded[1:, 4:] == hi.float() * s)).all()
+
+
+@pytest.mark.parametrize("fmt, scale", [("fp4_e2m1", "e8m0"), ("fp4_e2m1", "float32"), ("fp8_e4m3", "float32"),
+                                        ("fp6_e2m3", "e8m0")])
+def test_stochastic_rounding_is_unbiased_where_nearest_is_not(fmt, scale):
+    """2,000 encodes of one tensor: each element's mean decoded value lies within 5 standard errors of the element,
+    the standard error from its rounding's variance p (1 - p) (hi - lo)^2 s^2 / N (p the chance of rounding up), plus
+    the uniform's granularity 2^-24 (hi - lo) s (and float32's rounding of x / s and q * s with float32 scales, as in
+    the bound test above). Elements placed at 0.3 of their interval show nearest's bias: it
+    always returns lo, 0.3 (hi - lo) s away, far outside that bound."""
+    draws = 2000
+    g = torch.Generator().manual_seed(6)
+    x = heavy_tailed(4, 32, seed=7)
+    lo, hi, s = grid_neighbours(x, 32, fmt, scale)
+    placed = torch.rand(4, 32, generator=g) < 0.25  # a quarter of the elements moved to 0.3 of their interval
+    x = torch.where(placed & (lo != hi), torch.sign(x) * (lo + 0.3 * (hi - lo)).float() * s, x)
+    lo, hi, s = grid_neighbours(x, 32, fmt, scale)  # the moves left every block's amax, so its scale, alone
+    codec = stochastic(fmt, 32, scale)
+    mean = torch.stack([round_trip(codec, x).double() for _ in range(draws)]).mean(0)
+    spacing = (hi - lo) * s.double()
+    p = torch.where(lo != hi, ((x.double() / s.double()).abs() - lo) / (hi - lo).clamp(min=1e-300), 0.0)
+    float32_rounding = 2.0**-20 * x.double().abs() if scale == "float32" else 0.0  # of x / s and q * s
+    bound = 5 * (p * (1 - p) * spacing**2 / draws).sqrt() + 2.0**-24 * spacing + float32_rounding
+    assert ((mean - x.double()).abs() <= bound).all(), ((mean - x.double()).abs() - bound).max()
+    nearest_error = (round_trip(scaled_format(fmt, 32, scale), x).double() - x.double()).abs()
+    moved = placed & (lo != hi)
+    assert moved.sum() > 10 and (nearest_error[moved] > 3 * bound[moved]).all()
+
+
+def test_each_encode_draws_fresh_bits_and_the_same_counter_draws_the_same():
+    """The draw counter advances once per encode, so two encodes of one tensor differ; a new format (its counter at
+    0 again) repeats the first format's sequence bit for bit."""
+    x = heavy_tailed(8, 64, seed=8)
+    first, again = wire.FP4E2M1(32, "e8m0", "stochastic"), wire.FP4E2M1(32, "e8m0", "stochastic")
+    sequence = [first.encode(x) for _ in range(3)]
+    assert not torch.equal(sequence[0], sequence[1]) and not torch.equal(sequence[1], sequence[2])
+    assert first.draws.counter(x.device).item() == 3
+    assert all(torch.equal(a, again.encode(x)) for a in sequence)
+    fp8 = [wire.FP8E4M3(16, "float32", "stochastic").encode(x) for _ in range(2)]
+    assert torch.equal(fp8[0], fp8[1])
+
+
+def test_stochastic_encode_leaves_torchs_generator_alone():
+    state = torch.get_rng_state()
+    for fmt, scale in FORMATS:
+        stochastic(fmt, 16, scale).encode(heavy_tailed(4, 64, seed=9))
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_the_hash_is_murmurs_finaliser_in_int64_and_its_uniforms_look_uniform():
+    """fmix32 and hash32 against the same formulas in Python integers (as uint32 arithmetic in a kernel computes
+    them), indices and counters past 2^32 included; then 10^5 uniforms of one draw over 64 bins (chi-square with 63
+    degrees of freedom, mean 63, sd 11.2), each of the 32 bits set half the time, and two draws uncorrelated."""
+    from lshmoe_plugin import rounding
+
+    def fmix(h):
+        h ^= h >> 16
+        h = h * 0x85EBCA6B & 0xFFFFFFFF
+        h ^= h >> 13
+        h = h * 0xC2B2AE35 & 0xFFFFFFFF
+        return h ^ (h >> 16)
+
+    def reference(index, counter):
+        offset = fmix(fmix((counter >> 32) ^ rounding.SEED) ^ (counter & 0xFFFFFFFF) * rounding.GOLDEN & 0xFFFFFFFF)
+        multiplier = fmix(offset ^ rounding.GOLDEN) | 1
+        return fmix(((index & 0xFFFFFFFF) * multiplier + offset & 0xFFFFFFFF) ^ (index >> 32))
+
+    values = [0, 1, 2, 0xFFFFFFFF, 0x12345678, 0x9E3779B9, 2**32 + 5, 3 << 40]
+    assert rounding.fmix32(torch.tensor(values[:6])).tolist() == [fmix(v) for v in values[:6]]
+    for counter in (0, 1, 7, 2**32, 2**32 * 3 + 11):
+        assert rounding.hash32(torch.tensor(values), torch.tensor(counter)).tolist() == \
+            [reference(v, counter) for v in values]
+    n, bins = 10**5, 64
+    u = rounding.uniforms(torch.Size([n]), torch.tensor(0))
+    assert u.dtype == torch.float32 and 0 <= u.min() and u.max() < 1
+    counts = torch.bincount((u * bins).long(), minlength=bins).double()
+    assert ((counts - n / bins) ** 2 / (n / bins)).sum() < 63 + 6 * 11.2
+    bits = rounding.hash32(torch.arange(n), torch.tensor(1))
+    ones = torch.stack([(bits >> b) & 1 for b in range(32)]).double().mean(1)
+    assert ((ones - 0.5).abs() < 0.01).all()
+    other = rounding.uniforms(torch.Size([n]), torch.tensor(1))
+    assert abs(torch.corrcoef(torch.stack([u, other]))[0, 1]) < 0.02
+    # and over draws, at each position: 2,000 draws of 64 elements, each position's mean within 5.5 sd of 1/2
+    by_draw = torch.stack([rounding.uniforms(torch.Size([64]), torch.tensor(k)) for k in range(2000)])
+    assert ((by_draw.double().mean(0) - 0.5).abs() < 5.5 * (1 / 12 / 2000) ** 0.5).all()
+
+
+def test_gradients_cross_back_stochastically_and_the_forward_stays_nearests():
+    """Through `cross` under grad_rounding stochastic (the default method, FP4 both ways): the forward is nearest's
+    bit for bit; the gradient that comes back differs from nearest's and lies on the grid neighbours of the
+    gradient the exchange brings back."""
+    swap = lambda buffer: buffer.flip(0)  # noqa: E731  an exchange that moves rows between "ranks"
+    rows, grad = heavy_tailed(4, 5, 64, seed=10), heavy_tailed(4, 5, 64, seed=11) * 1e-3
+    results = {}
+    for rounding in ("nearest", "stochastic"):
+        leaf = rows.clone().requires_grad_()
+        out = wire.cross(leaf, *wire.formats(LSHMoEConfig(enabled=True, grad_rounding=rounding), "dispatch"), swap)
+        out.backward(grad)
+        results[rounding] = out.detach(), leaf.grad
+    assert torch.equal(results["nearest"][0], results["stochastic"][0])
+    assert torch.equal(results["nearest"][1], reference_round_trip(grad.flip(0), 32, "fp4_e2m1", "e8m0"))
+    assert not torch.equal(results["nearest"][1], results["stochastic"][1])
+    lo, hi, s = grid_neighbours(grad.flip(0), 32, "fp4_e2m1", "e8m0")
+    sign = torch.where(grad.flip(0) < 0, -1.0, 1.0)
+    back = results["stochastic"][1]
+    assert ((back == sign * lo.float() * s) | (back == sign * hi.float() * s)).all()

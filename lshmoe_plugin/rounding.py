@@ -1,0 +1,115 @@
+"""Stochastic rounding for the scaled wire formats (lshmoe_plugin.wire): a value rounds to one of its two neighbours
+on the format's grid with the probabilities that make the rounding unbiased, E[Q(y)] = y.
+
+Why: round-to-nearest in FP4 moves every gradient element the same way each time it meets the same value, and over
+a long run that bias accumulates; stochastic rounding trades it for variance (NVIDIA's NVFP4 pretraining recipe,
+Tseng et al. 2025, "Training LLMs with MXFP4", round gradients this way).
+
+Where the uniforms come from: not torch's generator. Drawing from it would shift every later random draw of the
+model against a stock run of the same seed, and a generator call cannot be captured in a CUDA graph the way a plain
+kernel can. Instead each element's uniform is a counter-based hash (`hash32`) of its index in the tensor and of a
+per-format, per-device draw counter (`DrawCounters`), a small int64 device tensor advanced in place after every
+draw: shape-static, no host synchronisation, fresh bits on every call (a graph replay included), and the same bits on
+CPU and CUDA. The hash is built from int64 torch ops that never overflow (every step masked to 32 bits, products
+split into 16-bit halves), so a Triton kernel with uint32 arithmetic reproduces it bit for bit.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+
+MASK32 = 0xFFFFFFFF
+SEED = 0x2545F491  # a fixed constant of the wire formats (not lsh_moe.seed, which seeds the LSH projections)
+GOLDEN = 0x9E3779B9  # 2^32 / golden ratio: spreads consecutive counters over the key space
+UNIFORM_BITS = 24  # what a float32 in [0, 1) holds exactly
+
+
+def mul32(a: torch.Tensor, factor) -> torch.Tensor:
+    """a * factor mod 2^32, a int64 in [0, 2^32) and factor an int or an int64 tensor in [0, 2^32): the factor split
+    into 16-bit halves so that no product exceeds 2^48 (int64 never overflows), as uint32 multiplication wraps in a
+    kernel."""
+    low = a * (factor & 0xFFFF)
+    high = a * (factor >> 16)
+    high &= 0xFFFF
+    high <<= 16
+    low += high
+    return low.bitwise_and_(MASK32)
+
+
+def fmix32(h: torch.Tensor) -> torch.Tensor:
+    """murmur3's 32-bit finaliser, a bijection of [0, 2^32) in which every input bit flips each output bit with
+    probability about 1/2. h int64 in [0, 2^32), returned likewise (h itself is left as it is)."""
+    h = h ^ (h >> 16)
+    h = mul32(h, 0x85EBCA6B)
+    h ^= h >> 13
+    h = mul32(h, 0xC2B2AE35)
+    h ^= h >> 16
+    return h
+
+
+def hash32(index: torch.Tensor, counter: torch.Tensor, seed: int = SEED) -> torch.Tensor:
+    """32 random-looking bits (int64 in [0, 2^32)) per element of `index` (int64 >= 0), for draw `counter` (an int64
+    tensor of one element, >= 0): with lo/hi the low and high 32 bits, arithmetic mod 2^32,
+
+        k = fmix32(fmix32(hi(counter) ^ seed) ^ lo(counter) * GOLDEN)   the draw's offset
+        m = fmix32(k ^ GOLDEN) | 1                                       the draw's odd multiplier
+        h = fmix32((lo(index) * m + k) ^ hi(index))
+
+    One round per element, through an affine map of the index that differs per draw: within a draw it is a bijection
+    of [0, 2^32), so no two elements (fewer than 2^32) share their bits, and two draws share a value about as often
+    as independent random draws would. Not fmix32(index ^ k) or fmix32(index + k): there two draws whose keys differ
+    only in their low bits would send the same inputs, permuted or shifted, through the same bijection."""
+    offset = fmix32(fmix32((counter >> 32) ^ (seed & MASK32)) ^ mul32(counter & MASK32, GOLDEN))
+    multiplier = fmix32(offset ^ GOLDEN) | 1
+    h = mul32(index & MASK32, multiplier)
+    h += offset
+    h &= MASK32
+    h ^= index >> 32
+    return fmix32(h)
+
+
+def uniforms(shape: torch.Size, counter: torch.Tensor) -> torch.Tensor:
+    """float32 uniforms in [0, 1), multiples of 2^-24, one per element of a tensor of `shape` (the element's flat
+    index hashed with `counter`), on the counter's device."""
+    index = torch.arange(shape.numel(), dtype=torch.int64, device=counter.device).view(shape)
+    return (hash32(index, counter) >> (32 - UNIFORM_BITS)).float() * 2.0**-UNIFORM_BITS
+
+
+def steps_of(magnitude: torch.Tensor, spacing: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """|y| / spacing (float32; the grid's spacing where |y| lies, a power of two) rounded to the integer below or the
+    one above, up with probability its fractional part: E[steps] * spacing = |y| up to the uniform's granularity
+    (2^-24 of a spacing). Exact: dividing by a power of two and taking the fraction lose nothing. A value on the grid
+    never moves (its fraction is 0); NaN stays NaN."""
+    scaled = magnitude / spacing
+    steps = scaled.floor()
+    return steps + (uniform < scaled - steps)
+
+
+class DrawCounters:
+    """One draw counter per device: an int64 tensor of one element that `draw` reads and then advances in place,
+    so a captured CUDA graph advances it on every replay. A device's counter starts at the process's rank << 32:
+    each rank draws its own bits (ranks' gradients meet in the experts' weight gradients, where shared bits would
+    correlate their rounding errors). The counters are not checkpointed: a resumed run draws from the start again.
+    """
+
+    def __init__(self) -> None:
+        self._counters: Dict[torch.device, torch.Tensor] = {}
+
+    def counter(self, device: torch.device) -> torch.Tensor:
+        if device not in self._counters:
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                # created inside a capture, its initial value would be written again on every replay
+                raise RuntimeError("stochastic rounding's first draw on a device must run before a CUDA graph "
+                                   "captures it (a warm-up step creates its draw counter)")
+            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+            start = torch.distributed.get_rank() if distributed else 0
+            self._counters[device] = torch.full((), start << 32, dtype=torch.int64, device=device)
+        return self._counters[device]
+
+    def draw(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
+        """uniforms (`shape`, float32 on `device`) of the device's next draw."""
+        counter = self.counter(device)
+        drawn = uniforms(shape, counter)
+        counter.add_(1)
+        return drawn
