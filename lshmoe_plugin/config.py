@@ -155,8 +155,8 @@ class LSHMoEConfig:
     fp4_block_size, fp4_scale: the same for ``fp4_e2m1``, defaults 32 and ``e8m0`` (OCP MXFP4). Each format has keys
         of its own because their defaults differ; a block or scale key is refused unless a crossing uses its format.
     fp6_block_size, fp6_scale: the same for ``fp6_e2m3`` (OCP FP6 E2M3, four values in three bytes), defaults 32 and
-        ``e8m0`` (OCP MXFP6). It has no fused kernel yet: the PyTorch reference runs it on every device, and
-        ``kernel: triton`` with it is refused.
+        ``e8m0`` (OCP MXFP6). Its fused kernels have not run on a GPU yet: the PyTorch reference runs it on every
+        device, and ``kernel: triton`` with it is refused.
     """
 
     enabled: bool = False

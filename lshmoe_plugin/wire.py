@@ -31,8 +31,9 @@ with fused kernels (one pass each, the reference's bytes and rows): kernels/wire
 that cast to e4m3, compute capability 8.9 and later) and kernels/wire_fp4_triton.py for ``fp4_e2m1`` (any CUDA GPU),
 for bf16, fp16 and fp32 rows, unless ``lsh_moe.kernel`` is ``torch``; PyTorch's reference runs everything else, and
 every stochastic encode (the kernels round to nearest; the buffer is the same, so decoding stays fused).
-``fp6_e2m3`` has no fused kernel yet: the reference runs it on every device, and ``lsh_moe.kernel: triton`` refuses
-it by name (config).
+``fp6_e2m3``'s fused kernels (kernels/wire_fp6_triton.py) give the reference's bits in Triton's interpreter but have
+not run on a GPU yet, so the reference runs it on every device for now, and ``lsh_moe.kernel: triton`` refuses it by
+name (config).
 """
 from __future__ import annotations
 
@@ -356,13 +357,14 @@ class FP6E2M3(BlockScaled):
         blocked, d = self._blocked(rows.float())
         scales = self.scale.of(blocked.abs().amax(-1), E2M3_MAX)
         scaled = (blocked / scales.unsqueeze(-1)).flatten(-2)[..., :d]
-        magnitude = scaled.abs().clamp(max=E2M3_MAX)
+        # NaN (a NaN block's, whose scale decodes it to NaN anyway) takes code 0, as the fused kernels give it
+        magnitude = torch.nan_to_num(scaled.abs(), nan=0.0).clamp(max=E2M3_MAX)
         # the binade's exponent e in [1, 3] from float32's own (|y| = f 2^k, f in [0.5, 1): e = k for |y| >= 1),
         # 1 for the subnormals, whose spacing 1/8 is the first binade's
         binade = torch.frexp(magnitude).exponent.clamp(1, 3)
         step = torch.ldexp(torch.full_like(magnitude, 0.125), binade - 1)
         if self.rounding == "stochastic":
-            steps = steps_of(torch.nan_to_num(magnitude, nan=0.0), step, self._uniforms(magnitude))
+            steps = steps_of(magnitude, step, self._uniforms(magnitude))
         else:
             steps = torch.round(magnitude / step)
         codes = steps.to(torch.uint8) + 8 * (binade - 1).to(torch.uint8)

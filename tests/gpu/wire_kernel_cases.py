@@ -1,4 +1,5 @@
-"""What the tests of the fused wire-format kernels share (tests/gpu/test_wire_triton.py, test_wire_fp4_triton.py):
+"""What the tests of the fused wire-format kernels share (tests/gpu/test_wire_triton.py, test_wire_fp4_triton.py,
+test_wire_fp6_triton.py):
 where they run, exact casts under Triton's interpreter, rows of edge values, and a bit-for-bit comparison of
 decoded rows that lets NaN's payload differ (it carries nothing: the GPU's arithmetic makes canonical NaNs where the
 CPU's keeps or flips the sign)."""

@@ -1,0 +1,186 @@
+"""Fused Triton kernels of the ``fp6_e2m3`` wire format (`lshmoe_plugin.wire.FP6E2M3`), with e8m0 or float32 scales:
+rows to the packed buffer and back, one pass each.
+
+The buffer is the reference's, byte for byte: (..., 3 * ceil(d / 4) + scale bytes * blocks) uint8, each row's codes
+four to three bytes (element 4i + j in bits 6j to 6j + 5 of the little-endian 24 bits of bytes 3i to 3i + 2, the
+last group padded with zero codes), then its scales (one e8m0 byte, or 4 bytes little-endian, each). The bits are
+the reference's too, because every step is the same IEEE operation or an exact integer one:
+
+- encode: x widened to float32 (exact); amax and the scale s as the reference computes them
+  (kernels/wire_blocks_triton.py says why its bits match, in either coding); y = x / s correctly rounded
+  (`div_rn`); |y| with NaN as 0 (the reference's `nan_to_num`: a poisoned block's codes are 0 in both), clamped at
+  7.5. The binade e in [1, 3] is the float32 exponent field minus 126, clamped (1 for zero and the subnormals, as
+  the reference's frexp gives); q = |y| 2^(4 - e) is exact (a power of two), and it rounds to the nearest integer,
+  ties to even, as (q + 2^23) - 2^23 (q < 2^4, so the sum's unit is 1 and float32's own rounding is the rule; an
+  FMA of the product and the add rounds once as well, the product being exact). The code is q + 8 (e - 1) with the
+  sign bit (32) from y < 0 (so -0.0 is code 0).
+- decode: a code's magnitude in eighths, (8 + m) << (e - 1) or m, an exact integer; times ±0.125 (exact, and -0.125
+  times 0 is the reference's -0.0); times s (one rounding); cast to the model's dtype rounding to nearest even.
+
+A program holds a tile of (segment, group of four elements, element of the group), where a segment is one block of
+one row (one row when the scale is per row), or 2 or 4 blocks when the block size is no multiple of 4 (three bytes
+then hold elements of neighbouring blocks; 4 / gcd(block, 4) blocks fill whole groups). Each byte is written, or
+read, once. Shape-static, no host synchronisation: capturable in a CUDA graph. Nothing here needs FP8 hardware.
+
+Not yet the path ``lsh_moe.kernel: auto`` takes (`wire.FP6E2M3` runs its reference on every device) until these
+kernels have passed tests/gpu/test_wire_fp6_triton.py on a GPU as well as in Triton's interpreter.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..wire import E2M3_MAX
+from .wire_blocks_triton import (
+    check_dtype,
+    e8m0_top,
+    encode_scale,
+    launch,
+    load_scale,
+    max_keeping_nan,
+    rows_of,
+    scale_bytes,
+    segment_size,
+    store_scale,
+)
+
+_MAX = tl.constexpr(E2M3_MAX)
+_TOP_EXPONENT, _TOP_FRACTION = (tl.constexpr(v) for v in e8m0_top(E2M3_MAX))
+_ROUNDER = tl.constexpr(2.0**23)  # added and taken away, it rounds a float32 in [0, 2^22) to an integer, ties to even
+
+
+@triton.jit
+def _segments(n_segments, D: tl.constexpr, SIZE: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr,
+              SEGS: tl.constexpr, QUADS: tl.constexpr):
+    """This program's segments (SEGS,): rows (int64), groups of GROUP blocks, and for each (segment, quad, element):
+    the column, the mask and which block of the group; for each (segment, quad): its first byte's column and mask."""
+    seg = tl.program_id(0) * SEGS + tl.arange(0, SEGS)
+    row, group = (seg // GROUPS).to(tl.int64), seg % GROUPS
+    live = seg < n_segments
+    quad = tl.arange(0, QUADS)
+    within = 4 * quad[:, None] + tl.arange(0, 4)[None, :]  # (QUADS, 4): the element within the group
+    col = group[:, None, None] * (GROUP * SIZE) + within[None, :, :]
+    mask = live[:, None, None] & (within < GROUP * SIZE)[None, :, :] & (col < D)
+    # A group's elements start at a multiple of 4 (GROUP * SIZE is, unless the row is one group), so its bytes start
+    # at byte 3 GROUP * SIZE / 4 of the row; a quad's bytes are live where its first element is.
+    byte_col = group[:, None] * (3 * (GROUP * SIZE // 4)) + 3 * quad[None, :]
+    byte_mask = live[:, None] & (4 * quad < GROUP * SIZE)[None, :] & (4 * (group[:, None] * (GROUP * SIZE // 4)
+                                                                        + quad[None, :]) < D)
+    return row, group, col, mask, within // SIZE, live, byte_col, byte_mask
+
+
+@triton.jit
+def _code(y):
+    """float32 y -> its E2M3 code (int32 in [0, 64)), rounding |y| to the nearest magnitude, ties to even."""
+    magnitude = tl.abs(y)
+    magnitude = tl.minimum(tl.where(magnitude == magnitude, magnitude, 0.0), _MAX)  # NaN: code 0
+    field = ((magnitude.to(tl.uint32, bitcast=True) >> 23) & 0xFF).to(tl.int32)
+    binade = tl.minimum(tl.maximum(field - 126, 1), 3)
+    # 2^(4 - binade) from its bits: the exponent field 127 + 4 - binade, exact
+    step_inverse = ((131 - binade).to(tl.uint32) << 23).to(tl.float32, bitcast=True)
+    steps = (magnitude * step_inverse + _ROUNDER) - _ROUNDER
+    code = steps.to(tl.int32) + 8 * (binade - 1)
+    return code | ((y < 0).to(tl.int32) << 5)
+
+
+@triton.jit
+def _value(code):
+    """E2M3 codes (int32) -> float32 values: ±magnitude, -0.0 for code 32."""
+    exponent, mantissa = (code >> 3) & 3, code & 7
+    eighths = tl.where(exponent > 0, (8 + mantissa) << tl.maximum(exponent - 1, 0), mantissa)
+    return eighths.to(tl.float32) * tl.where(code >= 32, -0.125, 0.125)
+
+
+@triton.jit
+def _encode_kernel(rows_ptr, out_ptr, n_segments, stride_rows, stride_out, D: tl.constexpr, SIZE: tl.constexpr,
+                   GROUP: tl.constexpr, GROUPS: tl.constexpr, BLOCKS: tl.constexpr, SEGS: tl.constexpr,
+                   QUADS: tl.constexpr, E8M0: tl.constexpr, SCALE_BYTES: tl.constexpr, VALUE_BYTES: tl.constexpr):
+    row, group, col, mask, sub, live, byte_col, byte_mask = _segments(n_segments, D, SIZE, GROUP, GROUPS, SEGS,
+                                                                      QUADS)
+    x = tl.load(rows_ptr + row[:, None, None] * stride_rows + col, mask=mask, other=0.0).to(tl.float32)
+    out_row = out_ptr + row * stride_out
+    scale = tl.full(x.shape, 1.0, tl.float32)  # elements past the row divide 0 by 1: code 0, the reference's pad
+    for g in tl.static_range(GROUP):
+        in_block = (sub == g)[None, :, :]
+        magnitude = tl.where(in_block, tl.abs(x), 0.0)
+        amax = tl.reduce(tl.reduce(magnitude, 2, max_keeping_nan), 1, max_keeping_nan)
+        block_scale, code = encode_scale(amax, _MAX, E8M0, _TOP_EXPONENT, _TOP_FRACTION)
+        scale = tl.where(in_block & mask, block_scale[:, None, None], scale)
+        block = group * GROUP + g
+        store_scale(out_row + VALUE_BYTES + SCALE_BYTES * block, code, live & (block < BLOCKS), E8M0)
+    codes = _code(tl.math.div_rn(x, scale))
+    bits = tl.sum(codes << (6 * tl.arange(0, 4))[None, None, :], 2)  # (SEGS, QUADS): 24 bits per quad
+    at = out_row[:, None] + byte_col
+    for b in tl.static_range(3):
+        tl.store(at + b, ((bits >> (8 * b)) & 0xFF).to(tl.uint8), mask=byte_mask)
+
+
+@triton.jit
+def _decode_kernel(buffer_ptr, out_ptr, n_segments, stride_buffer, stride_out, D: tl.constexpr,
+                   SIZE: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, BLOCKS: tl.constexpr,
+                   SEGS: tl.constexpr, QUADS: tl.constexpr, E8M0: tl.constexpr, SCALE_BYTES: tl.constexpr,
+                   VALUE_BYTES: tl.constexpr):
+    row, group, col, mask, sub, live, byte_col, byte_mask = _segments(n_segments, D, SIZE, GROUP, GROUPS, SEGS,
+                                                                      QUADS)
+    buffer_row = buffer_ptr + row * stride_buffer
+    at = buffer_row[:, None] + byte_col
+    bits = tl.load(at, mask=byte_mask, other=0).to(tl.int32)
+    for b in tl.static_range(1, 3):
+        bits |= tl.load(at + b, mask=byte_mask, other=0).to(tl.int32) << (8 * b)
+    codes = (bits[:, :, None] >> (6 * tl.arange(0, 4))[None, None, :]) & 0x3F
+    scale = tl.full(codes.shape, 1.0, tl.float32)
+    for g in tl.static_range(GROUP):
+        block = group * GROUP + g
+        block_scale = load_scale(buffer_row + VALUE_BYTES + SCALE_BYTES * block, live & (block < BLOCKS), E8M0)
+        scale = tl.where((sub == g)[None, :, :], block_scale[:, None, None], scale)
+    x = _value(codes) * scale
+    tl.store(out_ptr + row[:, None, None] * stride_out + col, x.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def runs_on(device: torch.device, kernel: str) -> bool:
+    """Every CUDA device Triton runs on: FP6 packing needs no FP8 instruction (unlike kernels/wire_triton.py)."""
+    return True
+
+
+def _launch(kernel, src: torch.Tensor, out: torch.Tensor, d: int, block: Optional[int], scale: str) -> None:
+    """kernel over the (row, group of blocks) segments of src (M, w_in) into out (M, w_out)."""
+    size = segment_size(d, block)
+    blocks = triton.cdiv(d, size)
+    group = 4 // math.gcd(size, 4) if blocks > 1 else 1  # blocks of no multiple of 4 group into whole quads
+    groups = triton.cdiv(blocks, group)
+    quads = triton.next_power_of_2(triton.cdiv(group * size, 4))
+    launch(kernel, src, out, src.shape[0] * groups, 4 * quads, "fp6_e2m3", D=d, SIZE=size, GROUP=group,
+           GROUPS=groups, BLOCKS=blocks, QUADS=quads, E8M0=scale == "e8m0", SCALE_BYTES=scale_bytes(scale),
+           VALUE_BYTES=3 * triton.cdiv(d, 4))
+
+
+def _width(d: int, block: Optional[int], scale: str) -> int:
+    """Bytes of one row's buffer: its codes four to three bytes and its scales."""
+    return 3 * triton.cdiv(d, 4) + scale_bytes(scale) * (1 if block is None else triton.cdiv(d, block))
+
+
+def encode(rows: torch.Tensor, block: Optional[int], scale: str = "e8m0") -> torch.Tensor:
+    """rows (..., d) in bf16/fp16/fp32 -> uint8 (..., 3 * ceil(d / 4) + scale bytes * blocks): what
+    ``FP6E2M3(block, scale).encode`` returns."""
+    check_dtype(rows.dtype, "fp6_e2m3")
+    d = rows.shape[-1]
+    out = torch.empty(rows.shape[:-1] + (_width(d, block, scale),), dtype=torch.uint8, device=rows.device)
+    _launch(_encode_kernel, rows_of(rows), out.view(-1, out.shape[-1]), d, block, scale)
+    return out
+
+
+def decode(buffer: torch.Tensor, d: int, block: Optional[int], dtype: torch.dtype, scale: str = "e8m0") -> torch.Tensor:
+    """uint8 (..., 3 * ceil(d / 4) + scale bytes * blocks) -> rows (..., d) in `dtype`: what
+    ``FP6E2M3(block, scale).decode`` returns."""
+    check_dtype(dtype, "fp6_e2m3")
+    width = _width(d, block, scale)
+    if buffer.dtype != torch.uint8 or buffer.shape[-1] != width:
+        raise ValueError(f"an fp6_e2m3 buffer of rows {d} wide is uint8 (..., {width}), "
+                         f"got {buffer.dtype} {tuple(buffer.shape)}")
+    out = torch.empty(buffer.shape[:-1] + (d,), dtype=dtype, device=buffer.device)
+    _launch(_decode_kernel, rows_of(buffer), out.view(-1, d), d, block, scale)
+    return out
