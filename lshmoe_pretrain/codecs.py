@@ -88,7 +88,7 @@ def _scale(amax: torch.Tensor, top: float) -> torch.Tensor:
 
 
 ROW_QUANTISERS = {"fp8": fp8_rows, "fp8_block128": fp8_blocks, "int8": lambda r: int_rows(r, 8),
-                  "int4": lambda r: int_rows(r, 4), "int2": lambda r: int_rows(r, 2),
+                  "int6": lambda r: int_rows(r, 6), "int4": lambda r: int_rows(r, 4), "int2": lambda r: int_rows(r, 2),
                   # the plugin's wire formats as the study's candidates train with them (fp8_both_e8m0, fp4_both,
                   # fp4_both_b16, fp6_both); the _sr candidates send fp4_both's and fp8_fwd_fp4_grad's rows (only their
                   # gradients round otherwise)

@@ -23,7 +23,7 @@ LSH_RATES = (0.1, 0.2, 0.3, 0.5, 0.7, 0.9)
 MORE_HASHES = ((8, 8), (12, 8), (16, 4))   # (num_hashes, hash_dim): 16 hashes of hash_dim 8 overflow the int64 key
 MORE_HASHES_RATES = (0.2, 0.5)
 MERGE_TOLERANCES = (0.01, 0.05, 0.1, 0.2)
-PER_TOKEN = ("fp8", "fp8_block128", "fp8_e8m0", "int8", "int4", "fp4", "fp4_b16", "fp6")
+PER_TOKEN = ("fp8", "fp8_block128", "fp8_e8m0", "int8", "int6", "int4", "fp4", "fp4_b16", "fp6")
 TWO_LEVEL_RATES = (0.2, 0.1)
 TWO_LEVEL_RESIDUALS = ("int4", "int2", "fp8")
 
