@@ -341,8 +341,9 @@ class FP6E2M3(BlockScaled):
     Error bound: 3 mantissa bits, as e4m3: a normal y (|y| >= 1) moves by at most half its binade's spacing, 2^-4 of
     the binade's first value <= 2^-4 |y|, and below 1 the spacing is 1/8, a move of at most 2^-4. Scaled back,
     |x_hat - x| <= 2^-4 max(|x|, s) <= 2^-4 amax, up to float32's rounding with float32 scales (none with e8m0).
-    Against e4m3 it gives up the low end of the range (a block's values below s / 16 round to 0 or s / 8), which
-    blocks of 32 rarely use: on a trained model's expert inputs its error is within a fifth of FP8's.
+    Against e4m3 it gives up the low end of the range (a block's values below s / 16 round to 0), which blocks of
+    32 rarely use: on a trained proxy model's expert inputs its error of the expert outputs is 1.06-1.11x FP8's
+    (docs/compressibility.md).
     """
 
     name = "fp6_e2m3"
