@@ -13,7 +13,7 @@ from typing import Any, Mapping, Optional, Tuple, Union
 from .hash_families import HASH_FAMILIES, HashFamily
 from .methods import CUSTOM, DEFAULT_METHOD, STAGE_KEYS, MethodError, resolve
 from .residual_map import RESIDUAL_GRADS, RESIDUAL_MAPS
-from .wire import FORMAT_KEYS, ROUNDINGS, SCALES, UNFUSED, WIRE_DTYPES
+from .wire import FORMAT_KEYS, ROUNDINGS, SCALES, WIRE_DTYPES
 
 CONFIG_BLOCK = "lsh_moe"
 ENABLED_ENV_VAR = "LSHMOE_ENABLED"
@@ -155,8 +155,7 @@ class LSHMoEConfig:
     fp4_block_size, fp4_scale: the same for ``fp4_e2m1``, defaults 32 and ``e8m0`` (OCP MXFP4). Each format has keys
         of its own because their defaults differ; a block or scale key is refused unless a crossing uses its format.
     fp6_block_size, fp6_scale: the same for ``fp6_e2m3`` (OCP FP6 E2M3, four values in three bytes), defaults 32 and
-        ``e8m0`` (OCP MXFP6). Its fused kernels have not run on a GPU yet: the PyTorch reference runs it on every
-        device, and ``kernel: triton`` with it is refused.
+        ``e8m0`` (OCP MXFP6). Fused on CUDA as the others (kernels/wire_fp6_triton.py).
     """
 
     enabled: bool = False
@@ -275,11 +274,6 @@ class LSHMoEConfig:
             if getattr(self, key) is not None and getattr(self, key) not in WIRE_DTYPES:
                 raise LSHMoEConfigError(f"lsh_moe.{key} must be null (as the forward) or one of {list(WIRE_DTYPES)}, "
                                         f"got {getattr(self, key)!r}")
-        unfused = [fmt for fmt in UNFUSED if fmt in self.wire_dtypes]
-        if self.kernel == "triton" and unfused:
-            raise LSHMoEConfigError(f"lsh_moe.kernel='triton' asks for fused kernels, which {unfused[0]} does not have "
-                                    f"yet (its crossings: {list(self.wire_dtypes)}); allowed with {unfused[0]}: kernel "
-                                    f"'auto' or 'torch' (the PyTorch reference runs it on every device)")
         self._check_grad_rounding()
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         self._check_format_keys(defaults)

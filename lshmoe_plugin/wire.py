@@ -55,7 +55,6 @@ E2M3_MAX = 7.5  # the largest FP6 E2M3 value
 # The lsh_moe keys of each scaled format: (elements per scale, scale coding).
 FORMAT_KEYS = {"fp8_e4m3": ("fp8_block_size", "fp8_scale"), "fp4_e2m1": ("fp4_block_size", "fp4_scale"),
                "fp6_e2m3": ("fp6_block_size", "fp6_scale")}
-UNFUSED = ("fp6_e2m3",)  # the scaled formats without fused kernels: the PyTorch reference runs them everywhere
 FUSED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what the fused kernels (kernels/wire_*triton.py) read
 
 Exchange = Callable[[torch.Tensor], torch.Tensor]  # a plain all-to-all of one buffer along dim 0 (no autograd)
@@ -346,7 +345,7 @@ class FP6E2M3(BlockScaled):
     (docs/compressibility.md).
     """
 
-    name = "fp6_e2m3"
+    name, KERNELS = "fp6_e2m3", "wire_fp6_triton"
 
     def __init__(self, block: Optional[int] = 32, scale: str = "e8m0", rounding: str = "nearest") -> None:
         super().__init__(block, scale, rounding)
@@ -380,6 +379,9 @@ class FP6E2M3(BlockScaled):
         return (blocked * scales.unsqueeze(-1)).flatten(-2)[..., :d].to(dtype)
 
     def encode(self, rows: torch.Tensor) -> torch.Tensor:
+        fused = self._fused(rows, rows.dtype, encode=True)
+        if fused:
+            return fused.encode(rows, self.block, self.scale.name)
         codes, scales = self.quantize(rows)
         pad = -codes.shape[-1] % 4
         if pad:
@@ -390,6 +392,9 @@ class FP6E2M3(BlockScaled):
         return torch.cat([packed, self.scale.pack(scales)], dim=-1)
 
     def decode(self, buffer: torch.Tensor, d: int, dtype: torch.dtype) -> torch.Tensor:
+        fused = self._fused(buffer, dtype)
+        if fused:
+            return fused.decode(buffer, d, self.block, dtype, self.scale.name)
         width = self.value_bytes(d)
         triples = buffer[..., :width].unflatten(-1, (-1, 3)).int()
         bits = triples[..., 0] | (triples[..., 1] << 8) | (triples[..., 2] << 16)

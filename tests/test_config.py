@@ -171,9 +171,6 @@ def test_bad_grad_rounding_names_the_key_and_what_is_allowed(block, message):
                                       r"'fp8_e4m3', 'fp4_e2m1', 'fp6_e2m3'\], got 'e5m2'"),
     ({"combine_dtype": "fp4"}, r"combine_dtype must be one of \['model', 'fp8_e4m3', 'fp4_e2m1', 'fp6_e2m3'\], "
                                r"got 'fp4'"),
-    ({"dispatch_dtype": "fp6_e2m3", "kernel": "triton"}, r"kernel='triton' asks for fused kernels, which fp6_e2m3 does "
-                                                         r"not have yet .*allowed with fp6_e2m3: kernel 'auto' or "
-                                                         r"'torch'"),
     ({"dispatch_dtype": "fp6_e2m3", "fp6_block_size": 0}, r'fp6_block_size must be "row" or an integer >= 1, got 0'),
     ({"fp6_scale": "float32"}, r"fp6_scale='float32' sets the scales of fp6_e2m3, which no crossing uses"),
     ({"dispatch_dtype": "fp8_e4m3", "fp8_block_size": 0}, r'fp8_block_size must be "row" or an integer >= 1, got 0'),

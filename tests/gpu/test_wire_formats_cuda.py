@@ -1,6 +1,6 @@
-"""fp8_e4m3 with e8m0 scales and fp4_e2m1 on CUDA (the fused kernels of kernels/wire_triton.py and
-wire_fp4_triton.py, wherever they run): the codec gives the CPU's bits, runs without a host synchronisation and
-replays from a CUDA graph. Not run on the CPU machine this was written on.
+"""Every scaled format of test_wire.FORMATS on CUDA (the fused kernels of kernels/wire_triton.py,
+wire_fp4_triton.py and wire_fp6_triton.py, wherever they run): the codec gives the CPU's bits, runs without a host
+synchronisation and replays from a CUDA graph. Not run on the CPU machine this was written on.
     python -m pytest -q tests/gpu/test_wire_formats_cuda.py
 """
 import pytest
