@@ -437,3 +437,32 @@ def test_the_suggested_stage_times_the_preset_it_names():
     assert f"--preset {frontiers.STAGE_PRESET} " in stage and "--experts-per-rank 1" in stage
     assert "--modelled-ep 16 " in stage and "200gbps" in stage and '"${MODELLED_GPUS_PER_NODE:-8}"' in stage
     assert "${VARIANTS:-" in stage and "--variants stock" in stage
+
+
+def test_a_candidate_a_screen_chose_must_hold_the_band_on_its_other_seeds(tmp_path):
+    """fp4_both_sr was chosen by its seed 1 (frontier.CHOSEN_ON_SEEDS): a mean within ±0.5% that seed 1 carries
+    fails; the same gaps on a candidate no screen chose pass; the other seeds within the band pass, said so."""
+    assert frontiers.CHOSEN_ON_SEEDS["fp4_both_sr"] == (1,)
+    root = str(tmp_path)
+    write_study(root, {"fp4_both_sr": (0.0, [1], 0.27, FLAT), "fp8_fwd_fp4sr_grad": (0.2, [1, 2, 3], 0.39, FLAT),
+                       "fp8_fwd_fp4_grad": (0.0, [1], 0.39, FLAT)})
+    # seed 1 at -0.6%, seeds 2-3 at +0.55%: a mean of +0.17% (within the band and stock's 0.30% spread)
+    for seed, gap in ((2, 0.55), (3, 0.55)):
+        for name in ("fp4_both_sr", "fp8_fwd_fp4_grad"):
+            write_run(root, 1.0, name, seed, STOCK[seed] * (1 + gap / 100), 0.27)
+    for name in ("fp4_both_sr", "fp8_fwd_fp4_grad"):
+        run = os.path.join(beds.length_root(root, BED, 1.0), "gpt", name, "seed1")
+        for entry in os.listdir(run):
+            os.remove(os.path.join(run, entry))
+        os.rmdir(run)
+        write_run(root, 1.0, name, 1, STOCK[1] * (1 - 0.6 / 100), 0.27)
+    by_name = {c.name: c for c in frontiers.collect(root, BED).candidates}
+    chosen, unchosen, held = by_name["fp4_both_sr"], by_name["fp8_fwd_fp4_grad"], by_name["fp8_fwd_fp4sr_grad"]
+    assert chosen.gap == pytest.approx(unchosen.gap) and abs(chosen.gap) < frontiers.GAP_BAND
+    band = chosen.verdicts["within ±0.5%"]
+    assert band.state == frontiers.NO and not chosen.passes
+    assert band.cell() == "no (+0.17%; seeds 2, 3 alone +0.55%)"
+    assert band.reason == ("was chosen by seed 1, and its other seeds alone end +0.55% from stock's final loss, "
+                           "outside ±0.5%")
+    assert unchosen.verdicts["within ±0.5%"].cell() == "yes (+0.17%)"
+    assert held.verdicts["within ±0.5%"].cell() == "yes (+0.20%; seeds 2, 3 alone +0.20%)" and held.passes
