@@ -17,7 +17,7 @@ import torch
 from test_wire import heavy_tailed  # noqa: E402
 from wire_kernel_cases import DEVICE, DTYPES, FINITE, edge_rows, exact_interpreter_casts, on_cuda
 
-from lshmoe_plugin import rounding, wire
+from lshmoe_plugin import ops, rounding, wire
 
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
@@ -106,6 +106,22 @@ def test_the_counter_advances_by_one_per_encode_and_each_draw_differs():
     assert torch.equal(second, reference(32, "e8m0", RANK_3 + 1).encode(x))
     nearest = wire_fp4_triton.encode(x, 32, "e8m0")  # no counter: round to nearest, nothing advanced
     assert torch.equal(nearest, wire.FP4E2M1(32, "e8m0").encode(x)) and counter.item() == RANK_3 + 2
+
+
+def test_the_format_hands_a_stochastic_fp4_encode_to_the_kernel_with_its_own_counter(monkeypatch):
+    """wire's dispatch as on CUDA (forced here, where the interpreter runs the kernels on the CPU): a stochastic FP4
+    encode runs the kernel, drawing from and advancing the format's counter; FP8 and FP6 keep the reference for a
+    stochastic encode, while FP6's decode stays fused."""
+    monkeypatch.setattr(ops, "runs_fused", lambda kernel, device: True)
+    x = (heavy_tailed(8, 64, seed=8) / 16).to(DEVICE)
+    codec = wire.FP4E2M1(32, "e8m0", "stochastic")
+    assert codec._fused(x, x.dtype, encode=True) is wire_fp4_triton
+    codec.draws.counter(DEVICE).fill_(RANK_3)
+    assert torch.equal(codec.encode(x), reference(32, "e8m0", RANK_3).encode(x))
+    assert codec.draws.counter(DEVICE).item() == RANK_3 + 1
+    assert wire.FP8E4M3(32, "e8m0", "stochastic")._fused(x, x.dtype, encode=True) is None
+    fp6 = wire.FP6E2M3(32, "e8m0", "stochastic")
+    assert fp6._fused(x, x.dtype, encode=True) is None and fp6._fused(x, x.dtype) is not None
 
 
 @triton.jit
