@@ -146,8 +146,9 @@ class LSHMoEConfig:
         over a long run (lshmoe_plugin.rounding; the uniforms hash each element's index with a per-format draw
         counter, never torch's generator, so the model's other random draws stay those of a stock run). The
         forward crossings always round to nearest. Not a stage key: every method leaves it at its default, and it
-        composes with any method whose gradients cross in a scaled format; refused where none does. On CUDA a
-        stochastic encode runs PyTorch's reference (the fused kernels round to nearest); decoding stays fused.
+        composes with any method whose gradients cross in a scaled format; refused where none does. On CUDA
+        ``fp4_e2m1``'s fused encode rounds stochastically with the reference's bits; a stochastic ``fp8_e4m3`` or
+        ``fp6_e2m3`` encode runs PyTorch's reference (their kernels round to nearest); decoding stays fused.
     fp8_block_size: elements per scale of ``fp8_e4m3`` (default 128, DeepSeek-V3's tile), or ``"row"``: one
         scale per row. A row's last block may be shorter.
     fp8_scale: how ``fp8_e4m3`` codes a scale: ``float32`` (amax / 448, 4 bytes) or ``e8m0`` (a power of two, one

@@ -97,6 +97,8 @@ class DrawCounters:
         self._counters: Dict[torch.device, torch.Tensor] = {}
 
     def counter(self, device: torch.device) -> torch.Tensor:
+        """The device's counter, created on first use: what a fused kernel reads for its draw, after which the
+        caller advances it by 1 on the same stream, as `draw` does (kernels/wire_fp4_triton.py)."""
         if device not in self._counters:
             if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 # created inside a capture, its initial value would be written again on every replay

@@ -26,14 +26,13 @@ clamps at its smallest value). NaN and inf poison their block (a loss scaler sti
 Gradients (`cross`): straight-through for the rounding; the backward crossing carries the gradient in its own
 format with scales of its own, rounded to nearest or, with ``lsh_moe.grad_rounding: "stochastic"``, stochastically
 (`rounding`: unbiased, E[Q(g)] = g; every scaled format). The forward always rounds to nearest. Shape-static, no host
-synchronisation (CUDA-graph capturable). On CUDA fp8_e4m3 and fp4_e2m1, with either scale coding, encode and decode
+synchronisation (CUDA-graph capturable). On CUDA every scaled format, with either scale coding, encodes and decodes
 with fused kernels (one pass each, the reference's bytes and rows): kernels/wire_triton.py for ``fp8_e4m3`` (on GPUs
-that cast to e4m3, compute capability 8.9 and later) and kernels/wire_fp4_triton.py for ``fp4_e2m1`` (any CUDA GPU),
-for bf16, fp16 and fp32 rows, unless ``lsh_moe.kernel`` is ``torch``; PyTorch's reference runs everything else, and
-every stochastic encode (the kernels round to nearest; the buffer is the same, so decoding stays fused).
-``fp6_e2m3``'s fused kernels (kernels/wire_fp6_triton.py) give the reference's bits in Triton's interpreter but have
-not run on a GPU yet, so the reference runs it on every device for now, and ``lsh_moe.kernel: triton`` refuses it by
-name (config).
+that cast to e4m3, compute capability 8.9 and later), kernels/wire_fp4_triton.py for ``fp4_e2m1`` and
+kernels/wire_fp6_triton.py for ``fp6_e2m3`` (any CUDA GPU), for bf16, fp16 and fp32 rows, unless ``lsh_moe.kernel``
+is ``torch``; PyTorch's reference runs everything else. fp4_e2m1's encode kernel also rounds stochastically, with the
+reference's uniforms (kernels/rounding_triton.py); a stochastic fp8_e4m3 or fp6_e2m3 encode runs the reference (their
+kernels round to nearest; the buffer is the same, so decoding stays fused).
 """
 from __future__ import annotations
 
@@ -155,12 +154,13 @@ class BlockScaled:
     def _fused(self, tensor: torch.Tensor, dtype: torch.dtype, encode: bool = False):
         """The fused kernels' module if they encode (`encode`) or decode `tensor` (model dtype `dtype`), else None: on
         CUDA unless the kernel is 'torch', for the dtypes they read and write (the reference takes any other dtype and
-        empty tensors), on GPUs the module runs on (its `runs_on`). They encode to nearest only."""
-        if encode and self.rounding == "stochastic":
-            return None
+        empty tensors), on GPUs the module runs on (its `runs_on`). A stochastic encode only where the module
+        declares STOCHASTIC_ENCODE (its encode then takes the format's draw counter); else the reference runs it."""
         if not (ops.runs_fused(self.kernel, tensor.device) and tensor.numel() > 0 and dtype in FUSED_DTYPES):
             return None
         kernels = ops.fused_module(self.KERNELS, self.kernel)
+        if encode and self.rounding == "stochastic" and not getattr(kernels, "STOCHASTIC_ENCODE", False):
+            return None
         return kernels if kernels.runs_on(tensor.device, self.kernel) else None
 
     def blocks(self, d: int) -> int:
@@ -305,7 +305,8 @@ class FP4E2M1(BlockScaled):
     def encode(self, rows: torch.Tensor) -> torch.Tensor:
         fused = self._fused(rows, rows.dtype, encode=True)
         if fused:
-            return fused.encode(rows, self.block, self.scale.name)
+            counter = self.draws.counter(rows.device) if self.draws else None  # the kernel draws and advances it
+            return fused.encode(rows, self.block, self.scale.name, counter)
         codes, scales = self.quantize(rows)
         if codes.shape[-1] % 2:
             codes = torch.nn.functional.pad(codes, (0, 1))

@@ -11,7 +11,10 @@ exact integer one:
   (`div_rn`). The code counts the midpoints `wire.E2M1_MIDPOINTS` below |y| with the reference's comparisons
   (> for the even midpoints, >= for the odd ones: a tie goes to the even code), all of them exact (the midpoints
   are float32 values, NaN compares false: code 0, as in the reference), and takes the sign bit from y < 0 (so -0.0
-  is code 0, a tiny negative value code 8, as there).
+  is code 0, a tiny negative value code 8, as there). Stochastically (`encode` given the format's draw counter),
+  |y| goes to one of its two neighbours as `wire.FP4E2M1._round_stochastically` sends it, from the same uniform:
+  `rounding.hash32` of the element's flat index in the rows (..., d) for the counter's draw
+  (kernels/rounding_triton.py), then the counter advances by 1 on the stream, as the reference's draw advances it.
 - decode: a code's magnitude in quarters, (2 + m) << e or 2 m, an exact integer; times ±0.25 (exact, and -0.25
   times 0 is the reference's -0.0: Triton's unary minus is 0 - x, which would give +0.0); times s (one
   rounding); cast to the model's dtype rounding to nearest even.
@@ -31,6 +34,7 @@ import triton
 import triton.language as tl
 
 from ..wire import E2M1_MAX, E2M1_MIDPOINTS
+from .rounding_triton import draw_keys, uniform
 from .wire_blocks_triton import (
     check_dtype,
     e8m0_top,
@@ -44,6 +48,7 @@ from .wire_blocks_triton import (
     store_scale,
 )
 
+STOCHASTIC_ENCODE = True  # encode rounds stochastically when given a draw counter (wire.BlockScaled._fused)
 _MAX = tl.constexpr(E2M1_MAX)
 _TOP_EXPONENT, _TOP_FRACTION = (tl.constexpr(v) for v in e8m0_top(E2M1_MAX))
 _M0, _M1, _M2, _M3, _M4, _M5, _M6 = (tl.constexpr(m) for m in E2M1_MIDPOINTS)
@@ -78,6 +83,21 @@ def _code(y):
 
 
 @triton.jit
+def _code_stochastically(y, u):
+    """float32 y and its uniform u -> its E2M1 code (int32 in [0, 16)), |y| rounded to one of its two neighbours,
+    up with probability its distance from the lower one over their spacing: wire.FP4E2M1._round_stochastically's
+    steps, each exact (the spacing is 0.5, 1 or 2: |y| times its reciprocal, floor and the fraction lose nothing)."""
+    m = tl.abs(y)
+    m = tl.minimum(tl.where(m == m, m, 0.0), _MAX)  # NaN (a poisoned block's) to code 0, as nearest gives it
+    past_2, past_4 = m >= 2.0, m >= 4.0
+    scaled = m * tl.where(past_4, 0.5, tl.where(past_2, 1.0, 2.0))  # |y| / spacing, with no division to round
+    steps = tl.floor(scaled)
+    steps += (u < scaled - steps).to(tl.float32)
+    code = steps.to(tl.int32) + 2 * (past_2.to(tl.int32) + past_4.to(tl.int32))
+    return code | ((y < 0).to(tl.int32) << 3)
+
+
+@triton.jit
 def _value(code):
     """E2M1 codes (int32) -> float32 values: ±magnitude, -0.0 for code 8."""
     exponent, mantissa = (code >> 1) & 3, code & 1
@@ -88,7 +108,8 @@ def _value(code):
 @triton.jit
 def _encode_kernel(rows_ptr, out_ptr, n_segments, stride_rows, stride_out, D: tl.constexpr, SIZE: tl.constexpr,
                    GROUP: tl.constexpr, GROUPS: tl.constexpr, BLOCKS: tl.constexpr, SEGS: tl.constexpr,
-                   PAIRS: tl.constexpr, E8M0: tl.constexpr, SCALE_BYTES: tl.constexpr):
+                   PAIRS: tl.constexpr, E8M0: tl.constexpr, SCALE_BYTES: tl.constexpr, counter_ptr,
+                   STOCHASTIC: tl.constexpr):
     row, group, col, mask, sub, live, byte_col, byte_mask = _segments(n_segments, D, SIZE, GROUP, GROUPS, SEGS,
                                                                       PAIRS)
     x = tl.load(rows_ptr + row[:, None, None] * stride_rows + col, mask=mask, other=0.0).to(tl.float32)
@@ -102,7 +123,14 @@ def _encode_kernel(rows_ptr, out_ptr, n_segments, stride_rows, stride_out, D: tl
         scale = tl.where(in_block & mask, block_scale[:, None, None], scale)
         block = group * GROUP + g
         store_scale(out_row + (D + 1) // 2 + SCALE_BYTES * block, code, live & (block < BLOCKS), E8M0)
-    codes = _code(tl.math.div_rn(x, scale))
+    y = tl.math.div_rn(x, scale)
+    if STOCHASTIC:
+        # the draw's keys once per program; each element's uniform from its flat index in the rows (..., d), as
+        # the reference draws them (not its place in the padded blocks)
+        offset, multiplier = draw_keys(tl.load(counter_ptr))
+        codes = _code_stochastically(y, uniform(row[:, None, None] * D + col, offset, multiplier))
+    else:
+        codes = _code(y)
     packed = tl.sum(codes << (4 * tl.arange(0, 2))[None, None, :], 2)
     tl.store(out_row[:, None] + byte_col, packed.to(tl.uint8), mask=byte_mask)
 
@@ -130,15 +158,17 @@ def runs_on(device: torch.device, kernel: str) -> bool:
     return True
 
 
-def _launch(kernel, src: torch.Tensor, out: torch.Tensor, d: int, block: Optional[int], scale: str) -> None:
-    """kernel over the (row, group of blocks) segments of src (M, w_in) into out (M, w_out)."""
+def _launch(kernel, src: torch.Tensor, out: torch.Tensor, d: int, block: Optional[int], scale: str,
+            **arguments) -> None:
+    """kernel over the (row, group of blocks) segments of src (M, w_in) into out (M, w_out); `arguments` are the
+    kernel's own (the encode's counter)."""
     size = segment_size(d, block)
     blocks = triton.cdiv(d, size)
     group = 2 if size % 2 and blocks > 1 else 1  # odd blocks pair up into whole bytes
     groups = triton.cdiv(blocks, group)
     pairs = triton.next_power_of_2(triton.cdiv(group * size, 2))
     launch(kernel, src, out, src.shape[0] * groups, 2 * pairs, "fp4_e2m1", D=d, SIZE=size, GROUP=group,
-           GROUPS=groups, BLOCKS=blocks, PAIRS=pairs, E8M0=scale == "e8m0", SCALE_BYTES=scale_bytes(scale))
+           GROUPS=groups, BLOCKS=blocks, PAIRS=pairs, E8M0=scale == "e8m0", SCALE_BYTES=scale_bytes(scale), **arguments)
 
 
 def _width(d: int, block: Optional[int], scale: str) -> int:
@@ -146,13 +176,19 @@ def _width(d: int, block: Optional[int], scale: str) -> int:
     return triton.cdiv(d, 2) + scale_bytes(scale) * (1 if block is None else triton.cdiv(d, block))
 
 
-def encode(rows: torch.Tensor, block: Optional[int], scale: str = "e8m0") -> torch.Tensor:
+def encode(rows: torch.Tensor, block: Optional[int], scale: str = "e8m0",
+           counter: Optional[torch.Tensor] = None) -> torch.Tensor:
     """rows (..., d) in bf16/fp16/fp32 -> uint8 (..., ceil(d / 2) + scale bytes * blocks): what
-    ``FP4E2M1(block, scale).encode`` returns."""
+    ``FP4E2M1(block, scale).encode`` returns; with a draw `counter` (int64, one element, on the rows' device),
+    stochastically rounded as ``FP4E2M1(block, scale, "stochastic")`` whose counter it is, then advanced by 1."""
     check_dtype(rows.dtype, "fp4_e2m1")
     d = rows.shape[-1]
     out = torch.empty(rows.shape[:-1] + (_width(d, block, scale),), dtype=torch.uint8, device=rows.device)
-    _launch(_encode_kernel, rows_of(rows), out.view(-1, out.shape[-1]), d, block, scale)
+    # Nearest passes no counter (None is a compile-time constant): its kernel is the one it always was.
+    _launch(_encode_kernel, rows_of(rows), out.view(-1, out.shape[-1]), d, block, scale, counter_ptr=counter,
+            STOCHASTIC=counter is not None)
+    if counter is not None:
+        counter.add_(1)  # after the kernel on the same stream: no host sync, and a graph replay draws anew
     return out
 
 
