@@ -2,7 +2,9 @@
 
 Per layer and crossing the sender encodes its N rows once and the receiver decodes them once. Each pass reads and
 writes N·d·b bytes of rows (b bytes per element of the model dtype) and the format's buffer, N·(v + c·blocks)
-bytes: v = d (fp8_e4m3) or ceil(d / 2) (fp4_e2m1) bytes of values, c = 4 (float32) or 1 (e8m0) bytes per scale. The
+bytes: v = d (fp8_e4m3), ceil(d / 2) (fp4_e2m1) or 3·ceil(d / 4) (fp6_e2m3) bytes of values, c = 4 (float32) or 1
+(e8m0) bytes per scale. A stochastic encode (the gradients' `lsh_moe.grad_rounding: "stochastic"`) moves the same
+bytes: its uniforms are hashed in registers from the element's index and an 8-byte draw counter. The
 fewest bytes either pass can move is their sum, and its floor is those bytes over the copy bandwidth measured in
 the same run (`benchmarking.copy_bandwidth_gbs`, the compressor benchmark's ceiling). Nothing crosses a link: the
 codec alone is timed.
@@ -20,10 +22,12 @@ from lshmoe_plugin import wire
 from . import benchmarking as bench
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# Every (wire dtype, scale coding) with a fused codec, as "<dtype>/<scale>", each format's default scale first.
-FORMATS = ("fp8_e4m3/float32", "fp8_e4m3/e8m0", "fp4_e2m1/e8m0", "fp4_e2m1/float32")
+# Every (wire dtype, scale coding) with a fused codec, as "<dtype>/<scale>", each format's default scale first; then
+# those whose fused encode also rounds stochastically, as "<dtype>/<scale>/stochastic".
+FORMATS = ("fp8_e4m3/float32", "fp8_e4m3/e8m0", "fp4_e2m1/e8m0", "fp4_e2m1/float32", "fp6_e2m3/e8m0",
+           "fp6_e2m3/float32", "fp4_e2m1/e8m0/stochastic")
 # Scale blocks timed unless --blocks names others: each format's default block (LSHMoEConfig) and one per row.
-DEFAULT_BLOCKS = {"fp8_e4m3": (128, None), "fp4_e2m1": (32, None)}
+DEFAULT_BLOCKS = {"fp8_e4m3": (128, None), "fp4_e2m1": (32, None), "fp6_e2m3": (32, None)}
 SECTION = "wire_codec"
 TARGET = 1.5  # issue 23: encode + decode within 1.5x of the floor
 HEADERS = ["d_model", "tokens", "format", "block", "kernel", "MiB read + written", "floor µs", "encode µs",
@@ -47,9 +51,11 @@ class Timing:
 
 
 def codec(fmt: str, block: Optional[int], kernel: str = "torch") -> wire.WireFormat:
-    """The wire format named "<dtype>/<scale>" (one of FORMATS) with `block` elements per scale (None: per row)."""
-    name, scale = fmt.split("/")
-    return wire.wire_format(name, "row" if block is None else block, scale, kernel=kernel)
+    """The wire format named "<dtype>/<scale>[/stochastic]" (one of FORMATS) with `block` elements per scale (None:
+    per row)."""
+    name, scale, *rounding = fmt.split("/")
+    return wire.wire_format(name, "row" if block is None else block, scale, kernel=kernel,
+                            rounding=rounding[0] if rounding else "nearest")
 
 
 def plan(formats: Sequence[str], blocks: Optional[Sequence[Optional[int]]]) -> List[Tuple[str, Optional[int]]]:
@@ -86,16 +92,19 @@ def section_text(table: str, bandwidth_gbs: float, dtype_name: str, device: torc
     return bench.header("Wire formats: encode + decode vs the memory-bandwidth floor", device) + (
         f"\nNothing crosses a link: each buffer is encoded and decoded on this one GPU, and only the codec is "
         f"timed. Copy bandwidth measured in this run: {bandwidth_gbs:.0f} GB/s (bytes read + written). "
-        f"{dtype_name} rows in each wire format (column 'format': `fp8_e4m3` or `fp4_e2m1`, with float32 or e8m0 "
-        f"scales), one scale per row or per block of elements (column 'block'). An encode reads N·d·b bytes of "
-        f"rows and writes the buffer, N·(v + c·blocks) bytes (v = d for fp8_e4m3, ceil(d / 2) for fp4_e2m1; c = 4 "
-        f"for float32 scales, 1 for e8m0), a decode the reverse; floor = those bytes / copy bandwidth, per pass, "
+        f"{dtype_name} rows in each wire format (column 'format': `fp8_e4m3`, `fp4_e2m1` or `fp6_e2m3`, with "
+        f"float32 or e8m0 scales; 'stochastic': the encode rounds stochastically, as the gradients do with "
+        f"`grad_rounding: stochastic`), one scale per row or per block of elements (column 'block'). An encode "
+        f"reads N·d·b bytes of rows and writes the buffer, N·(v + c·blocks) bytes (v = d for fp8_e4m3, "
+        f"ceil(d / 2) for fp4_e2m1, 3·ceil(d / 4) for fp6_e2m3; c = 4 for float32 scales, 1 for e8m0), a decode "
+        f"the reverse; floor = those bytes / copy bandwidth, per pass, "
         f"and 'per layer' is one encode + one decode (a crossing: the sender encodes, the receiver decodes) over "
         f"twice the floor. µs columns are GPU time: many calls on distinct inputs, more bytes in all than the L2 "
         f"cache holds, captured as one CUDA graph, divided by the calls (median of {reps} replays, CUDA events); "
         f"'eager' launches the same calls from Python, as a training step does. Kernels: `torch` the PyTorch "
         f"reference (`lsh_moe.kernel: torch`), `triton` the fused kernels (lshmoe_plugin/kernels/wire_triton.py "
-        f"for fp8_e4m3, wire_fp4_triton.py for fp4_e2m1; the default on CUDA); both give the same bytes.\n\n"
+        f"for fp8_e4m3, wire_fp4_triton.py for fp4_e2m1, wire_fp6_triton.py for fp6_e2m3; the default on CUDA); "
+        f"both give the same bytes.\n\n"
         + table + "\n")
 
 

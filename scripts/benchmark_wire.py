@@ -1,4 +1,5 @@
-"""Wire format microbenchmark: encode + decode of `fp8_e4m3` and `fp4_e2m1`, with float32 or e8m0 scales, on one GPU
+"""Wire format microbenchmark: encode + decode of `fp8_e4m3`, `fp4_e2m1` and `fp6_e2m3` (FP4's stochastic encode too),
+with float32 or e8m0 scales, on one GPU
 against the memory-bandwidth floor.
 
 For every (d_model, tokens per layer, format, scale block) it times the PyTorch reference and the fused Triton
@@ -40,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="wire dtype / scale coding (default: all)")
     p.add_argument("--blocks", type=scale_block, nargs="+", default=None, metavar="{row,N}",
                    help="elements per scale (lsh_moe.fp8_block_size, fp4_block_size), for every format; default: "
-                   "each format's default block and 'row' (fp8_e4m3: 128 row, fp4_e2m1: 32 row)")
+                   "each format's default block and 'row' (fp8_e4m3: 128 row, fp4_e2m1 and fp6_e2m3: 32 row)")
     p.add_argument("--kernels", nargs="+", default=["torch", "triton"], choices=["torch", "triton"])
     p.add_argument("--dtype", choices=sorted(wire_benchmark.DTYPES), default="bf16")
     p.add_argument("--reps", type=int, default=20)

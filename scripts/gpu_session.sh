@@ -11,8 +11,8 @@
 #
 # Stages: corpus (in the background) | tests | tests-bg (in the background, alongside what follows) | wait-tests
 #       (GPU_TESTS="<files or node ids>" runs a subset of tests/gpu)
-#       | bench-compressor | bench-wire (the wire formats' encode + decode vs the bandwidth floor: fp8_e4m3 and
-#         fp4_e2m1, float32 and e8m0 scales, reference and fused, 16K tokens) | bench-layer | bench-gpt
+#       | bench-compressor | bench-wire (the wire formats' encode + decode vs the bandwidth floor: fp8_e4m3,
+#         fp4_e2m1 (and its stochastic encode) and fp6_e2m3, float32 and e8m0 scales, reference and fused, 16K tokens) | bench-layer | bench-gpt
 #       | bench-gpt-small | profile-gpt-135m (VARIANTS="...": those beside stock) | quality:<study>:<seconds>
 #       | bench-modelled-135m | bench-modelled-1.3b (GPT-MoE step times at modelled EP 8/16/64 over 100/200/400 Gb/s
 #         and NVLink 4, one GPU, the link stand-in, on 8-GPU nodes (NVLink inside, one NIC per GPU: EP=8 crosses

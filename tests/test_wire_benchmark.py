@@ -25,10 +25,13 @@ def load_script():
 def test_arguments_pick_formats_and_blocks():
     script = load_script()
     args = script.parse_args([])
-    assert args.formats == ["fp8_e4m3/float32", "fp8_e4m3/e8m0", "fp4_e2m1/e8m0", "fp4_e2m1/float32"]
+    assert args.formats == ["fp8_e4m3/float32", "fp8_e4m3/e8m0", "fp4_e2m1/e8m0", "fp4_e2m1/float32",
+                            "fp6_e2m3/e8m0", "fp6_e2m3/float32", "fp4_e2m1/e8m0/stochastic"]
     assert wire_benchmark.plan(args.formats, args.blocks) == [
         ("fp8_e4m3/float32", 128), ("fp8_e4m3/float32", None), ("fp8_e4m3/e8m0", 128), ("fp8_e4m3/e8m0", None),
-        ("fp4_e2m1/e8m0", 32), ("fp4_e2m1/e8m0", None), ("fp4_e2m1/float32", 32), ("fp4_e2m1/float32", None)]
+        ("fp4_e2m1/e8m0", 32), ("fp4_e2m1/e8m0", None), ("fp4_e2m1/float32", 32), ("fp4_e2m1/float32", None),
+        ("fp6_e2m3/e8m0", 32), ("fp6_e2m3/e8m0", None), ("fp6_e2m3/float32", 32), ("fp6_e2m3/float32", None),
+        ("fp4_e2m1/e8m0/stochastic", 32), ("fp4_e2m1/e8m0/stochastic", None)]
     args = script.parse_args(["--formats", "fp4_e2m1/e8m0", "--blocks", "row", "16", "--kernels", "triton"])
     assert wire_benchmark.plan(args.formats, args.blocks) == [("fp4_e2m1/e8m0", None), ("fp4_e2m1/e8m0", 16)]
     assert args.kernels == ["triton"]
@@ -47,6 +50,20 @@ def test_pass_bytes_count_rows_values_and_scales():
     assert wire_benchmark.pass_bytes(8192, 1024, torch.bfloat16, "fp4_e2m1/e8m0", 32) == rows + 8192 * (512 + 32)
     assert wire_benchmark.pass_bytes(8192, 1024, torch.bfloat16, "fp4_e2m1/float32", None) == rows + 8192 * (512 + 4)
     assert wire_benchmark.pass_bytes(10, 301, torch.float32, "fp4_e2m1/e8m0", 32) == 10 * 301 * 4 + 10 * (151 + 10)
+    # FP6: four codes in three bytes (301 -> 76 groups of 4: 228 bytes), a scale per 32; stochastic moves FP4's bytes
+    assert wire_benchmark.pass_bytes(10, 301, torch.float32, "fp6_e2m3/e8m0", 32) == 10 * 301 * 4 + 10 * (228 + 10)
+    assert wire_benchmark.pass_bytes(8192, 1024, torch.bfloat16, "fp6_e2m3/float32", None) == rows + 8192 * (768 + 4)
+    assert wire_benchmark.pass_bytes(8192, 1024, torch.bfloat16, "fp4_e2m1/e8m0/stochastic", 32) == \
+        wire_benchmark.pass_bytes(8192, 1024, torch.bfloat16, "fp4_e2m1/e8m0", 32)
+
+
+def test_codec_builds_each_format_with_its_rounding():
+    for fmt in wire_benchmark.FORMATS:
+        codec = wire_benchmark.codec(fmt, 32)
+        name, scale, *rounding = fmt.split("/")
+        assert (codec.name, codec.scale.name, codec.block) == (name, scale, 32)
+        assert codec.rounding == (rounding[0] if rounding else "nearest")
+    assert wire_benchmark.codec("fp6_e2m3/e8m0", None).block is None
 
 
 def test_table_rows_give_bytes_floors_and_ratios_from_the_timings():
