@@ -143,9 +143,9 @@ def time_codec(fmt: wire.WireFormat, tokens: int, d: int, dtype: torch.dtype, de
 
 def run(d_models: Sequence[int], tokens: Sequence[int], formats: Sequence[str],
         blocks: Optional[Sequence[Optional[int]]], kernels: Sequence[str], dtype_name: str, reps: int,
-        report: Optional[str]) -> str:
+        report: Optional[str], section: str = SECTION) -> str:
     """Measure every (d_model, tokens, format, scale block, kernel) on CUDA (blocks None: each format's
-    DEFAULT_BLOCKS), print the table, write the section to `report` when given; returns the table."""
+    DEFAULT_BLOCKS), print the table, write it as `section` of `report` when given; returns the table."""
     pairs = plan(formats, blocks)
     if not torch.cuda.is_available():
         raise SystemExit("benchmark_wire.py times the wire codecs against a GPU's memory bandwidth and needs a "
@@ -167,5 +167,5 @@ def run(d_models: Sequence[int], tokens: Sequence[int], formats: Sequence[str],
                 torch.cuda.empty_cache()
     table = bench.markdown_table(HEADERS, table_rows(timings, bandwidth, dtype))
     print(table)
-    bench.report_section(report, SECTION, section_text(table, bandwidth, dtype_name, device, reps))
+    bench.report_section(report, section, section_text(table, bandwidth, dtype_name, device, reps))
     return table

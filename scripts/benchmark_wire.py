@@ -48,13 +48,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--report", default=None, metavar="PATH", help=f"also write the section "
                    f"'{wire_benchmark.SECTION}' into this markdown file (docs/benchmarks.md holds the published "
                    f"one); default: print only")
+    p.add_argument("--section", default=wire_benchmark.SECTION,
+                   help="the section's name in --report (another name keeps a published section beside it)")
     return p.parse_args(argv)
 
 
 def main() -> None:
     args = parse_args()
     wire_benchmark.run(args.d_models, args.tokens, args.formats, args.blocks, args.kernels, args.dtype, args.reps,
-                       args.report)
+                       args.report, args.section)
 
 
 if __name__ == "__main__":

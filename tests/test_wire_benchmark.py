@@ -35,6 +35,8 @@ def test_arguments_pick_formats_and_blocks():
     args = script.parse_args(["--formats", "fp4_e2m1/e8m0", "--blocks", "row", "16", "--kernels", "triton"])
     assert wire_benchmark.plan(args.formats, args.blocks) == [("fp4_e2m1/e8m0", None), ("fp4_e2m1/e8m0", 16)]
     assert args.kernels == ["triton"]
+    assert script.parse_args([]).section == "wire_codec"
+    assert script.parse_args(["--section", "wire_codec_fp6_sr"]).section == "wire_codec_fp6_sr"
     for wrong in (["--blocks", "0"], ["--blocks", "-3"], ["--formats", "fp4_e2m1"], ["--formats", "fp8_e5m2/e8m0"]):
         with pytest.raises(SystemExit):
             script.parse_args(wrong)
