@@ -16,7 +16,9 @@ DEFAULT_METHOD is what ``"enabled": true`` and nothing else trains: ``fp4``, the
 on the long-schedule testbed ``gpt-25m-long`` (docs/quality.md, section ``testbed_gpt_25m_pinned_frontier``): every
 token crosses in FP4 both ways, 0.27 of stock's bytes, ending +0.01% ± 0.23% from stock's validation loss over 3
 seeds, where the paper's configuration ends +17.5% and grows with the schedule. The paper's is ``"method":
-"paper"``. The rule's other two shapes have not trained yet; docs/quality.md says what would change this.
+"paper"``. It is provisional: the rule fails it on both d_model-512 GPT shapes (``gpt-72m-long``, and
+``gpt-72m-1pass`` within one pass over the data: +0.60% ± 0.22%), and the single-pass shapes decide
+(docs/quality.md, "Next on a GPU").
 """
 from __future__ import annotations
 
@@ -56,7 +58,7 @@ METHODS: Dict[str, Method] = {m.name: m for m in (
            "stock's bf16 bytes)"),
     Method("fp6", {"clustering": "none", "dispatch_dtype": "fp6_e2m3", "combine_dtype": "fp6_e2m3"},
            "every token crosses as itself, in OCP FP6 E2M3 with an e8m0 scale per 32 elements both ways (0.39 of "
-           "stock's bf16 bytes): a candidate for the default, not yet trained on a GPU"),
+           "stock's bf16 bytes): a candidate for the default"),
 )}
 DEFAULT_METHOD = "fp4"
 COMPOSITION_BASE = "paper"  # what stage keys left out mean beside stage keys given (with no method named)
