@@ -115,6 +115,25 @@ def rows_of(t: torch.Tensor) -> torch.Tensor:
     return flat if flat.stride(-1) == 1 else flat.contiguous()
 
 
+def encode_buffers(rows: torch.Tensor, width: int, name: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """What a `name` encode of rows (..., d) launches on: (its rows as (M, d), the buffer (..., width) uint8 it
+    returns, as (M, width)), after checking the model dtype."""
+    check_dtype(rows.dtype, name)
+    out = torch.empty(rows.shape[:-1] + (width,), dtype=torch.uint8, device=rows.device)
+    return rows_of(rows), out
+
+
+def decode_buffers(buffer: torch.Tensor, d: int, width: int, dtype: torch.dtype,
+                   name: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """What a `name` decode of a buffer (..., width) into rows d wide launches on: (the buffer as (M, width), the
+    rows (..., d) in `dtype` it returns), after checking the dtype and that the buffer is one of such rows."""
+    check_dtype(dtype, name)
+    if buffer.dtype != torch.uint8 or buffer.shape[-1] != width:
+        raise ValueError(f"an {name} buffer of rows {d} wide is uint8 (..., {width}), "
+                         f"got {buffer.dtype} {tuple(buffer.shape)}")
+    return rows_of(buffer), torch.empty(buffer.shape[:-1] + (d,), dtype=dtype, device=buffer.device)
+
+
 def launch(kernel, src: torch.Tensor, out: torch.Tensor, n_segments: int, segment_elements: int, name: str,
            **constants) -> None:
     """kernel over `n_segments` segments of src (M, w_in) into out (M, w_out), both with unit column stride, each

@@ -36,13 +36,13 @@ import triton.language as tl
 from ..wire import E2M1_MAX, E2M1_MIDPOINTS
 from .rounding_triton import draw_keys, uniform
 from .wire_blocks_triton import (
-    check_dtype,
+    decode_buffers,
     e8m0_top,
+    encode_buffers,
     encode_scale,
     launch,
     load_scale,
     max_keeping_nan,
-    rows_of,
     scale_bytes,
     segment_size,
     store_scale,
@@ -181,11 +181,10 @@ def encode(rows: torch.Tensor, block: Optional[int], scale: str = "e8m0",
     """rows (..., d) in bf16/fp16/fp32 -> uint8 (..., ceil(d / 2) + scale bytes * blocks): what
     ``FP4E2M1(block, scale).encode`` returns; with a draw `counter` (int64, one element, on the rows' device),
     stochastically rounded as ``FP4E2M1(block, scale, "stochastic")`` whose counter it is, then advanced by 1."""
-    check_dtype(rows.dtype, "fp4_e2m1")
     d = rows.shape[-1]
-    out = torch.empty(rows.shape[:-1] + (_width(d, block, scale),), dtype=torch.uint8, device=rows.device)
+    src, out = encode_buffers(rows, _width(d, block, scale), "fp4_e2m1")
     # Nearest passes no counter (None is a compile-time constant): its kernel is the one it always was.
-    _launch(_encode_kernel, rows_of(rows), out.view(-1, out.shape[-1]), d, block, scale, counter_ptr=counter,
+    _launch(_encode_kernel, src, out.view(-1, out.shape[-1]), d, block, scale, counter_ptr=counter,
             STOCHASTIC=counter is not None)
     if counter is not None:
         counter.add_(1)  # after the kernel on the same stream: no host sync, and a graph replay draws anew
@@ -195,11 +194,6 @@ def encode(rows: torch.Tensor, block: Optional[int], scale: str = "e8m0",
 def decode(buffer: torch.Tensor, d: int, block: Optional[int], dtype: torch.dtype, scale: str = "e8m0") -> torch.Tensor:
     """uint8 (..., ceil(d / 2) + scale bytes * blocks) -> rows (..., d) in `dtype`: what
     ``FP4E2M1(block, scale).decode`` returns."""
-    check_dtype(dtype, "fp4_e2m1")
-    width = _width(d, block, scale)
-    if buffer.dtype != torch.uint8 or buffer.shape[-1] != width:
-        raise ValueError(f"an fp4_e2m1 buffer of rows {d} wide is uint8 (..., {width}), "
-                         f"got {buffer.dtype} {tuple(buffer.shape)}")
-    out = torch.empty(buffer.shape[:-1] + (d,), dtype=dtype, device=buffer.device)
-    _launch(_decode_kernel, rows_of(buffer), out.view(-1, d), d, block, scale)
+    src, out = decode_buffers(buffer, d, _width(d, block, scale), dtype, "fp4_e2m1")
+    _launch(_decode_kernel, src, out.view(-1, d), d, block, scale)
     return out

@@ -36,13 +36,13 @@ import triton.language as tl
 
 from ..wire import E2M3_MAX
 from .wire_blocks_triton import (
-    check_dtype,
+    decode_buffers,
     e8m0_top,
+    encode_buffers,
     encode_scale,
     launch,
     load_scale,
     max_keeping_nan,
-    rows_of,
     scale_bytes,
     segment_size,
     store_scale,
@@ -166,21 +166,15 @@ def _width(d: int, block: Optional[int], scale: str) -> int:
 def encode(rows: torch.Tensor, block: Optional[int], scale: str = "e8m0") -> torch.Tensor:
     """rows (..., d) in bf16/fp16/fp32 -> uint8 (..., 3 * ceil(d / 4) + scale bytes * blocks): what
     ``FP6E2M3(block, scale).encode`` returns."""
-    check_dtype(rows.dtype, "fp6_e2m3")
     d = rows.shape[-1]
-    out = torch.empty(rows.shape[:-1] + (_width(d, block, scale),), dtype=torch.uint8, device=rows.device)
-    _launch(_encode_kernel, rows_of(rows), out.view(-1, out.shape[-1]), d, block, scale)
+    src, out = encode_buffers(rows, _width(d, block, scale), "fp6_e2m3")
+    _launch(_encode_kernel, src, out.view(-1, out.shape[-1]), d, block, scale)
     return out
 
 
 def decode(buffer: torch.Tensor, d: int, block: Optional[int], dtype: torch.dtype, scale: str = "e8m0") -> torch.Tensor:
     """uint8 (..., 3 * ceil(d / 4) + scale bytes * blocks) -> rows (..., d) in `dtype`: what
     ``FP6E2M3(block, scale).decode`` returns."""
-    check_dtype(dtype, "fp6_e2m3")
-    width = _width(d, block, scale)
-    if buffer.dtype != torch.uint8 or buffer.shape[-1] != width:
-        raise ValueError(f"an fp6_e2m3 buffer of rows {d} wide is uint8 (..., {width}), "
-                         f"got {buffer.dtype} {tuple(buffer.shape)}")
-    out = torch.empty(buffer.shape[:-1] + (d,), dtype=dtype, device=buffer.device)
-    _launch(_decode_kernel, rows_of(buffer), out.view(-1, d), d, block, scale)
+    src, out = decode_buffers(buffer, d, _width(d, block, scale), dtype, "fp6_e2m3")
+    _launch(_decode_kernel, src, out.view(-1, d), d, block, scale)
     return out
