@@ -86,6 +86,17 @@ def steps_of(magnitude: torch.Tensor, spacing: torch.Tensor, uniform: torch.Tens
     return steps + (uniform < scaled - steps)
 
 
+def one_name(device: torch.device) -> torch.device:
+    """The device as a tensor on it names itself: "cuda" becomes "cuda:<current device>" and "cpu:0" becomes
+    "cpu". torch.device("cuda") and a tensor's torch.device("cuda", 0) are different dictionary keys, so without
+    this a counter set through one name is not the counter an encode on the same GPU reads."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    if device.type == "cpu":
+        return torch.device("cpu")
+    return device
+
+
 class DrawCounters:
     """One draw counter per device: an int64 tensor of one element that `draw` reads and then advances in place,
     so a captured CUDA graph advances it on every replay. A device's counter starts at the process's rank << 32:
@@ -99,6 +110,7 @@ class DrawCounters:
     def counter(self, device: torch.device) -> torch.Tensor:
         """The device's counter, created on first use: what a fused kernel reads for its draw, after which the
         caller advances it by 1 on the same stream, as `draw` does (kernels/wire_fp4_triton.py)."""
+        device = one_name(torch.device(device))
         if device not in self._counters:
             if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 # created inside a capture, its initial value would be written again on every replay

@@ -454,6 +454,22 @@ def test_each_encode_draws_fresh_bits_and_the_same_counter_draws_the_same():
     assert torch.equal(fp8[0], fp8[1])
 
 
+def test_a_device_has_one_draw_counter_whatever_it_is_called():
+    """A counter set through torch.device("cpu", 0) (or, on a GPU, "cuda") is the one an encode of a tensor on that
+    device reads and advances: the dictionary of counters is keyed by one name per device."""
+    x = heavy_tailed(4, 64, seed=9)
+    codec = wire.FP4E2M1(32, "e8m0", "stochastic")
+    codec.draws.counter(torch.device("cpu", 0)).fill_(7)
+    assert torch.equal(codec.encode(x), stochastic_from(7).encode(x))
+    assert codec.draws.counter("cpu").item() == 8 and codec.draws.counter(x.device) is codec.draws.counter("cpu:0")
+
+
+def stochastic_from(counter: int) -> wire.FP4E2M1:
+    codec = wire.FP4E2M1(32, "e8m0", "stochastic")
+    codec.draws.counter(torch.device("cpu")).fill_(counter)
+    return codec
+
+
 def test_stochastic_encode_leaves_torchs_generator_alone():
     state = torch.get_rng_state()
     for fmt, scale in FORMATS:

@@ -188,6 +188,14 @@ def test_the_format_encodes_fused_without_synchronising_and_replays_fresh_draws(
 
 
 @on_cuda
+def test_cuda_and_cuda_0_name_one_counter():
+    """The counter this module's tests set through DEVICE ("cuda") is the one an encode of a tensor on "cuda:0"
+    advances (the first GPU run of these tests failed on exactly that: two counters for one GPU)."""
+    codec = fused_stochastic("e8m0")
+    assert codec.draws.counter(torch.device("cuda")) is codec.draws.counter(torch.ones(1, device=DEVICE).device)
+
+
+@on_cuda
 def test_a_counter_is_never_created_inside_a_capture():
     """The fused path keeps the reference's refusal: a counter created in a capture would be reset on each replay."""
     codec, static = fused_stochastic("e8m0"), torch.ones(4, 64, device=DEVICE)
