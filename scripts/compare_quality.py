@@ -388,7 +388,8 @@ def default(args: argparse.Namespace) -> None:
         "- each shape's verdicts are its frontier section's (issue 24's rule at its long schedule); the default is "
         "the candidate that passes on every shape with the fewest bytes, else the one whose worst shape has the "
         "smallest gap among those with 3 seeds everywhere and at most 0.5 of the bytes (written down before the "
-        "single-pass shapes trained: docs/quality.md, 2026-12-05 night).", "",
+        "single-pass shapes trained: docs/quality.md, 2026-12-05 night). The last column pools every seed of every "
+        "shape measured (mean ± standard error): information beside the rule, not part of it.", "",
         choice.table(found), "",
         f"**The default:** {decision.text}", ""])
     print(text)

@@ -31,7 +31,8 @@ def test_the_cheapest_candidate_that_passes_on_every_shape_is_the_default(tmp_pa
     assert decision.text.endswith("`DEFAULT_METHOD` is `fp4` already.")
     assert choice.decide(found, "paper").text.endswith("Set `DEFAULT_METHOD` to `fp4` (now `paper`).")
     table = choice.table(found)
-    assert "| `fp4_both` | +0.10% (3 seeds), passes | +0.10% (3 seeds), passes | yes | 0.270 | +0.10% " in table
+    assert ("| `fp4_both` | +0.10% (3 seeds), passes | +0.10% (3 seeds), passes | yes | 0.270 | +0.10% "
+            "(`gpt-25m-1pass`) | +0.10% ± 0.00% (6 seeds) |") in table
 
 
 def test_without_a_pass_everywhere_the_smallest_worst_gap_decides(tmp_path):
@@ -71,3 +72,16 @@ def test_no_default_while_a_shape_is_unmeasured_or_no_candidate_has_its_seeds(tm
     decision = choice.decide(choice.collect(root, [NARROW, WIDE]), "fp4")
     assert decision.by == "none" and decision.text.endswith(
         "has 3 seeds on every shape to be chosen by its worst shape: `fp4_both` (gpt-25m-1pass 3, gpt-72m-1pass 2).")
+
+
+def test_the_table_pools_every_seed_of_every_shape_with_its_standard_error(tmp_path):
+    """FP4 ends +0.10% on each seed of the narrow shape and +0.70% on each of the wide one: pooled, the six gaps have
+    mean +0.40% and standard deviation sqrt(6 * 0.3^2 / 5) = 0.329, so a standard error of 0.134; `lsh` has one
+    seed on one shape and is printed as that seed."""
+    root = str(tmp_path)
+    write_study(root, {"fp4_both": (0.1, [1, 2, 3], 0.27, FLAT), "lsh": (-0.5, [1], 0.2, FLAT)}, bed=NARROW)
+    write_study(root, {"fp4_both": (0.7, [1, 2, 3], 0.27, FLAT)}, bed=WIDE)
+    table = choice.table(choice.collect(root, [NARROW, WIDE]))
+    assert "| +0.70% (`gpt-72m-1pass`) | +0.40% ± 0.13% (6 seeds) |" in table
+    assert "| `lsh` | -0.50% (1 seed), fails | not trained | no | 0.200 | -0.50% (`gpt-25m-1pass`) | -0.50% (1 seed) |" \
+        in table
