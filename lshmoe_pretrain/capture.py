@@ -333,6 +333,24 @@ def _device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
+def capture_files(given: Sequence[str]) -> List[str]:
+    """Capture files named, or found (step*_layer*.pt) in the directories named; a name that is neither, or a
+    directory without captures, is a ValueError naming it."""
+    import glob
+    paths: List[str] = []
+    for item in given:
+        if os.path.isdir(item):
+            found = sorted(glob.glob(os.path.join(item, "step*_layer*.pt")))
+            if not found:
+                raise ValueError(f"{item} holds no capture files (step*_layer*.pt)")
+            paths += found
+        elif os.path.isfile(item):
+            paths.append(item)
+        else:
+            raise ValueError(f"{item} does not exist")
+    return paths
+
+
 def load(path: str) -> dict:
     """A capture file, checked for its format."""
     capture = torch.load(path, map_location="cpu", weights_only=True)
