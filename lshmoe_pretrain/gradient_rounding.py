@@ -194,9 +194,10 @@ def report(results: Sequence[CaptureResult], title: str, command: str, notes: Se
              "matrices alone); dX err = ||Q(dX_Q) - dX|| / ||dX||, the input gradient as it leaves through the "
              "dispatch's backward, crossing in the same format",
              f"- mean of K: the error of the mean of dW_Q over K encodes (K = {', '.join(map(str, draws))}); "
-             "stochastic rounding draws fresh bits at every encode and falls like 1/sqrt(K) if unbiased; nearest "
-             "is the same at every K, so its error is bias. The K = 64 column is the part that does not average "
-             "out over steps", *[f"- {note}" for note in notes], "", "### Captures", ""]
+             "dW err is K = 1. Stochastic rounding draws fresh bits at every encode: unbiased, its error falls "
+             "like 1/sqrt(K) (1/8 of K = 1's at 64), and what is left at the largest K bounds its bias; nearest "
+             "is the same at every K: all of its error is bias, the part of one step's error that no averaging "
+             "removes", *[f"- {note}" for note in notes], "", "### Captures", ""]
     rows = []
     for r in sorted(results, key=lambda r: (r.step, r.layer)):
         p = r.provenance
