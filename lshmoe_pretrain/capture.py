@@ -10,6 +10,15 @@ The buffer is rebuilt from the gate's own outputs, inside a forward hook on the 
 encode: the same function, on the same tensors, as the layer's forward, whether or not the plugin then compresses
 it; nothing is run again and no random number is drawn, so capturing leaves training bit for bit as it was. The
 hooks exist only during the first forward of a capture step: other steps pay nothing (no host sync).
+
+The same step also records ``output_grads``: the gradient of the loss with respect to those experts' outputs in the
+same slots, i.e. what the combine all-to-all's backward carries back to the experts (lshmoe_pretrain.
+gradient_rounding measures what each wire format does to it). A forward hook on the layer's experts module registers
+a tensor hook on their output, only for the experts' forward that follows the recorded gate forward (the micro-batch
+`tokens` came from: later micro-batches of gradient accumulation are not hooked); the tensor hook copies the
+gradient and returns nothing, so the backward is unchanged. The gradient is stored unscaled (see `loss_scale` of
+`Capturer`). A layer that the plugin clusters runs its experts on centroids, not on the dispatch buffer: there is
+no per-slot gradient to record and the file says why instead.
 """
 from __future__ import annotations
 
@@ -17,7 +26,7 @@ import argparse
 import dataclasses
 import os
 import subprocess
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -26,7 +35,12 @@ import torch
 # (-1: padding); filled (N,) slots each expert filled in the whole buffer; routed (N,) routes the gate chose for it
 # (dropped ones too); capacity C; num_experts; layer; experts [0..N-1]; expert_config (the harness's ModelConfig as
 # a dict, for `rebuild_experts`); expert_state (N state dicts, in the dtype the model trained in); provenance.
-CAPTURE_FORMAT = 1
+# Format 2 adds output_grads (N, W, d), the gradient of the loss w.r.t. the experts' output in the same slots, in the
+# dtype the model trained in (float32 where an fp16 loss scale had to be divided out), zero rows where `valid` is
+# False; None where the layer's experts ran on centroids (provenance "output_grads" says why).
+CAPTURE_FORMAT = 2
+# Formats `load` reads: format 1 files are format 2 without output_grads.
+READABLE_FORMATS = (1, 2)
 # A capture is copied back from a remote GPU machine that returns files of at most 16 MiB; a layout that would write
 # a bigger file is refused before training starts, naming the flags that shrink it.
 MAX_CAPTURE_BYTES = 16 * 2**20
@@ -89,11 +103,18 @@ def moe_layers(model: torch.nn.Module) -> list:
 
 def projected_file_bytes(layer, experts: int, slots: int) -> int:
     """An upper bound of one capture file of `layer`: bf16 tokens, mask and slot index of `slots` slots per expert,
-    and the experts' weights as the model holds them."""
+    their output gradients in the experts' dtype (float32 for fp16, unscaled), and the experts' weights as the model
+    holds them."""
     d_model = layer.gate.wg.weight.shape[1]
     weights = sum(p.numel() * p.element_size() for e in layer.experts.deepspeed_experts[:experts]
                   for p in e.state_dict().values())
-    return experts * slots * (d_model * 2 + 1 + 4) + weights + FILE_OVERHEAD_BYTES
+    grad_bytes = output_grad_dtype(next(layer.experts.parameters()).dtype).itemsize
+    return experts * slots * (d_model * (2 + grad_bytes) + 1 + 4) + weights + FILE_OVERHEAD_BYTES
+
+
+def output_grad_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """fp16 gradients carry the loss scale, and divided by it they could underflow fp16: those are kept in float32."""
+    return torch.float32 if model_dtype == torch.float16 else model_dtype
 
 
 class Capturer:
@@ -101,13 +122,23 @@ class Capturer:
 
     Rank 0 writes; with expert parallelism it captures what rank 0 dispatches to the experts it holds (the first
     ``num_experts / ep_size``), so --capture_experts may not exceed that.
+
+    `loss_scale`: returns the loss scale of the backward running now (DeepSpeed's fp16 dynamic or static scale),
+    read inside the gradient hook because the scale may change at the step; the output gradients are divided by it.
+    None: the loss is not scaled (bf16, fp32).
     """
 
-    def __init__(self, model: torch.nn.Module, args: argparse.Namespace, rank: int) -> None:
+    def __init__(self, model: torch.nn.Module, args: argparse.Namespace, rank: int,
+                 loss_scale: Optional[Callable[[], float]] = None) -> None:
         self.steps = capture_steps(args.capture_at, args.train_steps)
         self.layers = moe_layers(model)
         self.model_config = model.config
         self.args, self.rank = args, rank
+        self.loss_scale = loss_scale
+        # A clustered layer's experts see centroids: their output gradient has no per-slot meaning.
+        self.grads_skipped = ("not recorded: the plugin clusters this layer's tokens, so its experts ran on "
+                              "centroids, not on the dispatch buffer"
+                              if args.lsh.enabled and args.lsh.clustering != "none" else None)
         self.experts, self.slots = args.capture_experts, args.capture_slots
         self.directory = os.path.join(args.output_dir, "captures")
         self.chosen: List[int] = []
@@ -149,8 +180,10 @@ class Capturer:
             return False
         self._records = {}
         for index in self.chosen:
-            gate = self.layers[index].gate
-            self._hooks.append(gate.register_forward_hook(self._gate_hook(index)))
+            layer = self.layers[index]
+            self._hooks.append(layer.gate.register_forward_hook(self._gate_hook(index)))
+            if self.grads_skipped is None:
+                self._hooks.append(layer.experts.register_forward_hook(self._experts_hook(index)))
         return True
 
     def _gate_hook(self, index: int):
@@ -160,6 +193,32 @@ class Capturer:
             if index in self._records or not torch.is_grad_enabled():
                 return
             self._records[index] = self._record(inputs[0].detach(), output)
+        return hook
+
+    def _experts_hook(self, index: int):
+        def hook(experts, inputs, output):
+            # The experts' first forward with gradients after the recorded gate forward runs on that dispatch
+            # (decide_by_cost's stock trial comes before the gate; exact_token_stride's sample after the main one).
+            record = self._records.get(index)
+            if record is None or "output_grads" in record or not output.requires_grad:
+                return
+            # (ep_size, local experts, C, d): row 0 holds what rank 0 itself sent, the slots `tokens` describes.
+            if output.shape[2] != record["capacity"]:
+                raise RuntimeError(f"MoE layer {index}: the experts' output has {output.shape[2]} slots per expert, "
+                                   f"the gate's capacity is {record['capacity']}; output_grads would not match tokens")
+            record["output_grads"] = None  # until the backward fills it
+            output.register_hook(self._grad_hook(record))
+        return hook
+
+    def _grad_hook(self, record: dict):
+        def hook(grad):
+            scale = float(self.loss_scale()) if self.loss_scale is not None else 1.0
+            kept = grad.detach()[0, :self.experts]
+            if scale != 1.0:
+                kept = kept.float() / scale
+            record["output_grads"] = kept.to(output_grad_dtype(grad.dtype)).clone()
+            record["loss_scale"] = scale
+            # Returns None: the gradient flows on untouched.
         return hook
 
     @torch.no_grad()
@@ -200,6 +259,11 @@ class Capturer:
         layer = self.layers[index]
         tokens, valid, positions = first_filled(record["dispatched"], record["valid"], self.slots)
         experts = layer.experts.deepspeed_experts[:self.experts]
+        grads = record.get("output_grads")
+        if self.grads_skipped is None and grads is None:
+            raise RuntimeError(f"MoE layer {index}: no gradient reached its experts' output at capture step {step}")
+        if grads is not None:
+            grads = first_filled(grads, record["valid"], self.slots)[0].cpu()
         return {
             "format": CAPTURE_FORMAT,
             "layer": index,
@@ -209,6 +273,7 @@ class Capturer:
             "slot": positions.to(torch.int32).cpu(),
             "filled": record["valid"].sum(1).cpu(),
             "routed": record["routed"].cpu(),  # routes the gate chose per expert, dropped ones included
+            "output_grads": grads,
             "capacity": record["capacity"],
             "num_experts": record["num_experts"],
             "expert_config": dataclasses.asdict(self.model_config),
@@ -224,6 +289,12 @@ class Capturer:
                 "data": args.data_prefix or args.data, "ep_size": args.ep_size, "rank": self.rank,
                 "lsh_moe_enabled": args.lsh.enabled, "diagnostic": args.diagnostic,
                 "tokens_into_layer": record["tokens_in"], "run_dtype": record["dtype"],
+                "output_grads": self.grads_skipped or
+                ("d loss / d expert output in the slots of `tokens`, as the experts received it from the combine's "
+                 "backward (after that crossing's wire format, if the run had one), of the micro-batch `tokens` "
+                 f"came from; unscaled: loss scale {record.get('loss_scale', 1.0):g} divided out "
+                 "(bf16 and fp32 train without one)"),
+                "output_grads_loss_scale": record.get("loss_scale"),
                 "git_commit": self.commit, "torch": str(torch.__version__), "deepspeed": str(deepspeed.__version__),
                 "device": _device_name()}
 
@@ -262,11 +333,30 @@ def _device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
+def capture_files(given: Sequence[str]) -> List[str]:
+    """Capture files named, or found (step*_layer*.pt) in the directories named; a name that is neither, or a
+    directory without captures, is a ValueError naming it."""
+    import glob
+    paths: List[str] = []
+    for item in given:
+        if os.path.isdir(item):
+            found = sorted(glob.glob(os.path.join(item, "step*_layer*.pt")))
+            if not found:
+                raise ValueError(f"{item} holds no capture files (step*_layer*.pt)")
+            paths += found
+        elif os.path.isfile(item):
+            paths.append(item)
+        else:
+            raise ValueError(f"{item} does not exist")
+    return paths
+
+
 def load(path: str) -> dict:
     """A capture file, checked for its format."""
     capture = torch.load(path, map_location="cpu", weights_only=True)
-    if capture.get("format") != CAPTURE_FORMAT:
-        raise ValueError(f"{path}: capture format {capture.get('format')!r}, this code reads {CAPTURE_FORMAT}")
+    if capture.get("format") not in READABLE_FORMATS:
+        raise ValueError(f"{path}: capture format {capture.get('format')!r}, this code reads {READABLE_FORMATS}")
+    capture.setdefault("output_grads", None)
     return capture
 
 

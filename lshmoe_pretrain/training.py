@@ -265,7 +265,9 @@ def train(engine, data: PretrainData, args: argparse.Namespace) -> Dict[str, flo
     tokens_per_step = (first["input_ids"].numel() + (first["labels"].numel() if args.model_kind == "t5" else 0)) \
         * accum * world
     metrics = MetricsLog(args.output_dir, enabled=rank == 0, resumed_at=start_step if args.resume else None)
-    capturer = capture.Capturer(engine.module, args, rank)
+    # fp16 scales the loss before the backward; the captured output gradients divide DeepSpeed's scale out.
+    loss_scale = engine._get_optimizer_loss_scale if engine.fp16_enabled() else None
+    capturer = capture.Capturer(engine.module, args, rank, loss_scale)
     if rank == 0:
         print(run_summary(engine, data, args, world, tokens_per_step), flush=True)
         write_run_info(engine, data, args, world, tokens_per_step)

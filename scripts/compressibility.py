@@ -9,13 +9,12 @@ as JSON.
 """
 import argparse
 import dataclasses
-import glob
 import json
 import os
 
 import torch
 
-from lshmoe_pretrain import compressibility
+from lshmoe_pretrain import capture, compressibility
 from lshmoe_pretrain.benchmarking import command_line, write_section
 
 
@@ -39,7 +38,10 @@ def main() -> None:
         parser.error(f"--max_slots must be >= 1, got {args.max_slots}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    paths = capture_paths(args.captures, parser)
+    try:
+        paths = capture.capture_files(args.captures)
+    except ValueError as error:
+        parser.error(str(error))
     results = [compressibility.measure(path, args.max_slots, args.only) for path in paths]
     if args.records:
         os.makedirs(os.path.dirname(args.records) or ".", exist_ok=True)
@@ -53,21 +55,6 @@ def main() -> None:
     compressibility.plot(results, plot)
     write_section(args.report, args.section, compressibility.report(results, args.title, plot, command_line()))
     print(f"wrote {args.report} [{args.section}] and {plot}")
-
-
-def capture_paths(given, parser) -> list:
-    paths = []
-    for item in given:
-        if os.path.isdir(item):
-            found = sorted(glob.glob(os.path.join(item, "step*_layer*.pt")))
-            if not found:
-                parser.error(f"{item} holds no capture files (step*_layer*.pt)")
-            paths += found
-        elif os.path.isfile(item):
-            paths.append(item)
-        else:
-            parser.error(f"{item} does not exist")
-    return paths
 
 
 if __name__ == "__main__":
