@@ -133,13 +133,12 @@ testbed_snapshot() {  # the testbed's new records (not checkpoints) and its capt
     tar czf "$OUT/.testbed_runs.tgz" --warning=no-file-changed "${since[@]}" --exclude=checkpoints \
         --exclude=monitor --exclude=captures -C "$(dirname "$TESTBED_ROOT")" "$(basename "$TESTBED_ROOT")"
     if [ $? -le 1 ]; then mv "$OUT/.testbed_runs.tgz" "$OUT/testbed_runs.tgz"; else rm -f "$OUT/.testbed_runs.tgz"; fi
-    # Captures: one tar per captured step (its layers' files, under 16 MB together for the default layout of a
-    # d_model-256 shape), since a file that comes back is at most 16 MB.
-    local file step
-    for step in $(cd "$(dirname "$TESTBED_ROOT")" && find "$(basename "$TESTBED_ROOT")" -path '*/captures/step*_layer*.pt' \
-                  | sed 's/.*captures\/step\([0-9]*\)_layer.*/\1/' | sort -un); do
-        file=$(cd "$(dirname "$TESTBED_ROOT")" && find "$(basename "$TESTBED_ROOT")" -path "*/captures/step${step}_layer*.pt")
-        (cd "$(dirname "$TESTBED_ROOT")" && tar cf "$OUT/.captures.tar" $file) && mv "$OUT/.captures.tar" "$OUT/captures_step$step.tar"
+    # Captures: one tar per capture file (step, layer), since a file that comes back is at most 16 MB and a file
+    # with its output gradients takes up to 10 MB at d_model 256 (two layers of one step would not fit together).
+    local file name
+    for file in $(cd "$(dirname "$TESTBED_ROOT")" && find "$(basename "$TESTBED_ROOT")" -path '*/captures/step*_layer*.pt' | sort); do
+        name=$(basename "$file" .pt)
+        (cd "$(dirname "$TESTBED_ROOT")" && tar cf "$OUT/.captures.tar" "$file") && mv "$OUT/.captures.tar" "$OUT/captures_$name.tar"
     done
 }
 testbed_bg() {  # testbed-bg:<testbed>:<lengths>:<seconds>

@@ -8,6 +8,9 @@
   (docs/records/testbed_pinned_runs.tar.xz: every testbed run on the pinned corpus, whatever the shape and card) is
   written again from `--runs`, in xz: it is tracked, and everything tracked travels with each GPU call, whose
   carry limit is 64 MiB;
+- `captures_step<S>_layer<L>.tar` (one capture file each, members under testbed/): extracted into `--captures`
+  (default runs/testbed_captures), never into `--runs`, so that the tracked record stays small (a capture holds
+  tokens, gradients and expert weights: up to 10 MB each);
 - `benchmarks.md` and `link_model.md` (a copy of docs/'s with the call's sections written in): every section that
   is new there or differs from docs/'s before anything landed is written into docs/ (a call's copy starts from
   the checkout it was sent, so its other sections are the checkout's own and must not undo an earlier call's).
@@ -66,12 +69,17 @@ def extract_into(archive: str, runs: str) -> None:
             shutil.copytree(os.path.join(tmp, "testbed"), runs, dirs_exist_ok=True)
 
 
+def _without_captures(member: tarfile.TarInfo):
+    """A run's captures/ folder stays out of the tracked record, however it got into the runs."""
+    return None if "captures" in member.name.split("/") else member
+
+
 def write_record(runs: str, record: str) -> None:
-    """`runs` as the archive docs/ keeps: members under testbed/, xz (a third smaller than gzip on these records),
-    written beside and then moved, so that a failure leaves the old record."""
+    """`runs` as the archive docs/ keeps: members under testbed/ (no captures), xz (a third smaller than gzip on
+    these records), written beside and then moved, so that a failure leaves the old record."""
     os.makedirs(os.path.dirname(record) or ".", exist_ok=True)
     with tarfile.open(record + ".part", "w:xz", preset=6) as tar:
-        tar.add(runs, arcname="testbed")
+        tar.add(runs, arcname="testbed", filter=_without_captures)
     os.replace(record + ".part", record)
 
 
@@ -93,6 +101,7 @@ def main(argv: Sequence[str] = None) -> None:
     parser.add_argument("folders", nargs="+", help="the calls' files_at folders, in call order")
     parser.add_argument("--runs", default="runs/testbed_pinned", help="where the testbed's runs go")
     parser.add_argument("--record", default="docs/records/testbed_pinned_runs.tar.xz")
+    parser.add_argument("--captures", default="runs/testbed_captures", help="where capture files go")
     parser.add_argument("--docs", default="docs")
     args = parser.parse_args(argv)
     missing = [f for f in args.folders if not os.path.isdir(f)]
@@ -103,6 +112,13 @@ def main(argv: Sequence[str] = None) -> None:
     if archives:
         land_testbed(archives, args.runs, args.record)
         print(f"{', '.join(archives)} -> {args.runs} (merged, in call order) -> {args.record}")
+    captures = sorted(os.path.join(f, name) for f in args.folders for name in os.listdir(f)
+                      if name.startswith("captures_") and name.endswith(".tar"))
+    for archive in captures:
+        with tarfile.open(archive) as tar:
+            _members_under_testbed(tar, archive)
+        extract_into(archive, args.captures)
+        print(f"{archive} -> {args.captures}")
     for doc in DOCS:
         target = os.path.join(args.docs, doc)
         before = sections(target)

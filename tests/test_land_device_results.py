@@ -78,3 +78,26 @@ def test_refuses_what_is_not_a_snapshot_or_a_folder(tmp_path):
     assert not record.exists() and not (tmp_path / "r").exists()  # nothing written
     with pytest.raises(SystemExit):
         land.main([str(tmp_path / "missing")])
+
+
+def test_captures_land_beside_the_runs_and_never_in_the_record(tmp_path):
+    """A call's capture tars (one file each) land under --captures with their run's path; a captures/ folder that
+    is in the runs anyway stays out of the tracked record."""
+    call = tmp_path / "call"
+    call.mkdir()
+    snapshot(call, ["gpt/stock/seed4"], "the run")
+    src = tmp_path / "src"
+    for layer in (0, 1):
+        path = src / "testbed" / "gpt" / "stock" / "seed4" / "captures" / f"step366_layer{layer}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"layer {layer}")
+        with tarfile.open(call / f"captures_step366_layer{layer}.tar", "w") as tar:
+            tar.add(path, arcname=f"testbed/gpt/stock/seed4/captures/step366_layer{layer}.pt")
+    runs, captures, record = tmp_path / "runs", tmp_path / "caps", tmp_path / "rec.tar.xz"
+    (runs / "t5" / "stock" / "seed1" / "captures").mkdir(parents=True)
+    (runs / "t5" / "stock" / "seed1" / "captures" / "step1_layer0.pt").write_text("stray")
+    land.main([str(call), "--runs", str(runs), "--record", str(record), "--captures", str(captures),
+               "--docs", str(tmp_path)])
+    assert (captures / "gpt/stock/seed4/captures/step366_layer1.pt").read_text() == "layer 1"
+    assert not (runs / "gpt" / "stock" / "seed4" / "captures").exists()
+    assert record_files(record) == {"testbed/gpt/stock/seed4/run.json": "the run"}
