@@ -110,10 +110,9 @@ def test_the_rule_chooses_the_passing_candidate_without_any_step_time(one_failur
     choice = frontiers.choose(found, speedups)
     assert speedups == {} and choice.by == "rule" and choice.chosen.name == "fp8_fwd_fp4_grad"
     assert choice.text.startswith(
-        "The rule chooses `fp8_fwd_fp4_grad` (method `fp8`, dispatch_grad_dtype fp4_e2m1, combine_grad_dtype "
-        "fp4_e2m1): it ends +0.10% ± 0.00% (3 seeds) from stock's final loss (stock's seed spread ±0.30%), its gap "
-        "does not grow (+0.10% → +0.10% → +0.10% over 0.125x, 0.5x, 1x), and it sends 0.390 of stock's all-to-all "
-        "bytes; it is the only candidate that passes.")
+        "The rule chooses `fp8_fwd_fp4_grad` (method `fp8_fwd_fp4_grad`): it ends +0.10% ± 0.00% (3 seeds) from "
+        "stock's final loss (stock's seed spread ±0.30%), its gap does not grow (+0.10% → +0.10% → +0.10% over "
+        "0.125x, 0.5x, 1x), and it sends 0.390 of stock's all-to-all bytes; it is the only candidate that passes.")
     assert "`gpt-72m-long`, `t5-26m-long` are still to measure" in choice.text
     assert "provisional" not in choice.text
 
