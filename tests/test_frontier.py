@@ -427,6 +427,32 @@ def test_each_candidate_takes_its_own_row_or_its_methods_and_never_another_confi
     assert frontiers.speedups_for(found, benchmarks)["fp8_both"].value == 1.25
 
 
+def test_a_method_named_after_a_study_variant_takes_the_rows_timed_under_either(tmp_path):
+    """fp8_fwd_fp4_grad is a method now, so the benchmark times it as its own variant (the method's sentence); the
+    sections from before timed the study's variant of that name, whose rows still count where they record the
+    study's block as it is now, and never where they record another."""
+    root = str(tmp_path)
+    write_study(root, {"fp8_fwd_fp4_grad": ONE_SEED})
+    found = frontiers.collect(root, BED, ["fp8_fwd_fp4_grad"])
+    block = frontiers.study.lsh_moe_block("fp8_fwd_fp4_grad")
+    rows = [("stock @ 200gbps EP16", 1), ("fp8_fwd_fp4_grad @ 200gbps EP16", 1.3)]
+    as_study = bench_section("gpt_moe_tiny_modelled_ep16_g8_fp8_fwd_fp4_grad", "modelled EP=16: stock DeepSpeed vs "
+                             "`fp8_fwd_fp4_grad`", rows,
+                             variants=bench_variants.StudyVariant("fp8_fwd_fp4_grad", block).describe())
+    other = bench_section("gpt_moe_tiny_modelled_ep16_g8_fp8_fwd_fp4_grad", "modelled EP=16: stock DeepSpeed vs "
+                          "`fp8_fwd_fp4_grad`", rows, variants=bench_variants.StudyVariant(
+                              "fp8_fwd_fp4_grad", {**block, "dispatch_grad_dtype": "fp6_e2m3"}).describe())
+    as_method = bench_section("gpt_moe_tiny_modelled_ep16_g8_fp8_fwd_fp4_grad", "modelled EP=16: stock DeepSpeed vs "
+                              "`fp8_fwd_fp4_grad`", [rows[0], ("fp8_fwd_fp4_grad @ 200gbps EP16", 1.4)],
+                              variants="`fp8_fwd_fp4_grad` (lsh_moe.method `fp8_fwd_fp4_grad`, one FP8 scale per "
+                                       "128 elements): every token crosses as itself.")
+    benchmarks = str(tmp_path / "benchmarks.md")
+    for text, expected in ((as_study, 1.3), (other, None), (as_method, 1.4)):
+        with open(benchmarks, "w") as f:
+            f.write(text)
+        assert frontiers.speedups_for(found, benchmarks)["fp8_fwd_fp4_grad"].value == expected
+
+
 def test_the_suggested_stage_times_the_preset_it_names():
     """The frontier's command is a gpu_session.sh stage that times the 135M preset at EP=16 over 200 Gb/s with
     8 GPUs per node, and takes its variants from VARIANTS."""
