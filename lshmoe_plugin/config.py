@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Tuple, Union
 
 from .hash_families import HASH_FAMILIES, HashFamily
-from .methods import CUSTOM, DEFAULT_METHOD, STAGE_KEYS, MethodError, resolve
+from .methods import CUSTOM, DEFAULT_METHOD, METHODS, STAGE_KEYS, MethodError, resolve
 from .residual_map import RESIDUAL_GRADS, RESIDUAL_MAPS
 from .wire import FORMAT_KEYS, ROUNDINGS, SCALES, WIRE_DTYPES
 
@@ -50,12 +50,16 @@ class LSHMoEConfig:
 
     enabled: turn compression on; the environment variable ``LSHMOE_ENABLED`` (1/0, true/false) overrides it.
     method: a named configuration (lshmoe_plugin.methods.METHODS): it sets the stage keys ``clustering``,
-        ``dispatch_dtype`` and ``combine_dtype``; a stage key set to anything else beside it is refused. Left out
-        with no stage key given: DEFAULT_METHOD (``fp4``: every token in FP4 both ways, the long-schedule
-        testbed's choice; lshmoe_plugin.methods says why). Left out with some stage key given: the stage keys left
-        out take the paper's values (COMPOSITION_BASE) and the config reports the method its stages match, or
-        ``custom``. The other keys keep their defaults under every method; under ``fp4`` and ``fp8`` the keys of
-        LSH clustering must stay at theirs (write ``"method": "paper"`` for the paper's LSH-MoE).
+        ``dispatch_dtype``, ``combine_dtype``, ``dispatch_grad_dtype``, ``combine_grad_dtype`` and
+        ``grad_rounding``; a stage key set to anything else beside it is refused, naming the method to set instead
+        where one has those stages (a backward format set to its forward's is what "as the forward" means, and no
+        contradiction). A stage key given as null counts as left out. Left out with no stage key given:
+        DEFAULT_METHOD (``fp4``: every token in FP4 both ways, the long-schedule testbed's choice;
+        lshmoe_plugin.methods says why). Left out with some stage key given: the stage keys left out take the
+        paper's values (COMPOSITION_BASE: gradients as their forwards, rounded to nearest) and the config reports
+        the method its stages match, or ``custom``. The other keys keep their defaults under every method; under
+        the methods without clustering the keys of LSH clustering must stay at theirs (write ``"method":
+        "paper"`` for the paper's LSH-MoE).
     compression_rate: centroids sent per token routed, in (0, 1]. A fixed-capacity dispatcher (DeepSpeed's
         GShard layer) sends ``ceil(rate * capacity)`` centroid slots per expert; a variable-size one (Megatron-core,
         AutoEP) sends at most ``ceil(rate * tokens)`` non-empty clusters per expert. Under clustering ``bounded``
@@ -139,16 +143,19 @@ class LSHMoEConfig:
         all-to-all. They apply to whatever crosses: centroids, or every token with clustering ``none``. DeepSpeed,
         Megatron-core and AutoEP.
     dispatch_grad_dtype, combine_grad_dtype: the format of the gradient that crosses back through the dispatch
-        (resp. combine) all-to-all in the backward; None follows the forward's.
-    grad_rounding: how those gradients round to ``fp8_e4m3`` or ``fp4_e2m1``: ``nearest`` (the default, the same
-        bits as before the key existed) or ``stochastic``: up or down to a neighbour on the grid with the
-        probabilities that make the rounding unbiased, E[Q(g)] = g, so that FP4's rounding bias does not accumulate
-        over a long run (lshmoe_plugin.rounding; the uniforms hash each element's index with a per-format draw
-        counter, never torch's generator, so the model's other random draws stay those of a stock run). The
-        forward crossings always round to nearest. Not a stage key: every method leaves it at its default, and it
-        composes with any method whose gradients cross in a scaled format; refused where none does. On CUDA
-        ``fp4_e2m1``'s fused encode rounds stochastically with the reference's bits; a stochastic ``fp8_e4m3`` or
-        ``fp6_e2m3`` encode runs PyTorch's reference (their kernels round to nearest); decoding stays fused.
+        (resp. combine) all-to-all in the backward; None follows the forward's. Stage keys: every method sets them
+        None but ``fp8_fwd_fp4_grad`` and ``fp8_fwd_fp4sr_grad`` (``fp4_e2m1``), and one given as its forward's
+        format is stored as None.
+    grad_rounding: how those gradients round to ``fp8_e4m3``, ``fp4_e2m1`` or ``fp6_e2m3``: ``nearest`` (the bits
+        before the key existed) or ``stochastic``: up or down to a neighbour on the grid with the probabilities that
+        make the rounding unbiased, E[Q(g)] = g, so that FP4's rounding bias does not accumulate over a long run
+        (lshmoe_plugin.rounding; the uniforms hash each element's index with a per-format draw counter, never
+        torch's generator, so the model's other random draws stay those of a stock run). The forward crossings
+        always round to nearest. A stage key: the methods ``fp4_sr`` and ``fp8_fwd_fp4sr_grad`` round
+        stochastically, every other method to nearest, and a composition left without it rounds to nearest;
+        stochastic is refused where no gradient crosses in a scaled format. On CUDA ``fp4_e2m1``'s fused encode
+        rounds stochastically with the reference's bits; a stochastic ``fp8_e4m3`` or ``fp6_e2m3`` encode runs
+        PyTorch's reference (their kernels round to nearest); decoding stays fused.
     fp8_block_size: elements per scale of ``fp8_e4m3`` (default 128, DeepSeek-V3's tile), or ``"row"``: one
         scale per row. A row's last block may be shorter.
     fp8_scale: how ``fp8_e4m3`` codes a scale: ``float32`` (amax / 448, 4 bytes) or ``e8m0`` (a power of two, one
@@ -180,14 +187,15 @@ class LSHMoEConfig:
     exact_from_step: Optional[int] = None
     exact_token_stride: int = 0
     output_error_interval: int = 0
-    # the stage keys: None until resolved from `method` (see lshmoe_plugin.methods)
+    # the stage keys (lshmoe_plugin.methods.STAGE_KEYS): None until resolved from `method`, except the backward
+    # formats, whose None after resolution means "as the forward"
     clustering: Optional[str] = None
     merge_tolerance: float = 0.1
     dispatch_dtype: Optional[str] = None
     combine_dtype: Optional[str] = None
     dispatch_grad_dtype: Optional[str] = None
     combine_grad_dtype: Optional[str] = None
-    grad_rounding: str = "nearest"
+    grad_rounding: Optional[str] = None
     fp8_block_size: Union[str, int] = 128
     fp8_scale: str = "float32"
     fp4_block_size: Union[str, int] = 32
@@ -294,11 +302,14 @@ class LSHMoEConfig:
                                     f"{self.grad_rounding!r}")
         gradients = (self.wire_dtypes[1], self.wire_dtypes[3])
         if self.grad_rounding == "stochastic" and all(dtype not in FORMAT_KEYS for dtype in gradients):
+            rounding = [m.name for m in METHODS.values() if m.stages["grad_rounding"] == "stochastic"]
             raise LSHMoEConfigError(
                 f"lsh_moe.grad_rounding='stochastic' rounds gradients that cross in {list(FORMAT_KEYS)}, and no "
                 f"backward crossing uses one: nothing would change (dispatch_grad_dtype and combine_grad_dtype, "
                 f"as their forwards' dispatch_dtype and combine_dtype when null: {list(gradients)}); set one of "
-                f"them to a scaled format, or leave grad_rounding out")
+                f"them to a scaled format, set a method whose gradients round so ({', '.join(map(repr, rounding))}) "
+                f"instead, or leave grad_rounding out (with no method named, the stage keys left out are the "
+                f"paper's)")
 
     def _check_format_keys(self, defaults: Mapping[str, Any]) -> None:
         """Each scaled format's block and scale keys: valid values, and left at their defaults unless a crossing

@@ -1,16 +1,26 @@
 """Named configurations of the compressor: a method is a composition of stages (how tokens are clustered, what
-format each crossing carries), so a user picks "the paper's" or FP8 on the wire by name instead of by four keys.
+format each of the four crossings carries and how the gradients round to it), so a user picks "the paper's" or FP8
+on the wire by name instead of by six keys.
 
-A method fixes the *stage* keys (STAGE_KEYS); the numeric knobs of those stages (compression_rate, num_hashes,
-fp8_block_size, ...) keep their own defaults and stay free to set. Resolution (`resolve`, called by the config):
+A method fixes the *stage* keys (STAGE_KEYS): ``clustering``, the forward formats ``dispatch_dtype`` and
+``combine_dtype``, the backward formats ``dispatch_grad_dtype`` and ``combine_grad_dtype`` (None: as that crossing's
+forward) and ``grad_rounding``. The numeric knobs of those stages (compression_rate, num_hashes, fp8_block_size, ...)
+keep their own defaults and stay free to set. Resolution (`resolve`, called by the config), a stage key given as
+None (null) counting as left out:
 
 - ``method`` given: stage keys left out take the method's values; a stage key set to anything else is refused by
-  name (a configuration that says two things must say which one it means).
+  name (a configuration that says two things must say which one it means), and the refusal names the method to set
+  instead where the stages asked for are one. A backward format given as its forward's format says what None says
+  ("as the forward") and is no contradiction: ``fp8`` with ``"dispatch_grad_dtype": "fp8_e4m3"`` is ``fp8``.
 - ``method`` left out (or ``custom``) and no stage key given: DEFAULT_METHOD.
 - ``method`` left out (or ``custom``) and some stage key given: a composition. The stage keys left out take
-  COMPOSITION_BASE's values (the paper's: LSH clustering, the model's dtype both ways) and the ones given are taken
-  as they are; the config then reports the method whose stages it matches, or ``custom``. So
-  ``"dispatch_dtype": "fp8_e4m3"`` alone means the paper's centroids in FP8, whatever the default is.
+  COMPOSITION_BASE's values (the paper's: LSH clustering, the model's dtype both ways, gradients as their forwards,
+  rounded to nearest) and the ones given are taken as they are; the config then reports the method whose stages it
+  matches, or ``custom``. So ``"dispatch_dtype": "fp8_e4m3"`` alone means the paper's centroids in FP8, whatever the
+  default is.
+
+Either way a backward format equal to its forward's is written None (`canonical_stages`): one configuration, one
+spelling, whichever way it was asked for.
 
 DEFAULT_METHOD is what ``"enabled": true`` and nothing else trains: ``fp4``, the configuration issue 24's rule chose
 on the long-schedule testbed ``gpt-25m-long`` (docs/quality.md, section ``testbed_gpt_25m_pinned_frontier``): every
@@ -18,47 +28,89 @@ token crosses in FP4 both ways, 0.27 of stock's bytes, ending +0.01% ± 0.23% fr
 seeds, where the paper's configuration ends +17.5% and grows with the schedule. The paper's is ``"method":
 "paper"``. It is provisional: the rule fails it on both d_model-512 GPT shapes (``gpt-72m-long``, and
 ``gpt-72m-1pass`` within one pass over the data: +0.60% ± 0.22%), and the single-pass shapes decide
-(docs/quality.md, "Next on a GPU").
+(docs/quality.md, "Next on a GPU"); ``fp8_fwd_fp4_grad``, ``fp4_sr`` and ``fp8_fwd_fp4sr_grad`` are the
+candidates they measure.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Dict, Mapping, Optional, Tuple
 
-STAGE_KEYS: Tuple[str, ...] = ("clustering", "dispatch_dtype", "combine_dtype")
+STAGE_KEYS: Tuple[str, ...] = ("clustering", "dispatch_dtype", "combine_dtype", "dispatch_grad_dtype",
+                               "combine_grad_dtype", "grad_rounding")
+# Each backward crossing's format key and the forward format it follows when None.
+GRAD_FORWARDS: Dict[str, str] = {"dispatch_grad_dtype": "dispatch_dtype", "combine_grad_dtype": "combine_dtype"}
 CUSTOM = "custom"
+
+
+def canonical_stages(stages: Mapping[str, Optional[str]]) -> Dict[str, Optional[str]]:
+    """`stages` with every backward format that equals its forward's written None ("as the forward"), the one
+    spelling methods use: so that FP8 gradients spelled out under an FP8 forward are the stages of ``fp8``."""
+    return {key: None if key in GRAD_FORWARDS and value == stages.get(GRAD_FORWARDS[key]) else value
+            for key, value in stages.items()}
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
-    stages: Mapping[str, str]   # a value for every STAGE_KEYS entry
-    summary: str                # one line for the README table and for error messages
+    stages: Mapping[str, Optional[str]]  # a value for every STAGE_KEYS entry, spelled as `canonical_stages` does
+    summary: str                         # one line for the README table and for error messages
+
+    def __post_init__(self) -> None:
+        if set(self.stages) != set(STAGE_KEYS) or dict(self.stages) != canonical_stages(self.stages):
+            raise ValueError(f"method {self.name!r}: stages must set exactly {list(STAGE_KEYS)}, a backward format "
+                             f"equal to its forward's as None; got {dict(self.stages)}")
 
 
 METHODS: Dict[str, Method] = {m.name: m for m in (
-    Method("paper", {"clustering": "lsh", "dispatch_dtype": "model", "combine_dtype": "model"},
+    Method("paper", {"clustering": "lsh", "dispatch_dtype": "model", "combine_dtype": "model",
+                     "dispatch_grad_dtype": None, "combine_grad_dtype": None, "grad_rounding": "nearest"},
            "LSH-MoE as published: only the centroids of LSH clusters cross, each token gets E(centroid) plus its "
            "residual; 0.2 of stock's bytes at the default rate"),
-    Method("paper_fp8", {"clustering": "lsh", "dispatch_dtype": "fp8_e4m3", "combine_dtype": "fp8_e4m3"},
+    Method("paper_fp8", {"clustering": "lsh", "dispatch_dtype": "fp8_e4m3", "combine_dtype": "fp8_e4m3",
+                         "dispatch_grad_dtype": None, "combine_grad_dtype": None, "grad_rounding": "nearest"},
            "the paper's centroids, in FP8 e4m3 on the wire both ways"),
-    Method("bounded", {"clustering": "bounded", "dispatch_dtype": "model", "combine_dtype": "model"},
+    Method("bounded", {"clustering": "bounded", "dispatch_dtype": "model", "combine_dtype": "model",
+                       "dispatch_grad_dtype": None, "combine_grad_dtype": None, "grad_rounding": "nearest"},
            "error-bounded merging: a token shares a centroid only within merge_tolerance of relative residual, "
            "the others cross as themselves; the rate is the data's"),
-    Method("bounded_fp8", {"clustering": "bounded", "dispatch_dtype": "fp8_e4m3", "combine_dtype": "fp8_e4m3"},
+    Method("bounded_fp8", {"clustering": "bounded", "dispatch_dtype": "fp8_e4m3", "combine_dtype": "fp8_e4m3",
+                           "dispatch_grad_dtype": None, "combine_grad_dtype": None, "grad_rounding": "nearest"},
            "error-bounded merging, in FP8 e4m3 on the wire both ways"),
-    Method("fp8", {"clustering": "none", "dispatch_dtype": "fp8_e4m3", "combine_dtype": "fp8_e4m3"},
+    Method("fp8", {"clustering": "none", "dispatch_dtype": "fp8_e4m3", "combine_dtype": "fp8_e4m3",
+                   "dispatch_grad_dtype": None, "combine_grad_dtype": None, "grad_rounding": "nearest"},
            "every token crosses as itself, in FP8 e4m3 with float32 block scales both ways (0.52 of stock's bf16 "
            "bytes at d_model 256, block 128)"),
-    Method("fp8_dispatch", {"clustering": "none", "dispatch_dtype": "fp8_e4m3", "combine_dtype": "model"},
+    Method("fp8_dispatch", {"clustering": "none", "dispatch_dtype": "fp8_e4m3", "combine_dtype": "model",
+                            "dispatch_grad_dtype": None, "combine_grad_dtype": None, "grad_rounding": "nearest"},
            "every token crosses as itself; FP8 e4m3 to the experts and for the output gradient, the model's dtype "
            "back (as DeepEP ships)"),
-    Method("fp4", {"clustering": "none", "dispatch_dtype": "fp4_e2m1", "combine_dtype": "fp4_e2m1"},
+    Method("fp4", {"clustering": "none", "dispatch_dtype": "fp4_e2m1", "combine_dtype": "fp4_e2m1",
+                   "dispatch_grad_dtype": None, "combine_grad_dtype": None, "grad_rounding": "nearest"},
            "every token crosses as itself, in OCP FP4 E2M1 with an e8m0 scale per 32 elements both ways (0.27 of "
            "stock's bf16 bytes)"),
-    Method("fp6", {"clustering": "none", "dispatch_dtype": "fp6_e2m3", "combine_dtype": "fp6_e2m3"},
+    Method("fp6", {"clustering": "none", "dispatch_dtype": "fp6_e2m3", "combine_dtype": "fp6_e2m3",
+                   "dispatch_grad_dtype": None, "combine_grad_dtype": None, "grad_rounding": "nearest"},
            "every token crosses as itself, in OCP FP6 E2M3 with an e8m0 scale per 32 elements both ways (0.39 of "
            "stock's bf16 bytes): a candidate for the default"),
+    # The long-schedule study's leading candidates (lshmoe_pretrain/quality_study.py VARIANTS fp8_fwd_fp4_grad,
+    # fp4_both_sr, fp8_fwd_fp4sr_grad), named so that DEFAULT_METHOD can become one of them.
+    Method("fp8_fwd_fp4_grad", {"clustering": "none", "dispatch_dtype": "fp8_e4m3", "combine_dtype": "fp8_e4m3",
+                                "dispatch_grad_dtype": "fp4_e2m1", "combine_grad_dtype": "fp4_e2m1",
+                                "grad_rounding": "nearest"},
+           "every token crosses as itself, in FP8 e4m3 with a float32 scale per 128 elements forward both ways, its "
+           "gradients back in OCP FP4 E2M1 with an e8m0 scale per 32 (0.391 of stock's bf16 bytes over the four "
+           "crossings): a candidate for the default, measured on the single-pass testbed (docs/quality.md)"),
+    Method("fp4_sr", {"clustering": "none", "dispatch_dtype": "fp4_e2m1", "combine_dtype": "fp4_e2m1",
+                      "dispatch_grad_dtype": None, "combine_grad_dtype": None, "grad_rounding": "stochastic"},
+           "`fp4` with its gradients rounded stochastically (unbiased, E[Q(g)] = g; the forward rounds to nearest), "
+           "0.266 of stock's bf16 bytes: a candidate for the default, measured on the single-pass testbed "
+           "(docs/quality.md)"),
+    Method("fp8_fwd_fp4sr_grad", {"clustering": "none", "dispatch_dtype": "fp8_e4m3", "combine_dtype": "fp8_e4m3",
+                                  "dispatch_grad_dtype": "fp4_e2m1", "combine_grad_dtype": "fp4_e2m1",
+                                  "grad_rounding": "stochastic"},
+           "`fp8_fwd_fp4_grad` with its FP4 gradients rounded stochastically (unbiased, E[Q(g)] = g), 0.391 of "
+           "stock's bf16 bytes: a candidate for the default, measured on the single-pass testbed (docs/quality.md)"),
 )}
 DEFAULT_METHOD = "fp4"
 COMPOSITION_BASE = "paper"  # what stage keys left out mean beside stage keys given (with no method named)
@@ -69,24 +121,39 @@ class MethodError(ValueError):
     its own error type)."""
 
 
-def resolve(method: Optional[str], given: Mapping[str, Optional[str]]) -> Tuple[str, Dict[str, str]]:
+def resolve(method: Optional[str], given: Mapping[str, Optional[str]]) -> Tuple[str, Dict[str, Optional[str]]]:
     """(the method's name, every stage key's value) from ``lsh_moe.method`` and the stage keys as given (None: left
-    out). Raises MethodError naming the key and the allowed values."""
+    out), by the rules of the module docstring; the values spelled as `canonical_stages` spells them. Raises
+    MethodError naming the key, the method and the allowed values."""
     if method == CUSTOM:  # what an unnamed combination reports itself as; naming it changes nothing
         method = None
     if method is not None and method not in METHODS:
         raise MethodError(f"lsh_moe.method must be one of {list(METHODS) + [CUSTOM]}, got {method!r}")
     composing = method is None and any(given.get(key) is not None for key in STAGE_KEYS)
     base = METHODS[method or (COMPOSITION_BASE if composing else DEFAULT_METHOD)]
-    stages = {}
+    stages = canonical_stages({key: base.stages[key] if given.get(key) is None else given[key]
+                               for key in STAGE_KEYS})
+    if method is None:
+        return matching_method(stages), stages
     for key in STAGE_KEYS:
-        value = given.get(key)
-        if value is not None and method is not None and value != base.stages[key]:
-            raise MethodError(f"lsh_moe.{key}={value!r} contradicts lsh_moe.method={method!r}, which sets {key} "
-                              f"{base.stages[key]!r}; allowed: leave {key} out, set it to {base.stages[key]!r}, or "
-                              f"leave method out and set every stage key yourself")
-        stages[key] = base.stages[key] if value is None else value
-    if method is not None:
-        return method, stages
-    matching = [m.name for m in METHODS.values() if dict(m.stages) == stages]
-    return (matching[0] if matching else CUSTOM), stages
+        if given.get(key) is not None and stages[key] != base.stages[key]:
+            raise MethodError(_contradiction(base, key, given[key], matching_method(stages)))
+    return method, stages
+
+
+def matching_method(stages: Mapping[str, Optional[str]]) -> str:
+    """The name of the method whose stages are `stages` (spelled as `canonical_stages` does), or CUSTOM."""
+    return next((m.name for m in METHODS.values() if dict(m.stages) == dict(stages)), CUSTOM)
+
+
+def _contradiction(method: Method, key: str, value: str, instead: str) -> str:
+    """The refusal of stage key `key` set to `value` beside `method`; `instead`: the method the stages asked for
+    match (CUSTOM: none)."""
+    own = method.stages[key]
+    sets = repr(own)
+    if own is None and key in GRAD_FORWARDS:  # "as the forward": the forward's format is the one value to write
+        own = method.stages[GRAD_FORWARDS[key]]
+        sets = f"as its forward ({GRAD_FORWARDS[key]} {own!r})"
+    other = f"set method {instead!r} instead (it sets these stages), " if instead != CUSTOM else ""
+    return (f"lsh_moe.{key}={value!r} contradicts lsh_moe.method={method.name!r}, which sets {key} {sets}; allowed: "
+            f"leave {key} out, set it to {own!r}, {other}or leave method out and set every stage key yourself")

@@ -19,7 +19,7 @@ import json
 import logging
 from typing import Any, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
-from .methods import STAGE_KEYS
+from .methods import STAGE_KEYS, canonical_stages
 
 STATE_KEY = "lsh_moe_state"  # the key of DeepSpeed's client_state the engine hooks use
 FORMAT = 1
@@ -54,7 +54,13 @@ def changed_settings(saved: Mapping[str, Any], config) -> Dict[str, Tuple[Any, A
     current = config.to_dict()
     # A save from before the stage keys existed meant the paper's layer, whatever the default is now.
     saved = {**type(config)(enabled=True, method="paper").to_dict(), **saved}
+    # One from before the backward formats and grad_rounding were stage keys may spell "as the forward" out, and its
+    # method named only the other stages (fp4 beside stochastic gradients is fp4_sr now): the stages say what
+    # trained, and the method only names them.
+    saved.update(canonical_stages({key: saved.get(key) for key in STAGE_KEYS}))
     idle = idle_keys(saved, current)
+    if all(saved.get(key) == current.get(key) for key in STAGE_KEYS):
+        idle.add("method")
     return {key: (saved.get(key), current.get(key)) for key in sorted(set(saved) | set(current))
             if key != "compress_in_eval" and key not in idle and saved.get(key) != current.get(key)}
 

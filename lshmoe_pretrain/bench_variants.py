@@ -4,7 +4,8 @@ Two kinds share one ``--variants`` list:
 
 - the benchmark's own: `stock`, the paper's method at ``--rate`` (`lsh`; `lsh_eager` without CUDA graphs,
   `lsh_decide` with ``decide_by_cost``) and one per other named method of lshmoe_plugin.methods. Their names keep
-  this meaning where the quality study has a variant of the same name (`lsh`, `fp8_dispatch`).
+  this meaning where the quality study has a variant of the same name (`lsh`, `fp8_dispatch`; `fp8_fwd_fp4_grad`
+  and `fp8_fwd_fp4sr_grad`, methods named after the study's variants, train the same configuration).
 - every other variant of the quality study (lshmoe_pretrain/quality_study.py VARIANTS) that a user could train,
   with the lsh_moe block the study trains it with (`quality_study.lsh_moe_block`, without the study's output-error
   probe, which measures and changes nothing trained), so that the frontier's fallback (lshmoe_pretrain/frontier.py)

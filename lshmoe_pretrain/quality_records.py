@@ -134,8 +134,6 @@ def _gap_rows(body: str) -> List[Tuple[str, int, float]]:
     return []
 
 
-# A study variant is a method's record when it sets nothing but these (and enabled): the method or its stage keys.
-_METHOD_KEYS = {"method", "clustering", "dispatch_dtype", "combine_dtype"}
 
 
 def _variant_method(variant: str, default_rate: Optional[float]) -> Optional[Tuple[str, Optional[float]]]:
@@ -144,7 +142,7 @@ def _variant_method(variant: str, default_rate: Optional[float]) -> Optional[Tup
     for a clustered method, None without clustering); None for any other variant (ablations, controls, the
     study-only diagnostic layers, a method's keys with others beside them)."""
     from lshmoe_plugin.config import LSHMoEConfig
-    from lshmoe_plugin.methods import CUSTOM
+    from lshmoe_plugin.methods import CUSTOM, STAGE_KEYS
 
     from .quality_study import DIAGNOSTICS, VARIANTS
     if variant == "lsh":
@@ -153,7 +151,8 @@ def _variant_method(variant: str, default_rate: Optional[float]) -> Optional[Tup
     if variant.startswith("rate_") and set(settings) - {"method"} == {"enabled", "compression_rate"}:
         return "paper", float(settings["compression_rate"])
     keys = set(settings) - {"enabled"}
-    if settings.get("enabled") is not True or not keys or not keys <= _METHOD_KEYS or variant in DIAGNOSTICS:
+    stages_only = bool(keys) and keys <= {"method", *STAGE_KEYS}  # a method's record sets nothing else
+    if settings.get("enabled") is not True or not stages_only or variant in DIAGNOSTICS:
         return None
     config = LSHMoEConfig(**settings)
     if config.method == CUSTOM:

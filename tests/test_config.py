@@ -130,29 +130,37 @@ def test_each_scaled_format_has_its_own_block_and_scale_keys():
                             "fp4_scale": "e8m0"}, env={})
 
 
-def test_grad_rounding_defaults_to_nearest_and_composes_with_a_method():
-    """A method leaves grad_rounding at its default; stochastic needs a backward crossing in a scaled format, which
-    the default method (fp4 both ways), fp8, or the paper's with an FP4 gradient of its own all have."""
+def test_grad_rounding_defaults_to_nearest_and_is_a_stage_key():
+    """Every method but fp4_sr and fp8_fwd_fp4sr_grad rounds its gradients to nearest; stochastic otherwise is a
+    composition, which needs a backward crossing in a scaled format (the stage keys left out are the paper's)."""
     assert LSHMoEConfig.from_dict({"enabled": True}, env={}).grad_rounding == "nearest"
-    for block in ({"enabled": True, "grad_rounding": "stochastic"},
-                  {"enabled": True, "method": "fp8", "grad_rounding": "stochastic"},
-                  {"method": "paper", "combine_grad_dtype": "fp4_e2m1", "grad_rounding": "stochastic"},
+    for block in ({"enabled": True, "method": "fp4_sr"},
+                  {"clustering": "none", "dispatch_dtype": "fp8_e4m3", "combine_dtype": "fp8_e4m3",
+                   "grad_rounding": "stochastic"},
+                  {"combine_grad_dtype": "fp4_e2m1", "grad_rounding": "stochastic"},
                   {"clustering": "none", "dispatch_dtype": "fp8_e4m3", "combine_dtype": "fp4_e2m1",
                    "dispatch_grad_dtype": "model", "grad_rounding": "stochastic"}):  # combine's follows its forward
         cfg = LSHMoEConfig.from_dict(block, env={})
         assert cfg.grad_rounding == "stochastic" and LSHMoEConfig.from_dict(cfg.to_dict(), env={}) == cfg
-    assert LSHMoEConfig.from_dict({"enabled": True, "method": "fp4", "grad_rounding": "stochastic"},
-                                  env={}).method == "fp4"
+    assert LSHMoEConfig.from_dict({"enabled": True, "clustering": "none", "dispatch_dtype": "fp4_e2m1",
+                                   "combine_dtype": "fp4_e2m1", "grad_rounding": "stochastic"},
+                                  env={}).method == "fp4_sr"
+    # null is left out, as for every stage key: the method's value
+    assert LSHMoEConfig.from_dict({"method": "fp4_sr", "grad_rounding": None}, env={}).grad_rounding == "stochastic"
 
 
 @pytest.mark.parametrize("block, message", [
     ({"grad_rounding": "stochastic_fp4"}, r"lsh_moe.grad_rounding must be one of \['nearest', 'stochastic'\], got "
                                           r"'stochastic_fp4'"),
-    ({"grad_rounding": None}, r"lsh_moe.grad_rounding must be one of \['nearest', 'stochastic'\], got None"),
-    ({"method": "paper", "grad_rounding": "stochastic"},
+    ({"method": "fp8", "grad_rounding": "stochastic"},
+     r"lsh_moe.grad_rounding='stochastic' contradicts lsh_moe.method='fp8', which sets grad_rounding 'nearest'; "
+     r"allowed: leave grad_rounding out, set it to 'nearest', or leave method out and set every stage key yourself"),
+    ({"enabled": True, "grad_rounding": "stochastic"},  # the paper's stages beside it, not the default's
      r"lsh_moe.grad_rounding='stochastic' rounds gradients that cross in \['fp8_e4m3', 'fp4_e2m1', 'fp6_e2m3'\], and "
      r"no backward crossing uses one: nothing would change \(dispatch_grad_dtype and combine_grad_dtype, "
-     r".*\['model', 'model'\]\)"),
+     r".*\['model', 'model'\]\); set one of them to a scaled format, set a method whose gradients round so "
+     r"\('fp4_sr', 'fp8_fwd_fp4sr_grad'\) instead, or leave grad_rounding out \(with no method named, the stage "
+     r"keys left out are the paper's\)"),
     ({"dispatch_dtype": "fp8_e4m3", "dispatch_grad_dtype": "model", "grad_rounding": "stochastic"},
      r"grad_rounding='stochastic' .* no backward crossing uses one"),  # the FP8 forward rounds to nearest anyway
 ])
@@ -188,7 +196,7 @@ def test_bad_grad_rounding_names_the_key_and_what_is_allowed(block, message):
                                                            r"'ue8m0'"),
     ({"dispatch_dtype": "fp8_e4m3", "fp4_block_size": 16}, r"fp4_block_size=16 sets the scales of fp4_e2m1, which "
                                                            r"no crossing uses"),
-    ({"method": "paper", "combine_grad_dtype": "fp8_e4m3", "fp4_scale": "float32"},
+    ({"combine_grad_dtype": "fp8_e4m3", "fp4_scale": "float32"},
      r"fp4_scale='float32' sets the scales of fp4_e2m1, which no crossing uses"),
     ({"clustering": "none", "compression_rate": 0.5},
      r"compression_rate=0.5 belongs to LSH clustering, which clustering 'none' turns off; allowed with clustering "

@@ -48,13 +48,23 @@ def test_without_a_pass_everywhere_the_smallest_worst_gap_decides(tmp_path):
     assert decision.by == "worst shape" and decision.chosen.name == "fp8_fwd_fp4_grad"
     assert decision.text.startswith(
         "No candidate passes the rule on every shape. By its worst shape the default is `fp8_fwd_fp4_grad` (method "
-        "`fp8`, dispatch_grad_dtype fp4_e2m1, combine_grad_dtype fp4_e2m1): it ends at most +0.45% from stock's "
-        "final loss (on ")
+        "`fp8_fwd_fp4_grad`): it ends at most +0.45% from stock's final loss (on ")
     assert "fails the rule on `gpt-25m-1pass`: is outside stock's seed spread (±0.30%)" in decision.text
     assert ("The others within the bytes limit with 3 seeds everywhere, at their worst: `fp4_both` +0.70% on "
             "`gpt-72m-1pass`.") in decision.text
-    assert decision.text.endswith("is not a named method: name it in lshmoe_plugin/methods.py, then set "
-                                  "`DEFAULT_METHOD` to it (now `fp4`).")
+    assert decision.text.endswith("Set `DEFAULT_METHOD` to `fp8_fwd_fp4_grad` (now `fp4`).")
+
+
+def test_a_chosen_configuration_that_is_no_named_method_says_to_name_it(tmp_path):
+    """FP4 with an e8m0 scale per 16 elements is method fp4 with a knob beside it: DEFAULT_METHOD cannot be set to
+    it before it has a name."""
+    root = str(tmp_path)
+    for bed in (NARROW, WIDE):
+        write_study(root, {"fp4_both_b16": (0.1, [1, 2, 3], 0.28, FLAT)}, bed=bed)
+    decision = choice.decide(choice.collect(root, [NARROW, WIDE]), "fp4")
+    assert decision.by == "rule" and decision.chosen.name == "fp4_both_b16"
+    assert decision.text.endswith("Its configuration (method `fp4`, fp4_block_size 16) is not a named method: name "
+                                  "it in lshmoe_plugin/methods.py, then set `DEFAULT_METHOD` to it (now `fp4`).")
 
 
 def test_no_default_while_a_shape_is_unmeasured_or_no_candidate_has_its_seeds(tmp_path):

@@ -110,10 +110,9 @@ def test_the_rule_chooses_the_passing_candidate_without_any_step_time(one_failur
     choice = frontiers.choose(found, speedups)
     assert speedups == {} and choice.by == "rule" and choice.chosen.name == "fp8_fwd_fp4_grad"
     assert choice.text.startswith(
-        "The rule chooses `fp8_fwd_fp4_grad` (method `fp8`, dispatch_grad_dtype fp4_e2m1, combine_grad_dtype "
-        "fp4_e2m1): it ends +0.10% ± 0.00% (3 seeds) from stock's final loss (stock's seed spread ±0.30%), its gap "
-        "does not grow (+0.10% → +0.10% → +0.10% over 0.125x, 0.5x, 1x), and it sends 0.390 of stock's all-to-all "
-        "bytes; it is the only candidate that passes.")
+        "The rule chooses `fp8_fwd_fp4_grad` (method `fp8_fwd_fp4_grad`): it ends +0.10% ± 0.00% (3 seeds) from "
+        "stock's final loss (stock's seed spread ±0.30%), its gap does not grow (+0.10% → +0.10% → +0.10% over "
+        "0.125x, 0.5x, 1x), and it sends 0.390 of stock's all-to-all bytes; it is the only candidate that passes.")
     assert "`gpt-72m-long`, `t5-26m-long` are still to measure" in choice.text
     assert "provisional" not in choice.text
 
@@ -426,6 +425,32 @@ def test_each_candidate_takes_its_own_row_or_its_methods_and_never_another_confi
     with open(benchmarks, "w") as f:
         f.write(row_scales + by_method + paper)
     assert frontiers.speedups_for(found, benchmarks)["fp8_both"].value == 1.25
+
+
+def test_a_method_named_after_a_study_variant_takes_the_rows_timed_under_either(tmp_path):
+    """fp8_fwd_fp4_grad is a method now, so the benchmark times it as its own variant (the method's sentence); the
+    sections from before timed the study's variant of that name, whose rows still count where they record the
+    study's block as it is now, and never where they record another."""
+    root = str(tmp_path)
+    write_study(root, {"fp8_fwd_fp4_grad": ONE_SEED})
+    found = frontiers.collect(root, BED, ["fp8_fwd_fp4_grad"])
+    block = frontiers.study.lsh_moe_block("fp8_fwd_fp4_grad")
+    rows = [("stock @ 200gbps EP16", 1), ("fp8_fwd_fp4_grad @ 200gbps EP16", 1.3)]
+    as_study = bench_section("gpt_moe_tiny_modelled_ep16_g8_fp8_fwd_fp4_grad", "modelled EP=16: stock DeepSpeed vs "
+                             "`fp8_fwd_fp4_grad`", rows,
+                             variants=bench_variants.StudyVariant("fp8_fwd_fp4_grad", block).describe())
+    other = bench_section("gpt_moe_tiny_modelled_ep16_g8_fp8_fwd_fp4_grad", "modelled EP=16: stock DeepSpeed vs "
+                          "`fp8_fwd_fp4_grad`", rows, variants=bench_variants.StudyVariant(
+                              "fp8_fwd_fp4_grad", {**block, "dispatch_grad_dtype": "fp6_e2m3"}).describe())
+    as_method = bench_section("gpt_moe_tiny_modelled_ep16_g8_fp8_fwd_fp4_grad", "modelled EP=16: stock DeepSpeed vs "
+                              "`fp8_fwd_fp4_grad`", [rows[0], ("fp8_fwd_fp4_grad @ 200gbps EP16", 1.4)],
+                              variants="`fp8_fwd_fp4_grad` (lsh_moe.method `fp8_fwd_fp4_grad`, one FP8 scale per "
+                                       "128 elements): every token crosses as itself.")
+    benchmarks = str(tmp_path / "benchmarks.md")
+    for text, expected in ((as_study, 1.3), (other, None), (as_method, 1.4)):
+        with open(benchmarks, "w") as f:
+            f.write(text)
+        assert frontiers.speedups_for(found, benchmarks)["fp8_fwd_fp4_grad"].value == expected
 
 
 def test_the_suggested_stage_times_the_preset_it_names():

@@ -8,8 +8,14 @@ from distributed import run_distributed
 from test_deepspeed_patch import build_moe, failed, fwd_bwd, same
 
 import lshmoe_plugin
-from lshmoe_plugin import LSHMoEConfig, LSHMoEConfigError
-from lshmoe_plugin.methods import DEFAULT_METHOD, METHODS, STAGE_KEYS
+from lshmoe_plugin import LSHMoEConfig, LSHMoEConfigError, wire
+from lshmoe_plugin.methods import DEFAULT_METHOD, METHODS, STAGE_KEYS, Method
+from lshmoe_pretrain.quality_records import variant_configuration
+from lshmoe_pretrain.quality_study import lsh_moe_block
+
+# The long-schedule study's candidates that are methods now: study variant -> method.
+STUDY_METHODS = {"fp8_fwd_fp4_grad": "fp8_fwd_fp4_grad", "fp4_both_sr": "fp4_sr",
+                 "fp8_fwd_fp4sr_grad": "fp8_fwd_fp4sr_grad"}
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -21,6 +27,131 @@ def test_a_method_sets_its_stages_and_is_what_its_keys_spelled_out_give(name):
     assert spelled.method == name
     assert dataclasses.replace(named, enabled=False).method == name  # a resolved config rebuilds as itself
     assert LSHMoEConfig.from_dict(named.to_dict()) == named
+
+
+def test_every_method_spells_every_stage_key_once():
+    """A backward format equal to its forward's is spelled None ("as the forward"), so that one configuration has
+    one spelling and a composition finds its method."""
+    assert STAGE_KEYS == ("clustering", "dispatch_dtype", "combine_dtype", "dispatch_grad_dtype",
+                          "combine_grad_dtype", "grad_rounding")
+    with pytest.raises(ValueError, match="stages must set exactly"):
+        Method("fp8_spelled", {"clustering": "none", "dispatch_dtype": "fp8_e4m3", "combine_dtype": "fp8_e4m3",
+                               "dispatch_grad_dtype": "fp8_e4m3", "combine_grad_dtype": None,
+                               "grad_rounding": "nearest"}, "")
+    with pytest.raises(ValueError, match="stages must set exactly"):
+        Method("fp8_short", {"clustering": "none", "dispatch_dtype": "fp8_e4m3", "combine_dtype": "fp8_e4m3"}, "")
+
+
+@pytest.mark.parametrize("name, stages, crossings", [
+    ("fp8_fwd_fp4_grad", ("none", "fp8_e4m3", "fp8_e4m3", "fp4_e2m1", "fp4_e2m1", "nearest"),
+     ("fp8_e4m3", "fp4_e2m1", "fp8_e4m3", "fp4_e2m1")),
+    ("fp4_sr", ("none", "fp4_e2m1", "fp4_e2m1", None, None, "stochastic"), ("fp4_e2m1",) * 4),
+    ("fp8_fwd_fp4sr_grad", ("none", "fp8_e4m3", "fp8_e4m3", "fp4_e2m1", "fp4_e2m1", "stochastic"),
+     ("fp8_e4m3", "fp4_e2m1", "fp8_e4m3", "fp4_e2m1")),
+])
+def test_the_study_candidates_resolve_to_their_stages_and_formats(name, stages, crossings):
+    config = LSHMoEConfig.from_dict({"enabled": True, "method": name})
+    assert tuple(getattr(config, key) for key in STAGE_KEYS) == stages
+    assert config.wire_dtypes == crossings
+    for crossing in wire.CROSSINGS:
+        forward, backward = wire.formats(config, crossing)
+        assert (forward.rounding, backward.rounding) == ("nearest", stages[-1])
+
+
+def test_the_backward_stages_default_to_as_the_forward_rounded_to_nearest():
+    """grad_rounding's field is None (left out) like the other stage keys, and resolution fills it in."""
+    assert {f.name: f.default for f in dataclasses.fields(LSHMoEConfig)}["grad_rounding"] is None
+    for config in (LSHMoEConfig(), LSHMoEConfig(method="paper"), LSHMoEConfig(clustering="none")):
+        assert (config.dispatch_grad_dtype, config.combine_grad_dtype, config.grad_rounding) == (None, None,
+                                                                                                 "nearest")
+
+
+def test_a_backward_format_spelled_as_its_forward_is_no_contradiction():
+    """What "as the forward" resolves to under the method, given explicitly: accepted, and stored as None."""
+    for block in ({"method": "fp8", "dispatch_grad_dtype": "fp8_e4m3"},
+                  {"method": "fp8", "dispatch_grad_dtype": "fp8_e4m3", "combine_grad_dtype": "fp8_e4m3"},
+                  {"method": "paper", "combine_grad_dtype": "model"},
+                  {"method": "fp8_dispatch", "combine_grad_dtype": "model", "grad_rounding": "nearest"}):
+        config = LSHMoEConfig.from_dict({"enabled": True, **block}, env={})
+        assert config == LSHMoEConfig.from_dict({"enabled": True, "method": block["method"]}, env={})
+        assert (config.dispatch_grad_dtype, config.combine_grad_dtype) == (None, None)
+    # the method's own backward format spelled out is its value, and null is "left out": the method's value too
+    for value in ("fp4_e2m1", None):
+        config = LSHMoEConfig.from_dict({"method": "fp8_fwd_fp4_grad", "dispatch_grad_dtype": value}, env={})
+        assert (config.method, config.dispatch_grad_dtype) == ("fp8_fwd_fp4_grad", "fp4_e2m1")
+
+
+@pytest.mark.parametrize("block, message", [
+    ({"method": "fp8", "dispatch_grad_dtype": "fp4_e2m1", "combine_grad_dtype": "fp4_e2m1"},
+     r"lsh_moe\.dispatch_grad_dtype='fp4_e2m1' contradicts lsh_moe\.method='fp8', which sets dispatch_grad_dtype as "
+     r"its forward \(dispatch_dtype 'fp8_e4m3'\); allowed: leave dispatch_grad_dtype out, set it to 'fp8_e4m3', set "
+     r"method 'fp8_fwd_fp4_grad' instead \(it sets these stages\), or leave method out and set every stage key "
+     r"yourself$"),
+    ({"method": "fp4", "grad_rounding": "stochastic"},
+     r"lsh_moe\.grad_rounding='stochastic' contradicts lsh_moe\.method='fp4', which sets grad_rounding 'nearest'; "
+     r"allowed: leave grad_rounding out, set it to 'nearest', set method 'fp4_sr' instead \(it sets these stages\), "
+     r"or leave method out and set every stage key yourself$"),
+    ({"method": "fp8", "dispatch_grad_dtype": "fp4_e2m1", "combine_grad_dtype": "fp4_e2m1",
+      "grad_rounding": "stochastic"},
+     r"lsh_moe\.dispatch_grad_dtype='fp4_e2m1' contradicts .* set method 'fp8_fwd_fp4sr_grad' instead"),
+    # the stages asked for are no method's: nothing to name instead
+    ({"method": "fp8", "dispatch_grad_dtype": "fp4_e2m1"},
+     r"lsh_moe\.dispatch_grad_dtype='fp4_e2m1' contradicts lsh_moe\.method='fp8', which sets dispatch_grad_dtype as "
+     r"its forward \(dispatch_dtype 'fp8_e4m3'\); allowed: leave dispatch_grad_dtype out, set it to 'fp8_e4m3', or "
+     r"leave method out and set every stage key yourself$"),
+    ({"method": "fp8_fwd_fp4_grad", "combine_grad_dtype": "fp8_e4m3"},
+     r"lsh_moe\.combine_grad_dtype='fp8_e4m3' contradicts lsh_moe\.method='fp8_fwd_fp4_grad', which sets "
+     r"combine_grad_dtype 'fp4_e2m1'; allowed: leave combine_grad_dtype out, set it to 'fp4_e2m1', or leave method "
+     r"out"),
+    ({"method": "fp8_fwd_fp4_grad", "grad_rounding": "stochastic"},
+     r"lsh_moe\.grad_rounding='stochastic' contradicts lsh_moe\.method='fp8_fwd_fp4_grad'.* set method "
+     r"'fp8_fwd_fp4sr_grad' instead"),
+    ({"method": "fp4_sr", "grad_rounding": "nearest"},
+     r"lsh_moe\.grad_rounding='nearest' contradicts lsh_moe\.method='fp4_sr', which sets grad_rounding "
+     r"'stochastic'; allowed: leave grad_rounding out, set it to 'stochastic', set method 'fp4' instead"),
+    # a forward given otherwise is refused by its own key first, whatever its gradient says
+    ({"method": "fp8_fwd_fp4_grad", "dispatch_dtype": "fp4_e2m1", "dispatch_grad_dtype": "fp4_e2m1"},
+     r"lsh_moe\.dispatch_dtype='fp4_e2m1' contradicts lsh_moe\.method='fp8_fwd_fp4_grad', which sets "
+     r"dispatch_dtype 'fp8_e4m3'"),
+])
+def test_a_backward_stage_beside_a_method_that_sets_it_otherwise_is_refused_by_name(block, message):
+    with pytest.raises(LSHMoEConfigError, match=message):
+        LSHMoEConfig.from_dict({"enabled": True, **block}, env={})
+
+
+def test_a_composition_of_backward_stages_reports_the_method_it_matches():
+    """No method named: the stage keys given over the paper's, a backward format spelled as its forward's the same
+    as one left out."""
+    fp8 = {"clustering": "none", "dispatch_dtype": "fp8_e4m3", "combine_dtype": "fp8_e4m3"}
+    fp4 = {"clustering": "none", "dispatch_dtype": "fp4_e2m1", "combine_dtype": "fp4_e2m1"}
+    fp4_grads = {"dispatch_grad_dtype": "fp4_e2m1", "combine_grad_dtype": "fp4_e2m1"}
+    for block, name in ((fp8, "fp8"), ({**fp8, "dispatch_grad_dtype": "fp8_e4m3"}, "fp8"),
+                        ({**fp8, "combine_grad_dtype": "fp8_e4m3", "grad_rounding": "nearest"}, "fp8"),
+                        ({**fp8, **fp4_grads}, "fp8_fwd_fp4_grad"),
+                        ({**fp8, **fp4_grads, "grad_rounding": "stochastic"}, "fp8_fwd_fp4sr_grad"),
+                        ({**fp4, "grad_rounding": "stochastic"}, "fp4_sr"),
+                        ({**fp4, **fp4_grads, "grad_rounding": "stochastic"}, "fp4_sr"),
+                        ({**fp8, "dispatch_grad_dtype": "fp4_e2m1"}, "custom"),
+                        ({**fp8, "grad_rounding": "stochastic"}, "custom"),
+                        ({"combine_grad_dtype": "fp8_e4m3"}, "custom"),
+                        ({"grad_rounding": "nearest"}, "paper")):
+        config = LSHMoEConfig.from_dict({"enabled": True, **block}, env={})
+        assert config.method == name, block
+        if name != "custom":
+            assert config == LSHMoEConfig.from_dict({"enabled": True, "method": name}, env={})
+        assert LSHMoEConfig.from_dict(config.to_dict(), env={}) == config
+
+
+def test_the_study_candidates_are_their_methods_and_the_other_formats_stay_compositions():
+    """lshmoe_pretrain.quality_records.variant_configuration: the study's three leading candidates are named
+    methods with nothing beside them; FP6 forward with FP4 gradients is no method's stages, and FP4 with 16-element
+    blocks is fp4 with a knob."""
+    for variant, method in STUDY_METHODS.items():
+        assert variant_configuration(variant) == (method, {})
+    assert variant_configuration("fp6_fwd_fp4_grad") == ("custom", {
+        "clustering": "none", "dispatch_dtype": "fp6_e2m3", "combine_dtype": "fp6_e2m3",
+        "dispatch_grad_dtype": "fp4_e2m1", "combine_grad_dtype": "fp4_e2m1"})
+    assert variant_configuration("fp4_both_b16") == ("fp4", {"fp4_block_size": 16})
 
 
 def test_the_paper_by_name():
@@ -87,20 +218,45 @@ def test_an_unknown_method_is_refused_with_the_allowed_names():
         LSHMoEConfig.from_dict({"method": "fp9"})
 
 
+def rewinder(block):
+    """A function that sets the draw counters of the stochastic formats `block` trains with back to where they are
+    now (CPU), so that a run after it draws the bits of the run after this call (lshmoe_plugin.rounding)."""
+    config = LSHMoEConfig.from_dict(block)
+    counters = [fmt.draws.counter("cpu") for crossing in wire.CROSSINGS for fmt in wire.formats(config, crossing)
+                if getattr(fmt, "draws", None) is not None]  # the model's dtype draws nothing
+    values = [counter.clone() for counter in counters]
+    return lambda: [counter.copy_(value) for counter, value in zip(counters, values)]
+
+
 def check_method_trains_as_its_keys(rank, world_size):
     torch.manual_seed(7 + rank)
     x = torch.randn(2, 24, 16)
     report = {}
+    # each method against its stage keys spelled out; the study's candidates against the study's block as well
+    spellings = {name: [{**method.stages}] for name, method in METHODS.items()}
+    for variant, name in STUDY_METHODS.items():
+        spellings[name].append({key: value for key, value in lsh_moe_block(variant).items() if key != "enabled"})
     for name, method in METHODS.items():
         moe = build_moe(world_size, 2)
         knobs = {"compression_rate": 0.25} if method.stages["clustering"] == "lsh" else {}
-        lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "method": name, **knobs}}, moe)
+        block = {"enabled": True, "method": name, **knobs}
+        rewind = rewinder(block)  # a stochastic method's spellings draw the bits its named run drew
+        lshmoe_plugin.enable({"lsh_moe": block}, moe)
         named = fwd_bwd(moe, x)
         named_bytes = lshmoe_plugin.TELEMETRY.latest[0].bytes_sent
-        lshmoe_plugin.enable({"lsh_moe": {"enabled": True, **knobs, **method.stages}}, moe)
-        spelled = fwd_bwd(moe, x)
-        report[f"{name}_same_outputs_and_gradients"] = same(named, spelled)
-        report[f"{name}_same_bytes"] = named_bytes == lshmoe_plugin.TELEMETRY.latest[0].bytes_sent
+        for index, spelled_keys in enumerate(spellings[name]):
+            rewind()
+            lshmoe_plugin.enable({"lsh_moe": {"enabled": True, **knobs, **spelled_keys}}, moe)
+            spelled = fwd_bwd(moe, x)
+            report[f"{name}_{index}_same_outputs_and_gradients"] = same(named, spelled)
+            report[f"{name}_{index}_same_bytes"] = named_bytes == lshmoe_plugin.TELEMETRY.latest[0].bytes_sent
+        if method.stages["grad_rounding"] == "stochastic":
+            # its stages rounded to nearest: the same forward, other gradients
+            rewind()
+            lshmoe_plugin.enable({"lsh_moe": {"enabled": True, **method.stages, "grad_rounding": "nearest"}}, moe)
+            nearest = fwd_bwd(moe, x)
+            report[f"{name}_forward_is_nearests"] = torch.equal(named[0], nearest[0])
+            report[f"{name}_gradients_are_not_nearests"] = not torch.equal(named[1], nearest[1])
         lshmoe_plugin.disable()
         stock = fwd_bwd(moe, x)
         if method.stages["clustering"] == "bounded" and method.stages["dispatch_dtype"] == "model":

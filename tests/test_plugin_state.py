@@ -107,6 +107,19 @@ def test_settings_compare_key_by_key_and_a_key_the_saving_version_lacked_as_its_
         "clustering": ("lsh", "bounded")}
 
 
+def test_a_save_that_named_its_stages_otherwise_changed_nothing_it_trained():
+    """Saved before the backward formats and grad_rounding were stage keys: `fp4` beside stochastic gradients (now
+    fp4_sr), FP8 gradients spelled out under FP8 (now None, "as the forward"). The method's name alone is no change;
+    beside a stage that did change it is listed too."""
+    from lshmoe_plugin.config import LSHMoEConfig
+    from lshmoe_plugin.plugin_state import changed_settings
+    fp4_sr, fp8 = LSHMoEConfig(enabled=True, method="fp4_sr"), LSHMoEConfig(enabled=True, method="fp8")
+    assert changed_settings({**fp4_sr.to_dict(), "method": "fp4"}, fp4_sr) == {}
+    assert changed_settings({**fp8.to_dict(), "method": "custom", "dispatch_grad_dtype": "fp8_e4m3"}, fp8) == {}
+    assert changed_settings({**fp4_sr.to_dict(), "method": "fp4", "grad_rounding": "nearest"}, fp4_sr) == {
+        "grad_rounding": ("nearest", "stochastic"), "method": ("fp4", "fp4_sr")}
+
+
 def test_a_checkpoint_of_another_world_size_gives_its_state_only_where_every_rank_saved_the_same():
     """(This process has no process group: a world of one.)"""
     from lshmoe_plugin.patches.engine_checkpoint import ENGINE_FORMAT, _this_ranks_state

@@ -302,7 +302,7 @@ def test_bytes_per_crossing_is_the_mean_of_the_four_crossings():
 def test_model_format_is_the_identity_and_needs_no_crossing_of_its_own():
     config = LSHMoEConfig(dispatch_dtype="fp8_e4m3")
     assert not wire.changes_crossing(config, "combine") and wire.changes_crossing(config, "dispatch")
-    assert wire.changes_crossing(LSHMoEConfig(method="paper", combine_grad_dtype="fp8_e4m3"), "combine")
+    assert wire.changes_crossing(LSHMoEConfig(combine_grad_dtype="fp8_e4m3"), "combine")  # on the paper's stages
     assert wire.formats(LSHMoEConfig(fp8_block_size="row", combine_dtype="fp8_e4m3"), "combine")[1].block is None
     x = torch.randn(3, 4, 8)
     assert wire.send(wire.MODEL, x, lambda b: b).data_ptr() == x.data_ptr()  # nothing copied
@@ -351,12 +351,16 @@ def test_grad_rounding_by_default_keeps_the_formats_and_bits_of_nearest():
     """grad_rounding left out: each backward format is the cached nearest format (the forward's own object where
     both are one format), and its bits are the reference's; stochastic changes the backward format only."""
     x = heavy_tailed(8, 64, seed=4)
-    for keys in ({"enabled": True}, {"enabled": True, "method": "fp8"},
-                 {"dispatch_dtype": "fp8_e4m3", "dispatch_grad_dtype": "fp4_e2m1", "fp4_block_size": 16}):
+    fp8 = {"clustering": "none", "dispatch_dtype": "fp8_e4m3", "combine_dtype": "fp8_e4m3"}
+    fp8_fp4 = {"dispatch_dtype": "fp8_e4m3", "dispatch_grad_dtype": "fp4_e2m1", "fp4_block_size": 16}
+    # (keys, the same stages rounded stochastically)
+    for keys, stochastic_keys in (({"enabled": True}, {"enabled": True, "method": "fp4_sr"}),
+                                  ({"enabled": True, "method": "fp8"}, {**fp8, "grad_rounding": "stochastic"}),
+                                  (fp8_fp4, {**fp8_fp4, "grad_rounding": "stochastic"})):
         config = LSHMoEConfig(**keys)
         for crossing in wire.CROSSINGS:
             forward, backward = wire.formats(config, crossing)
-            rounded = wire.formats(LSHMoEConfig(**keys, grad_rounding="stochastic"), crossing)
+            rounded = wire.formats(LSHMoEConfig(**stochastic_keys), crossing)
             forward_name, name = (config.wire_dtypes[i] for i in ((0, 1) if crossing == "dispatch" else (2, 3)))
             if name == "model":
                 assert backward is rounded[1] is wire.MODEL
@@ -516,15 +520,16 @@ def test_the_hash_is_murmurs_finaliser_in_int64_and_its_uniforms_look_uniform():
 
 
 def test_gradients_cross_back_stochastically_and_the_forward_stays_nearests():
-    """Through `cross` under grad_rounding stochastic (the default method, FP4 both ways): the forward is nearest's
-    bit for bit; the gradient that comes back differs from nearest's and lies on the grid neighbours of the
-    gradient the exchange brings back."""
+    """Through `cross` under method fp4_sr (the default's FP4 both ways, its gradients rounded stochastically): the
+    forward is nearest's bit for bit; the gradient that comes back differs from nearest's and lies on the grid
+    neighbours of the gradient the exchange brings back."""
     swap = lambda buffer: buffer.flip(0)  # noqa: E731  an exchange that moves rows between "ranks"
     rows, grad = heavy_tailed(4, 5, 64, seed=10), heavy_tailed(4, 5, 64, seed=11) * 1e-3
     results = {}
     for rounding in ("nearest", "stochastic"):
         leaf = rows.clone().requires_grad_()
-        out = wire.cross(leaf, *wire.formats(LSHMoEConfig(enabled=True, grad_rounding=rounding), "dispatch"), swap)
+        method = {"nearest": "fp4", "stochastic": "fp4_sr"}[rounding]
+        out = wire.cross(leaf, *wire.formats(LSHMoEConfig(enabled=True, method=method), "dispatch"), swap)
         out.backward(grad)
         results[rounding] = out.detach(), leaf.grad
     assert torch.equal(results["nearest"][0], results["stochastic"][0])
