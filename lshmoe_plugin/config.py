@@ -308,8 +308,8 @@ class LSHMoEConfig:
                 f"backward crossing uses one: nothing would change (dispatch_grad_dtype and combine_grad_dtype, "
                 f"as their forwards' dispatch_dtype and combine_dtype when null: {list(gradients)}); set one of "
                 f"them to a scaled format, set a method whose gradients round so ({', '.join(map(repr, rounding))}) "
-                f"instead, or leave grad_rounding out (with no method named, the stage keys left out are the "
-                f"paper's)")
+                f"instead, or leave grad_rounding out (with no method named, a forward stage key given makes the stage "
+                f"keys left out the paper's)")
 
     def _check_format_keys(self, defaults: Mapping[str, Any]) -> None:
         """Each scaled format's block and scale keys: valid values, and left at their defaults unless a crossing

@@ -13,11 +13,16 @@ None (null) counting as left out:
   instead where the stages asked for are one. A backward format given as its forward's format says what None says
   ("as the forward") and is no contradiction: ``fp8`` with ``"dispatch_grad_dtype": "fp8_e4m3"`` is ``fp8``.
 - ``method`` left out (or ``custom``) and no stage key given: DEFAULT_METHOD.
-- ``method`` left out (or ``custom``) and some stage key given: a composition. The stage keys left out take
-  COMPOSITION_BASE's values (the paper's: LSH clustering, the model's dtype both ways, gradients as their forwards,
-  rounded to nearest) and the ones given are taken as they are; the config then reports the method whose stages it
-  matches, or ``custom``. So ``"dispatch_dtype": "fp8_e4m3"`` alone means the paper's centroids in FP8, whatever the
-  default is.
+- ``method`` left out (or ``custom``) and some stage key given: a composition. The ones given are taken as they are
+  and the config then reports the method whose stages it matches, or ``custom``. The stage keys left out take
+  - COMPOSITION_BASE's values (the paper's: LSH clustering, the model's dtype both ways, gradients as their
+    forwards, rounded to nearest) when a forward stage key (FORWARD_STAGE_KEYS) is given: a different forward is
+    described from the paper's. So ``"dispatch_dtype": "fp8_e4m3"`` alone means the paper's centroids in FP8,
+    whatever the default is;
+  - DEFAULT_METHOD's values when only backward stage keys are given: they adjust how the default's gradients cross.
+    So ``"grad_rounding": "stochastic"`` alone is the default with stochastic gradients (``fp4_sr`` while the
+    default is ``fp4``), and ``"grad_rounding": "nearest"`` alone is the default itself, never the paper's
+    clustering by surprise.
 
 Either way a backward format equal to its forward's is written None (`canonical_stages`): one configuration, one
 spelling, whichever way it was asked for.
@@ -38,6 +43,8 @@ from typing import Dict, Mapping, Optional, Tuple
 
 STAGE_KEYS: Tuple[str, ...] = ("clustering", "dispatch_dtype", "combine_dtype", "dispatch_grad_dtype",
                                "combine_grad_dtype", "grad_rounding")
+# What the forward does: given without a method, the other stages come from the paper's (COMPOSITION_BASE).
+FORWARD_STAGE_KEYS: Tuple[str, ...] = ("clustering", "dispatch_dtype", "combine_dtype")
 # Each backward crossing's format key and the forward format it follows when None.
 GRAD_FORWARDS: Dict[str, str] = {"dispatch_grad_dtype": "dispatch_dtype", "combine_grad_dtype": "combine_dtype"}
 CUSTOM = "custom"
@@ -129,8 +136,8 @@ def resolve(method: Optional[str], given: Mapping[str, Optional[str]]) -> Tuple[
         method = None
     if method is not None and method not in METHODS:
         raise MethodError(f"lsh_moe.method must be one of {list(METHODS) + [CUSTOM]}, got {method!r}")
-    composing = method is None and any(given.get(key) is not None for key in STAGE_KEYS)
-    base = METHODS[method or (COMPOSITION_BASE if composing else DEFAULT_METHOD)]
+    forward_given = any(given.get(key) is not None for key in FORWARD_STAGE_KEYS)
+    base = METHODS[method or (COMPOSITION_BASE if forward_given else DEFAULT_METHOD)]
     stages = canonical_stages({key: base.stages[key] if given.get(key) is None else given[key]
                                for key in STAGE_KEYS})
     if method is None:

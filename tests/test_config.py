@@ -155,12 +155,12 @@ def test_grad_rounding_defaults_to_nearest_and_is_a_stage_key():
     ({"method": "fp8", "grad_rounding": "stochastic"},
      r"lsh_moe.grad_rounding='stochastic' contradicts lsh_moe.method='fp8', which sets grad_rounding 'nearest'; "
      r"allowed: leave grad_rounding out, set it to 'nearest', or leave method out and set every stage key yourself"),
-    ({"enabled": True, "grad_rounding": "stochastic"},  # the paper's stages beside it, not the default's
+    ({"enabled": True, "clustering": "lsh", "grad_rounding": "stochastic"},  # a forward key: the paper's stages
      r"lsh_moe.grad_rounding='stochastic' rounds gradients that cross in \['fp8_e4m3', 'fp4_e2m1', 'fp6_e2m3'\], and "
      r"no backward crossing uses one: nothing would change \(dispatch_grad_dtype and combine_grad_dtype, "
      r".*\['model', 'model'\]\); set one of them to a scaled format, set a method whose gradients round so "
-     r"\('fp4_sr', 'fp8_fwd_fp4sr_grad'\) instead, or leave grad_rounding out \(with no method named, the stage "
-     r"keys left out are the paper's\)"),
+     r"\('fp4_sr', 'fp8_fwd_fp4sr_grad'\) instead, or leave grad_rounding out \(with no method named, a forward "
+     r"stage key given makes the stage keys left out the paper's\)"),
     ({"dispatch_dtype": "fp8_e4m3", "dispatch_grad_dtype": "model", "grad_rounding": "stochastic"},
      r"grad_rounding='stochastic' .* no backward crossing uses one"),  # the FP8 forward rounds to nearest anyway
 ])
@@ -196,8 +196,8 @@ def test_bad_grad_rounding_names_the_key_and_what_is_allowed(block, message):
                                                            r"'ue8m0'"),
     ({"dispatch_dtype": "fp8_e4m3", "fp4_block_size": 16}, r"fp4_block_size=16 sets the scales of fp4_e2m1, which "
                                                            r"no crossing uses"),
-    ({"combine_grad_dtype": "fp8_e4m3", "fp4_scale": "float32"},
-     r"fp4_scale='float32' sets the scales of fp4_e2m1, which no crossing uses"),
+    ({"combine_grad_dtype": "fp8_e4m3", "fp6_block_size": 16},  # over the default's FP4 forward: no FP6 anywhere
+     r"fp6_block_size=16 sets the scales of fp6_e2m3, which no crossing uses"),
     ({"clustering": "none", "compression_rate": 0.5},
      r"compression_rate=0.5 belongs to LSH clustering, which clustering 'none' turns off; allowed with clustering "
      r"'none': compression_rate 0.2"),

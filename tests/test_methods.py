@@ -8,7 +8,7 @@ from distributed import run_distributed
 from test_deepspeed_patch import build_moe, failed, fwd_bwd, same
 
 import lshmoe_plugin
-from lshmoe_plugin import LSHMoEConfig, LSHMoEConfigError, wire
+from lshmoe_plugin import LSHMoEConfig, LSHMoEConfigError, methods, wire
 from lshmoe_plugin.methods import DEFAULT_METHOD, METHODS, STAGE_KEYS, Method
 from lshmoe_pretrain.quality_records import variant_configuration
 from lshmoe_pretrain.quality_study import lsh_moe_block
@@ -134,12 +134,26 @@ def test_a_composition_of_backward_stages_reports_the_method_it_matches():
                         ({**fp8, "dispatch_grad_dtype": "fp4_e2m1"}, "custom"),
                         ({**fp8, "grad_rounding": "stochastic"}, "custom"),
                         ({"combine_grad_dtype": "fp8_e4m3"}, "custom"),
-                        ({"grad_rounding": "nearest"}, "paper")):
+                        ({"clustering": "lsh", "grad_rounding": "nearest"}, "paper")):
         config = LSHMoEConfig.from_dict({"enabled": True, **block}, env={})
         assert config.method == name, block
         if name != "custom":
             assert config == LSHMoEConfig.from_dict({"enabled": True, "method": name}, env={})
         assert LSHMoEConfig.from_dict(config.to_dict(), env={}) == config
+
+
+def test_backward_stage_keys_alone_adjust_the_default_not_the_papers_stages(monkeypatch):
+    """With no method and no forward stage key, the stages left out are the default's: "grad_rounding" alone is the
+    default with that rounding (fp4_sr beside fp4), never the paper's LSH clustering by surprise; with the default
+    set to FP8/FP4 the same block follows it."""
+    assert LSHMoEConfig.from_dict({"enabled": True, "grad_rounding": "nearest"}, env={}).method == "fp4"
+    stochastic = LSHMoEConfig.from_dict({"enabled": True, "grad_rounding": "stochastic"}, env={})
+    assert stochastic.method == "fp4_sr" and stochastic.clustering == "none"
+    fp8_grads = LSHMoEConfig.from_dict({"enabled": True, "dispatch_grad_dtype": "fp8_e4m3"}, env={})
+    assert fp8_grads.method == "custom" and fp8_grads.wire_dtypes == ("fp4_e2m1", "fp8_e4m3", "fp4_e2m1", "fp4_e2m1")
+    monkeypatch.setattr(methods, "DEFAULT_METHOD", "fp8_fwd_fp4_grad")
+    assert methods.resolve(None, {"grad_rounding": "stochastic"})[0] == "fp8_fwd_fp4sr_grad"
+    assert methods.resolve(None, {"clustering": "lsh", "grad_rounding": "nearest"})[0] == "paper"
 
 
 def test_the_study_candidates_are_their_methods_and_the_other_formats_stay_compositions():
