@@ -165,6 +165,8 @@ class StudyPlan:
     concurrency: int = 1
     capture_at: Sequence[float] = ()  # schedule fractions at which `capture_run` saves its experts' inputs
     capture_run: str = ""             # "variant/seed", e.g. "stock/1" (lshmoe_pretrain.capture)
+    capture_experts: int = 0          # experts per captured layer (0: the capture's default; at d_model 512 two
+                                      # fit a capture file's 16 MiB)
     num_gpus: int = 1
     accelerator_env: Dict[str, str] = field(default_factory=dict)
 
@@ -277,6 +279,12 @@ def read_metrics(run_dir: str) -> List[dict]:
     return [by_step[step] for step in sorted(by_step)]
 
 
+def capture_args(plan: StudyPlan) -> List[str]:
+    """The capturing run's flags: when to capture and, where set, how many experts."""
+    return ["--capture_at", *map(str, plan.capture_at),
+            *(["--capture_experts", str(plan.capture_experts)] if plan.capture_experts else [])]
+
+
 def launch_command(plan: StudyPlan, variant: str, seed: int, config_path: str, port: int) -> List[str]:
     steps = plan.train_steps()
     run_dir = plan.run_dir(variant, seed)
@@ -291,8 +299,7 @@ def launch_command(plan: StudyPlan, variant: str, seed: int, config_path: str, p
                "--log_interval", str(max(1, steps // 20)), "--save_interval", str(save_every),
                "--seed", str(seed), "--output_dir", run_dir, "--diagnostic", diagnostic(variant),
                *(["--eval_compressed", plan.eval_compressed] if plan.eval_compressed != "off" else []),
-               *(["--capture_at", *map(str, plan.capture_at)]
-                 if plan.capture_at and plan.capture_run == f"{variant}/{seed}" else [])]
+               *(capture_args(plan) if plan.capture_at and plan.capture_run == f"{variant}/{seed}" else [])]
     # `latest` is written once every rank's files of a checkpoint are (lshmoe_pretrain.checkpoints): a run killed
     # while saving resumes from the one before.
     if os.path.isfile(os.path.join(run_dir, "checkpoints", "latest")):

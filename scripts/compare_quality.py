@@ -120,6 +120,9 @@ def parse_args() -> argparse.Namespace:
                      help="schedule fractions at which --capture_run saves its MoE layers' dispatched tokens and "
                           "experts (e.g. 0.1 0.5 1), for scripts/compressibility.py")
     run.add_argument("--capture_run", default="stock/1", help="VARIANT/SEED of the run that captures")
+    run.add_argument("--capture_experts", type=int, default=0,
+                     help="experts per captured layer (default: the capture's; at d_model 512 pass 2 so that a file "
+                          "fits 16 MiB)")
     run.add_argument("--deadline_s", type=float, default=None, help="stop (to resume later) after this many seconds")
     speed = sub.add_parser("throughput", help="tokens/s of a testbed's runs on this device, alone and several at "
                                               "once (what sizes a study), into docs/benchmarks.md")
@@ -210,7 +213,8 @@ def study_plans(args: argparse.Namespace) -> list:
     common = dict(variants=args.variants, seeds=args.seeds, data=args.data, data_prefix=args.data_prefix,
                   vocab_size=args.vocab_size, final_eval_tokens=int(args.final_eval_tokens),
                   eval_compressed=args.eval_compressed, save_every=args.save_every,
-                  capture_at=args.capture_at, capture_run=args.capture_run)
+                  capture_at=args.capture_at, capture_run=args.capture_run,
+                  capture_experts=args.capture_experts)
     if args.testbed is None:
         if args.lengths != [1.0]:
             raise study.StudyError("--lengths needs --testbed (the fractions are of a testbed's long schedule)")

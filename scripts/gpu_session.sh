@@ -35,7 +35,7 @@
 #       | testbed-bg:<testbed>:<lengths, comma-separated>:<seconds> (the long-schedule study, started with setsid from
 #         a frozen copy of this checkout so that it outlives this call and later calls' installs; TESTBED_VARIANTS,
 #         TESTBED_SEEDS, CONCURRENCY, CAPTURE_AT ("0.1 0.5 1": the CAPTURE_RUN run, default stock/1, saves captures),
-#         TESTBED_ROOT)
+#         CAPTURE_EXPERTS (experts per captured layer; 2 at d_model 512), TESTBED_ROOT)
 #       | poll:<seconds> (wait while a testbed-bg study runs, at most that long; its records come back each time)
 # The quality studies read the pinned corpus carried as .device_corpus (scripts/prepare_gpu_carry.sh builds it on the
 # CPU machine: python-code-pinned, the same bytes in every session); otherwise they tokenize the python-code corpus
@@ -158,7 +158,8 @@ testbed_bg() {  # testbed-bg:<testbed>:<lengths>:<seconds>
     rm -rf "$frozen" && mkdir -p "$frozen" /root/testbed_logs && cp -a . "$frozen/src" || return 1
     python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target "$frozen/plugin" "$frozen/src" \
         >>"$OUT/logs/install.log" 2>&1 || return 1
-    local capture=(); [ -n "${CAPTURE_AT:-}" ] && capture=(--capture_at $CAPTURE_AT --capture_run "${CAPTURE_RUN:-stock/1}")
+    local capture=(); [ -n "${CAPTURE_AT:-}" ] && capture=(--capture_at $CAPTURE_AT --capture_run "${CAPTURE_RUN:-stock/1}"
+        ${CAPTURE_EXPERTS:+--capture_experts $CAPTURE_EXPERTS})
     (cd "$frozen/src" && PYTHONPATH="$frozen/plugin:/root/site" setsid nohup python3 scripts/compare_quality.py run \
         --testbed "$bed" --lengths $lengths --variants ${TESTBED_VARIANTS:-stock lsh} --seeds ${TESTBED_SEEDS:-1} \
         ${CONCURRENCY:+--concurrency $CONCURRENCY} --root "$TESTBED_ROOT" --deadline_s "$seconds" "${DATA[@]}" \

@@ -280,6 +280,24 @@ def test_every_variant_has_a_valid_config_and_diagnostic():
             assert config.kernel == "torch" and config.cuda_graphs is False, name
 
 
+def test_only_the_capturing_run_captures_and_it_takes_the_expert_count():
+    """--capture_at (and --capture_experts where set) reach the one run named by capture_run, no other."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    plan = study.StudyPlan("gpt", "tiny", ["stock", "fp4_both"], [1, 4], 10**5, "unused",
+                           os.path.join(root, "configs", "gpt_moe_cpu.json"), capture_at=(0.1, 1.0),
+                           capture_run="stock/4", capture_experts=2)
+    def flags(variant, seed):
+        command = study.launch_command(plan, variant, seed, "ds.json", 29500)
+        return [arg for arg in command if arg.startswith("--capture")], command
+    captured, command = flags("stock", 4)
+    assert captured == ["--capture_at", "--capture_experts"]
+    assert command[command.index("--capture_at") + 1:command.index("--capture_at") + 3] == ["0.1", "1.0"]
+    assert command[command.index("--capture_experts") + 1] == "2"
+    assert flags("stock", 1)[0] == [] and flags("fp4_both", 4)[0] == []
+    plan.capture_experts = 0  # left out: the capture's own default, no flag
+    assert flags("stock", 4)[0] == ["--capture_at"]
+
+
 def test_a_learning_rate_control_scales_the_peak_and_keeps_its_base_block():
     """stock_lr2x trains stock's lsh_moe block (the plugin off) at twice the study's peak rate, warm-up and decay
     scaled with it; lr_scale never reaches the plugin, and every other variant keeps the study's rate."""
