@@ -54,11 +54,12 @@ class LSHMoEConfig:
         ``grad_rounding``; a stage key set to anything else beside it is refused, naming the method to set instead
         where one has those stages (a backward format set to its forward's is what "as the forward" means, and no
         contradiction). A stage key given as null counts as left out. Left out with no stage key given:
-        DEFAULT_METHOD (``fp4``: every token in FP4 both ways, the long-schedule testbed's choice;
-        lshmoe_plugin.methods says why). Left out with some stage key given: the stage keys left out take the
-        paper's values (COMPOSITION_BASE: gradients as their forwards, rounded to nearest) and the config reports
-        the method its stages match, or ``custom``. The other keys keep their defaults under every method; under
-        the methods without clustering the keys of LSH clustering must stay at theirs (write ``"method":
+        DEFAULT_METHOD (``fp8_fwd_fp4_grad``: every token in FP8 forward both ways, its gradients back in FP4,
+        the single-pass testbed's choice; lshmoe_plugin.methods says why). Left out with a forward stage key
+        given: the stage keys left out take the paper's values (COMPOSITION_BASE: gradients as their forwards,
+        rounded to nearest); with only backward stage keys given, the default method's. Either way the config
+        reports the method its stages match, or ``custom``. The other keys keep their defaults under every method;
+        under the methods without clustering the keys of LSH clustering must stay at theirs (write ``"method":
         "paper"`` for the paper's LSH-MoE).
     compression_rate: centroids sent per token routed, in (0, 1]. A fixed-capacity dispatcher (DeepSpeed's
         GShard layer) sends ``ceil(rate * capacity)`` centroid slots per expert; a variable-size one (Megatron-core,
@@ -152,10 +153,11 @@ class LSHMoEConfig:
         (lshmoe_plugin.rounding; the uniforms hash each element's index with a per-format draw counter, never
         torch's generator, so the model's other random draws stay those of a stock run). The forward crossings
         always round to nearest. A stage key: the methods ``fp4_sr`` and ``fp8_fwd_fp4sr_grad`` round
-        stochastically, every other method to nearest, and a composition left without it rounds to nearest;
-        stochastic is refused where no gradient crosses in a scaled format. On CUDA ``fp4_e2m1``'s fused encode
-        rounds stochastically with the reference's bits; a stochastic ``fp8_e4m3`` or ``fp6_e2m3`` encode runs
-        PyTorch's reference (their kernels round to nearest); decoding stays fused.
+        stochastically, every other method to nearest, and a composition left without it rounds to nearest (given
+        alone, it adjusts the default: ``fp8_fwd_fp4sr_grad``); stochastic is refused where no gradient crosses in
+        a scaled format. On CUDA ``fp4_e2m1``'s fused encode rounds stochastically with the reference's bits; a
+        stochastic ``fp8_e4m3`` or ``fp6_e2m3`` encode runs PyTorch's reference (their kernels round to nearest);
+        decoding stays fused.
     fp8_block_size: elements per scale of ``fp8_e4m3`` (default 128, DeepSeek-V3's tile), or ``"row"``: one
         scale per row. A row's last block may be shorter.
     fp8_scale: how ``fp8_e4m3`` codes a scale: ``float32`` (amax / 448, 4 bytes) or ``e8m0`` (a power of two, one

@@ -126,13 +126,17 @@ def test_each_scaled_format_has_its_own_block_and_scale_keys():
     assert mixed.wire_dtypes == ("fp8_e4m3", "fp4_e2m1", "model", "model")
     assert LSHMoEConfig.from_dict(mixed.to_dict(), env={}) == mixed
     # the defaults spelled out are accepted whatever the crossings use, as fp8_block_size's always were
-    LSHMoEConfig.from_dict({"fp8_block_size": 128, "fp8_scale": "float32", "fp4_block_size": 32,
+    LSHMoEConfig.from_dict({"method": "paper", "fp8_block_size": 128, "fp8_scale": "float32", "fp4_block_size": 32,
                             "fp4_scale": "e8m0"}, env={})
+    # the default method crosses in both FP8 (forward) and FP4 (gradients): both formats' keys are its to set
+    tuned = LSHMoEConfig.from_dict({"enabled": True, "fp8_block_size": 64, "fp4_block_size": 16}, env={})
+    assert (tuned.method, tuned.fp8_block_size, tuned.fp4_block_size) == ("fp8_fwd_fp4_grad", 64, 16)
 
 
 def test_grad_rounding_defaults_to_nearest_and_is_a_stage_key():
     """Every method but fp4_sr and fp8_fwd_fp4sr_grad rounds its gradients to nearest; stochastic otherwise is a
-    composition, which needs a backward crossing in a scaled format (the stage keys left out are the paper's)."""
+    composition, which needs a backward crossing in a scaled format (the stage keys left out are the paper's beside
+    a forward stage key, the default method's beside backward ones alone)."""
     assert LSHMoEConfig.from_dict({"enabled": True}, env={}).grad_rounding == "nearest"
     for block in ({"enabled": True, "method": "fp4_sr"},
                   {"clustering": "none", "dispatch_dtype": "fp8_e4m3", "combine_dtype": "fp8_e4m3",
@@ -184,19 +188,20 @@ def test_bad_grad_rounding_names_the_key_and_what_is_allowed(block, message):
     ({"dispatch_dtype": "fp8_e4m3", "fp8_block_size": 0}, r'fp8_block_size must be "row" or an integer >= 1, got 0'),
     ({"dispatch_dtype": "fp8_e4m3", "fp8_block_size": "block"}, r'fp8_block_size must be "row" or an integer'),
     ({"dispatch_dtype": "fp8_e4m3", "fp8_block_size": True}, r'fp8_block_size must be "row" or an integer'),
-    ({"fp8_block_size": 64}, r"fp8_block_size=64 sets the scales of fp8_e4m3, which no crossing uses"),
+    ({"method": "fp4", "fp8_block_size": 64}, r"fp8_block_size=64 sets the scales of fp8_e4m3, which no crossing "
+                                              r"uses"),
     ({"dispatch_dtype": "fp4_e2m1", "fp8_block_size": 64}, r"fp8_block_size=64 sets the scales of fp8_e4m3, which no "
                                                           r"crossing uses .*'fp4_e2m1'.*set one of them to 'fp8_e4m3'"),
     ({"dispatch_dtype": "fp8_e4m3", "fp8_scale": "float16"}, r"fp8_scale must be one of \['float32', 'e8m0'\], "
                                                              r"got 'float16'"),
-    ({"fp8_scale": "e8m0"}, r"fp8_scale='e8m0' sets the scales of fp8_e4m3, which no crossing uses"),
+    ({"method": "fp4", "fp8_scale": "e8m0"}, r"fp8_scale='e8m0' sets the scales of fp8_e4m3, which no crossing uses"),
     ({"dispatch_dtype": "fp4_e2m1", "fp4_block_size": 0}, r'fp4_block_size must be "row" or an integer >= 1, got 0'),
     ({"dispatch_dtype": "fp4_e2m1", "fp4_block_size": False}, r'fp4_block_size must be "row" or an integer'),
     ({"dispatch_dtype": "fp4_e2m1", "fp4_scale": "ue8m0"}, r"fp4_scale must be one of \['float32', 'e8m0'\], got "
                                                            r"'ue8m0'"),
     ({"dispatch_dtype": "fp8_e4m3", "fp4_block_size": 16}, r"fp4_block_size=16 sets the scales of fp4_e2m1, which "
                                                            r"no crossing uses"),
-    ({"combine_grad_dtype": "fp8_e4m3", "fp6_block_size": 16},  # over the default's FP4 forward: no FP6 anywhere
+    ({"combine_grad_dtype": "fp8_e4m3", "fp6_block_size": 16},  # over the default's FP8/FP4: no FP6 anywhere
      r"fp6_block_size=16 sets the scales of fp6_e2m3, which no crossing uses"),
     ({"clustering": "none", "compression_rate": 0.5},
      r"compression_rate=0.5 belongs to LSH clustering, which clustering 'none' turns off; allowed with clustering "

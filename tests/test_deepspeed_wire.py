@@ -68,6 +68,8 @@ DS_CASES = {**CASES,
             "fp8_dispatch_model_grad": ({"dispatch_dtype": "fp8_e4m3", "dispatch_grad_dtype": "model"},
                                         ("fp8", None, None, None)),
             "fp8_combine_grad_only": ({"combine_grad_dtype": "fp8_e4m3"}, (None, None, "fp8", None))}
+# What `"enabled": true` alone sends (lshmoe_plugin.methods.DEFAULT_METHOD, fp8_fwd_fp4_grad): this case's crossings.
+DEFAULT_CASE = "fp8_forward_fp4_grads"
 
 
 def check_wire_formats(rank, world_size, device="cpu"):
@@ -92,10 +94,19 @@ def check_wire_formats(rank, world_size, device="cpu"):
         report[f"top{k}_lsh_model_keys_change_nothing"] = same(lsh, fwd_bwd(moe, x))
         lshmoe_plugin.disable()
 
-        for name, (keys, kinds) in DS_CASES.items():
+        blocks = {name: ({"enabled": True, "clustering": "none", **with_blocks(keys)}, kinds)
+                  for name, (keys, kinds) in DS_CASES.items()}
+        # the default method: no stage key given, only the block sizes of the formats it sends
+        keys, kinds = DS_CASES[DEFAULT_CASE]
+        sizes = {key: value for key, value in with_blocks(keys).items() if key not in keys}
+        blocks["default"] = ({"enabled": True, **sizes}, kinds)
+        # a backward stage key alone adjusts the default: the dispatch gradient back in FP8, the combine's in FP4
+        blocks["default_fp8_dispatch_grad"] = ({"enabled": True, "dispatch_grad_dtype": "fp8_e4m3", **sizes},
+                                               ("fp8", "fp8", "fp4", "fp8"))
+        for name, (block, kinds) in blocks.items():
             dispatch, combine = (kinds[0], kinds[3]), (kinds[1], kinds[2])  # (forward, backward) of each crossing
             expected, E, C = reference_fwd_bwd(moe, x, dispatch, combine)
-            lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "clustering": "none", **with_blocks(keys)}}, moe)
+            lshmoe_plugin.enable({"lsh_moe": block}, moe)
             with AllToAlls() as calls:
                 got = fwd_bwd(moe, x)
             stats = lshmoe_plugin.TELEMETRY.latest[0]

@@ -59,11 +59,16 @@ def test_the_study_candidates_resolve_to_their_stages_and_formats(name, stages, 
 
 
 def test_the_backward_stages_default_to_as_the_forward_rounded_to_nearest():
-    """grad_rounding's field is None (left out) like the other stage keys, and resolution fills it in."""
+    """grad_rounding's field is None (left out) like the other stage keys, and resolution fills it in: beside a
+    forward stage key or the paper, as the forward rounded to nearest; with nothing given, the default's (FP4
+    gradients under its FP8 forward, rounded to nearest)."""
     assert {f.name: f.default for f in dataclasses.fields(LSHMoEConfig)}["grad_rounding"] is None
-    for config in (LSHMoEConfig(), LSHMoEConfig(method="paper"), LSHMoEConfig(clustering="none")):
+    for config in (LSHMoEConfig(method="paper"), LSHMoEConfig(clustering="none")):
         assert (config.dispatch_grad_dtype, config.combine_grad_dtype, config.grad_rounding) == (None, None,
                                                                                                  "nearest")
+    config = LSHMoEConfig()
+    assert (config.dispatch_grad_dtype, config.combine_grad_dtype, config.grad_rounding) == (
+        "fp4_e2m1", "fp4_e2m1", "nearest")
 
 
 def test_a_backward_format_spelled_as_its_forward_is_no_contradiction():
@@ -120,8 +125,8 @@ def test_a_backward_stage_beside_a_method_that_sets_it_otherwise_is_refused_by_n
 
 
 def test_a_composition_of_backward_stages_reports_the_method_it_matches():
-    """No method named: the stage keys given over the paper's, a backward format spelled as its forward's the same
-    as one left out."""
+    """No method named: the stage keys given over the paper's (over the default's where only backward keys are
+    given), a backward format spelled as its forward's the same as one left out."""
     fp8 = {"clustering": "none", "dispatch_dtype": "fp8_e4m3", "combine_dtype": "fp8_e4m3"}
     fp4 = {"clustering": "none", "dispatch_dtype": "fp4_e2m1", "combine_dtype": "fp4_e2m1"}
     fp4_grads = {"dispatch_grad_dtype": "fp4_e2m1", "combine_grad_dtype": "fp4_e2m1"}
@@ -144,15 +149,23 @@ def test_a_composition_of_backward_stages_reports_the_method_it_matches():
 
 def test_backward_stage_keys_alone_adjust_the_default_not_the_papers_stages(monkeypatch):
     """With no method and no forward stage key, the stages left out are the default's: "grad_rounding" alone is the
-    default with that rounding (fp4_sr beside fp4), never the paper's LSH clustering by surprise; with the default
-    set to FP8/FP4 the same block follows it."""
-    assert LSHMoEConfig.from_dict({"enabled": True, "grad_rounding": "nearest"}, env={}).method == "fp4"
+    default with that rounding (fp8_fwd_fp4sr_grad beside fp8_fwd_fp4_grad), never the paper's LSH clustering by
+    surprise; with the default set to FP4 both ways the same block follows it (fp4_sr)."""
+    assert LSHMoEConfig.from_dict({"enabled": True, "grad_rounding": "nearest"}, env={}).method == "fp8_fwd_fp4_grad"
     stochastic = LSHMoEConfig.from_dict({"enabled": True, "grad_rounding": "stochastic"}, env={})
-    assert stochastic.method == "fp4_sr" and stochastic.clustering == "none"
+    assert stochastic.method == "fp8_fwd_fp4sr_grad" and stochastic.clustering == "none"
+    # the dispatch gradient in its forward's FP8 (stored as None, "as the forward"), the combine's still FP4: no
+    # method's stages
     fp8_grads = LSHMoEConfig.from_dict({"enabled": True, "dispatch_grad_dtype": "fp8_e4m3"}, env={})
-    assert fp8_grads.method == "custom" and fp8_grads.wire_dtypes == ("fp4_e2m1", "fp8_e4m3", "fp4_e2m1", "fp4_e2m1")
-    monkeypatch.setattr(methods, "DEFAULT_METHOD", "fp8_fwd_fp4_grad")
-    assert methods.resolve(None, {"grad_rounding": "stochastic"})[0] == "fp8_fwd_fp4sr_grad"
+    assert fp8_grads.method == "custom" and fp8_grads.clustering == "none"
+    assert (fp8_grads.dispatch_grad_dtype, fp8_grads.combine_grad_dtype) == (None, "fp4_e2m1")
+    assert fp8_grads.wire_dtypes == ("fp8_e4m3", "fp8_e4m3", "fp8_e4m3", "fp4_e2m1")
+    assert LSHMoEConfig.from_dict(fp8_grads.to_dict(), env={}) == fp8_grads
+    # both gradients in FP8 under the default's FP8 forward: that is method fp8
+    assert LSHMoEConfig.from_dict({"enabled": True, "dispatch_grad_dtype": "fp8_e4m3",
+                                   "combine_grad_dtype": "fp8_e4m3"}, env={}).method == "fp8"
+    monkeypatch.setattr(methods, "DEFAULT_METHOD", "fp4")
+    assert methods.resolve(None, {"grad_rounding": "stochastic"})[0] == "fp4_sr"
     assert methods.resolve(None, {"clustering": "lsh", "grad_rounding": "nearest"})[0] == "paper"
 
 
@@ -175,13 +188,20 @@ def test_the_paper_by_name():
     assert (config.compression_rate, config.num_hashes, config.error_compensation) == (0.2, 6, True)
 
 
-def test_nothing_named_is_the_default_method_fp4():
-    """`"enabled": true` and nothing else trains the long-schedule testbed's choice: every token in FP4 both ways."""
-    assert DEFAULT_METHOD == "fp4"
+def test_nothing_named_is_the_default_method_fp8_fwd_fp4_grad():
+    """`"enabled": true` and nothing else trains the single-pass testbed's choice: every token in FP8 forward both
+    ways, its gradients back in FP4, rounded to nearest."""
+    assert DEFAULT_METHOD == "fp8_fwd_fp4_grad"
     for config in (LSHMoEConfig.from_dict({"enabled": True}), LSHMoEConfig(enabled=True),
                    LSHMoEConfig.from_dict({"enabled": True, "seed": 3, "layers": [0], "method": "custom"})):
-        assert (config.method, config.clustering, config.dispatch_dtype, config.combine_dtype) == (
-            "fp4", "none", "fp4_e2m1", "fp4_e2m1")
+        assert (config.method, config.clustering, config.grad_rounding) == ("fp8_fwd_fp4_grad", "none", "nearest")
+        assert config.wire_dtypes == ("fp8_e4m3", "fp4_e2m1", "fp8_e4m3", "fp4_e2m1")  # dispatch, grad, combine, grad
+    # its bytes against bf16's at d_model 256: FP8 rows of 256 values and 2 float32 scales (blocks of 128) forward,
+    # FP4 rows of 128 bytes and 8 e8m0 scales (blocks of 32) back, over 512 bytes a row: 0.391 of stock's
+    rows, d = 10, 256
+    per_crossing = wire.bytes_per_crossing(config, rows, d, torch.bfloat16)
+    assert per_crossing == rows * (2 * (256 + 2 * 4) + 2 * (128 + 8)) / 4
+    assert round(per_crossing / (rows * d * 2), 3) == 0.391
 
 
 def test_a_stage_key_alone_composes_on_the_papers_stages():
@@ -198,12 +218,12 @@ def test_a_stage_key_alone_composes_on_the_papers_stages():
 
 def test_a_clustering_knob_under_the_default_says_to_name_the_paper():
     """An old block that tunes LSH (a rate, no compensation) and names no method is refused by name, not trained as
-    FP4 with the knob ignored."""
+    the default (FP8/FP4, no clustering) with the knob ignored."""
     for block in ({"enabled": True, "compression_rate": 0.3}, {"enabled": True, "error_compensation": False}):
         with pytest.raises(LSHMoEConfigError, match=r"belongs to LSH clustering, which clustering 'none' turns off.*"
-                                                    r"Method 'fp4' sends every token \(the default when the block "
-                                                    r"names no method and no stage key\); for the paper's LSH "
-                                                    r"clustering set method 'paper'"):
+                                                    r"Method 'fp8_fwd_fp4_grad' sends every token \(the default "
+                                                    r"when the block names no method and no stage key\); for the "
+                                                    r"paper's LSH clustering set method 'paper'"):
             LSHMoEConfig(**block)  # the constructor: from_dict refuses such a block earlier (below)
         assert LSHMoEConfig.from_dict({**block, "method": "paper"}, env={}).clustering == "lsh"
 
@@ -289,13 +309,15 @@ def test_a_layer_under_a_methods_name_trains_as_under_its_keys(world_size):
 
 def test_an_old_lsh_block_that_names_no_method_is_refused_by_name():
     """A block written for the paper's layer before the default changed lists LSH keys at their defaults and names
-    no method: refused by name, not trained as FP4 with the keys ignored. Naming the paper, a stage key, or the
-    block being off lets it through; a resolved config written back (which names its method) always does."""
+    no method: refused by name, not trained as the default method with the keys ignored. Naming the paper, a stage
+    key, or the block being off lets it through; a resolved config written back (which names its method) always
+    does."""
     old = {"enabled": True, "compression_rate": 0.2, "num_hashes": 6, "hash_type": "cross_polytope",
            "error_compensation": True, "seed": 1234, "layers": "all"}
     with pytest.raises(LSHMoEConfigError, match=r"lsh_moe.compression_rate configures LSH clustering, but the block "
-                                                r"names no method.*'fp4'.*add \"method\": \"paper\".*or leave out "
-                                                r"compression_rate, num_hashes, hash_type, error_compensation"):
+                                                r"names no method.*'fp8_fwd_fp4_grad'.*add \"method\": "
+                                                r"\"paper\".*or leave out compression_rate, num_hashes, hash_type, "
+                                                r"error_compensation"):
         LSHMoEConfig.from_dict(old, env={})
     with pytest.raises(LSHMoEConfigError, match="names no method"):  # turned on by the environment
         LSHMoEConfig.from_dict({**old, "enabled": False}, env={"LSHMOE_ENABLED": "1"})

@@ -354,7 +354,10 @@ def test_grad_rounding_by_default_keeps_the_formats_and_bits_of_nearest():
     fp8 = {"clustering": "none", "dispatch_dtype": "fp8_e4m3", "combine_dtype": "fp8_e4m3"}
     fp8_fp4 = {"dispatch_dtype": "fp8_e4m3", "dispatch_grad_dtype": "fp4_e2m1", "fp4_block_size": 16}
     # (keys, the same stages rounded stochastically)
-    for keys, stochastic_keys in (({"enabled": True}, {"enabled": True, "method": "fp4_sr"}),
+    # the default (FP8 forward, FP4 gradients) beside grad_rounding alone, which adjusts it (fp8_fwd_fp4sr_grad);
+    # FP4 both ways by name
+    for keys, stochastic_keys in (({"enabled": True}, {"enabled": True, "grad_rounding": "stochastic"}),
+                                  ({"enabled": True, "method": "fp4"}, {"enabled": True, "method": "fp4_sr"}),
                                   ({"enabled": True, "method": "fp8"}, {**fp8, "grad_rounding": "stochastic"}),
                                   (fp8_fp4, {**fp8_fp4, "grad_rounding": "stochastic"})):
         config = LSHMoEConfig(**keys)
@@ -520,7 +523,7 @@ def test_the_hash_is_murmurs_finaliser_in_int64_and_its_uniforms_look_uniform():
 
 
 def test_gradients_cross_back_stochastically_and_the_forward_stays_nearests():
-    """Through `cross` under method fp4_sr (the default's FP4 both ways, its gradients rounded stochastically): the
+    """Through `cross` under method fp4_sr (fp4's FP4 both ways, its gradients rounded stochastically): the
     forward is nearest's bit for bit; the gradient that comes back differs from nearest's and lies on the grid
     neighbours of the gradient the exchange brings back."""
     swap = lambda buffer: buffer.flip(0)  # noqa: E731  an exchange that moves rows between "ranks"
