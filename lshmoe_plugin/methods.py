@@ -34,8 +34,9 @@ FP8 e4m3 forward both ways and its gradients back in FP4 E2M1, rounded to neares
 single-pass testbed shapes decide the default (lshmoe_pretrain/default_choice.py, its rule written before they
 trained; docs/quality.md): over 3 seeds each it ends -0.03%, +0.22% and +0.00% from stock's validation loss on
 ``gpt-25m-1pass``, ``gpt-72m-1pass`` and ``t5-26m-1pass``, where ``fp4`` (FP4 both ways, the default before,
-0.266 of the bytes) ends +0.78% and +0.60% on the two GPT shapes, outside the rule's ±0.5%. The paper's is
-``"method": "paper"``; ``fp4`` stays by name.
+0.266 of the bytes) ends +0.78% and +0.60% on the two GPT shapes, outside the rule's ±0.5%. On 2026-12-06 the
+rule chose it by its fallback (the smallest gap on its worst shape): T5's shorter schedules were not in yet, so no
+candidate had passed on every shape. The paper's is ``"method": "paper"``; ``fp4`` stays by name.
 """
 from __future__ import annotations
 
