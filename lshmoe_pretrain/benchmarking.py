@@ -90,23 +90,30 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
     return "\n".join(lines)
 
 
-def write_section(path: str, name: str, text: str) -> None:
-    """Replace (or append) the block between ``<!-- BEGIN name -->`` and ``<!-- END name -->`` in a markdown file."""
+def write_section(path: str, name: str, text: str, after: Optional[str] = None) -> None:
+    """Replace (or add) the block between ``<!-- BEGIN name -->`` and ``<!-- END name -->`` in a markdown file: a
+    new block goes right after section `after` when the file has it, else at the end."""
     begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
     block = f"{begin}\n{text.rstrip()}\n{end}"
     old = open(path).read() if os.path.exists(path) else "# Benchmarks\n\nWritten by the scripts in `scripts/`.\n"
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
-    new = pattern.sub(lambda _: block, old) if pattern.search(old) else old.rstrip() + "\n\n" + block + "\n"
+    anchor = f"<!-- END {after} -->" if after else None
+    if pattern.search(old):
+        new = pattern.sub(lambda _: block, old)
+    elif anchor and anchor in old:
+        new = old.replace(anchor, f"{anchor}\n\n{block}", 1)
+    else:
+        new = old.rstrip() + "\n\n" + block + "\n"
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
         f.write(new)
 
 
-def report_section(path: Optional[str], name: str, text: str) -> None:
+def report_section(path: Optional[str], name: str, text: str, after: Optional[str] = None) -> None:
     """Write section `name` into `path` when the run was given one (``--report PATH``), else only say so: a
-    benchmark run never edits the checkout's docs unless asked to."""
+    benchmark run never edits the checkout's docs unless asked to. A new section goes after section `after`."""
     if path:
-        write_section(path, name, text)
+        write_section(path, name, text, after)
         print(f"wrote {path} [{name}]")
     else:
         print(f"section '{name}' not written (pass --report PATH to write it, e.g. --report docs/benchmarks.md)")

@@ -253,18 +253,13 @@ def speedup(candidate: Candidate, bed: Testbed, benchmarks: str, sections: Seque
     from . import benchmarking as bench
     from .step_sources import section_model
     where = f"{LINK} EP{EP}"
-    own, refusal = _own_block(candidate.name)
+    found, refusal = timed_rows(candidate.name, candidate.method, candidate.knobs, benchmarks, sections, bed.preset)
     if refusal is not None:
         return Speedup(None, None, f"no modelled step time for `{candidate.name}`: {refusal}")
-    method = _method_row(candidate)
+    method = _method_row(candidate.method, candidate.knobs)
     texts = {name: bench.read_section_text(benchmarks, name) for name in sections}
     models = {name: section_model(texts[name]) for name in sections}
-    ordered = sorted(sections, key=lambda name: getattr(models[name], "preset", None) != bed.preset)
-    tables = {name: bench.read_section_table(benchmarks, name) for name in ordered}
-    found = [(name, candidate.name) for name in ordered if own is not None
-             and bench_variants.recorded_study_variants(texts[name]).get(candidate.name) == own]
-    found += [(name, method[0]) for name in ordered
-              if method is not None and _section_runs_method(texts[name], *method)]
+    tables = {name: bench.read_section_table(benchmarks, name) for name in sections}
     for name, label in found:
         rows = tables[name]
         if f"{label} @ {where}" in rows and f"stock @ {where}" in rows:
@@ -280,6 +275,26 @@ def speedup(candidate: Candidate, bed: Testbed, benchmarks: str, sections: Seque
     return Speedup(None, None, f"no modelled step time for `{candidate.name}` at {LINK}, EP={EP}, {GPUS_PER_NODE} "
                                f"GPUs per node yet: no section has a row {rows_sought} (command: "
                                f"`{stage_command([candidate.name])}`, {stage_words()})")
+
+
+def timed_rows(variant: str, method: str, knobs: Dict[str, object], benchmarks: str, sections: Sequence[str],
+               preset: Optional[str] = None) -> Tuple[List[Tuple[str, str]], Optional[str]]:
+    """(every (section, row label) that times exactly study variant `variant`'s configuration, None), in the order
+    `speedup` looks: the sections of `preset` first, then as given; rows under the variant's own name where a
+    section records its lsh_moe block as it is now, then its method's row (`method` with `knobs` beside it: see
+    `_method_row`). ([], why) for a variant no benchmark times (a diagnostic layer, say)."""
+    from . import benchmarking as bench
+    from .step_sources import section_model
+    own, refusal = _own_block(variant)
+    if refusal is not None:
+        return [], refusal
+    row = _method_row(method, knobs)
+    texts = {name: bench.read_section_text(benchmarks, name) for name in sections}
+    ordered = sorted(sections, key=lambda name: getattr(section_model(texts[name]), "preset", None) != preset)
+    found = [(name, variant) for name in ordered if own is not None
+             and bench_variants.recorded_study_variants(texts[name]).get(variant) == own]
+    found += [(name, row[0]) for name in ordered if row is not None and _section_runs_method(texts[name], *row)]
+    return found, None
 
 
 def stage_command(variants: Sequence[str]) -> str:
@@ -309,17 +324,17 @@ def _own_block(name: str) -> Tuple[Optional[Tuple[dict, Optional[float]]], Optio
     return (variant.block, variant.exact_tail), None
 
 
-def _method_row(candidate: Candidate) -> Optional[Tuple[str, Optional[float]]]:
-    """(the benchmark's variant of the candidate's method, its rate or None) when the candidate is that method with
-    nothing set beside it but the rate; else None (a custom configuration, another knob, a schedule)."""
+def _method_row(method: str, knobs: Dict[str, object]) -> Optional[Tuple[str, Optional[float]]]:
+    """(the benchmark's variant of a candidate's method, its rate or None) when the candidate is that method with
+    nothing set beside it (`knobs`) but the rate; else None (a custom configuration, another knob, a schedule)."""
     from lshmoe_plugin.config import LSHMoEConfig
     from lshmoe_plugin.methods import CUSTOM, METHODS
-    if candidate.method == CUSTOM or any(k != "compression_rate" for k in candidate.knobs):
+    if method == CUSTOM or any(k != "compression_rate" for k in knobs):
         return None
-    if METHODS[candidate.method].stages["clustering"] == "none":
-        return candidate.method, None
-    rate = float(candidate.knobs.get("compression_rate", LSHMoEConfig().compression_rate))
-    return ("lsh" if candidate.method == "paper" else candidate.method), rate
+    if METHODS[method].stages["clustering"] == "none":
+        return method, None
+    rate = float(knobs.get("compression_rate", LSHMoEConfig().compression_rate))
+    return ("lsh" if method == "paper" else method), rate
 
 
 def _section_runs_method(text: str, label: str, rate: Optional[float]) -> bool:
