@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import subprocess
 from typing import Callable, Dict, List, Optional, Sequence
@@ -371,3 +372,12 @@ def rebuild_experts(capture: dict, dtype: torch.dtype = torch.float32) -> List[t
         expert.load_state_dict(state)
         experts.append(expert.to(dtype).eval())
     return experts
+
+
+def write_records(path: str, results: Sequence[object]) -> None:
+    """Every measurement of an offline capture study (dataclasses, one per capture file) as JSON at `path`, the
+    records behind a docs section (scripts/compressibility.py, scripts/gradient_rounding.py)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump([dataclasses.asdict(result) for result in results], f, indent=1)
+    print(f"wrote {path}")

@@ -8,8 +8,6 @@ section of the file (the plot beside it, <section>.png unless --plot says otherw
 as JSON.
 """
 import argparse
-import dataclasses
-import json
 import os
 
 import torch
@@ -44,10 +42,7 @@ def main() -> None:
         parser.error(str(error))
     results = [compressibility.measure(path, args.max_slots, args.only) for path in paths]
     if args.records:
-        os.makedirs(os.path.dirname(args.records) or ".", exist_ok=True)
-        with open(args.records, "w") as f:
-            json.dump([dataclasses.asdict(r) for r in results], f, indent=1)
-        print(f"wrote {args.records}")
+        capture.write_records(args.records, results)
     if not args.report:
         print(f"section '{args.section}' not written (pass --report PATH, e.g. --report docs/compressibility.md)")
         return

@@ -8,9 +8,6 @@ prints every measurement, and with --report writes the tables and each capture's
 file; --records keeps the numbers as JSON.
 """
 import argparse
-import dataclasses
-import json
-import os
 
 import torch
 
@@ -42,10 +39,7 @@ def main() -> None:
         parser.error(str(error))
     results = [gradient_rounding.measure(path, sorted(set(args.draws))) for path in paths]
     if args.records:
-        os.makedirs(os.path.dirname(args.records) or ".", exist_ok=True)
-        with open(args.records, "w") as f:
-            json.dump([dataclasses.asdict(r) for r in results], f, indent=1)
-        print(f"wrote {args.records}")
+        capture.write_records(args.records, results)
     if not args.report:
         print(f"section '{args.section}' not written (pass --report PATH, e.g. --report docs/compressibility.md)")
         return
