@@ -101,3 +101,29 @@ def test_captures_land_beside_the_runs_and_never_in_the_record(tmp_path):
     assert (captures / "gpt/stock/seed4/captures/step366_layer1.pt").read_text() == "layer 1"
     assert not (runs / "gpt" / "stock" / "seed4" / "captures").exists()
     assert record_files(record) == {"testbed/gpt/stock/seed4/run.json": "the run"}
+
+
+def test_the_record_rounds_wall_clock_only(tmp_path):
+    """The tracked record keeps every loss, learning rate and telemetry value exactly and the per-step wall-clock
+    fields to 6 significant digits; captures stay out; extracting the record and writing it again changes nothing."""
+    runs = tmp_path / "runs"
+    run = runs / "gpt" / "stock" / "seed1"
+    (run / "captures").mkdir(parents=True)
+    (run / "captures" / "step1.pt").write_bytes(b"tokens")
+    line = ('{"step": 7, "loss": 9.714982032775879, "lr": 1.9672131147540982e-05, '
+            '"step_time_s": 0.12824547499999994, "tokens_per_s": 31938.74871608532, '
+            '"elapsed_s": 3.7265280639999787, "lsh_moe/layer0/bytes_ratio": 0.390625}')
+    (run / "metrics.jsonl").write_text(line + "\n")
+    (run / "run.json").write_text('{"elapsed_s": 3.7265280639999787}')
+    record = tmp_path / "record.tar.xz"
+    land.write_record(str(runs), str(record))
+    files = record_files(record)
+    assert set(files) == {"testbed/gpt/stock/seed1/metrics.jsonl", "testbed/gpt/stock/seed1/run.json"}
+    assert files["testbed/gpt/stock/seed1/run.json"] == '{"elapsed_s": 3.7265280639999787}'  # only metrics.jsonl
+    assert files["testbed/gpt/stock/seed1/metrics.jsonl"] == (
+        '{"step": 7, "loss": 9.714982032775879, "lr": 1.9672131147540982e-05, "step_time_s": 0.128245, '
+        '"tokens_per_s": 31938.7, "elapsed_s": 3.72653, "lsh_moe/layer0/bytes_ratio": 0.390625}\n')
+    again = tmp_path / "again"
+    land.extract_into(str(record), str(again))
+    land.write_record(str(again), str(tmp_path / "again.tar.xz"))
+    assert record_files(tmp_path / "again.tar.xz") == files
