@@ -20,23 +20,29 @@ None (null) counting as left out:
     described from the paper's. So ``"dispatch_dtype": "fp8_e4m3"`` alone means the paper's centroids in FP8,
     whatever the default is;
   - DEFAULT_METHOD's values when only backward stage keys are given: they adjust how the default's gradients cross.
-    So ``"grad_rounding": "stochastic"`` alone is the default with stochastic gradients (``fp8_fwd_fp4sr_grad``
-    while the default is ``fp8_fwd_fp4_grad``), ``"grad_rounding": "nearest"`` alone is the default itself, never
-    the paper's clustering by surprise, and ``"dispatch_grad_dtype": "fp8_e4m3"`` alone is the default with the
-    dispatch gradient in FP8 like its forward (``custom``: FP8 forward both ways, FP8 dispatch gradient, FP4
-    combine gradient).
+    So ``"grad_rounding": "nearest"`` alone is the default with its gradients rounded to nearest
+    (``fp8_fwd_fp4_grad`` while the default is ``fp8_fwd_fp4sr_grad``), never the paper's clustering by surprise,
+    ``"grad_rounding": "stochastic"`` alone is the default itself, and ``"dispatch_grad_dtype": "fp8_e4m3"`` alone
+    is the default with the dispatch gradient in FP8 like its forward (``custom``: FP8 forward both ways, FP8
+    dispatch gradient, FP4 combine gradient, both rounded stochastically; with ``"combine_grad_dtype":
+    "fp8_e4m3"`` too it is ``fp8``'s crossings with stochastic gradients, ``custom``, and ``fp8`` with
+    ``"grad_rounding": "nearest"`` beside them). Backward formats that leave no gradient in a scaled format
+    (``"dispatch_grad_dtype": "model", "combine_grad_dtype": "model"``) round nothing: grad_rounding left out is
+    ``nearest`` there, not the default's ``stochastic`` (which is refused where nothing rounds).
 
 Either way a backward format equal to its forward's is written None (`canonical_stages`): one configuration, one
 spelling, whichever way it was asked for.
 
-DEFAULT_METHOD is what ``"enabled": true`` and nothing else trains: ``fp8_fwd_fp4_grad``, every token crossing in
-FP8 e4m3 forward both ways and its gradients back in FP4 E2M1, rounded to nearest (0.391 of stock's bytes). The
-single-pass testbed shapes decide the default (lshmoe_pretrain/default_choice.py, its rule written before they
-trained; docs/quality.md): over 3 seeds each it ends -0.03%, +0.22% and +0.00% from stock's validation loss on
-``gpt-25m-1pass``, ``gpt-72m-1pass`` and ``t5-26m-1pass``, where ``fp4`` (FP4 both ways, the default before,
-0.266 of the bytes) ends +0.78% and +0.60% on the two GPT shapes, outside the rule's ±0.5%. On 2026-12-06 the
-rule chose it by its fallback (the smallest gap on its worst shape): T5's shorter schedules were not in yet, so no
-candidate had passed on every shape. The paper's is ``"method": "paper"``; ``fp4`` stays by name.
+DEFAULT_METHOD is what ``"enabled": true`` and nothing else trains: ``fp8_fwd_fp4sr_grad``, every token crossing
+in FP8 e4m3 forward both ways (rounded to nearest) and its gradients back in FP4 E2M1, rounded stochastically
+(unbiased, E[Q(g)] = g; 0.391 of stock's bytes). The single-pass testbed shapes decide the default
+(lshmoe_pretrain/default_choice.py, its rule written before they trained; docs/quality.md, section
+default_single_pass): over 3 seeds each it ends +0.07%, +0.06% and -0.01% from stock's validation loss on
+``gpt-25m-1pass``, ``gpt-72m-1pass`` and ``t5-26m-1pass``. ``fp8_fwd_fp4_grad`` (the same crossings with its
+gradients rounded to nearest, the default before) ends -0.03%, +0.22% and +0.00%: both pass the rule on every shape
+at the same bytes (as ``fp6`` does, its worst shape +0.43%), and the rule breaks that tie by the worst shape's gap.
+``fp4`` (FP4 both ways, the default before that, 0.266 of the bytes) ends +0.78% and +0.60% on the two GPT shapes,
+outside the rule's ±0.5%. The paper's is ``"method": "paper"``; ``fp8_fwd_fp4_grad`` and ``fp4`` stay by name.
 """
 from __future__ import annotations
 
@@ -103,13 +109,14 @@ METHODS: Dict[str, Method] = {m.name: m for m in (
            "every token crosses as itself, in OCP FP6 E2M3 with an e8m0 scale per 32 elements both ways (0.39 of "
            "stock's bf16 bytes): a candidate for the default"),
     # The long-schedule study's leading candidates (lshmoe_pretrain/quality_study.py VARIANTS fp8_fwd_fp4_grad,
-    # fp4_both_sr, fp8_fwd_fp4sr_grad), named so that DEFAULT_METHOD could become one of them: it is the first.
+    # fp4_both_sr, fp8_fwd_fp4sr_grad), named so that DEFAULT_METHOD could become one of them: it is the third.
     Method("fp8_fwd_fp4_grad", {"clustering": "none", "dispatch_dtype": "fp8_e4m3", "combine_dtype": "fp8_e4m3",
                                 "dispatch_grad_dtype": "fp4_e2m1", "combine_grad_dtype": "fp4_e2m1",
                                 "grad_rounding": "nearest"},
            "every token crosses as itself, in FP8 e4m3 with a float32 scale per 128 elements forward both ways, its "
-           "gradients back in OCP FP4 E2M1 with an e8m0 scale per 32 (0.391 of stock's bf16 bytes over the four "
-           "crossings): the default, chosen on the single-pass testbed (docs/quality.md)"),
+           "gradients back in OCP FP4 E2M1 with an e8m0 scale per 32, rounded to nearest (0.391 of stock's bf16 "
+           "bytes over the four crossings): the default before fp8_fwd_fp4sr_grad, measured on the single-pass "
+           "testbed (docs/quality.md)"),
     Method("fp4_sr", {"clustering": "none", "dispatch_dtype": "fp4_e2m1", "combine_dtype": "fp4_e2m1",
                       "dispatch_grad_dtype": None, "combine_grad_dtype": None, "grad_rounding": "stochastic"},
            "`fp4` with its gradients rounded stochastically (unbiased, E[Q(g)] = g; the forward rounds to nearest), "
@@ -119,9 +126,10 @@ METHODS: Dict[str, Method] = {m.name: m for m in (
                                   "dispatch_grad_dtype": "fp4_e2m1", "combine_grad_dtype": "fp4_e2m1",
                                   "grad_rounding": "stochastic"},
            "`fp8_fwd_fp4_grad` with its FP4 gradients rounded stochastically (unbiased, E[Q(g)] = g), 0.391 of "
-           "stock's bf16 bytes: a candidate for the default, measured on the single-pass testbed (docs/quality.md)"),
+           "stock's bf16 bytes: the default, chosen on the single-pass testbed (docs/quality.md, section "
+           "default_single_pass)"),
 )}
-DEFAULT_METHOD = "fp8_fwd_fp4_grad"
+DEFAULT_METHOD = "fp8_fwd_fp4sr_grad"
 COMPOSITION_BASE = "paper"  # what stage keys left out mean beside stage keys given (with no method named)
 
 
@@ -142,12 +150,22 @@ def resolve(method: Optional[str], given: Mapping[str, Optional[str]]) -> Tuple[
     base = METHODS[method or (COMPOSITION_BASE if forward_given else DEFAULT_METHOD)]
     stages = canonical_stages({key: base.stages[key] if given.get(key) is None else given[key]
                                for key in STAGE_KEYS})
+    if method is None and given.get("grad_rounding") is None and not _rounds_a_gradient(stages):
+        # the default's stochastic rounding beside backward keys that leave every gradient in the model's dtype:
+        # nothing rounds, and nearest is what says so (stochastic there is refused, and was not asked for)
+        stages["grad_rounding"] = "nearest"
     if method is None:
         return matching_method(stages), stages
     for key in STAGE_KEYS:
         if given.get(key) is not None and stages[key] != base.stages[key]:
             raise MethodError(_contradiction(base, key, given[key], matching_method(stages)))
     return method, stages
+
+
+def _rounds_a_gradient(stages: Mapping[str, Optional[str]]) -> bool:
+    """Whether a gradient crosses back in a scaled format (anything but the model's dtype), which grad_rounding
+    rounds."""
+    return any((stages[key] or stages[forward]) != "model" for key, forward in GRAD_FORWARDS.items())
 
 
 def matching_method(stages: Mapping[str, Optional[str]]) -> str:

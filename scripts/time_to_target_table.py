@@ -37,7 +37,7 @@ MEASURED, MODELLED, TIME = "**measured**", "**modelled**", "**measured tokens ov
 
 
 def configuration_label(variant: str) -> str:
-    """'`fp8_fwd_fp4_grad` (method `fp8_fwd_fp4_grad`): the default' — the study variant, the method it trains and
+    """'`fp8_fwd_fp4sr_grad` (method `fp8_fwd_fp4sr_grad`): the default' — the study variant, the method it trains and
     what it is to the plugin (DEFAULT_METHOD; the paper's method)."""
     from lshmoe_plugin.methods import DEFAULT_METHOD
     method, knobs = variant_configuration(variant)

@@ -130,14 +130,18 @@ def test_each_scaled_format_has_its_own_block_and_scale_keys():
                             "fp4_scale": "e8m0"}, env={})
     # the default method crosses in both FP8 (forward) and FP4 (gradients): both formats' keys are its to set
     tuned = LSHMoEConfig.from_dict({"enabled": True, "fp8_block_size": 64, "fp4_block_size": 16}, env={})
-    assert (tuned.method, tuned.fp8_block_size, tuned.fp4_block_size) == ("fp8_fwd_fp4_grad", 64, 16)
+    assert (tuned.method, tuned.fp8_block_size, tuned.fp4_block_size) == ("fp8_fwd_fp4sr_grad", 64, 16)
 
 
-def test_grad_rounding_defaults_to_nearest_and_is_a_stage_key():
-    """Every method but fp4_sr and fp8_fwd_fp4sr_grad rounds its gradients to nearest; stochastic otherwise is a
-    composition, which needs a backward crossing in a scaled format (the stage keys left out are the paper's beside
-    a forward stage key, the default method's beside backward ones alone)."""
-    assert LSHMoEConfig.from_dict({"enabled": True}, env={}).grad_rounding == "nearest"
+def test_grad_rounding_is_a_stage_key_nearest_but_under_the_stochastic_methods():
+    """Every method but fp4_sr and fp8_fwd_fp4sr_grad (the default) rounds its gradients to nearest; stochastic
+    otherwise is a composition, which needs a backward crossing in a scaled format (the stage keys left out are the
+    paper's beside a forward stage key, the default method's beside backward ones alone)."""
+    assert LSHMoEConfig.from_dict({"enabled": True}, env={}).grad_rounding == "stochastic"  # the default's
+    for block in ({"enabled": True, "method": "paper"}, {"enabled": True, "method": "fp8_fwd_fp4_grad"},
+                  {"enabled": True, "clustering": "none", "dispatch_dtype": "fp8_e4m3", "combine_dtype": "fp8_e4m3"},
+                  {"enabled": True, "grad_rounding": "nearest"}):
+        assert LSHMoEConfig.from_dict(block, env={}).grad_rounding == "nearest", block
     for block in ({"enabled": True, "method": "fp4_sr"},
                   {"clustering": "none", "dispatch_dtype": "fp8_e4m3", "combine_dtype": "fp8_e4m3",
                    "grad_rounding": "stochastic"},

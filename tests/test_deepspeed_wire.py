@@ -6,9 +6,10 @@ import pytest
 import torch
 from distributed import run_distributed
 from test_deepspeed_patch import D_MODEL, build_distinct_shift_experts, build_moe, failed, fwd_bwd, same
-from wire_helpers import BLOCK, CASES, RoundTrip, row_bytes, with_blocks
+from wire_helpers import BLOCK, CASES, Draws, GradRound, RoundTrip, row_bytes, with_blocks
 
 import lshmoe_plugin
+from lshmoe_plugin import LSHMoEConfig, wire
 from lshmoe_plugin.compressor import fixed_slots
 
 FP8_ROW_BYTES = row_bytes("fp8", D_MODEL)
@@ -33,9 +34,11 @@ class AllToAlls:
         self.dist.all_to_all_single = self.original
 
 
-def reference_fwd_bwd(moe, x, dispatch=(None, None), combine=(None, None)):
+def reference_fwd_bwd(moe, x, dispatch=(None, None), combine=(None, None), draws=None):
     """`fwd_bwd` of DeepSpeed's MOELayer rebuilt from its own stages (gate, _sparse_encode, _AllToAll, experts,
-    _sparse_decode) with the crossings coded by `RoundTrip` (forward kind, backward kind); also the capacity."""
+    _sparse_decode) with the crossings coded by `RoundTrip` (forward kind) and `GradRound` (backward kind, after
+    the all-to-all: on the rank that sends the gradient back, in its buffer), a stochastic backward kind drawing
+    from `draws` (a wire_helpers.Draws); also the capacity."""
     from deepspeed.moe import sharded_moe as sm
     layer = moe.deepspeed_moe
     moe.zero_grad(set_to_none=True)
@@ -48,9 +51,11 @@ def reference_fwd_bwd(moe, x, dispatch=(None, None), combine=(None, None)):
 
     def all_to_all(t):
         return sm._AllToAll.apply(layer.ep_group, t) if layer.ep_size > 1 else t.contiguous()
-    received = all_to_all(RoundTrip.apply(sm._sparse_encode(tokens, slots, E, C), *dispatch))
+    def crossing(rows, kinds):
+        return GradRound.apply(all_to_all(RoundTrip.apply(rows, kinds[0], None)), kinds[1], draws)
+    received = crossing(sm._sparse_encode(tokens, slots, E, C), dispatch)
     out = layer.experts(received.reshape(layer.ep_size, layer.num_local_experts, -1, D_MODEL))
-    out = all_to_all(RoundTrip.apply(out.reshape(E, -1, D_MODEL), *combine))
+    out = crossing(out.reshape(E, -1, D_MODEL), combine)
     y = sm._sparse_decode(out.view(E * C, D_MODEL), slots, gates, tokens.shape[0]).reshape(x.shape)
     (y.float().square().mean() + l_aux).backward()
     grads = [p.grad.clone() if p.grad is not None else None for p in moe.parameters()]
@@ -68,8 +73,30 @@ DS_CASES = {**CASES,
             "fp8_dispatch_model_grad": ({"dispatch_dtype": "fp8_e4m3", "dispatch_grad_dtype": "model"},
                                         ("fp8", None, None, None)),
             "fp8_combine_grad_only": ({"combine_grad_dtype": "fp8_e4m3"}, (None, None, "fp8", None))}
-# What `"enabled": true` alone sends (lshmoe_plugin.methods.DEFAULT_METHOD, fp8_fwd_fp4_grad): this case's crossings.
+# What `"enabled": true` alone sends (lshmoe_plugin.methods.DEFAULT_METHOD, fp8_fwd_fp4sr_grad): this case's keys,
+# its FP4 gradients rounded stochastically.
 DEFAULT_CASE = "fp8_forward_fp4_grads"
+DEFAULT_KINDS = ("fp8", "fp8", "fp4_sr", "fp4_sr")
+
+
+def draws_before(block, kinds, device):
+    """A `Draws` started at the plugin's counters (on `device`) of the stochastic backward formats that `block`
+    trains with, as the plugin's next encodes will draw from them; {} where none rounds stochastically."""
+    config = LSHMoEConfig.from_dict(block, env={})
+    start = {}
+    for crossing, kind in (("dispatch", kinds[3]), ("combine", kinds[2])):
+        backward = wire.formats(config, crossing)[1]
+        if kind is not None and kind.endswith("_sr") and backward.draws is not None:
+            start[kind] = int(backward.draws.counter(device).item())
+    return Draws(start)
+
+
+def counters_after(block, kinds, device):
+    """{kind: the plugin's counter now} of `block`'s stochastic backward formats."""
+    config = LSHMoEConfig.from_dict(block, env={})
+    return {kind: int(wire.formats(config, crossing)[1].draws.counter(device).item())
+            for crossing, kind in (("dispatch", kinds[3]), ("combine", kinds[2]))
+            if kind is not None and kind.endswith("_sr") and wire.formats(config, crossing)[1].draws is not None}
 
 
 def check_wire_formats(rank, world_size, device="cpu"):
@@ -96,22 +123,31 @@ def check_wire_formats(rank, world_size, device="cpu"):
 
         blocks = {name: ({"enabled": True, "clustering": "none", **with_blocks(keys)}, kinds)
                   for name, (keys, kinds) in DS_CASES.items()}
-        # the default method: no stage key given, only the block sizes of the formats it sends
-        keys, kinds = DS_CASES[DEFAULT_CASE]
+        # the default method: no stage key given, only the block sizes of the formats it sends; its gradients
+        # round stochastically, so the reference draws the bits the plugin's counters draw next
+        keys, _ = DS_CASES[DEFAULT_CASE]
         sizes = {key: value for key, value in with_blocks(keys).items() if key not in keys}
-        blocks["default"] = ({"enabled": True, **sizes}, kinds)
-        # a backward stage key alone adjusts the default: the dispatch gradient back in FP8, the combine's in FP4
+        blocks["default"] = ({"enabled": True, **sizes}, DEFAULT_KINDS)
+        # grad_rounding nearest alone adjusts the default: the default before it (fp8_fwd_fp4_grad)
+        blocks["default_nearest_grads"] = ({"enabled": True, "grad_rounding": "nearest", **sizes},
+                                           DS_CASES[DEFAULT_CASE][1])
+        # a backward stage key alone adjusts the default: the dispatch gradient back in FP8, the combine's in FP4,
+        # both rounded stochastically (two formats, a counter each)
         blocks["default_fp8_dispatch_grad"] = ({"enabled": True, "dispatch_grad_dtype": "fp8_e4m3", **sizes},
-                                               ("fp8", "fp8", "fp4", "fp8"))
+                                               ("fp8", "fp8", "fp4_sr", "fp8_sr"))
         for name, (block, kinds) in blocks.items():
             dispatch, combine = (kinds[0], kinds[3]), (kinds[1], kinds[2])  # (forward, backward) of each crossing
-            expected, E, C = reference_fwd_bwd(moe, x, dispatch, combine)
+            draws = draws_before(block, kinds, x.device)
+            expected, E, C = reference_fwd_bwd(moe, x, dispatch, combine, draws)
             lshmoe_plugin.enable({"lsh_moe": block}, moe)
             with AllToAlls() as calls:
                 got = fwd_bwd(moe, x)
             stats = lshmoe_plugin.TELEMETRY.latest[0]
             lshmoe_plugin.disable()
             report[f"top{k}_{name}_equals_reference"] = same(expected, got)
+            # each stochastic format drew once per gradient it sent back, as the reference did
+            report[f"top{k}_{name}_draws"] = counters_after(block, kinds, x.device) == draws.next and \
+                len(draws.next) == len({kind for kind in kinds[2:] if kind and kind.endswith("_sr")})
             report[f"top{k}_{name}_differs_from_stock"] = not same(stock, got)
             crossings = crossing_bytes(kinds, E * C)
             # EP=1 crosses no network (DeepSpeed makes no all-to-all), and the wire format applies all the same

@@ -61,14 +61,14 @@ def test_the_study_candidates_resolve_to_their_stages_and_formats(name, stages, 
 def test_the_backward_stages_default_to_as_the_forward_rounded_to_nearest():
     """grad_rounding's field is None (left out) like the other stage keys, and resolution fills it in: beside a
     forward stage key or the paper, as the forward rounded to nearest; with nothing given, the default's (FP4
-    gradients under its FP8 forward, rounded to nearest)."""
+    gradients under its FP8 forward, rounded stochastically)."""
     assert {f.name: f.default for f in dataclasses.fields(LSHMoEConfig)}["grad_rounding"] is None
     for config in (LSHMoEConfig(method="paper"), LSHMoEConfig(clustering="none")):
         assert (config.dispatch_grad_dtype, config.combine_grad_dtype, config.grad_rounding) == (None, None,
                                                                                                  "nearest")
     config = LSHMoEConfig()
     assert (config.dispatch_grad_dtype, config.combine_grad_dtype, config.grad_rounding) == (
-        "fp4_e2m1", "fp4_e2m1", "nearest")
+        "fp4_e2m1", "fp4_e2m1", "stochastic")
 
 
 def test_a_backward_format_spelled_as_its_forward_is_no_contradiction():
@@ -139,6 +139,12 @@ def test_a_composition_of_backward_stages_reports_the_method_it_matches():
                         ({**fp8, "dispatch_grad_dtype": "fp4_e2m1"}, "custom"),
                         ({**fp8, "grad_rounding": "stochastic"}, "custom"),
                         ({"combine_grad_dtype": "fp8_e4m3"}, "custom"),
+                        # backward keys alone, over the default's stages (FP8 forward, FP4 gradients, stochastic)
+                        ({"grad_rounding": "nearest"}, "fp8_fwd_fp4_grad"),
+                        ({"grad_rounding": "stochastic"}, "fp8_fwd_fp4sr_grad"),
+                        (fp4_grads, "fp8_fwd_fp4sr_grad"),
+                        ({**fp4_grads, "grad_rounding": "nearest"}, "fp8_fwd_fp4_grad"),
+                        ({"dispatch_grad_dtype": "fp8_e4m3"}, "custom"),
                         ({"clustering": "lsh", "grad_rounding": "nearest"}, "paper")):
         config = LSHMoEConfig.from_dict({"enabled": True, **block}, env={})
         assert config.method == name, block
@@ -148,25 +154,53 @@ def test_a_composition_of_backward_stages_reports_the_method_it_matches():
 
 
 def test_backward_stage_keys_alone_adjust_the_default_not_the_papers_stages(monkeypatch):
-    """With no method and no forward stage key, the stages left out are the default's: "grad_rounding" alone is the
-    default with that rounding (fp8_fwd_fp4sr_grad beside fp8_fwd_fp4_grad), never the paper's LSH clustering by
-    surprise; with the default set to FP4 both ways the same block follows it (fp4_sr)."""
-    assert LSHMoEConfig.from_dict({"enabled": True, "grad_rounding": "nearest"}, env={}).method == "fp8_fwd_fp4_grad"
+    """With no method and no forward stage key, the stages left out are the default's (fp8_fwd_fp4sr_grad):
+    "grad_rounding" alone is the default with that rounding (nearest: fp8_fwd_fp4_grad; stochastic: the default
+    itself), never the paper's LSH clustering by surprise; a gradient format alone keeps the default's stochastic
+    rounding; with the default set to FP4 both ways the same block follows it (fp4_sr)."""
+    nearest = LSHMoEConfig.from_dict({"enabled": True, "grad_rounding": "nearest"}, env={})
+    assert nearest == LSHMoEConfig.from_dict({"enabled": True, "method": "fp8_fwd_fp4_grad"}, env={})
+    assert (nearest.method, nearest.clustering, nearest.grad_rounding) == ("fp8_fwd_fp4_grad", "none", "nearest")
     stochastic = LSHMoEConfig.from_dict({"enabled": True, "grad_rounding": "stochastic"}, env={})
-    assert stochastic.method == "fp8_fwd_fp4sr_grad" and stochastic.clustering == "none"
-    # the dispatch gradient in its forward's FP8 (stored as None, "as the forward"), the combine's still FP4: no
-    # method's stages
+    assert stochastic == LSHMoEConfig.from_dict({"enabled": True}, env={})
+    assert (stochastic.method, stochastic.clustering, stochastic.grad_rounding) == ("fp8_fwd_fp4sr_grad", "none",
+                                                                                    "stochastic")
+    # the dispatch gradient in its forward's FP8 (stored as None, "as the forward"), the combine's still FP4, both
+    # rounded stochastically as the default's: no method's stages
     fp8_grads = LSHMoEConfig.from_dict({"enabled": True, "dispatch_grad_dtype": "fp8_e4m3"}, env={})
     assert fp8_grads.method == "custom" and fp8_grads.clustering == "none"
     assert (fp8_grads.dispatch_grad_dtype, fp8_grads.combine_grad_dtype) == (None, "fp4_e2m1")
     assert fp8_grads.wire_dtypes == ("fp8_e4m3", "fp8_e4m3", "fp8_e4m3", "fp4_e2m1")
+    assert fp8_grads.grad_rounding == "stochastic"
+    assert [wire.formats(fp8_grads, crossing)[1].rounding for crossing in wire.CROSSINGS] == ["stochastic"] * 2
     assert LSHMoEConfig.from_dict(fp8_grads.to_dict(), env={}) == fp8_grads
-    # both gradients in FP8 under the default's FP8 forward: that is method fp8
-    assert LSHMoEConfig.from_dict({"enabled": True, "dispatch_grad_dtype": "fp8_e4m3",
-                                   "combine_grad_dtype": "fp8_e4m3"}, env={}).method == "fp8"
+    # both gradients in FP8 under the default's FP8 forward: fp8's crossings with the default's stochastic
+    # gradients (no method's), and method fp8 where nearest is asked for
+    both = {"enabled": True, "dispatch_grad_dtype": "fp8_e4m3", "combine_grad_dtype": "fp8_e4m3"}
+    fp8_sr = LSHMoEConfig.from_dict(both, env={})
+    assert (fp8_sr.method, fp8_sr.wire_dtypes, fp8_sr.grad_rounding) == ("custom", ("fp8_e4m3",) * 4, "stochastic")
+    assert LSHMoEConfig.from_dict({**both, "grad_rounding": "nearest"}, env={}).method == "fp8"
     monkeypatch.setattr(methods, "DEFAULT_METHOD", "fp4")
     assert methods.resolve(None, {"grad_rounding": "stochastic"})[0] == "fp4_sr"
+    assert methods.resolve(None, {"grad_rounding": "nearest"})[0] == "fp4"
     assert methods.resolve(None, {"clustering": "lsh", "grad_rounding": "nearest"})[0] == "paper"
+
+
+def test_backward_keys_alone_that_leave_no_gradient_scaled_round_to_nearest():
+    """The default rounds its gradients stochastically, but gradient formats given alone that send both gradients
+    in the model's dtype leave nothing to round: grad_rounding left out is nearest there (stochastic, which would
+    be refused, was not asked for); given as stochastic it is refused by name. One gradient still in FP4 keeps the
+    default's stochastic rounding."""
+    unscaled = {"enabled": True, "dispatch_grad_dtype": "model", "combine_grad_dtype": "model"}
+    config = LSHMoEConfig.from_dict(unscaled, env={})
+    assert (config.method, config.wire_dtypes, config.grad_rounding) == (
+        "custom", ("fp8_e4m3", "model", "fp8_e4m3", "model"), "nearest")
+    assert LSHMoEConfig.from_dict(config.to_dict(), env={}) == config
+    with pytest.raises(LSHMoEConfigError, match=r"grad_rounding='stochastic' rounds gradients that cross in .* no "
+                                                r"backward crossing uses one"):
+        LSHMoEConfig.from_dict({**unscaled, "grad_rounding": "stochastic"}, env={})
+    one = LSHMoEConfig.from_dict({"enabled": True, "dispatch_grad_dtype": "model"}, env={})
+    assert (one.wire_dtypes, one.grad_rounding) == (("fp8_e4m3", "model", "fp8_e4m3", "fp4_e2m1"), "stochastic")
 
 
 def test_the_study_candidates_are_their_methods_and_the_other_formats_stay_compositions():
@@ -188,14 +222,19 @@ def test_the_paper_by_name():
     assert (config.compression_rate, config.num_hashes, config.error_compensation) == (0.2, 6, True)
 
 
-def test_nothing_named_is_the_default_method_fp8_fwd_fp4_grad():
+def test_nothing_named_is_the_default_method_fp8_fwd_fp4sr_grad():
     """`"enabled": true` and nothing else trains the single-pass testbed's choice: every token in FP8 forward both
-    ways, its gradients back in FP4, rounded to nearest."""
-    assert DEFAULT_METHOD == "fp8_fwd_fp4_grad"
+    ways (rounded to nearest), its gradients back in FP4, rounded stochastically."""
+    assert DEFAULT_METHOD == "fp8_fwd_fp4sr_grad"
     for config in (LSHMoEConfig.from_dict({"enabled": True}), LSHMoEConfig(enabled=True),
                    LSHMoEConfig.from_dict({"enabled": True, "seed": 3, "layers": [0], "method": "custom"})):
-        assert (config.method, config.clustering, config.grad_rounding) == ("fp8_fwd_fp4_grad", "none", "nearest")
+        assert (config.method, config.clustering, config.grad_rounding) == ("fp8_fwd_fp4sr_grad", "none",
+                                                                            "stochastic")
         assert config.wire_dtypes == ("fp8_e4m3", "fp4_e2m1", "fp8_e4m3", "fp4_e2m1")  # dispatch, grad, combine, grad
+        for crossing in wire.CROSSINGS:
+            forward, backward = wire.formats(config, crossing)
+            assert (forward.rounding, backward.rounding) == ("nearest", "stochastic")
+            assert forward.draws is None and backward.draws is not None
     # its bytes against bf16's at d_model 256: FP8 rows of 256 values and 2 float32 scales (blocks of 128) forward,
     # FP4 rows of 128 bytes and 8 e8m0 scales (blocks of 32) back, over 512 bytes a row: 0.391 of stock's
     rows, d = 10, 256
@@ -218,10 +257,10 @@ def test_a_stage_key_alone_composes_on_the_papers_stages():
 
 def test_a_clustering_knob_under_the_default_says_to_name_the_paper():
     """An old block that tunes LSH (a rate, no compensation) and names no method is refused by name, not trained as
-    the default (FP8/FP4, no clustering) with the knob ignored."""
+    the default (FP8/FP4 with stochastic FP4 gradients, no clustering) with the knob ignored."""
     for block in ({"enabled": True, "compression_rate": 0.3}, {"enabled": True, "error_compensation": False}):
         with pytest.raises(LSHMoEConfigError, match=r"belongs to LSH clustering, which clustering 'none' turns off.*"
-                                                    r"Method 'fp8_fwd_fp4_grad' sends every token \(the default "
+                                                    r"Method 'fp8_fwd_fp4sr_grad' sends every token \(the default "
                                                     r"when the block names no method and no stage key\); for the "
                                                     r"paper's LSH clustering set method 'paper'"):
             LSHMoEConfig(**block)  # the constructor: from_dict refuses such a block earlier (below)
@@ -270,6 +309,9 @@ def check_method_trains_as_its_keys(rank, world_size):
     spellings = {name: [{**method.stages}] for name, method in METHODS.items()}
     for variant, name in STUDY_METHODS.items():
         spellings[name].append({key: value for key, value in lsh_moe_block(variant).items() if key != "enabled"})
+    # the default: nothing given; the default before it: the default's gradients rounded to nearest
+    spellings["fp8_fwd_fp4sr_grad"].append({})
+    spellings["fp8_fwd_fp4_grad"].append({"grad_rounding": "nearest"})
     for name, method in METHODS.items():
         moe = build_moe(world_size, 2)
         knobs = {"compression_rate": 0.25} if method.stages["clustering"] == "lsh" else {}
@@ -315,7 +357,7 @@ def test_an_old_lsh_block_that_names_no_method_is_refused_by_name():
     old = {"enabled": True, "compression_rate": 0.2, "num_hashes": 6, "hash_type": "cross_polytope",
            "error_compensation": True, "seed": 1234, "layers": "all"}
     with pytest.raises(LSHMoEConfigError, match=r"lsh_moe.compression_rate configures LSH clustering, but the block "
-                                                r"names no method.*'fp8_fwd_fp4_grad'.*add \"method\": "
+                                                r"names no method.*'fp8_fwd_fp4sr_grad'.*add \"method\": "
                                                 r"\"paper\".*or leave out compression_rate, num_hashes, hash_type, "
                                                 r"error_compensation"):
         LSHMoEConfig.from_dict(old, env={})

@@ -120,6 +120,39 @@ def test_a_save_that_named_its_stages_otherwise_changed_nothing_it_trained():
         "grad_rounding": ("nearest", "stochastic"), "method": ("fp4", "fp4_sr")}
 
 
+def test_a_bare_block_saved_under_an_earlier_default_resumes_fresh_naming_what_changed():
+    """`{"enabled": true}` saved its resolved settings, which name the default of its day: resumed under today's
+    default (fp8_fwd_fp4sr_grad) it is another run, so the state starts fresh and the line names the stages that
+    changed. Under fp8_fwd_fp4_grad (the default until fp8_fwd_fp4sr_grad) only the gradients' rounding differs;
+    under fp4 (the default before that) the formats too. The same bare block saved and resumed today changes
+    nothing."""
+    from lshmoe_plugin.config import LSHMoEConfig
+    from lshmoe_plugin.plugin_state import changed_settings, layers_to_restore
+    today = LSHMoEConfig.from_dict({"enabled": True}, env={})
+    saved = {"format": 1, "framework": "deepspeed", "moe_layers": [0], "layers": {0: {"forwards": 4}}}
+    before = LSHMoEConfig(enabled=True, method="fp8_fwd_fp4_grad").to_dict()  # what a bare block saved then
+    assert changed_settings(before, today) == {"grad_rounding": ("nearest", "stochastic"),
+                                               "method": ("fp8_fwd_fp4_grad", "fp8_fwd_fp4sr_grad")}
+    restore = layers_to_restore({**saved, "settings": before}, "deepspeed", today, [0])
+    assert restore.fresh and restore.layers == {}
+    assert restore.message == (
+        'lsh_moe: the checkpoint\'s plugin state was saved under other lsh_moe settings (grad_rounding "nearest" -> '
+        '"stochastic", method "fp8_fwd_fp4_grad" -> "fp8_fwd_fp4sr_grad"), and a run that changes its settings goes '
+        "on as another run; the plugin's per-layer state starts fresh (forward counts from 0, no slot need "
+        "recorded, decide_by_cost measures again)")
+    older = LSHMoEConfig(enabled=True, method="fp4").to_dict()
+    assert changed_settings(older, today) == {
+        "combine_grad_dtype": (None, "fp4_e2m1"), "dispatch_grad_dtype": (None, "fp4_e2m1"),
+        "dispatch_dtype": ("fp4_e2m1", "fp8_e4m3"), "combine_dtype": ("fp4_e2m1", "fp8_e4m3"),
+        "grad_rounding": ("nearest", "stochastic"), "method": ("fp4", "fp8_fwd_fp4sr_grad")}
+    # resumed today with the old default named (or its rounding asked for), the run goes on: nothing changed
+    for block in ({"enabled": True, "method": "fp8_fwd_fp4_grad"}, {"enabled": True, "grad_rounding": "nearest"}):
+        config = LSHMoEConfig.from_dict(block, env={})
+        assert changed_settings(before, config) == {}
+        assert layers_to_restore({**saved, "settings": before}, "deepspeed", config, [0]).layers == {0: {"forwards": 4}}
+    assert not layers_to_restore({**saved, "settings": today.to_dict()}, "deepspeed", today, [0]).fresh
+
+
 def test_a_checkpoint_of_another_world_size_gives_its_state_only_where_every_rank_saved_the_same():
     """(This process has no process group: a world of one.)"""
     from lshmoe_plugin.patches.engine_checkpoint import ENGINE_FORMAT, _this_ranks_state
@@ -225,6 +258,29 @@ def check_by_hand(rank, world_size):
     return out
 
 
+def check_default_switch_by_hand(rank, world_size):
+    """A run of `{"enabled": true}` saved while the default was fp8_fwd_fp4_grad (its block resolved to it, as
+    `"method": "fp8_fwd_fp4_grad"` does today), resumed with the same bare block under today's default: one
+    WARNING line naming the changed stages, and every layer starts fresh."""
+    out = {}
+    before, today = Net(1, make_groups=True), Net(1, make_groups=True)
+    lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "method": "fp8_fwd_fp4_grad"}}, before)
+    forward_at(before, 0)
+    state = lshmoe_plugin.state_dict(before)
+    out["saved_the_old_default"] = (state["settings"]["method"], state["settings"]["grad_rounding"]) == (
+        "fp8_fwd_fp4_grad", "nearest") and state["layers"][0]["forwards"] == 1
+    lshmoe_plugin.enable({"lsh_moe": {"enabled": True}}, today)
+    with Lines() as lines:
+        lshmoe_plugin.load_state_dict(state, today)
+    out["warning_names_the_changed_stages"] = len(lines) == 1 and lines[0][0] == logging.WARNING and (
+        'other lsh_moe settings (grad_rounding "nearest" -> "stochastic", method "fp8_fwd_fp4_grad" -> '
+        '"fp8_fwd_fp4sr_grad")') in lines[0][1] and "starts fresh" in lines[0][1]
+    forward_at(today, 1)
+    out["fresh_counts_from_zero"] = lshmoe_plugin.state_dict(today)["layers"][0]["forwards"] == 1
+    lshmoe_plugin.disable()
+    return out
+
+
 def check_decision_by_hand(rank, world_size):
     """decide_by_cost: a restored layer keeps its decision (and its telemetry) and measures nothing again."""
     config = {"lsh_moe": {"enabled": True, "method": "paper", "compression_rate": 0.25, "decide_by_cost": True}}
@@ -248,6 +304,11 @@ def check_decision_by_hand(rank, world_size):
 
 def test_state_dict_round_trip_missing_state_other_settings_and_other_model():
     [result] = run_distributed(check_by_hand, 1)
+    assert all(result.values()), failed(result)
+
+
+def test_a_bare_block_saved_under_the_old_default_loads_fresh_by_hand():
+    [result] = run_distributed(check_default_switch_by_hand, 1)
     assert all(result.values()), failed(result)
 
 

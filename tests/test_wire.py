@@ -347,16 +347,17 @@ def stochastic(fmt: str, block, scale: str):
                                                                                             "stochastic")
 
 
-def test_grad_rounding_by_default_keeps_the_formats_and_bits_of_nearest():
-    """grad_rounding left out: each backward format is the cached nearest format (the forward's own object where
-    both are one format), and its bits are the reference's; stochastic changes the backward format only."""
+def test_grad_rounding_nearest_keeps_the_formats_and_bits_of_nearest():
+    """grad_rounding nearest (left out under a method or composition that rounds so): each backward format is the
+    cached nearest format (the forward's own object where both are one format), and its bits are the reference's;
+    stochastic changes the backward format only."""
     x = heavy_tailed(8, 64, seed=4)
     fp8 = {"clustering": "none", "dispatch_dtype": "fp8_e4m3", "combine_dtype": "fp8_e4m3"}
     fp8_fp4 = {"dispatch_dtype": "fp8_e4m3", "dispatch_grad_dtype": "fp4_e2m1", "fp4_block_size": 16}
     # (keys, the same stages rounded stochastically)
-    # the default (FP8 forward, FP4 gradients) beside grad_rounding alone, which adjusts it (fp8_fwd_fp4sr_grad);
-    # FP4 both ways by name
-    for keys, stochastic_keys in (({"enabled": True}, {"enabled": True, "grad_rounding": "stochastic"}),
+    # the default (FP8 forward, FP4 gradients rounded stochastically) beside grad_rounding nearest alone, which
+    # adjusts it (fp8_fwd_fp4_grad); FP4 both ways by name
+    for keys, stochastic_keys in (({"enabled": True, "grad_rounding": "nearest"}, {"enabled": True}),
                                   ({"enabled": True, "method": "fp4"}, {"enabled": True, "method": "fp4_sr"}),
                                   ({"enabled": True, "method": "fp8"}, {**fp8, "grad_rounding": "stochastic"}),
                                   (fp8_fp4, {**fp8_fp4, "grad_rounding": "stochastic"})):
