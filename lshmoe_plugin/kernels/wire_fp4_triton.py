@@ -19,11 +19,12 @@ exact integer one:
   times 0 is the reference's -0.0: Triton's unary minus is 0 - x, which would give +0.0); times s (one
   rounding); cast to the model's dtype rounding to nearest even.
 
-A program holds a tile of (segment, pair of elements, element of the pair), where a segment is one block of one
-row (one row when the scale is per row), or two blocks when the block size is odd (a byte then holds the last
-element of one block and the first of the next; two odd blocks fill whole bytes). Each byte is written, or read,
-once. Shape-static, no host synchronisation: capturable in a CUDA graph. Nothing here needs FP8 hardware: integer
-arithmetic, float32 and the model dtype's casts.
+An encode's program holds a tile of (segment, pair of elements, element of the pair), where a segment is one block
+of one row (one row when the scale is per row), or two blocks when the block size is odd (a byte then holds the last
+element of one block and the first of the next; two odd blocks fill whole bytes); each byte is written once. A
+decode's program holds a tile of the output rows, one element a lane (`_decode_kernel` says why). Shape-static,
+no host synchronisation: capturable in a CUDA graph. Nothing here needs FP8 hardware: integer arithmetic, float32
+and the model dtype's casts.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ import triton.language as tl
 from ..wire import E2M1_MAX, E2M1_MIDPOINTS
 from .rounding_triton import draw_keys, uniform
 from .wire_blocks_triton import (
+    TILE,
     decode_buffers,
     e8m0_top,
     encode_buffers,
@@ -136,21 +138,22 @@ def _encode_kernel(rows_ptr, out_ptr, n_segments, stride_rows, stride_out, D: tl
 
 
 @triton.jit
-def _decode_kernel(buffer_ptr, out_ptr, n_segments, stride_buffer, stride_out, D: tl.constexpr,
-                   SIZE: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, BLOCKS: tl.constexpr,
-                   SEGS: tl.constexpr, PAIRS: tl.constexpr, E8M0: tl.constexpr, SCALE_BYTES: tl.constexpr):
-    row, group, col, mask, sub, live, byte_col, byte_mask = _segments(n_segments, D, SIZE, GROUP, GROUPS, SEGS,
-                                                                      PAIRS)
+def _decode_kernel(buffer_ptr, out_ptr, n_rows, stride_buffer, stride_out, D: tl.constexpr, SIZE: tl.constexpr,
+                   ROWS: tl.constexpr, COLS: tl.constexpr, E8M0: tl.constexpr, SCALE_BYTES: tl.constexpr):
+    """A (ROWS, COLS) tile of the rows, one element a lane: its code from byte col // 2 (the low nibble for an even
+    column), its scale from block col // SIZE. The codes of a row are packed two to a byte whatever the blocks, so
+    a decode needs no segments: the tile is the output's own (contiguous stores), and the two reads of a byte and
+    the SIZE reads of a scale hit the same cache lines. (A tile of (segment, pair, half), as the encode's, ran at 7x
+    its floor with a scale per 32 elements on an H100: docs/benchmarks.md wire_codec_fp6_sr.)"""
+    row = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
+    col = tl.program_id(1) * COLS + tl.arange(0, COLS)
+    mask = (row < n_rows)[:, None] & (col < D)[None, :]
     buffer_row = buffer_ptr + row * stride_buffer
-    packed = tl.load(buffer_row[:, None] + byte_col, mask=byte_mask, other=0).to(tl.int32)
-    codes = (packed[:, :, None] >> (4 * tl.arange(0, 2))[None, None, :]) & 0xF
-    scale = tl.full(codes.shape, 1.0, tl.float32)
-    for g in tl.static_range(GROUP):
-        block = group * GROUP + g
-        block_scale = load_scale(buffer_row + (D + 1) // 2 + SCALE_BYTES * block, live & (block < BLOCKS), E8M0)
-        scale = tl.where((sub == g)[None, :, :], block_scale[:, None, None], scale)
+    packed = tl.load(buffer_row[:, None] + (col // 2)[None, :], mask=mask, other=0).to(tl.int32)
+    codes = (packed >> (4 * (col % 2))[None, :]) & 0xF
+    scale = load_scale(buffer_row[:, None] + ((D + 1) // 2 + SCALE_BYTES * (col // SIZE))[None, :], mask, E8M0)
     x = _value(codes) * scale
-    tl.store(out_ptr + row[:, None, None] * stride_out + col, x.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + row[:, None] * stride_out + col[None, :], x.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def runs_on(device: torch.device, kernel: str) -> bool:
@@ -195,5 +198,12 @@ def decode(buffer: torch.Tensor, d: int, block: Optional[int], dtype: torch.dtyp
     """uint8 (..., ceil(d / 2) + scale bytes * blocks) -> rows (..., d) in `dtype`: what
     ``FP4E2M1(block, scale).decode`` returns."""
     src, out = decode_buffers(buffer, d, _width(d, block, scale), dtype, "fp4_e2m1")
-    _launch(_decode_kernel, src, out.view(-1, d), d, block, scale)
+    rows = out.view(-1, d)
+    n_rows = rows.shape[0]
+    if n_rows and d:
+        cols = min(triton.next_power_of_2(d), TILE)
+        tile_rows = max(1, TILE // cols)
+        _decode_kernel[(triton.cdiv(n_rows, tile_rows), triton.cdiv(d, cols))](
+            src, rows, n_rows, src.stride(0), rows.stride(0), D=d, SIZE=segment_size(d, block), ROWS=tile_rows,
+            COLS=cols, E8M0=scale == "e8m0", SCALE_BYTES=scale_bytes(scale), num_warps=8)
     return out
