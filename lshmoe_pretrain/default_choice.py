@@ -8,8 +8,13 @@ trained (docs/quality.md, "Next on a GPU", 2026-12-05 night):
    much;
 3. else none: which shapes are still to measure, or which candidates lack seeds.
 
+Candidates tied on bytes in 1 are ordered by their worst shape's gap (the code since the rule was written; first
+used on 2026-12-06, when three candidates passed everywhere at 0.391 of the bytes).
+
 The long shapes answer for each other and the single-pass shapes for each other (a single-pass shape halves its
-long shape's batch so that the long schedule reads each training token once); CPU proxies never set a default.
+long shape's batch so that the long schedule reads each training token once). The single-pass family sets
+DEFAULT_METHOD (DECIDING_FAMILY): the long shapes read their corpus twice, which flatters validation (docs/quality.md),
+so their decision is reported beside it, not applied. CPU proxies never set a default.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from . import testbed as beds
 from .testbed import Testbed
 
 FAMILIES = beds.FAMILIES
+DECIDING_FAMILY = "single-pass"
 
 
 def shapes(family: str) -> List[Testbed]:
@@ -75,8 +81,13 @@ def _worst_shape(per_shape: Dict[str, frontiers.Candidate]) -> str:
     return max(per_shape, key=lambda shape: per_shape[shape].gap)
 
 
-def _method_line(candidate: frontiers.Candidate, default_method: str) -> str:
-    """What lshmoe_plugin.methods.DEFAULT_METHOD needs to become the decision."""
+def _method_line(candidate: frontiers.Candidate, default_method: str, deciding: bool = True) -> str:
+    """What lshmoe_plugin.methods.DEFAULT_METHOD needs to become the decision; for a family that does not decide,
+    only how the two compare."""
+    if not deciding:
+        return (f" These shapes do not set `DEFAULT_METHOD` (the {DECIDING_FAMILY} shapes do; it is "
+                f"`{default_method}`)" + (": the same." if candidate.method == default_method and not candidate.knobs
+                                         else "."))
     if candidate.knobs:
         return (f" Its configuration ({candidate.configuration()}) is not a named method: name it in "
                 f"lshmoe_plugin/methods.py, then set `DEFAULT_METHOD` to it (now `{default_method}`).")
@@ -85,8 +96,9 @@ def _method_line(candidate: frontiers.Candidate, default_method: str) -> str:
     return f" Set `DEFAULT_METHOD` to `{candidate.method}` (now `{default_method}`)."
 
 
-def decide(found: Dict[str, Optional[frontiers.Frontier]], default_method: str) -> Decision:
-    """The decision of the module docstring over the shapes in `found` (every shape of one family)."""
+def decide(found: Dict[str, Optional[frontiers.Frontier]], default_method: str, deciding: bool = True) -> Decision:
+    """The decision of the module docstring over the shapes in `found` (every shape of one family); `deciding`:
+    whether that family sets DEFAULT_METHOD (DECIDING_FAMILY), which only changes what the text asks of it."""
     missing = [shape for shape, frontier in found.items() if frontier is None]
     if missing:
         return Decision(None, "none", f"No default yet: {', '.join(f'`{s}`' for s in missing)} "
@@ -100,12 +112,18 @@ def decide(found: Dict[str, Optional[frontiers.Frontier]], default_method: str) 
         name, per = min(passing, key=lambda item: (_bytes(item[1]), _worst(item[1]).gap))
         worst = _worst(per)
         gaps = "; ".join(f"`{shape}` {per[shape].gap_text()}" for shape in every)
+        tied = [(n, p) for n, p in passing if n != name and math.isclose(_bytes(p), _bytes(per), abs_tol=5e-4)]
+        if len(passing) == 1:
+            why = "; it is the only one that passes everywhere."
+        elif tied:
+            why = (f"; of the {len(passing)} that pass everywhere, the fewest, tied with "
+                   + ", ".join(f"`{n}`" for n, _ in tied) + f" and ahead on its worst shape's gap ({worst.gap:+.2f}%"
+                   f" against " + ", ".join(f"{_worst(p).gap:+.2f}% on `{_worst_shape(p)}`" for _, p in tied) + ").")
+        else:
+            why = f"; of the {len(passing)} that pass everywhere, the fewest."
         return Decision(worst, "rule", (
             f"`{name}` ({worst.configuration()}) passes the rule on every shape ({gaps}) and sends at most "
-            f"{_bytes(per):.3f} of stock's bytes" + (f"; of the {len(passing)} that pass everywhere, the fewest."
-                                                    if len(passing) > 1 else "; it is the only one that passes "
-                                                                             "everywhere.")
-            + _method_line(worst, default_method)))
+            f"{_bytes(per):.3f} of stock's bytes" + why + _method_line(worst, default_method, deciding)))
     eligible = [(n, per) for n, per in everywhere.items()
                 if all(c.seeds >= frontiers.SEEDS_NEEDED for c in per.values())
                 and _bytes(per) <= frontiers.BYTES_LIMIT]
@@ -128,7 +146,7 @@ def decide(found: Dict[str, Optional[frontiers.Frontier]], default_method: str) 
         f"({worst.configuration()}): it ends at most {worst.gap:+.2f}% from stock's final loss (on "
         f"`{_worst_shape(per)}`), and fails the rule on {failing}."
         + (f" The others within the bytes limit with {frontiers.SEEDS_NEEDED} seeds everywhere, at their worst: "
-           f"{'; '.join(others)}." if others else "") + _method_line(worst, default_method)))
+           f"{'; '.join(others)}." if others else "") + _method_line(worst, default_method, deciding)))
 
 
 def pooled(per_shape: Dict[str, frontiers.Candidate]) -> str:

@@ -385,7 +385,7 @@ def frontier(args: argparse.Namespace) -> None:
 def default(args: argparse.Namespace) -> None:
     beds_of_family = choice.shapes(args.shapes)
     found = choice.collect(args.root, beds_of_family)
-    decision = choice.decide(found, DEFAULT_METHOD)
+    decision = choice.decide(found, DEFAULT_METHOD, deciding=args.shapes == choice.DECIDING_FAMILY)
     title = args.title or f"The default across the {args.shapes} shapes ({', '.join(b.name for b in beds_of_family)})"
     text = "\n".join([
         *section_head(title, args.run_command),

@@ -35,6 +35,26 @@ def test_the_cheapest_candidate_that_passes_on_every_shape_is_the_default(tmp_pa
             "(`gpt-25m-1pass`) | +0.10% ± 0.00% (6 seeds) |") in table
 
 
+def test_a_bytes_tie_among_those_that_pass_goes_to_the_smaller_worst_gap_and_says_so(tmp_path):
+    """Three candidates pass everywhere at the same bytes (as on 2026-12-06): the one whose worst shape ends nearest
+    stock is chosen, and the text names the two it tied with and their worst gaps. A family that does not set
+    DEFAULT_METHOD (the long shapes) says so instead of asking for a change."""
+    root = str(tmp_path)
+    write_study(root, {"fp8_fwd_fp4_grad": (0.0, [1, 2, 3], 0.39, FLAT), "fp8_fwd_fp4sr_grad": (0.1, [1, 2, 3], 0.39,
+                FLAT), "fp6_both": (-0.05, [1, 2, 3], 0.39, FLAT)}, bed=NARROW)
+    write_study(root, {"fp8_fwd_fp4_grad": (0.2, [1, 2, 3], 0.39, FLAT), "fp8_fwd_fp4sr_grad": (0.05, [1, 2, 3], 0.39,
+                FLAT), "fp6_both": (0.25, [1, 2, 3], 0.39, FLAT)}, bed=WIDE)
+    found = choice.collect(root, [NARROW, WIDE])
+    decision = choice.decide(found, "fp8_fwd_fp4_grad")
+    assert decision.by == "rule" and decision.chosen.name == "fp8_fwd_fp4sr_grad"
+    assert ("; of the 3 that pass everywhere, the fewest, tied with `fp6_both`, `fp8_fwd_fp4_grad` and ahead on its "
+            "worst shape's gap (+0.10% against +0.25% on `gpt-72m-1pass`, +0.20% on `gpt-72m-1pass`).") in decision.text
+    assert decision.text.endswith("Set `DEFAULT_METHOD` to `fp8_fwd_fp4sr_grad` (now `fp8_fwd_fp4_grad`).")
+    assert choice.decide(found, "fp8_fwd_fp4_grad", deciding=False).text.endswith(
+        "These shapes do not set `DEFAULT_METHOD` (the single-pass shapes do; it is `fp8_fwd_fp4_grad`).")
+    assert choice.decide(found, "fp8_fwd_fp4sr_grad", deciding=False).text.endswith(
+        "These shapes do not set `DEFAULT_METHOD` (the single-pass shapes do; it is `fp8_fwd_fp4sr_grad`): the same.")
+
 def test_without_a_pass_everywhere_the_smallest_worst_gap_decides(tmp_path):
     """FP4 passes on the narrow shape and ends +0.70% on the wide one; FP8/FP4 ends +0.45% on both (within ±0.5%,
     outside stock's 0.30% spread: it fails everywhere) and is chosen by its worst shape; FP8 both ways would be
