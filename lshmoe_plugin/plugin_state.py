@@ -4,14 +4,21 @@ The framework's checkpoint restores the weights, the optimizer and the step, fro
 projections and schedules. Three things a layer's forwards depend on live in the plugin alone
 (`LSHCompressor.state_dict`): its forward count, which places the residual-norm and output-error samples
 (`telemetry_interval`, `output_error_interval`); the slot budget of clustering "bounded", which sends the slots
-the previous step needed; and the `decide_by_cost` decision of its first step. This module checks a saved state
+the previous step needed; and the `decide_by_cost` decision of its first step. Beside them, not per layer: the draw
+counters of the gradients' stochastic rounding (`grad_rounding: "stochastic"`, the default method's), one per
+stochastic wire format and device of the process, shared by every layer (`wire.draws_state`,
+`rounding.DrawCounters`), which decide the bits every later backward rounds with. This module checks a saved state
 against the running settings and model and words the one log line a load gives; `patches.lifecycle` applies it.
 
 What a load does (docs/faults.md):
 - no state in the checkpoint (saved without the plugin, or by an older version): every layer starts fresh;
 - a state saved under other lsh_moe settings: a resume with changed settings is allowed and is another run from
   there on, so every layer starts fresh; the line names the settings that changed;
-- a state of another model (other MoE layer indices) under the same settings: refused (`LSHMoEStateError`).
+- a state of another model (other MoE layer indices) under the same settings: refused (`LSHMoEStateError`);
+- a state without draw counters (saved before the state kept them) under settings that round gradients
+  stochastically: the layers' state is restored and the counters start from their first draw, with a WARNING, as
+  the run then rounds its gradients otherwise than the uninterrupted one. Whenever a load starts fresh, the counters
+  start from their first draw too (as a new process's do).
 """
 from __future__ import annotations
 
@@ -24,6 +31,9 @@ from .methods import STAGE_KEYS, canonical_stages
 STATE_KEY = "lsh_moe_state"  # the key of DeepSpeed's client_state the engine hooks use
 FORMAT = 1
 NO_STATE = "the checkpoint holds no lsh_moe plugin state (saved without the plugin, or by a version before it kept one)"
+NO_DRAWS = ("the checkpoint holds no draw counters of the gradients' stochastic rounding (saved by a version before "
+            "it kept them): they start from their first draw, so the run rounds its gradients otherwise than the "
+            "uninterrupted one")
 _FRESH = ("the plugin's per-layer state starts fresh (forward counts from 0, no slot need recorded, decide_by_cost "
           "measures again)")
 
@@ -35,17 +45,27 @@ class LSHMoEStateError(ValueError):
 
 
 class Restore(NamedTuple):
-    """What a load restores: each layer's state by index (empty when fresh), and the line to log."""
+    """What a load restores: each layer's state by index (empty when fresh), the line to log, and the draw counts of
+    the stochastic formats (`wire.draws_state`; None: the counters start from their first draw). `draws_fresh`: the
+    layers were restored but the counters, which the uninterrupted run would have continued, start over."""
     layers: Dict[int, dict]
     message: str
     fresh: bool
+    draws: Optional[Dict[str, Dict[str, int]]] = None
+    draws_fresh: bool = False
 
 
-def layer_states(framework: str, config, moe_layers: Sequence[int], layers: Mapping[int, dict]) -> dict:
+def layer_states(framework: str, config, moe_layers: Sequence[int], layers: Mapping[int, dict],
+                 draws: Optional[Mapping[str, Mapping[str, int]]] = None) -> dict:
     """One patch's state: the settings it was made under, the indices of the model's MoE layers on this rank (empty:
-    the model was not given to `enable`), and each compressing layer's `LSHCompressor.state_dict`."""
-    return {"format": FORMAT, "framework": framework, "settings": config.to_dict(), "moe_layers": list(moe_layers),
-            "layers": {int(index): layers[index] for index in sorted(layers)}}
+    the model was not given to `enable`), each compressing layer's `LSHCompressor.state_dict`, and, where gradients
+    round stochastically, the draws of each stochastic format per device (`draws`, `wire.draws_state`; the key is
+    left out otherwise, so a state without stochastic rounding is as it was before the counters were kept)."""
+    state = {"format": FORMAT, "framework": framework, "settings": config.to_dict(), "moe_layers": list(moe_layers),
+             "layers": {int(index): layers[index] for index in sorted(layers)}}
+    if draws:
+        state["draws"] = {name: dict(counts) for name, counts in draws.items()}
+    return state
 
 
 def changed_settings(saved: Mapping[str, Any], config) -> Dict[str, Tuple[Any, Any]]:
@@ -101,14 +121,21 @@ def layers_to_restore(state: Optional[Mapping[str, Any]], framework: str, config
                                f"(state of layers {sorted(layers)}), this model has MoE layers {moe_layers}: it "
                                f"belongs to another model. Allowed: the state saved by a run of this model, or none "
                                f"(then {_FRESH})")
-    return Restore(layers, f"lsh_moe: restored the plugin's state of MoE layer(s) {sorted(layers)} from the "
-                           f"checkpoint (forward counts, slot budgets, decide_by_cost decisions)", False)
+    restored = (f"lsh_moe: restored the plugin's state of MoE layer(s) {sorted(layers)} from the checkpoint (forward "
+                f"counts, slot budgets, decide_by_cost decisions")
+    if config.grad_rounding != "stochastic":
+        return Restore(layers, restored + ")", False)
+    draws = state.get("draws")
+    if draws is None:
+        return Restore(layers, f"{restored}); {NO_DRAWS}", False, None, True)
+    return Restore(layers, restored + ", stochastic rounding's draw counters)", False, draws)
 
 
 def log_restore(restore: Restore) -> None:
-    """The load's line, from rank 0 only (the ranks load alike): WARNING when the state starts fresh, since the run
-    then samples and sizes otherwise than the uninterrupted one would, INFO when restored."""
+    """The load's line, from rank 0 only (the ranks load alike): WARNING when the state (or the stochastic
+    rounding's draw counters) starts fresh, since the run then samples, sizes or rounds otherwise than the
+    uninterrupted one would, INFO when restored."""
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return
-    logger.log(logging.WARNING if restore.fresh else logging.INFO, restore.message)
+    logger.log(logging.WARNING if restore.fresh or restore.draws_fresh else logging.INFO, restore.message)

@@ -10,12 +10,13 @@ model against a stock run of the same seed, and a generator call cannot be captu
 kernel can. Instead each element's uniform is a counter-based hash (`hash32`) of its index in the tensor and of a
 per-format, per-device draw counter (`DrawCounters`), a small int64 device tensor advanced in place after every
 draw: shape-static, no host synchronisation, fresh bits on every call (a graph replay included), and the same bits on
-CPU and CUDA. The hash is built from int64 torch ops that never overflow (every step masked to 32 bits, products
-split into 16-bit halves), so a Triton kernel with uint32 arithmetic reproduces it bit for bit.
+CPU and CUDA. The plugin's checkpoint state keeps the counts (lshmoe_plugin.plugin_state), so a resumed run draws
+what the uninterrupted one would. The hash is built from int64 torch ops that never overflow (every step masked to
+32 bits, products split into 16-bit halves), so a Triton kernel with uint32 arithmetic reproduces it bit for bit.
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Mapping, Optional
 
 import torch
 
@@ -97,15 +98,29 @@ def one_name(device: torch.device) -> torch.device:
     return device
 
 
+def rank_start() -> int:
+    """Where this process's counters start: its rank << 32 (0 without a process group)."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return (torch.distributed.get_rank() if distributed else 0) << 32
+
+
 class DrawCounters:
     """One draw counter per device: an int64 tensor of one element that `draw` reads and then advances in place,
     so a captured CUDA graph advances it on every replay. A device's counter starts at the process's rank << 32:
     each rank draws its own bits (ranks' gradients meet in the experts' weight gradients, where shared bits would
-    correlate their rounding errors). The counters are not checkpointed: a resumed run draws from the start again.
+    correlate their rounding errors).
+
+    A checkpoint keeps the draws made on each device (`state_dict`: the counter less its start, so equal counts on
+    every rank give equal states), and a resumed run's counters continue from them (`load_state_dict`): the same
+    rank then draws the same bits as the uninterrupted run. Restoring writes a counter that exists in place (no
+    host synchronisation; a CUDA graph that reads it stays valid) and leaves the others to be made at their first
+    draw, from the restored count.
     """
 
     def __init__(self) -> None:
         self._counters: Dict[torch.device, torch.Tensor] = {}
+        self._starts: Dict[torch.device, int] = {}  # each counter's start: the rank << 32 it was made under
+        self._restored: Dict[str, int] = {}  # draws of a loaded state whose device has no counter yet, by name
 
     def counter(self, device: torch.device) -> torch.Tensor:
         """The device's counter, created on first use: what a fused kernel reads for its draw, after which the
@@ -116,9 +131,9 @@ class DrawCounters:
                 # created inside a capture, its initial value would be written again on every replay
                 raise RuntimeError("stochastic rounding's first draw on a device must run before a CUDA graph "
                                    "captures it (a warm-up step creates its draw counter)")
-            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-            start = torch.distributed.get_rank() if distributed else 0
-            self._counters[device] = torch.full((), start << 32, dtype=torch.int64, device=device)
+            self._starts[device] = start = rank_start()
+            self._counters[device] = torch.full((), start + self._take_restored(device), dtype=torch.int64,
+                                                device=device)
         return self._counters[device]
 
     def draw(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
@@ -127,3 +142,43 @@ class DrawCounters:
         drawn = uniforms(shape, counter)
         counter.add_(1)
         return drawn
+
+    # -- checkpoints (lshmoe_plugin.plugin_state) -----------------------------------------------------------------
+    def state_dict(self) -> Dict[str, int]:
+        """The draws made on each device, by its name ("cpu", "cuda:0"), a restored count whose device has not drawn
+        since included. Reads every counter back to the host: for a checkpoint's save, not for a training step."""
+        state = dict(self._restored)
+        state.update((str(device), int(counter.item()) - self._starts[device])
+                     for device, counter in self._counters.items())
+        return dict(sorted(state.items()))
+
+    def load_state_dict(self, state: Optional[Mapping[str, int]]) -> None:
+        """Continue from `state_dict`'s draws; None: from the start, as a new process's counters. A counter that
+        exists is written in place, on its stream (no host synchronisation); one made later takes its count then.
+
+        A count saved on another device than the one that draws now goes to it by device type, then to any:
+        - the same device name: its own count;
+        - else a device of the same type (a rank placed on another GPU index): the largest count saved for that type;
+        - else any (a CPU run resumed on a GPU, or the reverse): the largest count saved.
+        Each saved count continues on one device only. A process draws on one device in every framework here, so
+        its one count continues there, after the last draw it made, and the hash gives the bits it gives on the
+        device that saved it. The rank is not saved: a counter starts at this process's rank << 32 plus the count,
+        so each rank continues its own stream, and on another world size (where every rank takes the same state,
+        patches/engine_checkpoint.py) the ranks' streams stay apart."""
+        self._restored = {str(name): int(draws) for name, draws in (state or {}).items()}
+        start = rank_start()
+        types = {torch.device(name).type for name in self._restored}
+        # the counters with a count of their own name first, then those with one of their type, then the rest
+        for device in sorted(self._counters, key=lambda d: (str(d) not in self._restored, d.type not in types, str(d))):
+            self._starts[device] = start
+            self._counters[device].fill_(start + self._take_restored(device))
+
+    def _take_restored(self, device: torch.device) -> int:
+        """The restored count `device` continues from (0: none), taken out of those left (load_state_dict's rule)."""
+        if not self._restored:
+            return 0
+        name = str(device)
+        if name not in self._restored:
+            same_type = [key for key in self._restored if torch.device(key).type == device.type]
+            name = max(same_type or self._restored, key=lambda key: (self._restored[key], key))
+        return self._restored.pop(name)

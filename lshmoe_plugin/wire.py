@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Optional, Tuple, Union
+from typing import Callable, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 
@@ -455,6 +455,28 @@ def formats(config, crossing: str) -> Tuple[WireFormat, WireFormat]:
     forward = getattr(config, f"{crossing}_dtype")
     backward = getattr(config, f"{crossing}_grad_dtype") or forward
     return configured_format(config, forward), configured_format(config, backward, config.grad_rounding)
+
+
+def stochastic_formats(config) -> Dict[str, "BlockScaled"]:
+    """The formats of `config`'s crossings that round stochastically (its backward formats under ``grad_rounding:
+    "stochastic"``), by name: one instance per name, since every format of a config takes that config's keys. Their
+    draw counters are process-wide, shared by every layer and crossing that sends the format."""
+    found = (fmt for crossing in CROSSINGS for fmt in formats(config, crossing))
+    return {fmt.name: fmt for fmt in found if getattr(fmt, "draws", None) is not None}
+
+
+def draws_state(config) -> Dict[str, Dict[str, int]]:
+    """The draws each stochastic format of `config` made per device (`rounding.DrawCounters.state_dict`), by format
+    name; empty where nothing rounds stochastically. Reads the counters back to the host: at a save only."""
+    return {name: fmt.draws.state_dict() for name, fmt in sorted(stochastic_formats(config).items())}
+
+
+def load_draws(config, state: Optional[Mapping[str, Mapping[str, int]]]) -> None:
+    """Continue the draw counters of `config`'s stochastic formats from `draws_state`'s values; None (or a format
+    missing from it): from the start, as a new process's. No host synchronisation; nothing where nothing rounds
+    stochastically."""
+    for name, fmt in stochastic_formats(config).items():
+        fmt.draws.load_state_dict(None if state is None else state.get(name))
 
 
 def changes_crossing(config, crossing: str) -> bool:

@@ -12,6 +12,7 @@ import dataclasses
 import weakref
 from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple
 
+from lshmoe_plugin import wire
 from lshmoe_plugin.compressor import LSHCompressor
 from lshmoe_plugin.config import LSHMoEConfig, LSHMoEConfigError
 from lshmoe_plugin.plugin_state import Restore, layer_states, layers_to_restore
@@ -156,24 +157,27 @@ class PatchLifecycle:
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
     def state_dict(self, model: Any = None) -> Optional[dict]:
-        """Every layer's compressor state (`plugin_state.layer_states`), a restored one not yet applied included;
+        """Every layer's compressor state (`plugin_state.layer_states`), a restored one not yet applied included,
+        and the draw counts of the config's stochastic formats (read back from the device: a save is no hot path);
         None while the patch is not applied. `model`: take the compressors of its layers (None: those that ran
         last, which is the same unless several models train in one process)."""
         if not self.is_applied() or self.config is None:
             return None
         layers = dict(self._restored)
         layers.update((index, compressor.state_dict()) for index, compressor in self._current(model).items())
-        return layer_states(self.name, self.config, self.model_layers, layers)
+        return layer_states(self.name, self.config, self.model_layers, layers, wire.draws_state(self.config))
 
     def load_state_dict(self, state: Optional[dict], model: Any = None, restore: Optional[Restore] = None) -> Restore:
         """Continue every layer from `state` (a `state_dict`; None: fresh), or as `restore` says; returns what was
         done, for the log line. The compressors of `model` (as in `state_dict`) take it now; layers whose compressor
-        is built later (a new model's, at its first forward) take it then."""
+        is built later (a new model's, at its first forward) take it then. The stochastic formats' draw counters
+        continue from the state's counts, or from their first draw where it has none (no host synchronisation)."""
         if restore is None:
             restore = layers_to_restore(state, self.name, self.config, self.model_layers)
         self._restored = dict(restore.layers)
         for index, compressor in self._current(model).items():
             compressor.load_state_dict(self._restored.pop(index, None))
+        wire.load_draws(self.config, restore.draws)
         return restore
 
     def _current(self, model: Any) -> Dict[int, LSHCompressor]:

@@ -1,7 +1,8 @@
 """The plugin's per-layer state through checkpoints (lshmoe_plugin.plugin_state): each compressor's forward count,
-the slot budget of clustering "bounded" and the decide_by_cost decision. By hand (`state_dict` / `load_state_dict`)
-and through DeepSpeed's own ``save_checkpoint`` / ``load_checkpoint`` in 2 real gloo processes: a resumed run
-continues as the uninterrupted one, and one resumed from a checkpoint without the state (an older one) does not."""
+the slot budget of clustering "bounded" and the decide_by_cost decision, and the draw counters of the gradients'
+stochastic rounding (the default method's). By hand (`state_dict` / `load_state_dict`) and through DeepSpeed's own
+``save_checkpoint`` / ``load_checkpoint`` in 2 real gloo processes: a resumed run continues as the uninterrupted
+one, and one resumed from a checkpoint without the state (an older one) does not."""
 import logging
 import os
 import shutil
@@ -13,8 +14,10 @@ from test_bounded_merging import make_compressor, near_copies
 from test_deepspeed_patch import D_MODEL, build_moe, failed
 
 import lshmoe_plugin
-from lshmoe_plugin import cost
-from lshmoe_plugin.plugin_state import STATE_KEY, LSHMoEStateError
+from lshmoe_plugin import cost, wire
+from lshmoe_plugin.config import LSHMoEConfig
+from lshmoe_plugin.plugin_state import NO_DRAWS, STATE_KEY, LSHMoEStateError
+from lshmoe_plugin.rounding import DrawCounters
 from lshmoe_plugin.schedule import set_training_step
 from lshmoe_plugin.slot_budget import SlotBudget
 
@@ -24,6 +27,8 @@ from lshmoe_plugin.slot_budget import SlotBudget
 BOUNDED = {"enabled": True, "clustering": "bounded", "merge_tolerance": 0.3, "num_hashes": 2, "hash_dim": 2,
            "telemetry_interval": 3, "output_error_interval": 4}
 SAMPLED = ("relative_residual_norm", "output_error")
+# The default method (FP8 forward, FP4 gradients rounded stochastically): what a bare block trains.
+DEFAULT = {"enabled": True}
 
 
 @pytest.fixture(autouse=True)
@@ -166,6 +171,56 @@ def test_a_checkpoint_of_another_world_size_gives_its_state_only_where_every_ran
         _this_ranks_state({"format": 7, "world_size": 1, "ranks": [same]})
 
 
+def test_draw_counters_continue_from_their_state_in_place_and_each_count_on_one_device():
+    """A format's counters saved after 3 encodes: a new format loaded with them draws the original's 4th and 5th
+    encodes bit for bit (its state says 3 before it draws). A counter that exists is written in place (a CUDA graph
+    may read it); None goes back to the start. A count saved on another device goes to one device: its own name,
+    else the largest of its type, else the largest of any (rounding.DrawCounters.load_state_dict)."""
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(3))
+    first = wire.FP4E2M1(32, "e8m0", "stochastic")
+    for _ in range(3):
+        first.encode(x)
+    state = first.draws.state_dict()
+    assert state == {"cpu": 3}
+    after = [first.encode(x) for _ in range(2)]
+    restored = wire.FP4E2M1(32, "e8m0", "stochastic")
+    restored.draws.load_state_dict(state)
+    assert restored.draws.state_dict() == {"cpu": 3}  # kept until the device draws
+    assert [torch.equal(a, restored.encode(x)) for a in after] == [True, True]
+    assert restored.draws.state_dict() == first.draws.state_dict() == {"cpu": 5}
+    fresh = wire.FP4E2M1(32, "e8m0", "stochastic")
+    assert not torch.equal(fresh.encode(x), after[0])  # so the comparison above can fail
+    counter = first.draws.counter("cpu")
+    first.draws.load_state_dict(state)
+    assert first.draws.counter("cpu") is counter and counter.item() == 3 and torch.equal(first.encode(x), after[0])
+    first.draws.load_state_dict(None)
+    assert counter.item() == 0 and first.draws.state_dict() == {"cpu": 0}
+    moved = DrawCounters()  # saved by a GPU run, resumed on the CPU: its one count continues here
+    moved.load_state_dict({"cuda:0": 7})
+    assert moved.counter("cpu").item() == 7 and moved.state_dict() == {"cpu": 7}
+    picks = DrawCounters()
+    picks.load_state_dict({"cpu": 2, "cuda:3": 9, "cuda:5": 4})
+    taken = [picks._take_restored(torch.device(name)) for name in ("cuda:5", "cuda:0", "cuda:1", "cuda:2")]
+    assert taken == [4, 9, 2, 0]  # own name, largest of the type, any other, none left
+
+
+def test_a_state_without_draw_counters_restores_its_layers_and_warns_that_the_draws_start_over():
+    from lshmoe_plugin.plugin_state import layer_states, layers_to_restore
+    config = LSHMoEConfig.from_dict(DEFAULT, env={})
+    draws = {"fp4_e2m1": {"cpu": 12}}
+    saved = layer_states("deepspeed", config, [0], {0: {"forwards": 3}}, draws)
+    assert saved["draws"] == draws
+    restore = layers_to_restore(saved, "deepspeed", config, [0])
+    assert restore.draws == draws and not restore.draws_fresh and "draw counters" in restore.message
+    del saved["draws"]
+    old = layers_to_restore(saved, "deepspeed", config, [0])
+    assert old.layers == {0: {"forwards": 3}} and old.draws is None and old.draws_fresh and not old.fresh
+    assert old.message.endswith(NO_DRAWS)
+    nearest = LSHMoEConfig.from_dict({"enabled": True, "method": "fp8_fwd_fp4_grad"}, env={})
+    assert "draws" not in layer_states("deepspeed", nearest, [0], {0: {"forwards": 3}}, wire.draws_state(nearest))
+    assert not layers_to_restore(saved, "deepspeed", nearest, [0]).draws_fresh  # (another run: fresh anyway)
+
+
 # -- by hand, with DeepSpeed's real MoE layer -------------------------------------------------------------------
 class Net(torch.nn.Module):
     """`num_layers` DeepSpeed MoE layers in a residual stack, and a head for a scalar loss."""
@@ -302,6 +357,79 @@ def check_decision_by_hand(rank, world_size):
             "kept": [m.deepspeed_moe._lshmoe_compressor.pays for m in second.moes] == [False, False]}, summary
 
 
+def forward_backward_at(net, step, rank=0):
+    """Step `step`'s forward and backward (no optimizer: the weights stay): the parameters' gradients, which under
+    the default method crossed back in FP4 rounded stochastically, so they depend on the draw counters."""
+    set_training_step(step)
+    torch.manual_seed(step)
+    net.zero_grad(set_to_none=True)
+    net(batch(step, rank)).backward()
+    return [p.grad.clone() for p in net.parameters() if p.grad is not None]
+
+
+def check_draws_saved(rank, world_size, directory):
+    """A process that trains 2 steps of the default method, saves its state, then goes on with step 2 and saves its
+    gradients and the state after it (files in `directory`: tensors do not come back through the result queue)."""
+    net = Net(1, make_groups=True)
+    lshmoe_plugin.enable({"lsh_moe": DEFAULT}, net)
+    for step in (0, 1):
+        forward_backward_at(net, step)
+    state = lshmoe_plugin.state_dict(net)
+    torch.save(state, os.path.join(directory, "state.pt"))
+    continued = forward_backward_at(net, 2)
+    after = lshmoe_plugin.state_dict(net)
+    torch.save((continued, after), os.path.join(directory, "continued.pt"))
+    lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "method": "fp8_fwd_fp4_grad"}}, net)  # rounds to nearest
+    nearest_keys = sorted(lshmoe_plugin.state_dict(net))
+    lshmoe_plugin.disable()
+    return state["draws"], after["draws"], nearest_keys
+
+
+def check_draws_restored(rank, world_size, directory):
+    """Another process (its counters new) loads that state into a new model: the counters are the saved ones, and
+    step 2's gradients and the state after it are the saving process's. Then the same state without its counters
+    (as a version before them saved it): the layers restore, one WARNING says the draws start over, and step 2's
+    gradients differ."""
+    out = {}
+    state = torch.load(os.path.join(directory, "state.pt"), weights_only=False)
+    continued, after = torch.load(os.path.join(directory, "continued.pt"), weights_only=False)
+    net = Net(1, make_groups=True)
+    lshmoe_plugin.enable({"lsh_moe": DEFAULT}, net)
+    config = LSHMoEConfig.from_dict(DEFAULT, env={})
+    out["new_process_draws_nothing_yet"] = wire.draws_state(config) == {"fp4_e2m1": {}}
+    with Lines() as lines:
+        lshmoe_plugin.load_state_dict(state, net)
+    out["restored_line"] = lines == [(logging.INFO, "lsh_moe: restored the plugin's state of MoE layer(s) [0, 1] "
+                                                    "from the checkpoint (forward counts, slot budgets, "
+                                                    "decide_by_cost decisions, stochastic rounding's draw counters)")]
+    out["same_counts"] = wire.draws_state(config) == state["draws"] and lshmoe_plugin.state_dict(net) == state
+    got = forward_backward_at(net, 2)
+    out["same_next_draws"] = len(got) == len(continued) and all(torch.equal(a, b) for a, b in zip(got, continued))
+    out["same_state_after"] = lshmoe_plugin.state_dict(net) == after
+
+    old = {key: value for key, value in state.items() if key != "draws"}
+    with Lines() as lines:
+        lshmoe_plugin.load_state_dict(old, net)
+    out["old_warning"] = len(lines) == 1 and lines[0][0] == logging.WARNING and lines[0][1].endswith(NO_DRAWS)
+    out["old_layers_restored"] = lshmoe_plugin.state_dict(net)["layers"] == state["layers"]
+    out["old_draws_from_start"] = wire.draws_state(config) == {"fp4_e2m1": {"cpu": 0}}
+    out["old_other_gradients"] = not all(torch.equal(a, b) for a, b in zip(forward_backward_at(net, 2), continued))
+    lshmoe_plugin.disable()
+    return out
+
+
+def test_draw_counters_round_trip_through_the_state_into_a_new_process(tmp_path):
+    """The default method's stochastic rounding: a process's state holds its draw counts (3 a step: both layers'
+    combine gradients and the second layer's dispatch gradient; the first layer dispatches the data, which needs
+    none), a new process that loads it draws what the first drew next, and the state of a method that rounds to
+    nearest has no counters at all."""
+    [(saved, after, nearest_keys)] = run_distributed(check_draws_saved, 1, str(tmp_path))
+    assert saved == {"fp4_e2m1": {"cpu": 6}} and after == {"fp4_e2m1": {"cpu": 9}}
+    assert "draws" not in nearest_keys and "layers" in nearest_keys
+    [result] = run_distributed(check_draws_restored, 1, str(tmp_path))
+    assert all(result.values()), failed(result)
+
+
 def test_state_dict_round_trip_missing_state_other_settings_and_other_model():
     [result] = run_distributed(check_by_hand, 1)
     assert all(result.values()), failed(result)
@@ -403,4 +531,59 @@ def check_engine_resume(rank, world_size, out_dir):
 
 def test_deepspeed_checkpoints_carry_the_plugin_state_and_a_resume_continues_exactly(tmp_path):
     for rank, result in enumerate(run_distributed(check_engine_resume, 2, str(tmp_path))):
+        assert all(result.values()), (rank, failed(result))
+
+
+def draws_as_a_new_process():
+    """The stochastic formats' draw counters back at their start, as a new process has them: they are process-wide,
+    and the engines of one test would otherwise go on from each other's draws."""
+    wire.load_draws(LSHMoEConfig.from_dict(DEFAULT, env={}), None)
+
+
+def check_engine_resume_default(rank, world_size, out_dir):
+    """The default method at EP=2 through DeepSpeed's checkpoints, each engine drawing as a new process would: a
+    resume continues the uninterrupted run exactly (its gradients rounded with the draws that run makes), and one
+    from the same checkpoint without the counters warns and goes on otherwise."""
+    import torch.distributed as dist
+    out = {}
+    draws_as_a_new_process()
+    straight = train(engine_for(world_size, DEFAULT), 0, 5, rank)
+    draws_as_a_new_process()
+    first = engine_for(world_size, DEFAULT)
+    out["first_as_straight"] = train(first, 0, 2, rank) == straight[:2]
+    first.save_checkpoint(out_dir, tag="step2", client_state={"step": 2})
+    saved = model_states(os.path.join(out_dir, "step2"))[STATE_KEY]["ranks"]
+    # each rank's count of its own draws (3 a step), alike: its stream (rank << 32) is not saved but restarted
+    out["every_rank_saved_its_draws"] = [r["deepspeed"]["draws"] for r in saved] == [{"fp4_e2m1": {"cpu": 6}}] * 2
+    draws_as_a_new_process()
+    resumed = engine_for(world_size, DEFAULT)
+    with Lines() as lines:
+        resumed.load_checkpoint(out_dir, tag="step2")
+    out["restored_line"] = rank != 0 or (len(lines) == 1 and lines[0][0] == logging.INFO
+                                         and lines[0][1].endswith("stochastic rounding's draw counters)"))
+    out["resumed_equals_straight"] = train(resumed, 2, 5, rank) == straight[2:]
+
+    old = os.path.join(out_dir, "step2_old")
+    if rank == 0:
+        shutil.copytree(os.path.join(out_dir, "step2"), old)
+        states = model_states(old)
+        for state in states[STATE_KEY]["ranks"]:
+            del state["deepspeed"]["draws"]
+        torch.save(states, os.path.join(old, "mp_rank_00_model_states.pt"))
+    dist.barrier()
+    draws_as_a_new_process()
+    from_old = engine_for(world_size, DEFAULT)
+    with Lines() as lines:
+        from_old.load_checkpoint(out_dir, tag="step2_old")
+    out["old_warning"] = rank != 0 or (len(lines) == 1 and lines[0][0] == logging.WARNING
+                                       and lines[0][1].endswith(NO_DRAWS))
+    old_run = train(from_old, 2, 5, rank)
+    out["old_same_first_loss"] = old_run[0][0] == straight[2][0]  # the weights are the checkpoint's
+    out["old_other_losses"] = [r[0] for r in old_run[1:]] != [r[0] for r in straight[3:]]
+    lshmoe_plugin.disable()
+    return out
+
+
+def test_deepspeed_checkpoints_carry_the_draw_counters_of_the_default_method(tmp_path):
+    for rank, result in enumerate(run_distributed(check_engine_resume_default, 2, str(tmp_path))):
         assert all(result.values()), (rank, failed(result))
