@@ -2,7 +2,7 @@
 read from `benchmark_gpt_moe.py --modelled-link` sections of docs/benchmarks.md, never typed by hand.
 
     python scripts/per_link_table.py --sections SECTION [SECTION ...] --ep 16 \
-        --variants lsh fp8 fp8_dispatch fp4_both fp8_fwd_fp4_grad --report docs/benchmarks.md
+        --variants lsh fp8 fp8_dispatch fp4_both fp8_fwd_fp4sr_grad --report docs/benchmarks.md
 
 A configuration timed by several sections (two runs of the same stage, say) gets every figure, in the order the
 sections are named: the spread between runs is part of the result. The sections must model the same topology

@@ -3,7 +3,7 @@ modelled sections and each testbed shape, the modelled step speed-up over stock,
 final loss as a ratio to stock's, and the time to that loss (the ratio over the speed-up), never typed by hand.
 
     python scripts/time_to_target_table.py --sections SECTION [SECTION ...] --ep 16 \
-        --variants fp8_fwd_fp4_grad lsh --testbeds gpt-25m-1pass gpt-72m-1pass t5-26m-1pass gpt-25m-long \
+        --variants fp8_fwd_fp4sr_grad lsh --testbeds gpt-25m-1pass gpt-72m-1pass t5-26m-1pass gpt-25m-long \
         t5-26m-long --root runs/testbed_pinned --report docs/benchmarks.md
 
 The step speed-ups are per_link_table.py's (`benchmark_gpt_moe.py --modelled-link` sections, every section's figure
