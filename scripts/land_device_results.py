@@ -71,9 +71,7 @@ def extract_into(archive: str, runs: str) -> None:
             shutil.copytree(os.path.join(tmp, "testbed"), runs, dirs_exist_ok=True)
 
 
-def _without_captures(member: tarfile.TarInfo):
-    """A run's captures/ folder stays out of the tracked record, however it got into the runs."""
-    return None if "captures" in member.name.split("/") else member
+CAPTURES = "captures"  # a run's captures/ folder stays out of the tracked record, however it got into the runs
 
 
 # The per-step wall-clock fields of metrics.jsonl, kept in the record to 6 significant digits (a microsecond of a
@@ -94,6 +92,7 @@ def round_wall_clock(line: str) -> str:
 
 
 def _record_member(tar: tarfile.TarFile, path: str, arcname: str) -> None:
+    """The file at `path` into the record as `arcname`; a metrics.jsonl with its wall-clock fields rounded."""
     member = tar.gettarinfo(path, arcname)
     if os.path.basename(path) != "metrics.jsonl":
         with open(path, "rb") as handle:
@@ -111,20 +110,12 @@ def write_record(runs: str, record: str) -> None:
     then moved, so that a failure leaves the old record."""
     os.makedirs(os.path.dirname(record) or ".", exist_ok=True)
     with tarfile.open(record + ".part", "w:xz", preset=9) as tar:
-        tar.add(runs, arcname="testbed", recursive=False)
         for folder, dirs, files in os.walk(runs):
-            dirs.sort()
-            rel = os.path.relpath(folder, runs)
-            for name in sorted(dirs) + sorted(files):
-                arcname = os.path.normpath(os.path.join("testbed", rel, name))
-                if _without_captures(tarfile.TarInfo(arcname)) is None:
-                    continue
-                path = os.path.join(folder, name)
-                if name in files:
-                    _record_member(tar, path, arcname)
-                else:
-                    tar.add(path, arcname, recursive=False)
-            dirs[:] = [d for d in dirs if d != "captures"]
+            dirs[:] = sorted(name for name in dirs if name != CAPTURES)
+            arc_folder = os.path.normpath(os.path.join("testbed", os.path.relpath(folder, runs)))
+            tar.add(folder, arc_folder, recursive=False)
+            for name in sorted(name for name in files if name != CAPTURES):
+                _record_member(tar, os.path.join(folder, name), os.path.join(arc_folder, name))
     os.replace(record + ".part", record)
 
 
