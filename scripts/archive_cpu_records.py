@@ -22,6 +22,7 @@ from typing import Dict, Sequence, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lshmoe_pretrain import testbed as beds  # noqa: E402
+from lshmoe_pretrain.run_records import round_metrics  # noqa: E402
 
 RECORD_FILES = ("run.json", "ds_config.json", "metrics.jsonl", "train.log")
 PREFIX = "cpu_testbed"
@@ -44,22 +45,33 @@ def local_files(root: str, proxy: str, logs: Sequence[str]) -> Dict[str, str]:
     return found
 
 
+def _member_data(name: str, data: bytes) -> bytes:
+    """What the archive keeps of a file: a metrics.jsonl with its wall-clock fields rounded
+    (lshmoe_pretrain.run_records), anything else as it is."""
+    return round_metrics(data) if os.path.basename(name) == "metrics.jsonl" else data
+
+
 def write(record: str, files: Dict[str, str]) -> int:
     """The archive at `record`: its members, each replaced by the local file of that name where there is one, and
-    the local files it lacks. Written beside and moved, so that a failure leaves the old one. Members written."""
+    the local files it lacks; metrics.jsonl's wall-clock fields rounded (`_member_data`), xz preset 9. Written
+    beside and moved, so that a failure leaves the old one. Members written."""
     kept: Dict[str, Tuple[tarfile.TarInfo, bytes]] = {}
     if os.path.exists(record):
         with tarfile.open(record) as old:
             for member in old.getmembers():
                 if member.isfile() and member.name not in files:
                     kept[member.name] = (member, old.extractfile(member).read())
-    with tarfile.open(record + ".part", "w:xz", preset=6) as tar:
+    with tarfile.open(record + ".part", "w:xz", preset=9) as tar:
         for name in sorted(set(kept) | set(files)):
             if name in files:
-                tar.add(files[name], arcname=name)
+                member = tar.gettarinfo(files[name], arcname=name)
+                with open(files[name], "rb") as handle:
+                    data = handle.read()
             else:
                 member, data = kept[name]
-                tar.addfile(member, io.BytesIO(data))
+            data = _member_data(name, data)
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
     os.replace(record + ".part", record)
     return len(set(kept) | set(files))
 

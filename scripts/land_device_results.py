@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import re
 import shutil
@@ -32,6 +31,7 @@ from typing import Dict, List, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lshmoe_pretrain import benchmarking as bench  # noqa: E402
+from lshmoe_pretrain.run_records import round_metrics  # noqa: E402
 
 SECTION = re.compile(r"<!-- BEGIN (\S+) -->")
 DOCS = ("benchmarks.md", "link_model.md")
@@ -74,23 +74,6 @@ def extract_into(archive: str, runs: str) -> None:
 CAPTURES = "captures"  # a run's captures/ folder stays out of the tracked record, however it got into the runs
 
 
-# The per-step wall-clock fields of metrics.jsonl, kept in the record to 6 significant digits (a microsecond of a
-# 0.1 s step, 10 ms of an hour-long run): their last ten digits are timer noise that xz cannot compress, and they
-# were a third of the record, which travels with every GPU call. Losses, learning rates and telemetry stay exact.
-WALL_CLOCK_FIELDS = ("step_time_s", "tokens_per_s", "elapsed_s")
-WALL_CLOCK_DIGITS = 6
-
-
-def round_wall_clock(line: str) -> str:
-    """One metrics.jsonl line with its wall-clock fields to WALL_CLOCK_DIGITS significant digits; every other
-    field, and the order of the keys, as they were. Idempotent."""
-    record = json.loads(line)
-    for key in WALL_CLOCK_FIELDS:
-        if isinstance(record.get(key), float):
-            record[key] = float(f"{record[key]:.{WALL_CLOCK_DIGITS}g}")
-    return json.dumps(record)
-
-
 def _record_member(tar: tarfile.TarFile, path: str, arcname: str) -> None:
     """The file at `path` into the record as `arcname`; a metrics.jsonl with its wall-clock fields rounded."""
     member = tar.gettarinfo(path, arcname)
@@ -98,25 +81,39 @@ def _record_member(tar: tarfile.TarFile, path: str, arcname: str) -> None:
         with open(path, "rb") as handle:
             tar.addfile(member, handle)
         return
-    with open(path) as handle:
-        data = "".join(round_wall_clock(line) + "\n" for line in handle if line.strip()).encode()
+    with open(path, "rb") as handle:
+        data = round_metrics(handle.read())
     member.size = len(data)
     tar.addfile(member, io.BytesIO(data))
 
 
-def write_record(runs: str, record: str) -> None:
-    """`runs` as the archive docs/ keeps: members under testbed/ (no captures), wall-clock fields rounded
-    (`round_wall_clock`), xz preset 9 (its extreme variant saves 2% more in six times the time), written beside and
-    then moved, so that a failure leaves the old record."""
+def write_record(runs: str, record: str, top: str = "testbed") -> None:
+    """`runs` as the archive docs/ keeps: members under `top`/ (no captures), wall-clock fields rounded
+    (`run_records.round_metrics`), xz preset 9 (its extreme variant saves 2% more in six times the time), written
+    beside and then moved, so that a failure leaves the old record."""
     os.makedirs(os.path.dirname(record) or ".", exist_ok=True)
     with tarfile.open(record + ".part", "w:xz", preset=9) as tar:
         for folder, dirs, files in os.walk(runs):
             dirs[:] = sorted(name for name in dirs if name != CAPTURES)
-            arc_folder = os.path.normpath(os.path.join("testbed", os.path.relpath(folder, runs)))
+            arc_folder = os.path.normpath(os.path.join(top, os.path.relpath(folder, runs)))
             tar.add(folder, arc_folder, recursive=False)
             for name in sorted(name for name in files if name != CAPTURES):
                 _record_member(tar, os.path.join(folder, name), os.path.join(arc_folder, name))
     os.replace(record + ".part", record)
+
+
+def rewrite_record(record: str) -> None:
+    """Write an existing record again as `write_record` writes one (its members under the one folder they share):
+    for the records written before the wall-clock rounding (the CPU testbeds'), which travel with every GPU call
+    too."""
+    with tarfile.open(record) as tar:
+        tops = {name.split("/")[0] for name in tar.getnames()}
+        if len(tops) != 1:
+            raise SystemExit(f"{record}: its members are not under one folder ({sorted(tops)})")
+        with tempfile.TemporaryDirectory() as tmp:
+            tar.extractall(tmp, filter="data")
+            top = tops.pop()
+            write_record(os.path.join(tmp, top), record, top)
 
 
 def land_testbed(archives: Sequence[str], runs: str, record: str) -> None:
@@ -134,12 +131,25 @@ def land_testbed(archives: Sequence[str], runs: str, record: str) -> None:
 
 def main(argv: Sequence[str] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folders", nargs="+", help="the calls' files_at folders, in call order")
+    parser.add_argument("folders", nargs="*", help="the calls' files_at folders, in call order")
     parser.add_argument("--runs", default="runs/testbed_pinned", help="where the testbed's runs go")
     parser.add_argument("--record", default="docs/records/testbed_pinned_runs.tar.xz")
     parser.add_argument("--captures", default="runs/testbed_captures", help="where capture files go")
     parser.add_argument("--docs", default="docs")
+    parser.add_argument("--rewrite", nargs="+", default=[], metavar="RECORD",
+                        help="write these .tar.xz records again as a landing writes one (wall-clock fields rounded, "
+                             "xz preset 9), then land the folders, if any")
     args = parser.parse_args(argv)
+    for record in args.rewrite:
+        if not record.endswith(".tar.xz"):
+            parser.error(f"--rewrite takes .tar.xz records: {record}")
+        before = os.path.getsize(record)
+        rewrite_record(record)
+        print(f"{record}: {before} -> {os.path.getsize(record)} bytes")
+    if not args.folders and args.rewrite:
+        return
+    if not args.folders:
+        parser.error("the calls' files_at folders are needed (or --rewrite)")
     missing = [f for f in args.folders if not os.path.isdir(f)]
     if missing:
         parser.error(f"no such folder: {missing}")

@@ -127,3 +127,27 @@ def test_the_record_rounds_wall_clock_only(tmp_path):
     land.extract_into(str(record), str(again))
     land.write_record(str(again), str(tmp_path / "again.tar.xz"))
     assert record_files(tmp_path / "again.tar.xz") == files
+
+
+def test_rewrite_rounds_an_older_record_in_place(tmp_path):
+    """--rewrite writes a record made before the rounding (the CPU proxies') again as a landing writes one: under
+    the folder its members share, wall-clock fields rounded, everything else as it was; a record whose members lie
+    under several folders is refused."""
+    source = tmp_path / "cpu_testbed" / "gpt" / "stock" / "seed1"
+    source.mkdir(parents=True)
+    line = '{"step": 1, "loss": 9.714982032775879, "tokens_per_s": 31938.74871608532}\n'
+    (source / "metrics.jsonl").write_text(line)
+    (source / "train.log").write_text("log")
+    record = tmp_path / "proxy.tar.xz"
+    with tarfile.open(record, "w:xz") as tar:
+        tar.add(tmp_path / "cpu_testbed", arcname="cpu_testbed")
+    land.main(["--rewrite", str(record)])
+    assert record_files(record) == {
+        "cpu_testbed/gpt/stock/seed1/metrics.jsonl": line.replace("31938.74871608532", "31938.7"),
+        "cpu_testbed/gpt/stock/seed1/train.log": "log"}
+    mixed = tmp_path / "mixed.tar.xz"
+    with tarfile.open(mixed, "w:xz") as tar:
+        tar.add(source / "train.log", arcname="a/train.log")
+        tar.add(source / "train.log", arcname="b/train.log")
+    with pytest.raises(SystemExit, match="not under one folder"):
+        land.main(["--rewrite", str(mixed)])
