@@ -27,6 +27,8 @@
 #         screen's: lsh fp8_both fp8_both_e8m0 fp8_dispatch fp4_both fp8_fwd_fp4_grad bounded_0.1 bounded_0.1_fp8)
 #         at modelled EP=16 over 100/200/400 Gb/s, 8 GPUs per node, MICRO_BATCH sequences per rank (default 32);
 #         the section name ends in _g<G>_<variants>)
+#       | bench-modelled-1.3b-candidates (stock and VARIANTS, default the default method, at 1.3b: modelled EP=16 over
+#         100/200/400 Gb/s, 8 GPUs per node; two engines, which fit an H100)
 #       | check-link-nvlink | check-link-socket (2 GPUs, nvidia-h200-x2: the link model against NCCL over NVLink
 #         and over the emulated socket link, scripts/check_link_model.py)
 #       | quality-bg:<study>:<seconds> (in the background, alongside what follows; waited for at the end)
@@ -189,8 +191,10 @@ for stage in "$@"; do
         # pytest's entry point, not `python -m pytest`: that would put the checkout's lshmoe_plugin (which has no
         # patches subpackage until installed) ahead of the installed one.
         # GPU_TESTS: the test files or node ids to run (default: all of tests/gpu)
-        tests) timeout "${TESTS_TIMEOUT:-540}" pytest -q -p no:cacheprovider ${GPU_TESTS:-tests/gpu} 2>&1 \
-                | tee "$OUT/logs/tests.log" | tail -25 ;;
+        # One line a test in the log (-v), so that a run its timeout stops still names what failed before it.
+        tests) timeout "${TESTS_TIMEOUT:-540}" pytest -v -rfE --tb=short -p no:cacheprovider ${GPU_TESTS:-tests/gpu} \
+                >"$OUT/logs/tests.log" 2>&1; echo "pytest exit $? (124: stopped by TESTS_TIMEOUT)"
+                grep -E "FAILED|ERROR|[0-9]+ (passed|failed)" "$OUT/logs/tests.log" | tail -25 ;;
         tests-bg) timeout "${TESTS_TIMEOUT:-300}" pytest -q -p no:cacheprovider ${GPU_TESTS:-tests/gpu} >"$OUT/logs/tests.log" 2>&1 &
                 TESTS_PID=$! ;;
         wait-tests) [ -n "${TESTS_PID:-}" ] && wait "$TESTS_PID"; echo "gpu tests exit $?"; tail -25 "$OUT/logs/tests.log" ;;
@@ -246,6 +250,15 @@ for stage in "$@"; do
                     --micro-batch "${MICRO_BATCH:-32}" ${MICRO_BATCH:+--section-suffix _mb$MICRO_BATCH} --steps 24 --timed-from 8 --experts-per-rank 1 --modelled-ep 16 --modelled-link 100gbps 200gbps 400gbps \
                     --modelled-gpus-per-node "${MODELLED_GPUS_PER_NODE:-8}" --variants stock \
                     ${VARIANTS:-lsh fp8_both fp8_both_e8m0 fp8_dispatch fp4_both fp8_fwd_fp4_grad bounded_0.1 bounded_0.1_fp8} \
+                    --report "$OUT/benchmarks.md" 2>&1 | tee -a "$OUT/logs/bench_modelled.log" | tail -30 ;;
+        bench-modelled-1.3b-candidates)
+                # The 1.3b step at modelled EP=16, 8 GPUs per node: stock and VARIANTS (default the default method),
+                # two engines, which fit an H100 (bench-modelled-1.3b's three ran it out of memory, 2026-12-06). At
+                # this size the device paces the step, unlike the 135m one (docs/benchmarks.md step_overlap).
+                timeout "${MODELLED_TIMEOUT:-540}" python3 scripts/benchmark_gpt_moe.py --preset gpt-moe-1.3b \
+                    --micro-batch "${MICRO_BATCH:-8}" ${MICRO_BATCH:+--section-suffix _mb$MICRO_BATCH} --steps 10 --timed-from 3 \
+                    --experts-per-rank 1 --modelled-ep 16 --modelled-link 100gbps 200gbps 400gbps \
+                    --modelled-gpus-per-node "${MODELLED_GPUS_PER_NODE:-8}" --variants stock ${VARIANTS:-fp8_fwd_fp4sr_grad} \
                     --report "$OUT/benchmarks.md" 2>&1 | tee -a "$OUT/logs/bench_modelled.log" | tail -30 ;;
         check-link-nvlink) torchrun --nproc_per_node 2 scripts/check_link_model.py --report "$OUT/link_model.md" \
                 --section nccl_check_nvlink 2>&1 | tee -a "$OUT/logs/check_link.log" | tail -30 ;;
