@@ -30,6 +30,7 @@ import triton.language as tl
 from .. import clustering
 from ..config import LSHMoEConfig
 from ..hashing import projection_width
+from .launch_math import cdiv, next_power_of_2
 
 
 # -- segments: a CSR view of `slot` ---------------------------------------------------------------------------------
@@ -71,7 +72,7 @@ def _launch_shape(d: int) -> Tuple[int, int, int]:
     then order, then rows). Wide column blocks make fewer, fatter programs: v1's 8 x 512 tiles left the centroid
     kernel latency-bound at rate 0.5 (2.2x its bandwidth time at d=4096).
     """
-    block_d = min(2048, triton.next_power_of_2(d))
+    block_d = min(2048, next_power_of_2(d))
     return 4, block_d, 8 if block_d >= 1024 else 4
 
 
@@ -121,8 +122,8 @@ def _zero_scratch_rows(out: torch.Tensor, order: torch.Tensor, bounds: torch.Ten
     n, d = out.shape
     if n == 0:
         return
-    rows, block_d, warps = 32, min(256, triton.next_power_of_2(d)), 4
-    _zero_scratch_rows_kernel[(triton.cdiv(n, rows), triton.cdiv(d, block_d))](
+    rows, block_d, warps = 32, min(256, next_power_of_2(d)), 4
+    _zero_scratch_rows_kernel[(cdiv(n, rows), cdiv(d, block_d))](
         out, order, bounds, n, d, num_slots, out.stride(0), ROWS=rows, BLOCK_D=block_d, num_warps=warps)
 
 
@@ -431,7 +432,7 @@ def _over_slots(kernel, num_slots: int, d: int, *args, **constexprs) -> None:
     if num_slots == 0:
         return
     rows, block_d, warps = _launch_shape(d)
-    kernel[(num_slots, triton.cdiv(d, block_d))](*args, ROWS=rows, BLOCK_D=block_d, num_warps=warps, **constexprs)
+    kernel[(num_slots, cdiv(d, block_d))](*args, ROWS=rows, BLOCK_D=block_d, num_warps=warps, **constexprs)
 
 
 def segment_mean_into(tokens: torch.Tensor, order: torch.Tensor, bounds: torch.Tensor, centroids: torch.Tensor,
@@ -567,16 +568,16 @@ def _hash_rows(tokens: torch.Tensor, projections: torch.Tensor, config: LSHMoECo
     sums_arg, counts_arg = scratch[:groups_alloc * total_width], scratch[groups_alloc * total_width:]
     block_n = 64
     if center:
-        _group_sums_kernel[(triton.cdiv(n, block_n),)](
+        _group_sums_kernel[(cdiv(n, block_n),)](
             projected, group_arg, valid if valid is not None else out, sums_arg, counts_arg, n, total_width,
             max(group_size, 1), HAS_WEIGHT=valid is not None, FIXED_GROUPS=fixed_groups, BLOCK_N=block_n,
-            BLOCK_W=triton.next_power_of_2(total_width), num_warps=4)
+            BLOCK_W=next_power_of_2(total_width), num_warps=4)
     sentinel = num_groups << (config.num_hashes * config.code_bits_per_hash)
-    _codes_kernel[(triton.cdiv(n, block_n),)](
+    _codes_kernel[(cdiv(n, block_n),)](
         projected, group_arg, sums_arg, counts_arg, valid if valid is not None else out, out, n, max(group_size, 1),
         sentinel, NUM_HASHES=config.num_hashes, WIDTH=width, BITS=config.code_bits_per_hash,
         SIGNED=config.family.signed_digit, CENTER=center, FIXED_GROUPS=fixed_groups, KEYS=keys,
-        BLOCK_N=block_n, BLOCK_H=triton.next_power_of_2(config.num_hashes), BLOCK_W=triton.next_power_of_2(width),
+        BLOCK_N=block_n, BLOCK_H=next_power_of_2(config.num_hashes), BLOCK_W=next_power_of_2(width),
         num_warps=4)
     return out
 
@@ -603,7 +604,7 @@ def _assign(keys: torch.Tensor, valid: torch.Tensor, config: LSHMoEConfig, num_g
     sorted_keys = keys[order] if n else keys
     valid = valid.contiguous()
     clusters = torch.empty(num_groups, dtype=torch.int64, device=keys.device)
-    levels = triton.next_power_of_2(config.num_hashes + 1)
+    levels = next_power_of_2(config.num_hashes + 1)
     meta = dict(NUM_HASHES=config.num_hashes, BITS=config.code_bits_per_hash, LEVELS=levels,
                 FIXED=group_end is None, BLOCK=max(64, 4096 // levels), num_warps=4)
     fixed = group_end is None

@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from ..wire import FUSED_DTYPES, SCALES
+from .launch_math import cdiv
 
 TINY = tl.constexpr(torch.finfo(torch.float32).tiny)  # 2^-126: the float32 scale of an all-zero block
 TILE = 4096  # elements per program: bytes enough in flight per SM, registers few enough per thread
@@ -147,6 +148,6 @@ def launch(kernel, src: torch.Tensor, out: torch.Tensor, n_segments: int, segmen
                          f"split the rows")
     segs = max(1, TILE // segment_elements)
     if n_segments:
-        kernel[(triton.cdiv(n_segments, segs),)](
+        kernel[(cdiv(n_segments, segs),)](
             src, out, n_segments, src.stride(0), out.stride(0), SEGS=segs,
             num_warps=min(16, max(4, segs * segment_elements // 512)), **constants)

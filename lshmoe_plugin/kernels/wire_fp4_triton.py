@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from ..wire import E2M1_MAX, E2M1_MIDPOINTS
+from .launch_math import cdiv, next_power_of_2
 from .rounding_triton import draw_keys, uniform
 from .wire_blocks_triton import (
     TILE,
@@ -166,17 +167,17 @@ def _launch(kernel, src: torch.Tensor, out: torch.Tensor, d: int, block: Optiona
     """kernel over the (row, group of blocks) segments of src (M, w_in) into out (M, w_out); `arguments` are the
     kernel's own (the encode's counter)."""
     size = segment_size(d, block)
-    blocks = triton.cdiv(d, size)
+    blocks = cdiv(d, size)
     group = 2 if size % 2 and blocks > 1 else 1  # odd blocks pair up into whole bytes
-    groups = triton.cdiv(blocks, group)
-    pairs = triton.next_power_of_2(triton.cdiv(group * size, 2))
+    groups = cdiv(blocks, group)
+    pairs = next_power_of_2(cdiv(group * size, 2))
     launch(kernel, src, out, src.shape[0] * groups, 2 * pairs, "fp4_e2m1", D=d, SIZE=size, GROUP=group,
            GROUPS=groups, BLOCKS=blocks, PAIRS=pairs, E8M0=scale == "e8m0", SCALE_BYTES=scale_bytes(scale), **arguments)
 
 
 def _width(d: int, block: Optional[int], scale: str) -> int:
     """Bytes of one row's buffer: its codes two to a byte and its scales."""
-    return triton.cdiv(d, 2) + scale_bytes(scale) * (1 if block is None else triton.cdiv(d, block))
+    return cdiv(d, 2) + scale_bytes(scale) * (1 if block is None else cdiv(d, block))
 
 
 def encode(rows: torch.Tensor, block: Optional[int], scale: str = "e8m0",
@@ -201,9 +202,9 @@ def decode(buffer: torch.Tensor, d: int, block: Optional[int], dtype: torch.dtyp
     rows = out.view(-1, d)
     n_rows = rows.shape[0]
     if n_rows and d:
-        cols = min(triton.next_power_of_2(d), TILE)
+        cols = min(next_power_of_2(d), TILE)
         tile_rows = max(1, TILE // cols)
-        _decode_kernel[(triton.cdiv(n_rows, tile_rows), triton.cdiv(d, cols))](
+        _decode_kernel[(cdiv(n_rows, tile_rows), cdiv(d, cols))](
             src, rows, n_rows, src.stride(0), rows.stride(0), D=d, SIZE=segment_size(d, block), ROWS=tile_rows,
             COLS=cols, E8M0=scale == "e8m0", SCALE_BYTES=scale_bytes(scale), num_warps=8)
     return out

@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from ..wire import E2M3_MAX
+from .launch_math import cdiv, next_power_of_2
 from .wire_blocks_triton import (
     decode_buffers,
     e8m0_top,
@@ -149,18 +150,18 @@ def runs_on(device: torch.device, kernel: str) -> bool:
 def _launch(kernel, src: torch.Tensor, out: torch.Tensor, d: int, block: Optional[int], scale: str) -> None:
     """kernel over the (row, group of blocks) segments of src (M, w_in) into out (M, w_out)."""
     size = segment_size(d, block)
-    blocks = triton.cdiv(d, size)
+    blocks = cdiv(d, size)
     group = 4 // math.gcd(size, 4) if blocks > 1 else 1  # blocks of no multiple of 4 group into whole quads
-    groups = triton.cdiv(blocks, group)
-    quads = triton.next_power_of_2(triton.cdiv(group * size, 4))
+    groups = cdiv(blocks, group)
+    quads = next_power_of_2(cdiv(group * size, 4))
     launch(kernel, src, out, src.shape[0] * groups, 4 * quads, "fp6_e2m3", D=d, SIZE=size, GROUP=group,
            GROUPS=groups, BLOCKS=blocks, QUADS=quads, E8M0=scale == "e8m0", SCALE_BYTES=scale_bytes(scale),
-           VALUE_BYTES=3 * triton.cdiv(d, 4))
+           VALUE_BYTES=3 * cdiv(d, 4))
 
 
 def _width(d: int, block: Optional[int], scale: str) -> int:
     """Bytes of one row's buffer: its codes four to three bytes and its scales."""
-    return 3 * triton.cdiv(d, 4) + scale_bytes(scale) * (1 if block is None else triton.cdiv(d, block))
+    return 3 * cdiv(d, 4) + scale_bytes(scale) * (1 if block is None else cdiv(d, block))
 
 
 def encode(rows: torch.Tensor, block: Optional[int], scale: str = "e8m0") -> torch.Tensor:

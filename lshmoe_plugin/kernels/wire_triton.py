@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from ..wire import E4M3_MAX
+from .launch_math import cdiv, next_power_of_2
 from .wire_blocks_triton import (
     decode_buffers,
     e8m0_top,
@@ -103,14 +104,14 @@ def runs_on(device: torch.device, kernel: str) -> bool:
 def _launch(kernel, src: torch.Tensor, out: torch.Tensor, d: int, block: Optional[int], scale: str) -> None:
     """kernel over the (row, block) segments of src (M, w_in) into out (M, w_out)."""
     size = segment_size(d, block)
-    blocks, width = triton.cdiv(d, size), triton.next_power_of_2(size)
+    blocks, width = cdiv(d, size), next_power_of_2(size)
     launch(kernel, src, out, src.shape[0] * blocks, width, "fp8_e4m3", D=d, SIZE=size, BLOCKS=blocks, WIDTH=width,
            E8M0=scale == "e8m0", SCALE_BYTES=scale_bytes(scale))
 
 
 def _width(d: int, block: Optional[int], scale: str) -> int:
     """Bytes of one row's buffer: its d e4m3 values and its scales."""
-    return d + scale_bytes(scale) * (1 if block is None else triton.cdiv(d, block))
+    return d + scale_bytes(scale) * (1 if block is None else cdiv(d, block))
 
 
 def encode(rows: torch.Tensor, block: Optional[int], scale: str = "float32") -> torch.Tensor:
