@@ -332,7 +332,7 @@ def grid_neighbours(x: torch.Tensor, block, fmt: str, scale: str):
     lo <= |x / s| <= hi the format's two magnitudes around it (lo == hi on the grid), by search over the grid."""
     s = element_scales(x, block, fmt, scale)
     magnitude = (x.float() / s).abs().double().unsqueeze(-1)
-    grid = GRIDS[fmt]
+    grid = GRIDS[fmt].to(x.device)  # the tables live on the CPU; a GPU test's rows do not
     lo = torch.where(grid <= magnitude, grid, -1.0).max(-1).values
     hi = torch.where(grid >= magnitude, grid, math.inf).min(-1).values
     return lo, hi, s
