@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ..wire import FUSED_DTYPES, SCALES
-from .launch_math import cdiv
+from .launch_math import cdiv, next_power_of_2
 
 TINY = tl.constexpr(torch.finfo(torch.float32).tiny)  # 2^-126: the float32 scale of an all-zero block
 TILE = 4096  # elements per program: bytes enough in flight per SM, registers few enough per thread
@@ -151,3 +151,28 @@ def launch(kernel, src: torch.Tensor, out: torch.Tensor, n_segments: int, segmen
         kernel[(cdiv(n_segments, segs),)](
             src, out, n_segments, src.stride(0), out.stride(0), SEGS=segs,
             num_warps=min(16, max(4, segs * segment_elements // 512)), **constants)
+
+
+def tiles_rows(d: int, size: int, unit: int) -> bool:
+    """Whether an encode of rows d wide with blocks of `size` takes (ROWS, COLS) tiles of the rows (`launch_tiles`):
+    its blocks are a power of two of at least `unit` elements (the elements that share bytes: 2 for fp4_e2m1, 4 for
+    fp6_e2m3), so a tile's columns split into whole blocks and a block into whole byte groups, and shorter than the
+    row. With one scale per row the segment kernels were as fast or faster on an H100 (docs/benchmarks.md
+    wire_codec_encode_tiles_h100 against wire_codec_fp4_decode_h100), so a row of one block keeps them."""
+    return unit <= size < d and size <= TILE and size & (size - 1) == 0
+
+
+def launch_tiles(kernel, src: torch.Tensor, out: torch.Tensor, d: int, size: int, scale: str, name: str,
+                 **constants) -> None:
+    """kernel over (ROWS, COLS) tiles of src (M, d) into out (M, w_out), ~TILE elements each: COLS the row's width
+    rounded up to a power of two (at least one block, at most TILE), ROWS the rows that fill the rest."""
+    n_rows = src.shape[0]
+    if n_rows >= 2**31:
+        raise ValueError(f"{name} kernels index rows in int32: {n_rows} is too many; split the rows")
+    if not (n_rows and d):
+        return
+    cols = max(size, min(next_power_of_2(d), TILE))
+    rows = max(1, TILE // cols)
+    kernel[(cdiv(n_rows, rows), cdiv(d, cols))](
+        src, out, n_rows, src.stride(0), out.stride(0), D=d, SIZE=size, BLOCKS=cdiv(d, size), ROWS=rows, COLS=cols,
+        E8M0=scale == "e8m0", SCALE_BYTES=scale_bytes(scale), num_warps=8, **constants)

@@ -19,10 +19,11 @@ exact integer one:
   times 0 is the reference's -0.0: Triton's unary minus is 0 - x, which would give +0.0); times s (one
   rounding); cast to the model's dtype rounding to nearest even.
 
-An encode's program holds a tile of (segment, pair of elements, element of the pair), where a segment is one block
-of one row (one row when the scale is per row), or two blocks when the block size is odd (a byte then holds the last
-element of one block and the first of the next; two odd blocks fill whole bytes); each byte is written once. A
-decode's program holds a tile of the output rows, one element a lane (`_decode_kernel` says why). Shape-static,
+An encode's program holds a tile of the rows (`_encode_tile_kernel`) where the row has several blocks of a power of
+two, and otherwise a tile of (segment, pair of elements, element of the pair), where a segment is one block of one
+row (one row when the scale is per row), or two blocks when the block size is odd (a byte then holds the last element
+of one block and the first of the next; two odd blocks fill whole bytes); each byte is written once. A decode's
+program holds a tile of the output rows, one element a lane (`_decode_kernel` says why). Shape-static,
 no host synchronisation: capturable in a CUDA graph. Nothing here needs FP8 hardware: integer arithmetic, float32
 and the model dtype's casts.
 """
@@ -44,11 +45,13 @@ from .wire_blocks_triton import (
     encode_buffers,
     encode_scale,
     launch,
+    launch_tiles,
     load_scale,
     max_keeping_nan,
     scale_bytes,
     segment_size,
     store_scale,
+    tiles_rows,
 )
 
 STOCHASTIC_ENCODE = True  # encode rounds stochastically when given a draw counter (wire.BlockScaled._fused)
@@ -139,6 +142,41 @@ def _encode_kernel(rows_ptr, out_ptr, n_segments, stride_rows, stride_out, D: tl
 
 
 @triton.jit
+def _encode_tile_kernel(rows_ptr, out_ptr, n_rows, stride_rows, stride_out, D: tl.constexpr, SIZE: tl.constexpr,
+                        BLOCKS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, E8M0: tl.constexpr,
+                        SCALE_BYTES: tl.constexpr, counter_ptr, STOCHASTIC: tl.constexpr):
+    """A (ROWS, COLS) tile of the rows, for blocks of a power of two SIZE >= 2 that divides COLS: loaded as the rows
+    lie (contiguous, vectorised), seen as (ROWS, COLS / SIZE, SIZE) for the blocks' amax and as (ROWS, COLS / 2, 2)
+    for the bytes, which a tile then stores contiguously. The same steps as `_encode_kernel`, element for element.
+    (Its tile of (segment, pair, half) loads one element per instruction: 2.6-3.6x the floor on an H100,
+    docs/benchmarks.md wire_codec_fp4_decode_h100.)"""
+    NB: tl.constexpr = COLS // SIZE
+    PAIRS: tl.constexpr = COLS // 2
+    row = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
+    col = tl.program_id(1) * COLS + tl.arange(0, COLS)
+    live = row < n_rows
+    x = tl.load(rows_ptr + row[:, None] * stride_rows + col[None, :], mask=live[:, None] & (col < D)[None, :],
+                other=0.0).to(tl.float32)
+    blocked = tl.reshape(x, (ROWS, NB, SIZE))
+    amax = tl.reduce(tl.abs(blocked), 2, max_keeping_nan)
+    block_scale, code = encode_scale(amax, _MAX, E8M0, _TOP_EXPONENT, _TOP_FRACTION)
+    out_row = out_ptr + row * stride_out
+    block = tl.program_id(1) * NB + tl.arange(0, NB)
+    store_scale(out_row[:, None] + (D + 1) // 2 + SCALE_BYTES * block[None, :], code,
+                live[:, None] & (block < BLOCKS)[None, :], E8M0)
+    # Past the row x is 0 and its block's scale divides it: code 0 (NaN included), the reference's pad.
+    y = tl.reshape(tl.math.div_rn(blocked, block_scale[:, :, None]), (ROWS, COLS))
+    if STOCHASTIC:
+        offset, multiplier = draw_keys(tl.load(counter_ptr))  # as _encode_kernel: each element's flat index
+        codes = _code_stochastically(y, uniform(row[:, None] * D + col[None, :], offset, multiplier))
+    else:
+        codes = _code(y)
+    packed = tl.sum(tl.reshape(codes, (ROWS, PAIRS, 2)) << (4 * tl.arange(0, 2))[None, None, :], 2)
+    pair = tl.program_id(1) * PAIRS + tl.arange(0, PAIRS)
+    tl.store(out_row[:, None] + pair[None, :], packed.to(tl.uint8), mask=live[:, None] & (pair < (D + 1) // 2)[None, :])
+
+
+@triton.jit
 def _decode_kernel(buffer_ptr, out_ptr, n_rows, stride_buffer, stride_out, D: tl.constexpr, SIZE: tl.constexpr,
                    ROWS: tl.constexpr, COLS: tl.constexpr, E8M0: tl.constexpr, SCALE_BYTES: tl.constexpr):
     """A (ROWS, COLS) tile of the rows, one element a lane: its code from byte col // 2 (the low nibble for an even
@@ -188,8 +226,12 @@ def encode(rows: torch.Tensor, block: Optional[int], scale: str = "e8m0",
     d = rows.shape[-1]
     src, out = encode_buffers(rows, _width(d, block, scale), "fp4_e2m1")
     # Nearest passes no counter (None is a compile-time constant): its kernel is the one it always was.
-    _launch(_encode_kernel, src, out.view(-1, out.shape[-1]), d, block, scale, counter_ptr=counter,
-            STOCHASTIC=counter is not None)
+    buffer, size = out.view(-1, out.shape[-1]), segment_size(d, block)
+    if tiles_rows(d, size, 2):
+        launch_tiles(_encode_tile_kernel, src, buffer, d, size, scale, "fp4_e2m1", counter_ptr=counter,
+                     STOCHASTIC=counter is not None)
+    else:
+        _launch(_encode_kernel, src, buffer, d, block, scale, counter_ptr=counter, STOCHASTIC=counter is not None)
     if counter is not None:
         counter.add_(1)  # after the kernel on the same stream: no host sync, and a graph replay draws anew
     return out

@@ -17,10 +17,12 @@ the reference's too, because every step is the same IEEE operation or an exact i
 - decode: a code's magnitude in eighths, (8 + m) << (e - 1) or m, an exact integer; times ±0.125 (exact, and -0.125
   times 0 is the reference's -0.0); times s (one rounding); cast to the model's dtype rounding to nearest even.
 
-A program holds a tile of (segment, group of four elements, element of the group), where a segment is one block of
-one row (one row when the scale is per row), or 2 or 4 blocks when the block size is no multiple of 4 (three bytes
-then hold elements of neighbouring blocks; 4 / gcd(block, 4) blocks fill whole groups). Each byte is written, or
-read, once. Shape-static, no host synchronisation: capturable in a CUDA graph. Nothing here needs FP8 hardware.
+An encode's program holds a tile of the rows (`_encode_tile_kernel`) where the row has several blocks of a power of
+two (at least 4), and otherwise, as a decode's does, a tile of (segment, group of four elements, element of the
+group), where a segment is one block of one row (one row when the scale is per row), or 2 or 4 blocks when the block
+size is no multiple of 4 (three bytes then hold elements of neighbouring blocks; 4 / gcd(block, 4) blocks fill whole
+groups). Each byte is written, or read, once. Shape-static, no host synchronisation: capturable in a CUDA graph.
+Nothing here needs FP8 hardware.
 
 The path ``lsh_moe.kernel: auto`` takes on CUDA since they passed tests/gpu/test_wire_fp6_triton.py on an H100
 (2026-12-05: 191 passed with tests/gpu/test_wire_formats_cuda.py) as well as in Triton's interpreter.
@@ -42,11 +44,13 @@ from .wire_blocks_triton import (
     encode_buffers,
     encode_scale,
     launch,
+    launch_tiles,
     load_scale,
     max_keeping_nan,
     scale_bytes,
     segment_size,
     store_scale,
+    tiles_rows,
 )
 
 _MAX = tl.constexpr(E2M3_MAX)
@@ -121,6 +125,52 @@ def _encode_kernel(rows_ptr, out_ptr, n_segments, stride_rows, stride_out, D: tl
 
 
 @triton.jit
+def _encode_tile_kernel(rows_ptr, out_ptr, n_rows, stride_rows, stride_out, D: tl.constexpr, SIZE: tl.constexpr,
+                        BLOCKS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, E8M0: tl.constexpr,
+                        SCALE_BYTES: tl.constexpr, VALUE_BYTES: tl.constexpr, WORDS: tl.constexpr):
+    """A (ROWS, COLS) tile of the rows, for blocks of a power of two SIZE >= 4 that divides COLS: loaded as the rows
+    lie (contiguous, vectorised), seen as (ROWS, COLS / SIZE, SIZE) for the blocks' amax and as (ROWS, COLS / 4, 4)
+    for the quads' bytes: with WORDS (rows of whole groups of 16 elements whose buffers start at multiples of 4 bytes)
+    four quads go out as three uint32 words, else each quad as three bytes beside its neighbours'. The same steps as
+    `_encode_kernel`, element for element. (Its tile of (segment, quad, element) ran at 6.2-6.9x the floor with a
+    scale per 32 elements on an H100, docs/benchmarks.md wire_codec_fp4_decode_h100, where it is 1.5-2.7x per row.)"""
+    NB: tl.constexpr = COLS // SIZE
+    QUADS: tl.constexpr = COLS // 4
+    row = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
+    col = tl.program_id(1) * COLS + tl.arange(0, COLS)
+    live = row < n_rows
+    x = tl.load(rows_ptr + row[:, None] * stride_rows + col[None, :], mask=live[:, None] & (col < D)[None, :],
+                other=0.0).to(tl.float32)
+    blocked = tl.reshape(x, (ROWS, NB, SIZE))
+    amax = tl.reduce(tl.abs(blocked), 2, max_keeping_nan)
+    block_scale, code = encode_scale(amax, _MAX, E8M0, _TOP_EXPONENT, _TOP_FRACTION)
+    out_row = out_ptr + row * stride_out
+    block = tl.program_id(1) * NB + tl.arange(0, NB)
+    store_scale(out_row[:, None] + VALUE_BYTES + SCALE_BYTES * block[None, :], code,
+                live[:, None] & (block < BLOCKS)[None, :], E8M0)
+    # Past the row x is 0 and its block's scale divides it: code 0 (NaN included), the reference's pad.
+    codes = tl.reshape(_code(tl.math.div_rn(blocked, block_scale[:, :, None])), (ROWS, QUADS, 4))
+    bits = tl.sum(codes << (6 * tl.arange(0, 4))[None, None, :], 2)  # (ROWS, QUADS): 24 bits per quad
+    if WORDS:
+        # Four quads are three little-endian words: 3 word stores a lane where bytes took 12.
+        even, odd = tl.split(tl.reshape(bits.to(tl.uint32), (ROWS, QUADS // 4, 2, 2)))
+        q0, q2 = tl.split(even)
+        q1, q3 = tl.split(odd)
+        group = tl.program_id(1) * (QUADS // 4) + tl.arange(0, QUADS // 4)
+        at = out_ptr.to(tl.pointer_type(tl.uint32)) + (row * (stride_out // 4))[:, None] + 3 * group[None, :]
+        word_mask = live[:, None] & (group < D // 16)[None, :]
+        tl.store(at, q0 | (q1 << 24), mask=word_mask)
+        tl.store(at + 1, (q1 >> 8) | (q2 << 16), mask=word_mask)
+        tl.store(at + 2, (q2 >> 16) | (q3 << 8), mask=word_mask)
+    else:
+        quad = tl.program_id(1) * QUADS + tl.arange(0, QUADS)
+        at = out_row[:, None] + 3 * quad[None, :]
+        byte_mask = live[:, None] & (quad < (D + 3) // 4)[None, :]
+        for b in tl.static_range(3):
+            tl.store(at + b, ((bits >> (8 * b)) & 0xFF).to(tl.uint8), mask=byte_mask)
+
+
+@triton.jit
 def _decode_kernel(buffer_ptr, out_ptr, n_segments, stride_buffer, stride_out, D: tl.constexpr,
                    SIZE: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, BLOCKS: tl.constexpr,
                    SEGS: tl.constexpr, QUADS: tl.constexpr, E8M0: tl.constexpr, SCALE_BYTES: tl.constexpr,
@@ -169,7 +219,14 @@ def encode(rows: torch.Tensor, block: Optional[int], scale: str = "e8m0") -> tor
     ``FP6E2M3(block, scale).encode`` returns."""
     d = rows.shape[-1]
     src, out = encode_buffers(rows, _width(d, block, scale), "fp6_e2m3")
-    _launch(_encode_kernel, src, out.view(-1, out.shape[-1]), d, block, scale)
+    buffer = out.view(-1, out.shape[-1])
+    size = segment_size(d, block)
+    if tiles_rows(d, size, 4):
+        words = d % 16 == 0 and buffer.stride(0) % 4 == 0 and buffer.data_ptr() % 4 == 0
+        launch_tiles(_encode_tile_kernel, src, buffer, d, size, scale, "fp6_e2m3", VALUE_BYTES=3 * cdiv(d, 4),
+                     WORDS=words)
+    else:
+        _launch(_encode_kernel, src, buffer, d, block, scale)
     return out
 
 

@@ -77,6 +77,13 @@ def test_leading_dims_strided_rows_and_other_blocks(block, scale):
 
 
 @pytest.mark.parametrize("scale", SCALES)
+def test_rows_wider_than_a_tile_draw_by_their_flat_index(scale):
+    """A row of 4,193 elements spans two column tiles of the encode: the second tile's uniforms are those of the
+    elements' flat indices too."""
+    check_draw(edge_rows(4193, torch.bfloat16), 32, scale, RANK_3)
+
+
+@pytest.mark.parametrize("scale", SCALES)
 def test_every_magnitude_and_threshold_rounds_as_the_reference(scale):
     """Blocks of 8 whose amax 6 puts s = 2^k in either coding, holding every E2M1 magnitude (which never moves), the
     spacing's thresholds 2 and 4 and their float32 neighbours, midpoints and random values in each interval, and

@@ -77,6 +77,12 @@ def test_other_block_sizes_leading_dims_and_strided_rows(block, scale):
 
 
 @pytest.mark.parametrize("scale", SCALES)
+def test_rows_wider_than_a_tile(scale):
+    """A row of 4,193 elements spans two column tiles of the encode (4,096 and 97 live elements, an odd last byte)."""
+    check_codec(edge_rows(4193, torch.bfloat16), 32, scale)
+
+
+@pytest.mark.parametrize("scale", SCALES)
 def test_every_tie_and_every_code_rounds_as_the_reference(scale):
     """Blocks of 8 whose amax 6 puts s = 2^k in either coding, holding every E2M1 magnitude, every midpoint (a tie,
     to the even code), its float32 neighbours, and their negatives."""

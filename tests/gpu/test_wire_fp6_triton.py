@@ -78,6 +78,14 @@ def test_other_block_sizes_leading_dims_and_strided_rows(block, scale):
 
 
 @pytest.mark.parametrize("scale", SCALES)
+def test_rows_wider_than_a_tile(scale):
+    """A row of 4,192 elements spans two column tiles of the encode (4,096 and 96 live elements); with float32 scales
+    its buffer (3,668 bytes) takes the encode's word stores, with e8m0 (3,275) its byte stores."""
+    x = edge_rows(4192, torch.bfloat16)
+    assert (check_codec(x, 32, scale).shape[-1] % 4 == 0) == (scale == "float32")
+
+
+@pytest.mark.parametrize("scale", SCALES)
 def test_every_tie_and_every_code_rounds_as_the_reference(scale):
     """Blocks of 8 whose amax 7.5 puts s = 2^k in either coding, holding every E2M3 magnitude, every midpoint (a
     tie, to the even code), its float32 neighbours, and their negatives."""
