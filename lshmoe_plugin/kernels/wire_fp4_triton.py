@@ -8,10 +8,11 @@ exact integer one:
 
 - encode: x widened to float32 (exact); amax and the scale s as the reference computes them
   (kernels/wire_blocks_triton.py says why its bits match, in either coding); y = x / s correctly rounded
-  (`div_rn`). The code counts the midpoints `wire.E2M1_MIDPOINTS` below |y| with the reference's comparisons
-  (> for the even midpoints, >= for the odd ones: a tie goes to the even code), all of them exact (the midpoints
-  are float32 values, NaN compares false: code 0, as in the reference), and takes the sign bit from y < 0 (so -0.0
-  is code 0, a tiny negative value code 8, as there). Stochastically (`encode` given the format's draw counter),
+  (`div_rn`). The code is the count of midpoints `wire.E2M1_MIDPOINTS` below |y| that the reference takes (> for
+  the even midpoints, >= for the odd ones: a tie goes to the even code; NaN compares false: code 0), worked out as
+  |y| in the grid's spacing rounded to the nearest integer, ties to even, with exact float32 steps (`_code` says
+  why the two agree: its tests compare every tie and every code), and takes the sign bit from y < 0 (so -0.0 is
+  code 0, a tiny negative value code 8, as there). Stochastically (`encode` given the format's draw counter),
   |y| goes to one of its two neighbours as `wire.FP4E2M1._round_stochastically` sends it, from the same uniform:
   `rounding.hash32` of the element's flat index in the rows (..., d) for the counter's draw
   (kernels/rounding_triton.py), then the counter advances by 1 on the stream, as the reference's draw advances it.
@@ -35,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..wire import E2M1_MAX, E2M1_MIDPOINTS
+from ..wire import E2M1_MAX
 from .launch_math import cdiv, next_power_of_2
 from .rounding_triton import draw_keys, uniform
 from .wire_blocks_triton import (
@@ -57,7 +58,7 @@ from .wire_blocks_triton import (
 STOCHASTIC_ENCODE = True  # encode rounds stochastically when given a draw counter (wire.BlockScaled._fused)
 _MAX = tl.constexpr(E2M1_MAX)
 _TOP_EXPONENT, _TOP_FRACTION = (tl.constexpr(v) for v in e8m0_top(E2M1_MAX))
-_M0, _M1, _M2, _M3, _M4, _M5, _M6 = (tl.constexpr(m) for m in E2M1_MIDPOINTS)
+_ROUNDER = tl.constexpr(2.0**23)  # added and taken away, it rounds a float32 in [0, 2^22) to an integer, ties to even
 
 
 @triton.jit
@@ -81,10 +82,19 @@ def _segments(n_segments, D: tl.constexpr, SIZE: tl.constexpr, GROUP: tl.constex
 
 @triton.jit
 def _code(y):
-    """float32 y -> its E2M1 code (int32 in [0, 16)), rounding |y| to the nearest magnitude, ties to even."""
+    """float32 y -> its E2M1 code (int32 in [0, 16)), rounding |y| to the nearest magnitude, ties to even: the count
+    of midpoints below |y| that the reference takes, in fewer instructions. Counted in the grid's spacing (0.5 below
+    2, 1 in [2, 4), 2 in [4, 6]) |y| lies `scaled` above 0, 2 or 4, whose codes are 0, 4 and 6; scaled < 4 is exact
+    (a power-of-two product) and rounds to the nearest integer, ties to even, as (scaled + 2^23) - 2^23. A tie
+    between two magnitudes is a half-integer there, so it goes to the even step, and the even step is the even code
+    (2 steps per threshold passed): the reference's rule. |y| is clamped at 6 (code 7, as the reference counts every
+    midpoint past it); NaN is code 0 (no comparison holds in the reference)."""
     m = tl.abs(y)
-    code = ((m > _M0).to(tl.int32) + (m >= _M1).to(tl.int32) + (m > _M2).to(tl.int32) + (m >= _M3).to(tl.int32)
-            + (m > _M4).to(tl.int32) + (m >= _M5).to(tl.int32) + (m > _M6).to(tl.int32))
+    m = tl.minimum(tl.where(m == m, m, 0.0), _MAX)
+    past_2, past_4 = m >= 2.0, m >= 4.0
+    scaled = m * tl.where(past_4, 0.5, tl.where(past_2, 1.0, 2.0))
+    steps = (scaled + _ROUNDER) - _ROUNDER
+    code = steps.to(tl.int32) + 2 * (past_2.to(tl.int32) + past_4.to(tl.int32))
     return code | ((y < 0).to(tl.int32) << 3)
 
 
