@@ -1,0 +1,41 @@
+"""The fused encodes as a GPU would run them, compiled here for sm_90 (scripts/kernel_sass.py: Triton's own ptxas, no
+GPU): a row of several blocks is loaded 16 bytes an instruction, and its codes leave in wide stores. The tile of
+(segment, byte group, element) they replace loaded two bytes an instruction and stored one byte, and ran at 6.2-6.9x
+(FP6) its floor on an H100 (docs/quality.md, 2026-12-06, fifth session).
+
+Skipped without Triton (CI installs PyTorch's CPU wheel, which has none)."""
+import os
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton.backends.nvidia")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts"))
+import kernel_sass  # noqa: E402
+
+
+def compiled_counts(fmt: str, block, stochastic: bool = False, scale: str = "e8m0", d: int = 1024):
+    launches = kernel_sass.capture_launches(fmt, "encode", d, block, scale, stochastic, 4096, torch.bfloat16)
+    assert len(launches) == 1
+    jit, args, kwargs = launches[0]
+    return jit.fn.__name__, kernel_sass.describe(kernel_sass.compile_launch(jit, args, dict(kwargs), 90))[2]
+
+
+@pytest.mark.parametrize("fmt, stochastic", [("fp6_e2m3", False), ("fp4_e2m1", False), ("fp4_e2m1", True)])
+def test_an_encode_of_several_blocks_a_row_loads_16_bytes_an_instruction(fmt, stochastic):
+    name, counts = compiled_counts(fmt, 32, stochastic)
+    assert name == "_encode_tile_kernel"
+    assert counts.get("LDG.E.128", 0) == 2 and not any(k.startswith("LDG.E.U16") for k in counts), counts
+
+
+def test_fp6_packs_four_groups_into_three_words_and_fp4_a_threads_bytes_into_one_store():
+    _, fp6 = compiled_counts("fp6_e2m3", 32, scale="float32")  # 3,072 + 128 bytes a row: word stores
+    assert fp6.get("STG.E", 0) == 3, fp6
+    _, fp4 = compiled_counts("fp4_e2m1", 32)
+    assert fp4.get("STG.E.64", 0) == 1, fp4
+
+
+def test_a_row_of_one_scale_keeps_the_segment_encode():
+    name, _ = compiled_counts("fp6_e2m3", None)
+    assert name == "_encode_kernel"
