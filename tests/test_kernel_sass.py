@@ -39,3 +39,13 @@ def test_fp6_packs_four_groups_into_three_words_and_fp4_a_threads_bytes_into_one
 def test_a_row_of_one_scale_keeps_the_segment_encode():
     name, _ = compiled_counts("fp6_e2m3", None)
     assert name == "_encode_kernel"
+
+
+def test_fp4_decodes_a_row_of_several_blocks_from_a_wide_load_of_its_bytes():
+    """One 8-byte load of a thread's codes and a load per scale, where the decode of (rows, columns) one element a lane
+    made 32 one-byte loads a thread (16 codes, 16 scales)."""
+    launches = kernel_sass.capture_launches("fp4_e2m1", "decode", 1024, 32, "e8m0", False, 4096, torch.bfloat16)
+    (jit, args, kwargs), = launches
+    counts = kernel_sass.describe(kernel_sass.compile_launch(jit, args, dict(kwargs), 90))[2]
+    assert jit.fn.__name__ == "_decode_tile_kernel"
+    assert counts.get("LDG.E.64", 0) == 1 and counts.get("LDG.E.U8", 0) <= 2, counts

@@ -1,6 +1,7 @@
 """What the fused wire-format kernels share (kernels/wire_triton.py for ``fp8_e4m3``, kernels/wire_fp4_triton.py for
-``fp4_e2m1``): a block's scale from its largest magnitude in either coding of `lshmoe_plugin.wire.SCALES`, written
-into a row's buffer and read back; and the launch of a kernel over tiles of (row, segment) pairs.
+``fp4_e2m1``, kernels/wire_fp6_triton.py for ``fp6_e2m3``): a block's scale from its largest magnitude in either
+coding of `lshmoe_plugin.wire.SCALES`, written into a row's buffer and read back; the launch of a kernel over tiles
+of (row, segment) pairs, or over (rows, columns) tiles of the rows with the blocks' scales (`scaled_tile`).
 
 The scales have the reference's bits because every step is the same IEEE operation or an exact integer one:
 
@@ -96,6 +97,32 @@ def load_scale(at, mask, E8M0: tl.constexpr):
     return scale
 
 
+@triton.jit
+def scaled_tile(rows_ptr, out_ptr, n_rows, stride_rows, stride_out, D: tl.constexpr, SIZE: tl.constexpr,
+                BLOCKS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, LARGEST: tl.constexpr,
+                E8M0: tl.constexpr, TOP_EXPONENT: tl.constexpr, TOP_FRACTION: tl.constexpr,
+                SCALE_BYTES: tl.constexpr, SCALES_AT: tl.constexpr):
+    """What a tile encode (`launch_tiles`) does before it codes: this program's (ROWS, COLS) tile of the rows, loaded
+    as they lie and seen as (ROWS, COLS / SIZE, SIZE) blocks, each block's scale worked out and stored at byte
+    SCALES_AT + SCALE_BYTES * block of its row's buffer. Returns (rows (int64), columns, live rows, the rows' buffer
+    addresses, the blocks (float32, 0 past the row), their scales (ROWS, COLS / SIZE)). Past the row x is 0 and its
+    block's scale divides it: code 0 (NaN included), the reference's pad."""
+    NB: tl.constexpr = COLS // SIZE
+    row = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
+    col = tl.program_id(1) * COLS + tl.arange(0, COLS)
+    live = row < n_rows
+    x = tl.load(rows_ptr + row[:, None] * stride_rows + col[None, :], mask=live[:, None] & (col < D)[None, :],
+                other=0.0).to(tl.float32)
+    blocked = tl.reshape(x, (ROWS, NB, SIZE))
+    amax = tl.reduce(tl.abs(blocked), 2, max_keeping_nan)
+    block_scale, code = encode_scale(amax, LARGEST, E8M0, TOP_EXPONENT, TOP_FRACTION)
+    out_row = out_ptr + row * stride_out
+    block = tl.program_id(1) * NB + tl.arange(0, NB)
+    store_scale(out_row[:, None] + SCALES_AT + SCALE_BYTES * block[None, :], code,
+                live[:, None] & (block < BLOCKS)[None, :], E8M0)
+    return row, col, live, out_row, blocked, block_scale
+
+
 def scale_bytes(scale: str) -> int:
     return SCALES[scale].bytes
 
@@ -154,7 +181,7 @@ def launch(kernel, src: torch.Tensor, out: torch.Tensor, n_segments: int, segmen
 
 
 def tiles_rows(d: int, size: int, unit: int) -> bool:
-    """Whether an encode of rows d wide with blocks of `size` takes (ROWS, COLS) tiles of the rows (`launch_tiles`):
+    """Whether a codec of rows d wide with blocks of `size` takes (ROWS, COLS) tiles of the rows (`launch_tiles`):
     its blocks are a power of two of at least `unit` elements (the elements that share bytes: 2 for fp4_e2m1, 4 for
     fp6_e2m3), so a tile's columns split into whole blocks and a block into whole byte groups, and shorter than the
     row. With one scale per row the segment kernels were as fast or faster on an H100 (docs/benchmarks.md
@@ -164,8 +191,9 @@ def tiles_rows(d: int, size: int, unit: int) -> bool:
 
 def launch_tiles(kernel, src: torch.Tensor, out: torch.Tensor, d: int, size: int, scale: str, name: str,
                  **constants) -> None:
-    """kernel over (ROWS, COLS) tiles of src (M, d) into out (M, w_out), ~TILE elements each: COLS the row's width
-    rounded up to a power of two (at least one block, at most TILE), ROWS the rows that fill the rest."""
+    """kernel over (ROWS, COLS) tiles of the rows (M of them, d wide) between src (M, w_in) and out (M, w_out): the
+    rows themselves on one side, their buffers on the other; ~TILE elements each, COLS the row's width rounded up to
+    a power of two (at least one block, at most TILE), ROWS the rows that fill the rest."""
     n_rows = src.shape[0]
     if n_rows >= 2**31:
         raise ValueError(f"{name} kernels index rows in int32: {n_rows} is too many; split the rows")

@@ -24,7 +24,8 @@ An encode's program holds a tile of the rows (`_encode_tile_kernel`) where the r
 two, and otherwise a tile of (segment, pair of elements, element of the pair), where a segment is one block of one
 row (one row when the scale is per row), or two blocks when the block size is odd (a byte then holds the last element
 of one block and the first of the next; two odd blocks fill whole bytes); each byte is written once. A decode's
-program holds a tile of the output rows, one element a lane (`_decode_kernel` says why). Shape-static,
+program holds a tile of the output rows: where the row has several blocks of a power of two, its bytes and scales
+read once each (`_decode_tile_kernel`), and otherwise one element a lane (`_decode_kernel` says why). Shape-static,
 no host synchronisation: capturable in a CUDA graph. Nothing here needs FP8 hardware: integer arithmetic, float32
 and the model dtype's casts.
 """
@@ -50,6 +51,7 @@ from .wire_blocks_triton import (
     load_scale,
     max_keeping_nan,
     scale_bytes,
+    scaled_tile,
     segment_size,
     store_scale,
     tiles_rows,
@@ -160,21 +162,10 @@ def _encode_tile_kernel(rows_ptr, out_ptr, n_rows, stride_rows, stride_out, D: t
     for the bytes, which a tile then stores contiguously. The same steps as `_encode_kernel`, element for element.
     (Its tile of (segment, pair, half) loads one element per instruction: 2.6-3.6x the floor on an H100,
     docs/benchmarks.md wire_codec_fp4_decode_h100.)"""
-    NB: tl.constexpr = COLS // SIZE
     PAIRS: tl.constexpr = COLS // 2
-    row = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
-    col = tl.program_id(1) * COLS + tl.arange(0, COLS)
-    live = row < n_rows
-    x = tl.load(rows_ptr + row[:, None] * stride_rows + col[None, :], mask=live[:, None] & (col < D)[None, :],
-                other=0.0).to(tl.float32)
-    blocked = tl.reshape(x, (ROWS, NB, SIZE))
-    amax = tl.reduce(tl.abs(blocked), 2, max_keeping_nan)
-    block_scale, code = encode_scale(amax, _MAX, E8M0, _TOP_EXPONENT, _TOP_FRACTION)
-    out_row = out_ptr + row * stride_out
-    block = tl.program_id(1) * NB + tl.arange(0, NB)
-    store_scale(out_row[:, None] + (D + 1) // 2 + SCALE_BYTES * block[None, :], code,
-                live[:, None] & (block < BLOCKS)[None, :], E8M0)
-    # Past the row x is 0 and its block's scale divides it: code 0 (NaN included), the reference's pad.
+    row, col, live, out_row, blocked, block_scale = scaled_tile(
+        rows_ptr, out_ptr, n_rows, stride_rows, stride_out, D, SIZE, BLOCKS, ROWS, COLS, _MAX, E8M0, _TOP_EXPONENT,
+        _TOP_FRACTION, SCALE_BYTES, (D + 1) // 2)
     y = tl.reshape(tl.math.div_rn(blocked, block_scale[:, :, None]), (ROWS, COLS))
     if STOCHASTIC:
         offset, multiplier = draw_keys(tl.load(counter_ptr))  # as _encode_kernel: each element's flat index
@@ -203,6 +194,33 @@ def _decode_kernel(buffer_ptr, out_ptr, n_rows, stride_buffer, stride_out, D: tl
     scale = load_scale(buffer_row[:, None] + ((D + 1) // 2 + SCALE_BYTES * (col // SIZE))[None, :], mask, E8M0)
     x = _value(codes) * scale
     tl.store(out_ptr + row[:, None] * stride_out + col[None, :], x.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _decode_tile_kernel(buffer_ptr, out_ptr, n_rows, stride_buffer, stride_out, D: tl.constexpr, SIZE: tl.constexpr,
+                        BLOCKS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, E8M0: tl.constexpr,
+                        SCALE_BYTES: tl.constexpr):
+    """A (ROWS, COLS) tile of the rows, for blocks of a power of two SIZE >= 2 that divides COLS: the tile's bytes
+    read once each as they lie (COLS / 2 a row, contiguous), both nibbles of each joined into the row's elements, and
+    its blocks' scales read once each, the tile seen as (ROWS, COLS / SIZE, SIZE) to apply them. The same values as
+    `_decode_kernel`, which reads a byte per element and a scale per element (32 one-byte loads a thread with a
+    scale per 32: scripts/kernel_sass.py)."""
+    NB: tl.constexpr = COLS // SIZE
+    PAIRS: tl.constexpr = COLS // 2
+    row = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
+    live = row < n_rows
+    buffer_row = buffer_ptr + row * stride_buffer
+    pair = tl.program_id(1) * PAIRS + tl.arange(0, PAIRS)
+    packed = tl.load(buffer_row[:, None] + pair[None, :], mask=live[:, None] & (pair < (D + 1) // 2)[None, :],
+                     other=0).to(tl.int32)
+    codes = tl.reshape(tl.join(packed & 0xF, packed >> 4), (ROWS, NB, SIZE))  # element 2i the low nibble of byte i
+    block = tl.program_id(1) * NB + tl.arange(0, NB)
+    scale = load_scale(buffer_row[:, None] + (D + 1) // 2 + SCALE_BYTES * block[None, :],
+                       live[:, None] & (block < BLOCKS)[None, :], E8M0)
+    x = tl.reshape(_value(codes) * scale[:, :, None], (ROWS, COLS))
+    col = tl.program_id(1) * COLS + tl.arange(0, COLS)
+    tl.store(out_ptr + row[:, None] * stride_out + col[None, :], x.to(out_ptr.dtype.element_ty),
+             mask=live[:, None] & (col < D)[None, :])
 
 
 def runs_on(device: torch.device, kernel: str) -> bool:
@@ -252,11 +270,13 @@ def decode(buffer: torch.Tensor, d: int, block: Optional[int], dtype: torch.dtyp
     ``FP4E2M1(block, scale).decode`` returns."""
     src, out = decode_buffers(buffer, d, _width(d, block, scale), dtype, "fp4_e2m1")
     rows = out.view(-1, d)
-    n_rows = rows.shape[0]
-    if n_rows and d:
+    n_rows, size = rows.shape[0], segment_size(d, block)
+    if tiles_rows(d, size, 2):
+        launch_tiles(_decode_tile_kernel, src, rows, d, size, scale, "fp4_e2m1")
+    elif n_rows and d:
         cols = min(next_power_of_2(d), TILE)
         tile_rows = max(1, TILE // cols)
         _decode_kernel[(cdiv(n_rows, tile_rows), cdiv(d, cols))](
-            src, rows, n_rows, src.stride(0), rows.stride(0), D=d, SIZE=segment_size(d, block), ROWS=tile_rows,
+            src, rows, n_rows, src.stride(0), rows.stride(0), D=d, SIZE=size, ROWS=tile_rows,
             COLS=cols, E8M0=scale == "e8m0", SCALE_BYTES=scale_bytes(scale), num_warps=8)
     return out

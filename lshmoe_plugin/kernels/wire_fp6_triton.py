@@ -48,6 +48,7 @@ from .wire_blocks_triton import (
     load_scale,
     max_keeping_nan,
     scale_bytes,
+    scaled_tile,
     segment_size,
     store_scale,
     tiles_rows,
@@ -134,21 +135,10 @@ def _encode_tile_kernel(rows_ptr, out_ptr, n_rows, stride_rows, stride_out, D: t
     four quads go out as three uint32 words, else each quad as three bytes beside its neighbours'. The same steps as
     `_encode_kernel`, element for element. (Its tile of (segment, quad, element) ran at 6.2-6.9x the floor with a
     scale per 32 elements on an H100, docs/benchmarks.md wire_codec_fp4_decode_h100, where it is 1.5-2.7x per row.)"""
-    NB: tl.constexpr = COLS // SIZE
     QUADS: tl.constexpr = COLS // 4
-    row = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
-    col = tl.program_id(1) * COLS + tl.arange(0, COLS)
-    live = row < n_rows
-    x = tl.load(rows_ptr + row[:, None] * stride_rows + col[None, :], mask=live[:, None] & (col < D)[None, :],
-                other=0.0).to(tl.float32)
-    blocked = tl.reshape(x, (ROWS, NB, SIZE))
-    amax = tl.reduce(tl.abs(blocked), 2, max_keeping_nan)
-    block_scale, code = encode_scale(amax, _MAX, E8M0, _TOP_EXPONENT, _TOP_FRACTION)
-    out_row = out_ptr + row * stride_out
-    block = tl.program_id(1) * NB + tl.arange(0, NB)
-    store_scale(out_row[:, None] + VALUE_BYTES + SCALE_BYTES * block[None, :], code,
-                live[:, None] & (block < BLOCKS)[None, :], E8M0)
-    # Past the row x is 0 and its block's scale divides it: code 0 (NaN included), the reference's pad.
+    row, col, live, out_row, blocked, block_scale = scaled_tile(
+        rows_ptr, out_ptr, n_rows, stride_rows, stride_out, D, SIZE, BLOCKS, ROWS, COLS, _MAX, E8M0, _TOP_EXPONENT,
+        _TOP_FRACTION, SCALE_BYTES, VALUE_BYTES)
     codes = tl.reshape(_code(tl.math.div_rn(blocked, block_scale[:, :, None])), (ROWS, QUADS, 4))
     bits = tl.sum(codes << (6 * tl.arange(0, 4))[None, None, :], 2)  # (ROWS, QUADS): 24 bits per quad
     if WORDS:
