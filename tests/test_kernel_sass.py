@@ -49,3 +49,15 @@ def test_fp4_decodes_a_row_of_several_blocks_from_a_wide_load_of_its_bytes():
     counts = kernel_sass.describe(kernel_sass.compile_launch(jit, args, dict(kwargs), 90))[2]
     assert jit.fn.__name__ == "_decode_tile_kernel"
     assert counts.get("LDG.E.64", 0) == 1 and counts.get("LDG.E.U8", 0) <= 2, counts
+
+
+@pytest.mark.parametrize("fmt, block, stochastic", [("fp6_e2m3", 32, False), ("fp4_e2m1", 32, False),
+                                                    ("fp4_e2m1", 32, True), ("fp8_e4m3", 128, False)])
+def test_an_e8m0_scale_divides_by_a_multiply_and_a_float32_one_by_div_rn(fmt, block, stochastic):
+    """An e8m0 scale's reciprocal is exact, so x / s is one multiply (wire_blocks_triton.divide_by_scale); `div_rn`
+    compiles to a dozen instructions and a call into its slow path (CALL.REL.NOINC), one per element a thread. A
+    float32 scale has no exact reciprocal and keeps div_rn, which is what the count of calls tells apart."""
+    _, e8m0 = compiled_counts(fmt, block, stochastic)
+    assert "CALL.REL.NOINC" not in e8m0, e8m0
+    _, float32 = compiled_counts(fmt, block, stochastic, scale="float32")
+    assert float32.get("CALL.REL.NOINC", 0) >= 8, float32

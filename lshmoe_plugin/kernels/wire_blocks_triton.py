@@ -59,6 +59,29 @@ def e8m0_value(code):
 
 
 @triton.jit
+def e8m0_reciprocal(code):
+    """Biased exponents b in [0, 255] (uint32) -> float32 1 / 2^(b - 127) = 2^(127 - b), exactly: 2^127 for b = 0, the
+    subnormal 2^-127 (bits 1 << 22) for b = 254, NaN for 0xFF (a not-finite block's scale)."""
+    bits = tl.where(code == 254, tl.full(code.shape, 1 << 22, tl.uint32), (254 - code) << 23)
+    bits = tl.where(code == 0xFF, tl.full(code.shape, 0x7FC00000, tl.uint32), bits)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def divide_by_scale(x, scale, code, E8M0: tl.constexpr):
+    """x / s correctly rounded, for s and its stored bits `code` as encode_scale returns them (each broadcast to x).
+    An e8m0 s is a power of two whose reciprocal is a float32 too (`e8m0_reciprocal`), so x times it is the real
+    number x / s, rounded once to the same bits (no fast-math: Triton's multiply keeps subnormals): one multiply where
+    `div_rn` is a dozen instructions and a slow-path call (scripts/kernel_sass.py: FP4's tile encode 1,751 SASS lines
+    and 47 registers with `div_rn`, 1,159 and 32 with the multiply). A float32 s, amax / largest rounded, has no
+    exact reciprocal: it keeps `div_rn`."""
+    if E8M0:
+        return x * e8m0_reciprocal(code)
+    else:
+        return tl.math.div_rn(x, scale)
+
+
+@triton.jit
 def encode_scale(amax, LARGEST: tl.constexpr, E8M0: tl.constexpr, TOP_EXPONENT: tl.constexpr,
                  TOP_FRACTION: tl.constexpr):
     """amax (float32, >= 0 or NaN) -> (s, the bits stored for it: float32's, or the e8m0 byte, as uint32)."""
@@ -105,8 +128,8 @@ def scaled_tile(rows_ptr, out_ptr, n_rows, stride_rows, stride_out, D: tl.conste
     """What a tile encode (`launch_tiles`) does before it codes: this program's (ROWS, COLS) tile of the rows, loaded
     as they lie and seen as (ROWS, COLS / SIZE, SIZE) blocks, each block's scale worked out and stored at byte
     SCALES_AT + SCALE_BYTES * block of its row's buffer. Returns (rows (int64), columns, live rows, the rows' buffer
-    addresses, the blocks (float32, 0 past the row), their scales (ROWS, COLS / SIZE)). Past the row x is 0 and its
-    block's scale divides it: code 0 (NaN included), the reference's pad."""
+    addresses, the blocks divided by their scales (float32 (ROWS, COLS / SIZE, SIZE), `divide_by_scale`)). Past the
+    row x is 0 and its block's scale divides it: code 0 (NaN included), the reference's pad."""
     NB: tl.constexpr = COLS // SIZE
     row = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
     col = tl.program_id(1) * COLS + tl.arange(0, COLS)
@@ -120,7 +143,7 @@ def scaled_tile(rows_ptr, out_ptr, n_rows, stride_rows, stride_out, D: tl.conste
     block = tl.program_id(1) * NB + tl.arange(0, NB)
     store_scale(out_row[:, None] + SCALES_AT + SCALE_BYTES * block[None, :], code,
                 live[:, None] & (block < BLOCKS)[None, :], E8M0)
-    return row, col, live, out_row, blocked, block_scale
+    return row, col, live, out_row, divide_by_scale(blocked, block_scale[:, :, None], code[:, :, None], E8M0)
 
 
 def scale_bytes(scale: str) -> int:

@@ -8,7 +8,7 @@ exact integer one:
 
 - encode: x widened to float32 (exact); amax and the scale s as the reference computes them
   (kernels/wire_blocks_triton.py says why its bits match, in either coding); y = x / s correctly rounded
-  (`div_rn`). The code is the count of midpoints `wire.E2M1_MIDPOINTS` below |y| that the reference takes (> for
+  (`divide_by_scale`: x times 1 / s for an e8m0 s, `div_rn` in the segment kernel and for a float32 s). The code is the count of midpoints `wire.E2M1_MIDPOINTS` below |y| that the reference takes (> for
   the even midpoints, >= for the odd ones: a tie goes to the even code; NaN compares false: code 0), worked out as
   |y| in the grid's spacing rounded to the nearest integer, ties to even, with exact float32 steps (`_code` says
   why the two agree: its tests compare every tie and every code), and takes the sign bit from y < 0 (so -0.0 is
@@ -163,10 +163,10 @@ def _encode_tile_kernel(rows_ptr, out_ptr, n_rows, stride_rows, stride_out, D: t
     (Its tile of (segment, pair, half) loads one element per instruction: 2.6-3.6x the floor on an H100,
     docs/benchmarks.md wire_codec_fp4_decode_h100.)"""
     PAIRS: tl.constexpr = COLS // 2
-    row, col, live, out_row, blocked, block_scale = scaled_tile(
+    row, col, live, out_row, scaled = scaled_tile(
         rows_ptr, out_ptr, n_rows, stride_rows, stride_out, D, SIZE, BLOCKS, ROWS, COLS, _MAX, E8M0, _TOP_EXPONENT,
         _TOP_FRACTION, SCALE_BYTES, (D + 1) // 2)
-    y = tl.reshape(tl.math.div_rn(blocked, block_scale[:, :, None]), (ROWS, COLS))
+    y = tl.reshape(scaled, (ROWS, COLS))
     if STOCHASTIC:
         offset, multiplier = draw_keys(tl.load(counter_ptr))  # as _encode_kernel: each element's flat index
         codes = _code_stochastically(y, uniform(row[:, None] * D + col[None, :], offset, multiplier))

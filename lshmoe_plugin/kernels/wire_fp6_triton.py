@@ -8,7 +8,7 @@ the reference's too, because every step is the same IEEE operation or an exact i
 
 - encode: x widened to float32 (exact); amax and the scale s as the reference computes them
   (kernels/wire_blocks_triton.py says why its bits match, in either coding); y = x / s correctly rounded
-  (`div_rn`); |y| with NaN as 0 (the reference's `nan_to_num`: a poisoned block's codes are 0 in both), clamped at
+  (`divide_by_scale`: x times 1 / s for an e8m0 s, `div_rn` in the segment kernel and for a float32 s); |y| with NaN as 0 (the reference's `nan_to_num`: a poisoned block's codes are 0 in both), clamped at
   7.5. The binade e in [1, 3] is the float32 exponent field minus 126, clamped (1 for zero and the subnormals, as
   the reference's frexp gives); q = |y| 2^(4 - e) is exact (a power of two), and it rounds to the nearest integer,
   ties to even, as (q + 2^23) - 2^23 (q < 2^4, so the sum's unit is 1 and float32's own rounding is the rule; an
@@ -136,10 +136,10 @@ def _encode_tile_kernel(rows_ptr, out_ptr, n_rows, stride_rows, stride_out, D: t
     `_encode_kernel`, element for element. (Its tile of (segment, quad, element) ran at 6.2-6.9x the floor with a
     scale per 32 elements on an H100, docs/benchmarks.md wire_codec_fp4_decode_h100, where it is 1.5-2.7x per row.)"""
     QUADS: tl.constexpr = COLS // 4
-    row, col, live, out_row, blocked, block_scale = scaled_tile(
+    row, col, live, out_row, scaled = scaled_tile(
         rows_ptr, out_ptr, n_rows, stride_rows, stride_out, D, SIZE, BLOCKS, ROWS, COLS, _MAX, E8M0, _TOP_EXPONENT,
         _TOP_FRACTION, SCALE_BYTES, VALUE_BYTES)
-    codes = tl.reshape(_code(tl.math.div_rn(blocked, block_scale[:, :, None])), (ROWS, QUADS, 4))
+    codes = tl.reshape(_code(scaled), (ROWS, QUADS, 4))
     bits = tl.sum(codes << (6 * tl.arange(0, 4))[None, None, :], 2)  # (ROWS, QUADS): 24 bits per quad
     if WORDS:
         # Four quads are three little-endian words: 3 word stores a lane where bytes took 12.

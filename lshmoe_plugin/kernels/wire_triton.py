@@ -6,8 +6,8 @@ then its scales (4 bytes little-endian, or one e8m0 byte, each). The bits are th
 step is the same IEEE operation:
 
 - encode: x widened to float32 (exact); amax and the scale s as the reference computes them
-  (kernels/wire_blocks_triton.py says why its bits match, in either coding); x / s correctly rounded (`div_rn`;
-  exact for a power of two barring underflow, which rounds as the reference's division does), clamped to ±448
+  (kernels/wire_blocks_triton.py says why its bits match, in either coding); x / s correctly rounded
+  (`divide_by_scale`: x times 1 / s for an e8m0 s, `div_rn` for a float32 one), clamped to ±448
   with NaN kept; cast to e4m3 rounding to nearest even (``cvt.rn.satfinite``, which the clamp makes exact).
 - decode: e4m3 to float32 (exact), times s (one rounding; none for a power of two unless the product is
   subnormal), cast to the model's dtype rounding to nearest even.
@@ -29,6 +29,7 @@ from ..wire import E4M3_MAX
 from .launch_math import cdiv, next_power_of_2
 from .wire_blocks_triton import (
     decode_buffers,
+    divide_by_scale,
     e8m0_top,
     encode_buffers,
     encode_scale,
@@ -65,7 +66,7 @@ def _encode_kernel(rows_ptr, out_ptr, n_segments, stride_rows, stride_out, D: tl
     x = tl.load(rows_ptr + row[:, None] * stride_rows + col, mask=mask, other=0.0).to(tl.float32)
     amax = tl.reduce(tl.abs(x), 1, max_keeping_nan)
     scale, code = encode_scale(amax, _MAX, E8M0, _TOP_EXPONENT, _TOP_FRACTION)
-    y = tl.clamp(tl.math.div_rn(x, scale[:, None]), -_MAX, _MAX, propagate_nan=tl.PropagateNan.ALL)
+    y = tl.clamp(divide_by_scale(x, scale[:, None], code[:, None], E8M0), -_MAX, _MAX, propagate_nan=tl.PropagateNan.ALL)
     out_row = out_ptr + row * stride_out
     tl.store(out_row[:, None] + col, y.to(tl.float8e4nv).to(tl.uint8, bitcast=True), mask=mask)
     store_scale(out_row + D + SCALE_BYTES * block, code, live, E8M0)
