@@ -8,14 +8,15 @@ exact integer one:
 
 - encode: x widened to float32 (exact); amax and the scale s as the reference computes them
   (kernels/wire_blocks_triton.py says why its bits match, in either coding); y = x / s correctly rounded
-  (`divide_by_scale`: x times 1 / s for an e8m0 s in the tile kernel, `div_rn` elsewhere). The code is the count
-  of midpoints `wire.E2M1_MIDPOINTS` below |y| that the reference takes (> for the even midpoints, >= for the odd ones: a tie goes to the even code; NaN compares false: code 0), worked out as
-  |y| in the grid's spacing rounded to the nearest integer, ties to even, with exact float32 steps (`_code` says
-  why the two agree: its tests compare every tie and every code), and takes the sign bit from y < 0 (so -0.0 is
-  code 0, a tiny negative value code 8, as there). Stochastically (`encode` given the format's draw counter),
-  |y| goes to one of its two neighbours as `wire.FP4E2M1._round_stochastically` sends it, from the same uniform:
-  `rounding.hash32` of the element's flat index in the rows (..., d) for the counter's draw
-  (kernels/rounding_triton.py), then the counter advances by 1 on the stream, as the reference's draw advances it.
+  (`divide_by_scale`: x times 1 / s for an e8m0 s in the tile kernel, `div_rn` elsewhere). The code is the count of
+  midpoints `wire.E2M1_MIDPOINTS` below |y| that the reference takes (> for the even midpoints, >= for the odd ones: a
+  tie goes to the even code; NaN compares false: code 0), worked out as |y| in the grid's spacing rounded to the nearest
+  integer, ties to even, with exact float32 steps (`_code` says why the two agree: its tests compare every tie and every
+  code), and takes the sign bit from y < 0 (so -0.0 is code 0, a tiny negative value code 8, as there). Stochastically
+  (`encode` given the format's draw counter), |y| goes to one of its two neighbours as
+  `wire.FP4E2M1._round_stochastically` sends it, from the same uniform: `rounding.hash32` of the element's flat index in
+  the rows (..., d) for the counter's draw (kernels/rounding_triton.py), then the counter advances by 1 on the stream,
+  as the reference's draw advances it.
 - decode: a code's magnitude in quarters, (2 + m) << e or 2 m, an exact integer; times ±0.25 (exact, and -0.25
   times 0 is the reference's -0.0: Triton's unary minus is 0 - x, which would give +0.0); times s (one
   rounding); cast to the model's dtype rounding to nearest even.

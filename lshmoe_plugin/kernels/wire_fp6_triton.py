@@ -8,12 +8,12 @@ the reference's too, because every step is the same IEEE operation or an exact i
 
 - encode: x widened to float32 (exact); amax and the scale s as the reference computes them
   (kernels/wire_blocks_triton.py says why its bits match, in either coding); y = x / s correctly rounded
-  (`divide_by_scale`: x times 1 / s for an e8m0 s in the tile kernel, `div_rn` elsewhere); |y| with NaN as 0
-  (the reference's `nan_to_num`: a poisoned block's codes are 0 in both), clamped at 7.5. The binade e in [1, 3] is the float32 exponent field minus 126, clamped (1 for zero and the subnormals, as
-  the reference's frexp gives); q = |y| 2^(4 - e) is exact (a power of two), and it rounds to the nearest integer,
-  ties to even, as (q + 2^23) - 2^23 (q < 2^4, so the sum's unit is 1 and float32's own rounding is the rule; an
-  FMA of the product and the add rounds once as well, the product being exact). The code is q + 8 (e - 1) with the
-  sign bit (32) from y < 0 (so -0.0 is code 0).
+  (`divide_by_scale`: x times 1 / s for an e8m0 s in the tile kernel, `div_rn` elsewhere); |y| with NaN as 0 (the
+  reference's `nan_to_num`: a poisoned block's codes are 0 in both), clamped at 7.5. The binade e in [1, 3] is the
+  float32 exponent field minus 126, clamped (1 for zero and the subnormals, as the reference's frexp gives); q = |y|
+  2^(4 - e) is exact (a power of two), and it rounds to the nearest integer, ties to even, as (q + 2^23) - 2^23 (q <
+  2^4, so the sum's unit is 1 and float32's own rounding is the rule; an FMA of the product and the add rounds once as
+  well, the product being exact). The code is q + 8 (e - 1) with the sign bit (32) from y < 0 (so -0.0 is code 0).
 - decode: a code's magnitude in eighths, (8 + m) << (e - 1) or m, an exact integer; times ±0.125 (exact, and -0.125
   times 0 is the reference's -0.0); times s (one rounding); cast to the model's dtype rounding to nearest even.
 

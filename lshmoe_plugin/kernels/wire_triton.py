@@ -66,7 +66,8 @@ def _encode_kernel(rows_ptr, out_ptr, n_segments, stride_rows, stride_out, D: tl
     x = tl.load(rows_ptr + row[:, None] * stride_rows + col, mask=mask, other=0.0).to(tl.float32)
     amax = tl.reduce(tl.abs(x), 1, max_keeping_nan)
     scale, code = encode_scale(amax, _MAX, E8M0, _TOP_EXPONENT, _TOP_FRACTION)
-    y = tl.clamp(divide_by_scale(x, scale[:, None], code[:, None], E8M0), -_MAX, _MAX, propagate_nan=tl.PropagateNan.ALL)
+    y = divide_by_scale(x, scale[:, None], code[:, None], E8M0)
+    y = tl.clamp(y, -_MAX, _MAX, propagate_nan=tl.PropagateNan.ALL)
     out_row = out_ptr + row * stride_out
     tl.store(out_row[:, None] + col, y.to(tl.float8e4nv).to(tl.uint8, bitcast=True), mask=mask)
     store_scale(out_row + D + SCALE_BYTES * block, code, live, E8M0)
