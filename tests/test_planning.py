@@ -136,7 +136,11 @@ def test_published_quality_records_by_layer_shape():
     assert record.final_gap == pytest.approx(0.0321)
     # the example shape (16 experts, 4096 tokens per rank) was never measured; nor other tokens per rank
     assert quality_records.find_record(records, 512, 2048, 16, 2, 1.25, 4096, 0.2) == (None, 0)
-    assert quality_records.find_record(records, 512, 2048, 8, 2, 1.25, 8192, 0.2) == (None, 0)
+    assert quality_records.find_record(records, 512, 2048, 8, 2, 1.25, 2048, 0.2) == (None, 0)
+    # gpt-moe-72m's layers (8192 tokens per step) since the paper's two seeds on `gpt-72m-long` (2026-12-06)
+    record, _ = quality_records.find_record(records, 512, 2048, 8, 2, 1.25, 8192, 0.2)
+    assert (record.section, record.variant, record.seeds) == ("testbed_gpt_72m_pinned_x1", "lsh", 2)
+    assert record.final_gap == pytest.approx(0.0975) and not record.reached
     # no study-only diagnostic layer or ablation passes for LSH-MoE; of the other methods only the study variants
     # that are a method with nothing set beside it: FP4 both ways (fp4), FP6 both ways (fp6), FP8 both ways (fp8),
     # FP8 to the experts (fp8_dispatch), the paper's with FP8 centroids (lsh_fp8: paper_fp8), FP8 forward with FP4

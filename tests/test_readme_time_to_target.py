@@ -28,6 +28,33 @@ def test_the_135m_table_copies_its_section():
         assert f"{first}| `{shape}` | {tokens} | {t100} / {t200} / {t400} |" in README, shape
 
 
+def configuration_rows(section: str):
+    """{variant: {shape: its cells}} of every configuration's table in a time-to-target section."""
+    tables = read_section_text(BENCHMARKS, section).split("### ")[1:]
+    return {re.match(r"`([^`]+)`", table).group(1): {m.group(1): [c.strip() for c in m.group(2).split("|")]
+                                                    for m in re.finditer(r"^\| `([^`]+)` \|(.*)\|$", table, re.M)}
+            for table in tables}
+
+
+def test_the_135m_tables_other_rows_copy_their_section():
+    """The paper's and the stacked configuration's rows, on every shape the README names them on: tokens (or "not
+    reached", with the final gap and the seeds) and the three times to target ("–" where never reached)."""
+    rows = configuration_rows("time_to_target_ep16_g8")
+    table = README.split("**Time to stock's final loss**")[1].split("\n\n")[1]
+    checked = 0
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        variant = re.search(r"`([^`]+)`$", cells[0])
+        current = variant.group(1) if variant else current if cells[0] == "" else None
+        if current is None or current == "fp8_fwd_fp4sr_grad" or not cells[1].startswith("`"):
+            continue
+        tokens, _, t100, _, t200, _, t400 = rows[current][cells[1].strip("`")]
+        times = "–" if t100 == t200 == t400 == "–" else f"{t100} / {t200} / {t400}"
+        assert cells[2:] == [tokens, times], line
+        checked += 1
+    assert checked >= 7, table
+
+
 def test_the_1p3b_table_copies_its_sections():
     rows = default_rows("time_to_target_ep16_g8_1p3b")
     modelled = read_section_text(BENCHMARKS, "gpt_moe_gpt-moe-1.3b_modelled_ep16_g8_fp8_fwd_fp4sr_grad_mb4")
