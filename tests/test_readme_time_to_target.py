@@ -41,7 +41,7 @@ def test_the_135m_tables_other_rows_copy_their_section():
     reached", with the final gap and the seeds) and the three times to target ("–" where never reached)."""
     rows = configuration_rows("time_to_target_ep16_g8")
     table = README.split("**Time to stock's final loss**")[1].split("\n\n")[1]
-    checked = 0
+    checked, current = 0, None
     for line in table.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
         variant = re.search(r"`([^`]+)`$", cells[0])
