@@ -224,13 +224,14 @@ for stage in "$@"; do
                 # One process, one rank's shapes (1 expert per rank: the job has K experts), all 12 (EP, link) pairs
                 # and the variants round-robin (lsh_decide: decide_by_cost, each layer deciding once per pair);
                 # the timeout keeps the call's logs coming back.
-                # MICRO_BATCH and VARIANTS (beside stock; default lsh lsh_decide) fit the 1.3b stage to an H100: its
+                # 1.3b: MICRO_BATCH and VARIANTS (beside stock; default lsh lsh_decide) fit the stage to an H100: its
                 # three engines at micro-batch 8 need an H200; stock and lsh at 4 fit 78 GiB as two engines did in
                 # bench-modelled-1.3b-candidates (the section name then ends in _mb<N>).
-                if [ "$stage" = bench-modelled-135m ]; then model=(--preset gpt-moe-135m --micro-batch 32 --steps 30 --timed-from 10)
+                if [ "$stage" = bench-modelled-135m ]; then
+                    model=(--preset gpt-moe-135m --micro-batch 32 --steps 30 --timed-from 10); variants=(lsh lsh_decide)
                 else model=(--preset gpt-moe-1.3b --micro-batch "${MICRO_BATCH:-8}" ${MICRO_BATCH:+--section-suffix _mb$MICRO_BATCH}
-                            --steps 10 --timed-from 3); fi
-                timeout "${MODELLED_TIMEOUT:-540}" python3 scripts/benchmark_gpt_moe.py "${model[@]}" --variants stock ${VARIANTS:-lsh lsh_decide} \
+                            --steps 10 --timed-from 3); variants=(${VARIANTS:-lsh lsh_decide}); fi
+                timeout "${MODELLED_TIMEOUT:-540}" python3 scripts/benchmark_gpt_moe.py "${model[@]}" --variants stock "${variants[@]}" \
                     --experts-per-rank 1 --modelled-ep 8 16 64 --modelled-link 100gbps 200gbps 400gbps nvlink4 \
                     --modelled-gpus-per-node "${MODELLED_GPUS_PER_NODE:-8}" --report "$OUT/benchmarks.md" 2>&1 \
                     | tee -a "$OUT/logs/bench_modelled.log" | tail -30 ;;
