@@ -9,6 +9,7 @@ bandwidth measured in the same run. Nothing crosses a link. CUDA only: on a CPU 
     python scripts/benchmark_wire.py                               # on a GPU, prints the table
     python scripts/benchmark_wire.py --formats fp4_e2m1/e8m0 --blocks 32 16
     python scripts/benchmark_wire.py --report docs/benchmarks.md   # ... and (re)writes its section there
+    python scripts/benchmark_wire.py --tile 8192 --kernels triton --section wire_codec_tile8192   # another tile
 
 Nothing is written unless --report names where.
 """
@@ -32,6 +33,22 @@ def scale_block(value: str):
     raise argparse.ArgumentTypeError(f"a scale block is 'row' or an integer >= 1, got {value!r}")
 
 
+def tile_size(value: str) -> int:
+    """A power of two in [512, 16384]: elements a fused wire kernel's program holds."""
+    if value.isdigit() and 512 <= int(value) <= 16384 and int(value) & (int(value) - 1) == 0:
+        return int(value)
+    raise argparse.ArgumentTypeError(f"a tile is a power of two from 512 to 16384 elements, got {value!r}")
+
+
+def set_tile(tile: int) -> None:
+    """Every wire kernel module's TILE (lshmoe_plugin/kernels/wire_blocks_triton.py's, and the copies the format
+    modules import) set to `tile` for this process: a benchmark of another tile, before the constant changes."""
+    from lshmoe_plugin.kernels import wire_blocks_triton, wire_fp4_triton, wire_fp6_triton, wire_triton
+    for module in (wire_blocks_triton, wire_fp4_triton, wire_fp6_triton, wire_triton):
+        if hasattr(module, "TILE"):
+            module.TILE = tile
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--d-models", type=int, nargs="+", default=[1024, 2048, 4096])
@@ -50,11 +67,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                    f"one); default: print only")
     p.add_argument("--section", default=wire_benchmark.SECTION,
                    help="the section's name in --report (another name keeps a published section beside it)")
+    p.add_argument("--tile", type=tile_size, default=None, metavar="N",
+                   help="elements a fused kernel's program holds, for this run only (default: the kernels' TILE, "
+                   "4096); its rows go under their own --section")
     return p.parse_args(argv)
 
 
 def main() -> None:
     args = parse_args()
+    if args.tile is not None:
+        set_tile(args.tile)
     wire_benchmark.run(args.d_models, args.tokens, args.formats, args.blocks, args.kernels, args.dtype, args.reps,
                        args.report, args.section)
 

@@ -13,7 +13,8 @@
 #       (GPU_TESTS="<files or node ids>" runs a subset of tests/gpu)
 #       | bench-compressor | bench-wire (the wire formats' encode + decode vs the bandwidth floor: fp8_e4m3,
 #         fp4_e2m1 (and its stochastic encode) and fp6_e2m3, float32 and e8m0 scales, reference and fused, 16K tokens;
-#         section wire_codec, the H200's: WIRE_SECTION names another, as an H100's run must) | bench-layer | bench-gpt
+#         section wire_codec, the H200's: WIRE_SECTION names another, as an H100's run must; WIRE_ARGS adds
+#         benchmark_wire.py's own, e.g. "--tile 8192 --kernels triton") | bench-layer | bench-gpt
 #       | bench-gpt-small | profile-gpt-135m (VARIANTS="...": those beside stock) | quality:<study>:<seconds>
 #       | bench-modelled-135m | bench-modelled-1.3b (GPT-MoE step times at modelled EP 8/16/64 over 100/200/400 Gb/s
 #         and NVLink 4, one GPU, the link stand-in, on 8-GPU nodes (NVLink inside, one NIC per GPU: EP=8 crosses
@@ -213,7 +214,7 @@ for stage in "$@"; do
                 --report "$OUT/benchmarks.md" --plot "$OUT/compressor_vs_floor.png" 2>&1 \
                 | tee "$OUT/logs/bench_compressor.log" | tail -30 ;;
         bench-wire) python3 scripts/benchmark_wire.py --tokens 16384 --report "$OUT/benchmarks.md" \
-                --section "${WIRE_SECTION:-wire_codec}" 2>&1 \
+                --section "${WIRE_SECTION:-wire_codec}" ${WIRE_ARGS:-} 2>&1 \
                 | tee "$OUT/logs/bench_wire.log" | tail -55 ;;
         bench-layer) python3 scripts/benchmark_moe_layer.py --rates 0.2 --eager-too --report "$OUT/benchmarks.md" \
                 --plot "$OUT/moe_layer_ep1.png" 2>&1 | tee "$OUT/logs/bench_layer.log" | tail -15 ;;

@@ -61,3 +61,23 @@ def test_an_e8m0_scale_divides_by_a_multiply_and_a_float32_one_by_div_rn(fmt, bl
     assert "CALL.REL.NOINC" not in e8m0, e8m0
     _, float32 = compiled_counts(fmt, block, stochastic, scale="float32")
     assert float32.get("CALL.REL.NOINC", 0) >= 8, float32
+
+
+def test_benchmark_wire_tile_reaches_every_launch():
+    """`benchmark_wire.py --tile N` times the kernels as a program of N elements would run them: the encode's and the
+    segment decode's launches (which import TILE from two modules) both take it."""
+    import benchmark_wire
+    from lshmoe_plugin.kernels import wire_blocks_triton, wire_fp4_triton
+    before = (wire_blocks_triton.TILE, wire_fp4_triton.TILE)
+    try:
+        benchmark_wire.set_tile(8192)
+        (_, _, encode), = kernel_sass.capture_launches("fp4_e2m1", "encode", 1024, 32, "e8m0", False, 4096,
+                                                       torch.bfloat16)
+        assert encode["ROWS"] * encode["COLS"] == 8192
+        (_, _, decode), = kernel_sass.capture_launches("fp4_e2m1", "decode", 1024, None, "e8m0", False, 4096,
+                                                       torch.bfloat16)
+        assert decode["ROWS"] * decode["COLS"] == 8192
+    finally:
+        wire_blocks_triton.TILE, wire_fp4_triton.TILE = before
+    (_, _, encode), = kernel_sass.capture_launches("fp4_e2m1", "encode", 1024, 32, "e8m0", False, 4096, torch.bfloat16)
+    assert encode["ROWS"] * encode["COLS"] == 4096

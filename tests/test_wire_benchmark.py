@@ -37,7 +37,9 @@ def test_arguments_pick_formats_and_blocks():
     assert args.kernels == ["triton"]
     assert script.parse_args([]).section == "wire_codec"
     assert script.parse_args(["--section", "wire_codec_fp6_sr"]).section == "wire_codec_fp6_sr"
-    for wrong in (["--blocks", "0"], ["--blocks", "-3"], ["--formats", "fp4_e2m1"], ["--formats", "fp8_e5m2/e8m0"]):
+    assert script.parse_args([]).tile is None and script.parse_args(["--tile", "8192"]).tile == 8192
+    for wrong in (["--blocks", "0"], ["--blocks", "-3"], ["--formats", "fp4_e2m1"], ["--formats", "fp8_e5m2/e8m0"],
+                  ["--tile", "6000"], ["--tile", "256"], ["--tile", "32768"]):
         with pytest.raises(SystemExit):
             script.parse_args(wrong)
     with pytest.raises(ValueError, match="allowed"):
