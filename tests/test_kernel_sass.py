@@ -67,6 +67,7 @@ def test_benchmark_wire_tile_reaches_every_launch():
     """`benchmark_wire.py --tile N` times the kernels as a program of N elements would run them: the encode's and the
     segment decode's launches (which import TILE from two modules) both take it."""
     import benchmark_wire
+
     from lshmoe_plugin.kernels import wire_blocks_triton, wire_fp4_triton
     before = (wire_blocks_triton.TILE, wire_fp4_triton.TILE)
     try:
