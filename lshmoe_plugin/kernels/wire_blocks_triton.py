@@ -73,7 +73,7 @@ def divide_by_scale(x, scale, code, E8M0: tl.constexpr):
     An e8m0 s is a power of two whose reciprocal is a float32 too (`e8m0_reciprocal`), so x times it is the real
     number x / s, rounded once to the same bits (no fast-math: Triton's multiply keeps subnormals): one multiply where
     `div_rn` is a dozen instructions and a slow-path call (scripts/kernel_sass.py: FP4's tile encode 1,751 SASS lines
-    and 47 registers with `div_rn`, 1,159 and 32 with the multiply). A float32 s, amax / largest rounded, has no
+    and 47 registers with `div_rn`, 1,127 and 32 with the multiply). A float32 s, amax / largest rounded, has no
     exact reciprocal: it keeps `div_rn`."""
     if E8M0:
         return x * e8m0_reciprocal(code)
