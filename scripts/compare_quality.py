@@ -59,7 +59,8 @@ TITLES = {
                                  "stock (3 seeds), the paper's configuration, the control rate 1.0 and the "
                                  "per-token wire formats",
     "testbed_gpt_72m_pinned_x1": "Testbed `gpt-72m-long` (H100, the pinned corpus), the long schedule: stock (3 "
-                                 "seeds), FP4 both ways (3 seeds) and FP8 forward with FP4 gradients",
+                                 "seeds), FP4 both ways (3 seeds), FP8 forward with FP4 gradients, the paper's "
+                                 "configuration, its compensation's backward path and the control rate 1.0",
     "testbed_t5_26m_pinned_x1": "Testbed `t5-26m-long` (H100, the pinned corpus), the long schedule: stock (3 "
                                 "seeds), the per-token wire formats (3 seeds), the paper's configuration, its "
                                 "compensation's halves and the control rate 1.0",
