@@ -42,11 +42,13 @@ def tile_size(value: str) -> int:
 
 def set_tile(tile: int) -> None:
     """Every wire kernel module's TILE (lshmoe_plugin/kernels/wire_blocks_triton.py's, and the copies the format
-    modules import) set to `tile` for this process: a benchmark of another tile, before the constant changes."""
+    modules import) and a format's own tile (FP4's BLOCK_TILE) set to `tile` for this process: a benchmark of
+    another tile, before a constant changes."""
     from lshmoe_plugin.kernels import wire_blocks_triton, wire_fp4_triton, wire_fp6_triton, wire_triton
     for module in (wire_blocks_triton, wire_fp4_triton, wire_fp6_triton, wire_triton):
-        if hasattr(module, "TILE"):
-            module.TILE = tile
+        for name in ("TILE", "BLOCK_TILE"):
+            if hasattr(module, name):
+                setattr(module, name, tile)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -68,8 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--section", default=wire_benchmark.SECTION,
                    help="the section's name in --report (another name keeps a published section beside it)")
     p.add_argument("--tile", type=tile_size, default=None, metavar="N",
-                   help="elements a fused kernel's program holds, for this run only (default: the kernels' TILE, "
-                   "4096); its rows go under their own --section")
+                   help="elements a fused kernel's program holds, for this run only (default: the kernels' own, "
+                   "TILE 4096, and 8192 for FP4's blocks); its rows go under their own --section")
     return p.parse_args(argv)
 
 

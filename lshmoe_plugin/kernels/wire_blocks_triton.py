@@ -213,17 +213,19 @@ def tiles_rows(d: int, size: int, unit: int) -> bool:
 
 
 def launch_tiles(kernel, src: torch.Tensor, out: torch.Tensor, d: int, size: int, scale: str, name: str,
-                 **constants) -> None:
+                 tile: Optional[int] = None, **constants) -> None:
     """kernel over (ROWS, COLS) tiles of the rows (M of them, d wide) between src (M, w_in) and out (M, w_out): the
-    rows themselves on one side, their buffers on the other; ~TILE elements each, COLS the row's width rounded up to
-    a power of two (at least one block, at most TILE), ROWS the rows that fill the rest."""
+    rows themselves on one side, their buffers on the other; ~`tile` elements each (TILE unless the format holds
+    another), COLS the row's width rounded up to a power of two (at least one block, at most the tile), ROWS the
+    rows that fill the rest."""
     n_rows = src.shape[0]
     if n_rows >= 2**31:
         raise ValueError(f"{name} kernels index rows in int32: {n_rows} is too many; split the rows")
     if not (n_rows and d):
         return
-    cols = max(size, min(next_power_of_2(d), TILE))
-    rows = max(1, TILE // cols)
+    tile = tile or TILE
+    cols = max(size, min(next_power_of_2(d), tile))
+    rows = max(1, tile // cols)
     kernel[(cdiv(n_rows, rows), cdiv(d, cols))](
         src, out, n_rows, src.stride(0), out.stride(0), D=d, SIZE=size, BLOCKS=cdiv(d, size), ROWS=rows, COLS=cols,
         E8M0=scale == "e8m0", SCALE_BYTES=scale_bytes(scale), num_warps=8, **constants)

@@ -21,14 +21,14 @@ exact integer one:
   times 0 is the reference's -0.0: Triton's unary minus is 0 - x, which would give +0.0); times s (one
   rounding); cast to the model's dtype rounding to nearest even.
 
-An encode's program holds a tile of the rows (`_encode_tile_kernel`) where the row has several blocks of a power of
-two, and otherwise a tile of (segment, pair of elements, element of the pair), where a segment is one block of one
-row (one row when the scale is per row), or two blocks when the block size is odd (a byte then holds the last element
-of one block and the first of the next; two odd blocks fill whole bytes); each byte is written once. A decode's
-program holds a tile of the output rows: where the row has several blocks of a power of two, its bytes and scales
-read once each (`_decode_tile_kernel`), and otherwise one element a lane (`_decode_kernel` says why). Shape-static,
-no host synchronisation: capturable in a CUDA graph. Nothing here needs FP8 hardware: integer arithmetic, float32
-and the model dtype's casts.
+An encode's program holds a tile of the rows (`_encode_tile_kernel`, `BLOCK_TILE` elements) where the row has
+several blocks of a power of two, and otherwise a tile of (segment, pair of elements, element of the pair), where a
+segment is one block of one row (one row when the scale is per row), or two blocks when the block size is odd (a byte
+then holds the last element of one block and the first of the next; two odd blocks fill whole bytes); each byte is
+written once. A decode's program holds a tile of the output rows: where the row has several blocks of a power of two,
+its bytes and scales read once each (`_decode_tile_kernel`, `BLOCK_TILE` elements), and otherwise one element a lane
+(`_decode_kernel` says why). Shape-static, no host synchronisation: capturable in a CUDA graph. Nothing here needs
+FP8 hardware: integer arithmetic, float32 and the model dtype's casts.
 """
 from __future__ import annotations
 
@@ -58,6 +58,12 @@ from .wire_blocks_triton import (
     tiles_rows,
 )
 
+# A (ROWS, COLS) tile of FP4 rows holds twice the shared TILE: 32 elements a thread. Timed beside TILE in one call
+# on an idle H100 (docs/benchmarks.md wire_codec_tile8192_h100 against wire_codec_tile4096_h100), every FP4 kernel
+# with a scale per 32 ran faster at d_model 1024-4096: the encode 3-5%, the stochastic encode 4-6% (it is bound by
+# issue, and a thread's loop setup spreads over twice the elements), the decode 8-13%. FP6's decode and FP8's
+# kernels ran slower there, and a row of one scale (the segment kernels) too, so they keep TILE.
+BLOCK_TILE = 2 * TILE
 STOCHASTIC_ENCODE = True  # encode rounds stochastically when given a draw counter (wire.BlockScaled._fused)
 _MAX = tl.constexpr(E2M1_MAX)
 _TOP_EXPONENT, _TOP_FRACTION = (tl.constexpr(v) for v in e8m0_top(E2M1_MAX))
@@ -257,7 +263,7 @@ def encode(rows: torch.Tensor, block: Optional[int], scale: str = "e8m0",
     # Nearest passes no counter (None is a compile-time constant): its kernel is the one it always was.
     buffer, size = out.view(-1, out.shape[-1]), segment_size(d, block)
     if tiles_rows(d, size, 2):
-        launch_tiles(_encode_tile_kernel, src, buffer, d, size, scale, "fp4_e2m1", counter_ptr=counter,
+        launch_tiles(_encode_tile_kernel, src, buffer, d, size, scale, "fp4_e2m1", BLOCK_TILE, counter_ptr=counter,
                      STOCHASTIC=counter is not None)
     else:
         _launch(_encode_kernel, src, buffer, d, block, scale, counter_ptr=counter, STOCHASTIC=counter is not None)
@@ -273,7 +279,7 @@ def decode(buffer: torch.Tensor, d: int, block: Optional[int], dtype: torch.dtyp
     rows = out.view(-1, d)
     n_rows, size = rows.shape[0], segment_size(d, block)
     if tiles_rows(d, size, 2):
-        launch_tiles(_decode_tile_kernel, src, rows, d, size, scale, "fp4_e2m1")
+        launch_tiles(_decode_tile_kernel, src, rows, d, size, scale, "fp4_e2m1", BLOCK_TILE)
     elif n_rows and d:
         cols = min(next_power_of_2(d), TILE)
         tile_rows = max(1, TILE // cols)
