@@ -154,7 +154,7 @@ def models_note(texts: Dict[str, str], ep: int, quality: Dict[str, dict]) -> str
 
 
 def render(benchmarks: str, sections: Sequence[str], ep: int, variants: Sequence[str], testbeds: Sequence[str],
-           root: str, command: str) -> str:
+           root: str, command: str, only_links: Optional[Sequence[str]] = None) -> str:
     check_variants(variants)
     check_testbeds(testbeds)
     if not os.path.isdir(root):
@@ -168,6 +168,11 @@ def render(benchmarks: str, sections: Sequence[str], ep: int, variants: Sequence
     links = list(section_speedups(benchmarks, sections, ep))
     if not links:
         raise TableError(f"--sections {list(sections)}: no row '<variant> @ <link> EP{ep}' (--ep {ep})")
+    if only_links:
+        unknown = [link for link in only_links if link not in links]
+        if unknown:
+            raise TableError(f"--links {unknown}: the sections time EP{ep} over {links} only")
+        links = list(only_links)
     steps = {v: step_speedups(benchmarks, sections, ep, v) for v in variants}
     shapes, quality = {}, {}
     for bed in testbeds:
@@ -216,13 +221,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--variants", nargs="+", required=True, help="study variants, one table each")
     parser.add_argument("--testbeds", nargs="+", required=True, help="testbed shapes (lshmoe_pretrain/testbed.py)")
     parser.add_argument("--root", required=True, help="the run records (<root>/<testbed>/x1/...)")
+    parser.add_argument("--links", nargs="+", default=None,
+                        help="the links to tabulate, in this order (default: every link the sections time)")
     parser.add_argument("--section", default=None, help="the block to write (default time_to_target_ep<EP>_g<G>)")
     parser.add_argument("--report", default=None, help="the file to write the block into (e.g. docs/benchmarks.md); "
                                                        "a new block goes after per_link_ep<EP>_g<G>")
     args = parser.parse_args(argv)
     command = "python scripts/time_to_target_table.py " + " ".join(sys.argv[1:] if argv is None else argv)
     try:
-        text = render(args.benchmarks, args.sections, args.ep, args.variants, args.testbeds, args.root, command)
+        text = render(args.benchmarks, args.sections, args.ep, args.variants, args.testbeds, args.root, command,
+                      args.links)
     except TableError as error:
         parser.error(str(error))
     print(text)

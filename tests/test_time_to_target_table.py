@@ -50,8 +50,8 @@ def inputs(tmp_path):
 
 
 def render(root, benchmarks, variants=(DEFAULT, THE_PAPERS), testbeds=("gpt-25m-long", "gpt-72m-long"),
-           sections=SECTIONS, ep=16):
-    return ttt.render(benchmarks, list(sections), ep, list(variants), list(testbeds), root, "python x")
+           sections=SECTIONS, ep=16, links=None):
+    return ttt.render(benchmarks, list(sections), ep, list(variants), list(testbeds), root, "python x", links)
 
 
 def table_rows(text, variant):
@@ -93,6 +93,16 @@ def test_cells_reached_not_reached_and_not_trained(inputs):
             "to target joins their token ratio to another job's step speed-up") in text
 
 
+def test_links_keeps_the_links_asked_in_their_order(inputs):
+    """--links tabulates only the links named (a section that also times NVLink need not add its column)."""
+    root, benchmarks = inputs
+    text = render(root, benchmarks, links=["200gbps"])
+    assert table_rows(text, THE_PAPERS)["gpt-25m-long"] == ["not reached (final gap +10.00%; 1 seed)", "1.25x", "–"]
+    assert "100gbps:" not in text
+    swapped = table_rows(render(root, benchmarks, links=["200gbps", "100gbps"]), DEFAULT)["gpt-72m-long"]
+    assert swapped == ["not trained on this shape", "0.8x", "–", "1.2x", "–"]
+
+
 def test_main_writes_the_section_after_the_per_link_table(inputs):
     root, benchmarks = inputs
     write_section(benchmarks, "per_link_ep16_g8", "## per link")
@@ -124,6 +134,9 @@ def test_refusals_name_the_argument(inputs, tmp_path):
         render(root, benchmarks, variants=["fp4_both"])
     with pytest.raises(ttt.TableError, match=r"no row '<variant> @ <link> EP64'"):
         render(root, benchmarks, ep=64)
+    with pytest.raises(ttt.TableError, match=r"--links \['nvlink4'\]: the sections time EP16 over \['100gbps', "
+                                             r"'200gbps'\] only"):
+        render(root, benchmarks, links=["100gbps", "nvlink4"])
     with open(benchmarks, "a") as f:
         f.write(bench_section("g1", "modelled EP=16: stock DeepSpeed vs LSH-MoE rate 0.2",
                               [("stock @ 100gbps EP16", 1), ("lsh @ 100gbps EP16", 2)], gpus=1))
