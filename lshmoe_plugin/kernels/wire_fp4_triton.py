@@ -59,7 +59,7 @@ from .wire_blocks_triton import (
 )
 
 # A (ROWS, COLS) tile of FP4 rows holds twice the shared TILE: 32 elements a thread. Timed beside TILE in one call
-# on an idle H100 (docs/benchmarks.md wire_codec_tile8192_h100 against wire_codec_tile4096_h100), every FP4 kernel
+# on an idle H100 (docs/benchmarks.md wire_codec_tile_h100: the two tiles side by side), every FP4 kernel
 # with a scale per 32 ran faster at d_model 1024-4096: the encode 3-5%, the stochastic encode 4-6% (it is bound by
 # issue, and a thread's loop setup spreads over twice the elements), the decode 8-13%. FP6's decode and FP8's
 # kernels ran slower there, and a row of one scale (the segment kernels) too, so they keep TILE.
