@@ -65,6 +65,16 @@ def test_an_e8m0_scale_divides_by_a_multiply_and_a_float32_one_by_div_rn(fmt, bl
     assert float32.get("CALL.REL.NOINC", 0) >= 8, float32
 
 
+def test_fp6_decodes_a_row_of_whole_groups_from_word_loads():
+    """Three 4-byte loads of a thread's 12 bytes of codes (16 elements) and a load per scale, where the decode of
+    (segment, quad, element) made 13 one-byte loads a thread."""
+    (jit, args, kwargs), = kernel_sass.capture_launches("fp6_e2m3", "decode", 1024, 32, "e8m0", False, 4096,
+                                                        torch.bfloat16)
+    counts = kernel_sass.describe(kernel_sass.compile_launch(jit, args, dict(kwargs), 90))[2]
+    assert jit.fn.__name__ == "_decode_tile_kernel"
+    assert counts.get("LDG.E", 0) == 3 and counts.get("LDG.E.U8", 0) <= 2, counts
+
+
 def launched_elements(fmt: str, step: str, block) -> int:
     (_, _, constants), = kernel_sass.capture_launches(fmt, step, 1024, block, "e8m0", False, 4096, torch.bfloat16)
     return constants["ROWS"] * constants["COLS"]

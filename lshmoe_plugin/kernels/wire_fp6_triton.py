@@ -182,6 +182,43 @@ def _decode_kernel(buffer_ptr, out_ptr, n_segments, stride_buffer, stride_out, D
     tl.store(out_ptr + row[:, None, None] * stride_out + col, x.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _decode_tile_kernel(buffer_ptr, out_ptr, n_rows, stride_buffer, stride_out, D: tl.constexpr, SIZE: tl.constexpr,
+                        BLOCKS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, E8M0: tl.constexpr,
+                        SCALE_BYTES: tl.constexpr, VALUE_BYTES: tl.constexpr):
+    """A (ROWS, COLS) tile of the output rows, for blocks of a power of two SIZE >= 4 that divides COLS, in rows of
+    whole groups of 16 elements whose buffers start at multiples of 4 bytes (`_words`): the tile's bytes read once
+    each as `_encode_tile_kernel` stores them, three uint32 words for four quads, each quad's 24 bits split into its
+    four codes, and its blocks' scales read once each, the tile seen as (ROWS, COLS / SIZE, SIZE) to apply them. The
+    same values as `_decode_kernel`, whose tile of (segment, quad, element) makes 13 one-byte loads a thread with a
+    scale per 32 (scripts/kernel_sass.py) and ran at 1.66-1.87x its floor on an H100 (docs/benchmarks.md
+    wire_codec_tile4096_h100); rows that take no word loads keep it."""
+    QUADS: tl.constexpr = COLS // 4
+    NB: tl.constexpr = COLS // SIZE
+    row = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
+    live = row < n_rows
+    # The inverse of the encode's word stores (q0 | q1 << 24, q1 >> 8 | q2 << 16, q2 >> 16 | q3 << 8).
+    group = tl.program_id(1) * (QUADS // 4) + tl.arange(0, QUADS // 4)
+    at = buffer_ptr.to(tl.pointer_type(tl.uint32)) + (row * (stride_buffer // 4))[:, None] + 3 * group[None, :]
+    word_mask = live[:, None] & (group < D // 16)[None, :]
+    w0 = tl.load(at, mask=word_mask, other=0)
+    w1 = tl.load(at + 1, mask=word_mask, other=0)
+    w2 = tl.load(at + 2, mask=word_mask, other=0)
+    q0, q1 = w0 & 0xFFFFFF, (w0 >> 24) | ((w1 & 0xFFFF) << 8)
+    q2, q3 = (w1 >> 16) | ((w2 & 0xFF) << 16), w2 >> 8
+    # quad 4 g + 2 a + b: join(q0, q2) and join(q1, q3) hold a, their join b (the encode's splits, reversed)
+    bits = tl.reshape(tl.join(tl.join(q0, q2), tl.join(q1, q3)), (ROWS, QUADS)).to(tl.int32)
+    codes = tl.reshape((bits[:, :, None] >> (6 * tl.arange(0, 4))[None, None, :]) & 0x3F, (ROWS, NB, SIZE))
+    block = tl.program_id(1) * NB + tl.arange(0, NB)
+    buffer_row = buffer_ptr + row * stride_buffer
+    scale = load_scale(buffer_row[:, None] + VALUE_BYTES + SCALE_BYTES * block[None, :],
+                       live[:, None] & (block < BLOCKS)[None, :], E8M0)
+    x = tl.reshape(_value(codes) * scale[:, :, None], (ROWS, COLS))
+    col = tl.program_id(1) * COLS + tl.arange(0, COLS)
+    tl.store(out_ptr + row[:, None] * stride_out + col[None, :], x.to(out_ptr.dtype.element_ty),
+             mask=live[:, None] & (col < D)[None, :])
+
+
 def runs_on(device: torch.device, kernel: str) -> bool:
     """Every CUDA device Triton runs on: FP6 packing needs no FP8 instruction (unlike kernels/wire_triton.py)."""
     return True
@@ -199,6 +236,12 @@ def _launch(kernel, src: torch.Tensor, out: torch.Tensor, d: int, block: Optiona
            VALUE_BYTES=3 * cdiv(d, 4))
 
 
+def _words(d: int, buffer: torch.Tensor) -> bool:
+    """Whether rows d wide take the tile kernels' word loads and stores: whole groups of 16 elements (12 bytes, three
+    words) in buffer rows that start at multiples of 4 bytes."""
+    return d % 16 == 0 and buffer.stride(0) % 4 == 0 and buffer.data_ptr() % 4 == 0
+
+
 def _width(d: int, block: Optional[int], scale: str) -> int:
     """Bytes of one row's buffer: its codes four to three bytes and its scales."""
     return 3 * cdiv(d, 4) + scale_bytes(scale) * (1 if block is None else cdiv(d, block))
@@ -212,9 +255,8 @@ def encode(rows: torch.Tensor, block: Optional[int], scale: str = "e8m0") -> tor
     buffer = out.view(-1, out.shape[-1])
     size = segment_size(d, block)
     if tiles_rows(d, size, 4):
-        words = d % 16 == 0 and buffer.stride(0) % 4 == 0 and buffer.data_ptr() % 4 == 0
         launch_tiles(_encode_tile_kernel, src, buffer, d, size, scale, "fp6_e2m3", VALUE_BYTES=3 * cdiv(d, 4),
-                     WORDS=words)
+                     WORDS=_words(d, buffer))
     else:
         _launch(_encode_kernel, src, buffer, d, block, scale)
     return out
@@ -224,5 +266,9 @@ def decode(buffer: torch.Tensor, d: int, block: Optional[int], dtype: torch.dtyp
     """uint8 (..., 3 * ceil(d / 4) + scale bytes * blocks) -> rows (..., d) in `dtype`: what
     ``FP6E2M3(block, scale).decode`` returns."""
     src, out = decode_buffers(buffer, d, _width(d, block, scale), dtype, "fp6_e2m3")
-    _launch(_decode_kernel, src, out.view(-1, d), d, block, scale)
+    rows, size = out.view(-1, d), segment_size(d, block)
+    if tiles_rows(d, size, 4) and _words(d, src):
+        launch_tiles(_decode_tile_kernel, src, rows, d, size, scale, "fp6_e2m3", VALUE_BYTES=3 * cdiv(d, 4))
+    else:
+        _launch(_decode_kernel, src, rows, d, block, scale)
     return out

@@ -86,6 +86,22 @@ def test_rows_wider_than_a_tile(scale):
 
 
 @pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("offset", [1, 4])
+def test_rows_of_whole_groups_decode_from_any_byte(scale, offset):
+    """d = 1,024 with a scale per 32: buffer rows that start at multiples of 4 bytes take the tile decode's word loads
+    (offset 4), the others the segment decode's byte loads (offset 1); both give the reference's rows."""
+    x = edge_rows(1024, torch.bfloat16)
+    expected = check_codec(x, 32, scale)
+    width = expected.shape[-1]
+    wider = torch.zeros(x.shape[0], width + 8, dtype=torch.uint8, device=DEVICE)
+    wider[:, offset:offset + width] = expected
+    rows = wider[:, offset:offset + width]
+    assert wire_fp6_triton._words(1024, rows) == (offset == 4)
+    assert_same_rows(wire_fp6_triton.decode(rows, 1024, 32, torch.bfloat16, scale),
+                     reference(32, scale).decode(expected, 1024, torch.bfloat16))
+
+
+@pytest.mark.parametrize("scale", SCALES)
 def test_every_tie_and_every_code_rounds_as_the_reference(scale):
     """Blocks of 8 whose amax 7.5 puts s = 2^k in either coding, holding every E2M3 magnitude, every midpoint (a
     tie, to the even code), its float32 neighbours, and their negatives."""
