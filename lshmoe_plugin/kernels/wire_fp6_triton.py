@@ -18,11 +18,12 @@ the reference's too, because every step is the same IEEE operation or an exact i
   times 0 is the reference's -0.0); times s (one rounding); cast to the model's dtype rounding to nearest even.
 
 An encode's program holds a tile of the rows (`_encode_tile_kernel`) where the row has several blocks of a power of
-two (at least 4), and otherwise, as a decode's does, a tile of (segment, group of four elements, element of the
-group), where a segment is one block of one row (one row when the scale is per row), or 2 or 4 blocks when the block
-size is no multiple of 4 (three bytes then hold elements of neighbouring blocks; 4 / gcd(block, 4) blocks fill whole
-groups). Each byte is written, or read, once. Shape-static, no host synchronisation: capturable in a CUDA graph.
-Nothing here needs FP8 hardware.
+two (at least 4), and so does a decode's (`_decode_tile_kernel`) where the row is also whole groups of 16 elements
+in a buffer that starts at a multiple of 4 bytes (`_words`). Otherwise a program holds a tile of (segment, group of
+four elements, element of the group), where a segment is one block of one row (one row when the scale is per row),
+or 2 or 4 blocks when the block size is no multiple of 4 (three bytes then hold elements of neighbouring blocks;
+4 / gcd(block, 4) blocks fill whole groups). Each byte is written, or read, once. Shape-static, no host
+synchronisation: capturable in a CUDA graph. Nothing here needs FP8 hardware.
 
 The path ``lsh_moe.kernel: auto`` takes on CUDA since they passed tests/gpu/test_wire_fp6_triton.py on an H100
 (2026-12-05: 191 passed with tests/gpu/test_wire_formats_cuda.py) as well as in Triton's interpreter.
