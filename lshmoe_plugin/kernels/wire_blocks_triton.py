@@ -146,6 +146,24 @@ def scaled_tile(rows_ptr, out_ptr, n_rows, stride_rows, stride_out, D: tl.conste
     return row, col, live, out_row, divide_by_scale(blocked, block_scale[:, :, None], code[:, :, None], E8M0)
 
 
+@triton.jit
+def store_scaled_tile(values, buffer_row, out_ptr, row, live, stride_out, D: tl.constexpr, SIZE: tl.constexpr,
+                      BLOCKS: tl.constexpr, COLS: tl.constexpr, E8M0: tl.constexpr, SCALE_BYTES: tl.constexpr,
+                      SCALES_AT: tl.constexpr):
+    """What a tile decode (`launch_tiles`) does after it has its codes' values: this program's blocks' scales read
+    once each from byte SCALES_AT + SCALE_BYTES * block of the rows' buffers, the values (float32 (ROWS, COLS / SIZE,
+    SIZE)) times them (one rounding), and the tile stored into the output rows in their dtype (rounding to nearest
+    even), as they lie. The counterpart of `scaled_tile`."""
+    NB: tl.constexpr = COLS // SIZE
+    block = tl.program_id(1) * NB + tl.arange(0, NB)
+    scale = load_scale(buffer_row[:, None] + SCALES_AT + SCALE_BYTES * block[None, :],
+                       live[:, None] & (block < BLOCKS)[None, :], E8M0)
+    x = tl.reshape(values * scale[:, :, None], (values.shape[0], COLS))
+    col = tl.program_id(1) * COLS + tl.arange(0, COLS)
+    tl.store(out_ptr + row[:, None] * stride_out + col[None, :], x.to(out_ptr.dtype.element_ty),
+             mask=live[:, None] & (col < D)[None, :])
+
+
 def scale_bytes(scale: str) -> int:
     return SCALES[scale].bytes
 

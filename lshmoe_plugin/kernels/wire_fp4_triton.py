@@ -55,6 +55,7 @@ from .wire_blocks_triton import (
     scaled_tile,
     segment_size,
     store_scale,
+    store_scaled_tile,
     tiles_rows,
 )
 
@@ -221,13 +222,8 @@ def _decode_tile_kernel(buffer_ptr, out_ptr, n_rows, stride_buffer, stride_out, 
     packed = tl.load(buffer_row[:, None] + pair[None, :], mask=live[:, None] & (pair < (D + 1) // 2)[None, :],
                      other=0).to(tl.int32)
     codes = tl.reshape(tl.join(packed & 0xF, packed >> 4), (ROWS, NB, SIZE))  # element 2i the low nibble of byte i
-    block = tl.program_id(1) * NB + tl.arange(0, NB)
-    scale = load_scale(buffer_row[:, None] + (D + 1) // 2 + SCALE_BYTES * block[None, :],
-                       live[:, None] & (block < BLOCKS)[None, :], E8M0)
-    x = tl.reshape(_value(codes) * scale[:, :, None], (ROWS, COLS))
-    col = tl.program_id(1) * COLS + tl.arange(0, COLS)
-    tl.store(out_ptr + row[:, None] * stride_out + col[None, :], x.to(out_ptr.dtype.element_ty),
-             mask=live[:, None] & (col < D)[None, :])
+    store_scaled_tile(_value(codes), buffer_row, out_ptr, row, live, stride_out, D, SIZE, BLOCKS, COLS, E8M0,
+                      SCALE_BYTES, (D + 1) // 2)
 
 
 def runs_on(device: torch.device, kernel: str) -> bool:

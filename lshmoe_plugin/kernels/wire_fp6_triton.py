@@ -52,6 +52,7 @@ from .wire_blocks_triton import (
     scaled_tile,
     segment_size,
     store_scale,
+    store_scaled_tile,
     tiles_rows,
 )
 
@@ -210,14 +211,8 @@ def _decode_tile_kernel(buffer_ptr, out_ptr, n_rows, stride_buffer, stride_out, 
     # quad 4 g + 2 a + b: join(q0, q2) and join(q1, q3) hold a, their join b (the encode's splits, reversed)
     bits = tl.reshape(tl.join(tl.join(q0, q2), tl.join(q1, q3)), (ROWS, QUADS)).to(tl.int32)
     codes = tl.reshape((bits[:, :, None] >> (6 * tl.arange(0, 4))[None, None, :]) & 0x3F, (ROWS, NB, SIZE))
-    block = tl.program_id(1) * NB + tl.arange(0, NB)
-    buffer_row = buffer_ptr + row * stride_buffer
-    scale = load_scale(buffer_row[:, None] + VALUE_BYTES + SCALE_BYTES * block[None, :],
-                       live[:, None] & (block < BLOCKS)[None, :], E8M0)
-    x = tl.reshape(_value(codes) * scale[:, :, None], (ROWS, COLS))
-    col = tl.program_id(1) * COLS + tl.arange(0, COLS)
-    tl.store(out_ptr + row[:, None] * stride_out + col[None, :], x.to(out_ptr.dtype.element_ty),
-             mask=live[:, None] & (col < D)[None, :])
+    store_scaled_tile(_value(codes), buffer_ptr + row * stride_buffer, out_ptr, row, live, stride_out, D, SIZE,
+                      BLOCKS, COLS, E8M0, SCALE_BYTES, VALUE_BYTES)
 
 
 def runs_on(device: torch.device, kernel: str) -> bool:
