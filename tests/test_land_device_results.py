@@ -105,7 +105,8 @@ def test_captures_land_beside_the_runs_and_never_in_the_record(tmp_path):
 
 def test_the_record_rounds_wall_clock_only(tmp_path):
     """The tracked record keeps every loss, learning rate and telemetry value exactly, the per-step wall-clock
-    fields to 6 significant digits and not tokens_per_s (tokens per step over step time); captures stay out; extracting the record and writing it again changes nothing."""
+    fields to 6 significant digits and not tokens_per_s (tokens per step over step time); captures stay out;
+    extracting the record and writing it again changes nothing."""
     runs = tmp_path / "runs"
     run = runs / "gpt" / "stock" / "seed1"
     (run / "captures").mkdir(parents=True)
