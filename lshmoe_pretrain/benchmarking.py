@@ -131,7 +131,12 @@ def read_section_text(path: str, name: str) -> str:
 def read_section_table(path: str, name: str) -> Dict[str, Dict[str, str]]:
     """The first markdown table of section `name` in `path`, as {first cell: {header: cell}} (for reports that
     combine figures other scripts measured, instead of copying numbers by hand)."""
-    lines = [line for line in read_section_text(path, name).splitlines() if line.startswith("|")]
+    text = read_section_text(path, name)
+    start = text.find("\n|")
+    # the first table only: a section may go on with others (a quality report's loss curve, say), whose first
+    # cells could repeat this one's and overwrite its rows
+    lines = text[start + 1:].split("\n\n", 1)[0].splitlines() if start >= 0 else []
+    lines = [line for line in lines if line.startswith("|")]
     if len(lines) < 3:
         raise KeyError(f"section {name!r} of {path} holds no table")
     headers = [cell.strip() for cell in lines[0].strip("|").split("|")]

@@ -89,6 +89,10 @@ def test_read_section_table(tmp_path):
                                                    "lsh": {"variant": "lsh", "tokens/s": "20"}}
     with pytest.raises(KeyError, match="no section 'x'"):
         bench.read_section_table(path, "x")
+    # only the first table: a later one whose first cells repeat its rows (a report's loss curve) leaves them be
+    bench.write_section(path, "two", "## t\n\n" + bench.markdown_table(["variant", "loss"], [("stock", 3.0)])
+                        + "\n\nLater:\n\n" + bench.markdown_table(["variant", "step ms"], [("stock", 99.0)]))
+    assert bench.read_section_table(path, "two") == {"stock": {"variant": "stock", "loss": "3"}}
 
 
 def test_output_errors_average_the_second_half_over_layers_and_runs():

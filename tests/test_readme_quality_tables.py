@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from lshmoe_pretrain.benchmarking import read_section_text
+from lshmoe_pretrain.benchmarking import read_section_table
 from lshmoe_pretrain.quality_records import variant_configuration
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,16 +23,9 @@ def cells_of(line: str):
 
 
 def section_rows(key: str):
-    """{variant: {column: cell}} of an x1 section's first table (one row a variant)."""
-    lines = [line for line in read_section_text(QUALITY, key).splitlines() if line.startswith("| ")]
-    header = cells_of(lines[0])
-    rows = {}
-    for line in lines[2:]:
-        cells = cells_of(line)
-        if len(cells) != len(header):
-            break  # the next table
-        rows[cells[0]] = dict(zip(header, cells))
-    return rows
+    """{variant: {column: cell}} of an x1 section's first table, minus written as the README writes it."""
+    return {variant: {column: cell.replace("\u2212", "-") for column, cell in row.items()}
+            for variant, row in read_section_table(QUALITY, key).items()}
 
 
 def readme_table(after: str):
