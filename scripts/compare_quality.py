@@ -143,6 +143,9 @@ def parse_args() -> argparse.Namespace:
                         help="also report runs a deadline stopped, all cut to the evaluations every run reached")
     report.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="only these seeds (e.g. the one seed of an ablation, so stock's row is the same seed)")
+    report.add_argument("--baseline", default="stock",
+                        help="the variant every gap is taken against, one of --variants (e.g. stock_lr1.5x, for a "
+                             "candidate trained at that rate)")
     report.add_argument("--section", required=True, help=f"block of docs/quality.md to (re)write, e.g. {list(TITLES)}")
     report.add_argument("--run_command", default=None, help="the command that trained the runs, for the record")
     report.add_argument("--output", default="docs/quality.md")
@@ -290,6 +293,8 @@ def section_head(title: str, run_command: str) -> list:
 
 
 def report(args: argparse.Namespace) -> None:
+    if args.baseline not in args.variants:
+        raise SystemExit(f"--baseline {args.baseline!r}: it must be one of --variants {args.variants}")
     results = study.aggregate(args.root, args.model, args.variants, partial=args.partial, seeds=args.seeds)
     plot_path = os.path.join(os.path.dirname(args.output) or ".", f"quality_{args.section}.png")
     title = TITLES.get(args.section, args.section)
@@ -299,12 +304,12 @@ def report(args: argparse.Namespace) -> None:
         f"- {study.describe(results)}",
         "- valid loss: mean LM loss over the same held-out batches at each point, exact dispatch in eval (the "
         "default); 'compressed eval' is the same model evaluated with `compress_in_eval`. Gap per seed pairs each "
-        "run with the stock run of the same seed (same initial weights, data order and gate draws).",
+        f"run with the {args.baseline} run of the same seed (same initial weights, data order and gate draws).",
         "- step ms: median training step time of these runs. Several runs shared the device at once, and at EP=1 "
         "no all-to-all crosses a link, so it is not a speed figure: docs/benchmarks.md has those.",
         *([note] if (note := study.cards_note(results)) else []),
         *([note] if (note := study.as_trained_note(results)) else []), "",
-        study.gap_table(results), "",
+        study.gap_table(results, args.baseline), "",
         "Validation loss (mean over seeds) along the run:", "",
         study.curve_table(results), "",
         *([("Relative error of the expert outputs against stock's on a sample of the tokens (1/16 of the capacity "

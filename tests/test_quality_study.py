@@ -317,7 +317,37 @@ def test_a_learning_rate_control_scales_the_peak_and_keeps_its_base_block():
     scaled = study.deepspeed_config(plan, "lsh_lr1.5x")
     assert "lr_scale" not in scaled["lsh_moe"] and scaled["lsh_moe"] == study.deepspeed_config(plan, "lsh")["lsh_moe"]
     assert scaled["optimizer"]["params"]["lr"] == pytest.approx(1.5e-3)
-    assert [n for n in study.VARIANTS if study.lr_scale(n) != 1.0] == ["stock_lr1.5x", "stock_lr2x", "lsh_lr1.5x"]
+    assert [n for n in study.VARIANTS if study.lr_scale(n) != 1.0] == ["stock_lr1.5x", "stock_lr2x", "lsh_lr1.5x",
+                                                                       "fp8_fwd_fp4sr_grad_lr1.5x"]
+
+
+def test_the_default_at_a_scaled_rate_trains_the_defaults_block_at_that_rate():
+    """fp8_fwd_fp4sr_grad_lr1.5x is fp8_fwd_fp4sr_grad's lsh_moe block, to the key, at stock_lr1.5x's rate: the two
+    differ from their unscaled variants in the rate alone, so the gap between them is the codec's at that rate."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    plan = study.StudyPlan("gpt", "tiny", ["stock_lr1.5x", "fp8_fwd_fp4sr_grad_lr1.5x"], [1], 10**5, "unused",
+                           os.path.join(root, "configs", "gpt_moe_cpu.json"), lr=1e-3)
+    scaled, default = (study.deepspeed_config(plan, v) for v in ("fp8_fwd_fp4sr_grad_lr1.5x", "fp8_fwd_fp4sr_grad"))
+    assert scaled["lsh_moe"] == default["lsh_moe"] and default["lsh_moe"]["enabled"] is True
+    assert scaled["optimizer"]["params"]["lr"] == pytest.approx(1.5e-3)
+    assert scaled["optimizer"] == study.deepspeed_config(plan, "stock_lr1.5x")["optimizer"]
+    assert study.is_study_only("fp8_fwd_fp4sr_grad_lr1.5x")
+
+
+def test_the_gap_table_takes_its_gaps_against_the_baseline_it_is_given(tmp_path):
+    """With --baseline stock_lr1.5x every gap is against that variant's run of the same seed, and the header says
+    so; against stock the same runs give other gaps."""
+    root = str(tmp_path)
+    write_run(root, "stock", 1, [5.0, 4.0], train_steps=20)
+    write_run(root, "stock_lr1.5x", 1, [4.9, 3.8], train_steps=20)
+    write_run(root, "fp8_fwd_fp4sr_grad_lr1.5x", 1, [4.9, 3.838], train_steps=20)
+    results = study.aggregate(root, "gpt", ["stock", "stock_lr1.5x", "fp8_fwd_fp4sr_grad_lr1.5x"])
+    scaled = study.gap_table(results, "stock_lr1.5x")
+    assert "| gap vs stock_lr1.5x (means) | gap vs stock_lr1.5x per seed (mean ± std) |" in scaled
+    assert "| fp8_fwd_fp4sr_grad_lr1.5x | 1 | 3.8380 | +1.00% | +1.00% |" in scaled
+    assert "| stock_lr1.5x | 1 | 3.8000 | – | – |" in scaled
+    assert "| stock | 1 | 4.0000 | +5.26% | +5.26% |" in scaled
+    assert "| fp8_fwd_fp4sr_grad_lr1.5x | 1 | 3.8380 | -4.05% | -4.05% |" in study.gap_table(results)
 
 
 def bench_text(preset, d_model, blocks, experts, modelled_gpus=None):
@@ -365,3 +395,19 @@ def test_time_to_target_labels_what_each_row_combines(tmp_path, lsh_losses):
                                 {"lsh": {"speed-up vs stock": "2.0"}}, "steps", "link", [("modelled", modelled)])
     assert "another run (`link`), whose model is not stated here" in bare
     assert "`modelled`, whose model and topology are not stated here" in bare
+
+
+def test_a_baseline_outside_the_variants_is_refused_by_name(tmp_path):
+    """compare_quality.py report --baseline names a variant of --variants, or the command stops naming both."""
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = str(tmp_path)
+    write_run(root, "stock", 1, [5.0, 4.0], train_steps=20)
+    command = [sys.executable, os.path.join(repo, "scripts", "compare_quality.py"), "report", "--root", root,
+               "--variants", "stock", "--baseline", "stock_lr1.5x", "--section", "s",
+               "--output", os.path.join(root, "q.md")]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode != 0
+    assert "--baseline 'stock_lr1.5x': it must be one of --variants ['stock']" in done.stderr
+    assert not os.path.exists(os.path.join(root, "q.md"))
