@@ -4,7 +4,8 @@
 
 - `testbed_runs.tgz` (gpu_session.sh's testbed snapshot: the files under `testbed/` that the lease wrote, not the
   runs it started from): each is merged into `--runs` (default runs/testbed_pinned), a later call's file replacing
-  an earlier one's; `--runs` starts from `--record` when this checkout has none (a fresh clone). Then `--record`
+  an earlier one's; `--runs` starts from `--record` when this checkout has none (a fresh clone). Runs that stop
+  short of their schedule (the session's device time cut them) are left out of both. Then `--record`
   (docs/records/testbed_pinned_runs.tar.xz: every testbed run on the pinned corpus, whatever the shape and card) is
   written again from `--runs`, in xz: it is tracked, and everything tracked travels with each GPU call, whose
   carry limit is 64 MiB;
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import re
 import shutil
@@ -31,6 +33,7 @@ from typing import Dict, List, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lshmoe_pretrain import benchmarking as bench  # noqa: E402
+from lshmoe_pretrain import quality_study as study  # noqa: E402
 from lshmoe_pretrain.run_records import round_metrics  # noqa: E402
 
 SECTION = re.compile(r"<!-- BEGIN (\S+) -->")
@@ -116,9 +119,27 @@ def rewrite_record(record: str) -> None:
             write_record(os.path.join(tmp, top), record, top)
 
 
-def land_testbed(archives: Sequence[str], runs: str, record: str) -> None:
-    """Merge each call's snapshot, in order, into `runs` (started from `record` where `runs` does not exist), then
-    write `record` from `runs`."""
+def unfinished_runs(runs: str) -> List[str]:
+    """The run folders under `runs` whose records stop short of their schedule (run.json's train_steps, with the
+    final validation): runs a lease's device time cut. A later lease trains such a run again from its first step,
+    since checkpoints never come back, so the record has no use for it, and every report skips it anyway."""
+    found = []
+    for folder, _, files in os.walk(runs):
+        if "run.json" not in files:
+            continue
+        try:
+            with open(os.path.join(folder, "run.json")) as handle:
+                steps = json.load(handle)["train_steps"]
+        except (ValueError, KeyError, TypeError):   # not a training run's record
+            continue
+        if not study.finished(folder, steps):
+            found.append(folder)
+    return sorted(found)
+
+
+def land_testbed(archives: Sequence[str], runs: str, record: str) -> List[str]:
+    """Merge each call's snapshot, in order, into `runs` (started from `record` where `runs` does not exist), drop
+    the runs that did not finish (`unfinished_runs`), then write `record` from `runs`; the dropped folders."""
     for archive in archives:   # every snapshot is checked before anything is written
         with tarfile.open(archive) as tar:
             _members_under_testbed(tar, archive)
@@ -126,7 +147,15 @@ def land_testbed(archives: Sequence[str], runs: str, record: str) -> None:
         extract_into(record, runs)
     for archive in archives:
         extract_into(archive, runs)
+    dropped = unfinished_runs(runs)
+    for folder in dropped:
+        shutil.rmtree(folder)
+        parent = os.path.dirname(folder)   # and the folders it leaves empty, so no report finds a variant with no run
+        while os.path.abspath(parent) != os.path.abspath(runs) and not os.listdir(parent):
+            os.rmdir(parent)
+            parent = os.path.dirname(parent)
     write_record(runs, record)
+    return dropped
 
 
 def main(argv: Sequence[str] = None) -> None:
@@ -156,8 +185,10 @@ def main(argv: Sequence[str] = None) -> None:
     archives = [os.path.join(f, "testbed_runs.tgz") for f in args.folders
                 if os.path.exists(os.path.join(f, "testbed_runs.tgz"))]
     if archives:
-        land_testbed(archives, args.runs, args.record)
+        dropped = land_testbed(archives, args.runs, args.record)
         print(f"{', '.join(archives)} -> {args.runs} (merged, in call order) -> {args.record}")
+        for folder in dropped:
+            print(f"left out, unfinished (a later lease trains it from the start): {folder}")
     captures = sorted(os.path.join(f, name) for f in args.folders for name in os.listdir(f)
                       if name.startswith("captures_") and name.endswith(".tar"))
     for archive in captures:

@@ -1,6 +1,7 @@
 """scripts/land_device_results.py: what a GPU call brings back lands in the checkout: each call's testbed snapshot
 (the files its lease wrote) is merged into the runs, in call order, the record is written again from them in xz,
 and only the benchmark sections a call wrote or changed reach docs/."""
+import json
 import os
 import sys
 import tarfile
@@ -153,3 +154,37 @@ def test_rewrite_rounds_an_older_record_in_place(tmp_path):
         tar.add(source / "train.log", arcname="b/train.log")
     with pytest.raises(SystemExit, match="not under one folder"):
         land.main(["--rewrite", str(mixed)])
+
+
+def trained_run(folder, run, steps_done, train_steps=20):
+    """A run's records as training.py writes them: run.json, and metrics.jsonl up to `steps_done` with a
+    validation at every tenth step."""
+    run_dir = folder / "src" / "testbed" / run
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.json").write_text(json.dumps({"train_steps": train_steps}))
+    with open(run_dir / "metrics.jsonl", "w") as f:
+        for step in range(1, steps_done + 1):
+            f.write(json.dumps({"step": step, "loss": 4.0, **({"valid_loss": 4.1} if step % 10 == 0 else {})}) + "\n")
+
+
+def test_runs_the_lease_cut_are_left_out_of_the_runs_and_the_record(tmp_path, capsys):
+    """A run that stopped short of its schedule (or before its final validation) is dropped from the runs and the
+    record and named; a finished one lands. Without its checkpoints a later lease trains it from the start."""
+    call = tmp_path / "call"
+    call.mkdir()
+    trained_run(call, "gpt-72m-1pass/x1/gpt/stock/seed1", 20)
+    trained_run(call, "gpt-72m-1pass/x1/gpt/fp6_fwd_fp4sr_grad/seed2", 13)      # cut mid-schedule
+    trained_run(call, "gpt-72m-1pass/x0.5/gpt/fp6_fwd_fp4sr_grad/seed1", 19)    # cut before its last step
+    with tarfile.open(call / "testbed_runs.tgz", "w:gz") as tar:
+        tar.add(call / "src" / "testbed", arcname="testbed")
+    runs, record = tmp_path / "runs", tmp_path / "rec.tar.xz"
+    land.main([str(call), "--runs", str(runs), "--record", str(record), "--docs", str(tmp_path)])
+    kept = "testbed/gpt-72m-1pass/x1/gpt/stock/seed1/"
+    assert sorted(record_files(record)) == [kept + "metrics.jsonl", kept + "run.json"]
+    assert (runs / "gpt-72m-1pass/x1/gpt/stock/seed1").is_dir()
+    assert not (runs / "gpt-72m-1pass/x1/gpt/fp6_fwd_fp4sr_grad").exists()   # no empty folder of a variant left
+    assert not (runs / "gpt-72m-1pass/x0.5").exists()
+    with tarfile.open(record) as tar:
+        assert not any("fp6_fwd_fp4sr_grad" in name or "x0.5" in name for name in tar.getnames())
+    printed = capsys.readouterr().out
+    assert printed.count("left out, unfinished") == 2 and "fp6_fwd_fp4sr_grad/seed2" in printed
