@@ -122,7 +122,7 @@ def rewrite_record(record: str) -> None:
 def unfinished_runs(runs: str) -> List[str]:
     """The run folders under `runs` whose records stop short of their schedule (run.json's train_steps, with the
     final validation): runs a lease's device time cut. A later lease trains such a run again from its first step,
-    since checkpoints never come back, so the record has no use for it, and every report skips it anyway."""
+    since checkpoints never come back, so the record has no use for it (the testbed's reports skip it too)."""
     found = []
     for folder, _, files in os.walk(runs):
         if "run.json" not in files:
