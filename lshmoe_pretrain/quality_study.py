@@ -370,6 +370,10 @@ def run_studies(plans: Sequence[StudyPlan], concurrency: int, log=print, deadlin
             f"steps x {plan.tokens_per_step()} tokens each")
     log(f"{len(pending)} run(s) in all, {concurrency} at a time")
     env = {k: v for k, v in os.environ.items() if k != "LSHMOE_ENABLED"}
+    threads = shared_cpu_threads(plans, concurrency, env)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+        log(f"OMP_NUM_THREADS={threads}: {concurrency} CPU run(s) at once share {os.cpu_count()} cores")
     running, failures = [], []
     while pending or running:
         elapsed = time.time() - started_at
@@ -429,6 +433,25 @@ def run_studies(plans: Sequence[StudyPlan], concurrency: int, log=print, deadlin
     if failures:
         raise RuntimeError("study runs failed: " + "; ".join(failures))
     return True
+
+
+def shared_cpu_threads(plans: Sequence[StudyPlan], concurrency: int, env: Dict[str, str]) -> Optional[int]:
+    """Intra-op threads for each rank of CPU runs trained `concurrency` at a time, or None where the caller set
+    OMP_NUM_THREADS or the runs train on GPUs. `training.setup` shares the cores only among one run's ranks, so
+    two runs at once on 2 cores took 2 threads each and spun against each other: 7.6 s a step of the GPT proxy
+    instead of 0.17 (2026-12-07). The proxies' records were all trained with 1 thread a rank (cpu_testbed.sh), and
+    a CPU run's reduction order depends on the count (run.json's cpu_threads)."""
+    if "OMP_NUM_THREADS" in env:
+        return None
+    for plan in plans:
+        accelerator = plan.accelerator_env.get("DS_ACCELERATOR", env.get("DS_ACCELERATOR"))
+        if accelerator is None:  # DeepSpeed's own choice: CUDA where there is one
+            import torch
+            accelerator = "cuda" if torch.cuda.is_available() else "cpu"
+        if accelerator != "cpu":
+            return None
+    ranks = concurrency * max(plan.num_gpus for plan in plans)
+    return max(1, (os.cpu_count() or 1) // ranks)
 
 
 OWNER_FILE = ".trained_by"

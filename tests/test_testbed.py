@@ -146,6 +146,41 @@ def test_a_run_that_a_live_launcher_trains_is_not_started_again(tmp_path):
     assert study.trained_elsewhere(run_dir) is None
 
 
+def test_cpu_runs_at_once_share_the_cores_unless_the_caller_set_the_threads(monkeypatch):
+    plan = study.StudyPlan("gpt", "tiny", ["stock"], [1], 10**4, "unused", "configs/gpt_moe_cpu.json")
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert study.shared_cpu_threads([plan], 2, {"DS_ACCELERATOR": "cpu"}) == 8
+    assert study.shared_cpu_threads([plan], 3, {"DS_ACCELERATOR": "cpu"}) == 5
+    assert study.shared_cpu_threads([plan], 32, {"DS_ACCELERATOR": "cpu"}) == 1  # never 0
+    two_ranks = study.StudyPlan("gpt", "tiny", ["stock"], [1], 10**4, "unused", "configs/gpt_moe_cpu.json",
+                                num_gpus=2)
+    assert study.shared_cpu_threads([plan, two_ranks], 2, {"DS_ACCELERATOR": "cpu"}) == 4  # 2 runs x 2 ranks
+    assert study.shared_cpu_threads([plan], 2, {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "3"}) is None
+    assert study.shared_cpu_threads([plan], 2, {"DS_ACCELERATOR": "cuda"}) is None
+    on_gpu = study.StudyPlan("gpt", "tiny", ["stock"], [1], 10**4, "unused", "configs/gpt_moe_cpu.json",
+                             accelerator_env={"DS_ACCELERATOR": "cuda"})
+    assert study.shared_cpu_threads([plan, on_gpu], 2, {"DS_ACCELERATOR": "cpu"}) is None
+
+
+def test_two_cpu_runs_at_once_each_train_on_half_the_cores(tmp_path, monkeypatch):
+    """The real launcher, two runs at once with no OMP_NUM_THREADS set: each rank records the threads it had."""
+    from lshmoe_pretrain.data import cached_preprocess
+    prepared = cached_preprocess(vocab_size=2048, cache_dir=str(tmp_path / "cache"))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    plan = study.StudyPlan("gpt", "tiny", ["stock"], [1, 2], 2 * 4 * PRESETS["tiny"].seq_len,
+                           str(tmp_path / "runs"), "configs/gpt_moe_cpu.json", data_prefix=prepared.prefix,
+                           vocab_size=prepared.vocab_size, micro_batch=4, evals=1, eval_tokens=256,
+                           eval_compressed="off")
+    lines = []
+    assert study.run_studies([plan], 2, log=lines.append)
+    expected = max(1, (os.cpu_count() or 1) // 2)
+    assert f"OMP_NUM_THREADS={expected}: 2 CPU run(s) at once share {os.cpu_count()} cores" in lines
+    for seed in (1, 2):
+        with open(os.path.join(plan.run_dir("stock", seed), "run.json")) as f:
+            assert json.load(f)["cpu_threads"] == expected
+
+
 def test_the_gap_against_length_pairs_seeds_and_shows_stocks_spread(tmp_path):
     bed = beds.TESTBEDS["gpt-25m-long"]
     root = str(tmp_path)
