@@ -76,6 +76,9 @@ TITLES = {
     "proxy_gpt_mini_lr1p5x": "CPU proxy `gpt-mini-long-cpu` (not the testbed) at 1.5x the study's peak learning "
                              "rate: the default against stock at that rate (--baseline stock_lr1.5x), beside both at "
                              "the study's rate",
+    "proxy_t5_mini_lr1p5x": "CPU proxy `t5-mini-long-cpu` (not the testbed) at 1.5x the study's peak learning rate: "
+                            "the default against stock at that rate (--baseline stock_lr1.5x), beside both at the "
+                            "study's rate",
     "proxy_gpt_mini_x1": "CPU proxy `gpt-mini-long-cpu` (not the testbed), the long schedule: stock, the paper's "
                          "configuration, the candidates and the controls",
     "proxy_t5_mini_x1": "CPU proxy `t5-mini-long-cpu` (of `t5-26m-long`, not the testbed), the long schedule: "
