@@ -73,6 +73,12 @@ TITLES = {
     "testbed_gpt_72m_1pass_lr1p5x": "Testbed `gpt-72m-1pass` at 1.5x the study's peak learning rate: the default "
                                     "against stock at that rate (--baseline stock_lr1.5x), beside both at the "
                                     "study's rate",
+    "testbed_gpt_25m_1pass_lr1p5x": "Testbed `gpt-25m-1pass` at 1.5x the study's peak learning rate: the default "
+                                    "against stock at that rate (--baseline stock_lr1.5x), beside both at the "
+                                    "study's rate",
+    "testbed_t5_26m_1pass_lr1p5x": "Testbed `t5-26m-1pass` at 1.5x the study's peak learning rate: the default "
+                                   "against stock at that rate (--baseline stock_lr1.5x), beside both at the "
+                                   "study's rate",
     "proxy_gpt_mini_lr1p5x": "CPU proxy `gpt-mini-long-cpu` (not the testbed) at 1.5x the study's peak learning "
                              "rate: the default against stock at that rate (--baseline stock_lr1.5x), beside both at "
                              "the study's rate",
