@@ -318,20 +318,29 @@ def test_a_learning_rate_control_scales_the_peak_and_keeps_its_base_block():
     assert "lr_scale" not in scaled["lsh_moe"] and scaled["lsh_moe"] == study.deepspeed_config(plan, "lsh")["lsh_moe"]
     assert scaled["optimizer"]["params"]["lr"] == pytest.approx(1.5e-3)
     assert [n for n in study.VARIANTS if study.lr_scale(n) != 1.0] == ["stock_lr1.5x", "stock_lr2x", "lsh_lr1.5x",
-                                                                       "fp8_fwd_fp4sr_grad_lr1.5x"]
+                                                                       "fp8_fwd_fp4sr_grad_lr1.5x",
+                                                                       "fp8_fwd_fp4sr_grad_lr2x",
+                                                                       "fp8_fwd_fp4_grad_lr1.5x",
+                                                                       "fp8_both_e8m0_lr1.5x"]
 
 
-def test_the_default_at_a_scaled_rate_trains_the_defaults_block_at_that_rate():
-    """fp8_fwd_fp4sr_grad_lr1.5x is fp8_fwd_fp4sr_grad's lsh_moe block, to the key, at stock_lr1.5x's rate: the two
-    differ from their unscaled variants in the rate alone, so the gap between them is the codec's at that rate."""
+@pytest.mark.parametrize("scaled_name, base_name, stock_name, lr", [
+    ("fp8_fwd_fp4sr_grad_lr1.5x", "fp8_fwd_fp4sr_grad", "stock_lr1.5x", 1.5e-3),
+    ("fp8_fwd_fp4sr_grad_lr2x", "fp8_fwd_fp4sr_grad", "stock_lr2x", 2e-3),
+    ("fp8_fwd_fp4_grad_lr1.5x", "fp8_fwd_fp4_grad", "stock_lr1.5x", 1.5e-3),
+    ("fp8_both_e8m0_lr1.5x", "fp8_both_e8m0", "stock_lr1.5x", 1.5e-3)])
+def test_a_candidate_at_a_scaled_rate_trains_its_block_at_that_rate(scaled_name, base_name, stock_name, lr):
+    """fp8_fwd_fp4sr_grad_lr1.5x is fp8_fwd_fp4sr_grad's lsh_moe block, to the key, at stock_lr1.5x's rate (and so
+    for each scaled candidate): each differs from its unscaled variant in the rate alone, so its gap against stock
+    at that rate is the codec's at that rate."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    plan = study.StudyPlan("gpt", "tiny", ["stock_lr1.5x", "fp8_fwd_fp4sr_grad_lr1.5x"], [1], 10**5, "unused",
+    plan = study.StudyPlan("gpt", "tiny", [stock_name, scaled_name], [1], 10**5, "unused",
                            os.path.join(root, "configs", "gpt_moe_cpu.json"), lr=1e-3)
-    scaled, default = (study.deepspeed_config(plan, v) for v in ("fp8_fwd_fp4sr_grad_lr1.5x", "fp8_fwd_fp4sr_grad"))
-    assert scaled["lsh_moe"] == default["lsh_moe"] and default["lsh_moe"]["enabled"] is True
-    assert scaled["optimizer"]["params"]["lr"] == pytest.approx(1.5e-3)
-    assert scaled["optimizer"] == study.deepspeed_config(plan, "stock_lr1.5x")["optimizer"]
-    assert study.is_study_only("fp8_fwd_fp4sr_grad_lr1.5x")
+    scaled, base = (study.deepspeed_config(plan, v) for v in (scaled_name, base_name))
+    assert scaled["lsh_moe"] == base["lsh_moe"] and base["lsh_moe"]["enabled"] is True
+    assert scaled["optimizer"]["params"]["lr"] == pytest.approx(lr)
+    assert scaled["optimizer"] == study.deepspeed_config(plan, stock_name)["optimizer"]
+    assert study.is_study_only(scaled_name)
 
 
 def test_the_gap_table_takes_its_gaps_against_the_baseline_it_is_given(tmp_path):
