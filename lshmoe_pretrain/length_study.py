@@ -3,7 +3,9 @@
 A single long run's intermediate points cannot answer this: the gap grows most while the learning rate anneals, so
 each length is its own complete schedule (warm-up, decay to zero), trained under ``<root>/<testbed>/x<length>``
 (lshmoe_pretrain.testbed). Each row reads the finished runs of one length; a gap is taken over the seeds that the
-variant and stock both finished, and stock's own seed spread at that length sits beside it.
+variant and stock both finished, and stock's own seed spread at that length sits beside it. "Stock" is the
+baseline variant, `stock` unless another is named: `stock_lr1.5x` takes every gap against stock at 1.5x the study's
+peak rate, the rule's growth test at a tuned rate (docs/quality.md, twelfth session).
 """
 from __future__ import annotations
 
@@ -81,27 +83,36 @@ def lengths_found(root: str, bed: Testbed) -> List[float]:
     return sorted(found)
 
 
-def collect(root: str, bed: Testbed, variants: Sequence[str]) -> List[LengthRow]:
-    """One row per schedule length that has finished stock runs."""
+def collect(root: str, bed: Testbed, variants: Sequence[str], baseline: str = "stock") -> List[LengthRow]:
+    """One row per schedule length that has finished runs of `baseline` (the rows' `stock`)."""
+    if baseline not in study.VARIANTS or study.VARIANTS[baseline].get("enabled"):
+        raise study.StudyError(f"--baseline {baseline!r}: a variant with the plugin off, one of "
+                               f"{[v for v, block in study.VARIANTS.items() if not block.get('enabled')]}")
     rows = []
     for length in lengths_found(root, bed):
         length_root = os.path.join(root, bed.name, f"x{length:g}")
-        stock = study.load_variant(length_root, bed.model_kind, "stock")
+        stock = study.load_variant(length_root, bed.model_kind, baseline)
         if stock is None:
             continue
-        found = {v: study.load_variant(length_root, bed.model_kind, v) for v in variants if v != "stock"}
+        found = {v: study.load_variant(length_root, bed.model_kind, v) for v in variants if v != baseline}
         rows.append(LengthRow(length, stock.info["train_steps"], stock.tokens[-1], stock,
                               {v: r for v, r in found.items() if r is not None}))
     if not rows:
-        raise study.StudyError(f"no finished stock runs under {os.path.join(root, bed.name)}/x*")
+        raise study.StudyError(f"no finished {baseline} runs under {os.path.join(root, bed.name)}/x*")
     study.check_one_corpus({f"x{row.length:g}/{result.name}": result.info.get("data_sha256")
                             for row in rows for result in (row.stock, *row.variants.values())})
     return rows
 
 
+def baseline_of(rows: Sequence[LengthRow]) -> str:
+    """The variant the rows' gaps are taken against (`stock` unless collect was given another)."""
+    return rows[0].stock.name
+
+
 def table(rows: Sequence[LengthRow], variants: Sequence[str]) -> str:
-    names = [v for v in variants if v != "stock"]
-    headers = ["schedule", "steps", "tokens", "stock: final loss (seeds)", "stock seed spread (std)"]
+    baseline = baseline_of(rows)
+    names = [v for v in variants if v != baseline]
+    headers = ["schedule", "steps", "tokens", f"{baseline}: final loss (seeds)", f"{baseline} seed spread (std)"]
     for name in names:
         headers += [f"{name}: final loss (seeds)", f"{name}: gap per seed (mean ± std)"]
     lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
@@ -134,7 +145,7 @@ def train_against_valid_table(rows: Sequence[LengthRow], variants: Sequence[str]
     token once the two measure the same thing and agree; once it repeats the corpus, a validation gap below the
     training gap means the variant memorised the repeats less than stock, not that it lost nothing (users train
     on one pass)."""
-    names = [v for v in variants if v != "stock"]
+    names = [v for v in variants if v != baseline_of(rows)]
     headers = ["schedule", "passes over the train split"]
     for name in names:
         headers += [f"{name}: validation gap", f"{name}: training-loss gap (last 10% of steps)"]
@@ -156,7 +167,7 @@ def repeats_table(rows: Sequence[LengthRow], variants: Sequence[str]) -> str:
     repeat = row.first_repeat_step()
     if repeat is None:
         return ""
-    names = [v for v in variants if v != "stock" and v in row.variants]
+    names = [v for v in variants if v != baseline_of(rows) and v in row.variants]
     last = row.stock.info["train_steps"]
     first_eval = next((found[0] for found in (row.valid_gap_at(n, repeat) for n in names) if found), None)
     headers = ["variant", f"validation gap, step {first_eval:,} (first pass)" if first_eval else "validation gap, "
@@ -179,7 +190,8 @@ def plot(rows: Sequence[LengthRow], variants: Sequence[str], path: str, title: s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name in (v for v in variants if v != "stock"):
+    baseline = baseline_of(rows)
+    for name in (v for v in variants if v != baseline):
         points = [(row.steps, row.gap(name)) for row in rows if row.gap(name)]
         if not points:
             continue
@@ -191,13 +203,13 @@ def plot(rows: Sequence[LengthRow], variants: Sequence[str], path: str, title: s
     spread = [(row.steps, row.stock_spread()) for row in rows if row.stock_spread() is not None]
     if spread:
         ax.errorbar([s for s, _ in spread], [0.0] * len(spread), yerr=[v for _, v in spread], fmt="none",
-                    ecolor="grey", elinewidth=8, alpha=0.35, label="stock's seed spread (± std)")
+                    ecolor="grey", elinewidth=8, alpha=0.35, label=f"{baseline}'s seed spread (± std)")
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xscale("log", base=2)
     ax.set_xticks([row.steps for row in rows])
     ax.set_xticklabels([f"{row.steps:,}" for row in rows])
     ax.set_xlabel("optimizer steps of the complete schedule")
-    ax.set_ylabel("final validation loss vs stock (%)")
+    ax.set_ylabel(f"final validation loss vs {baseline} (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()

@@ -169,6 +169,9 @@ def parse_args() -> argparse.Namespace:
     lengths.add_argument("--testbed", required=True, help=f"one of {', '.join(beds.TESTBEDS)}")
     lengths.add_argument("--root", default="runs/testbed")
     lengths.add_argument("--variants", nargs="+", default=["stock", "lsh"])
+    lengths.add_argument("--baseline", default="stock",
+                         help="the plugin-off variant every gap is taken against, at every length (stock_lr1.5x: "
+                              "the growth test at 1.5x the study's peak rate)")
     lengths.add_argument("--section", required=True)
     lengths.add_argument("--title", default=None)
     lengths.add_argument("--run_command", default=None, help="the command that trained the runs, for the record")
@@ -343,7 +346,7 @@ def bed_label(bed) -> str:
 
 def lengths(args: argparse.Namespace) -> None:
     bed = beds.testbed(args.testbed)
-    rows = length_study.collect(args.root, bed, args.variants)
+    rows = length_study.collect(args.root, bed, args.variants, args.baseline)
     title = args.title or f"{bed_label(bed)}: the final gap as the schedule grows"
     plot_path = os.path.join(os.path.dirname(args.output) or ".", f"quality_{args.section}.png")
     length_study.plot(rows, args.variants, plot_path, title)
@@ -352,8 +355,9 @@ def lengths(args: argparse.Namespace) -> None:
         *section_head(title, args.run_command),
         f"- testbed: {bed.purpose}. Longest schedule: {study.describe([longest])}",
         "- each row is a complete schedule of its own (5% warm-up, linear decay to zero at its last step), final "
-        "point on the whole validation split, exact dispatch in evaluation; a gap per seed pairs a run with stock's "
-        "run of the same seed (same initial weights, data order and gate draws).",
+        "point on the whole validation split, exact dispatch in evaluation; a gap per seed pairs a run with "
+        f"{'stock' if args.baseline == 'stock' else args.baseline}'s run of the same seed (same initial weights, "
+        "data order and gate draws).",
         *([note] if (note := study.cards_note([rows[-1].stock, *rows[-1].variants.values()])) else []),
         *([note] if (note := shorter_cards(rows)) else []), "",
         length_study.table(rows, args.variants), "",

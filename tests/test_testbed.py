@@ -207,6 +207,41 @@ def test_the_gap_against_length_pairs_seeds_and_shows_stocks_spread(tmp_path):
     assert rows[0].tokens == 20 * TOKENS_PER_STEP
 
 
+def test_the_gap_against_length_takes_the_baseline_it_is_given(tmp_path):
+    """With baseline stock_lr1.5x every row, gap and spread is against stock at that rate: a length without its runs
+    has no row, stock itself is a variant like any other, and the table's headers name the baseline. A baseline
+    with the plugin on, or unknown, is refused by name."""
+    bed = beds.TESTBEDS["gpt-25m-1pass"]
+    root = str(tmp_path)
+    short, long = (os.path.join(root, bed.name, length) for length in ("x0.125", "x1"))
+    write_run(short, "stock", 1, [6.0, 5.0], train_steps=20)   # no stock_lr1.5x at 0.125x: no row there
+    for seed, stock, scaled, default in ((1, 3.3, 3.0, 3.03), (2, 3.4, 3.2, 3.36)):
+        write_run(long, "stock", seed, [5.0, stock], train_steps=20)
+        write_run(long, "stock_lr1.5x", seed, [5.0, scaled], train_steps=20)
+        write_run(long, "fp8_fwd_fp4sr_grad_lr1.5x", seed, [5.0, default], train_steps=20)
+    variants = ["stock", "fp8_fwd_fp4sr_grad_lr1.5x"]
+    rows = length_study.collect(root, bed, variants, baseline="stock_lr1.5x")
+    assert [row.length for row in rows] == [1.0] and length_study.baseline_of(rows) == "stock_lr1.5x"
+    assert rows[0].gap("fp8_fwd_fp4sr_grad_lr1.5x") == pytest.approx([1.0, 5.0])
+    assert rows[0].gap("stock") == pytest.approx([10.0, 6.25])
+    assert rows[0].stock_spread() == pytest.approx(100 * 0.1414214 / 3.1, rel=1e-5)
+    table = length_study.table(rows, variants)
+    assert "| stock_lr1.5x: final loss (seeds) | stock_lr1.5x seed spread (std) | stock: final loss (seeds) |" in table
+    assert "| 1x | 20 | 0.02M | 3.1000 ± 0.1414 (2) | 4.56% | 3.3500 ± 0.0707 (2) | +8.12% ± 2.65% (2 seeds) |" \
+        in table
+    assert length_study.collect(root, bed, variants)[0].length == 0.125   # the default baseline: stock, as before
+    for refused in ("fp8_fwd_fp4sr_grad_lr1.5x", "stock_lr3x"):
+        with pytest.raises(study.StudyError, match=f"--baseline '{refused}'"):
+            length_study.collect(root, bed, variants, baseline=refused)
+    output = os.path.join(root, "quality.md")
+    module, args = parse(["lengths", "--testbed", bed.name, "--root", root, "--baseline", "stock_lr1.5x",
+                          "--variants", *variants, "--section", "scaled", "--output", output])
+    module.lengths(args)
+    with open(output) as f:
+        written = f.read()
+    assert "pairs a run with stock_lr1.5x's run of the same seed" in written and "| stock_lr1.5x: final loss" in written
+
+
 def with_training_loss(root, variant, seed, losses):
     """Adds a training loss to each record of a written run, in step order."""
     path = os.path.join(root, "gpt", variant, f"seed{seed}", "metrics.jsonl")
