@@ -6,7 +6,13 @@ per-step wall-clock fields to 6 significant digits (a microsecond of a 0.1 s ste
 Their last ten digits are timer noise that xz cannot compress, and they were a third of a record. `tokens_per_s` is
 left out: it is the run's tokens per step (run.json `tokens_per_step`) over `step_time_s`, no report reads it, and
 its noisy digits were a tenth of what was left (2026-12-06, eighth session; the live metrics.jsonl keeps it).
-Losses, learning rates and telemetry stay exact.
+
+The learning rate, the auxiliary (load-balancing) loss and the plugin's and the probe's telemetry (`lsh_moe/...`,
+`probe/...`) go to 6 significant digits too, where a value is not a whole number (bytes counts stay exact): no
+report shows more than 4 digits of them, and a mean over thousands of steps moves by less than 1e-6 of itself. They
+were a sixth of the GPU record (2026-12-07, twelfth session, when 14 runs took the carry over its limit). The losses
+a report compares stay exact: `loss`, `valid_loss`, `valid_loss_compressed` (the rate 1.0 control equals stock's
+validation loss to the last digit, and the records show it).
 """
 from __future__ import annotations
 
@@ -15,16 +21,25 @@ import json
 WALL_CLOCK_FIELDS = ("step_time_s", "elapsed_s")
 WALL_CLOCK_DIGITS = 6
 DERIVED_FIELDS = ("tokens_per_s",)  # recomputed from the run's tokens_per_step and step_time_s where wanted
+ROUNDED_FIELDS = WALL_CLOCK_FIELDS + ("lr", "aux_loss")
+ROUNDED_PREFIXES = ("lsh_moe/", "probe/")   # telemetry: rounded where not a whole number
+EXACT_FIELDS = ("loss", "valid_loss", "valid_loss_compressed")
+
+
+def _rounded(key: str, value):
+    if not isinstance(value, float) or key in EXACT_FIELDS:
+        return value
+    if key in ROUNDED_FIELDS or (key.startswith(ROUNDED_PREFIXES) and not value.is_integer()):
+        return float(f"{value:.{WALL_CLOCK_DIGITS}g}")
+    return value
 
 
 def round_wall_clock(line: str) -> str:
-    """One metrics.jsonl line with its wall-clock fields to WALL_CLOCK_DIGITS significant digits and its derived
-    fields left out; every other field, and the order of the keys, as they were. Idempotent."""
-    record = {key: value for key, value in json.loads(line).items() if key not in DERIVED_FIELDS}
-    for key in WALL_CLOCK_FIELDS:
-        if isinstance(record.get(key), float):
-            record[key] = float(f"{record[key]:.{WALL_CLOCK_DIGITS}g}")
-    return json.dumps(record)
+    """One metrics.jsonl line with its wall-clock fields, learning rate, auxiliary loss and non-integral telemetry
+    to WALL_CLOCK_DIGITS significant digits and its derived fields left out; the losses, every other field, and the
+    order of the keys, as they were. Idempotent."""
+    return json.dumps({key: _rounded(key, value) for key, value in json.loads(line).items()
+                       if key not in DERIVED_FIELDS})
 
 
 def round_metrics(data: bytes) -> bytes:

@@ -46,14 +46,14 @@ def local_files(root: str, proxy: str, logs: Sequence[str]) -> Dict[str, str]:
 
 
 def _member_data(name: str, data: bytes) -> bytes:
-    """What the archive keeps of a file: a metrics.jsonl with its wall-clock fields rounded
+    """What the archive keeps of a file: a metrics.jsonl with the digits no report reads rounded
     (lshmoe_pretrain.run_records), anything else as it is."""
     return round_metrics(data) if os.path.basename(name) == "metrics.jsonl" else data
 
 
 def write(record: str, files: Dict[str, str]) -> int:
     """The archive at `record`: its members, each replaced by the local file of that name where there is one, and
-    the local files it lacks; metrics.jsonl's wall-clock fields rounded (`_member_data`), xz preset 9. Written
+    the local files it lacks; metrics.jsonl's unread digits rounded (`_member_data`), xz preset 9. Written
     beside and moved, so that a failure leaves the old one. Members written."""
     kept: Dict[str, Tuple[tarfile.TarInfo, bytes]] = {}
     if os.path.exists(record):

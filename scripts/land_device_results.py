@@ -78,7 +78,7 @@ CAPTURES = "captures"  # a run's captures/ folder stays out of the tracked recor
 
 
 def _record_member(tar: tarfile.TarFile, path: str, arcname: str) -> None:
-    """The file at `path` into the record as `arcname`; a metrics.jsonl with its wall-clock fields rounded."""
+    """The file at `path` into the record as `arcname`; a metrics.jsonl through `run_records.round_metrics`."""
     member = tar.gettarinfo(path, arcname)
     if os.path.basename(path) != "metrics.jsonl":
         with open(path, "rb") as handle:
@@ -91,7 +91,7 @@ def _record_member(tar: tarfile.TarFile, path: str, arcname: str) -> None:
 
 
 def write_record(runs: str, record: str, top: str = "testbed") -> None:
-    """`runs` as the archive docs/ keeps: members under `top`/ (no captures), wall-clock fields rounded
+    """`runs` as the archive docs/ keeps: members under `top`/ (no captures), the digits no report reads rounded
     (`run_records.round_metrics`), xz preset 9 (its extreme variant saves 2% more in six times the time), written
     beside and then moved, so that a failure leaves the old record."""
     os.makedirs(os.path.dirname(record) or ".", exist_ok=True)
@@ -166,8 +166,8 @@ def main(argv: Sequence[str] = None) -> None:
     parser.add_argument("--captures", default="runs/testbed_captures", help="where capture files go")
     parser.add_argument("--docs", default="docs")
     parser.add_argument("--rewrite", nargs="+", default=[], metavar="RECORD",
-                        help="write these .tar.xz records again as a landing writes one (wall-clock fields rounded, "
-                             "xz preset 9), then land the folders, if any")
+                        help="write these .tar.xz records again as a landing writes one (the digits no report reads "
+                             "rounded, xz preset 9), then land the folders, if any")
     args = parser.parse_args(argv)
     for record in args.rewrite:
         if not record.endswith(".tar.xz"):

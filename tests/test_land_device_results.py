@@ -104,17 +104,20 @@ def test_captures_land_beside_the_runs_and_never_in_the_record(tmp_path):
     assert record_files(record) == {"testbed/gpt/stock/seed4/run.json": "the run"}
 
 
-def test_the_record_rounds_wall_clock_only(tmp_path):
-    """The tracked record keeps every loss, learning rate and telemetry value exactly, the per-step wall-clock
-    fields to 6 significant digits and not tokens_per_s (tokens per step over step time); captures stay out;
-    extracting the record and writing it again changes nothing."""
+def test_the_record_rounds_what_no_report_reads_to_six_digits(tmp_path):
+    """The tracked record keeps the losses exactly; the per-step wall-clock fields, the learning rate, the
+    auxiliary loss and the telemetry's non-integral values go to 6 significant digits (a bytes count stays whole);
+    tokens_per_s (tokens per step over step time) is left out; captures stay out; extracting the record and writing
+    it again changes nothing."""
     runs = tmp_path / "runs"
     run = runs / "gpt" / "stock" / "seed1"
     (run / "captures").mkdir(parents=True)
     (run / "captures" / "step1.pt").write_bytes(b"tokens")
-    line = ('{"step": 7, "loss": 9.714982032775879, "lr": 1.9672131147540982e-05, '
+    line = ('{"step": 7, "loss": 9.714982032775879, "aux_loss": 4.156502723693848, "lr": 1.9672131147540982e-05, '
             '"step_time_s": 0.12824547499999994, "tokens_per_s": 31938.74871608532, '
-            '"elapsed_s": 3.7265280639999787, "lsh_moe/layer0/bytes_ratio": 0.390625}')
+            '"elapsed_s": 3.7265280639999787, "lsh_moe/layer0/bytes_ratio": 0.26346153846153847, '
+            '"lsh_moe/layer0/bytes_sent": 10485761.0, "probe/layer0/output_error_none": 0.7186524868011475, '
+            '"valid_loss": 3.298012505869759, "valid_loss_compressed": 3.310012345678901, "valid_samples": 256}')
     (run / "metrics.jsonl").write_text(line + "\n")
     (run / "run.json").write_text('{"elapsed_s": 3.7265280639999787}')
     record = tmp_path / "record.tar.xz"
@@ -123,8 +126,10 @@ def test_the_record_rounds_wall_clock_only(tmp_path):
     assert set(files) == {"testbed/gpt/stock/seed1/metrics.jsonl", "testbed/gpt/stock/seed1/run.json"}
     assert files["testbed/gpt/stock/seed1/run.json"] == '{"elapsed_s": 3.7265280639999787}'  # only metrics.jsonl
     assert files["testbed/gpt/stock/seed1/metrics.jsonl"] == (
-        '{"step": 7, "loss": 9.714982032775879, "lr": 1.9672131147540982e-05, "step_time_s": 0.128245, '
-        '"elapsed_s": 3.72653, "lsh_moe/layer0/bytes_ratio": 0.390625}\n')
+        '{"step": 7, "loss": 9.714982032775879, "aux_loss": 4.1565, "lr": 1.96721e-05, "step_time_s": 0.128245, '
+        '"elapsed_s": 3.72653, "lsh_moe/layer0/bytes_ratio": 0.263462, "lsh_moe/layer0/bytes_sent": 10485761.0, '
+        '"probe/layer0/output_error_none": 0.718652, "valid_loss": 3.298012505869759, '
+        '"valid_loss_compressed": 3.310012345678901, "valid_samples": 256}\n')
     again = tmp_path / "again"
     land.extract_into(str(record), str(again))
     land.write_record(str(again), str(tmp_path / "again.tar.xz"))
@@ -133,8 +138,8 @@ def test_the_record_rounds_wall_clock_only(tmp_path):
 
 def test_rewrite_rounds_an_older_record_in_place(tmp_path):
     """--rewrite writes a record made before the rounding (the CPU proxies') again as a landing writes one: under
-    the folder its members share, wall-clock fields rounded, everything else as it was; a record whose members lie
-    under several folders is refused."""
+    the folder its members share, the digits no report reads rounded, everything else as it was; a record whose
+    members lie under several folders is refused."""
     source = tmp_path / "cpu_testbed" / "gpt" / "stock" / "seed1"
     source.mkdir(parents=True)
     line = '{"step": 1, "loss": 9.714982032775879, "step_time_s": 0.12824547499999994, "tokens_per_s": 31938.7487}\n'
