@@ -106,6 +106,11 @@ class Frontier:
         return self.rows[-1]
 
     @property
+    def baseline(self) -> str:
+        """The plugin-off variant that plays stock (`stock` unless collect was given another)."""
+        return length_study.baseline_of(self.rows)
+
+    @property
     def stock(self) -> study.VariantResult:
         return self.long.stock
 
@@ -119,27 +124,39 @@ class Frontier:
         return study.tokens_to_reach(self.stock, self.target)
 
 
-def collect(root: str, bed: Testbed, variants: Optional[Sequence[str]] = None) -> Frontier:
+def at_rate_of(variant: str, baseline: str) -> bool:
+    """Whether `variant` is a candidate against `baseline` (a plugin-off variant): an lsh_moe block a user trains,
+    at the baseline's learning rate. Against stock, the variants that are not study-only; against stock_lr1.5x,
+    those at 1.5x the study's rate (fp8_fwd_fp4sr_grad_lr1.5x: the default's block there). A diagnostic layer never
+    is."""
+    return (variant in study.VARIANTS and variant != baseline and bool(study.VARIANTS[variant].get("enabled"))
+            and variant not in study.DIAGNOSTICS and study.lr_scale(variant) == study.lr_scale(baseline))
+
+
+def collect(root: str, bed: Testbed, variants: Optional[Sequence[str]] = None, baseline: str = "stock") -> Frontier:
     """Every candidate with finished runs at the long schedule (``<root>/<testbed>/x1``), each checked against the
-    rule. `variants`: those only (default: every study variant with a run directory there, the study-only
-    diagnostic layers and learning-rate controls left out: no lsh_moe block trains what they do)."""
+    rule. `variants`: those only (default: every study variant with a run directory there that is a candidate at
+    `baseline`'s rate (`at_rate_of`): the study-only diagnostic layers and, against stock, the learning-rate
+    controls left out). `baseline`: the plugin-off variant that plays stock (stock_lr1.5x: the rule at 1.5x the
+    study's peak rate, every gap, spread and token count against it)."""
     long_root = os.path.join(root, bed.name, "x1", bed.model_kind)
     if variants is None:
         variants = sorted(v for v in (os.listdir(long_root) if os.path.isdir(long_root) else [])
-                          if v in study.VARIANTS and v != "stock" and not study.is_study_only(v))
+                          if at_rate_of(v, baseline))
     unknown = [v for v in variants if v not in study.VARIANTS]
     if unknown:
         raise study.StudyError(f"--variants {unknown}: allowed {sorted(study.VARIANTS)}")
-    variants = [v for v in variants if v != "stock"]
-    rows = length_study.collect(root, bed, variants)
+    variants = [v for v in variants if v != baseline]
+    rows = length_study.collect(root, bed, variants, baseline)
     if rows[-1].length != 1.0:
-        raise study.StudyError(f"no finished stock runs at the long schedule ({long_root}/stock/seed*)")
+        raise study.StudyError(f"no finished {baseline} runs at the long schedule ({long_root}/{baseline}/seed*)")
     frontier = Frontier(bed, rows, [], [v for v in variants if v not in rows[-1].variants], root)
     for name in (v for v in variants if v in rows[-1].variants):
         gaps = rows[-1].gap(name)
         if gaps is None:
             raise study.StudyError(f"{long_root}/{name}: seeds {rows[-1].variants[name].seeds} share none with "
-                                   f"stock's ({rows[-1].stock.seeds}); its gap pairs each seed with stock's")
+                                   f"{baseline}'s ({rows[-1].stock.seeds}); its gap pairs each seed with "
+                                   f"{baseline}'s")
         method, knobs = variant_configuration(name)
         result = rows[-1].variants[name]
         # Paired like the gap: stock on the candidate's seeds, so that a one-seed control identical to stock's run
@@ -253,10 +270,13 @@ def speedup(candidate: Candidate, bed: Testbed, benchmarks: str, sections: Seque
     from . import benchmarking as bench
     from .step_sources import section_model
     where = f"{LINK} EP{EP}"
-    found, refusal = timed_rows(candidate.name, candidate.method, candidate.knobs, benchmarks, sections, bed.preset)
+    # a block trained at a scaled learning rate steps as the same block at the study's rate: its row is that one's
+    timed = study.rate_base(candidate.name)
+    knobs = candidate.knobs if timed == candidate.name else variant_configuration(timed)[1]
+    found, refusal = timed_rows(timed, candidate.method, knobs, benchmarks, sections, bed.preset)
     if refusal is not None:
         return Speedup(None, None, f"no modelled step time for `{candidate.name}`: {refusal}")
-    method = _method_row(candidate.method, candidate.knobs)
+    method = _method_row(candidate.method, knobs)
     texts = {name: bench.read_section_text(benchmarks, name) for name in sections}
     models = {name: section_model(texts[name]) for name in sections}
     tables = {name: bench.read_section_table(benchmarks, name) for name in sections}
@@ -265,16 +285,18 @@ def speedup(candidate: Candidate, bed: Testbed, benchmarks: str, sections: Seque
         if f"{label} @ {where}" in rows and f"stock @ {where}" in rows:
             preset = getattr(models[name], "preset", None)
             note = modelled_note(candidate.result.info, name, texts[name], EP)
+            if timed != candidate.name:
+                note = f"`{timed}`'s step (the same lsh_moe block at the study's rate): {note}"
             return Speedup(float(rows[f"{label} @ {where}"][_SPEEDUP]), name,
                            (f"step time of preset `{preset}`: " if preset else "") + note, preset)
-    rows_sought = f"`{candidate.name} @ {where}`"
+    rows_sought = f"`{timed} @ {where}`"
     if method is not None:
         at_rate = f" at rate {method[1]:g}" if method[1] is not None else ""
-        rows_sought += (f" (method `{candidate.method}`{at_rate})" if method[0] == candidate.name else
+        rows_sought += (f" (method `{candidate.method}`{at_rate})" if method[0] == timed else
                         f" nor `{method[0]} @ {where}` (method `{candidate.method}`{at_rate}, the same lsh_moe block)")
     return Speedup(None, None, f"no modelled step time for `{candidate.name}` at {LINK}, EP={EP}, {GPUS_PER_NODE} "
                                f"GPUs per node yet: no section has a row {rows_sought} (command: "
-                               f"`{stage_command([candidate.name])}`, {stage_words()})")
+                               f"`{stage_command([timed])}`, {stage_words()})")
 
 
 def timed_rows(variant: str, method: str, knobs: Dict[str, object], benchmarks: str, sections: Sequence[str],
@@ -458,9 +480,9 @@ def _repeats_caveat(frontier: Frontier, candidate: Candidate) -> str:
 
 def _passing(frontier: Frontier) -> List[Candidate]:
     """The candidates that pass every criterion, the one the rule chooses first (fewest bytes, then smallest gap).
-    A diagnostic layer or learning-rate control named on purpose keeps its row, but is never a default: no lsh_moe
-    block trains what it does."""
-    passing = [c for c in frontier.candidates if c.passes and not study.is_study_only(c.name)]
+    A diagnostic layer, or a learning-rate control at another rate than the baseline's, named on purpose keeps its
+    row, but is never a default: no lsh_moe block trains what it does at that rate."""
+    passing = [c for c in frontier.candidates if c.passes and at_rate_of(c.name, frontier.baseline)]
     return sorted(passing, key=lambda c: (c.result.bytes_ratio, abs(c.gap)))
 
 
@@ -480,7 +502,7 @@ def _scope(frontier: Frontier, chosen: Optional[str]) -> str:
     measured, unmeasured = [], []
     for other in others:
         try:
-            found = collect(frontier.root, other) if frontier.root else None
+            found = collect(frontier.root, other, baseline=frontier.baseline) if frontier.root else None
         except study.StudyError:   # no finished stock or candidate at that shape's long schedule
             found = None
         if found is None:
@@ -509,13 +531,16 @@ def _scope(frontier: Frontier, chosen: Optional[str]) -> str:
 def table(frontier: Frontier) -> str:
     """One row per candidate (stock first, as the reference): seeds, final loss, gap, stock's spread, bytes, each
     criterion of the rule, whether it passes all of them, tokens to stock's final loss."""
-    headers = ["variant", "method", "seeds", "final loss (mean ± std)", "gap vs stock per seed (mean ± std)",
-               "stock's seed spread (std)", "all-to-all bytes vs stock", *CRITERIA, "passes the rule",
-               "tokens to stock's final loss"]
+    baseline = frontier.baseline
+    headers = ["variant", "method", "seeds", "final loss (mean ± std)", f"gap vs {baseline} per seed (mean ± std)",
+               f"{baseline}'s seed spread (std)", "all-to-all bytes vs stock", *CRITERIA, "passes the rule",
+               f"tokens to {baseline}'s final loss"]
     stock, spread = frontier.stock, frontier.long.stock_spread()
     spread_cell = f"±{spread:.2f}%" if spread is not None else "– (1 seed)"
     lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |",
-             "| " + " | ".join(["stock", "plugin off", str(len(stock.seeds)),
+             "| " + " | ".join([baseline, "plugin off" + ("" if baseline == "stock" else
+                                                          f", {study.lr_scale(baseline):g}x the peak rate"),
+                                str(len(stock.seeds)),
                                 study.mean_and_spread([stock.final(s) for s in stock.seeds]), "–", spread_cell,
                                 f"{stock.bytes_ratio:.3f}", *("–" for _ in CRITERIA), "–",
                                 f"{study.millions(frontier.stock_tokens)} (1.000x)"]) + " |"]
@@ -559,11 +584,11 @@ def plot(frontier: Frontier, path: str, title: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     spread = frontier.long.stock_spread()
     if spread is not None:
-        ax.axhspan(-spread, spread, color="grey", alpha=0.25, label="stock's seed spread (± std)")
+        ax.axhspan(-spread, spread, color="grey", alpha=0.25, label=f"{frontier.baseline}'s seed spread (± std)")
     xs = [c.result.bytes_ratio for c in frontier.candidates] + [1.0]
     ax.add_patch(plt.Rectangle((min(xs) / 2, -GAP_BAND), BYTES_LIMIT - min(xs) / 2, 2 * GAP_BAND, fill=False,
                                edgecolor="green", linestyle="--", label="the rule: bytes ≤ 0.5, gap within ±0.5%"))
-    ax.plot([1.0], [0.0], "ks", label="stock")
+    ax.plot([1.0], [0.0], "ks", label=frontier.baseline)
     for c in frontier.candidates:
         low, high = c.gap - min(c.gaps), max(c.gaps) - c.gap
         ax.errorbar([c.result.bytes_ratio], [c.gap], yerr=[[low], [high]], marker="o", capsize=3,
@@ -575,7 +600,7 @@ def plot(frontier: Frontier, path: str, title: str) -> None:
     ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("all-to-all bytes vs stock (all four crossings, log scale)")
-    ax.set_ylabel("final validation loss vs stock (%)")
+    ax.set_ylabel(f"final validation loss vs {frontier.baseline} (%)")
     ax.set_title(title.replace(": ", ":\n", 1), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -604,6 +629,10 @@ def body(frontier: Frontier, choice: Choice, speedups: Dict[str, Speedup], plot_
         f"same seeds ({frontier.target:.4f} over all {len(frontier.stock.seeds)}), against where stock's own curve "
         "on those seeds does.",
         *([note] if (note := study.cards_note([frontier.stock] + [c.result for c in frontier.candidates])) else []),
+        *([f"- **stock here is `{frontier.baseline}`**: stock at {study.lr_scale(frontier.baseline):g}x the study's "
+           f"peak learning rate, and the candidates are blocks trained at that rate; every gap, spread and token "
+           f"count below, and \"stock\" in the verdicts, are against it (the rule at a tuned rate)."]
+          if frontier.baseline != "stock" else []),
         "", table(frontier), ""]
     if frontier.unfinished:
         lines += [f"Not on the frontier (no finished run at the long schedule): "

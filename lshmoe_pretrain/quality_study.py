@@ -247,6 +247,17 @@ def lr_scale(variant: str) -> float:
     return float(VARIANTS[variant].get("lr_scale", 1.0))
 
 
+def rate_base(variant: str) -> str:
+    """The variant whose lsh_moe block `variant` trains at a scaled learning rate (`<base>_lr<scale>x` with the
+    base's block and lr_scale set: fp8_fwd_fp4sr_grad_lr1.5x -> fp8_fwd_fp4sr_grad); `variant` itself otherwise.
+    What a step costs depends on the block, not on the rate."""
+    base = variant.rsplit("_lr", 1)[0]
+    if lr_scale(variant) != 1.0 and base in VARIANTS and lr_scale(base) == 1.0 and \
+            {k: v for k, v in VARIANTS[variant].items() if k != "lr_scale"} == VARIANTS[base]:
+        return base
+    return variant
+
+
 def is_study_only(variant: str) -> bool:
     """A variant no user configuration trains: a diagnostic layer (DIAGNOSTICS) or a learning-rate control (the
     study's schedule changed, not the lsh_moe block). It is never a frontier candidate nor timed by the benchmark."""

@@ -182,6 +182,9 @@ def parse_args() -> argparse.Namespace:
     edge.add_argument("--root", default="runs/testbed")
     edge.add_argument("--variants", nargs="+", default=None,
                       help="the candidates (default: every variant with runs under ROOT/TESTBED/x1)")
+    edge.add_argument("--baseline", default="stock",
+                      help="the plugin-off variant that plays stock (stock_lr1.5x: the rule at 1.5x the study's peak "
+                           "rate, against the candidates trained at that rate)")
     edge.add_argument("--section", required=True)
     edge.add_argument("--title", default=None)
     edge.add_argument("--run_command", default=None, help="the command that trained the runs, for the record")
@@ -391,7 +394,7 @@ def shorter_cards(rows) -> str:
 
 def frontier(args: argparse.Namespace) -> None:
     bed = beds.testbed(args.testbed)
-    found = frontiers.collect(args.root, bed, args.variants)
+    found = frontiers.collect(args.root, bed, args.variants, args.baseline)
     speedups = frontiers.speedups_for(found, args.benchmarks, args.modelled_section)
     choice = frontiers.choose(found, speedups)
     title = (args.title or

@@ -26,7 +26,8 @@ def write_run(root, length, variant, seed, final, bytes_ratio, bed=BED):
     info = {"model_kind": "gpt", "preset": "tiny", "seed": seed, "train_steps": STEPS,
             "tokens_per_step": TOKENS_PER_STEP, "parameters": 3e6, "train_tokens": 10**6, "valid_tokens": 10**4,
             "data": "synthetic", "vocab_size": 64, "ep_size": 1, "world_size": 1, "device": "cpu", "torch": "x",
-            "lsh_moe": {"enabled": variant != "stock", "compression_rate": 0.2, "num_hashes": 6,
+            "lsh_moe": {"enabled": bool(frontiers.study.VARIANTS[variant].get("enabled")), "compression_rate": 0.2,
+                        "num_hashes": 6,
                         "hash_type": "cross_polytope", "hash_dim": 8, "error_compensation": True,
                         "exact_from_step": None}}
     with open(os.path.join(run_dir, "run.json"), "w") as f:
@@ -34,7 +35,7 @@ def write_run(root, length, variant, seed, final, bytes_ratio, bed=BED):
     with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
         for step in range(1, STEPS + 1):
             record = {"step": step, "loss": 5.0, "step_time_s": 0.1}
-            if variant != "stock":
+            if frontiers.study.VARIANTS[variant].get("enabled"):
                 record["lsh_moe/mean/bytes_ratio"] = bytes_ratio
             if step in (10, STEPS):
                 record["valid_loss"] = 5.0 if step == 10 else final
@@ -215,6 +216,60 @@ def test_a_study_only_variant_is_no_candidate(tmp_path, study_only):
     named = frontiers.collect(root, BED, [study_only, "fp8_both"])
     assert {c.name: c.passes for c in named.candidates} == {study_only: True, "fp8_both": True}
     assert frontiers.choose(named, frontiers.speedups_for(named, "unused.md")).chosen.name == "fp8_both"
+
+
+STOCK_LR = {1: 2.909, 2: 2.9, 3: 2.891}          # stock at 1.5x the peak rate: 3% lower, a spread of 0.31%
+STOCK_LR_SHORT = {0.125: 3.9, 0.5: 3.4}
+
+
+def test_the_rule_at_a_tuned_rate_takes_stock_at_that_rate_and_the_blocks_trained_there(tmp_path):
+    """With baseline stock_lr1.5x the candidates are the blocks trained at 1.5x the study's rate (not those at the
+    study's rate, nor stock): every gap, spread and growth against stock_lr1.5x's runs of the same seeds, the rule
+    choosing among them as among the others, and the section saying which stock it means."""
+    root = str(tmp_path)
+    write_study(root, {"fp8_both": (0.1, [1, 2, 3], 0.45, FLAT)})
+    for seed, final in STOCK_LR.items():
+        write_run(root, 1.0, "stock_lr1.5x", seed, final, 1.0)
+    for length, final in STOCK_LR_SHORT.items():
+        write_run(root, length, "stock_lr1.5x", 1, final, 1.0)
+    for name, gap, rise in (("fp8_fwd_fp4sr_grad_lr1.5x", 0.1, 0.0), ("fp8_fwd_fp4_grad_lr1.5x", 0.6, 0.0)):
+        for seed in (1, 2, 3):
+            write_run(root, 1.0, name, seed, STOCK_LR[seed] * (1 + gap / 100), 0.391)
+        for length, final in STOCK_LR_SHORT.items():
+            write_run(root, length, name, 1, final * (1 + (gap + rise) / 100), 0.391)
+    assert [c.name for c in frontiers.collect(root, BED).candidates] == ["fp8_both"]   # the study's rate, as before
+    tuned = frontiers.collect(root, BED, baseline="stock_lr1.5x")
+    assert tuned.baseline == "stock_lr1.5x" and tuned.target == pytest.approx(2.9)
+    assert [c.name for c in tuned.candidates] == ["fp8_fwd_fp4_grad_lr1.5x", "fp8_fwd_fp4sr_grad_lr1.5x"]
+    by_name = {c.name: c for c in tuned.candidates}
+    assert by_name["fp8_fwd_fp4sr_grad_lr1.5x"].gaps == pytest.approx([0.1, 0.1, 0.1])
+    assert states(by_name["fp8_fwd_fp4sr_grad_lr1.5x"]) == [frontiers.YES] * 5
+    assert states(by_name["fp8_fwd_fp4_grad_lr1.5x"])[0] == frontiers.NO
+    choice = frontiers.choose(tuned, frontiers.speedups_for(tuned, "unused.md"))
+    assert choice.by == "rule" and choice.chosen.name == "fp8_fwd_fp4sr_grad_lr1.5x"
+    body = frontiers.body(tuned, choice, {}, "plot.png")
+    assert "- **stock here is `stock_lr1.5x`**: stock at 1.5x the study's peak learning rate" in body
+    assert "| stock_lr1.5x | plugin off, 1.5x the peak rate | 3 | 2.9000 ± 0.0090 | – | ±0.31% |" in body
+    assert "| gap vs stock_lr1.5x per seed (mean ± std) | stock_lr1.5x's seed spread (std) |" in body
+    with pytest.raises(frontiers.study.StudyError, match="--baseline 'fp8_fwd_fp4sr_grad_lr1.5x'"):
+        frontiers.collect(root, BED, baseline="fp8_fwd_fp4sr_grad_lr1.5x")
+
+
+def test_a_block_at_a_scaled_rate_steps_as_the_same_block_at_the_studys_rate(tmp_path):
+    """No benchmark times a learning-rate control (its step is its block's): the fallback reads the paper's block
+    at 1.5x from the row of the paper's block, and says so."""
+    assert [frontiers.study.rate_base(v) for v in ("lsh_lr1.5x", "fp8_fwd_fp4sr_grad_lr2x", "stock_lr1.5x",
+                                                   "fp8_both", "diag_residual_grad")] == \
+        ["lsh", "fp8_fwd_fp4sr_grad", "stock", "fp8_both", "diag_residual_grad"]
+    root = str(tmp_path)
+    for seed in (1, 2, 3):
+        write_run(root, 1.0, "stock_lr1.5x", seed, STOCK_LR[seed], 1.0)
+        write_run(root, 1.0, "lsh_lr1.5x", seed, STOCK_LR[seed] * 1.1, 0.2)
+    found = frontiers.collect(root, BED, baseline="stock_lr1.5x")
+    benchmarks = fallback_benchmarks(tmp_path)
+    step = frontiers.speedups_for(found, benchmarks)["lsh_lr1.5x"]
+    assert step.value == 1.5 and step.section == "gpt_moe_tiny_modelled_ep8-16_g8"
+    assert "`lsh`'s step (the same lsh_moe block at the study's rate)" in step.note
 
 
 def bench_section(name, title, rows, preset="tiny", gpus=8, variants=""):
