@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 
 WALL_CLOCK_FIELDS = ("step_time_s", "elapsed_s")
-WALL_CLOCK_DIGITS = 6
+DIGITS = 6
 DERIVED_FIELDS = ("tokens_per_s",)  # recomputed from the run's tokens_per_step and step_time_s where wanted
 ROUNDED_FIELDS = WALL_CLOCK_FIELDS + ("lr", "aux_loss")
 ROUNDED_PREFIXES = ("lsh_moe/", "probe/")   # telemetry: rounded where not a whole number
@@ -30,18 +30,18 @@ def _rounded(key: str, value):
     if not isinstance(value, float) or key in EXACT_FIELDS:
         return value
     if key in ROUNDED_FIELDS or (key.startswith(ROUNDED_PREFIXES) and not value.is_integer()):
-        return float(f"{value:.{WALL_CLOCK_DIGITS}g}")
+        return float(f"{value:.{DIGITS}g}")
     return value
 
 
-def round_wall_clock(line: str) -> str:
+def round_line(line: str) -> str:
     """One metrics.jsonl line with its wall-clock fields, learning rate, auxiliary loss and non-integral telemetry
-    to WALL_CLOCK_DIGITS significant digits and its derived fields left out; the losses, every other field, and the
+    to DIGITS significant digits and its derived fields left out; the losses, every other field, and the
     order of the keys, as they were. Idempotent."""
     return json.dumps({key: _rounded(key, value) for key, value in json.loads(line).items()
                        if key not in DERIVED_FIELDS})
 
 
 def round_metrics(data: bytes) -> bytes:
-    """A whole metrics.jsonl, each line through `round_wall_clock`; blank lines dropped."""
-    return "".join(round_wall_clock(line) + "\n" for line in data.decode().splitlines() if line.strip()).encode()
+    """A whole metrics.jsonl, each line through `round_line`; blank lines dropped."""
+    return "".join(round_line(line) + "\n" for line in data.decode().splitlines() if line.strip()).encode()
