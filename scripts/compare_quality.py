@@ -76,6 +76,9 @@ TITLES = {
     "testbed_gpt_25m_1pass_lr1p5x": "Testbed `gpt-25m-1pass` at 1.5x the study's peak learning rate: the default "
                                     "against stock at that rate (--baseline stock_lr1.5x), beside both at the "
                                     "study's rate",
+    "testbed_gpt_25m_1pass_lr2x": "Testbed `gpt-25m-1pass` at 2x the study's peak learning rate, its tuned rate: the "
+                                  "default and its nearest-rounded twin against stock at that rate (--baseline "
+                                  "stock_lr2x), beside all three at 1.5x and the study's rate",
     "testbed_t5_26m_1pass_lr1p5x": "Testbed `t5-26m-1pass` at 1.5x the study's peak learning rate: the default "
                                    "against stock at that rate (--baseline stock_lr1.5x), beside both at the "
                                    "study's rate",
