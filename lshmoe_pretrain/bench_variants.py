@@ -91,6 +91,9 @@ def study_variant(name: str) -> StudyVariant:
         raise VariantError(f"--variants {name}: a study-only diagnostic layer (lshmoe_pretrain.diagnostics "
                            f"'{study.DIAGNOSTICS[name]}') that locates a quality gap; it is no configuration a user "
                            f"trains, so it has no step time to compare")
+    if study.init_nudge(name):
+        raise VariantError(f"--variants {name}: a null control of the quality study (its initial weights nudged by "
+                           f"init_nudge {study.init_nudge(name):g}); its step time is stock's")
     if study.lr_scale(name) != 1.0:
         raise VariantError(f"--variants {name}: a learning-rate control of the quality study (lr_scale "
                            f"{study.lr_scale(name)}); its step time is that of the same block at the study's rate")

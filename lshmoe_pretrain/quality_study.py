@@ -28,9 +28,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # lsh_moe overrides per named variant; every other key keeps the config's defaults (rate 0.2, 6 cross-polytope
-# hashes of 8 dims, error compensation on). Two keys are the study's, not lsh_moe's (STUDY_ONLY_KEYS): `exact_tail`
+# hashes of 8 dims, error compensation on). Three keys are the study's, not lsh_moe's (STUDY_ONLY_KEYS): `exact_tail`
 # is the fraction of the schedule run with exact dispatch (it becomes `exact_from_step` for the study's step
-# count); `lr_scale` multiplies the study's peak learning rate (its warm-up and decay keep their shape).
+# count); `lr_scale` multiplies the study's peak learning rate (its warm-up and decay keep their shape);
+# `init_nudge` perturbs the initial weights' last digits (lshmoe_pretrain.training.nudge_initial_weights).
 VARIANTS: Dict[str, dict] = {
     "stock": {"enabled": False},
     "lsh": {"enabled": True, "method": "paper"},
@@ -154,6 +155,14 @@ VARIANTS["fp8_fwd_fp6_grad_lr1.5x"] = {**VARIANTS["fp8_fwd_fp6_grad"], "lr_scale
 # On gpt-25m-1pass stock at 2x ends below stock at 1.5x on both seeds (thirteenth session), so 2x is the tuned rate
 # there by the reading written before; the default with nearest-rounded gradients (the same bytes) at that rate.
 VARIANTS["fp8_fwd_fp4_grad_lr2x"] = {**VARIANTS["fp8_fwd_fp4_grad"], "lr_scale": 2.0}
+# Null controls: stock with its initial weights nudged (each times 1 + 1e-3 z; cast to bf16, 85% of gpt-moe-25m's
+# weights keep their value and the rest move by one step), nothing else changed. At 2x the rate two codecs of the
+# same bytes end 1.3-3.4% apart on one seed, against 0.1-0.7% at the study's rate (thirteenth session): is that any
+# perturbation's spread at that rate (then a 3-seed gap cannot be told from no effect), or the gradient rounding's?
+NULL_NUDGE = 1e-3
+VARIANTS["stock_nudge"] = {"enabled": False, "init_nudge": NULL_NUDGE}
+VARIANTS["stock_lr1.5x_nudge"] = {"enabled": False, "lr_scale": 1.5, "init_nudge": NULL_NUDGE}
+VARIANTS["stock_lr2x_nudge"] = {"enabled": False, "lr_scale": 2.0, "init_nudge": NULL_NUDGE}
 # Study-only layer variants (lshmoe_pretrain.diagnostics) of the variants above; every variant that clusters also
 # runs the output-error probe, which measures without changing what is trained.
 DIAGNOSTICS: Dict[str, str] = {"random_clusters": "random_clusters", "diag_forward": "forward",
@@ -163,7 +172,8 @@ DIAGNOSTICS: Dict[str, str] = {"random_clusters": "random_clusters", "diag_forwa
                                "diag_skip": "skip", "diag_forward_random": "forward,random_clusters",
                                "diag_backward_random": "backward,random_clusters"}
 OUTPUT_ERROR_INTERVAL = 50
-STUDY_ONLY_KEYS = ("exact_tail", "lr_scale")  # VARIANTS keys that set the study's schedule, not the lsh_moe block
+# VARIANTS keys that set the study's schedule or initial weights, not the lsh_moe block
+STUDY_ONLY_KEYS = ("exact_tail", "lr_scale", "init_nudge")
 
 
 class StudyError(ValueError):
@@ -247,6 +257,7 @@ def lsh_moe_block(variant: str, steps: Optional[int] = None) -> dict:
     overrides = dict(VARIANTS[variant])
     tail = overrides.pop("exact_tail", None)
     overrides.pop("lr_scale", None)
+    overrides.pop("init_nudge", None)
     if tail is not None and steps is not None:
         overrides["exact_from_step"] = int(round((1 - tail) * steps))
     return overrides
@@ -268,10 +279,16 @@ def rate_base(variant: str) -> str:
     return variant
 
 
+def init_nudge(variant: str) -> float:
+    """The relative size of the null perturbation of a variant's initial weights (0 for all but the null controls)."""
+    return float(VARIANTS[variant].get("init_nudge", 0.0))
+
+
 def is_study_only(variant: str) -> bool:
-    """A variant no user configuration trains: a diagnostic layer (DIAGNOSTICS) or a learning-rate control (the
-    study's schedule changed, not the lsh_moe block). It is never a frontier candidate nor timed by the benchmark."""
-    return variant in DIAGNOSTICS or lr_scale(variant) != 1.0
+    """A variant no user configuration trains: a diagnostic layer (DIAGNOSTICS), a learning-rate control (the
+    study's schedule changed, not the lsh_moe block) or a null control (its initial weights nudged). It is never a
+    frontier candidate nor timed by the benchmark."""
+    return variant in DIAGNOSTICS or lr_scale(variant) != 1.0 or init_nudge(variant) != 0.0
 
 
 def is_study_layer(variant: str) -> bool:
@@ -338,6 +355,7 @@ def launch_command(plan: StudyPlan, variant: str, seed: int, config_path: str, p
                "--final_eval_tokens", str(plan.final_eval_tokens),
                "--log_interval", str(max(1, steps // 20)), "--save_interval", str(save_every),
                "--seed", str(seed), "--output_dir", run_dir, "--diagnostic", diagnostic(variant),
+               *(["--init_nudge", repr(init_nudge(variant))] if init_nudge(variant) else []),
                *(["--eval_compressed", plan.eval_compressed] if plan.eval_compressed != "off" else []),
                *(capture_args(plan) if plan.capture_at and plan.capture_run == f"{variant}/{seed}" else [])]
     # `latest` is written once every rank's files of a checkpoint are (lshmoe_pretrain.checkpoints): a run killed

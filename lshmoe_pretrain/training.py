@@ -90,6 +90,9 @@ def parse_args(model_kind: str, argv=None) -> argparse.Namespace:
     add("--diagnostic", default="", help="study-only variants that separate what compression changes "
         f"(lshmoe_pretrain.diagnostics), comma-separated: {', '.join(diagnostics.MODES)}")
     add("--seed", type=int, default=1234)
+    add("--init_nudge", type=float, default=0.0,
+        help="study-only null perturbation: every initial weight times (1 + INIT_NUDGE * z), z ~ N(0, 1) from a "
+        "generator of its own (data order and gate draws stay the seed's); 0 (default): untouched")
     capture.add_arguments(parser)
     add("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     parser = deepspeed.add_config_arguments(parser)
@@ -98,6 +101,8 @@ def parse_args(model_kind: str, argv=None) -> argparse.Namespace:
     args.output_dir = args.output_dir or os.path.join("runs", f"{model_kind}_moe")
     if args.deepspeed_config is None:
         parser.error("--deepspeed_config is required (see configs/)")
+    if not 0.0 <= args.init_nudge < 1.0:
+        parser.error(f"--init_nudge {args.init_nudge}: allowed 0 (off) or a relative size in (0, 1)")
     capture.check_counts(args)
     return args
 
@@ -160,6 +165,26 @@ def setup(args: argparse.Namespace) -> None:
     if world % args.ep_size:
         raise PretrainConfigError(f"--ep_size {args.ep_size} must divide the world size {world}")
     torch.manual_seed(args.seed)
+
+
+# The nudge's generator: apart from the global one, which sets the initial weights, the data order and the gate
+# draws, so a nudged run differs from its seed's run in the initial weights' last digits and nothing else.
+NUDGE_SEED_OFFSET = 0x4E0D6E
+
+
+def nudge_initial_weights(model: torch.nn.Module, relative: float, seed: int) -> None:
+    """A null perturbation for the quality study (`--init_nudge`): how far two runs of one seed end apart when
+    nothing but a few digits of their initial weights differ, which is the smallest gap a codec's can be told
+    from. Every parameter is multiplied by (1 + relative * z), z ~ N(0, 1) drawn on the CPU in parameter order from
+    a generator seeded by `seed` alone: every rank draws the same z, so replicated parameters stay replicated, and
+    the global generator is not advanced. relative 0: the model is not touched."""
+    if not relative:
+        return
+    generator = torch.Generator().manual_seed(NUDGE_SEED_OFFSET + seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            z = torch.randn(param.shape, generator=generator, dtype=torch.float32)
+            param.mul_((1.0 + relative * z).to(device=param.device, dtype=param.dtype))
 
 
 def checkpoint_dir(args: argparse.Namespace) -> str:
@@ -370,6 +395,7 @@ def write_run_info(engine, data: PretrainData, args: argparse.Namespace, world: 
             "train_tokens": int(len(data.train.stream)),
             "valid_tokens": int(len(data.valid.stream)), "vocab_size": data.vocab_size,
             "lsh_moe": args.lsh.to_dict(), "diagnostic": args.diagnostic,
+            **({"init_nudge": args.init_nudge} if args.init_nudge else {}),
             "eval_samples": {"point": args.eval_points_samples, "final": args.final_eval_samples},
             "torch": torch.__version__,
             # Intra-op threads change a CPU run's reduction order: same-seed pairs are bitwise only at equal counts.

@@ -15,6 +15,7 @@ def main() -> None:
     training.setup(args)
     data = training.load_data(args)
     model = build_gpt_moe(args.preset, ep_size=args.ep_size, vocab_size=data.vocab_size)
+    training.nudge_initial_weights(model, args.init_nudge, args.seed)
     lshmoe_plugin.enable(args.lsh, model)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=args.ds_config)
     training.train(engine, data, args)

@@ -125,3 +125,14 @@ def test_a_sections_record_of_each_study_variant_reads_back_as_timed():
     text = " ".join(bench_variants.study_variant(name).describe() for name in names)
     assert bench_variants.recorded_study_variants(text) == {
         name: (study.lsh_moe_block(name), study.VARIANTS[name].get("exact_tail")) for name in names}
+
+
+@pytest.mark.parametrize("name, reason", [("stock_lr2x", "a learning-rate control of the quality study"),
+                                          ("stock_nudge", "a null control of the quality study"),
+                                          ("diag_forward", "a study-only diagnostic layer")])
+def test_the_studys_controls_have_no_step_time_of_their_own(name, reason):
+    """A control trains stock's or another block's step: the benchmark refuses it by name and says why, and never
+    lists it among the variants it times."""
+    with pytest.raises(bench_variants.VariantError, match=f"--variants {name}: {reason}"):
+        bench_variants.study_variant(name)
+    assert name not in bench_variants.timeable_study_variants()

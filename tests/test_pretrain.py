@@ -252,3 +252,19 @@ def test_study_fp8_variant_trains_through_the_launcher(tmp_path, cache_dir):
     fp8, fp32 = 128 + 4, 128 * 4  # bytes per row: dispatch and its gradient in FP8, combine both ways in fp32
     assert records[-1]["lsh_moe/mean/bytes_ratio"] == pytest.approx((2 * fp8 + 2 * fp32) / (4 * fp32), rel=1e-12)
     assert records[-1]["lsh_moe/mean/compression_rate"] == 1.0
+
+
+@pytest.mark.parametrize("script", ["pretrain_gpt_moe.py", "pretrain_t5_moe.py"])
+def test_the_null_control_nudges_the_initial_weights_and_says_so(tmp_path, cache_dir, script):
+    """--init_nudge reaches the model both scripts build: the first step's loss moves a little from the same seed's
+    plain run (same data, same draws), and run.json records the nudge; a plain run's run.json has no such key."""
+    config = "configs/gpt_moe_cpu.json" if "gpt" in script else "configs/t5_moe_cpu.json"
+    runs = {}
+    for name, extra in (("plain", []), ("nudged", ["--init_nudge", "1e-3"])):
+        pretrain(script, tmp_path / name, cache_dir, "--train_steps", "2", "--eval_interval", "0", *extra, nprocs=0,
+                 config=config)
+        with open(tmp_path / name / "run.json") as f:
+            runs[name] = (metrics(tmp_path / name)[0]["loss"], json.load(f))
+    (plain, plain_info), (nudged, nudged_info) = runs["plain"], runs["nudged"]
+    assert "init_nudge" not in plain_info and nudged_info["init_nudge"] == 1e-3
+    assert nudged != plain and abs(nudged - plain) < 1e-2 * plain, (plain, nudged)

@@ -323,7 +323,8 @@ def test_a_learning_rate_control_scales_the_peak_and_keeps_its_base_block():
                                                                        "fp8_fwd_fp4_grad_lr1.5x",
                                                                        "fp8_both_e8m0_lr1.5x",
                                                                        "fp8_fwd_fp6_grad_lr1.5x",
-                                                                       "fp8_fwd_fp4_grad_lr2x"]
+                                                                       "fp8_fwd_fp4_grad_lr2x",
+                                                                       "stock_lr1.5x_nudge", "stock_lr2x_nudge"]
 
 
 @pytest.mark.parametrize("scaled_name, base_name, stock_name, lr", [
