@@ -291,7 +291,7 @@ for stage in "$@"; do
                 # The daemon must not hold this call's stdout: a pipe reading it would never see its end.
                 # A warm machine keeps the daemon an earlier call started: starting a second one fails, and quitting
                 # it then would leave this call's runs time-sliced: four gpt-25m-1pass runs took about 150 ms a step
-                # so, where sixteen under MPS took 84-123 ms (2026-12-07, thirteenth session).
+                # so, where twelve and sixteen at once under MPS took 84-129 ms (2026-12-07, thirteenth session).
                 if pgrep -x nvidia-cuda-mps-control >/dev/null 2>&1; then mps="CUDA MPS on (the daemon was running)"
                 elif nvidia-cuda-mps-control -d >/dev/null 2>&1; then mps="CUDA MPS on"; else mps=; fi
                 if [ -n "$mps" ] && python3 -c "import torch; torch.ones(1, device='cuda').sum().item()"; then
