@@ -36,6 +36,7 @@ from lshmoe_pretrain import default_choice as choice  # noqa: E402
 from lshmoe_pretrain import frontier as frontiers  # noqa: E402
 from lshmoe_pretrain import (
     length_study,  # noqa: E402
+    seed_scatter,  # noqa: E402
     study_throughput,  # noqa: E402
 )
 from lshmoe_pretrain import quality_study as study  # noqa: E402
@@ -179,6 +180,15 @@ def parse_args() -> argparse.Namespace:
     lengths.add_argument("--title", default=None)
     lengths.add_argument("--run_command", default=None, help="the command that trained the runs, for the record")
     lengths.add_argument("--output", default="docs/quality.md")
+    scatter = sub.add_parser("scatter", help="how far runs end apart seed by seed: per-seed gaps against a "
+                                             "baseline, their scatter pooled over the variants, same-seed distances")
+    scatter.add_argument("--root", required=True, help="one schedule length's runs, e.g. runs/testbed_pinned/"
+                                                       "gpt-25m-1pass/x1")
+    scatter.add_argument("--model", choices=("gpt", "t5"), default="gpt")
+    scatter.add_argument("--baseline", default="stock")
+    scatter.add_argument("--variants", nargs="+", required=True)
+    scatter.add_argument("--pair", nargs=2, action="append", default=[], metavar=("FIRST", "SECOND"),
+                         help="two variants whose same-seed distance to print (repeatable)")
     edge = sub.add_parser("frontier", help="final gap against all-to-all bytes for every candidate at a testbed's "
                                            "long schedule, each against issue 24's rule, and the default it chooses")
     edge.add_argument("--testbed", required=True, help=f"one of {', '.join(beds.TESTBEDS)}")
@@ -459,9 +469,15 @@ def time_to_target(args: argparse.Namespace) -> None:
     print(text)
 
 
+def scatter(args: argparse.Namespace) -> None:
+    names = list(dict.fromkeys([*args.variants, *(v for pair in args.pair for v in pair)]))
+    gaps = seed_scatter.collect(args.root, args.model, args.baseline, names)
+    print(seed_scatter.table(gaps, args.variants, [tuple(pair) for pair in args.pair]))
+
+
 def main() -> None:
     args = parse_args()
-    {"run": run, "throughput": throughput, "report": report, "lengths": lengths,
+    {"run": run, "throughput": throughput, "report": report, "lengths": lengths, "scatter": scatter,
      "frontier": frontier, "default": default, "time-to-target": time_to_target}[args.command](args)
 
 
