@@ -32,8 +32,7 @@ class LengthRow:
         result = self.variants.get(name)
         if result is None:
             return None
-        common = [s for s in result.seeds if s in self.stock.seeds]
-        return [100 * (result.final(s) / self.stock.final(s) - 1) for s in common] or None
+        return list(study.paired_gaps(result, self.stock).values()) or None
 
     def train_gap(self, name: str) -> Optional[List[float]]:
         """Per-seed gaps (%) of `name`'s mean training loss over the last 10% of steps against stock's, on the seeds

@@ -556,6 +556,12 @@ class VariantResult:
         return statistics.fmean(self.valid[s][i] for s in self.seeds)
 
 
+def paired_gaps(result: VariantResult, base: VariantResult) -> Dict[int, float]:
+    """Per-seed gap (%) of `result`'s final validation loss against `base`'s run of the same seed (same initial
+    weights, data order and gate draws), on the seeds both finished, in `result`'s seed order."""
+    return {s: 100 * (result.final(s) / base.final(s) - 1) for s in result.seeds if s in base.seeds}
+
+
 def load_variant(root: str, model_kind: str, variant: str, partial: bool = False,
                  seeds: Optional[Sequence[int]] = None) -> Optional[VariantResult]:
     """The runs of one variant under ``root/model_kind/variant/seed*`` (None when there are none).
@@ -813,7 +819,7 @@ def gap_table(results: List[VariantResult], baseline: str = "stock") -> str:
             if common:
                 base_mean = statistics.fmean(base.final(s) for s in common)
                 gap = f"{100 * (statistics.fmean(r.final(s) for s in common) / base_mean - 1):+.2f}%"
-            per_seed = [100 * (r.final(s) / base.final(s) - 1) for s in common]
+            per_seed = list(paired_gaps(r, base).values())
             if per_seed:
                 paired = (f"{per_seed[0]:+.2f}%" if len(per_seed) == 1 else
                           f"{statistics.fmean(per_seed):+.2f}% ± {statistics.stdev(per_seed):.2f}%")

@@ -20,18 +20,15 @@ from . import quality_study as study
 @dataclass
 class SeedGaps:
     baseline: str
-    finals: Dict[str, Dict[int, float]]   # variant (the baseline too) -> seed -> final validation loss
+    results: Dict[str, study.VariantResult]   # variant (the baseline too) -> its finished runs
 
     def gaps(self, variant: str) -> Dict[int, float]:
         """Per-seed gap (%) of `variant` against the baseline, on the seeds both finished."""
-        base = self.finals[self.baseline]
-        return {seed: 100 * (loss / base[seed] - 1) for seed, loss in self.finals[variant].items() if seed in base}
+        return study.paired_gaps(self.results[variant], self.results[self.baseline])
 
     def distance(self, first: str, second: str) -> Dict[int, float]:
         """Per-seed |first / second - 1| (%), on the seeds both finished."""
-        other = self.finals[second]
-        return {seed: 100 * abs(loss / other[seed] - 1) for seed, loss in self.finals[first].items()
-                if seed in other}
+        return {seed: abs(gap) for seed, gap in study.paired_gaps(self.results[first], self.results[second]).items()}
 
 
 def collect(root: str, model_kind: str, baseline: str, variants: Sequence[str]) -> SeedGaps:
@@ -39,13 +36,12 @@ def collect(root: str, model_kind: str, baseline: str, variants: Sequence[str]) 
     unknown = [v for v in (baseline, *variants) if v not in study.VARIANTS]
     if unknown:
         raise study.StudyError(f"--variants/--baseline {unknown}: allowed {sorted(study.VARIANTS)}")
-    finals = {}
+    results = {}
     for name in dict.fromkeys((baseline, *variants)):
-        result = study.load_variant(root, model_kind, name)
-        if result is None:
+        results[name] = study.load_variant(root, model_kind, name)
+        if results[name] is None:
             raise study.StudyError(f"no finished runs of {name!r} under {root}/{model_kind}")
-        finals[name] = {seed: result.final(seed) for seed in result.seeds}
-    return SeedGaps(baseline, finals)
+    return SeedGaps(baseline, results)
 
 
 def pooled_std(groups: Sequence[Sequence[float]]) -> Optional[Tuple[float, int, int]]:
