@@ -86,6 +86,9 @@ TITLES = {
     "proxy_gpt_mini_lr1p5x": "CPU proxy `gpt-mini-long-cpu` (not the testbed) at 1.5x the study's peak learning "
                              "rate: the default against stock at that rate (--baseline stock_lr1.5x), beside both at "
                              "the study's rate",
+    "proxy_gpt_mini_lr2x": "CPU proxy `gpt-mini-long-cpu` (not the testbed) at 2x the study's peak learning rate: "
+                           "the default and the null control against stock at that rate (--baseline stock_lr2x), "
+                           "beside stock at the study's rate and at 1.5x",
     "proxy_t5_mini_lr1p5x": "CPU proxy `t5-mini-long-cpu` (not the testbed) at 1.5x the study's peak learning rate: "
                             "the default against stock at that rate (--baseline stock_lr1.5x), beside both at the "
                             "study's rate",
