@@ -6,12 +6,19 @@ seeds can place it; pooled over several variants at one learning rate it is that
 thirteenth session: ±0.60% at the study's rate on `gpt-25m-1pass`, ±1.49% at 2x). Two variants' distance on the
 same seed, and a null control's gaps (stock with its initial weights nudged), say whether that scatter is any
 perturbation's or a codec's own.
+
+The gaps are the final validation loss's, over finished runs. With `at_step` they are the validation loss's at that
+evaluation step instead, and runs a lease's device time cut count once they evaluated there (their evaluations kept
+under a second root by scripts/land_device_results.py): an early reading, never the rule's.
 """
 from __future__ import annotations
 
+import glob
+import json
 import math
+import os
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import quality_study as study
@@ -20,28 +27,82 @@ from . import quality_study as study
 @dataclass
 class SeedGaps:
     baseline: str
-    results: Dict[str, study.VariantResult]   # variant (the baseline too) -> its finished runs
+    losses: Dict[str, Dict[int, float]]        # variant (the baseline too) -> seed -> validation loss read
+    at_step: Optional[int] = None              # None: each run's final evaluation
+    short: Dict[str, List[int]] = field(default_factory=dict)   # variant -> seeds whose runs stopped before at_step
+    cards: Dict[str, str] = field(default_factory=dict)        # "variant/seed" -> run.json's device
+    finals: Dict[str, Dict[int, float]] = field(default_factory=dict)   # with at_step: the finished runs' finals
 
     def gaps(self, variant: str) -> Dict[int, float]:
-        """Per-seed gap (%) of `variant` against the baseline, on the seeds both finished."""
-        return study.paired_gaps(self.results[variant], self.results[self.baseline])
+        """Per-seed gap (%) of `variant` against the baseline, on the seeds both have."""
+        base = self.losses[self.baseline]
+        return {s: 100 * (loss / base[s] - 1) for s, loss in sorted(self.losses[variant].items()) if s in base}
+
+    def drift(self, variant: str) -> Dict[int, float]:
+        """With `at_step`: per seed where both runs finished, how far the gap moved from that step to the final
+        (points of %), which says how well the early reading stands for the final one."""
+        if self.at_step is None:
+            return {}
+        base, own = self.finals.get(self.baseline, {}), self.finals.get(variant, {})
+        early = self.gaps(variant)
+        return {s: 100 * (own[s] / base[s] - 1) - early[s] for s in sorted(own) if s in base and s in early}
 
     def distance(self, first: str, second: str) -> Dict[int, float]:
-        """Per-seed |first / second - 1| (%), on the seeds both finished."""
-        return {seed: abs(gap) for seed, gap in study.paired_gaps(self.results[first], self.results[second]).items()}
+        """Per-seed |first / second - 1| (%), on the seeds both have."""
+        other = self.losses[second]
+        return {s: 100 * abs(loss / other[s] - 1) for s, loss in sorted(self.losses[first].items()) if s in other}
 
 
-def collect(root: str, model_kind: str, baseline: str, variants: Sequence[str]) -> SeedGaps:
-    """The finished runs under ``root/model_kind/<variant>/seed*`` of the baseline and each variant."""
+def _read_runs(roots: Sequence[str], model_kind: str, variant: str, at_step: Optional[int]):
+    """seed -> (validation loss read, run.json) of `variant`'s runs under the roots (a seed in several: the first
+    root's), the seeds whose runs stopped before `at_step`, and seed -> final validation loss of its finished runs."""
+    found, short, finals = {}, [], {}
+    for root in roots:
+        for run_dir in sorted(glob.glob(os.path.join(root, model_kind, variant, "seed*"))):
+            seed = int(os.path.basename(run_dir)[4:])
+            info_path = os.path.join(run_dir, "run.json")
+            if seed in found or not os.path.isfile(info_path):
+                continue
+            with open(info_path) as handle:
+                info = json.load(handle)
+            records = study.read_metrics(run_dir)
+            if study.finished(run_dir, info["train_steps"]):
+                finals[seed] = records[-1]["valid_loss"]
+            if at_step is None:
+                if seed in finals:
+                    found[seed] = (finals[seed], info)
+                continue
+            at = [r["valid_loss"] for r in records if r["step"] == at_step and "valid_loss" in r]
+            if at:
+                found[seed] = (at[0], info)
+            elif seed not in short:
+                short.append(seed)
+    return found, sorted(s for s in short if s not in found), finals
+
+
+def collect(root: str, model_kind: str, baseline: str, variants: Sequence[str], also: Sequence[str] = (),
+            at_step: Optional[int] = None) -> SeedGaps:
+    """The runs under ``root/model_kind/<variant>/seed*`` (then under each of `also`, for the seeds `root` lacks) of
+    the baseline and each variant: their final validation loss (finished runs only), or with `at_step` the one at
+    that evaluation step (every run that evaluated there). One corpus for all, or refused."""
     unknown = [v for v in (baseline, *variants) if v not in study.VARIANTS]
     if unknown:
         raise study.StudyError(f"--variants/--baseline {unknown}: allowed {sorted(study.VARIANTS)}")
-    results = {}
+    if at_step is not None and at_step < 1:
+        raise study.StudyError(f"--at_step {at_step}: an evaluation step (a positive integer)")
+    roots = [root, *also]
+    losses, short, infos, finals = {}, {}, {}, {}
     for name in dict.fromkeys((baseline, *variants)):
-        results[name] = study.load_variant(root, model_kind, name)
-        if results[name] is None:
-            raise study.StudyError(f"no finished runs of {name!r} under {root}/{model_kind}")
-    return SeedGaps(baseline, results)
+        found, short[name], finals[name] = _read_runs(roots, model_kind, name, at_step)
+        if not found:
+            what = "finished runs" if at_step is None else f"runs evaluated at step {at_step}"
+            raise study.StudyError(f"no {what} of {name!r} under {' or '.join(roots)}/{model_kind}")
+        losses[name] = {seed: loss for seed, (loss, _) in found.items()}
+        infos.update({f"{name}/seed{seed}": info for seed, (_, info) in found.items()})
+    study.check_one_corpus({run: info.get("data_sha256") for run, info in infos.items()})
+    return SeedGaps(baseline, losses, at_step, {k: v for k, v in short.items() if v},
+                    {run: info.get("device", "?") for run, info in infos.items()},
+                    finals if at_step is not None else {})
 
 
 def pooled_std(groups: Sequence[Sequence[float]]) -> Optional[Tuple[float, int, int]]:
@@ -57,9 +118,11 @@ def pooled_std(groups: Sequence[Sequence[float]]) -> Optional[Tuple[float, int, 
 
 
 def table(gaps: SeedGaps, variants: Sequence[str], pairs: Sequence[Tuple[str, str]] = ()) -> str:
-    """Markdown: each variant's per-seed gaps with their mean ± std, the pooled scatter, and each pair's same-seed
-    distance."""
-    lines = [f"| variant | seeds | gap vs {gaps.baseline} per seed | mean ± std |", "| --- | --- | --- | --- |"]
+    """Markdown: each variant's per-seed gaps with their mean ± std, the pooled scatter, each pair's same-seed
+    distance, and (with `at_step`) the runs that stopped before that step."""
+    read = "final" if gaps.at_step is None else f"at step {gaps.at_step}"
+    lines = [f"| variant | seeds | gap vs {gaps.baseline} per seed ({read}) | mean ± std |",
+             "| --- | --- | --- | --- |"]
     groups: List[List[float]] = []
     for name in (v for v in variants if v != gaps.baseline):
         per_seed = gaps.gaps(name)
@@ -77,4 +140,12 @@ def table(gaps: SeedGaps, variants: Sequence[str], pairs: Sequence[Tuple[str, st
         lines.append(f"Same-seed distance, {first} against {second}: "
                      + (", ".join(f"seed {s} {distance[s]:.2f}%" for s in sorted(distance)) or "no common seed")
                      + ".")
+    moved = [d for name in variants if name != gaps.baseline for d in gaps.drift(name).values()]
+    if moved:
+        lines.append(f"Where both runs finished ({len(moved)} runs), the gap moved from step {gaps.at_step} to the "
+                     f"final by {max(moved, key=abs):+.2f} points at most (mean |move| "
+                     f"{statistics.fmean(abs(d) for d in moved):.2f}).")
+    for name, seeds in gaps.short.items():
+        lines.append(f"Not evaluated at step {gaps.at_step} (stopped before it): {name} seed "
+                     f"{', '.join(map(str, seeds))}.")
     return "\n".join(lines)

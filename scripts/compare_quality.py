@@ -80,6 +80,18 @@ TITLES = {
     "testbed_gpt_25m_1pass_lr2x": "Testbed `gpt-25m-1pass` at 2x the study's peak learning rate, its tuned rate: the "
                                   "default and its nearest-rounded twin against stock at that rate (--baseline "
                                   "stock_lr2x), beside all three at 1.5x and the study's rate",
+    "testbed_gpt_25m_1pass_null_early_x1":
+        "Testbed `gpt-25m-1pass` (1 H100 under MPS) at the study's peak learning rate, read at "
+        "step 3,355 of 3,663: the null control and the default against stock at that rate (runs the device time "
+        "cut included; an early reading, not the rule's)",
+    "testbed_gpt_25m_1pass_null_early_lr1p5x":
+        "Testbed `gpt-25m-1pass` (1 H100 under MPS) at 1.5x the study's peak learning rate, read at "
+        "step 3,355 of 3,663: the null control and the default against stock at that rate (runs the device time "
+        "cut included; an early reading, not the rule's)",
+    "testbed_gpt_25m_1pass_null_early_lr2x":
+        "Testbed `gpt-25m-1pass` (1 H100 under MPS) at 2x the study's peak learning rate, read at "
+        "step 3,355 of 3,663: the null control and the default against stock at that rate (runs the device time "
+        "cut included; an early reading, not the rule's)",
     "testbed_t5_26m_1pass_lr1p5x": "Testbed `t5-26m-1pass` at 1.5x the study's peak learning rate: the default "
                                    "against stock at that rate (--baseline stock_lr1.5x), beside both at the "
                                    "study's rate",
@@ -192,6 +204,15 @@ def parse_args() -> argparse.Namespace:
     scatter.add_argument("--variants", nargs="+", required=True)
     scatter.add_argument("--pair", nargs=2, action="append", default=[], metavar=("FIRST", "SECOND"),
                          help="two variants whose same-seed distance to print (repeatable)")
+    scatter.add_argument("--also_root", action="append", default=[],
+                         help="another root of the same length's runs, read for the seeds --root lacks (repeatable; "
+                              "e.g. runs/testbed_pinned_unfinished/gpt-25m-1pass/x1, the runs a lease cut)")
+    scatter.add_argument("--at_step", type=int, default=None,
+                         help="read each run's validation loss at this evaluation step instead of its final one; runs "
+                              "that stopped after it count (an early reading, not the rule's)")
+    scatter.add_argument("--section", default=None, help="also write the table as this block of --output")
+    scatter.add_argument("--run_command", default=None, help="the command that trained the runs, for the record")
+    scatter.add_argument("--output", default="docs/quality.md")
     edge = sub.add_parser("frontier", help="final gap against all-to-all bytes for every candidate at a testbed's "
                                            "long schedule, each against issue 24's rule, and the default it chooses")
     edge.add_argument("--testbed", required=True, help=f"one of {', '.join(beds.TESTBEDS)}")
@@ -474,8 +495,19 @@ def time_to_target(args: argparse.Namespace) -> None:
 
 def scatter(args: argparse.Namespace) -> None:
     names = list(dict.fromkeys([*args.variants, *(v for pair in args.pair for v in pair)]))
-    gaps = seed_scatter.collect(args.root, args.model, args.baseline, names)
-    print(seed_scatter.table(gaps, args.variants, [tuple(pair) for pair in args.pair]))
+    gaps = seed_scatter.collect(args.root, args.model, args.baseline, names, args.also_root, args.at_step)
+    table = seed_scatter.table(gaps, args.variants, [tuple(pair) for pair in args.pair])
+    if args.section:
+        read = ("its final validation loss (finished runs only)" if args.at_step is None else
+                f"its validation loss at step {args.at_step}, read before the end of the schedule: runs the device "
+                "time cut count once they evaluated there. An early reading, never the rule's: the rule reads "
+                "finished schedules")
+        cards = ", ".join(sorted(set(gaps.cards.values())))
+        table = "\n".join([*section_head(TITLES.get(args.section, args.section), args.run_command),
+                           f"- each variant's run against the {args.baseline} run of the same seed (same initial "
+                           f"weights, data order and gate draws), by {read}; runs on {cards}.", "", table, ""])
+        bench.write_section(args.output, args.section, table)
+    print(table)
 
 
 def main() -> None:

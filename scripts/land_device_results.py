@@ -5,7 +5,8 @@
 - `testbed_runs.tgz` (gpu_session.sh's testbed snapshot: the files under `testbed/` that the lease wrote, not the
   runs it started from): each is merged into `--runs` (default runs/testbed_pinned), a later call's file replacing
   an earlier one's; `--runs` starts from `--record` when this checkout has none (a fresh clone). Runs that stop
-  short of their schedule (the session's device time cut them) are left out of both. Then `--record`
+  short of their schedule (the session's device time cut them) are left out of both, and kept, their evaluations
+  only, in `--unfinished_record` (see `keep_unfinished`). Then `--record`
   (docs/records/testbed_pinned_runs.tar.xz: every testbed run on the pinned corpus, whatever the shape and card) is
   written again from `--runs`, in xz: it is tracked, and everything tracked travels with each GPU call, whose
   carry limit is 64 MiB;
@@ -122,7 +123,8 @@ def rewrite_record(record: str) -> None:
 def unfinished_runs(runs: str) -> List[str]:
     """The run folders under `runs` whose records stop short of their schedule (run.json's train_steps, with the
     final validation): runs a lease's device time cut. A later lease trains such a run again from its first step,
-    since checkpoints never come back, so the record has no use for it (the testbed's reports skip it too)."""
+    since checkpoints never come back, so the main record has no use for it (the testbed's reports skip it too;
+    `keep_unfinished` keeps its evaluations apart)."""
     found = []
     for folder, _, files in os.walk(runs):
         if "run.json" not in files:
@@ -137,9 +139,72 @@ def unfinished_runs(runs: str) -> List[str]:
     return sorted(found)
 
 
-def land_testbed(archives: Sequence[str], runs: str, record: str) -> List[str]:
+def _evaluations(run_dir: str) -> List[dict]:
+    """A run's evaluated records and its last one (the step it stopped at), by step."""
+    records = study.read_metrics(run_dir)
+    return [r for r in records[:-1] if "valid_loss" in r] + records[-1:]
+
+
+def _last_step(run_dir: str) -> int:
+    records = study.read_metrics(run_dir)
+    return records[-1]["step"] if records else -1
+
+
+def keep_unfinished(dropped: Sequence[str], runs: str, kept: str, record: str) -> List[str]:
+    """Keep the runs a lease's device time cut (`dropped`, folders under `runs`) under `kept` (started from `record`
+    where `kept` does not exist): run.json and the evaluated records only, a few lines a run, since a later lease
+    trains the run again from its first step. The GPU's runs are deterministic (two leases trained the same six runs
+    to the same bits, 2026-12-07), so a cut run's evaluations are the first ones of the run that later finishes,
+    and `compare_quality.py scatter --at_step` can read a gap before then. Of two cut copies of a run the one that
+    got further stays; a run now finished under `runs` leaves `kept`. Writes `record` from `kept`; the kept folders
+    (relative to `kept`) this landing added or replaced."""
+    if not os.path.exists(kept) and os.path.exists(record):
+        extract_into(record, kept)
+    added = []
+    for folder in dropped:
+        relative = os.path.relpath(folder, runs)
+        target = os.path.join(kept, relative)
+        if _last_step(target) > _last_step(folder):
+            continue
+        shutil.rmtree(target, ignore_errors=True)
+        os.makedirs(target)
+        shutil.copy2(os.path.join(folder, "run.json"), target)
+        with open(os.path.join(target, "metrics.jsonl"), "w") as handle:
+            handle.writelines(json.dumps(r) + "\n" for r in _evaluations(folder))
+        added.append(relative)
+    cut = {os.path.normpath(folder) for folder in dropped}
+    for relative in run_folders(kept):
+        here = os.path.normpath(os.path.join(runs, relative))
+        if os.path.isdir(here) and here not in cut:   # it finished in a later lease
+            _remove_run(os.path.join(kept, relative), kept)
+    if os.path.isdir(kept):
+        write_record(kept, record)
+    return sorted(added)
+
+
+def run_folders(root: str) -> List[str]:
+    """Every run folder under `root` (one with a run.json), relative to it."""
+    found = []
+    for folder, _, files in os.walk(root):
+        if "run.json" in files:
+            found.append(os.path.relpath(folder, root))
+    return sorted(found)
+
+
+def _remove_run(folder: str, root: str) -> None:
+    """Remove a run folder and the folders it leaves empty, so no report finds a variant with no run."""
+    shutil.rmtree(folder)
+    parent = os.path.dirname(folder)
+    while os.path.abspath(parent) != os.path.abspath(root) and not os.listdir(parent):
+        os.rmdir(parent)
+        parent = os.path.dirname(parent)
+
+
+def land_testbed(archives: Sequence[str], runs: str, record: str, kept: str = None,
+                 kept_record: str = None) -> List[str]:
     """Merge each call's snapshot, in order, into `runs` (started from `record` where `runs` does not exist), drop
-    the runs that did not finish (`unfinished_runs`), then write `record` from `runs`; the dropped folders."""
+    the runs that did not finish (`unfinished_runs`; kept by `keep_unfinished` under `kept` when given), then write
+    `record` from `runs`; the dropped folders."""
     for archive in archives:   # every snapshot is checked before anything is written
         with tarfile.open(archive) as tar:
             _members_under_testbed(tar, archive)
@@ -148,14 +213,21 @@ def land_testbed(archives: Sequence[str], runs: str, record: str) -> List[str]:
     for archive in archives:
         extract_into(archive, runs)
     dropped = unfinished_runs(runs)
+    if kept is not None:
+        keep_unfinished(dropped, runs, kept, kept_record)
     for folder in dropped:
-        shutil.rmtree(folder)
-        parent = os.path.dirname(folder)   # and the folders it leaves empty, so no report finds a variant with no run
-        while os.path.abspath(parent) != os.path.abspath(runs) and not os.listdir(parent):
-            os.rmdir(parent)
-            parent = os.path.dirname(parent)
+        _remove_run(folder, runs)
     write_record(runs, record)
     return dropped
+
+
+def unfinished_record_of(record: str) -> str:
+    """Where a record's cut runs are kept: docs/records/testbed_pinned_runs.tar.xz ->
+    docs/records/testbed_pinned_unfinished.tar.xz (beside it, so a landing into a scratch record keeps them there)."""
+    folder, name = os.path.split(record)
+    stem = name[:-len(".tar.xz")] if name.endswith(".tar.xz") else name
+    stem = stem[:-len("_runs")] if stem.endswith("_runs") else stem
+    return os.path.join(folder, stem + "_unfinished.tar.xz")
 
 
 def main(argv: Sequence[str] = None) -> None:
@@ -163,12 +235,20 @@ def main(argv: Sequence[str] = None) -> None:
     parser.add_argument("folders", nargs="*", help="the calls' files_at folders, in call order")
     parser.add_argument("--runs", default="runs/testbed_pinned", help="where the testbed's runs go")
     parser.add_argument("--record", default="docs/records/testbed_pinned_runs.tar.xz")
+    parser.add_argument("--unfinished_runs", default=None,
+                        help="where the runs a lease cut are kept, their evaluations only (default: --runs with "
+                             "_unfinished appended: runs/testbed_pinned_unfinished)")
+    parser.add_argument("--unfinished_record", default=None,
+                        help="the tracked record of --unfinished_runs (default: --record's name with _unfinished "
+                             "for _runs, or appended: docs/records/testbed_pinned_unfinished.tar.xz)")
     parser.add_argument("--captures", default="runs/testbed_captures", help="where capture files go")
     parser.add_argument("--docs", default="docs")
     parser.add_argument("--rewrite", nargs="+", default=[], metavar="RECORD",
                         help="write these .tar.xz records again as a landing writes one (the digits no report reads "
                              "rounded, xz preset 9), then land the folders, if any")
     args = parser.parse_args(argv)
+    args.unfinished_runs = args.unfinished_runs or os.path.normpath(args.runs) + "_unfinished"
+    args.unfinished_record = args.unfinished_record or unfinished_record_of(args.record)
     for record in args.rewrite:
         if not record.endswith(".tar.xz"):
             parser.error(f"--rewrite takes .tar.xz records: {record}")
@@ -185,10 +265,11 @@ def main(argv: Sequence[str] = None) -> None:
     archives = [os.path.join(f, "testbed_runs.tgz") for f in args.folders
                 if os.path.exists(os.path.join(f, "testbed_runs.tgz"))]
     if archives:
-        dropped = land_testbed(archives, args.runs, args.record)
+        dropped = land_testbed(archives, args.runs, args.record, args.unfinished_runs, args.unfinished_record)
         print(f"{', '.join(archives)} -> {args.runs} (merged, in call order) -> {args.record}")
         for folder in dropped:
-            print(f"left out, unfinished (a later lease trains it from the start): {folder}")
+            print(f"left out, unfinished (a later lease trains it from the start; its evaluations kept in "
+                  f"{args.unfinished_record}): {folder}")
     captures = sorted(os.path.join(f, name) for f in args.folders for name in os.listdir(f)
                       if name.startswith("captures_") and name.endswith(".tar"))
     for archive in captures:

@@ -193,3 +193,40 @@ def test_runs_the_lease_cut_are_left_out_of_the_runs_and_the_record(tmp_path, ca
         assert not any("fp6_fwd_fp4sr_grad" in name or "x0.5" in name for name in tar.getnames())
     printed = capsys.readouterr().out
     assert printed.count("left out, unfinished") == 2 and "fp6_fwd_fp4sr_grad/seed2" in printed
+
+
+def kept_metrics(record, run):
+    """The kept record's metrics of `run`: the steps of its lines and whether each has a validation."""
+    text = record_files(record)[f"testbed/{run}/metrics.jsonl"]
+    return [(r["step"], "valid_loss" in r) for r in map(json.loads, text.splitlines())]
+
+
+def test_runs_the_lease_cut_keep_their_evaluations_apart_until_they_finish(tmp_path):
+    """A cut run's run.json and evaluated lines (and its last line: where it stopped) go to the record beside the
+    main one (`_unfinished` for `_runs`), never into the main one. A later lease's copy that got less far does not
+    replace it; once a later lease finishes the run, it lands in the main record and leaves the kept one."""
+    cut = "gpt-25m-1pass/x1/gpt/stock_nudge/seed1"
+    runs, record = tmp_path / "runs", tmp_path / "records" / "tb_runs.tar.xz"
+    kept = tmp_path / "records" / "tb_unfinished.tar.xz"
+    assert land.unfinished_record_of(str(record)) == str(kept)
+
+    def lease(name, steps_done):
+        call = tmp_path / name
+        call.mkdir()
+        trained_run(call, "gpt-25m-1pass/x1/gpt/stock/seed1", 20)
+        trained_run(call, cut, steps_done)
+        with tarfile.open(call / "testbed_runs.tgz", "w:gz") as tar:
+            tar.add(call / "src" / "testbed", arcname="testbed")
+        land.main([str(call), "--runs", str(runs), "--record", str(record), "--docs", str(tmp_path)])
+
+    lease("call1", 17)
+    assert kept_metrics(kept, cut) == [(10, True), (17, False)]
+    assert json.loads(record_files(kept)[f"testbed/{cut}/run.json"]) == {"train_steps": 20}
+    assert not any("stock_nudge" in name for name in record_files(record))
+    assert (tmp_path / "runs_unfinished" / cut / "metrics.jsonl").exists()
+    lease("call2", 12)                       # a later lease cut it earlier: the further copy stays
+    assert kept_metrics(kept, cut) == [(10, True), (17, False)]
+    lease("call3", 20)                       # and a later one finished it
+    assert f"testbed/{cut}/metrics.jsonl" in record_files(record)
+    assert record_files(kept) == {}
+    assert not (tmp_path / "runs_unfinished" / "gpt-25m-1pass").exists()

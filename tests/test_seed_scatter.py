@@ -1,6 +1,7 @@
 """The seed-by-seed floor under the rule's gaps (lshmoe_pretrain.seed_scatter, `compare_quality.py scatter`), on run
 records written the way training.py writes them: per-seed gaps against a baseline, their scatter pooled about each
 variant's own mean, same-seed distances, and refusals by name."""
+import json
 import math
 import os
 import subprocess
@@ -66,3 +67,84 @@ def test_the_command_prints_the_table(root):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| fp8_fwd_fp4sr_grad | 1, 2, 3 | +2.00%, +0.00%, -2.00% | +0.00% ± 2.00% |" in result.stdout
     assert "(2 variants, 6 runs)" in result.stdout
+
+
+def write_evaluated_run(root, variant, seed, losses, steps_done, train_steps=20):
+    """A run's records as training.py writes them, stopped after `steps_done` steps: validation at the steps of
+    `losses` it reached."""
+    run_dir = os.path.join(root, "gpt", variant, f"seed{seed}")
+    os.makedirs(run_dir)
+    with open(os.path.join(run_dir, "run.json"), "w") as f:
+        json.dump({"train_steps": train_steps, "data_sha256": "abc", "device": "NVIDIA H100 80GB HBM3"}, f)
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+        for step in range(1, steps_done + 1):
+            record = {"step": step, "loss": 4.0, "step_time_s": 0.1}
+            if step in losses:
+                record["valid_loss"] = losses[step]
+            f.write(json.dumps(record) + "\n")
+
+
+@pytest.fixture
+def cut_roots(tmp_path):
+    """Finished runs under one root (stock seeds 1-3, the codec seeds 1-2) and, under a second, the runs a lease cut:
+    the null's seeds 1-2 after step 10's evaluation, its seed 3 and the codec's seed 3 before it."""
+    done, cut = str(tmp_path / "done"), str(tmp_path / "cut")
+    for seed, (early, final) in {1: (3.0, 2.5), 2: (3.2, 2.6), 3: (3.1, 2.7)}.items():
+        write_evaluated_run(done, "stock", seed, {10: early, 20: final}, 20)
+    write_evaluated_run(done, "fp8_fwd_fp4sr_grad", 1, {10: 3.03, 20: 2.55}, 20)   # +1% early, +2% final
+    write_evaluated_run(done, "fp8_fwd_fp4sr_grad", 2, {10: 3.2, 20: 2.6}, 20)     # 0%, 0%
+    write_evaluated_run(cut, "fp8_fwd_fp4sr_grad", 3, {10: 3.0}, 8)
+    write_evaluated_run(cut, "stock_nudge", 1, {10: 3.06}, 15)                      # +2%
+    write_evaluated_run(cut, "stock_nudge", 2, {10: 3.168}, 12)                     # -1%
+    write_evaluated_run(cut, "stock_nudge", 3, {10: 3.1}, 9)
+    write_evaluated_run(done, "stock_nudge", 2, {10: 9.9, 20: 9.9}, 20)            # the first root's seed wins
+    return done, cut
+
+
+def test_an_early_reading_counts_the_runs_a_lease_cut(cut_roots):
+    done, cut = cut_roots
+    gaps = seed_scatter.collect(done, "gpt", "stock", ["stock_nudge", "fp8_fwd_fp4sr_grad"], [cut], at_step=10)
+    assert gaps.gaps("fp8_fwd_fp4sr_grad") == pytest.approx({1: 1.0, 2: 0.0})
+    assert gaps.gaps("stock_nudge") == pytest.approx({1: 2.0, 2: 100 * (9.9 / 3.2 - 1)})
+    assert gaps.short == {"stock_nudge": [3], "fp8_fwd_fp4sr_grad": [3]}
+    assert gaps.drift("fp8_fwd_fp4sr_grad") == pytest.approx({1: 1.0, 2: 0.0})   # final minus early, both finished
+    assert gaps.drift("stock_nudge") == pytest.approx({2: 100 * (9.9 / 2.6 - 1) - 100 * (9.9 / 3.2 - 1)})
+    text = seed_scatter.table(gaps, ["fp8_fwd_fp4sr_grad"])
+    assert "| fp8_fwd_fp4sr_grad | 1, 2 | +1.00%, +0.00% | +0.50% ± 0.71% |" in text
+    assert "gap vs stock per seed (at step 10)" in text
+    assert "Where both runs finished (2 runs), the gap moved from step 10 to the final by +1.00 points at most" in text
+    assert "Not evaluated at step 10 (stopped before it): fp8_fwd_fp4sr_grad seed 3." in text
+    # without at_step only finished runs count, whatever the second root holds
+    final = seed_scatter.collect(done, "gpt", "stock", ["stock_nudge", "fp8_fwd_fp4sr_grad"], [cut])
+    assert final.gaps("fp8_fwd_fp4sr_grad") == pytest.approx({1: 2.0, 2: 0.0}) and final.short == {}
+    assert "| fp8_fwd_fp4sr_grad | 1, 2 | +2.00%, +0.00% |" in seed_scatter.table(final, ["fp8_fwd_fp4sr_grad"])
+    with pytest.raises(study.StudyError, match="no runs evaluated at step 11 of 'stock'"):
+        seed_scatter.collect(done, "gpt", "stock", ["stock_nudge"], [cut], at_step=11)
+    with pytest.raises(study.StudyError, match="--at_step 0"):
+        seed_scatter.collect(done, "gpt", "stock", ["stock_nudge"], [cut], at_step=0)
+
+
+def test_an_early_reading_refuses_runs_of_two_corpora(cut_roots):
+    done, cut = cut_roots
+    info = os.path.join(cut, "gpt", "stock_nudge", "seed1", "run.json")
+    with open(info, "w") as f:
+        json.dump({"train_steps": 20, "data_sha256": "other"}, f)
+    with pytest.raises(study.StudyError, match="different corpora"):
+        seed_scatter.collect(done, "gpt", "stock", ["stock_nudge"], [cut], at_step=10)
+
+
+def test_the_command_writes_an_early_reading_as_a_section(cut_roots, tmp_path):
+    done, cut = cut_roots
+    output = tmp_path / "quality.md"
+    result = subprocess.run([sys.executable, "scripts/compare_quality.py", "scatter", "--root", done, "--also_root",
+                             cut, "--at_step", "10", "--variants", "stock_nudge", "fp8_fwd_fp4sr_grad",
+                             "--section", "testbed_gpt_25m_1pass_null_early_x1", "--run_command", "the calls",
+                             "--output", str(output)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = output.read_text()
+    assert "<!-- BEGIN testbed_gpt_25m_1pass_null_early_x1 -->" in text
+    assert "## Testbed `gpt-25m-1pass` (1 H100 under MPS) at the study's peak learning rate, read at step 3,355" in text
+    assert "- runs: `the calls`" in text and "- report: `python scripts/compare_quality.py scatter" in text
+    assert "by its validation loss at step 10, read before the end of the schedule" in text
+    assert "runs on NVIDIA H100 80GB HBM3." in text
+    assert "| stock_nudge | 1, 2 | +2.00%, +209.38% |" in text
