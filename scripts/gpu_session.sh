@@ -39,7 +39,11 @@
 #       | testbed-bg:<testbed>:<lengths, comma-separated>:<seconds> (the long-schedule study, started with setsid from
 #         a frozen copy of this checkout so that it outlives this call and later calls' installs; TESTBED_VARIANTS,
 #         TESTBED_SEEDS, CONCURRENCY, CAPTURE_AT ("0.1 0.5 1": the CAPTURE_RUN run, default stock/1, saves captures),
-#         CAPTURE_EXPERTS (experts per captured layer; 2 at d_model 512), TESTBED_ROOT)
+#         CAPTURE_EXPERTS (experts per captured layer; 2 at d_model 512), TESTBED_ROOT). <seconds> is the study's
+#         deadline, which stops its runs where they are: make it outlast the call and poll in the next call (the
+#         study runs on while the lease is held), since a lease's cut run is trained again from its first step
+#         (thirteen gpt-25m-1pass runs needed 10.5 minutes on the fifteenth session's H100, and a 600 s deadline cut
+#         them all)
 #       | poll:<seconds> (wait while a testbed-bg study runs, at most that long; its records come back each time)
 # The quality studies read the pinned corpus carried as .device_corpus (scripts/prepare_gpu_carry.sh builds it on the
 # CPU machine: python-code-pinned, the same bytes in every session); otherwise they tokenize the python-code corpus
