@@ -13,6 +13,11 @@ report shows more than 4 digits of them, and a mean over thousands of steps move
 were a sixth of the GPU record (2026-12-07, twelfth session, when 14 runs took the carry over its limit). The losses
 a report compares stay exact: `loss`, `valid_loss`, `valid_loss_compressed` (the rate 1.0 control equals stock's
 validation loss to the last digit, and the records show it).
+
+`elapsed_s` and `lr` stay only on the evaluation lines and the last line (2026-12-07, fifteenth session, with the
+carry at 62 of its 64 MiB): no report reads either. Between evaluations the wall clock is the running sum of
+`step_time_s` (scripts/plot_runs.py fills it so), and the learning rate is the schedule's, which the evaluation
+lines still show (a 2x variant's rate is checked there). They were a quarter of the compressed GPU record.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ DERIVED_FIELDS = ("tokens_per_s",)  # recomputed from the run's tokens_per_step 
 ROUNDED_FIELDS = WALL_CLOCK_FIELDS + ("lr", "aux_loss")
 ROUNDED_PREFIXES = ("lsh_moe/", "probe/")   # telemetry: rounded where not a whole number
 EXACT_FIELDS = ("loss", "valid_loss", "valid_loss_compressed")
+SPARSE_FIELDS = ("elapsed_s", "lr")   # kept on the evaluation lines and the last line only
 
 
 def _rounded(key: str, value):
@@ -42,6 +48,16 @@ def round_line(line: str) -> str:
                        if key not in DERIVED_FIELDS})
 
 
+def _thinned(line: str) -> str:
+    """A line between evaluations without its SPARSE_FIELDS."""
+    record = json.loads(line)
+    if "valid_loss" in record or not any(key in record for key in SPARSE_FIELDS):
+        return line
+    return json.dumps({key: value for key, value in record.items() if key not in SPARSE_FIELDS})
+
+
 def round_metrics(data: bytes) -> bytes:
-    """A whole metrics.jsonl, each line through `round_line`; blank lines dropped."""
-    return "".join(round_line(line) + "\n" for line in data.decode().splitlines() if line.strip()).encode()
+    """A whole metrics.jsonl, each line through `round_line`, the lines before the last without SPARSE_FIELDS unless
+    they hold an evaluation; blank lines dropped. Idempotent."""
+    lines = [round_line(line) for line in data.decode().splitlines() if line.strip()]
+    return "".join(line + "\n" for line in [*map(_thinned, lines[:-1]), *lines[-1:]]).encode()

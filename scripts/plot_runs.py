@@ -20,6 +20,16 @@ def read_metrics(run_dir: str) -> list:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def with_wall_clock(records: list) -> list:
+    """The records with `elapsed_s` on every line: a tracked record keeps it on its evaluation lines and last line
+    only (lshmoe_pretrain.run_records), and between them it is the running sum of `step_time_s`."""
+    elapsed = 0.0
+    for record in records:
+        elapsed = record.get("elapsed_s", elapsed + record.get("step_time_s", 0.0))
+        record["elapsed_s"] = elapsed
+    return records
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="run directories")
@@ -27,7 +37,7 @@ def main() -> None:
     args = parser.parse_args()
     fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(12, 4.5))
     for run in args.runs:
-        records = read_metrics(run)
+        records = with_wall_clock(read_metrics(run))
         label = os.path.basename(os.path.normpath(run))
         steps, times, losses = zip(*[(r["step"], r["elapsed_s"], r["loss"]) for r in records])
         line, = by_step.plot(steps, losses, label=f"{label} train", alpha=0.8)
