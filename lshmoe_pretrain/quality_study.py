@@ -421,8 +421,13 @@ def run_studies(plans: Sequence[StudyPlan], concurrency: int, log=print, deadlin
         env["OMP_NUM_THREADS"] = str(threads)
         log(f"OMP_NUM_THREADS={threads}: {concurrency} CPU run(s) at once share {os.cpu_count()} cores")
     running, failures = [], []
+    reported_at = 0.0
     while pending or running:
         elapsed = time.time() - started_at
+        if running and elapsed - reported_at >= PROGRESS_EVERY_S:
+            reported_at = elapsed
+            log(progress_line([(plan.run_dir(v, s), plan.train_steps(), started - started_at)
+                               for plan, v, s, _, _, started in running], elapsed, deadline_s))
         if deadline_s is not None and elapsed > deadline_s:
             for plan, variant, seed, process, log_file, _ in running:
                 os.killpg(process.pid, signal.SIGTERM)
@@ -501,6 +506,51 @@ def shared_cpu_threads(plans: Sequence[StudyPlan], concurrency: int, env: Dict[s
 
 
 OWNER_FILE = ".trained_by"
+
+
+def last_record(run_dir: str) -> Optional[dict]:
+    """The last line of a run's metrics.jsonl (read from the end: the study asks every minute, of every run)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return None
+    with open(path, "rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        handle.seek(max(0, handle.tell() - 65536))
+        lines = [line for line in handle.read().splitlines() if line.strip()]
+    for line in reversed(lines):
+        try:
+            return json.loads(line)
+        except ValueError:   # the line being written, or cut by the seek
+            continue
+    return None
+
+
+PROGRESS_EVERY_S = 60
+
+
+def progress_line(runs: Sequence[Tuple[str, int, float]], elapsed_s: float, deadline_s: Optional[float]) -> str:
+    """One line on the running runs ((run dir, its train_steps, its start time in study seconds) each): their steps,
+    and when the slowest ends at its own pace so far, against the deadline. The deadline stops a run where it is,
+    and a later lease trains it again from its first step, so a study that will overrun should be polled for,
+    with a deadline that outlasts the call."""
+    paced = []
+    for run_dir, steps, started in runs:
+        record = last_record(run_dir)
+        if not record or record.get("step", 0) < 1:
+            continue
+        pace = (elapsed_s - started) / record["step"]   # seconds a step, start-up included
+        paced.append((record["step"], steps, elapsed_s + pace * (steps - record["step"]), run_dir))
+    if not paced:
+        return f"{len(runs)} run(s) starting"
+    done = min(step for step, _, _, _ in paced), max(step for step, _, _, _ in paced)
+    last = max(paced, key=lambda p: p[2])
+    line = (f"{len(runs)} run(s) at steps {done[0]}-{done[1]} of {max(p[1] for p in paced)}; at their pace so far "
+            f"the last ends at about {last[2]:.0f} s of the study")
+    if deadline_s is not None and last[2] > deadline_s:
+        over = sum(p[2] > deadline_s for p in paced)
+        line += (f", past its {deadline_s:.0f} s deadline: {over} run(s) would be stopped there and trained again "
+                 f"from step 1 on a later lease")
+    return line
 
 
 def trained_elsewhere(run_dir: str) -> Optional[int]:

@@ -424,3 +424,24 @@ def test_a_baseline_outside_the_variants_is_refused_by_name(tmp_path):
     assert done.returncode != 0
     assert "--baseline 'stock_lr1.5x': it must be one of --variants ['stock']" in done.stderr
     assert not os.path.exists(os.path.join(root, "q.md"))
+
+
+def test_progress_says_when_the_deadline_would_cut_the_runs(tmp_path):
+    """The study's minute line: the running runs' steps and when the slowest ends at its pace so far; past the
+    deadline it says how many runs the deadline would stop (a lease's cut run is trained again from step 1)."""
+    fast, slow = tmp_path / "fast", tmp_path / "slow"
+    for run_dir, step in ((fast, 300), (slow, 100)):
+        run_dir.mkdir()
+        with open(run_dir / "metrics.jsonl", "w") as f:
+            for s in range(1, step + 1):
+                f.write(json.dumps({"step": s, "loss": 4.0}) + "\n")
+            f.write('{"step": ')                       # the line being written
+    # both started at study second 10; at second 110 the fast run has 300 of 400 steps, the slow one 100
+    runs = [(str(fast), 400, 10.0), (str(slow), 400, 10.0)]
+    line = study.progress_line(runs, 110.0, deadline_s=600.0)
+    assert line == "2 run(s) at steps 100-300 of 400; at their pace so far the last ends at about 410 s of the study"
+    line = study.progress_line(runs, 110.0, deadline_s=300.0)
+    assert line.endswith("past its 300 s deadline: 1 run(s) would be stopped there and trained again from step 1 on "
+                         "a later lease")
+    assert study.progress_line([(str(tmp_path / "none"), 400, 0.0)], 5.0, None) == "1 run(s) starting"
+    assert study.last_record(str(fast)) == {"step": 300, "loss": 4.0}
