@@ -17,7 +17,7 @@ validation loss to the last digit, and the records show it).
 `elapsed_s` and `lr` stay only on the evaluation lines and the last line (2026-12-07, fifteenth session, with the
 carry at 62 of its 64 MiB): no report reads either. Between evaluations the wall clock is the running sum of
 `step_time_s` (scripts/plot_runs.py fills it so), and the learning rate is the schedule's, which the evaluation
-lines still show (a 2x variant's rate is checked there). They were a quarter of the compressed GPU record.
+lines still show (a 2x variant's rate is checked there). They were 23% of the compressed GPU record.
 """
 from __future__ import annotations
 
