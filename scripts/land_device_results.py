@@ -126,9 +126,7 @@ def unfinished_runs(runs: str) -> List[str]:
     since checkpoints never come back, so the main record has no use for it (the testbed's reports skip it too;
     `keep_unfinished` keeps its evaluations apart)."""
     found = []
-    for folder, _, files in os.walk(runs):
-        if "run.json" not in files:
-            continue
+    for folder in (os.path.join(runs, relative) for relative in run_folders(runs)):
         try:
             with open(os.path.join(folder, "run.json")) as handle:
                 steps = json.load(handle)["train_steps"]
