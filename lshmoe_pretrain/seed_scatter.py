@@ -132,6 +132,11 @@ def table(gaps: SeedGaps, variants: Sequence[str], pairs: Sequence[Tuple[str, st
         mean = f"{statistics.fmean(values):+.2f}%{spread}" if values else "–"
         lines.append(f"| {name} | {', '.join(map(str, sorted(per_seed))) or '–'} | "
                      f"{', '.join(f'{x:+.2f}%' for x in values) or '–'} | {mean} |")
+    base = [gaps.losses[gaps.baseline][s] for s in sorted(gaps.losses[gaps.baseline])]
+    if len(base) > 1:
+        lines += ["", f"{gaps.baseline}'s own seeds ({', '.join(map(str, sorted(gaps.losses[gaps.baseline])))}), "
+                      f"{read}: {statistics.fmean(base):.4f} ± {statistics.stdev(base):.4f}, a seed spread of "
+                      f"{100 * statistics.stdev(base) / statistics.fmean(base):.2f}%."]
     pooled = pooled_std(groups)
     lines += ["", (f"Pooled scatter of the per-seed gaps about each variant's mean: ±{pooled[0]:.2f}% ({pooled[1]} "
                    f"variants, {pooled[2]} runs)." if pooled else "Pooled scatter: too few seeds (a variant needs 2).")]

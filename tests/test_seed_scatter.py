@@ -44,6 +44,7 @@ def test_gaps_pooled_scatter_and_distance(root):
     assert "| stock_nudge | 1, 2, 3 | +1.00%, -1.00%, +0.00% | +0.00% ± 1.00% |" in text
     assert "| fp8_fwd_fp4_grad | 1 | +1.00% | +1.00% |" in text
     assert f"±{math.sqrt(10 / 4):.2f}% (2 variants, 6 runs)" in text
+    assert "stock's own seeds (1, 2, 3), final: 3.0000 ± 0.1000, a seed spread of 3.33%." in text
     assert "Same-seed distance, fp8_fwd_fp4sr_grad against stock_nudge: seed 1 0.99%, seed 2 1.01%, seed 3 2.00%." \
         in text
 
@@ -114,6 +115,7 @@ def test_an_early_reading_counts_the_runs_a_lease_cut(cut_roots):
     assert "gap vs stock per seed (at step 10)" in text
     assert "Where both runs finished (2 runs), the gap moved from step 10 to the final by +1.00 points at most" in text
     assert "Not evaluated at step 10 (stopped before it): fp8_fwd_fp4sr_grad seed 3." in text
+    assert "stock's own seeds (1, 2, 3), at step 10: 3.1000 ± 0.1000, a seed spread of 3.23%." in text
     # without at_step only finished runs count, whatever the second root holds
     final = seed_scatter.collect(done, "gpt", "stock", ["stock_nudge", "fp8_fwd_fp4sr_grad"], [cut])
     assert final.gaps("fp8_fwd_fp4sr_grad") == pytest.approx({1: 2.0, 2: 0.0}) and final.short == {}
