@@ -65,8 +65,8 @@ def _read_runs(roots: Sequence[str], model_kind: str, variant: str, at_step: Opt
                 continue
             with open(info_path) as handle:
                 info = json.load(handle)
-            records = study.read_metrics(run_dir)
-            if study.finished(run_dir, info["train_steps"]):
+            records = study.read_metrics(run_dir)   # once: study.finished would parse the file again
+            if records and records[-1]["step"] >= info["train_steps"] and "valid_loss" in records[-1]:
                 finals[seed] = records[-1]["valid_loss"]
             if at_step is None:
                 if seed in finals:
