@@ -49,6 +49,7 @@
 # CPU machine: python-code-pinned, the same bytes in every session); otherwise they tokenize the python-code corpus
 # here, whose runs compare with no other machine's.
 set -uo pipefail
+source "$(dirname "$0")/gpu_mps.sh"
 OUT=${OUT:-/tmp/gpu_session_out}
 mkdir -p "$OUT/logs"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -172,7 +173,11 @@ testbed_bg() {  # testbed-bg:<testbed>:<lengths>:<seconds>
         --testbed "$bed" --lengths $lengths --variants ${TESTBED_VARIANTS:-stock lsh} --seeds ${TESTBED_SEEDS:-1} \
         ${CONCURRENCY:+--concurrency $CONCURRENCY} --root "$TESTBED_ROOT" --deadline_s "$seconds" "${DATA[@]}" \
         "${capture[@]}" >"/root/testbed_logs/study_$tag.log" 2>&1 < /dev/null &)
-    sleep 5; tail -5 "/root/testbed_logs/study_$tag.log"
+    # The study prints its run count once it has read its records: with other runs loading the CPU that takes more
+    # than five seconds, and a fixed wait printed nothing (2026-12-07).
+    local waited=0; while [ $waited -lt 60 ] && ! grep -q "run(s) in all\|Traceback" "/root/testbed_logs/study_$tag.log" 2>/dev/null; do
+        sleep 2; waited=$((waited + 2)); done
+    tail -8 "/root/testbed_logs/study_$tag.log"
 }
 poll() {  # poll:<seconds>: wait while a testbed study runs; snapshot its records every 30 s
     local until=$(( $(date +%s) + $1 ))
@@ -293,10 +298,10 @@ for stage in "$@"; do
                 fi ;;
         mps-on) mkdir -p /tmp/nvidia-mps /tmp/nvidia-log
                 # The daemon must not hold this call's stdout: a pipe reading it would never see its end.
-                # A warm machine keeps the daemon an earlier call started: starting a second one fails, and quitting
-                # it then would leave this call's runs time-sliced: four gpt-25m-1pass runs took about 150 ms a step
-                # so, where twelve and sixteen at once under MPS took 84-129 ms (2026-12-07, thirteenth session).
-                if pgrep -x nvidia-cuda-mps-control >/dev/null 2>&1; then mps="CUDA MPS on (the daemon was running)"
+                # A warm machine keeps the daemon an earlier call started (scripts/gpu_mps.sh): starting a second one
+                # fails, and quitting it then would leave this call's runs time-sliced: four gpt-25m-1pass runs took
+                # about 150 ms a step so, where twelve and sixteen at once under MPS took 84-129 ms (2026-12-07).
+                if mps_daemon_running; then mps="CUDA MPS on (the daemon was running)"
                 elif nvidia-cuda-mps-control -d >/dev/null 2>&1; then mps="CUDA MPS on"; else mps=; fi
                 if [ -n "$mps" ] && python3 -c "import torch; torch.ones(1, device='cuda').sum().item()"; then
                     echo "$mps"; export LSHMOE_MPS="CUDA MPS on"
