@@ -47,6 +47,15 @@ class SeedGaps:
         early = self.gaps(variant)
         return {s: 100 * (own[s] / base[s] - 1) - early[s] for s in sorted(own) if s in base and s in early}
 
+    def gaps_two_draws(self, variant: str, null: str) -> Dict[int, float]:
+        """Per-seed gap (%) of `variant` against the mean of the baseline's and the null's runs of that seed: two
+        draws of stock's trajectory (the null differs from the baseline in its initial weights' last digits only),
+        so the reference's own trajectory noise, which every variant's gap on that seed shares, has half the
+        variance. Seeds where all three ran."""
+        base, other = self.losses[self.baseline], self.losses[null]
+        return {s: 100 * (loss / ((base[s] + other[s]) / 2) - 1) for s, loss in sorted(self.losses[variant].items())
+                if s in base and s in other}
+
     def distance(self, first: str, second: str) -> Dict[int, float]:
         """Per-seed |first / second - 1| (%), on the seeds both have."""
         other = self.losses[second]
@@ -117,21 +126,49 @@ def pooled_std(groups: Sequence[Sequence[float]]) -> Optional[Tuple[float, int, 
     return math.sqrt(squares / (values - len(groups))), len(groups), values
 
 
-def table(gaps: SeedGaps, variants: Sequence[str], pairs: Sequence[Tuple[str, str]] = ()) -> str:
-    """Markdown: each variant's per-seed gaps with their mean ± std, the pooled scatter, each pair's same-seed
-    distance, and (with `at_step`) the runs that stopped before that step."""
+def _mean_with_errors(values: Sequence[float]) -> Tuple[str, str]:
+    """("mean ± std", "mean ± 2 standard errors") of per-seed gaps in %, or the mean alone for one value."""
+    if not values:
+        return "–", "–"
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:+.2f}%", f"{mean:+.2f}%"
+    std = statistics.stdev(values)
+    return f"{mean:+.2f}% ± {std:.2f}%", f"{mean:+.2f}% ± {2 * std / math.sqrt(len(values)):.2f}%"
+
+
+def two_draw_table(gaps: SeedGaps, variants: Sequence[str], null: str) -> List[str]:
+    """Markdown lines: each variant's gaps against the mean of the baseline's and the null's run of each seed."""
+    lines = ["", f"Against two draws of {gaps.baseline} per seed ({gaps.baseline} and {null}, which differs from it "
+                 "in its initial weights' last digits only): their mean as the reference halves the variance of the "
+                 "reference's own trajectory, which every variant's gap on that seed shares.", "",
+             f"| variant | seeds | gap vs the mean of {gaps.baseline} and {null} per seed | mean ± std | "
+             "mean ± 2 s.e. |", "| --- | --- | --- | --- | --- |"]
+    for name in (v for v in variants if v not in (gaps.baseline, null)):
+        per_seed = gaps.gaps_two_draws(name, null)
+        values = [per_seed[s] for s in sorted(per_seed)]
+        spread, interval = _mean_with_errors(values)
+        lines.append(f"| {name} | {', '.join(map(str, sorted(per_seed))) or '–'} | "
+                     f"{', '.join(f'{x:+.2f}%' for x in values) or '–'} | {spread} | {interval} |")
+    return lines
+
+
+def table(gaps: SeedGaps, variants: Sequence[str], pairs: Sequence[Tuple[str, str]] = (),
+          null: Optional[str] = None) -> str:
+    """Markdown: each variant's per-seed gaps with their mean ± std and mean ± 2 standard errors, the pooled
+    scatter, each pair's same-seed distance, (with `null`) the gaps against the mean of the baseline's and the
+    null's runs, and (with `at_step`) the runs that stopped before that step."""
     read = "final" if gaps.at_step is None else f"at step {gaps.at_step}"
-    lines = [f"| variant | seeds | gap vs {gaps.baseline} per seed ({read}) | mean ± std |",
-             "| --- | --- | --- | --- |"]
+    lines = [f"| variant | seeds | gap vs {gaps.baseline} per seed ({read}) | mean ± std | mean ± 2 s.e. |",
+             "| --- | --- | --- | --- | --- |"]
     groups: List[List[float]] = []
     for name in (v for v in variants if v != gaps.baseline):
         per_seed = gaps.gaps(name)
         values = [per_seed[s] for s in sorted(per_seed)]
         groups.append(values)
-        spread = f" ± {statistics.stdev(values):.2f}%" if len(values) > 1 else ""
-        mean = f"{statistics.fmean(values):+.2f}%{spread}" if values else "–"
+        spread, interval = _mean_with_errors(values)
         lines.append(f"| {name} | {', '.join(map(str, sorted(per_seed))) or '–'} | "
-                     f"{', '.join(f'{x:+.2f}%' for x in values) or '–'} | {mean} |")
+                     f"{', '.join(f'{x:+.2f}%' for x in values) or '–'} | {spread} | {interval} |")
     base = [gaps.losses[gaps.baseline][s] for s in sorted(gaps.losses[gaps.baseline])]
     if len(base) > 1:
         lines += ["", f"{gaps.baseline}'s own seeds ({', '.join(map(str, sorted(gaps.losses[gaps.baseline])))}), "
@@ -140,6 +177,10 @@ def table(gaps: SeedGaps, variants: Sequence[str], pairs: Sequence[Tuple[str, st
     pooled = pooled_std(groups)
     lines += ["", (f"Pooled scatter of the per-seed gaps about each variant's mean: ±{pooled[0]:.2f}% ({pooled[1]} "
                    f"variants, {pooled[2]} runs)." if pooled else "Pooled scatter: too few seeds (a variant needs 2).")]
+    if null is not None:
+        if null not in gaps.losses:
+            raise study.StudyError(f"--null {null}: not among the variants read ({', '.join(gaps.losses)})")
+        lines += two_draw_table(gaps, variants, null) + [""]
     for first, second in pairs:
         distance = gaps.distance(first, second)
         lines.append(f"Same-seed distance, {first} against {second}: "

@@ -222,6 +222,10 @@ def parse_args() -> argparse.Namespace:
     scatter.add_argument("--section", default=None, help="also write the table as this block of --output")
     scatter.add_argument("--run_command", default=None, help="the command that trained the runs, for the record")
     scatter.add_argument("--output", default="docs/quality.md")
+    scatter.add_argument("--null", default=None,
+                         help="a null control (e.g. stock_nudge): also read each variant against the mean of the "
+                              "baseline's and the null's run of each seed")
+    scatter.add_argument("--after", default=None, help="a new section goes right after this one (else at the end)")
     edge = sub.add_parser("frontier", help="final gap against all-to-all bytes for every candidate at a testbed's "
                                            "long schedule, each against issue 24's rule, and the default it chooses")
     edge.add_argument("--testbed", required=True, help=f"one of {', '.join(beds.TESTBEDS)}")
@@ -503,9 +507,10 @@ def time_to_target(args: argparse.Namespace) -> None:
 
 
 def scatter(args: argparse.Namespace) -> None:
-    names = list(dict.fromkeys([*args.variants, *(v for pair in args.pair for v in pair)]))
+    names = list(dict.fromkeys([*args.variants, *(v for pair in args.pair for v in pair),
+                                *([args.null] if args.null else [])]))
     gaps = seed_scatter.collect(args.root, args.model, args.baseline, names, args.also_root, args.at_step)
-    table = seed_scatter.table(gaps, args.variants, [tuple(pair) for pair in args.pair])
+    table = seed_scatter.table(gaps, args.variants, [tuple(pair) for pair in args.pair], args.null)
     if args.section:
         read = ("its final validation loss (finished runs only)" if args.at_step is None else
                 f"its validation loss at step {args.at_step}, read before the end of the schedule: runs the device "
@@ -515,7 +520,7 @@ def scatter(args: argparse.Namespace) -> None:
         table = "\n".join([*section_head(TITLES.get(args.section, args.section), args.run_command),
                            f"- each variant's run against the {args.baseline} run of the same seed (same initial "
                            f"weights, data order and gate draws), by {read}; runs on {cards}.", "", table, ""])
-        bench.write_section(args.output, args.section, table)
+        bench.write_section(args.output, args.section, table, after=args.after)
     print(table)
 
 

@@ -41,12 +41,33 @@ def test_gaps_pooled_scatter_and_distance(root):
         {1: 100 * abs(3.06 / 3.03 - 1), 2: 100 * abs(3.1 / 3.069 - 1), 3: 100 * abs(2.842 / 2.9 - 1)})
     text = seed_scatter.table(gaps, ["stock_nudge", "fp8_fwd_fp4sr_grad", "fp8_fwd_fp4_grad"],
                               [("fp8_fwd_fp4sr_grad", "stock_nudge")])
-    assert "| stock_nudge | 1, 2, 3 | +1.00%, -1.00%, +0.00% | +0.00% ± 1.00% |" in text
-    assert "| fp8_fwd_fp4_grad | 1 | +1.00% | +1.00% |" in text
+    # 2 standard errors of a 3-seed mean of gaps (1, -1, 0): 2 * 1 / sqrt(3)
+    assert "| stock_nudge | 1, 2, 3 | +1.00%, -1.00%, +0.00% | +0.00% ± 1.00% | +0.00% ± 1.15% |" in text
+    assert "| fp8_fwd_fp4_grad | 1 | +1.00% | +1.00% | +1.00% |" in text
+    assert "two draws" not in text
     assert f"±{math.sqrt(10 / 4):.2f}% (2 variants, 6 runs)" in text
     assert "stock's own seeds (1, 2, 3), final: 3.0000 ± 0.1000, a seed spread of 3.33%." in text
     assert "Same-seed distance, fp8_fwd_fp4sr_grad against stock_nudge: seed 1 0.99%, seed 2 1.01%, seed 3 2.00%." \
         in text
+
+
+def test_gaps_against_two_draws_of_stock(root):
+    """With a null control the reference of each seed is the mean of stock's and the null's run: the codec's seed 1
+    (3.06) against (3.0 + 3.03) / 2, and so on; the null itself and the baseline get no row."""
+    gaps = seed_scatter.collect(root, "gpt", "stock", ["stock_nudge", "fp8_fwd_fp4sr_grad", "fp8_fwd_fp4_grad"])
+    expected = {1: 100 * (3.06 / 3.015 - 1), 2: 100 * (3.1 / 3.0845 - 1), 3: 100 * (2.842 / 2.9 - 1)}
+    assert gaps.gaps_two_draws("fp8_fwd_fp4sr_grad", "stock_nudge") == pytest.approx(expected)
+    assert gaps.gaps_two_draws("fp8_fwd_fp4_grad", "stock_nudge") == pytest.approx({1: 100 * (3.03 / 3.015 - 1)})
+    text = seed_scatter.table(gaps, ["stock_nudge", "fp8_fwd_fp4sr_grad", "fp8_fwd_fp4_grad"], null="stock_nudge")
+    two_draws = text[text.index("Against two draws of stock per seed"):]
+    values = [expected[s] for s in (1, 2, 3)]
+    mean, std = sum(values) / 3, math.sqrt(sum((v - sum(values) / 3) ** 2 for v in values) / 2)
+    assert (f"| fp8_fwd_fp4sr_grad | 1, 2, 3 | {values[0]:+.2f}%, {values[1]:+.2f}%, {values[2]:+.2f}% | "
+            f"{mean:+.2f}% ± {std:.2f}% | {mean:+.2f}% ± {2 * std / math.sqrt(3):.2f}% |") in two_draws
+    assert "| fp8_fwd_fp4_grad | 1 | +0.50% | +0.50% | +0.50% |" in two_draws
+    assert "| stock_nudge |" not in two_draws and "| stock |" not in two_draws
+    with pytest.raises(study.StudyError, match="--null fp6_both"):
+        seed_scatter.table(gaps, ["fp8_fwd_fp4sr_grad"], null="fp6_both")
 
 
 def test_pooled_scatter_needs_a_degree_of_freedom():
@@ -63,11 +84,13 @@ def test_unknown_or_missing_variants_are_refused_by_name(root):
 
 def test_the_command_prints_the_table(root):
     result = subprocess.run([sys.executable, "scripts/compare_quality.py", "scatter", "--root", root, "--variants",
-                             "stock_nudge", "fp8_fwd_fp4sr_grad", "--pair", "fp8_fwd_fp4sr_grad", "stock_nudge"],
+                             "stock_nudge", "fp8_fwd_fp4sr_grad", "--pair", "fp8_fwd_fp4sr_grad", "stock_nudge",
+                             "--null", "stock_nudge"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| fp8_fwd_fp4sr_grad | 1, 2, 3 | +2.00%, +0.00%, -2.00% | +0.00% ± 2.00% |" in result.stdout
     assert "(2 variants, 6 runs)" in result.stdout
+    assert "| fp8_fwd_fp4sr_grad | 1, 2, 3 | +1.49%, +0.50%, -2.00% |" in result.stdout
 
 
 def write_evaluated_run(root, variant, seed, losses, steps_done, train_steps=20):
