@@ -101,6 +101,12 @@ TITLES = {
     "testbed_gpt_25m_1pass_null_final_lr2x":
         "Testbed `gpt-25m-1pass` (1 H100 under MPS) at 2x the study's peak learning rate: the null control and the "
         "default against stock at that rate, finished schedules",
+    "testbed_gpt_72m_1pass_null_final_x1":
+        "Testbed `gpt-72m-1pass` at the study's peak learning rate: the null control and the candidates against "
+        "stock, finished schedules",
+    "testbed_t5_26m_1pass_null_final_x1":
+        "Testbed `t5-26m-1pass` at the study's peak learning rate: the null control and the candidates against "
+        "stock, finished schedules",
     "testbed_t5_26m_1pass_lr1p5x": "Testbed `t5-26m-1pass` at 1.5x the study's peak learning rate: the default "
                                    "against stock at that rate (--baseline stock_lr1.5x), beside both at the "
                                    "study's rate",
