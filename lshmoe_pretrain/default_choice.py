@@ -11,6 +11,15 @@ trained (docs/quality.md, "Next on a GPU", 2026-12-05 night):
 Candidates tied on bytes in 1 are ordered by their worst shape's gap (the code since the rule was written; first
 used on 2026-12-06, when three candidates passed everywhere at 0.391 of the bytes).
 
+A guard on 1, written before the stretch candidate's last runs (docs/quality.md, "Next on a GPU", 2026-12-07,
+sixteenth session): on `gpt-25m-1pass` a change that does nothing ends +0.56% ± 0.48% from stock over 3 seeds, so a
+pass at ±0.5% does not show that a candidate costs no more than the present default. A candidate other than the
+present default takes its place only if it is shown not worse than it by more than NONINFERIORITY_MARGIN points:
+over every seed of every shape both ran, the seed-paired difference of their gaps, whose mean plus two standard
+errors must lie below the margin (`Guard`). Else the next that passes everywhere is taken, the present default among
+them; the text names the candidate the guard held back. Where the present default is not measured on every shape,
+the guard cannot be read and the text says so.
+
 The long shapes answer for each other and the single-pass shapes for each other (a single-pass shape halves its
 long shape's batch so that the long schedule reads each training token once). The single-pass family sets
 DEFAULT_METHOD (DECIDING_FAMILY): the long shapes read their corpus twice, which flatters validation (docs/quality.md),
@@ -30,6 +39,7 @@ from .testbed import Testbed
 
 FAMILIES = beds.FAMILIES
 DECIDING_FAMILY = "single-pass"
+NONINFERIORITY_MARGIN = 0.5   # points of %: the rule's own band
 
 
 def shapes(family: str) -> List[Testbed]:
@@ -49,6 +59,58 @@ def collect(root: str, beds: Sequence[Testbed]) -> Dict[str, Optional[frontiers.
         except study.StudyError:
             found[bed.name] = None
     return found
+
+
+@dataclass
+class Guard:
+    """The candidate's gap minus the present default's, seed by seed on every shape both ran (points of %)."""
+    candidate: str
+    default: str
+    differences: List[float]
+
+    @property
+    def bound(self) -> Optional[float]:
+        """Mean + 2 standard errors of the differences; None below two of them."""
+        n = len(self.differences)
+        if n < 2:
+            return None
+        return statistics.fmean(self.differences) + 2 * statistics.stdev(self.differences) / math.sqrt(n)
+
+    @property
+    def holds(self) -> bool:
+        return self.bound is not None and self.bound < NONINFERIORITY_MARGIN
+
+    def text(self) -> str:
+        n = len(self.differences)
+        if self.bound is None:
+            return (f"`{self.candidate}` cannot be shown not worse than the present default `{self.default}` on "
+                    f"{n} paired seed{'s' if n != 1 else ''}")
+        mean = statistics.fmean(self.differences)
+        return (f"`{self.candidate}` against the present default `{self.default}`, seed by seed on every shape: "
+                f"{mean:+.2f} points, {self.bound:+.2f} at two standard errors ({n} seeds), "
+                f"{'below' if self.holds else 'not below'} the guard's +{NONINFERIORITY_MARGIN:.1f}")
+
+
+def paired_differences(candidate: Dict[str, frontiers.Candidate],
+                       default: Dict[str, frontiers.Candidate]) -> List[float]:
+    """`candidate`'s gap minus `default`'s on each (shape, seed) both ran, shapes in `candidate`'s order."""
+    found = []
+    for shape, mine in candidate.items():
+        theirs = default.get(shape)
+        if theirs is None:
+            continue
+        by_seed = dict(zip(theirs.gap_seeds, theirs.gaps))
+        found += [gap - by_seed[seed] for seed, gap in zip(mine.gap_seeds, mine.gaps) if seed in by_seed]
+    return found
+
+
+def _present_default(everywhere: Dict[str, Dict[str, frontiers.Candidate]],
+                     default_method: str) -> Optional[str]:
+    """The candidate measured on every shape that is the present default: its method, nothing beside it."""
+    for name, per in everywhere.items():
+        if all(c.method == default_method and not c.knobs for c in per.values()):
+            return name
+    return None
 
 
 @dataclass
@@ -96,6 +158,30 @@ def _method_line(candidate: frontiers.Candidate, default_method: str, deciding: 
     return f" Set `DEFAULT_METHOD` to `{candidate.method}` (now `{default_method}`)."
 
 
+def _guarded_choice(passing, everywhere, default_method: str):
+    """(name, per shape, the Guard that let a new default through or None, the Guards that held candidates back,
+    a note where the guard cannot be read) over `passing` [(name, per shape)]: the cheapest by bytes, then by worst
+    gap, that is the present default or passes the guard against it."""
+    ordered = sorted(passing, key=lambda item: (_bytes(item[1]), _worst(item[1]).gap))
+    present = _present_default(everywhere, default_method)
+    if present is None or present not in dict(passing):
+        name, per = ordered[0]
+        if name == present:
+            return name, per, None, [], ""
+        why = "is not measured on every shape" if present is None else "does not pass the rule on every shape"
+        return name, per, None, [], (f" The guard against the present default (`{default_method}`) does not apply: "
+                                     f"it {why}.")
+    held = []
+    for name, per in ordered:
+        if name == present:
+            return name, per, None, held, ""
+        guard = Guard(name, present, paired_differences(per, everywhere[present]))
+        if guard.holds:
+            return name, per, guard, held, ""
+        held.append(guard)
+    raise AssertionError("the present default passes, so the loop returns")
+
+
 def decide(found: Dict[str, Optional[frontiers.Frontier]], default_method: str, deciding: bool = True) -> Decision:
     """The decision of the module docstring over the shapes in `found` (every shape of one family); `deciding`:
     whether that family sets DEFAULT_METHOD (DECIDING_FAMILY), which only changes what the text asks of it."""
@@ -109,7 +195,7 @@ def decide(found: Dict[str, Optional[frontiers.Frontier]], default_method: str, 
     everywhere = {n: per for n, per in names.items() if set(per) == set(every)}
     passing = [(n, per) for n, per in everywhere.items() if all(c.passes for c in per.values())]
     if passing:
-        name, per = min(passing, key=lambda item: (_bytes(item[1]), _worst(item[1]).gap))
+        name, per, let_through, held, guard_note = _guarded_choice(passing, everywhere, default_method)
         worst = _worst(per)
         gaps = "; ".join(f"`{shape}` {per[shape].gap_text()}" for shape in every)
         tied = [(n, p) for n, p in passing if n != name and math.isclose(_bytes(p), _bytes(per), abs_tol=5e-4)]
@@ -121,9 +207,16 @@ def decide(found: Dict[str, Optional[frontiers.Frontier]], default_method: str, 
                    f" against " + ", ".join(f"{_worst(p).gap:+.2f}% on `{_worst_shape(p)}`" for _, p in tied) + ").")
         else:
             why = f"; of the {len(passing)} that pass everywhere, the fewest."
+        if held:
+            why = (f"; of the {len(passing)} that pass everywhere, the fewest once the guard against the present "
+                   f"default is read.")
+        guard_text = "".join(f" The guard holds back {g.text()}." for g in held)
+        if let_through:
+            guard_text += f" The guard lets it through: {let_through.text()}."
+        guard_text += guard_note
         return Decision(worst, "rule", (
             f"`{name}` ({worst.configuration()}) passes the rule on every shape ({gaps}) and sends at most "
-            f"{_bytes(per):.3f} of stock's bytes" + why + _method_line(worst, default_method, deciding)))
+            f"{_bytes(per):.3f} of stock's bytes" + why + guard_text + _method_line(worst, default_method, deciding)))
     eligible = [(n, per) for n, per in everywhere.items()
                 if all(c.seeds >= frontiers.SEEDS_NEEDED for c in per.values())
                 and _bytes(per) <= frontiers.BYTES_LIMIT]

@@ -55,6 +55,69 @@ def test_a_bytes_tie_among_those_that_pass_goes_to_the_smaller_worst_gap_and_say
     assert choice.decide(found, "fp8_fwd_fp4sr_grad", deciding=False).text.endswith(
         "These shapes do not set `DEFAULT_METHOD` (the single-pass shapes do; it is `fp8_fwd_fp4sr_grad`): the same.")
 
+def guarded(tmp_path, cheaper_gap, default_gap):
+    """The default (`fp8_fwd_fp4sr_grad`, 0.39 of the bytes) and a cheaper candidate (`fp6_fwd_fp4sr_grad`, 0.33),
+    both passing the rule on both shapes, with the given gaps on each."""
+    root = str(tmp_path)
+    for bed in (NARROW, WIDE):
+        write_study(root, {"fp6_fwd_fp4sr_grad": (cheaper_gap, [1, 2, 3], 0.33, FLAT),
+                           "fp8_fwd_fp4sr_grad": (default_gap, [1, 2, 3], 0.39, FLAT)}, bed=bed)
+    found = choice.collect(root, [NARROW, WIDE])
+    assert all(c.passes for f in found.values() for c in f.candidates)
+    return found
+
+
+def test_the_guard_lets_a_cheaper_candidate_through_when_it_is_shown_not_worse(tmp_path):
+    decision = choice.decide(guarded(tmp_path, 0.1, -0.1), "fp8_fwd_fp4sr_grad")
+    assert decision.chosen.name == "fp6_fwd_fp4sr_grad"
+    assert ("The guard lets it through: `fp6_fwd_fp4sr_grad` against the present default `fp8_fwd_fp4sr_grad`, seed "
+            "by seed on every shape: +0.20 points, +0.20 at two standard errors (6 seeds), below the guard's +0.5."
+            ) in decision.text
+
+
+def test_the_guard_holds_back_a_cheaper_candidate_that_ends_further_from_stock(tmp_path):
+    """Both pass the rule, but the cheaper one ends 0.53 points above the default on every seed."""
+    decision = choice.decide(guarded(tmp_path, 0.28, -0.25), "fp8_fwd_fp4sr_grad")
+    assert decision.by == "rule" and decision.chosen.name == "fp8_fwd_fp4sr_grad"
+    assert ("; of the 2 that pass everywhere, the fewest once the guard against the present default is read. The "
+            "guard holds back `fp6_fwd_fp4sr_grad` against the present default `fp8_fwd_fp4sr_grad`, seed by seed on "
+            "every shape: +0.53 points, +0.53 at two standard errors (6 seeds), not below the guard's +0.5.") \
+        in decision.text
+    assert decision.text.endswith("`DEFAULT_METHOD` is `fp8_fwd_fp4sr_grad` already.")
+
+
+def test_the_guard_reads_the_seeds_scatter_not_only_the_mean(tmp_path):
+    """The cheaper candidate's mean is near the default's (+0.08 points), but its seeds scatter by ±0.9 points:
+    6 paired seeds leave the bound at mean + 2 * 0.815 / sqrt(6), above the margin."""
+    found = guarded(tmp_path, {1: 0.9, 2: -0.9, 3: 0.25}, 0.0)
+    guard = choice.Guard("fp6_fwd_fp4sr_grad", "fp8_fwd_fp4sr_grad", choice.paired_differences(
+        *[{shape: next(c for c in f.candidates if c.name == name) for shape, f in found.items()}
+          for name in ("fp6_fwd_fp4sr_grad", "fp8_fwd_fp4sr_grad")]))
+    assert guard.differences == pytest.approx([0.9, -0.9, 0.25] * 2, abs=1e-9)
+    differences = [0.9, -0.9, 0.25] * 2
+    mean = sum(differences) / 6
+    std = (sum((d - mean) ** 2 for d in differences) / 5) ** 0.5
+    assert guard.bound == pytest.approx(mean + 2 * std / 6 ** 0.5) and not guard.holds
+    assert choice.decide(found, "fp8_fwd_fp4sr_grad").chosen.name == "fp8_fwd_fp4sr_grad"
+    assert choice.Guard("a", "b", [0.1]).bound is None and not choice.Guard("a", "b", [0.1]).holds
+
+
+def test_the_guard_does_not_apply_where_the_present_default_is_not_measured_or_fails(tmp_path):
+    found = guarded(tmp_path, 0.28, -0.25)
+    text = choice.decide(found, "paper").text
+    assert ("of the 2 that pass everywhere, the fewest. The guard against the present default (`paper`) does not "
+            "apply: it is not measured on every shape. Its configuration (method `custom`") in text
+    assert "The guard holds back" not in text and "lets it through" not in text
+    root = str(tmp_path / "failing")
+    for bed, default_gap in ((NARROW, -0.25), (WIDE, 0.45)):   # the default outside stock's spread on one shape
+        write_study(root, {"fp6_fwd_fp4sr_grad": (0.28, [1, 2, 3], 0.33, FLAT),
+                           "fp8_fwd_fp4sr_grad": (default_gap, [1, 2, 3], 0.39, FLAT)}, bed=bed)
+    decision = choice.decide(choice.collect(root, [NARROW, WIDE]), "fp8_fwd_fp4sr_grad")
+    assert decision.chosen.name == "fp6_fwd_fp4sr_grad"
+    assert ("The guard against the present default (`fp8_fwd_fp4sr_grad`) does not apply: it does not pass the rule "
+            "on every shape.") in decision.text
+
+
 def test_without_a_pass_everywhere_the_smallest_worst_gap_decides(tmp_path):
     """FP4 passes on the narrow shape and ends +0.70% on the wide one; FP8/FP4 ends +0.45% on both (within ±0.5%,
     outside stock's 0.30% spread: it fails everywhere) and is chosen by its worst shape; FP8 both ways would be

@@ -43,15 +43,16 @@ def write_run(root, length, variant, seed, final, bytes_ratio, bed=BED):
 
 
 def write_study(root, candidates, bed=BED):
-    """Stock (3 seeds at 1x, seed 1 at 0.5x and 0.125x) and each candidate: name -> (gap % at 1x per seed,
-    seeds, bytes ratio, {shorter length: gap % of seed 1})."""
+    """Stock (3 seeds at 1x, seed 1 at 0.5x and 0.125x) and each candidate: name -> (gap % at 1x, one for every
+    seed or {seed: gap}, seeds, bytes ratio, {shorter length: gap % of seed 1})."""
     for seed, final in STOCK.items():
         write_run(root, 1.0, "stock", seed, final, 1.0, bed)
     for length, final in STOCK_SHORT.items():
         write_run(root, length, "stock", 1, final, 1.0, bed)
     for name, (gap, seeds, bytes_ratio, shorter) in candidates.items():
         for seed in seeds:
-            write_run(root, 1.0, name, seed, STOCK[seed] * (1 + gap / 100), bytes_ratio, bed)
+            seed_gap = gap[seed] if isinstance(gap, dict) else gap
+            write_run(root, 1.0, name, seed, STOCK[seed] * (1 + seed_gap / 100), bytes_ratio, bed)
         for length, short_gap in shorter.items():
             write_run(root, length, name, 1, STOCK_SHORT[length] * (1 + short_gap / 100), bytes_ratio, bed)
 
