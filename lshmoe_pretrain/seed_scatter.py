@@ -7,6 +7,12 @@ thirteenth session: ±0.60% at the study's rate on `gpt-25m-1pass`, ±1.49% at 2
 same seed, and a null control's gaps (stock with its initial weights nudged), say whether that scatter is any
 perturbation's or a codec's own.
 
+Every gap against stock of the same seed carries that seed's stock trajectory, which all the variants on the seed
+share (on `gpt-25m-1pass` seed 1 puts every codec above stock at the study's rate). A null control is a second draw
+of that trajectory, so with one (`table(..., null=...)`, `compare_quality.py scatter --null`) each variant is also
+read against the mean of the two draws (`SeedGaps.gaps_two_draws`), which halves that shared part's variance: a
+reading beside the rule, which stays the same-seed gap's.
+
 The gaps are the final validation loss's, over finished runs. With `at_step` they are the validation loss's at that
 evaluation step instead, and runs a lease's device time cut count once they evaluated there (their evaluations kept
 under a second root by scripts/land_device_results.py): an early reading, never the rule's.
