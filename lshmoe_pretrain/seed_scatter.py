@@ -143,6 +143,14 @@ def _mean_with_errors(values: Sequence[float]) -> Tuple[str, str]:
     return f"{mean:+.2f}% ± {std:.2f}%", f"{mean:+.2f}% ± {2 * std / math.sqrt(len(values)):.2f}%"
 
 
+def _gap_row(name: str, per_seed: Dict[int, float]) -> Tuple[str, List[float]]:
+    """A table row of one variant's per-seed gaps (seeds, gaps, mean ± std, mean ± 2 s.e.), and the gaps."""
+    values = [per_seed[s] for s in sorted(per_seed)]
+    spread, interval = _mean_with_errors(values)
+    return (f"| {name} | {', '.join(map(str, sorted(per_seed))) or '–'} | "
+            f"{', '.join(f'{x:+.2f}%' for x in values) or '–'} | {spread} | {interval} |"), values
+
+
 def two_draw_table(gaps: SeedGaps, variants: Sequence[str], null: str) -> List[str]:
     """Markdown lines: each variant's gaps against the mean of the baseline's and the null's run of each seed."""
     lines = ["", f"Against two draws of {gaps.baseline} per seed ({gaps.baseline} and {null}, which differs from it "
@@ -150,12 +158,8 @@ def two_draw_table(gaps: SeedGaps, variants: Sequence[str], null: str) -> List[s
                  "reference's own trajectory, which every variant's gap on that seed shares.", "",
              f"| variant | seeds | gap vs the mean of {gaps.baseline} and {null} per seed | mean ± std | "
              "mean ± 2 s.e. |", "| --- | --- | --- | --- | --- |"]
-    for name in (v for v in variants if v not in (gaps.baseline, null)):
-        per_seed = gaps.gaps_two_draws(name, null)
-        values = [per_seed[s] for s in sorted(per_seed)]
-        spread, interval = _mean_with_errors(values)
-        lines.append(f"| {name} | {', '.join(map(str, sorted(per_seed))) or '–'} | "
-                     f"{', '.join(f'{x:+.2f}%' for x in values) or '–'} | {spread} | {interval} |")
+    lines += [_gap_row(name, gaps.gaps_two_draws(name, null))[0]
+              for name in variants if name not in (gaps.baseline, null)]
     return lines
 
 
@@ -169,12 +173,9 @@ def table(gaps: SeedGaps, variants: Sequence[str], pairs: Sequence[Tuple[str, st
              "| --- | --- | --- | --- | --- |"]
     groups: List[List[float]] = []
     for name in (v for v in variants if v != gaps.baseline):
-        per_seed = gaps.gaps(name)
-        values = [per_seed[s] for s in sorted(per_seed)]
+        line, values = _gap_row(name, gaps.gaps(name))
+        lines.append(line)
         groups.append(values)
-        spread, interval = _mean_with_errors(values)
-        lines.append(f"| {name} | {', '.join(map(str, sorted(per_seed))) or '–'} | "
-                     f"{', '.join(f'{x:+.2f}%' for x in values) or '–'} | {spread} | {interval} |")
     base = [gaps.losses[gaps.baseline][s] for s in sorted(gaps.losses[gaps.baseline])]
     if len(base) > 1:
         lines += ["", f"{gaps.baseline}'s own seeds ({', '.join(map(str, sorted(gaps.losses[gaps.baseline])))}), "
