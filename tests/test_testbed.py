@@ -181,6 +181,55 @@ def test_two_cpu_runs_at_once_each_train_on_half_the_cores(tmp_path, monkeypatch
             assert json.load(f)["cpu_threads"] == expected
 
 
+def test_rendezvous_ports_lie_below_the_ephemeral_range_and_bind(tmp_path):
+    ranges = tmp_path / "ip_local_port_range"
+    ranges.write_text("40000\t60999\n")
+    assert study.rendezvous_ports(str(ranges)) == range(study.RENDEZVOUS_PORT_FLOOR, 40000)
+    assert study.rendezvous_ports(str(tmp_path / "absent")) == range(study.RENDEZVOUS_PORT_FLOOR, 32768)
+    with socket.socket() as held:  # a port in use is drawn again, not returned
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        taken = held.getsockname()[1]
+        draws = iter([taken, 23456])
+        assert study.rendezvous_port(lambda ports: next(draws), str(ranges)) == 23456
+        with pytest.raises(study.StudyError, match="no free rendezvous port"):
+            study.rendezvous_port(lambda ports: taken, str(ranges))
+
+
+def test_a_run_whose_port_was_taken_starts_again_on_another(tmp_path, monkeypatch):
+    """The real launcher on a port another socket listens on dies with EADDRINUSE; the study starts it again."""
+    from lshmoe_pretrain.data import cached_preprocess
+    prepared = cached_preprocess(vocab_size=2048, cache_dir=str(tmp_path / "cache"))
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    plan = study.StudyPlan("gpt", "tiny", ["stock"], [1], 2 * 4 * PRESETS["tiny"].seq_len, str(tmp_path / "runs"),
+                           "configs/gpt_moe_cpu.json", data_prefix=prepared.prefix, vocab_size=prepared.vocab_size,
+                           micro_batch=4, evals=1, eval_tokens=256, eval_compressed="off")
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        taken = held.getsockname()[1]
+        ports = iter([taken, study.rendezvous_port()])
+        monkeypatch.setattr(study, "rendezvous_port", lambda: next(ports))
+        lines = []
+        assert study.run_studies([plan], 1, log=lines.append)
+    run_dir = plan.run_dir("stock", 1)
+    assert f"retry {run_dir}: its rendezvous port was taken (EADDRINUSE), starting it again on another" in lines
+    assert [line.split(" ")[0] for line in lines if run_dir in line] == ["start", "retry", "start", "done"]
+    assert study.finished(run_dir, plan.train_steps())
+    with open(os.path.join(run_dir, "train.log"), "rb") as f:
+        after_the_last_mention = f.read().rindex(b"EADDRINUSE") + len(b"EADDRINUSE")
+    assert study.lost_its_port(os.path.join(run_dir, "train.log"), 0)
+    assert not study.lost_its_port(os.path.join(run_dir, "train.log"), after_the_last_mention)
+
+
+def test_a_run_that_fails_for_another_reason_is_not_started_again(tmp_path):
+    log = tmp_path / "train.log"
+    log.write_text("EADDRINUSE earlier attempt\nTraceback: ValueError\n")
+    assert study.lost_its_port(str(log), 0)
+    assert not study.lost_its_port(str(log), len("EADDRINUSE earlier attempt\n"))
+    assert not study.lost_its_port(str(tmp_path / "absent.log"), 0)
+
+
 def test_the_gap_against_length_pairs_seeds_and_shows_stocks_spread(tmp_path):
     bed = beds.TESTBEDS["gpt-25m-long"]
     root = str(tmp_path)
