@@ -54,14 +54,14 @@ class LSHMoEConfig:
         ``grad_rounding``; a stage key set to anything else beside it is refused, naming the method to set instead
         where one has those stages (a backward format set to its forward's is what "as the forward" means, and no
         contradiction). A stage key given as null counts as left out. Left out with no stage key given:
-        DEFAULT_METHOD (``fp8_fwd_fp4sr_grad``: every token in FP8 forward both ways, its gradients back in FP4
+        DEFAULT_METHOD (``fp6_fwd_fp4sr_grad``: every token in FP6 forward both ways, its gradients back in FP4
         rounded stochastically, the single-pass testbed's choice; lshmoe_plugin.methods says why). Left out with a
         forward stage key given: the stage keys left out take the paper's values (COMPOSITION_BASE: gradients as
         their forwards, rounded to nearest); with only backward stage keys given, the default method's (so
-        ``"grad_rounding": "nearest"`` alone is ``fp8_fwd_fp4_grad``, the default before). Either way the config
-        reports the method its stages match, or ``custom``. The other keys keep their defaults under every method;
-        under the methods without clustering the keys of LSH clustering must stay at theirs (write ``"method":
-        "paper"`` for the paper's LSH-MoE).
+        ``"grad_rounding": "nearest"`` alone is the default's crossings rounded to nearest, ``custom``). Either
+        way the config reports the method its stages match, or ``custom``. The other keys keep their defaults
+        under every method; under the methods without clustering the keys of LSH clustering must stay at theirs
+        (write ``"method": "paper"`` for the paper's LSH-MoE).
     compression_rate: centroids sent per token routed, in (0, 1]. A fixed-capacity dispatcher (DeepSpeed's
         GShard layer) sends ``ceil(rate * capacity)`` centroid slots per expert; a variable-size one (Megatron-core,
         AutoEP) sends at most ``ceil(rate * tokens)`` non-empty clusters per expert. Under clustering ``bounded``
@@ -146,19 +146,20 @@ class LSHMoEConfig:
         Megatron-core and AutoEP.
     dispatch_grad_dtype, combine_grad_dtype: the format of the gradient that crosses back through the dispatch
         (resp. combine) all-to-all in the backward; None follows the forward's. Stage keys: every method sets them
-        None but ``fp8_fwd_fp4_grad`` and ``fp8_fwd_fp4sr_grad`` (``fp4_e2m1``), and one given as its forward's
-        format is stored as None.
+        None but ``fp8_fwd_fp4_grad``, ``fp8_fwd_fp4sr_grad`` and ``fp6_fwd_fp4sr_grad`` (``fp4_e2m1``), and one
+        given as its forward's format is stored as None.
     grad_rounding: how those gradients round to ``fp8_e4m3``, ``fp4_e2m1`` or ``fp6_e2m3``: ``nearest`` (the bits
         before the key existed) or ``stochastic``: up or down to a neighbour on the grid with the probabilities that
         make the rounding unbiased, E[Q(g)] = g, so that FP4's rounding bias does not accumulate over a long run
         (lshmoe_plugin.rounding; the uniforms hash each element's index with a per-format draw counter, never
         torch's generator, so the model's other random draws stay those of a stock run). The forward crossings
-        always round to nearest. A stage key: the methods ``fp4_sr`` and ``fp8_fwd_fp4sr_grad`` (the default)
-        round stochastically, every other method to nearest. A composition with a forward stage key left without
-        it rounds to nearest; backward stage keys alone keep the default's stochastic rounding, unless no gradient
-        is left in a scaled format (then nearest: nothing rounds). Given alone, it adjusts the default:
-        ``"grad_rounding": "nearest"`` is ``fp8_fwd_fp4_grad``. Stochastic is refused where no gradient crosses in
-        a scaled format. On CUDA ``fp4_e2m1``'s fused encode rounds stochastically with the reference's bits; a
+        always round to nearest. A stage key: the methods ``fp4_sr``, ``fp8_fwd_fp4sr_grad`` and
+        ``fp6_fwd_fp4sr_grad`` (the default) round stochastically, every other method to nearest. A composition
+        with a forward stage key left without it rounds to nearest; backward stage keys alone keep the default's
+        stochastic rounding, unless no gradient is left in a scaled format (then nearest: nothing rounds). Given
+        alone, it adjusts the default: ``"grad_rounding": "nearest"`` is the default's crossings rounded to nearest
+        (``custom``). Stochastic is refused where no gradient crosses in a scaled format. On CUDA
+        ``fp4_e2m1``'s fused encode rounds stochastically with the reference's bits; a
         stochastic ``fp8_e4m3`` or ``fp6_e2m3`` encode runs PyTorch's reference (their kernels round to nearest);
         decoding stays fused.
     fp8_block_size: elements per scale of ``fp8_e4m3`` (default 128, DeepSeek-V3's tile), or ``"row"``: one

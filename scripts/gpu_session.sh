@@ -275,7 +275,7 @@ for stage in "$@"; do
                 timeout "${MODELLED_TIMEOUT:-540}" python3 scripts/benchmark_gpt_moe.py --preset gpt-moe-1.3b \
                     --micro-batch "${MICRO_BATCH:-8}" ${MICRO_BATCH:+--section-suffix _mb$MICRO_BATCH} --steps 10 --timed-from 3 \
                     --experts-per-rank 1 --modelled-ep 16 --modelled-link 100gbps 200gbps 400gbps \
-                    --modelled-gpus-per-node "${MODELLED_GPUS_PER_NODE:-8}" --variants stock ${VARIANTS:-fp8_fwd_fp4sr_grad} \
+                    --modelled-gpus-per-node "${MODELLED_GPUS_PER_NODE:-8}" --variants stock ${VARIANTS:-fp6_fwd_fp4sr_grad} \
                     --report "$OUT/benchmarks.md" 2>&1 | tee -a "$OUT/logs/bench_modelled.log" | tail -30 ;;
         check-link-nvlink) torchrun --nproc_per_node 2 scripts/check_link_model.py --report "$OUT/link_model.md" \
                 --section nccl_check_nvlink 2>&1 | tee -a "$OUT/logs/check_link.log" | tail -30 ;;

@@ -128,15 +128,15 @@ def test_each_scaled_format_has_its_own_block_and_scale_keys():
     # the defaults spelled out are accepted whatever the crossings use, as fp8_block_size's always were
     LSHMoEConfig.from_dict({"method": "paper", "fp8_block_size": 128, "fp8_scale": "float32", "fp4_block_size": 32,
                             "fp4_scale": "e8m0"}, env={})
-    # the default method crosses in both FP8 (forward) and FP4 (gradients): both formats' keys are its to set
-    tuned = LSHMoEConfig.from_dict({"enabled": True, "fp8_block_size": 64, "fp4_block_size": 16}, env={})
-    assert (tuned.method, tuned.fp8_block_size, tuned.fp4_block_size) == ("fp8_fwd_fp4sr_grad", 64, 16)
+    # the default method crosses in both FP6 (forward) and FP4 (gradients): both formats' keys are its to set
+    tuned = LSHMoEConfig.from_dict({"enabled": True, "fp6_block_size": 64, "fp4_block_size": 16}, env={})
+    assert (tuned.method, tuned.fp6_block_size, tuned.fp4_block_size) == ("fp6_fwd_fp4sr_grad", 64, 16)
 
 
 def test_grad_rounding_is_a_stage_key_nearest_but_under_the_stochastic_methods():
-    """Every method but fp4_sr and fp8_fwd_fp4sr_grad (the default) rounds its gradients to nearest; stochastic
-    otherwise is a composition, which needs a backward crossing in a scaled format (the stage keys left out are the
-    paper's beside a forward stage key, the default method's beside backward ones alone)."""
+    """Every method but fp4_sr, fp8_fwd_fp4sr_grad and fp6_fwd_fp4sr_grad (the default) rounds its gradients to
+    nearest; stochastic otherwise is a composition, which needs a backward crossing in a scaled format (the stage
+    keys left out are the paper's beside a forward stage key, the default method's beside backward ones alone)."""
     assert LSHMoEConfig.from_dict({"enabled": True}, env={}).grad_rounding == "stochastic"  # the default's
     for block in ({"enabled": True, "method": "paper"}, {"enabled": True, "method": "fp8_fwd_fp4_grad"},
                   {"enabled": True, "clustering": "none", "dispatch_dtype": "fp8_e4m3", "combine_dtype": "fp8_e4m3"},
@@ -167,8 +167,8 @@ def test_grad_rounding_is_a_stage_key_nearest_but_under_the_stochastic_methods()
      r"lsh_moe.grad_rounding='stochastic' rounds gradients that cross in \['fp8_e4m3', 'fp4_e2m1', 'fp6_e2m3'\], and "
      r"no backward crossing uses one: nothing would change \(dispatch_grad_dtype and combine_grad_dtype, "
      r".*\['model', 'model'\]\); set one of them to a scaled format, set a method whose gradients round so "
-     r"\('fp4_sr', 'fp8_fwd_fp4sr_grad'\) instead, or leave grad_rounding out \(with no method named, a forward "
-     r"stage key given makes the stage keys left out the paper's\)"),
+     r"\('fp4_sr', 'fp8_fwd_fp4sr_grad', 'fp6_fwd_fp4sr_grad'\) instead, or leave grad_rounding out \(with no "
+     r"method named, a forward stage key given makes the stage keys left out the paper's\)"),
     ({"dispatch_dtype": "fp8_e4m3", "dispatch_grad_dtype": "model", "grad_rounding": "stochastic"},
      r"grad_rounding='stochastic' .* no backward crossing uses one"),  # the FP8 forward rounds to nearest anyway
 ])
@@ -188,7 +188,9 @@ def test_bad_grad_rounding_names_the_key_and_what_is_allowed(block, message):
     ({"combine_dtype": "fp4"}, r"combine_dtype must be one of \['model', 'fp8_e4m3', 'fp4_e2m1', 'fp6_e2m3'\], "
                                r"got 'fp4'"),
     ({"dispatch_dtype": "fp6_e2m3", "fp6_block_size": 0}, r'fp6_block_size must be "row" or an integer >= 1, got 0'),
-    ({"fp6_scale": "float32"}, r"fp6_scale='float32' sets the scales of fp6_e2m3, which no crossing uses"),
+    ({"fp8_scale": "e8m0"}, r"fp8_scale='e8m0' sets the scales of fp8_e4m3, which no crossing uses"),  # the default
+    ({"method": "fp8", "fp6_scale": "float32"}, r"fp6_scale='float32' sets the scales of fp6_e2m3, which no crossing "
+                                                r"uses"),
     ({"dispatch_dtype": "fp8_e4m3", "fp8_block_size": 0}, r'fp8_block_size must be "row" or an integer >= 1, got 0'),
     ({"dispatch_dtype": "fp8_e4m3", "fp8_block_size": "block"}, r'fp8_block_size must be "row" or an integer'),
     ({"dispatch_dtype": "fp8_e4m3", "fp8_block_size": True}, r'fp8_block_size must be "row" or an integer'),
@@ -205,8 +207,10 @@ def test_bad_grad_rounding_names_the_key_and_what_is_allowed(block, message):
                                                            r"'ue8m0'"),
     ({"dispatch_dtype": "fp8_e4m3", "fp4_block_size": 16}, r"fp4_block_size=16 sets the scales of fp4_e2m1, which "
                                                            r"no crossing uses"),
-    ({"combine_grad_dtype": "fp8_e4m3", "fp6_block_size": 16},  # over the default's FP8/FP4: no FP6 anywhere
+    ({"method": "fp8_fwd_fp4sr_grad", "fp6_block_size": 16},  # the default before: FP8/FP4, no FP6 anywhere
      r"fp6_block_size=16 sets the scales of fp6_e2m3, which no crossing uses"),
+    ({"dispatch_grad_dtype": "fp4_e2m1", "combine_grad_dtype": "fp4_e2m1", "fp8_block_size": 64},  # over FP6/FP4
+     r"fp8_block_size=64 sets the scales of fp8_e4m3, which no crossing uses"),
     ({"clustering": "none", "compression_rate": 0.5},
      r"compression_rate=0.5 belongs to LSH clustering, which clustering 'none' turns off; allowed with clustering "
      r"'none': compression_rate 0.2"),

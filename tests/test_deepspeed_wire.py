@@ -73,10 +73,10 @@ DS_CASES = {**CASES,
             "fp8_dispatch_model_grad": ({"dispatch_dtype": "fp8_e4m3", "dispatch_grad_dtype": "model"},
                                         ("fp8", None, None, None)),
             "fp8_combine_grad_only": ({"combine_grad_dtype": "fp8_e4m3"}, (None, None, "fp8", None))}
-# What `"enabled": true` alone sends (lshmoe_plugin.methods.DEFAULT_METHOD, fp8_fwd_fp4sr_grad): this case's keys,
+# What `"enabled": true` alone sends (lshmoe_plugin.methods.DEFAULT_METHOD, fp6_fwd_fp4sr_grad): this case's keys,
 # its FP4 gradients rounded stochastically.
-DEFAULT_CASE = "fp8_forward_fp4_grads"
-DEFAULT_KINDS = ("fp8", "fp8", "fp4_sr", "fp4_sr")
+DEFAULT_CASE = "fp6_forward_fp4_grads"
+DEFAULT_KINDS = ("fp6", "fp6", "fp4_sr", "fp4_sr")
 
 
 def draws_before(block, kinds, device):
@@ -128,13 +128,13 @@ def check_wire_formats(rank, world_size, device="cpu"):
         keys, _ = DS_CASES[DEFAULT_CASE]
         sizes = {key: value for key, value in with_blocks(keys).items() if key not in keys}
         blocks["default"] = ({"enabled": True, **sizes}, DEFAULT_KINDS)
-        # grad_rounding nearest alone adjusts the default: the default before it (fp8_fwd_fp4_grad)
+        # grad_rounding nearest alone adjusts the default: its crossings, its gradients rounded to nearest
         blocks["default_nearest_grads"] = ({"enabled": True, "grad_rounding": "nearest", **sizes},
                                            DS_CASES[DEFAULT_CASE][1])
         # a backward stage key alone adjusts the default: the dispatch gradient back in FP8, the combine's in FP4,
         # both rounded stochastically (two formats, a counter each)
-        blocks["default_fp8_dispatch_grad"] = ({"enabled": True, "dispatch_grad_dtype": "fp8_e4m3", **sizes},
-                                               ("fp8", "fp8", "fp4_sr", "fp8_sr"))
+        blocks["default_fp8_dispatch_grad"] = ({"enabled": True, "dispatch_grad_dtype": "fp8_e4m3", **sizes,
+                                                "fp8_block_size": BLOCK}, ("fp6", "fp6", "fp4_sr", "fp8_sr"))
         for name, (block, kinds) in blocks.items():
             dispatch, combine = (kinds[0], kinds[3]), (kinds[1], kinds[2])  # (forward, backward) of each crossing
             draws = draws_before(block, kinds, x.device)

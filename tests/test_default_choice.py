@@ -106,7 +106,8 @@ def test_the_guard_does_not_apply_where_the_present_default_is_not_measured_or_f
     found = guarded(tmp_path, 0.28, -0.25)
     text = choice.decide(found, "paper").text
     assert ("of the 2 that pass everywhere, the fewest. The guard against the present default (`paper`) does not "
-            "apply: it is not measured on every shape. Its configuration (method `custom`") in text
+            "apply: it is not measured on every shape. Set `DEFAULT_METHOD` to `fp6_fwd_fp4sr_grad` (now "
+            "`paper`).") in text
     assert "The guard holds back" not in text and "lets it through" not in text
     root = str(tmp_path / "failing")
     for bed, default_gap in ((NARROW, -0.25), (WIDE, 0.45)):   # the default outside stock's spread on one shape

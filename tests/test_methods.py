@@ -15,7 +15,7 @@ from lshmoe_pretrain.quality_study import lsh_moe_block
 
 # The long-schedule study's candidates that are methods now: study variant -> method.
 STUDY_METHODS = {"fp8_fwd_fp4_grad": "fp8_fwd_fp4_grad", "fp4_both_sr": "fp4_sr",
-                 "fp8_fwd_fp4sr_grad": "fp8_fwd_fp4sr_grad"}
+                 "fp8_fwd_fp4sr_grad": "fp8_fwd_fp4sr_grad", "fp6_fwd_fp4sr_grad": "fp6_fwd_fp4sr_grad"}
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -48,6 +48,8 @@ def test_every_method_spells_every_stage_key_once():
     ("fp4_sr", ("none", "fp4_e2m1", "fp4_e2m1", None, None, "stochastic"), ("fp4_e2m1",) * 4),
     ("fp8_fwd_fp4sr_grad", ("none", "fp8_e4m3", "fp8_e4m3", "fp4_e2m1", "fp4_e2m1", "stochastic"),
      ("fp8_e4m3", "fp4_e2m1", "fp8_e4m3", "fp4_e2m1")),
+    ("fp6_fwd_fp4sr_grad", ("none", "fp6_e2m3", "fp6_e2m3", "fp4_e2m1", "fp4_e2m1", "stochastic"),
+     ("fp6_e2m3", "fp4_e2m1", "fp6_e2m3", "fp4_e2m1")),
 ])
 def test_the_study_candidates_resolve_to_their_stages_and_formats(name, stages, crossings):
     config = LSHMoEConfig.from_dict({"enabled": True, "method": name})
@@ -129,22 +131,27 @@ def test_a_composition_of_backward_stages_reports_the_method_it_matches():
     given), a backward format spelled as its forward's the same as one left out."""
     fp8 = {"clustering": "none", "dispatch_dtype": "fp8_e4m3", "combine_dtype": "fp8_e4m3"}
     fp4 = {"clustering": "none", "dispatch_dtype": "fp4_e2m1", "combine_dtype": "fp4_e2m1"}
+    fp6 = {"clustering": "none", "dispatch_dtype": "fp6_e2m3", "combine_dtype": "fp6_e2m3"}
     fp4_grads = {"dispatch_grad_dtype": "fp4_e2m1", "combine_grad_dtype": "fp4_e2m1"}
     for block, name in ((fp8, "fp8"), ({**fp8, "dispatch_grad_dtype": "fp8_e4m3"}, "fp8"),
                         ({**fp8, "combine_grad_dtype": "fp8_e4m3", "grad_rounding": "nearest"}, "fp8"),
                         ({**fp8, **fp4_grads}, "fp8_fwd_fp4_grad"),
                         ({**fp8, **fp4_grads, "grad_rounding": "stochastic"}, "fp8_fwd_fp4sr_grad"),
+                        ({**fp6, **fp4_grads, "grad_rounding": "stochastic"}, "fp6_fwd_fp4sr_grad"),
+                        ({**fp6, **fp4_grads}, "custom"),  # rounded to nearest: no method's stages
                         ({**fp4, "grad_rounding": "stochastic"}, "fp4_sr"),
                         ({**fp4, **fp4_grads, "grad_rounding": "stochastic"}, "fp4_sr"),
                         ({**fp8, "dispatch_grad_dtype": "fp4_e2m1"}, "custom"),
                         ({**fp8, "grad_rounding": "stochastic"}, "custom"),
                         ({"combine_grad_dtype": "fp8_e4m3"}, "custom"),
-                        # backward keys alone, over the default's stages (FP8 forward, FP4 gradients, stochastic)
-                        ({"grad_rounding": "nearest"}, "fp8_fwd_fp4_grad"),
-                        ({"grad_rounding": "stochastic"}, "fp8_fwd_fp4sr_grad"),
-                        (fp4_grads, "fp8_fwd_fp4sr_grad"),
-                        ({**fp4_grads, "grad_rounding": "nearest"}, "fp8_fwd_fp4_grad"),
-                        ({"dispatch_grad_dtype": "fp8_e4m3"}, "custom"),
+                        # backward keys alone, over the default's stages (FP6 forward, FP4 gradients, stochastic)
+                        ({"grad_rounding": "nearest"}, "custom"),
+                        ({"grad_rounding": "stochastic"}, "fp6_fwd_fp4sr_grad"),
+                        (fp4_grads, "fp6_fwd_fp4sr_grad"),
+                        ({**fp4_grads, "grad_rounding": "nearest"}, "custom"),
+                        ({"dispatch_grad_dtype": "fp6_e2m3"}, "custom"),
+                        ({"dispatch_grad_dtype": "fp6_e2m3", "combine_grad_dtype": "fp6_e2m3",
+                          "grad_rounding": "nearest"}, "fp6"),
                         ({"clustering": "lsh", "grad_rounding": "nearest"}, "paper")):
         config = LSHMoEConfig.from_dict({"enabled": True, **block}, env={})
         assert config.method == name, block
@@ -154,32 +161,38 @@ def test_a_composition_of_backward_stages_reports_the_method_it_matches():
 
 
 def test_backward_stage_keys_alone_adjust_the_default_not_the_papers_stages(monkeypatch):
-    """With no method and no forward stage key, the stages left out are the default's (fp8_fwd_fp4sr_grad):
-    "grad_rounding" alone is the default with that rounding (nearest: fp8_fwd_fp4_grad; stochastic: the default
-    itself), never the paper's LSH clustering by surprise; a gradient format alone keeps the default's stochastic
-    rounding; with the default set to FP4 both ways the same block follows it (fp4_sr)."""
+    """With no method and no forward stage key, the stages left out are the default's (fp6_fwd_fp4sr_grad):
+    "grad_rounding" alone is the default with that rounding (nearest: FP6 forward, FP4 gradients rounded to
+    nearest, no method's stages; stochastic: the default itself), never the paper's LSH clustering by surprise; a
+    gradient format alone keeps the default's stochastic rounding; with the default set to FP8 forward (the default
+    before) or FP4 both ways the same block follows it (fp8_fwd_fp4_grad, fp4_sr)."""
     nearest = LSHMoEConfig.from_dict({"enabled": True, "grad_rounding": "nearest"}, env={})
-    assert nearest == LSHMoEConfig.from_dict({"enabled": True, "method": "fp8_fwd_fp4_grad"}, env={})
-    assert (nearest.method, nearest.clustering, nearest.grad_rounding) == ("fp8_fwd_fp4_grad", "none", "nearest")
+    assert (nearest.method, nearest.clustering, nearest.grad_rounding) == ("custom", "none", "nearest")
+    assert nearest.wire_dtypes == ("fp6_e2m3", "fp4_e2m1", "fp6_e2m3", "fp4_e2m1")
+    assert [wire.formats(nearest, crossing)[1].rounding for crossing in wire.CROSSINGS] == ["nearest"] * 2
     stochastic = LSHMoEConfig.from_dict({"enabled": True, "grad_rounding": "stochastic"}, env={})
     assert stochastic == LSHMoEConfig.from_dict({"enabled": True}, env={})
-    assert (stochastic.method, stochastic.clustering, stochastic.grad_rounding) == ("fp8_fwd_fp4sr_grad", "none",
+    assert (stochastic.method, stochastic.clustering, stochastic.grad_rounding) == ("fp6_fwd_fp4sr_grad", "none",
                                                                                     "stochastic")
-    # the dispatch gradient in its forward's FP8 (stored as None, "as the forward"), the combine's still FP4, both
+    # the dispatch gradient in its forward's FP6 (stored as None, "as the forward"), the combine's still FP4, both
     # rounded stochastically as the default's: no method's stages
-    fp8_grads = LSHMoEConfig.from_dict({"enabled": True, "dispatch_grad_dtype": "fp8_e4m3"}, env={})
-    assert fp8_grads.method == "custom" and fp8_grads.clustering == "none"
-    assert (fp8_grads.dispatch_grad_dtype, fp8_grads.combine_grad_dtype) == (None, "fp4_e2m1")
-    assert fp8_grads.wire_dtypes == ("fp8_e4m3", "fp8_e4m3", "fp8_e4m3", "fp4_e2m1")
-    assert fp8_grads.grad_rounding == "stochastic"
-    assert [wire.formats(fp8_grads, crossing)[1].rounding for crossing in wire.CROSSINGS] == ["stochastic"] * 2
-    assert LSHMoEConfig.from_dict(fp8_grads.to_dict(), env={}) == fp8_grads
-    # both gradients in FP8 under the default's FP8 forward: fp8's crossings with the default's stochastic
-    # gradients (no method's), and method fp8 where nearest is asked for
-    both = {"enabled": True, "dispatch_grad_dtype": "fp8_e4m3", "combine_grad_dtype": "fp8_e4m3"}
-    fp8_sr = LSHMoEConfig.from_dict(both, env={})
-    assert (fp8_sr.method, fp8_sr.wire_dtypes, fp8_sr.grad_rounding) == ("custom", ("fp8_e4m3",) * 4, "stochastic")
-    assert LSHMoEConfig.from_dict({**both, "grad_rounding": "nearest"}, env={}).method == "fp8"
+    fp6_grads = LSHMoEConfig.from_dict({"enabled": True, "dispatch_grad_dtype": "fp6_e2m3"}, env={})
+    assert fp6_grads.method == "custom" and fp6_grads.clustering == "none"
+    assert (fp6_grads.dispatch_grad_dtype, fp6_grads.combine_grad_dtype) == (None, "fp4_e2m1")
+    assert fp6_grads.wire_dtypes == ("fp6_e2m3", "fp6_e2m3", "fp6_e2m3", "fp4_e2m1")
+    assert fp6_grads.grad_rounding == "stochastic"
+    assert [wire.formats(fp6_grads, crossing)[1].rounding for crossing in wire.CROSSINGS] == ["stochastic"] * 2
+    assert LSHMoEConfig.from_dict(fp6_grads.to_dict(), env={}) == fp6_grads
+    # both gradients in FP6 under the default's FP6 forward: fp6's crossings with the default's stochastic
+    # gradients (no method's), and method fp6 where nearest is asked for
+    both = {"enabled": True, "dispatch_grad_dtype": "fp6_e2m3", "combine_grad_dtype": "fp6_e2m3"}
+    fp6_sr = LSHMoEConfig.from_dict(both, env={})
+    assert (fp6_sr.method, fp6_sr.wire_dtypes, fp6_sr.grad_rounding) == ("custom", ("fp6_e2m3",) * 4, "stochastic")
+    assert LSHMoEConfig.from_dict({**both, "grad_rounding": "nearest"}, env={}).method == "fp6"
+    monkeypatch.setattr(methods, "DEFAULT_METHOD", "fp8_fwd_fp4sr_grad")
+    assert methods.resolve(None, {"grad_rounding": "nearest"})[0] == "fp8_fwd_fp4_grad"
+    assert methods.resolve(None, {"dispatch_grad_dtype": "fp8_e4m3", "combine_grad_dtype": "fp8_e4m3",
+                                  "grad_rounding": "nearest"})[0] == "fp8"
     monkeypatch.setattr(methods, "DEFAULT_METHOD", "fp4")
     assert methods.resolve(None, {"grad_rounding": "stochastic"})[0] == "fp4_sr"
     assert methods.resolve(None, {"grad_rounding": "nearest"})[0] == "fp4"
@@ -194,19 +207,19 @@ def test_backward_keys_alone_that_leave_no_gradient_scaled_round_to_nearest():
     unscaled = {"enabled": True, "dispatch_grad_dtype": "model", "combine_grad_dtype": "model"}
     config = LSHMoEConfig.from_dict(unscaled, env={})
     assert (config.method, config.wire_dtypes, config.grad_rounding) == (
-        "custom", ("fp8_e4m3", "model", "fp8_e4m3", "model"), "nearest")
+        "custom", ("fp6_e2m3", "model", "fp6_e2m3", "model"), "nearest")
     assert LSHMoEConfig.from_dict(config.to_dict(), env={}) == config
     with pytest.raises(LSHMoEConfigError, match=r"grad_rounding='stochastic' rounds gradients that cross in .* no "
                                                 r"backward crossing uses one"):
         LSHMoEConfig.from_dict({**unscaled, "grad_rounding": "stochastic"}, env={})
     one = LSHMoEConfig.from_dict({"enabled": True, "dispatch_grad_dtype": "model"}, env={})
-    assert (one.wire_dtypes, one.grad_rounding) == (("fp8_e4m3", "model", "fp8_e4m3", "fp4_e2m1"), "stochastic")
+    assert (one.wire_dtypes, one.grad_rounding) == (("fp6_e2m3", "model", "fp6_e2m3", "fp4_e2m1"), "stochastic")
 
 
 def test_the_study_candidates_are_their_methods_and_the_other_formats_stay_compositions():
-    """lshmoe_pretrain.quality_records.variant_configuration: the study's three leading candidates are named
-    methods with nothing beside them; FP6 forward with FP4 gradients is no method's stages, and FP4 with 16-element
-    blocks is fp4 with a knob."""
+    """lshmoe_pretrain.quality_records.variant_configuration: the study's four leading candidates are named
+    methods with nothing beside them; FP6 forward with FP4 gradients rounded to nearest is no method's stages, and
+    FP4 with 16-element blocks is fp4 with a knob."""
     for variant, method in STUDY_METHODS.items():
         assert variant_configuration(variant) == (method, {})
     assert variant_configuration("fp6_fwd_fp4_grad") == ("custom", {
@@ -222,25 +235,25 @@ def test_the_paper_by_name():
     assert (config.compression_rate, config.num_hashes, config.error_compensation) == (0.2, 6, True)
 
 
-def test_nothing_named_is_the_default_method_fp8_fwd_fp4sr_grad():
-    """`"enabled": true` and nothing else trains the single-pass testbed's choice: every token in FP8 forward both
+def test_nothing_named_is_the_default_method_fp6_fwd_fp4sr_grad():
+    """`"enabled": true` and nothing else trains the single-pass testbed's choice: every token in FP6 forward both
     ways (rounded to nearest), its gradients back in FP4, rounded stochastically."""
-    assert DEFAULT_METHOD == "fp8_fwd_fp4sr_grad"
+    assert DEFAULT_METHOD == "fp6_fwd_fp4sr_grad"
     for config in (LSHMoEConfig.from_dict({"enabled": True}), LSHMoEConfig(enabled=True),
                    LSHMoEConfig.from_dict({"enabled": True, "seed": 3, "layers": [0], "method": "custom"})):
-        assert (config.method, config.clustering, config.grad_rounding) == ("fp8_fwd_fp4sr_grad", "none",
+        assert (config.method, config.clustering, config.grad_rounding) == ("fp6_fwd_fp4sr_grad", "none",
                                                                             "stochastic")
-        assert config.wire_dtypes == ("fp8_e4m3", "fp4_e2m1", "fp8_e4m3", "fp4_e2m1")  # dispatch, grad, combine, grad
+        assert config.wire_dtypes == ("fp6_e2m3", "fp4_e2m1", "fp6_e2m3", "fp4_e2m1")  # dispatch, grad, combine, grad
         for crossing in wire.CROSSINGS:
             forward, backward = wire.formats(config, crossing)
             assert (forward.rounding, backward.rounding) == ("nearest", "stochastic")
             assert forward.draws is None and backward.draws is not None
-    # its bytes against bf16's at d_model 256: FP8 rows of 256 values and 2 float32 scales (blocks of 128) forward,
-    # FP4 rows of 128 bytes and 8 e8m0 scales (blocks of 32) back, over 512 bytes a row: 0.391 of stock's
+    # its bytes against bf16's at d_model 256: FP6 rows of 192 bytes and 8 e8m0 scales (blocks of 32) forward,
+    # FP4 rows of 128 bytes and 8 e8m0 scales back, over 512 bytes a row: 0.328 of stock's
     rows, d = 10, 256
     per_crossing = wire.bytes_per_crossing(config, rows, d, torch.bfloat16)
-    assert per_crossing == rows * (2 * (256 + 2 * 4) + 2 * (128 + 8)) / 4
-    assert round(per_crossing / (rows * d * 2), 3) == 0.391
+    assert per_crossing == rows * (2 * (192 + 8) + 2 * (128 + 8)) / 4
+    assert round(per_crossing / (rows * d * 2), 3) == 0.328
 
 
 def test_a_stage_key_alone_composes_on_the_papers_stages():
@@ -257,10 +270,10 @@ def test_a_stage_key_alone_composes_on_the_papers_stages():
 
 def test_a_clustering_knob_under_the_default_says_to_name_the_paper():
     """An old block that tunes LSH (a rate, no compensation) and names no method is refused by name, not trained as
-    the default (FP8/FP4 with stochastic FP4 gradients, no clustering) with the knob ignored."""
+    the default (FP6/FP4 with stochastic FP4 gradients, no clustering) with the knob ignored."""
     for block in ({"enabled": True, "compression_rate": 0.3}, {"enabled": True, "error_compensation": False}):
         with pytest.raises(LSHMoEConfigError, match=r"belongs to LSH clustering, which clustering 'none' turns off.*"
-                                                    r"Method 'fp8_fwd_fp4sr_grad' sends every token \(the default "
+                                                    r"Method 'fp6_fwd_fp4sr_grad' sends every token \(the default "
                                                     r"when the block names no method and no stage key\); for the "
                                                     r"paper's LSH clustering set method 'paper'"):
             LSHMoEConfig(**block)  # the constructor: from_dict refuses such a block earlier (below)
@@ -309,9 +322,10 @@ def check_method_trains_as_its_keys(rank, world_size):
     spellings = {name: [{**method.stages}] for name, method in METHODS.items()}
     for variant, name in STUDY_METHODS.items():
         spellings[name].append({key: value for key, value in lsh_moe_block(variant).items() if key != "enabled"})
-    # the default: nothing given; the default before it: the default's gradients rounded to nearest
-    spellings["fp8_fwd_fp4sr_grad"].append({})
-    spellings["fp8_fwd_fp4_grad"].append({"grad_rounding": "nearest"})
+    # the default: nothing given; fp6: the default's gradients in its forward's format, rounded to nearest
+    spellings["fp6_fwd_fp4sr_grad"].append({})
+    spellings["fp6"].append({"dispatch_grad_dtype": "fp6_e2m3", "combine_grad_dtype": "fp6_e2m3",
+                             "grad_rounding": "nearest"})
     for name, method in METHODS.items():
         moe = build_moe(world_size, 2)
         knobs = {"compression_rate": 0.25} if method.stages["clustering"] == "lsh" else {}
@@ -357,7 +371,7 @@ def test_an_old_lsh_block_that_names_no_method_is_refused_by_name():
     old = {"enabled": True, "compression_rate": 0.2, "num_hashes": 6, "hash_type": "cross_polytope",
            "error_compensation": True, "seed": 1234, "layers": "all"}
     with pytest.raises(LSHMoEConfigError, match=r"lsh_moe.compression_rate configures LSH clustering, but the block "
-                                                r"names no method.*'fp8_fwd_fp4sr_grad'.*add \"method\": "
+                                                r"names no method.*'fp6_fwd_fp4sr_grad'.*add \"method\": "
                                                 r"\"paper\".*or leave out compression_rate, num_hashes, hash_type, "
                                                 r"error_compensation"):
         LSHMoEConfig.from_dict(old, env={})

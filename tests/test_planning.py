@@ -144,13 +144,14 @@ def test_published_quality_records_by_layer_shape():
     # no study-only diagnostic layer or ablation passes for LSH-MoE; of the other methods only the study variants
     # that are a method with nothing set beside it: FP4 both ways (fp4), FP6 both ways (fp6), FP8 both ways (fp8),
     # FP8 to the experts (fp8_dispatch), the paper's with FP8 centroids (lsh_fp8: paper_fp8), FP8 forward with FP4
-    # gradients (fp8_fwd_fp4_grad) and the two with stochastic FP4 gradients (fp4_both_sr: fp4_sr,
-    # fp8_fwd_fp4sr_grad); fp8_both_e8m0 (fp8 with e8m0 scales) and fp6_fwd_fp4_grad are no method's own
+    # gradients (fp8_fwd_fp4_grad) and the three with stochastic FP4 gradients (fp4_both_sr: fp4_sr,
+    # fp8_fwd_fp4sr_grad, fp6_fwd_fp4sr_grad); fp8_both_e8m0 (fp8 with e8m0 scales) and fp6_fwd_fp4_grad are no
+    # method's own
     assert {r.variant for r in records} <= {"lsh", "rate_0.3", "rate_0.5", "rate_1.0", "fp4_both", "fp6_both",
                                             "fp8_both", "fp8_dispatch", "lsh_fp8", "fp8_fwd_fp4_grad", "fp4_both_sr",
-                                            "fp8_fwd_fp4sr_grad"}
+                                            "fp8_fwd_fp4sr_grad", "fp6_fwd_fp4sr_grad"}
     assert {r.method for r in records} == {"paper", "fp4", "fp6", "fp8", "fp8_dispatch", "paper_fp8",
-                                           "fp8_fwd_fp4_grad", "fp4_sr", "fp8_fwd_fp4sr_grad"}
+                                           "fp8_fwd_fp4_grad", "fp4_sr", "fp8_fwd_fp4sr_grad", "fp6_fwd_fp4sr_grad"}
     record, _ = quality_records.find_record(records, 128, 512, 8, 2, 1.25, 1024, 0.2, "fp6")
     assert (record.section, record.variant, record.seeds, record.reached) == ("proxy_gpt_mini_x1", "fp6_both", 3, True)
     assert record.final_gap == pytest.approx(-0.0008)

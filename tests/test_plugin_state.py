@@ -127,34 +127,38 @@ def test_a_save_that_named_its_stages_otherwise_changed_nothing_it_trained():
 
 def test_a_bare_block_saved_under_an_earlier_default_resumes_fresh_naming_what_changed():
     """`{"enabled": true}` saved its resolved settings, which name the default of its day: resumed under today's
-    default (fp8_fwd_fp4sr_grad) it is another run, so the state starts fresh and the line names the stages that
-    changed. Under fp8_fwd_fp4_grad (the default until fp8_fwd_fp4sr_grad) only the gradients' rounding differs;
-    under fp4 (the default before that) the formats too. The same bare block saved and resumed today changes
-    nothing."""
+    default (fp6_fwd_fp4sr_grad) it is another run, so the state starts fresh and the line names the stages that
+    changed. Under fp8_fwd_fp4sr_grad (the default until fp6_fwd_fp4sr_grad) only the forward formats differ; under
+    fp8_fwd_fp4_grad (the default before that) the gradients' rounding too; under fp4 (earlier still) the gradient
+    formats as well. The same bare block saved and resumed today changes nothing."""
     from lshmoe_plugin.config import LSHMoEConfig
     from lshmoe_plugin.plugin_state import changed_settings, layers_to_restore
     today = LSHMoEConfig.from_dict({"enabled": True}, env={})
     saved = {"format": 1, "framework": "deepspeed", "moe_layers": [0], "layers": {0: {"forwards": 4}}}
-    before = LSHMoEConfig(enabled=True, method="fp8_fwd_fp4_grad").to_dict()  # what a bare block saved then
-    assert changed_settings(before, today) == {"grad_rounding": ("nearest", "stochastic"),
-                                               "method": ("fp8_fwd_fp4_grad", "fp8_fwd_fp4sr_grad")}
+    before = LSHMoEConfig(enabled=True, method="fp8_fwd_fp4sr_grad").to_dict()  # what a bare block saved then
+    assert changed_settings(before, today) == {"dispatch_dtype": ("fp8_e4m3", "fp6_e2m3"),
+                                               "combine_dtype": ("fp8_e4m3", "fp6_e2m3"),
+                                               "method": ("fp8_fwd_fp4sr_grad", "fp6_fwd_fp4sr_grad")}
     restore = layers_to_restore({**saved, "settings": before}, "deepspeed", today, [0])
     assert restore.fresh and restore.layers == {}
     assert restore.message == (
-        'lsh_moe: the checkpoint\'s plugin state was saved under other lsh_moe settings (grad_rounding "nearest" -> '
-        '"stochastic", method "fp8_fwd_fp4_grad" -> "fp8_fwd_fp4sr_grad"), and a run that changes its settings goes '
-        "on as another run; the plugin's per-layer state starts fresh (forward counts from 0, no slot need "
-        "recorded, decide_by_cost measures again)")
+        'lsh_moe: the checkpoint\'s plugin state was saved under other lsh_moe settings (combine_dtype "fp8_e4m3" -> '
+        '"fp6_e2m3", dispatch_dtype "fp8_e4m3" -> "fp6_e2m3", method "fp8_fwd_fp4sr_grad" -> "fp6_fwd_fp4sr_grad"), '
+        "and a run that changes its settings goes on as another run; the plugin's per-layer state starts fresh "
+        "(forward counts from 0, no slot need recorded, decide_by_cost measures again)")
+    nearest = LSHMoEConfig(enabled=True, method="fp8_fwd_fp4_grad").to_dict()
+    assert changed_settings(nearest, today) == {
+        "dispatch_dtype": ("fp8_e4m3", "fp6_e2m3"), "combine_dtype": ("fp8_e4m3", "fp6_e2m3"),
+        "grad_rounding": ("nearest", "stochastic"), "method": ("fp8_fwd_fp4_grad", "fp6_fwd_fp4sr_grad")}
     older = LSHMoEConfig(enabled=True, method="fp4").to_dict()
     assert changed_settings(older, today) == {
         "combine_grad_dtype": (None, "fp4_e2m1"), "dispatch_grad_dtype": (None, "fp4_e2m1"),
-        "dispatch_dtype": ("fp4_e2m1", "fp8_e4m3"), "combine_dtype": ("fp4_e2m1", "fp8_e4m3"),
-        "grad_rounding": ("nearest", "stochastic"), "method": ("fp4", "fp8_fwd_fp4sr_grad")}
-    # resumed today with the old default named (or its rounding asked for), the run goes on: nothing changed
-    for block in ({"enabled": True, "method": "fp8_fwd_fp4_grad"}, {"enabled": True, "grad_rounding": "nearest"}):
-        config = LSHMoEConfig.from_dict(block, env={})
-        assert changed_settings(before, config) == {}
-        assert layers_to_restore({**saved, "settings": before}, "deepspeed", config, [0]).layers == {0: {"forwards": 4}}
+        "dispatch_dtype": ("fp4_e2m1", "fp6_e2m3"), "combine_dtype": ("fp4_e2m1", "fp6_e2m3"),
+        "grad_rounding": ("nearest", "stochastic"), "method": ("fp4", "fp6_fwd_fp4sr_grad")}
+    # resumed today with the old default named, the run goes on: nothing changed
+    config = LSHMoEConfig.from_dict({"enabled": True, "method": "fp8_fwd_fp4sr_grad"}, env={})
+    assert changed_settings(before, config) == {}
+    assert layers_to_restore({**saved, "settings": before}, "deepspeed", config, [0]).layers == {0: {"forwards": 4}}
     assert not layers_to_restore({**saved, "settings": today.to_dict()}, "deepspeed", today, [0]).fresh
 
 
@@ -314,22 +318,22 @@ def check_by_hand(rank, world_size):
 
 
 def check_default_switch_by_hand(rank, world_size):
-    """A run of `{"enabled": true}` saved while the default was fp8_fwd_fp4_grad (its block resolved to it, as
-    `"method": "fp8_fwd_fp4_grad"` does today), resumed with the same bare block under today's default: one
+    """A run of `{"enabled": true}` saved while the default was fp8_fwd_fp4sr_grad (its block resolved to it, as
+    `"method": "fp8_fwd_fp4sr_grad"` does today), resumed with the same bare block under today's default: one
     WARNING line naming the changed stages, and every layer starts fresh."""
     out = {}
     before, today = Net(1, make_groups=True), Net(1, make_groups=True)
-    lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "method": "fp8_fwd_fp4_grad"}}, before)
+    lshmoe_plugin.enable({"lsh_moe": {"enabled": True, "method": "fp8_fwd_fp4sr_grad"}}, before)
     forward_at(before, 0)
     state = lshmoe_plugin.state_dict(before)
-    out["saved_the_old_default"] = (state["settings"]["method"], state["settings"]["grad_rounding"]) == (
-        "fp8_fwd_fp4_grad", "nearest") and state["layers"][0]["forwards"] == 1
+    out["saved_the_old_default"] = (state["settings"]["method"], state["settings"]["dispatch_dtype"]) == (
+        "fp8_fwd_fp4sr_grad", "fp8_e4m3") and state["layers"][0]["forwards"] == 1
     lshmoe_plugin.enable({"lsh_moe": {"enabled": True}}, today)
     with Lines() as lines:
         lshmoe_plugin.load_state_dict(state, today)
     out["warning_names_the_changed_stages"] = len(lines) == 1 and lines[0][0] == logging.WARNING and (
-        'other lsh_moe settings (grad_rounding "nearest" -> "stochastic", method "fp8_fwd_fp4_grad" -> '
-        '"fp8_fwd_fp4sr_grad")') in lines[0][1] and "starts fresh" in lines[0][1]
+        'other lsh_moe settings (combine_dtype "fp8_e4m3" -> "fp6_e2m3", dispatch_dtype "fp8_e4m3" -> "fp6_e2m3", '
+        'method "fp8_fwd_fp4sr_grad" -> "fp6_fwd_fp4sr_grad")') in lines[0][1] and "starts fresh" in lines[0][1]
     forward_at(today, 1)
     out["fresh_counts_from_zero"] = lshmoe_plugin.state_dict(today)["layers"][0]["forwards"] == 1
     lshmoe_plugin.disable()

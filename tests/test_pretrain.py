@@ -132,7 +132,7 @@ def checkpoint_tensors(run_dir):
 # forward from the first: 1, 3, 5 and 1, 5, where counts restarted at the resume after step 3 would sample at 4, 6
 # and 4); under clustering "bounded" the slots each step sends follow the last step's need (coarse hashes and a
 # loose tolerance merge enough of the tiny model's tokens that the need is below the capacity).
-# The default method (`{"enabled": true}`, the whole block: FP8 forward, FP4 gradients rounded stochastically) draws
+# The default method (`{"enabled": true}`, the whole block: FP6 forward, FP4 gradients rounded stochastically) draws
 # its uniforms from a counter per stochastic format that every backward encode advances: the state carries them too
 # (no probe there: it measures with the output-error sample, which needs the paper's clustering).
 RESUMED_SETTINGS = {

@@ -17,9 +17,9 @@ import time_to_target_table as ttt  # noqa: E402
 
 LONG, WIDE = beds.TESTBEDS["gpt-25m-long"], beds.TESTBEDS["gpt-72m-long"]
 PAPER = "gpt_moe_tiny_modelled_ep8-16_g8"
-OWN = "gpt_moe_tiny_modelled_ep16_g8_fp8_fwd_fp4sr_grad"
+OWN = "gpt_moe_tiny_modelled_ep16_g8_fp6_fwd_fp4sr_grad"
 SECTIONS = [PAPER, OWN]
-DEFAULT, THE_PAPERS = "fp8_fwd_fp4sr_grad", "lsh"  # lshmoe_plugin.methods.DEFAULT_METHOD's variant
+DEFAULT, THE_PAPERS = "fp6_fwd_fp4sr_grad", "lsh"  # lshmoe_plugin.methods.DEFAULT_METHOD's variant
 
 
 def ratio(stock_final, gap):
@@ -76,9 +76,10 @@ def test_cells_reached_not_reached_and_not_trained(inputs):
     assert papers["gpt-72m-long"] == [f"{one_seed:.3f}x (1 seed)", "1.5x, 1.6x",
                                       f"{one_seed / 1.5:.3f}x, {one_seed / 1.6:.3f}x", "1.25x",
                                       f"{one_seed / 1.25:.3f}x"]
-    assert ("### `fp8_fwd_fp4sr_grad` (method `fp8_fwd_fp4sr_grad`): the default (`\"enabled\": true` and nothing "
+    assert ("### `fp6_fwd_fp4sr_grad` (method `fp6_fwd_fp4sr_grad`): the default (`\"enabled\": true` and nothing "
             "else)") in text
-    # the default before it is a method like any other now
+    # the defaults before it are methods like any other now
+    assert ttt.configuration_label("fp8_fwd_fp4sr_grad") == "`fp8_fwd_fp4sr_grad` (method `fp8_fwd_fp4sr_grad`)"
     assert ttt.configuration_label("fp8_fwd_fp4_grad") == "`fp8_fwd_fp4_grad` (method `fp8_fwd_fp4_grad`)"
     assert "### `lsh` (method `paper`): the paper's configuration" in text
     assert ("| shape | tokens to stock's final loss / stock's (**measured**) | 100gbps: step speed-up (**modelled**) "

@@ -29,7 +29,10 @@ CASES = {"fp8_dispatch": ({"dispatch_dtype": "fp8_e4m3"}, ("fp8", None, None, "f
          "fp8_forward_fp4_grads": ({"dispatch_dtype": "fp8_e4m3", "combine_dtype": "fp8_e4m3",
                                     "dispatch_grad_dtype": "fp4_e2m1", "combine_grad_dtype": "fp4_e2m1"},
                                    ("fp8", "fp8", "fp4", "fp4")),
-         "fp6_both": ({"dispatch_dtype": "fp6_e2m3", "combine_dtype": "fp6_e2m3"}, ("fp6",) * 4)}
+         "fp6_both": ({"dispatch_dtype": "fp6_e2m3", "combine_dtype": "fp6_e2m3"}, ("fp6",) * 4),
+         "fp6_forward_fp4_grads": ({"dispatch_dtype": "fp6_e2m3", "combine_dtype": "fp6_e2m3",
+                                    "dispatch_grad_dtype": "fp4_e2m1", "combine_grad_dtype": "fp4_e2m1"},
+                                   ("fp6", "fp6", "fp4", "fp4"))}
 
 # The dispatch alone in a format (forward, backward): what the identity-expert layers check, values and gradients.
 DISPATCH_CASES = {"fp8": ({"dispatch_dtype": "fp8_e4m3"}, ("fp8", "fp8")),
