@@ -324,6 +324,8 @@ def test_a_learning_rate_control_scales_the_peak_and_keeps_its_base_block():
                                                                        "fp8_both_e8m0_lr1.5x",
                                                                        "fp8_fwd_fp6_grad_lr1.5x",
                                                                        "fp8_fwd_fp4_grad_lr2x",
+                                                                       "fp6_fwd_fp4sr_grad_lr1.5x",
+                                                                       "fp6_fwd_fp4sr_grad_lr2x",
                                                                        "stock_lr1.5x_nudge", "stock_lr2x_nudge"]
 
 
@@ -332,7 +334,9 @@ def test_a_learning_rate_control_scales_the_peak_and_keeps_its_base_block():
     ("fp8_fwd_fp4sr_grad_lr2x", "fp8_fwd_fp4sr_grad", "stock_lr2x", 2e-3),
     ("fp8_fwd_fp4_grad_lr1.5x", "fp8_fwd_fp4_grad", "stock_lr1.5x", 1.5e-3),
     ("fp8_both_e8m0_lr1.5x", "fp8_both_e8m0", "stock_lr1.5x", 1.5e-3),
-    ("fp8_fwd_fp6_grad_lr1.5x", "fp8_fwd_fp6_grad", "stock_lr1.5x", 1.5e-3)])
+    ("fp8_fwd_fp6_grad_lr1.5x", "fp8_fwd_fp6_grad", "stock_lr1.5x", 1.5e-3),
+    ("fp6_fwd_fp4sr_grad_lr1.5x", "fp6_fwd_fp4sr_grad", "stock_lr1.5x", 1.5e-3),
+    ("fp6_fwd_fp4sr_grad_lr2x", "fp6_fwd_fp4sr_grad", "stock_lr2x", 2e-3)])
 def test_a_candidate_at_a_scaled_rate_trains_its_block_at_that_rate(scaled_name, base_name, stock_name, lr):
     """fp8_fwd_fp4sr_grad_lr1.5x is fp8_fwd_fp4sr_grad's lsh_moe block, to the key, at stock_lr1.5x's rate (and so
     for each scaled candidate): each differs from its unscaled variant in the rate alone, so its gap against stock
