@@ -495,6 +495,9 @@ def _scope(frontier: Frontier, chosen: Optional[str]) -> str:
     if bed.proxy_of:
         return (f" `{bed.name}` is a CPU proxy of `{bed.proxy_of}`: this verdict orders what `{bed.proxy_of}` "
                 f"screens first and sets no default.")
+    if bed.widens is not None:
+        return (f" `{bed.name}` is a width check of `{bed.widens}`: what its verdict may change is written before "
+                f"its runs (docs/quality.md), and by the rule it sets no default.")
     # the long shapes answer for each other, and the single-pass shapes for each other
     others = [b for b in shapes(family(bed)) if b.name != bed.name]
     if not others:

@@ -44,6 +44,10 @@ class Testbed:
     # half the tokens, so its long schedule stays within one pass over the pinned train split. Its verdicts are
     # read among the single-pass shapes only.
     single_pass_of: Optional[str] = None
+    # A width check names the single-pass shape it widens: the same batch and steps on a wider model. It was added
+    # after the single-pass shapes chose the default, to ask whether a format's cost grows with d_model, so it is in
+    # neither family: what its runs may change is written before they train (docs/quality.md, "Next on a GPU").
+    widens: Optional[str] = None
 
     def config(self) -> str:
         return self.base_config or f"configs/{self.model_kind}_moe_gpu.json"
@@ -90,6 +94,11 @@ TESTBEDS: Dict[str, Testbed] = {t.name: t for t in (
     Testbed("t5-26m-1pass",
             "t5-26m-long at half its batch, within one pass over the pinned train split (0.88 passes)",
             "t5", "t5-moe-26m", micro_batch=16, steps=3663, single_pass_of="t5-26m-long"),
+    Testbed("gpt-185m-1pass",
+            "gpt-72m-1pass at twice the width (d_model 1024, 2 MoE layers of 8 experts, top-2), the same batch and "
+            "steps within one pass: FP6 forward ends +0.4% at d_model 512 and within 0.1% at 256; does a format's "
+            "cost grow with width?",
+            "gpt", "gpt-moe-185m", micro_batch=16, steps=3663, widens="gpt-72m-1pass"),
     Testbed("gpt-mini-long-cpu",
             "CPU proxy of gpt-25m-long: GPT-MoE `mini-moe` (d_model 128, 2 MoE layers of 8 experts, top-2, 3.2M "
             "parameters) in bf16 on 1,024 tokens per step over the same 3,663 steps, 3.75M tokens, about as many "
@@ -108,10 +117,14 @@ TESTBEDS: Dict[str, Testbed] = {t.name: t for t in (
 
 
 FAMILIES = ("long", "single-pass")
+WIDTH_CHECK = "width check"  # a family of its own, which no default is chosen on (Testbed.widens)
 
 
 def family(bed: Testbed) -> str:
-    """Which GPU shapes a shape answers with for the default: the long ones, or the single-pass ones."""
+    """Which GPU shapes a shape answers with for the default: the long ones, the single-pass ones, or none (a
+    width check)."""
+    if bed.widens is not None:
+        return WIDTH_CHECK
     return "long" if bed.single_pass_of is None else "single-pass"
 
 

@@ -119,6 +119,15 @@ def test_the_rule_chooses_the_passing_candidate_without_any_step_time(one_failur
     assert "provisional" not in choice.text
 
 
+def test_a_width_checks_choice_says_it_sets_no_default(tmp_path):
+    root, wide = str(tmp_path), beds.TESTBEDS["gpt-185m-1pass"]
+    write_study(root, {"fp8_fwd_fp4_grad": (0.1, [1, 2, 3], 0.39, FLAT)}, bed=wide)
+    text = frontiers.choose(frontiers.collect(root, wide), {}).text
+    assert "The rule chooses `fp8_fwd_fp4_grad`" in text
+    assert text.endswith("`gpt-185m-1pass` is a width check of `gpt-72m-1pass`: what its verdict may change is "
+                         "written before its runs (docs/quality.md), and by the rule it sets no default.")
+
+
 def test_the_choice_says_what_the_rule_chose_on_the_other_shapes_of_the_same_records(tmp_path):
     root, wider = str(tmp_path), beds.TESTBEDS["gpt-72m-long"]
     write_study(root, {"fp8_fwd_fp4_grad": (0.1, [1, 2, 3], 0.39, FLAT)})

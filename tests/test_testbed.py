@@ -58,6 +58,23 @@ def test_a_single_pass_shape_halves_its_long_shapes_batch_and_stays_within_one_p
     assert read < beds.PINNED_TRAIN_TOKENS < 2 * read
 
 
+@pytest.mark.parametrize("name", [n for n, b in sorted(beds.TESTBEDS.items()) if b.widens])
+def test_a_width_check_widens_a_single_pass_shape_and_sets_no_default(name):
+    """The same kind, batch, steps and rate as the single-pass shape it widens, a wider model, within one pass; in
+    neither family, so neither the long nor the single-pass shapes' default reads it."""
+    bed = beds.TESTBEDS[name]
+    narrower = beds.TESTBEDS[bed.widens]
+    assert beds.family(narrower) == "single-pass" and not bed.proxy_of and bed.single_pass_of is None
+    assert (bed.model_kind, bed.micro_batch, bed.steps, bed.lr) == (narrower.model_kind, narrower.micro_batch,
+                                                                    narrower.steps, narrower.lr)
+    assert PRESETS[bed.preset].d_model > PRESETS[narrower.preset].d_model
+    assert PRESETS[bed.preset].seq_len == PRESETS[narrower.preset].seq_len
+    assert bed.tokens_at(1.0) < beds.PINNED_TRAIN_TOKENS
+    assert beds.family(bed) == beds.WIDTH_CHECK
+    assert all(bed not in beds.shapes(family) for family in beds.FAMILIES)
+    assert [b.name for b in beds.shapes("single-pass")] == ["gpt-25m-1pass", "gpt-72m-1pass", "t5-26m-1pass"]
+
+
 def test_testbed_plans_one_complete_schedule_per_length(tmp_path):
     module, args = parse(["run", "--testbed", "gpt-25m-long", "--lengths", "1", "0.125", "--variants", "stock",
                           "lsh", "--seeds", "1", "2", "--root", str(tmp_path)])

@@ -74,6 +74,10 @@ PRESETS: Dict[str, ModelConfig] = {
                                num_experts=8, top_k=2),
     "t5-moe-26m": ModelConfig(vocab_size=16384, seq_len=256, d_model=256, n_heads=8, n_layers=4, d_ff=1024,
                               num_experts=8, top_k=2),
+    # Twice gpt-moe-72m's width at two thirds of its depth: does a wire format's cost grow with d_model (FP6
+    # forward ends +0.4% at 512 and within 0.1% at 256 on the single-pass shapes)?
+    "gpt-moe-185m": ModelConfig(vocab_size=16384, seq_len=256, d_model=1024, n_heads=16, n_layers=4, d_ff=4096,
+                                num_experts=8, top_k=2),
     # Paper-scale shapes (GPT-3 medium / XL widths, GShard-style expert counts).
     "gpt-moe-350m": ModelConfig(vocab_size=50304, seq_len=1024, d_model=1024, n_heads=16, n_layers=24, d_ff=4096,
                                 num_experts=16, top_k=2),
