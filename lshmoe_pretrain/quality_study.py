@@ -610,9 +610,10 @@ def rendezvous_ports(range_file: str = PORT_RANGE_FILE) -> range:
     return range(RENDEZVOUS_PORT_FLOOR, max(first_ephemeral, RENDEZVOUS_PORT_FLOOR + 1024))
 
 
-def rendezvous_port(draw=random.choice, range_file: str = PORT_RANGE_FILE) -> int:
-    """A port of `rendezvous_ports` that binds now. Two studies may still draw the same one; `run_studies` starts
-    a run again when its launch lost the port (`lost_its_port`)."""
+def rendezvous_port(draw=random.SystemRandom().choice, range_file: str = PORT_RANGE_FILE) -> int:
+    """A port of `rendezvous_ports` that binds now, drawn from the OS's entropy (never from `random`'s global state,
+    which something in a study's process could seed alike in every study). Two studies may still draw the same one;
+    `run_studies` starts a run again when its launch lost the port (`lost_its_port`)."""
     ports = rendezvous_ports(range_file)
     for _ in range(64):
         port = draw(ports)
