@@ -326,10 +326,19 @@ def train(engine, data: PretrainData, args: argparse.Namespace) -> Dict[str, flo
     return record
 
 
+def compression_summary(lsh) -> str:
+    """What the start-up line says of the lsh_moe block: off, or on with its method, and the clustering rate only
+    where tokens are clustered (the default method sends every token: a rate there would say it merges a fifth)."""
+    if not lsh.enabled:
+        return "off"
+    rate = f", rate {lsh.compression_rate:g}" if lsh.clustering == "lsh" else ""
+    return f"on (method {lsh.method}{rate})"
+
+
 def run_summary(engine, data: PretrainData, args: argparse.Namespace, world: int, tokens_per_step: int) -> str:
     lsh = args.lsh
     params = sum(p.numel() for p in engine.module.parameters())
-    compression = f"on (rate {lsh.compression_rate})" if lsh.enabled else "off"
+    compression = compression_summary(lsh)
     return (f"{args.model_kind.upper()}-MoE preset {args.preset} ({params / 1e6:.1f}M parameters on rank 0), "
             f"{world} rank(s), ep_size {args.ep_size}, LSH-MoE {compression} | "
             f"data {args.data_prefix or args.data}: {len(data.train)} train / {len(data.valid)} valid samples | "

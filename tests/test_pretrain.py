@@ -41,8 +41,9 @@ def metrics(output_dir):
 
 
 def test_gpt_pretraining_with_lsh_loss_falls(tmp_path, cache_dir):
-    pretrain("pretrain_gpt_moe.py", tmp_path, cache_dir, "--train_steps", "40", "--eval_interval", "20",
-             "--eval_compressed")
+    result = pretrain("pretrain_gpt_moe.py", tmp_path, cache_dir, "--train_steps", "40", "--eval_interval", "20",
+                      "--eval_compressed")
+    assert "LSH-MoE on (method paper, rate 0.2) |" in result.stdout + result.stderr
     records = metrics(tmp_path)
     assert [r["step"] for r in records] == list(range(1, 41))
     first, last = records[0]["loss"], sum(r["loss"] for r in records[-5:]) / 5
@@ -80,6 +81,17 @@ def test_compressed_evaluation_keeps_the_decide_by_cost_decisions(tmp_path, cach
     # one line from rank 0, after the step that decided, whenever a layer runs stock (hidden at INFO otherwise)
     warnings = (result.stdout + result.stderr).count("layer(s) run stock, where compressing measured slower")
     assert warnings == (1 if any(runs_stock) else 0), result.stderr[-3000:]
+
+
+def test_the_start_up_line_names_the_method_and_a_rate_only_where_tokens_are_clustered():
+    from lshmoe_plugin import LSHMoEConfig
+    from lshmoe_pretrain.training import compression_summary
+    assert compression_summary(LSHMoEConfig.from_dict({"enabled": False}, env={})) == "off"
+    assert compression_summary(LSHMoEConfig.from_dict({"enabled": True}, env={})) == "on (method fp6_fwd_fp4sr_grad)"
+    paper = LSHMoEConfig.from_dict({"enabled": True, "method": "paper", "compression_rate": 0.25}, env={})
+    assert compression_summary(paper) == "on (method paper, rate 0.25)"
+    assert compression_summary(LSHMoEConfig.from_dict({"enabled": True, "method": "bounded"}, env={})) == \
+        "on (method bounded)"  # error-bounded merging: the rate is the data's
 
 
 def test_t5_pretraining_with_lsh_switched_off_from_the_command_line(tmp_path, cache_dir):
